@@ -1,0 +1,25 @@
+"""kvcompress: real KV-cache compression for HuggingFace transformers.
+
+    from kvcompress import load_model, CompressedCache
+    model, tokenizer = load_model()                # embedded SmolLM2-135M-Instruct
+    cache = CompressedCache(model, "int4")
+    model.generate(ids, past_key_values=cache)
+    cache.memory_report().ratio
+"""
+
+from .cache import CompressedCache, CompressedLayer, MemoryReport
+from .presets import PRESETS
+from .spec import CacheSpec, TensorSpec, load_spec
+
+__version__ = "0.1.0"
+
+
+def load_model(name=None, **kwargs):
+    """Load (model, tokenizer); with no name, the embedded SmolLM2-135M-Instruct. See `kvcompress.models`."""
+    from .models import load_model as _load_model
+
+    return _load_model(name, **kwargs)
+
+
+__all__ = ["CompressedCache", "CompressedLayer", "MemoryReport", "CacheSpec", "TensorSpec", "load_spec",
+           "PRESETS", "load_model", "__version__"]

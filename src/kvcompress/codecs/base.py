@@ -1,0 +1,61 @@
+"""The codec contract: turn a block of key or value states into stored tensors and back.
+
+A codec sees states of shape (batch, kv_heads, tokens, head_dim) and returns a dict of
+named tensors, each laid out as (batch, kv_heads, n, ...) so that the cache can append
+the encodings of later blocks along dim 2 and reorder beams along dim 0 without decoding.
+`decode` of the concatenation of two encodings equals the concatenation of their decodes.
+
+This module does not decide which tokens are compressed or when (the cache layer does),
+and it does not measure memory (sizes come from the stored tensors themselves).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+Stored = dict[str, torch.Tensor]
+
+
+class Codec(ABC):
+    """Base class of all codecs.
+
+    Subclasses are small dataclasses whose fields are their hyperparameters; they implement
+    `encode` and `decode` and may set `token_multiple` when they group statistics over
+    tokens (the number of tokens given to `encode` must then be a multiple of it).
+    """
+
+    @property
+    def token_multiple(self) -> int:
+        """`encode` needs a number of tokens that is a multiple of this."""
+        return 1
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> Stored:
+        """Compress `x` of shape (B, H, T, D); returns tensors laid out (B, H, n, ...)."""
+
+    @abstractmethod
+    def decode(self, stored: Stored, dtype: torch.dtype) -> torch.Tensor:
+        """Reconstruct states of shape (B, H, T, D) in `dtype` from what `encode` returned."""
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)) in the dtype of `x`; what attention reads for compressed tokens."""
+        return self.decode(self.encode(x), x.dtype)
+
+
+def stored_nbytes(stored: Stored) -> int:
+    """Bytes actually held by the stored tensors (numel * element_size of each)."""
+    return sum(t.numel() * t.element_size() for t in stored.values())
+
+
+def check_finite(x: torch.Tensor, what: str = "KV states") -> None:
+    """Raise a ValueError if `x` holds NaN or inf; compressing them would hide the fault."""
+    if not torch.isfinite(x).all():
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(
+            f"{what} contain {n_nan} NaN and {n_inf} inf values; they cannot be compressed. "
+            "This usually means the model overflowed in its dtype (try float32 or bfloat16 "
+            "instead of float16) or its inputs are invalid."
+        )

@@ -1,0 +1,116 @@
+"""Asymmetric uniform integer quantization of KV states, with real bit packing.
+
+Each group of values shares a scale and a zero point (both stored in fp16):
+    code = round((x - zero) / scale),  clamped to [0, 2**bits - 1]
+    x_hat = code * scale + zero,       zero = min(group), scale = (max - min) / (2**bits - 1)
+so the reconstruction error of every value is at most scale / 2 (plus the fp16 rounding
+of the zero point). Codes are packed along head_dim (see `packing`).
+
+Grouping follows KIVI (Liu et al., 2024, arXiv:2402.02750):
+- axis="channel": every channel has its own statistics over a group of `group_size`
+  consecutive tokens (keys have outlier channels, so per-channel groups suit them);
+- axis="token": every token has its own statistics over groups of `group_size` channels
+  (values suit this).
+Departure from KIVI: no dedicated kernels; decoding is plain tensor arithmetic.
+
+This module does not choose which tokens are compressed, nor keep a full-precision window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Codec, Stored, check_finite
+from .packing import pack, unpack
+
+ALLOWED_BITS = (2, 3, 4, 8)
+ALLOWED_AXES = ("channel", "token")
+_FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class QuantCodec(Codec):
+    """Uniform asymmetric quantization of (B, H, T, D) states.
+
+    Attributes:
+        bits: code width, one of 2, 3, 4, 8.
+        axis: "channel" (statistics per channel over `group_size` tokens) or "token"
+            (statistics per token over `group_size` channels).
+        group_size: number of values that share a scale and zero point.
+    """
+
+    bits: int = 4
+    axis: str = "token"
+    group_size: int = 32
+
+    def __post_init__(self):
+        if self.bits not in ALLOWED_BITS:
+            raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {self.bits!r}")
+        if self.axis not in ALLOWED_AXES:
+            raise ValueError(f"axis must be one of {ALLOWED_AXES}, got {self.axis!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def token_multiple(self) -> int:
+        return self.group_size if self.axis == "channel" else 1
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """View (B, H, T, D) as groups along the reduction dim -2 of the result."""
+        B, H, T, D = x.shape
+        if self.axis == "token":
+            if D % self.group_size:
+                raise ValueError(f"group_size {self.group_size} must divide head_dim {D}")
+            return x.reshape(B, H, T, D // self.group_size, self.group_size).transpose(-1, -2)  # (B,H,T,g,D/g)
+        if T % self.group_size:
+            raise ValueError(f"per-channel groups need a multiple of {self.group_size} tokens, got {T}")
+        return x.reshape(B, H, T // self.group_size, self.group_size, D)  # (B,H,T/g,g,D)
+
+    def encode(self, x: torch.Tensor) -> Stored:
+        check_finite(x)
+        if x.shape[-1] % 8:
+            raise ValueError(f"head_dim must be a multiple of 8 for bit packing, got {x.shape[-1]}")
+        groups = self._grouped(x.float())
+        lo = groups.amin(dim=-2, keepdim=True)
+        hi = groups.amax(dim=-2, keepdim=True)
+        if max(hi.abs().max().item(), lo.abs().max().item()) > _FP16_MAX:
+            raise ValueError(
+                "KV states exceed the fp16 range in which scales and zero points are stored "
+                f"(|x| up to {max(hi.abs().max().item(), lo.abs().max().item()):.3g}); "
+                "this codec cannot represent them."
+            )
+        zero = lo.half()
+        scale = ((hi - zero.float()) / self.levels).half()
+        # A constant group has scale 0: any positive scale gives code 0 and exact decoding.
+        safe_scale = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+        codes = torch.round((groups - zero.float()) / safe_scale).clamp_(0, self.levels).to(torch.uint8)
+        codes = self._ungrouped(codes, x.shape)  # (B, H, T, D)
+        return {
+            "codes": pack(codes, self.bits),  # (B, H, T, D*bits/8) uint8
+            "scale": scale.squeeze(-2),  # token: (B, H, T, D/g); channel: (B, H, T/g, D)
+            "zero": zero.squeeze(-2),
+        }
+
+    def _ungrouped(self, groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        B, H, T, D = shape
+        if self.axis == "token":
+            return groups.transpose(-1, -2).reshape(B, H, T, D)
+        return groups.reshape(B, H, T, D)
+
+    def decode(self, stored: Stored, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack(stored["codes"], self.bits)  # (B, H, T, D) uint8
+        B, H, T, D = codes.shape
+        scale, zero = stored["scale"].to(dtype), stored["zero"].to(dtype)
+        if self.axis == "token":
+            g = self.group_size
+            x = codes.reshape(B, H, T, D // g, g).to(dtype) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+        else:
+            g = self.group_size
+            x = codes.reshape(B, H, T // g, g, D).to(dtype) * scale.unsqueeze(-2) + zero.unsqueeze(-2)
+        return x.reshape(B, H, T, D)

@@ -1,0 +1,1 @@
+"""Sub-commands of the `kvcompress` CLI, one per module (see `kvcompress.cli`)."""

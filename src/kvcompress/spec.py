@@ -1,0 +1,257 @@
+"""The spec: a small, validated, serializable description of what the cache does to K and V.
+
+A spec says, for keys and for values separately, which codec to use and with which
+settings, how many recent tokens (`window`) and first tokens (`sinks`) stay in full
+precision, how many tokens are compressed at a time (`block_size`), and optional per-layer
+overrides. It round-trips through JSON or YAML:
+
+    {"key":   {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32},
+     "value": {"method": "quant", "bits": 4, "axis": "token",   "group_size": 32},
+     "window": 128, "sinks": 4, "block_size": 32,
+     "layers": {"0-1": {"value": {"bits": 8}}}}
+
+This module does not build codecs for a model (see `cache`), nor hold the named presets
+(see `presets`); it only describes and validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .codecs.quant import ALLOWED_AXES, ALLOWED_BITS
+
+METHODS = ("none", "quant")
+_TENSOR_FIELDS = ("method", "bits", "axis", "group_size")
+_SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What happens to one of K or V.
+
+    Attributes:
+        method: one of METHODS. "none" keeps the tensor in full precision.
+        bits: code width for quantization, one of ALLOWED_BITS.
+        axis: "channel" or "token": which values share quantization statistics.
+        group_size: values per scale (tokens for axis="channel", channels for axis="token").
+    """
+
+    method: str = "quant"
+    bits: int = 4
+    axis: str = "token"
+    group_size: int = 32
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "none":
+            # Settings mean nothing without a codec: make every "none" spec equal.
+            for name in ("bits", "axis", "group_size"):
+                object.__setattr__(self, name, TensorSpec.__dataclass_fields__[name].default)
+            return
+        if self.bits not in ALLOWED_BITS:
+            raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {self.bits!r}")
+        if self.axis not in ALLOWED_AXES:
+            raise ValueError(f"axis must be one of {ALLOWED_AXES}, got {self.axis!r}")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: TensorSpec | None = None) -> TensorSpec:
+        """Build from a dict; fields missing from `data` come from `base` (or the defaults)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a key/value spec must be a mapping, got {data!r}")
+        unknown = set(data) - set(_TENSOR_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)} in key/value spec; allowed: {list(_TENSOR_FIELDS)}")
+        return dataclasses.replace(base, **data) if base is not None else cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.method == "none":
+            return {"method": "none"}
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. 'int4/channel32'."""
+        if self.method == "none":
+            return "full"
+        return f"int{self.bits}/{self.axis}{self.group_size}"
+
+
+def _parse_layer_range(text: str) -> range:
+    """'3' -> range(3, 4); '2-5' -> range(2, 6)."""
+    try:
+        if "-" in text:
+            lo, hi = text.split("-", 1)
+            result = range(int(lo), int(hi) + 1)
+        else:
+            result = range(int(text), int(text) + 1)
+    except ValueError:
+        raise ValueError(f"layer override keys must look like '3' or '2-5', got {text!r}") from None
+    if len(result) == 0 or result.start < 0:
+        raise ValueError(f"empty or negative layer range {text!r}")
+    return result
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything a `CompressedCache` needs to know about compression, for every layer.
+
+    Attributes:
+        key, value: the default treatment of keys and values.
+        window: most recent tokens kept in full precision (>= 0).
+        sinks: first tokens kept in full precision (>= 0).
+        block_size: tokens compressed together; per-channel group sizes must divide it.
+        layers: overrides, {"3": {"key": {...}}, "0-1": {"value": {...}}}; fields not given
+            fall back to `key`/`value`.
+        name: a label (the preset name, or None).
+    """
+
+    key: TensorSpec = field(default_factory=lambda: TensorSpec(axis="channel"))
+    value: TensorSpec = field(default_factory=lambda: TensorSpec(axis="token"))
+    window: int = 128
+    sinks: int = 4
+    block_size: int = 32
+    layers: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    name: str | None = None
+
+    def __post_init__(self):
+        for attr, minimum in (("window", 0), ("sinks", 0), ("block_size", 1)):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{attr} must be an integer >= {minimum}, got {value!r}")
+        if not isinstance(self.layers, dict):
+            raise ValueError(f"layers must be a mapping of layer ranges to overrides, got {self.layers!r}")
+        for key_text, override in self.layers.items():
+            _parse_layer_range(str(key_text))
+            if not isinstance(override, dict) or set(override) - {"key", "value"}:
+                raise ValueError(
+                    f"layer override {key_text!r} must be a mapping with 'key' and/or 'value', got {override!r}"
+                )
+        for layer in self._override_layers():
+            self.for_layer(layer)  # validates the merged specs
+        for which, tensor_spec in self._all_tensor_specs():
+            self._check_block(which, tensor_spec)
+
+    def _override_layers(self) -> list[int]:
+        return sorted({i for k in self.layers for i in _parse_layer_range(str(k))})
+
+    def _all_tensor_specs(self):
+        yield "key", self.key
+        yield "value", self.value
+        for layer in self._override_layers():
+            key, value = self.for_layer(layer)
+            yield f"key (layer {layer})", key
+            yield f"value (layer {layer})", value
+
+    def _check_block(self, which: str, spec: TensorSpec) -> None:
+        if spec.method == "quant" and spec.axis == "channel" and self.block_size % spec.group_size:
+            raise ValueError(
+                f"{which}: per-channel group_size {spec.group_size} must divide block_size {self.block_size}"
+            )
+
+    def for_layer(self, layer_idx: int) -> tuple[TensorSpec, TensorSpec]:
+        """The (key, value) specs that apply to layer `layer_idx`, overrides merged in order."""
+        key, value = self.key, self.value
+        for key_text, override in self.layers.items():
+            if layer_idx in _parse_layer_range(str(key_text)):
+                if "key" in override:
+                    key = TensorSpec.from_dict(override["key"], base=key)
+                if "value" in override:
+                    value = TensorSpec.from_dict(override["value"], base=value)
+        return key, value
+
+    def validate_for(self, num_layers: int, head_dim: int) -> None:
+        """Check the spec against a model's shape; raise ValueError naming what to change."""
+        for key_text in self.layers:
+            r = _parse_layer_range(str(key_text))
+            if r.stop > num_layers:
+                raise ValueError(f"layer override {key_text!r} names layers beyond the model's {num_layers} layers")
+        for which, spec in self._all_tensor_specs():
+            if spec.method == "quant" and spec.axis == "token" and head_dim % spec.group_size:
+                divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
+                raise ValueError(
+                    f"{which}: per-token group_size {spec.group_size} does not divide head_dim {head_dim}; "
+                    f"allowed: {divisors}"
+                )
+            if spec.method == "quant" and head_dim % 8:
+                raise ValueError(f"bit packing needs head_dim to be a multiple of 8, got {head_dim}")
+
+    # ---- serialization -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "key": self.key.to_dict(),
+            "value": self.value.to_dict(),
+            "window": self.window,
+            "sinks": self.sinks,
+            "block_size": self.block_size,
+            "layers": {str(k): v for k, v in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheSpec:
+        if not isinstance(data, dict):
+            raise ValueError(f"a spec must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - set(_SPEC_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)} in spec; allowed: {list(_SPEC_FIELDS)}")
+        kwargs = dict(data)
+        defaults = cls()
+        kwargs["key"] = TensorSpec.from_dict(data.get("key", {}), base=defaults.key)
+        kwargs["value"] = TensorSpec.from_dict(data.get("value", {}), base=defaults.value)
+        kwargs["layers"] = {str(k): v for k, v in (data.get("layers") or {}).items()}
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        """Write the spec as JSON (or YAML if the name ends in .yaml/.yml)."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(self.to_json() + "\n")
+
+    def describe(self) -> str:
+        """One line: 'K int4/channel32, V int4/token32, window 128, sinks 4'."""
+        extra = f", {len(self.layers)} layer override(s)" if self.layers else ""
+        return (
+            f"K {self.key.describe()}, V {self.value.describe()}, window {self.window}, "
+            f"sinks {self.sinks}, block {self.block_size}{extra}"
+        )
+
+
+def load_spec(spec: str | Path | dict | CacheSpec) -> CacheSpec:
+    """Resolve a spec from a preset name, a JSON/YAML file path, a dict, or a CacheSpec."""
+    from .presets import PRESETS
+
+    if isinstance(spec, CacheSpec):
+        return spec
+    if isinstance(spec, dict):
+        return CacheSpec.from_dict(spec)
+    text = str(spec)
+    path = Path(text)
+    if path.suffix in (".json", ".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ValueError(f"spec file {text!r} does not exist")
+        raw = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(raw)
+            else:
+                data = json.loads(raw)
+        except (json.JSONDecodeError, Exception) as err:  # yaml raises its own error types
+            raise ValueError(f"spec file {text!r} is not valid {path.suffix[1:].upper()}: {err}") from err
+        return CacheSpec.from_dict(data)
+    return PRESETS.get(text)

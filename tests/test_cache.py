@@ -1,0 +1,249 @@
+"""CompressedCache on a tiny random Llama: attention reads what is stored, bytes are real bytes."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import make_tiny_llama
+from kvcompress import CompressedCache
+from kvcompress.codecs.packing import unpack
+
+SPEC_2BIT = {"key": {"bits": 2, "axis": "channel", "group_size": 32},
+             "value": {"bits": 2, "axis": "token", "group_size": 32},
+             "window": 16, "sinks": 4, "block_size": 32}
+
+
+def spec_with(bits: int, **extra) -> dict:
+    spec = {"key": {"bits": bits, "axis": "channel", "group_size": 32},
+            "value": {"bits": bits, "axis": "token", "group_size": 32},
+            "window": 16, "sinks": 4, "block_size": 32}
+    spec.update(extra)
+    return spec
+
+
+def ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def manual_dequantize(stored: dict, bits: int, axis: str, group: int) -> torch.Tensor:
+    """Independent reconstruction of (B, H, T, D) from stored codes: code * scale + zero, loop by group."""
+    codes = unpack(stored["codes"], bits).float()  # (B, H, T, D)
+    scale, zero = stored["scale"].float(), stored["zero"].float()
+    out = torch.empty_like(codes)
+    T, D = codes.shape[2], codes.shape[3]
+    if axis == "token":
+        for g in range(D // group):
+            cols = slice(g * group, (g + 1) * group)
+            out[..., cols] = codes[..., cols] * scale[..., g:g + 1] + zero[..., g:g + 1]
+    else:
+        for g in range(T // group):
+            rows = slice(g * group, (g + 1) * group)
+            out[:, :, rows] = codes[:, :, rows] * scale[:, :, g:g + 1] + zero[:, :, g:g + 1]
+    return out
+
+
+def filled_dynamic_cache(model, layers_kv) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for idx, (k, v) in enumerate(layers_kv):
+        cache.update(k, v, idx)
+    return cache
+
+
+@torch.no_grad()
+def test_attention_reads_the_stored_codes(tiny_llama):
+    model, tokens = tiny_llama, ids(100)
+    cache = CompressedCache(model, SPEC_2BIT)
+    model(tokens[:, :-1], cache=cache)
+    assert all(layer.n_compressed == 64 for layer in cache.layers)
+
+    # Reference: an uncompressed cache filled with a manual reconstruction of the stored codes.
+    manual = []
+    for layer in cache.layers:
+        k_mid = manual_dequantize(layer.stored_keys, 2, "channel", 32)
+        v_mid = manual_dequantize(layer.stored_values, 2, "token", 32)
+        manual.append((torch.cat([layer.sink_keys, k_mid, layer.window_keys], dim=2),
+                       torch.cat([layer.sink_values, v_mid, layer.window_values], dim=2)))
+    reference = filled_dynamic_cache(model, manual)
+
+    logits_compressed = model(tokens[:, -1:], cache=cache).logits
+    logits_reference = model(tokens[:, -1:], cache=reference).logits
+    logits_exact = model(tokens).logits[:, -1:]
+    assert all(layer.n_compressed == 64 for layer in cache.layers), "no flush on this step"
+    diff_ref = (logits_compressed - logits_reference).abs().max().item()
+    diff_exact = (logits_compressed - logits_exact).abs().max().item()
+    assert diff_ref < 1e-5, f"compressed vs reconstruction-fed reference: max_diff={diff_ref:.3g}"
+    assert diff_exact > 1e-3, f"2-bit logits equal the uncompressed ones (max_diff={diff_exact:.3g})"
+
+
+@torch.no_grad()
+def test_changing_stored_codes_changes_the_output(tiny_llama):
+    model, tokens = tiny_llama, ids(100)
+    outputs = []
+    for tamper in (False, True):
+        cache = CompressedCache(model, SPEC_2BIT)
+        model(tokens[:, :-1], cache=cache)
+        if tamper:
+            for layer in cache.layers:
+                layer.stored_values["codes"] = 255 - layer.stored_values["codes"]
+        outputs.append(model(tokens[:, -1:], cache=cache).logits)
+    max_diff = (outputs[0] - outputs[1]).abs().max().item()
+    assert max_diff > 1e-3, f"tampered codes did not change the logits (max_diff={max_diff:.3g})"
+
+
+@torch.no_grad()
+def test_prefill_itself_reads_compressed_tokens(tiny_llama):
+    model, tokens = tiny_llama, ids(100)
+    compressed = model(tokens, cache=CompressedCache(model, SPEC_2BIT)).logits
+    exact = model(tokens).logits
+    # The prompt's oldest blocks are compressed before attention runs, so every query past the
+    # sinks already reads some compressed keys; the sink positions read only full precision.
+    assert torch.allclose(compressed[:, :4], exact[:, :4], atol=1e-5)
+    assert (compressed[:, 4:] - exact[:, 4:]).abs().max() > 1e-3
+
+
+def stored_tensors(cache: CompressedCache):
+    for layer in cache.layers:
+        yield from (layer.sink_keys, layer.sink_values, layer.window_keys, layer.window_values)
+        for stored in (layer.stored_keys or {}, layer.stored_values or {}):
+            yield from stored.values()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@torch.no_grad()
+def test_memory_report_is_the_sum_of_stored_tensors(tiny_llama, bits):
+    cache = CompressedCache(tiny_llama, spec_with(bits))
+    tiny_llama(ids(150), cache=cache)
+    report = cache.memory_report()
+    actual = sum(t.numel() * t.element_size() for t in stored_tensors(cache))
+    assert report.stored_bytes == actual
+    assert report.fp16_bytes == 2 * 2 * 2 * 150 * 32 * 2  # K+V, layers, kv_heads, tokens, head_dim, fp16
+    assert report.ratio == pytest.approx(report.fp16_bytes / actual)
+
+
+def predicted_ratio(bits: int, tokens: int, window_tokens: int, dtype_bytes: int, head_dim: int = 32,
+                    group: int = 32) -> float:
+    """fp16 bytes / (codes at `bits` + fp16 scale and zero per group + full-precision tokens)."""
+    compressed = tokens - window_tokens
+    per_tensor = compressed * head_dim * bits / 8 + (compressed * head_dim / group) * 2 * 2
+    full = window_tokens * head_dim * dtype_bytes
+    return tokens * head_dim * 2 / (per_tensor + full)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@torch.no_grad()
+def test_ratio_matches_bit_widths_and_overheads(bits):
+    model = make_tiny_llama(dtype=torch.float16)
+    spec = spec_with(bits, window=32, sinks=4, block_size=32)
+    cache = CompressedCache(model, spec)
+    model(ids(1024), cache=cache)
+    layer = cache.layers[0]
+    full_tokens = layer.sink_keys.shape[2] + layer.window_keys.shape[2]
+    expected = predicted_ratio(bits, 1024, full_tokens, dtype_bytes=2)
+    assert cache.memory_report().ratio == pytest.approx(expected, rel=0.05)
+
+
+@torch.no_grad()
+def test_each_token_is_compressed_exactly_once(tiny_llama):
+    cache = CompressedCache(tiny_llama, SPEC_2BIT)
+    tiny_llama(ids(40), cache=cache)
+    layer = cache.layers[0]
+    seen_codes = None
+    for step in range(60):
+        tiny_llama(ids(1, seed=step), cache=cache)
+        if layer.stored_keys is not None:
+            codes = layer.stored_keys["codes"]
+            if seen_codes is not None:
+                # earlier blocks are never re-quantized: their codes stay bit-identical
+                assert torch.equal(codes[:, :, :seen_codes.shape[2]], seen_codes)
+            seen_codes = codes.clone()
+        assert 16 <= layer.window_keys.shape[2] < 16 + 32
+    assert layer.n_compressed == 64 and cache.get_seq_length() == 100  # 4 sinks + 64 + 32 in window
+
+
+@torch.no_grad()
+def test_crop_inside_window_and_inside_compressed_blocks(tiny_llama):
+    for remove in (5, 40, 97, 100):
+        cache = CompressedCache(tiny_llama, SPEC_2BIT)
+        tiny_llama(ids(100), cache=cache)
+        before = [layer.reconstruct() for layer in cache.layers]
+        cache.crop(-remove)
+        assert cache.get_seq_length() == 100 - remove
+        for layer, (k, v) in zip(cache.layers, before):
+            k2, v2 = layer.reconstruct()
+            assert torch.equal(k2, k[:, :, :100 - remove]) and torch.equal(v2, v[:, :, :100 - remove])
+        # generation goes on after the crop
+        tiny_llama(ids(30, seed=1), cache=cache)
+        assert cache.get_seq_length() == 130 - remove
+
+
+@torch.no_grad()
+def test_reset_empties_the_cache(tiny_llama):
+    cache = CompressedCache(tiny_llama, SPEC_2BIT)
+    tiny_llama(ids(80), cache=cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.memory_report().stored_bytes == 0
+    first = tiny_llama(ids(80), cache=cache).logits
+    again = tiny_llama(ids(80), cache=CompressedCache(tiny_llama, SPEC_2BIT)).logits
+    assert torch.equal(first, again)
+
+
+@torch.no_grad()
+def test_reorder_moves_the_codes_themselves(tiny_llama):
+    cache = CompressedCache(tiny_llama, SPEC_2BIT)
+    tiny_llama(ids(100, batch=3), cache=cache)
+    layer = cache.layers[1]
+    codes = layer.stored_keys["codes"].clone()
+    recon = layer.reconstruct()[0]
+    order = torch.tensor([2, 0, 1])
+    cache.reorder_cache(order)
+    assert torch.equal(layer.stored_keys["codes"], codes[order])
+    assert torch.equal(layer.reconstruct()[0], recon[order])
+
+
+@torch.no_grad()
+def test_non_finite_states_raise_a_clear_error(tiny_llama):
+    cache = CompressedCache(tiny_llama, SPEC_2BIT)
+    k = torch.randn(1, 2, 60, 32)
+    k[0, 0, 10, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        cache.update(k, torch.randn(1, 2, 60, 32), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_generate_in_each_dtype(dtype):
+    model = make_tiny_llama(dtype=dtype)
+    cache = CompressedCache(model, spec_with(4))
+    out = model.generate(ids(60), past_key_values=cache, max_new_tokens=20, do_sample=False)
+    assert out.shape == (1, 80)
+    assert cache.get_seq_length() == 79
+    k, _ = cache.layers[0].reconstruct()
+    assert k.dtype == dtype and cache.layers[0].n_compressed > 0
+
+
+@torch.no_grad()
+def test_int8_generation_scores_stay_close_and_sampling_runs(tiny_llama):
+    # A random tiny model has near-tied logits, so token equality is tested on the real model
+    # (test_real_model.py); here the int8 scores must stay within a small distance of exact.
+    prompt = ids(60)
+    kwargs = dict(max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    exact = tiny_llama.generate(prompt, **kwargs)
+    int8 = tiny_llama.generate(prompt, past_key_values=CompressedCache(tiny_llama, spec_with(8)), **kwargs)
+    first_divergence = next((i for i in range(24) if exact.sequences[0, 60 + i] != int8.sequences[0, 60 + i]), 24)
+    for step in range(first_divergence):
+        max_diff = (exact.logits[step] - int8.logits[step]).abs().max().item()
+        assert max_diff < 2e-3, f"step {step}: int8 logits off by {max_diff:.3g}"
+    assert first_divergence >= 8
+    torch.manual_seed(0)
+    sampled = tiny_llama.generate(prompt, past_key_values=CompressedCache(tiny_llama, spec_with(2)),
+                                  max_new_tokens=24, do_sample=True, top_k=20)
+    assert sampled.shape == (1, 84)
+
+
+def test_unsupported_layer_types_are_refused():
+    from transformers import MistralConfig
+
+    config = MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, sliding_window=16, layer_types=["sliding_attention"] * 2)
+    with pytest.raises(ValueError, match="does not support model type 'mistral'"):
+        CompressedCache(config, "int4")
