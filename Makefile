@@ -3,7 +3,8 @@
 #               GPU users: install your own torch into .venv and set KVCOMPRESS_SKIP_TORCH=1
 #               so the CPU build of torch is not installed (see scripts/setup.sh).
 # make test   - run the whole test suite (fails if no tests are collected).
-# make demo   - evaluate the int4 preset on 1024 held-out tokens of the embedded model.
+# make demo   - the main job on the embedded model: the int4 evaluation (1024 held-out tokens),
+#               then the breaking-point analysis (sweep + report with plots in runs/analysis).
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -22,3 +23,4 @@ test: setup
 demo: setup
 	mkdir -p runs/demo
 	$(VENV)/bin/kvcompress eval --spec int4 --tokens 1024 --json runs/demo/int4.json
+	$(VENV)/bin/kvcompress analyze --out runs/analysis

@@ -241,9 +241,9 @@ def test_int8_generation_scores_stay_close_and_sampling_runs(tiny_llama):
 
 
 def test_unsupported_layer_types_are_refused():
-    from transformers import MistralConfig
+    # Sliding-window layers are supported (tests/test_architectures.py); linear attention is not.
+    from transformers import Qwen3NextConfig
 
-    config = MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=32, sliding_window=16, layer_types=["sliding_attention"] * 2)
-    with pytest.raises(ValueError, match="does not support model type 'mistral'"):
+    config = Qwen3NextConfig(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    with pytest.raises(ValueError, match="does not support model type 'qwen3_next'"):
         CompressedCache(config, "int4")

@@ -113,3 +113,15 @@ def test_real_tokenizer_counts(real_model):
     assert first[0, 0].item() != tokenizer.bos_token_id  # no special tokens added
     with pytest.raises(CorpusError, match="calibration part of the embedded corpus has only"):
         corpus.corpus_tokens(tokenizer, "calibration", n_tokens=10**6)
+
+
+def test_offset_gives_disjoint_stretches_of_one_part():
+    class Words:
+        def __call__(self, text, **kwargs):
+            return {"input_ids": list(range(len(text.split())))}
+
+    first = corpus.corpus_tokens(Words(), "evaluation", n_tokens=100)
+    later = corpus.corpus_tokens(Words(), "evaluation", n_tokens=100, offset=100)
+    assert first[0, -1].item() == 99 and later[0, 0].item() == 100
+    with pytest.raises(CorpusError, match="offset must be a non-negative integer"):
+        corpus.corpus_tokens(Words(), "evaluation", n_tokens=10, offset=-1)

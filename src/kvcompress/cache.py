@@ -17,6 +17,8 @@ patch attention and does not keep any full-precision copy of compressed tokens b
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ from transformers.configuration_utils import PretrainedConfig
 
 from .codecs import Codec, Stored, stored_nbytes
 from .codecs.factory import build_codec
+from .compat import cache_layer_types
 from .spec import CacheSpec, load_spec
 
 FP16_BYTES = 2
@@ -106,6 +109,9 @@ class CompressedLayer(CacheLayerMixin):
         sinks: first tokens kept in full precision.
         block_size: tokens compressed together (a multiple of the codecs' token groups).
         layer_idx: index of the layer in the model (for reports and errors).
+        key_space: a `kvcompress.rope.RopeInverter` to compress keys pre-RoPE (it un-rotates the
+            tokens being compressed at their positions and re-rotates them after decoding;
+            sinks and window stay post-RoPE), or None to compress keys as attention gives them.
     """
 
     is_compileable = False
@@ -113,7 +119,7 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, key_codec: Codec, value_codec: Codec, window: int, sinks: int, block_size: int,
-                 layer_idx: int = 0):
+                 layer_idx: int = 0, key_space=None):
         super().__init__()
         for codec in (key_codec, value_codec):
             if block_size % codec.token_multiple:
@@ -125,6 +131,8 @@ class CompressedLayer(CacheLayerMixin):
         self.sinks = sinks
         self.block_size = block_size
         self.layer_idx = layer_idx
+        self.key_space = key_space
+        self.monitor = None  # a kvcompress.monitor.QualityMonitor when the cache is monitored
         self._clear()
 
     def _clear(self) -> None:
@@ -167,26 +175,50 @@ class CompressedLayer(CacheLayerMixin):
         n_tokens = (overflow // self.block_size) * self.block_size
         if n_tokens <= 0:
             return
-        self.stored_keys = _append(self.stored_keys, self.key_codec.encode(self.window_keys[:, :, :n_tokens]))
-        self.stored_values = _append(self.stored_values, self.value_codec.encode(self.window_values[:, :, :n_tokens]))
+        keys = self.window_keys[:, :, :n_tokens]
+        if self.key_space is not None:  # positions of these tokens: after sinks and earlier blocks
+            keys = self.key_space.unrotate(keys, start=self.sink_keys.shape[2] + self.n_compressed)
+        values = self.window_values[:, :, :n_tokens]
+        new_keys, new_values = self.key_codec.encode(keys), self.value_codec.encode(values)
+        if self.monitor is not None:
+            self.monitor.observe(self.layer_idx, "key", keys, new_keys, self.key_codec, self.block_size)
+            self.monitor.observe(self.layer_idx, "value", values, new_values, self.value_codec, self.block_size)
+        self.stored_keys = _append(self.stored_keys, new_keys)
+        self.stored_values = _append(self.stored_values, new_values)
         self.window_keys = self.window_keys[:, :, n_tokens:].clone()
         self.window_values = self.window_values[:, :, n_tokens:].clone()
         self.n_compressed += n_tokens
 
     def reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of shape (B, H, seq, D) in the model dtype: what attention reads."""
-        keys, values = [self.sink_keys], [self.sink_values]
+        # One preallocated (B, H, seq, D) output per call: codecs decode straight into their
+        # slice (`decode_into`), so decoded blocks are written once and never concatenated.
+        n_sinks, n_window = self.sink_keys.shape[2], self.window_keys.shape[2]
+        B, H, _, D = self.window_keys.shape
+        seq = n_sinks + self.n_compressed + n_window
+        keys = torch.empty(B, H, seq, D, dtype=self.dtype, device=self.device)
+        values = torch.empty(B, H, seq, self.window_values.shape[3], dtype=self.dtype, device=self.device)
+        keys[:, :, :n_sinks], values[:, :, :n_sinks] = self.sink_keys, self.sink_values
+        blocks = slice(n_sinks, n_sinks + self.n_compressed)
         if self.stored_keys is not None:
-            keys.append(self.key_codec.decode(self.stored_keys, self.dtype))
-            values.append(self.value_codec.decode(self.stored_values, self.dtype))
-        keys.append(self.window_keys)
-        values.append(self.window_values)
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+            if self.key_space is None:
+                self.key_codec.decode_into(self.stored_keys, keys[:, :, blocks])
+            else:  # decode and re-rotate in float32, then cast once
+                decoded = self.key_codec.decode(self.stored_keys, torch.float32)
+                keys[:, :, blocks] = self.key_space.rotate(decoded, start=n_sinks)
+            self.value_codec.decode_into(self.stored_values, values[:, :, blocks])
+        keys[:, :, blocks.stop:], values[:, :, blocks.stop:] = self.window_keys, self.window_values
+        return keys, values
 
-    def get_seq_length(self) -> int:
+    def held_tokens(self) -> int:
+        """Tokens this layer holds (sinks + compressed + window)."""
         if not self.is_initialized:
             return 0
         return self.sink_keys.shape[2] + self.n_compressed + self.window_keys.shape[2]
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far; a full-attention layer holds all of them."""
+        return self.held_tokens()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -208,7 +240,7 @@ class CompressedLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        new_length = max(self.get_seq_length() + tokens_to_remove, 0)
+        new_length = max(self.held_tokens() + tokens_to_remove, 0)
         n_sinks = self.sink_keys.shape[2]
         if new_length >= n_sinks + self.n_compressed:
             keep = new_length - n_sinks - self.n_compressed
@@ -282,10 +314,10 @@ class CompressedLayer(CacheLayerMixin):
                 for name, tensor in (stored or {}).items():
                     parts[f"{prefix}_{name}"] = tensor.numel() * tensor.element_size()
             B, H, _, D = self.sink_keys.shape
-            fp16 = 2 * B * H * self.get_seq_length() * D * FP16_BYTES
+            fp16 = 2 * B * H * self.held_tokens() * D * FP16_BYTES
         else:
             fp16 = 0
-        return LayerMemory(self.layer_idx, self.get_seq_length(), self.n_compressed, parts, fp16)
+        return LayerMemory(self.layer_idx, self.held_tokens(), self.n_compressed, parts, fp16)
 
 
 def _text_config(model_or_config) -> PretrainedConfig:
@@ -293,17 +325,75 @@ def _text_config(model_or_config) -> PretrainedConfig:
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def check_supported(config: PretrainedConfig) -> None:
-    """Raise a ValueError naming the model type if its layers are not plain full attention."""
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    unsupported = sorted(set(layer_types) - {"full_attention"})
-    if unsupported or getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+_UNSUPPORTED_WHY = {
+    "dummy": "layers that reuse another layer's K/V (KV sharing) or have no attention",
+    "linear_attention": "linear-attention / state-space layers, which keep a recurrent state instead of K/V",
+    "conv": "convolution layers, which keep a recurrent state instead of K/V",
+    "hybrid": "hybrid state-space + attention layers",
+    "hybrid_sliding": "hybrid state-space + sliding-attention layers",
+    "chunked_attention": "chunked-attention layers",
+}
+
+
+def check_supported(config: PretrainedConfig) -> list[int | None]:
+    """The sliding window of every layer (None for a full-attention layer).
+
+    Raises a ValueError naming the model type when a layer does not keep a standard per-head
+    K/V cache (multi-latent attention, linear attention / state-space layers, KV sharing).
+    """
+    model_type = getattr(config, "model_type", type(config).__name__)
+    if getattr(config, "kv_lora_rank", None):
         raise ValueError(
-            f"CompressedCache does not support model type {config.model_type!r}: it has "
-            f"{unsupported or ['sliding_attention']} layers; only full-attention layers are supported."
+            f"CompressedCache does not support model type {model_type!r}: it uses multi-latent attention "
+            f"(kv_lora_rank={config.kv_lora_rank}), whose keys and values are not a standard per-head K/V cache; "
+            "use transformers' DynamicCache for it"
         )
-    if not hasattr(config, "num_key_value_heads") and not hasattr(config, "num_attention_heads"):
-        raise ValueError(f"model type {config.model_type!r} has no standard KV cache; CompressedCache cannot hold it")
+    layer_types, layer_kwargs = cache_layer_types(config)
+    unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        why = "; ".join(f"{kind}: {_UNSUPPORTED_WHY.get(kind, 'not a standard K/V cache layer')}" for kind in unsupported)
+        raise ValueError(
+            f"CompressedCache does not support model type {model_type!r}: it has {unsupported} layers ({why}). "
+            f"Only {list(SUPPORTED_LAYER_TYPES)} layers are supported; use transformers' DynamicCache for this model"
+        )
+    if not hasattr(config, "num_attention_heads") or not hasattr(config, "num_hidden_layers"):
+        raise ValueError(f"model type {model_type!r} has no standard KV cache; CompressedCache cannot hold it")
+    return [kwargs["sliding_window"] if kind == "sliding_attention" else None
+            for kind, kwargs in zip(layer_types, layer_kwargs)]
+
+
+def _key_spaces(model, spec: CacheSpec, num_layers: int) -> tuple[list, str | None]:
+    """Per layer, a `RopeInverter` where the spec asks for pre-RoPE keys, else None; plus the
+    reason (warned once) when pre-RoPE keys were asked for but the model's rope cannot be undone."""
+    wanted = [spec.for_layer(idx)[0].key_space == "pre_rope" for idx in range(num_layers)]
+    if not any(wanted):
+        return [None] * num_layers, None
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError("pre-RoPE keys (key_space 'pre_rope') need the model itself, not only its config: "
+                         "pass the model to CompressedCache")
+    from .rope import key_space_for
+
+    inverters, reason = key_space_for(model)
+    if inverters is None:
+        reason = (f"pre-RoPE keys are not available for model type {model.config.model_type!r}: {reason}; "
+                  "keys are compressed post-RoPE instead")
+        warnings.warn(reason, stacklevel=3)
+        return [None] * num_layers, reason
+    return [inv if want else None for inv, want in zip(inverters, wanted)], None
+
+
+def _make_monitor(monitor):
+    """None, a default QualityMonitor, or the one given."""
+    from .monitor import QualityMonitor
+
+    if monitor is False or monitor is None:
+        return None
+    if monitor is True:
+        return QualityMonitor()
+    if isinstance(monitor, QualityMonitor):
+        return monitor
+    raise ValueError(f"monitor must be True, False or a QualityMonitor, got {monitor!r}")
 
 
 class CompressedCache(Cache):
@@ -315,25 +405,71 @@ class CompressedCache(Cache):
         cache.memory_report().ratio
 
     Args:
-        model: the model (or its config) the cache is for.
+        model: the model (or its config) the cache is for. Pre-RoPE keys need the model itself
+            (its rotary embedding), not only its config.
         spec: a preset name, a spec file path, a dict or a `CacheSpec` (default "int4").
+        artifact: a calibration artifact (folder or `CalibrationArtifact`) for low-rank specs;
+            for the embedded model it is built on first use when not given.
+        monitor: False (default, costs nothing), True, or a `kvcompress.monitor.QualityMonitor`
+            with your own thresholds: samples compressed blocks and tracks their reconstruction
+            quality per layer (`cache.monitor.summary()`), warning once per layer when it drops.
+
+    Attributes:
+        key_space_fallback: why pre-RoPE keys were asked for but keys are compressed post-RoPE
+            (also warned once), or None.
     """
 
-    def __init__(self, model: PreTrainedModel | PretrainedConfig, spec: str | dict | CacheSpec = "int4"):
+    def __init__(self, model: PreTrainedModel | PretrainedConfig, spec: str | dict | CacheSpec = "int4",
+                 artifact=None, monitor=False):
         config = _text_config(model)
-        check_supported(config)
+        sliding_windows = check_supported(config)
         self.spec = load_spec(spec)
         num_layers = config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.spec.validate_for(num_layers, head_dim)
+        if self.spec.needs_artifact(num_layers):
+            from .calibration import resolve_artifact
+
+            artifact = resolve_artifact(model, artifact)
+        key_spaces, self.key_space_fallback = _key_spaces(model, self.spec, num_layers)
         layers = []
         for idx in range(num_layers):
             key_spec, value_spec = self.spec.for_layer(idx)
-            layers.append(CompressedLayer(build_codec(key_spec), build_codec(value_spec),
-                                          window=self.spec.window, sinks=self.spec.sinks,
-                                          block_size=self.spec.block_size, layer_idx=idx))
+            kind = "key_pre" if key_spaces[idx] is not None else "key_post"
+            layer_cls, extra = CompressedLayer, {}
+            if sliding_windows[idx] is not None:  # keeps only the window, as transformers does
+                from .sliding import CompressedSlidingLayer
+
+                layer_cls, extra = CompressedSlidingLayer, {"sliding_window": sliding_windows[idx]}
+            layers.append(layer_cls(build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact),
+                                    build_codec(value_spec, layer_idx=idx, kind="value", artifact=artifact),
+                                    window=self.spec.window, sinks=self.spec.sinks,
+                                    block_size=self.spec.block_size, layer_idx=idx,
+                                    key_space=key_spaces[idx], **extra))
         super().__init__(layers=layers)
+        self.monitor = _make_monitor(monitor)
+        for layer in self.layers:
+            layer.monitor = self.monitor
 
     def memory_report(self) -> MemoryReport:
         """Stored bytes (codes, scales, zero points, window, sinks) per layer and in total."""
         return MemoryReport([layer.memory() for layer in self.layers])
+
+    def copy(self) -> CompressedCache:
+        """An independent copy of the cache and its stored codes, e.g. to continue one prompt several ways.
+
+            cache = CompressedCache(model, "int4")
+            model(prompt_ids, cache=cache)                 # compress the prompt once
+            for suffix in suffixes:
+                model.generate(torch.cat([prompt_ids, suffix], 1), cache=cache.copy(), ...)
+
+        Continuing from the copy leaves this cache untouched. The immutable parts (codecs, the
+        model's rotary embedding) are shared, not duplicated. `copy.deepcopy` gives the same
+        result but duplicates those too.
+        """
+        memo: dict[int, object] = {}
+        for layer in self.layers:
+            for shared in (layer.key_codec, layer.value_codec, getattr(layer.key_space, "inner", layer.key_space)):
+                if shared is not None:
+                    memo[id(shared)] = shared
+        return copy.deepcopy(self, memo)

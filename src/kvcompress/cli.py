@@ -11,8 +11,15 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
+    "kvcompress.commands.calibrate_cmd",
     "kvcompress.commands.eval_cmd",
     "kvcompress.commands.presets_cmd",
+    "kvcompress.commands.sweep_cmd",
+    "kvcompress.commands.report_cmd",
+    "kvcompress.commands.analyze_cmd",
+    "kvcompress.commands.bench_cmd",
+    "kvcompress.commands.tune_cmd",
+    "kvcompress.commands.measure_presets_cmd",
 )
 
 

@@ -14,3 +14,29 @@ TESTED_TRANSFORMERS = ("5.24",)
 CACHE_KWARG = "cache"
 
 TRANSFORMERS_VERSION = transformers.__version__
+
+
+def cache_layer_types(config) -> tuple[list[str], list[dict]]:
+    """Per decoder layer, the kind of cache layer transformers builds for it, and its settings.
+
+    Kinds include "full_attention", "sliding_attention" (settings {"sliding_window": N}),
+    "chunked_attention", "linear_attention", "conv", "hybrid" and "dummy" (a layer that keeps
+    no cache of its own: it reuses another layer's K/V, or has no attention). Uses
+    `transformers.cache_utils.get_layer_types_and_kwargs`, which `DynamicCache` itself uses.
+    """
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    return get_layer_types_and_kwargs(config)
+
+
+def quantized_layer_storage(layer) -> dict[str, object]:
+    """What one layer of transformers' `QuantizedCache` holds, by part, as stored.
+
+    "residual_keys"/"residual_values": the full-precision residual window (tensors);
+    "quantized_keys"/"quantized_values": the backend's quantized object (a quanto
+    `WeightQBitsTensor`, or HQQ's `(packed codes, meta dict)`), or None before the first update.
+    Reads the private `_quantized_keys`/`_quantized_values` attributes of `QuantizedLayer`.
+    """
+    return {"residual_keys": getattr(layer, "keys", None), "residual_values": getattr(layer, "values", None),
+            "quantized_keys": getattr(layer, "_quantized_keys", None),
+            "quantized_values": getattr(layer, "_quantized_values", None)}

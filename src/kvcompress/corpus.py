@@ -102,12 +102,15 @@ def load_text(path: str | os.PathLike) -> str:
 
 
 def corpus_tokens(tokenizer, part: str = "evaluation", n_tokens: int | None = None,
-                  path: str | os.PathLike | None = None) -> torch.LongTensor:
+                  path: str | os.PathLike | None = None, offset: int = 0) -> torch.LongTensor:
     """Token ids of a corpus part (or of the file `path`, which then replaces the part), shape (1, n).
 
-    Tokenized without special tokens (no BOS). With `n_tokens`, the first `n_tokens` ids;
-    CorpusError if the text has fewer.
+    Tokenized without special tokens (no BOS). With `n_tokens`, ids [offset, offset + n_tokens);
+    CorpusError if the text has fewer. `offset` lets callers take disjoint stretches of one
+    part (e.g. tuning text and held-out verification text).
     """
+    if isinstance(offset, bool) or int(offset) != offset or offset < 0:
+        raise CorpusError(f"offset must be a non-negative integer, got {offset!r}.")
     if n_tokens is not None and (isinstance(n_tokens, bool) or int(n_tokens) != n_tokens or n_tokens < 1):
         raise CorpusError(f"n_tokens must be a positive integer, got {n_tokens!r}.")
     if path is not None:
@@ -115,10 +118,12 @@ def corpus_tokens(tokenizer, part: str = "evaluation", n_tokens: int | None = No
     else:
         text, where = part_text(part), f"the {part} part of the embedded corpus"
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    ids = ids[int(offset):]
     if n_tokens is not None:
         if len(ids) < n_tokens:
-            raise CorpusError(f"{where} has only {len(ids)} tokens, but {n_tokens} were asked for. Ask for at "
-                              "most that many, or pass a longer UTF-8 text file.")
+            after = f" after offset {offset}" if offset else ""
+            raise CorpusError(f"{where} has only {len(ids)} tokens{after}, but {n_tokens} were asked for. "
+                              "Ask for fewer, or pass a longer UTF-8 text file.")
         ids = ids[: int(n_tokens)]
     if not ids:
         raise CorpusError(f"{where} gives no tokens.")

@@ -94,7 +94,7 @@ def _bootstrap_ppl_change(nll_base: torch.Tensor, nll_comp: torch.Tensor, sample
 @torch.no_grad()
 def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | CacheSpec, *,
                          mode: str = "chunked", progress: bool = True,
-                         cache_factory=None) -> EvalResult:
+                         cache_factory=None, artifact=None, baseline_store: dict | None = None) -> EvalResult:
     """Evaluate `spec` on `input_ids` of shape (1, n) against the uncompressed cache.
 
     Args:
@@ -104,6 +104,12 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
         mode: "chunked" (default) or "token" (one token per forward; slow, for validation).
         progress: show a progress bar.
         cache_factory: optional callable (model, spec) -> Cache, defaults to CompressedCache.
+        artifact: calibration artifact (folder or `CalibrationArtifact`) for low-rank specs, given
+            to the default CompressedCache; the embedded model's is built on first use.
+        baseline_store: optional dict shared by several calls (e.g. a sweep): the uncompressed
+            logits of a run are kept in it, keyed by the model, the token ids and the chunk
+            boundaries, and a later call with the same key reuses them instead of running the
+            uncompressed model again (same numbers; holds n x vocab float32 per key).
 
     Raises:
         RuntimeError: if tokens were compressed lossily but the logits equal the baseline's
@@ -115,15 +121,23 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     n = input_ids.shape[1]
-    cache = (cache_factory or CompressedCache)(model, spec)
+    cache = cache_factory(model, spec) if cache_factory else CompressedCache(model, spec, artifact=artifact)
     baseline = DynamicCache(config=model.config)
     nll_base, nll_comp, kls, agree = [], [], [], []
     max_diff = 0.0
     start_time = time.perf_counter()
     bounds = chunk_boundaries(n, spec, mode)
-    for start, stop in tqdm(bounds, desc=f"eval {spec.name or 'spec'}", disable=not progress, leave=False):
+    store_key = (id(model), tuple(input_ids[0].tolist()), tuple(bounds))
+    stored_logits = baseline_store.get(store_key) if baseline_store is not None else None
+    new_logits = []
+    for i, (start, stop) in enumerate(tqdm(bounds, desc=f"eval {spec.name or 'spec'}", disable=not progress,
+                                           leave=False)):
         chunk = input_ids[:, start:stop]
-        logits_b = model(input_ids=chunk, **{CACHE_KWARG: baseline}, use_cache=True).logits[0].float()
+        if stored_logits is not None:
+            logits_b = stored_logits[i]
+        else:
+            logits_b = model(input_ids=chunk, **{CACHE_KWARG: baseline}, use_cache=True).logits[0].float()
+            new_logits.append(logits_b)
         logits_c = model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0].float()
         max_diff = max(max_diff, (logits_b - logits_c).abs().max().item())
         targets = input_ids[0, start + 1:stop + 1]
@@ -135,6 +149,8 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
         kls.append((logp_b.exp() * (logp_b - logp_c)).sum(-1))
         agree.append(logp_b.argmax(-1) == logp_c.argmax(-1))
     seconds = time.perf_counter() - start_time
+    if baseline_store is not None and stored_logits is None:
+        baseline_store[store_key] = new_logits
     nll_b, nll_c = torch.cat(nll_base).cpu(), torch.cat(nll_comp).cpu()
     report = cache.memory_report()
     compressed_tokens = max((m.compressed_tokens for m in report.layers), default=0)

@@ -2,7 +2,8 @@
 
 Every preset is a `CacheSpec`; `PRESETS.get(name)` returns it and an unknown name lists the
 valid ones. This module does not measure presets: the README's table of their quality comes
-from `kvcompress eval` (see README).
+from `kvcompress eval` (see README). The measured presets (lossless ... extreme) are read from
+`measured_presets.json`, which `kvcompress measure-presets` writes (see `measured_presets`).
 """
 
 from __future__ import annotations
@@ -61,3 +62,30 @@ PRESETS.register("int3", "3-bit K per-channel, 3-bit V per-token", _kivi("int3",
 PRESETS.register("int2", "2-bit K per-channel, 2-bit V per-token", _kivi("int2", 2, 2))
 PRESETS.register("k4v2", "4-bit K per-channel, 2-bit V per-token", _kivi("k4v2", 4, 2))
 PRESETS.register("k2v4", "2-bit K per-channel, 4-bit V per-token", _kivi("k2v4", 2, 4))
+
+
+# Low-rank and rotation presets (ranks are absolute: 32 of the embedded model's head_dim 64).
+# Low-rank specs need a calibration artifact (built automatically for the embedded model).
+PRESETS.register("lowrank-k32", "K pre-RoPE low-rank 32 (fp16 coefficients), V full precision", lambda: CacheSpec(
+    key=TensorSpec(method="lowrank", rank=32, key_space="pre_rope"), value=TensorSpec(method="none"),
+    name="lowrank-k32"))
+PRESETS.register("lowrank-k48-int4", "K pre-RoPE low-rank 48 with 4-bit per-channel coefficients, "
+                 "V 4-bit per-token", lambda: CacheSpec(
+                     key=TensorSpec(method="lowrank+quant", rank=48, bits=4, axis="channel", group_size=32,
+                                    key_space="pre_rope"),
+                     value=TensorSpec(method="quant", bits=4, axis="token", group_size=32),
+                     name="lowrank-k48-int4"))
+PRESETS.register("hadamard-int4", "Hadamard-rotated K and V, 4-bit per-token groups of 32 (llama.cpp-style)",
+                 lambda: CacheSpec(key=TensorSpec(method="hadamard+quant", bits=4, axis="token", group_size=32),
+                                   value=TensorSpec(method="hadamard+quant", bits=4, axis="token", group_size=32),
+                                   name="hadamard-int4"))
+
+
+def _register_measured_presets() -> None:
+    """The presets chosen by measurement (lossless ... extreme), from the shipped data file."""
+    from .measured_presets import load_measured, register_measured
+
+    register_measured(PRESETS, load_measured())
+
+
+_register_measured_presets()

@@ -24,8 +24,11 @@ from typing import Any
 
 from .codecs.quant import ALLOWED_AXES, ALLOWED_BITS
 
-METHODS = ("none", "quant")
-_TENSOR_FIELDS = ("method", "bits", "axis", "group_size")
+METHODS = ("none", "quant", "lowrank", "lowrank+quant", "hadamard+quant")
+KEY_SPACES = ("post_rope", "pre_rope")
+_QUANT_METHODS = ("quant", "lowrank+quant", "hadamard+quant")
+_LOWRANK_METHODS = ("lowrank", "lowrank+quant")
+_TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space")
 _SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers")
 
 
@@ -34,22 +37,45 @@ class TensorSpec:
     """What happens to one of K or V.
 
     Attributes:
-        method: one of METHODS. "none" keeps the tensor in full precision.
+        method: one of METHODS. "none" keeps the tensor in full precision; "quant" quantizes
+            it; "lowrank" keeps only its coefficients on the top-`rank` calibrated directions
+            (stored in fp16); "lowrank+quant" quantizes those coefficients; "hadamard+quant"
+            rotates each head by an orthonormal Hadamard matrix before quantizing.
         bits: code width for quantization, one of ALLOWED_BITS.
         axis: "channel" or "token": which values share quantization statistics.
-        group_size: values per scale (tokens for axis="channel", channels for axis="token").
+        group_size: values per scale (tokens for axis="channel", channels for axis="token";
+            for lowrank+quant the "channels" are the `rank` coefficients).
+        rank: directions kept by the low-rank methods, 1..head_dim (a multiple of 8 when the
+            coefficients are quantized, as codes are bit-packed 8 at a time).
+        key_space: "post_rope" (as attention gives them) or "pre_rope" (the cache undoes the
+            rotary embedding before compressing and re-applies it after decoding); keys only.
     """
 
     method: str = "quant"
     bits: int = 4
     axis: str = "token"
     group_size: int = 32
+    rank: int | None = None
+    key_space: str = "post_rope"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method == "none":
             # Settings mean nothing without a codec: make every "none" spec equal.
+            for name in ("bits", "axis", "group_size", "rank", "key_space"):
+                object.__setattr__(self, name, TensorSpec.__dataclass_fields__[name].default)
+            return
+        if self.key_space not in KEY_SPACES:
+            raise ValueError(f"key_space must be one of {KEY_SPACES}, got {self.key_space!r}")
+        if self.method in _LOWRANK_METHODS:
+            if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+                raise ValueError(f"method {self.method!r} needs a positive integer rank (1..head_dim), "
+                                 f"got {self.rank!r}")
+        else:
+            object.__setattr__(self, "rank", None)
+        if self.method == "lowrank":
+            # fp16 coefficients: no quantization settings.
             for name in ("bits", "axis", "group_size"):
                 object.__setattr__(self, name, TensorSpec.__dataclass_fields__[name].default)
             return
@@ -59,6 +85,22 @@ class TensorSpec:
             raise ValueError(f"axis must be one of {ALLOWED_AXES}, got {self.axis!r}")
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.method == "lowrank+quant":
+            if self.rank % 8:
+                raise ValueError(f"lowrank+quant needs a rank that is a multiple of 8 (codes are bit-packed "
+                                 f"8 at a time), got {self.rank}")
+            if self.axis == "token" and self.rank % self.group_size:
+                divisors = [d for d in range(1, self.rank + 1) if self.rank % d == 0]
+                raise ValueError(f"per-token group_size {self.group_size} does not divide rank {self.rank}; "
+                                 f"allowed: {divisors}")
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.method in _QUANT_METHODS
+
+    @property
+    def is_lowrank(self) -> bool:
+        return self.method in _LOWRANK_METHODS
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: TensorSpec | None = None) -> TensorSpec:
@@ -71,15 +113,26 @@ class TensorSpec:
         return dataclasses.replace(base, **data) if base is not None else cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
+        """Only the fields that matter for the method (key_space only when pre-RoPE)."""
         if self.method == "none":
             return {"method": "none"}
-        return dataclasses.asdict(self)
+        out: dict[str, Any] = {"method": self.method}
+        if self.is_lowrank:
+            out["rank"] = self.rank
+        if self.is_quantized:
+            out.update(bits=self.bits, axis=self.axis, group_size=self.group_size)
+        if self.key_space != "post_rope":
+            out["key_space"] = self.key_space
+        return out
 
     def describe(self) -> str:
-        """Short human-readable form, e.g. 'int4/channel32'."""
+        """Short human-readable form, e.g. 'int4/channel32' or 'lowrank32+int4/token16 pre-RoPE'."""
         if self.method == "none":
             return "full"
-        return f"int{self.bits}/{self.axis}{self.group_size}"
+        quant = f"int{self.bits}/{self.axis}{self.group_size}"
+        text = {"quant": quant, "lowrank": f"lowrank{self.rank}", "lowrank+quant": f"lowrank{self.rank}+{quant}",
+                "hadamard+quant": f"hadamard+{quant}"}[self.method]
+        return text + (" pre-RoPE" if self.key_space == "pre_rope" else "")
 
 
 def _parse_layer_range(text: str) -> range:
@@ -136,6 +189,9 @@ class CacheSpec:
             self.for_layer(layer)  # validates the merged specs
         for which, tensor_spec in self._all_tensor_specs():
             self._check_block(which, tensor_spec)
+            if which.startswith("value") and tensor_spec.key_space != "post_rope":
+                raise ValueError(f"{which}: key_space {tensor_spec.key_space!r} only applies to keys; "
+                                 "values carry no rotary embedding (use 'post_rope' or leave it out)")
 
     def _override_layers(self) -> list[int]:
         return sorted({i for k in self.layers for i in _parse_layer_range(str(k))})
@@ -149,7 +205,7 @@ class CacheSpec:
             yield f"value (layer {layer})", value
 
     def _check_block(self, which: str, spec: TensorSpec) -> None:
-        if spec.method == "quant" and spec.axis == "channel" and self.block_size % spec.group_size:
+        if spec.is_quantized and spec.axis == "channel" and self.block_size % spec.group_size:
             raise ValueError(
                 f"{which}: per-channel group_size {spec.group_size} must divide block_size {self.block_size}"
             )
@@ -165,6 +221,10 @@ class CacheSpec:
                     value = TensorSpec.from_dict(override["value"], base=value)
         return key, value
 
+    def needs_artifact(self, num_layers: int) -> bool:
+        """True if some layer uses a low-rank method (which needs a calibration artifact)."""
+        return any(spec.is_lowrank for idx in range(num_layers) for spec in self.for_layer(idx))
+
     def validate_for(self, num_layers: int, head_dim: int) -> None:
         """Check the spec against a model's shape; raise ValueError naming what to change."""
         for key_text in self.layers:
@@ -172,13 +232,18 @@ class CacheSpec:
             if r.stop > num_layers:
                 raise ValueError(f"layer override {key_text!r} names layers beyond the model's {num_layers} layers")
         for which, spec in self._all_tensor_specs():
-            if spec.method == "quant" and spec.axis == "token" and head_dim % spec.group_size:
+            if spec.is_lowrank and spec.rank > head_dim:
+                raise ValueError(f"{which}: rank {spec.rank} exceeds head_dim {head_dim}; allowed: 1..{head_dim}")
+            if spec.method == "hadamard+quant" and head_dim & (head_dim - 1):
+                raise ValueError(f"{which}: hadamard+quant needs head_dim to be a power of two, got {head_dim}; "
+                                 "use method 'quant' for this model")
+            if spec.method in ("quant", "hadamard+quant") and spec.axis == "token" and head_dim % spec.group_size:
                 divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
                 raise ValueError(
                     f"{which}: per-token group_size {spec.group_size} does not divide head_dim {head_dim}; "
                     f"allowed: {divisors}"
                 )
-            if spec.method == "quant" and head_dim % 8:
+            if spec.method in ("quant", "hadamard+quant") and head_dim % 8:
                 raise ValueError(f"bit packing needs head_dim to be a multiple of 8, got {head_dim}")
 
     # ---- serialization -------------------------------------------------------------------

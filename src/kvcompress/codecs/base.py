@@ -39,6 +39,15 @@ class Codec(ABC):
     def decode(self, stored: Stored, dtype: torch.dtype) -> torch.Tensor:
         """Reconstruct states of shape (B, H, T, D) in `dtype` from what `encode` returned."""
 
+    def decode_into(self, stored: Stored, out: torch.Tensor) -> None:
+        """Write `decode(stored, out.dtype)` into `out` (B, H, T, D), which may be a strided view.
+
+        The cache decodes every layer into one preallocated (sinks | blocks | window) tensor
+        through this. The default decodes then copies; codecs on the hot path override it to
+        write their result straight into `out`.
+        """
+        out.copy_(self.decode(stored, out.dtype))
+
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)) in the dtype of `x`; what attention reads for compressed tokens."""
         return self.decode(self.encode(x), x.dtype)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Codec, Stored, check_finite
-from .packing import pack, unpack
+from .packing import pack, unpack_codes
 
 ALLOWED_BITS = (2, 3, 4, 8)
 ALLOWED_AXES = ("channel", "token")
@@ -104,13 +104,37 @@ class QuantCodec(Codec):
         return groups.reshape(B, H, T, D)
 
     def decode(self, stored: Stored, dtype: torch.dtype) -> torch.Tensor:
-        codes = unpack(stored["codes"], self.bits)  # (B, H, T, D) uint8
+        packed = stored["codes"]  # (B, H, T, D*bits/8)
+        B, H, T, m = packed.shape
+        out = torch.empty(B, H, T, m * 8 // self.bits, dtype=dtype, device=packed.device)
+        self.decode_into(stored, out)
+        return out
+
+    def decode_into(self, stored: Stored, out: torch.Tensor) -> None:
+        """x_hat = code * scale + zero, written into `out` (B, H, T, D) in one fused pass.
+
+        Codes are unpacked to int32 (`unpack_codes`), converted to `out.dtype` and combined
+        with scale and zero point by one `addcmul` that writes straight into `out` (a view
+        into the layer's output is fine), so no decoded copy is made and then copied again.
+        Equals `unpack_reference` followed by `code * scale + zero` up to one rounding (the
+        multiply-add may be fused).
+        """
+        codes = unpack_codes(stored["codes"], self.bits)  # (B, H, T, D) int32 (uint8 for 8 bits)
         B, H, T, D = codes.shape
-        scale, zero = stored["scale"].to(dtype), stored["zero"].to(dtype)
+        if tuple(out.shape) != (B, H, T, D):
+            raise ValueError(f"decode_into: out has shape {tuple(out.shape)}, the codes decode to {(B, H, T, D)}")
+        dtype = out.dtype
+        g = self.group_size
         if self.axis == "token":
-            g = self.group_size
-            x = codes.reshape(B, H, T, D // g, g).to(dtype) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+            grouped = (B, H, T, D // g, g)  # scale, zero: (B, H, T, D/g) -> (B, H, T, D/g, 1)
+            scale, zero = stored["scale"].to(dtype).unsqueeze(-1), stored["zero"].to(dtype).unsqueeze(-1)
         else:
-            g = self.group_size
-            x = codes.reshape(B, H, T // g, g, D).to(dtype) * scale.unsqueeze(-2) + zero.unsqueeze(-2)
-        return x.reshape(B, H, T, D)
+            grouped = (B, H, T // g, g, D)  # scale, zero: (B, H, T/g, D) -> (B, H, T/g, 1, D)
+            scale, zero = stored["scale"].to(dtype).unsqueeze(-2), stored["zero"].to(dtype).unsqueeze(-2)
+        values = codes.reshape(grouped).to(dtype)
+        try:
+            target = out.view(grouped)
+        except RuntimeError:  # a layout that cannot be regrouped without a copy
+            out.copy_(torch.addcmul(zero, values, scale).reshape(B, H, T, D))
+            return
+        torch.addcmul(zero, values, scale, out=target)

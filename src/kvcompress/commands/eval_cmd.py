@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="chunked", choices=["chunked", "token"],
                         help="chunked (fast) or one token per forward (slow; validates chunked)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--artifact", default=None,
+                        help="calibration artifact folder (from `kvcompress calibrate`) for low-rank specs; "
+                             "built automatically for the embedded model")
     add_model_arguments(parser)
     add_corpus_arguments(parser)
 
@@ -30,9 +33,17 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     model, tokenizer = load_model_from_args(args)
     ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.tokens, path=args.corpus)
-    result = decode_faithful_eval(model, ids, spec, mode=args.mode, progress=not args.no_progress)
+    artifact, artifact_info = None, None
+    if args.artifact or spec.needs_artifact(model.config.get_text_config(decoder=True).num_hidden_layers):
+        from ..calibration import resolve_artifact
+
+        artifact = resolve_artifact(model, args.artifact)
+        artifact_info = {"path": str(artifact.path), "fingerprint": artifact.metadata["fingerprint"],
+                         "corpus": artifact.metadata["corpus"], "tokens": artifact.metadata["tokens"]}
+    result = decode_faithful_eval(model, ids, spec, mode=args.mode, progress=not args.no_progress,
+                                  artifact=artifact)
     record = {"model": model_id(model), "corpus": args.corpus or "embedded:evaluation", "mode": args.mode,
-              "dtype": args.dtype, **result.to_dict()}
+              "dtype": args.dtype, "artifact": artifact_info, **result.to_dict()}
     lo, hi = result.ppl_change_ci95
     print(f"spec        {args.spec}: {spec.describe()}")
     print(f"tokens      {result.tokens} ({result.compressed_tokens} compressed per layer, {result.chunks} chunks)")

@@ -1,0 +1,101 @@
+"""The default breaking-point analysis: a fixed sweep plus its report, sized for a 2-core CPU.
+
+`analyze(out_dir)` runs `DEFAULT_GRID` with `DEFAULT_SETTINGS` through `sweep.run_sweep` and
+writes the report (`report.write_report`). The grid covers, on the model's real states:
+
+- quantization at 8/4/3/2 bits (KIVI-style K per-channel / V per-token) and the mixed
+  K4/V2 and K2/V4 settings;
+- Hadamard-rotated quantization at 4/3/2 bits;
+- low rank with K pre-RoPE and V at ranks 56..8 (decode-faithful evaluation at 48/32/16,
+  direct reconstruction only at the others), the same with post-RoPE keys (evaluated at
+  32), and low rank with 4-bit coefficients at ranks 48 and 32;
+- the tasks (passkey at 256/512/1024 tokens and generation agreement) on int4, int2, k4v2
+  and the rank-32 low-rank spec, and on the uncompressed model.
+
+It needs the low-rank codecs' calibration artifact; for the embedded model it is built (and
+cached) on first use. Measured on the embedded model, a 2-core CPU shared with other jobs:
+see docs/analysis.md for the figures and wall time of `kvcompress analyze`.
+
+This module does not define metrics, records or plots (see `sweep`, `report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .sweep import SpecEntry, SweepSettings, load_grid, run_sweep
+
+_LOWRANK = {"key": {"method": "lowrank", "key_space": "pre_rope"}, "value": {"method": "lowrank"}}
+_LOWRANK_POST = {"key": {"method": "lowrank"}, "value": {"method": "lowrank"}}
+_LOWRANK_INT4 = {"key": {"method": "lowrank+quant", "key_space": "pre_rope", "bits": 4, "axis": "channel",
+                         "group_size": 32},
+                 "value": {"method": "lowrank+quant", "bits": 4, "axis": "token", "group_size": 16}}
+_HADAMARD = {"key": {"method": "hadamard+quant", "axis": "token", "group_size": 32},
+             "value": {"method": "hadamard+quant", "axis": "token", "group_size": 32}}
+_BITS = "key.bits,value.bits"
+
+
+def _with_ranks(base: dict, rank: int) -> dict:
+    spec = {part: dict(settings) for part, settings in base.items()}
+    spec["key"]["rank"] = spec["value"]["rank"] = rank
+    return spec
+
+
+def _lowrank_entries(base: dict, suffix: str, ranks: list[int], evaluated: tuple[int, ...],
+                     with_tasks: tuple[int, ...] = ()) -> list[dict]:
+    """Entries for `ranks` (listed in that order): decode-faithful evaluation only at `evaluated`,
+    tasks only at `with_tasks`, direct reconstruction at every rank."""
+    return [{"label": f"lowrank{r}{suffix}", "spec": _with_ranks(base, r), "eval": r in evaluated,
+             "tasks": r in with_tasks} for r in ranks]
+
+
+_ALL_RANKS = [56, 48, 40, 32, 24, 16, 8]
+
+DEFAULT_GRID: dict = {
+    "specs": [
+        {"spec": "int8", "tasks": False},
+        "int4",
+        {"spec": "int3", "tasks": False},
+        "int2",
+        "k4v2",
+        {"spec": "k2v4", "tasks": False},
+        *_lowrank_entries(_LOWRANK, "", _ALL_RANKS, evaluated=(48, 32, 16), with_tasks=(32,)),
+        *_lowrank_entries(_LOWRANK_POST, "-post", _ALL_RANKS, evaluated=(32,)),
+        *_lowrank_entries(_LOWRANK_INT4, "-int4", [48, 32], evaluated=(48, 32)),
+    ],
+    "grids": [
+        {"name": "hadamard-int{key.bits}", "base": _HADAMARD, "vary": {_BITS: [4, 3, 2]}, "tasks": False},
+    ],
+}
+
+DEFAULT_SETTINGS = SweepSettings(eval_tokens=1024, recon_tokens=512, tasks=("passkey", "agreement"),
+                                 passkey_lengths=(256, 512, 1024), passkey_depths=(0.1, 0.5, 0.9),
+                                 agreement_prompts=3, agreement_prompt_tokens=256, agreement_new_tokens=24)
+
+
+def default_entries() -> list[SpecEntry]:
+    """The specs of the default analysis (see module doc)."""
+    return load_grid(DEFAULT_GRID)
+
+
+def analyze(out_dir: str | os.PathLike, settings: SweepSettings | None = None, *, entries: list[SpecEntry] | None = None,
+            model=None, tokenizer=None, progress: bool = False, command: str | None = None,
+            log: Callable[[str], None] | None = None) -> Path:
+    """Run the default sweep into `out_dir` (resuming if it was interrupted) and write its report.
+
+    Returns the path of `report.md`.
+    """
+    from .report import write_report
+
+    settings = settings or DEFAULT_SETTINGS
+    run_sweep(entries or default_entries(), out_dir, settings, model=model, tokenizer=tokenizer, progress=progress,
+              command=command, log=log)
+    return write_report(out_dir)
+
+
+def with_overrides(settings: SweepSettings, **overrides) -> SweepSettings:
+    """`settings` with the non-None `overrides` applied (CLI flags over defaults)."""
+    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})

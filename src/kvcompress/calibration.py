@@ -1,0 +1,410 @@
+"""Calibration: per-layer, per-KV-head bases and channel statistics of K and V, saved as an artifact.
+
+`calibrate(model, input_ids)` runs the model over calibration text (sequences of `seq_len`
+tokens, each from position 0, one forward each) with a capturing `DynamicCache` subclass (no
+attention patching) and accumulates, per layer and KV head, for three kinds of states:
+
+    key_post  keys as attention hands them to the cache (post-RoPE)
+    key_pre   the same keys with the rotary embedding undone (see `kvcompress.rope`);
+              absent when the model's rope cannot be undone (the metadata says why)
+    value     values
+
+the uncentered second moment M = E[x x^T] (float64) and per-channel mean, rms and absmax.
+The basis of a head is the eigenvectors of M sorted by eigenvalue (largest first); the
+spectrum is those eigenvalues. Uncentered on purpose: projecting onto the top r directions
+then has, on the calibration data, a mean squared error per token of exactly
+sum(spectrum[r:]), and no mean has to be stored or added back.
+
+An artifact is a folder with `calibration.safetensors` (tensors `<kind>.basis` (L, H, D, D),
+`<kind>.spectrum`, `<kind>.mean`, `<kind>.rms`, `<kind>.absmax` (L, H, D), float32) and
+`metadata.json` (model name, config fingerprint, corpus, token count, library versions,
+date). Loading it for a model whose config fingerprint differs is refused.
+
+The embedded model's artifact is built on first use and cached under
+`kvcompress.models.cache_root()/artifacts/` (written to a temporary folder, then renamed).
+
+This module does not compress anything (see `codecs.lowrank`) and does not fingerprint
+weights: two models with the same architecture config but different weights share a
+fingerprint, so pass the artifact calibrated on the model you run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+KINDS = ("key_post", "key_pre", "value")
+STATS = ("basis", "spectrum", "mean", "rms", "absmax")
+TENSORS_FILE = "calibration.safetensors"
+METADATA_FILE = "metadata.json"
+FORMAT = "kvcompress-calibration"
+FORMAT_VERSION = 1
+DEFAULT_TOKENS = 4096
+DEFAULT_SEQ_LEN = 1024
+_RECALIBRATE = "re-run `kvcompress calibrate --out DIR` (with the same --model) to rebuild it"
+
+
+class ArtifactError(ValueError):
+    """A calibration artifact is missing, damaged, or for another model; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _text_config(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def config_fields(model_or_config) -> dict[str, Any]:
+    """The config fields an artifact depends on: model type, shapes and rope settings."""
+    config = _text_config(model_or_config)
+    rope = getattr(config, "rope_parameters", None)
+    if rope is None:
+        rope = {"rope_theta": getattr(config, "rope_theta", None), "rope_scaling": getattr(config, "rope_scaling", None)}
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "hidden_size": config.hidden_size,
+        "rope": json.loads(json.dumps(rope, sort_keys=True, default=str)),
+        "partial_rotary_factor": getattr(config, "partial_rotary_factor", None),
+        "layer_types": list(getattr(config, "layer_types", None) or []),
+    }
+
+
+def config_fingerprint(model_or_config) -> str:
+    """sha256 prefix of `config_fields` as sorted JSON."""
+    text = json.dumps(config_fields(model_or_config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the artifact
+
+
+@dataclass(eq=False)
+class CalibrationArtifact:
+    """Calibrated bases and statistics of one model (see module docstring for the layout).
+
+    Attributes:
+        tensors: name -> float32 tensor, e.g. "key_pre.basis" (layers, kv_heads, head_dim, head_dim).
+        metadata: model name, fingerprint, config fields, corpus, tokens, versions, date.
+        path: the folder it was loaded from or saved to, if any.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    path: Path | None = field(default=None)
+
+    @property
+    def kinds(self) -> list[str]:
+        return [kind for kind in KINDS if f"{kind}.basis" in self.tensors]
+
+    def basis(self, kind: str, layer_idx: int, rank: int | None = None) -> torch.Tensor:
+        """(kv_heads, head_dim, rank) orthonormal columns, by decreasing energy."""
+        full = self._get(kind, "basis")
+        if not 0 <= layer_idx < full.shape[0]:
+            raise ArtifactError(f"the artifact has {full.shape[0]} layers, layer {layer_idx} was asked for")
+        rank = full.shape[-1] if rank is None else rank
+        if not 1 <= rank <= full.shape[-1]:
+            raise ArtifactError(f"rank must be in 1..{full.shape[-1]}, got {rank}")
+        return full[layer_idx, :, :, :rank]
+
+    def spectrum(self, kind: str, layer_idx: int) -> torch.Tensor:
+        """(kv_heads, head_dim) eigenvalues of E[x x^T], largest first (mean energy per direction)."""
+        return self._get(kind, "spectrum")[layer_idx]
+
+    def _get(self, kind: str, stat: str) -> torch.Tensor:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        name = f"{kind}.{stat}"
+        if name not in self.tensors:
+            why = self.metadata.get("pre_rope_unavailable") if kind == "key_pre" else None
+            raise ArtifactError(f"the calibration artifact{_where(self.path)} has no {name}"
+                                + (f" (pre-RoPE keys were unavailable: {why})" if why else f"; {_RECALIBRATE}"))
+        return self.tensors[name]
+
+    def check_model(self, model_or_config) -> None:
+        """Raise ArtifactError if the artifact was calibrated on a model with another config."""
+        mine, theirs = self.metadata.get("fingerprint"), config_fingerprint(model_or_config)
+        if mine == theirs:
+            return
+        fields, stored = config_fields(model_or_config), self.metadata.get("config", {})
+        diff = [f"{k}: artifact {stored.get(k)!r} vs model {v!r}" for k, v in fields.items() if stored.get(k) != v]
+        raise ArtifactError(
+            f"the calibration artifact{_where(self.path)} was made for {self.metadata.get('model')!r}, a model with "
+            f"another config ({'; '.join(diff) or f'fingerprint {mine} vs {theirs}'}). Calibrate this model: "
+            "`kvcompress calibrate --model M --out DIR`, then pass artifact=DIR / --artifact DIR.")
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write `calibration.safetensors` and `metadata.json` into `folder` (each via a temporary file)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (TENSORS_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
+        os.replace(tmp, folder / TENSORS_FILE)
+        tmp = folder / (METADATA_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.metadata, indent=2) + "\n")
+        os.replace(tmp, folder / METADATA_FILE)
+        self.path = folder
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, model=None) -> CalibrationArtifact:
+        """Read an artifact folder; with `model` (or its config), also check it is for that model."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise ArtifactError(f"calibration artifact folder {folder} does not exist; create one with "
+                                f"`kvcompress calibrate --out {folder}`")
+        for name in (METADATA_FILE, TENSORS_FILE):
+            if not (folder / name).is_file():
+                raise ArtifactError(f"{folder} is not a calibration artifact: {name} is missing; {_RECALIBRATE}")
+        try:
+            metadata = json.loads((folder / METADATA_FILE).read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{folder / METADATA_FILE} is not valid JSON ({exc}); {_RECALIBRATE}") from exc
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            raise ArtifactError(f"{folder / METADATA_FILE} is not kvcompress calibration metadata; {_RECALIBRATE}")
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{folder} has artifact format version {metadata.get('format_version')}, this "
+                                f"kvcompress reads version {FORMAT_VERSION}; {_RECALIBRATE}")
+        try:
+            tensors = load_file(str(folder / TENSORS_FILE))
+        except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+            raise ArtifactError(f"{folder / TENSORS_FILE} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                                f"{_RECALIBRATE}") from exc
+        artifact = cls(tensors, metadata, folder)
+        artifact._check_shapes()
+        if model is not None:
+            artifact.check_model(model)
+        return artifact
+
+    def _check_shapes(self) -> None:
+        config = self.metadata.get("config", {})
+        shape = (config.get("num_hidden_layers"), config.get("num_key_value_heads"), config.get("head_dim"))
+        if "value.basis" not in self.tensors:
+            raise ArtifactError(f"the artifact{_where(self.path)} has no value.basis; {_RECALIBRATE}")
+        for kind in self.kinds:
+            for stat in STATS:
+                tensor = self.tensors.get(f"{kind}.{stat}")
+                want = shape + (shape[2],) if stat == "basis" else shape
+                if tensor is None or tuple(tensor.shape) != want:
+                    got = None if tensor is None else tuple(tensor.shape)
+                    raise ArtifactError(f"the artifact{_where(self.path)} has {kind}.{stat} of shape {got}, "
+                                        f"expected {want}; {_RECALIBRATE}")
+
+
+def _where(path: Path | None) -> str:
+    return f" at {path}" if path else ""
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class _MomentAccumulator:
+    """Running E[x x^T], mean, mean square and absmax per (layer, head) for one kind of states."""
+
+    def __init__(self, layers: int, heads: int, dim: int):
+        self.second = torch.zeros(layers, heads, dim, dim, dtype=torch.float64)
+        self.total = torch.zeros(layers, heads, dim, dtype=torch.float64)
+        self.squares = torch.zeros(layers, heads, dim, dtype=torch.float64)
+        self.absmax = torch.zeros(layers, heads, dim, dtype=torch.float64)
+        self.count = torch.zeros(layers, dtype=torch.float64)
+
+    def add(self, layer: int, x: torch.Tensor) -> None:
+        """x: (B, H, T, D) states of one layer."""
+        x = x.detach().to("cpu", torch.float64).transpose(0, 1).flatten(1, 2)  # (H, B*T, D)
+        self.second[layer] += x.transpose(1, 2) @ x
+        self.total[layer] += x.sum(1)
+        self.squares[layer] += (x * x).sum(1)
+        self.absmax[layer] = torch.maximum(self.absmax[layer], x.abs().amax(1))
+        self.count[layer] += x.shape[1]
+
+    def finish(self, prefix: str) -> dict[str, torch.Tensor]:
+        if (self.count == 0).any():
+            raise RuntimeError(f"no {prefix} states were captured for some layers")
+        n = self.count[:, None, None]
+        moment = self.second / n[..., None]  # (L, H, D, D)
+        moment = (moment + moment.transpose(-1, -2)) / 2
+        evals, evecs = torch.linalg.eigh(moment)  # ascending
+        evals, evecs = evals.flip(-1), evecs.flip(-1)
+        # Deterministic signs: the largest-magnitude entry of every direction is positive.
+        peak = evecs.gather(-2, evecs.abs().argmax(-2, keepdim=True))
+        evecs = evecs * torch.where(peak < 0, -1.0, 1.0)
+        return {
+            f"{prefix}.basis": evecs.float(),
+            f"{prefix}.spectrum": evals.clamp_min(0).float(),
+            f"{prefix}.mean": (self.total / n).float(),
+            f"{prefix}.rms": (self.squares / n).sqrt().float(),
+            f"{prefix}.absmax": self.absmax.float(),
+        }
+
+
+class _CapturingCache(DynamicCache):
+    """A DynamicCache that also hands every layer's new (B, H, T, D) keys and values to `sink`."""
+
+    def __init__(self, config, sink):
+        super().__init__(config=config)
+        self._sink = sink
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self._sink(layer_idx, key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@torch.no_grad()
+def calibrate(model, input_ids: torch.Tensor, *, seq_len: int = DEFAULT_SEQ_LEN, corpus: str = "custom",
+              progress: bool = True) -> CalibrationArtifact:
+    """Calibrate bases and statistics of K (post- and pre-RoPE) and V on `input_ids`.
+
+    Args:
+        model: a causal LM whose attention calls `cache.update` with (B, H, T, D) states.
+        input_ids: (1, n) token ids; cut into sequences of `seq_len` tokens (the last, shorter
+            one is kept if it has at least 16 tokens), each run from position 0.
+        seq_len: tokens per forward; post-RoPE statistics cover positions 0 .. seq_len - 1.
+        corpus: a description of the text for the metadata.
+    """
+    from . import __version__
+    from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
+    from .models import model_id
+    from .rope import key_space_for
+
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 16:
+        raise ValueError(f"input_ids must have shape (1, n) with n >= 16, got {tuple(input_ids.shape)}")
+    if seq_len < 16:
+        raise ValueError(f"seq_len must be at least 16, got {seq_len}")
+    fields = config_fields(model)
+    layers, heads, dim = fields["num_hidden_layers"], fields["num_key_value_heads"], fields["head_dim"]
+    inverters, pre_rope_reason = key_space_for(model)
+    accumulators = {kind: _MomentAccumulator(layers, heads, dim) for kind in KINDS
+                    if kind != "key_pre" or inverters is not None}
+
+    def sink(layer_idx, keys, values):
+        accumulators["key_post"].add(layer_idx, keys)
+        accumulators["value"].add(layer_idx, values)
+        if inverters is not None:  # positions 0..T-1: every sequence starts a fresh cache
+            accumulators["key_pre"].add(layer_idx, inverters[layer_idx].unrotate(keys.float(), start=0))
+
+    device = next(model.parameters()).device
+    n = input_ids.shape[1]
+    starts = [s for s in range(0, n, seq_len) if min(seq_len, n - s) >= 16]
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    start_time = time.perf_counter()
+    for start in tqdm(starts, desc="calibrate", disable=not progress, leave=False):
+        chunk = input_ids[:, start:start + seq_len].to(device)
+        model(input_ids=chunk, **{CACHE_KWARG: _CapturingCache(model.config, sink)}, use_cache=True, **extra)
+    tokens = sum(min(seq_len, n - s) for s in starts)
+    tensors: dict[str, torch.Tensor] = {}
+    for kind, acc in accumulators.items():
+        tensors.update(acc.finish(kind))
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model_id(model),
+        "fingerprint": config_fingerprint(model),
+        "config": fields,
+        "corpus": corpus,
+        "tokens": tokens,
+        "seq_len": seq_len,
+        "sequences": len(starts),
+        "statistics": "uncentered second moment E[x x^T] per (layer, kv head); basis = eigenvectors by "
+                      "decreasing eigenvalue; spectrum = eigenvalues",
+        "kinds": list(accumulators),
+        "pre_rope_unavailable": pre_rope_reason,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "kvcompress": __version__,
+        "transformers": TRANSFORMERS_VERSION,
+        "torch": torch.__version__.split("+")[0],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.perf_counter() - start_time, 1),
+    }
+    return CalibrationArtifact(tensors, metadata)
+
+
+# --------------------------------------------------------------------------- the embedded model's artifact
+
+
+def is_embedded(model) -> bool:
+    from .models import EMBEDDED_DISPLAY_NAME
+
+    return getattr(model, "kvcompress_name", None) == EMBEDDED_DISPLAY_NAME
+
+
+def embedded_artifact_dir(model) -> Path:
+    """Cache folder of the embedded model's default artifact (keyed by config, corpus and settings)."""
+    from .corpus import corpus_fingerprint
+    from .models import _short_hash, cache_root
+
+    key = json.dumps([config_fingerprint(model), corpus_fingerprint()["sha256"], DEFAULT_TOKENS, DEFAULT_SEQ_LEN,
+                      FORMAT_VERSION])
+    return cache_root() / "artifacts" / f"smollm2-135m-instruct-{_short_hash(key)}"
+
+
+def embedded_artifact(model, progress: bool = False) -> CalibrationArtifact:
+    """The embedded model's artifact: loaded from the cache, or calibrated and cached on first use.
+
+    Calibrates on the first DEFAULT_TOKENS tokens of the embedded corpus's calibration part. A
+    damaged cached copy is removed and rebuilt (with a warning).
+    """
+    from .corpus import corpus_tokens
+    from .models import ModelLoadError, _check_manifest, _write_atomically
+
+    final = embedded_artifact_dir(model)
+    if final.exists():
+        try:
+            _check_manifest(final)
+            return CalibrationArtifact.load(final, model)
+        except (ModelLoadError, ArtifactError) as exc:
+            warnings.warn(f"the cached calibration artifact at {final} is damaged ({exc}); rebuilding it",
+                          stacklevel=2)
+            shutil.rmtree(final, ignore_errors=True)
+
+    def write(tmp: Path) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        # load_model() saved the tokenizer next to the converted weights.
+        tokenizer = AutoTokenizer.from_pretrained(model.kvcompress_load_info["cache_dir"])
+        ids = corpus_tokens(tokenizer, part="calibration", n_tokens=DEFAULT_TOKENS)
+        calibrate(model, ids, seq_len=DEFAULT_SEQ_LEN, corpus="embedded:calibration", progress=progress).save(tmp)
+        return {"name": "calibration artifact of the embedded model"}
+
+    _write_atomically(final, write)
+    return CalibrationArtifact.load(final, model)
+
+
+def resolve_artifact(model, artifact=None) -> CalibrationArtifact:
+    """The artifact to use for `model`: the one given (checked against the model), else the
+    embedded model's cached one; ArtifactError saying how to make one otherwise.
+
+    Args:
+        model: the model (or its config).
+        artifact: a `CalibrationArtifact`, an artifact folder, or None.
+    """
+    if isinstance(artifact, CalibrationArtifact):
+        artifact.check_model(model)
+        return artifact
+    if artifact is not None:
+        return CalibrationArtifact.load(artifact, model)
+    if is_embedded(model):
+        return embedded_artifact(model)
+    raise ArtifactError(
+        "low-rank specs need a calibration artifact for this model: run `kvcompress calibrate --model M "
+        "--out DIR` and pass artifact=DIR (Python) or --artifact DIR (command line)")

@@ -1,0 +1,90 @@
+"""The runtime quality monitor: measures what the cache compresses, warns once, costs nothing when off."""
+
+import warnings
+
+import pytest
+import torch
+
+from kvcompress import CompressedCache
+from kvcompress.monitor import QualityMonitor, block_quality
+
+SPEC = {"window": 16, "sinks": 4, "block_size": 32}
+
+
+def tokens(n, seed=0):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def quant(bits):
+    return {**SPEC, "key": {"bits": bits, "axis": "channel"}, "value": {"bits": bits, "axis": "token"}}
+
+
+@torch.no_grad()
+def test_monitor_statistics_match_a_direct_measurement(tiny_llama):
+    captured = {}
+    monitor = QualityMonitor()
+    original = monitor.observe
+
+    def spy(layer_idx, tensor, states, stored, codec, block_size):
+        decoded = codec.decode(stored, torch.float32)
+        for start in range(0, states.shape[2], block_size):
+            rows = slice(start, start + block_size)
+            captured.setdefault((layer_idx, tensor), []).append(block_quality(states[:, :, rows], decoded[:, :, rows]))
+        original(layer_idx, tensor, states, stored, codec, block_size)
+
+    monitor.observe = spy
+    cache = CompressedCache(tiny_llama, quant(4), monitor=monitor)
+    tiny_llama(tokens(150), cache=cache)
+    summary = cache.monitor.summary()
+    assert set(summary["layers"]) == {0, 1}
+    for (layer, tensor), values in captured.items():
+        stats = summary["layers"][layer][tensor]
+        assert stats["blocks"] == len(values) == 4 and stats["tokens"] == 128
+        assert stats["cosine_mean"] == pytest.approx(sum(c for _, c in values) / len(values))
+        assert stats["rel_error_max"] == pytest.approx(max(e for e, _ in values))
+    # 4-bit codes reconstruct well; the values are plausible, not placeholders
+    assert 0.9 < summary["layers"][0]["value"]["cosine_mean"] < 1.0
+
+
+@torch.no_grad()
+def test_lower_bits_measure_worse_and_warn_once_per_layer(tiny_llama):
+    results = {}
+    for bits in (8, 2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cache = CompressedCache(tiny_llama, quant(bits), monitor=QualityMonitor(min_cosine=0.99))
+            tiny_llama(tokens(150), cache=cache)
+            for step in range(40):
+                tiny_llama(tokens(1, seed=step), cache=cache)
+        results[bits] = (cache.monitor.summary(), [w for w in caught if "kvcompress monitor" in str(w.message)])
+    summary8, warned8 = results[8]
+    summary2, warned2 = results[2]
+    assert summary2["layers"][0]["key"]["cosine_mean"] < summary8["layers"][0]["key"]["cosine_mean"]
+    assert not warned8
+    # at 2 bits both layers fall below cosine 0.99: exactly one warning per (layer, tensor) that did
+    assert len(warned2) == len(summary2["warned"]) >= 2
+    assert len({str(w.message) for w in warned2}) == len(warned2)
+
+
+@torch.no_grad()
+def test_sampling_checks_a_subset_of_blocks(tiny_llama):
+    cache = CompressedCache(tiny_llama, quant(4), monitor=QualityMonitor(sample_every=2))
+    tiny_llama(tokens(150), cache=cache)
+    assert cache.monitor.summary()["layers"][0]["key"]["blocks"] == 2  # blocks 1 and 3 of 4
+
+
+@torch.no_grad()
+def test_monitor_off_is_never_called_and_changes_nothing(tiny_llama):
+    plain = CompressedCache(tiny_llama, quant(4))
+    assert plain.monitor is None and all(layer.monitor is None for layer in plain.layers)
+    monitored = CompressedCache(tiny_llama, quant(4), monitor=True)
+    a = tiny_llama(tokens(150), cache=plain).logits
+    b = tiny_llama(tokens(150), cache=monitored).logits
+    assert torch.equal(a, b)
+
+
+def test_invalid_monitor_settings():
+    with pytest.raises(ValueError, match="sample_every"):
+        QualityMonitor(sample_every=0)
+    with pytest.raises(ValueError, match="min_cosine"):
+        QualityMonitor(min_cosine=2)

@@ -1,0 +1,131 @@
+"""Report: valid PNG plots, tables that match the JSON records, boundaries and frontier derived by code."""
+
+import json
+
+import pytest
+
+from kvcompress.report import (ZONES, curves, failure_boundary, pareto_front, parse_markdown_table, write_report,
+                               zone_of)
+from kvcompress.sweep import SweepSettings, load_grid, load_records, run_sweep, write_json_atomic
+from tiny_text import CharTokenizer
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def quant(bits_k: int, bits_v: int, name: str) -> dict:
+    return {"name": name, "key": {"bits": bits_k, "axis": "channel", "group_size": 32},
+            "value": {"bits": bits_v, "axis": "token", "group_size": 32}, "window": 16, "sinks": 4, "block_size": 32}
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, tiny_llama):
+    out = tmp_path_factory.mktemp("sweep")
+    bad = quant(4, 4, "broken")
+    bad["value"]["group_size"] = 24  # does not divide the tiny model's head_dim 32: fails when measured
+    grid = {"specs": [quant(8, 8, "int8"), quant(4, 4, "int4"), bad, quant(4, 2, "k4v2"),
+                      {"spec": quant(3, 3, "int3"), "eval": False}],
+            "grids": [{"name": "v{value.bits}", "base": {**quant(8, 8, "x"), "key": {"method": "none"}},
+                       "vary": {"value.bits": [2]}}]}
+    entries = load_grid(grid)
+    run_sweep(entries, out, SweepSettings(eval_tokens=80, recon_tokens=72), model=tiny_llama,
+              tokenizer=CharTokenizer(), log=lambda _: None)
+    write_report(out)
+    return out
+
+
+def test_plots_are_valid_png_files(sweep_dir):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    for name in ("failure_curves.png", "quality_vs_ratio.png", "layer_sensitivity.png"):
+        path = sweep_dir / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+        image = plt.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image.std() > 0.01, f"{name} is blank"
+        assert f"({name})" in (sweep_dir / "report.md").read_text()
+
+
+def test_summary_table_matches_the_records(sweep_dir):
+    markdown = (sweep_dir / "report.md").read_text()
+    rows = {row["spec"]: row for row in parse_markdown_table(markdown, "spec")}
+    records = {r["label"]: r for r in load_records(sweep_dir) if r["status"] == "ok"}
+    assert set(rows) == set(records) == {"int8", "int4", "k4v2", "int3", "v2"}
+    for label, record in records.items():
+        row, mean = rows[label], record["reconstruction"]["mean"]
+        assert float(row["K cos"]) == pytest.approx(mean["key"]["cosine"], abs=5e-5)
+        assert float(row["V cos"]) == pytest.approx(mean["value"]["cosine"], abs=5e-5)
+        assert float(row["attn err"]) == pytest.approx(mean["attention"]["both"]["rel_error"], abs=5e-5)
+        assert float(row["codec ratio"]) == pytest.approx(record["reconstruction"]["codec_ratio"], abs=5e-3)
+        ev = record.get("eval")
+        if ev is None:
+            assert row["PPL change"] == "n/a" and label == "int3"
+            continue
+        assert float(row["PPL change"].rstrip("%")) == pytest.approx(100 * ev["ppl_change"], abs=5e-3)
+        assert float(row["KL"]) == pytest.approx(ev["kl"], abs=5e-5)
+        assert float(row["top-1"]) == pytest.approx(ev["top1"], abs=5e-4)
+        assert float(row["eval ratio"]) == pytest.approx(ev["compression_ratio"], abs=5e-3)
+        assert row["zone"] == zone_of(ev["ppl_change"])
+    assert "**broken**: ValueError:" in markdown and "does not divide head_dim 32" in markdown
+
+
+def test_failure_boundary_table_matches_the_records(sweep_dir):
+    markdown = (sweep_dir / "report.md").read_text()
+    rows = parse_markdown_table(markdown, "cosine below")
+    records = [r for r in load_records(sweep_dir) if r["status"] == "ok"]
+    # V at 2 bits per token: int8/int4/int3 records give 8/4/3, k4v2 and v2 give 2.
+    v_cos = {}
+    for r in records:
+        v_cos.setdefault(r["spec"]["value"]["bits"], r["reconstruction"]["mean"]["value"]["cosine"])
+    column = "V int/token32 (bits)"
+    for row in rows:
+        threshold = float(row["cosine below"])
+        below = [b for b in sorted(v_cos, reverse=True) if v_cos[b] < threshold]
+        if below:
+            assert row[column] == f"bits {below[0]} ({v_cos[below[0]]:.3f})"
+        else:
+            assert row[column].startswith("none")
+    for curve in curves(records):
+        hit = failure_boundary(curve, 0.999999)
+        assert hit is None or hit[1] < 0.999999
+
+
+def test_passkey_table_shows_uncompressed_beside_and_says_when_it_fails(tmp_path):
+    base = {"by_length": {"256": 1.0, "1024": 0.5}, "accuracy": 0.75,
+            "cases": [{"length": 1024, "depth": 0.1, "key": "12345", "answer": " a method", "correct": False}]}
+    write_json_atomic(tmp_path / "baseline.json", {"key": "k", "passkey": base})
+    record = {"label": "int2", "status": "ok", "key": "k", "spec": quant(2, 2, "int2"),
+              "reconstruction": {"codec_ratio": 4.0, "layers": [],
+                                 "mean": {"key": {"cosine": 0.98}, "value": {"cosine": 0.92},
+                                          "attention": {"both": {"rel_error": 0.4}, "key_only": {"rel_error": 0.3},
+                                                        "value_only": {"rel_error": 0.3}}}},
+              "tasks": {"passkey": {"by_length": {"256": 0.25, "1024": 0.0}, "accuracy": 0.125,
+                                    "uncompressed": {k: base[k] for k in ("by_length", "accuracy")}}}}
+    write_json_atomic(tmp_path / "records" / "int2.json", record)
+    markdown = write_report(tmp_path).read_text()
+    rows = {r["spec"]: r for r in parse_markdown_table(markdown, "spec", section="Passkey retrieval")}
+    assert rows["uncompressed"]["256 tokens"] == "1.00" and rows["uncompressed"]["1024 tokens"] == "0.50"
+    assert rows["int2"]["256 tokens"] == "0.25 (1.00)" and rows["int2"]["1024 tokens"] == "0.00 (0.50)"
+    assert "The uncompressed model itself fails the passkey task at 1024 tokens" in markdown
+    assert "at 256 tokens" not in markdown.split("## Passkey retrieval")[1].split("fails the passkey task")[1][:20]
+
+
+def test_pareto_front_and_zones():
+    points = [(1.0, 0.0, "none"), (2.0, 0.01, "a"), (2.0, 0.02, "b"), (3.0, 0.005, "c"), (4.0, 0.5, "d")]
+    assert [p[2] for p in pareto_front(points)] == ["none", "c", "d"]
+    assert [zone_of(x) for x in (0.0, 0.02, 0.1, 0.5)] == [z for z, _ in ZONES]
+
+
+def test_report_of_an_empty_folder_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="kvcompress sweep"):
+        write_report(tmp_path)
+
+
+def test_report_cli(sweep_dir, capsys):
+    from kvcompress.cli import main
+
+    assert main(["report", str(sweep_dir)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    assert json.loads((sweep_dir / "config.json").read_text())["specs"][0]["label"] == "int8"

@@ -1,0 +1,193 @@
+"""Tuning: Lagrangian allocation, spec building, search with retries, and resuming from saved measurements."""
+
+import json
+
+import pytest
+import torch
+
+from kvcompress.spec import CacheSpec, TensorSpec
+from kvcompress.tune import (Sensitivity, TuneError, TuneState, allocate, candidate_settings, lagrangian_path,
+                             spec_from_choice, tune, tune_allocation)
+
+BASE = CacheSpec(window=16, sinks=2, block_size=32)
+
+
+def synthetic_sensitivity(layer_scale):
+    """Quant candidates with bytes of a real layout and costs that grow 4x per bit removed,
+    scaled per layer by `layer_scale` (a sensitive layer has a large scale)."""
+    settings = candidate_settings(("quant",))
+    # none, int8, int4, int3, int2 (bytes per token, fp32 "none" is the largest)
+    sizes = torch.tensor([256.0, 72.0, 40.0, 32.0, 24.0], dtype=torch.float64)
+    base_cost = torch.tensor([0.0, 1e-6, 4e-3, 1.6e-2, 6.4e-2], dtype=torch.float64)
+    scale = torch.tensor(layer_scale, dtype=torch.float64)[:, None]
+    cost = {"key": scale * base_cost, "value": scale * base_cost * 0.5}
+    nbytes = {"key": sizes.expand(len(layer_scale), -1).clone(), "value": sizes.expand(len(layer_scale), -1).clone()}
+    return Sensitivity(settings, cost, nbytes)
+
+
+def fake_quality(sens):
+    """A stand-in for decode-faithful evaluation: KL = total proxy cost, ratio from the bytes."""
+    def measure(spec):
+        kl, stored = 0.0, 0.0
+        for layer in range(sens.num_layers):
+            for tensor, tensor_spec in zip(("key", "value"), spec.for_layer(layer)):
+                s = sens.settings[tensor].index(tensor_spec)
+                kl += sens.cost[tensor][layer, s].item()
+                stored += sens.nbytes[tensor][layer, s].item()
+        fp16 = 2 * 128 * sens.num_layers
+        return {"kl": kl, "ppl_change": kl, "ratio": fp16 / stored}
+    return measure
+
+
+def test_allocate_gives_cheaper_settings_to_less_sensitive_layers():
+    sens = synthetic_sensitivity([100.0, 1.0, 0.01])
+    choice = allocate(sens.cost["key"], sens.nbytes["key"], lam=1000.0)
+    bits = [sens.settings["key"][s].bits for s in choice]
+    assert bits[0] > bits[1] > bits[2], bits  # the most sensitive layer keeps the most bits
+    # lam 0: everything as cheap as possible; huge lam: everything as faithful as possible
+    assert allocate(sens.cost["key"], sens.nbytes["key"], 0.0) == [4, 4, 4]
+    assert allocate(sens.cost["key"], sens.nbytes["key"], 1e15) == [0, 0, 0]
+
+
+def test_lagrangian_path_runs_from_cheapest_to_most_faithful():
+    sens = synthetic_sensitivity([10.0, 1.0, 0.1, 3.0])
+    path = lagrangian_path(sens)
+    assert len(path) > 2
+    assert [p.nbytes for p in path] == sorted(p.nbytes for p in path)
+    assert path[0].key == (4, 4, 4, 4) and path[-1].key == (0, 0, 0, 0)
+    # along the Lagrangian path, more bytes never buys more proxy cost
+    proxies = [p.proxy for p in path]
+    assert all(a >= b - 1e-15 for a, b in zip(proxies, proxies[1:])), proxies
+
+
+def test_spec_from_choice_groups_layers_and_round_trips(tmp_path):
+    settings = candidate_settings(("quant",))
+    key = [1, 2, 2, 2, 4, 4]
+    value = [2, 2, 2, 3, 3, 0]
+    spec = spec_from_choice(key, value, settings, BASE)
+    assert spec.key == settings["key"][2] and spec.value == settings["value"][2]  # the most common settings
+    assert set(spec.layers) == {"0", "3", "4", "5"}
+    path = tmp_path / "spec.json"
+    spec.save(path)
+    loaded = CacheSpec.from_dict(json.loads(path.read_text()))
+    assert loaded == spec
+    for layer in range(6):
+        assert loaded.for_layer(layer) == (settings["key"][key[layer]], settings["value"][value[layer]])
+    loaded.validate_for(num_layers=6, head_dim=64)
+    # consecutive equal layers are one range
+    spec = spec_from_choice([2, 2, 3, 3, 3], [2, 2, 2, 2, 2], settings, BASE)
+    assert spec.key == settings["key"][3]
+    assert spec.layers == {"0-1": {"key": settings["key"][2].to_dict() | {"key_space": "post_rope"}}}
+
+
+def test_override_of_a_pre_rope_default_keeps_its_own_key_space():
+    settings = {"key": [TensorSpec(method="lowrank+quant", rank=32, bits=4, axis="token", group_size=16,
+                                   key_space="pre_rope"),
+                        TensorSpec(method="quant", bits=4, axis="channel", group_size=32)],
+                "value": [TensorSpec(method="quant", bits=4, axis="token", group_size=32)]}
+    spec = spec_from_choice([0, 0, 1], [0, 0, 0], settings, BASE)
+    assert spec.for_layer(2)[0].key_space == "post_rope"
+    assert CacheSpec.from_dict(spec.to_dict()).for_layer(2)[0] == settings["key"][1]
+
+
+def test_search_returns_the_most_compressed_point_that_meets_the_target():
+    sens = synthetic_sensitivity([10.0, 1.0, 0.1, 3.0])
+    measure = fake_quality(sens)
+    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=measure, log=lambda _: None)
+    assert result.verified["kl"] <= 0.02
+    path = lagrangian_path(sens)
+    index = result.attempts[-1]["index"]
+    assert index == 0 or measure(spec_from_choice(path[index - 1].key, path[index - 1].value, sens.settings,
+                                                  BASE))["kl"] > 0.02
+    assert len(result.searched) <= 2 + len(path).bit_length()  # bisection, not a scan
+
+
+def test_a_missed_verification_tightens_and_retries():
+    sens = synthetic_sensitivity([10.0, 1.0, 0.1, 3.0])
+    measure = fake_quality(sens)
+    calls = []
+
+    def verify(spec):  # held-out text is 3x harder than the tuning text
+        figures = dict(measure(spec))
+        figures["kl"] *= 3.0
+        calls.append(figures["kl"])
+        return figures
+
+    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=5, log=lambda _: None)
+    assert calls[0] > 0.02  # the first choice missed on held-out text ...
+    assert not result.attempts[0]["met"] and result.attempts[-1]["met"]
+    assert result.attempts[1]["internal_target"] < result.attempts[0]["internal_target"]  # ... so it tightened
+    assert result.verified["kl"] <= 0.02  # and the spec returned meets the target
+    assert result.attempts[-1]["index"] > result.attempts[0]["index"]
+
+
+def test_gives_up_instead_of_returning_a_failing_spec():
+    sens = synthetic_sensitivity([10.0, 1.0])
+    measure = fake_quality(sens)
+
+    def verify(spec):
+        return {**measure(spec), "kl": 1.0}
+
+    with pytest.raises(TuneError, match="after 2 tries"):
+        tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=2, log=lambda _: None)
+    with pytest.raises(TuneError, match="cannot be met"):
+        tune_allocation(sens, BASE, 1e-30, evaluate=lambda s: {**measure(s), "kl": 1.0}, verify=verify,
+                        log=lambda _: None)
+
+
+def test_tune_resumes_from_saved_measurements(tiny_llama, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tune_ids = torch.randint(3, 128, (1, 96), generator=gen)
+    verify_ids = torch.randint(3, 128, (1, 96), generator=gen)
+    calls = []
+    handle = tiny_llama.register_forward_pre_hook(lambda *_: calls.append(1))
+    state = tmp_path / "spec.json.tune-state.json"
+    try:
+        first = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state, log=lambda _: None)
+        n_first = len(calls)
+        saved = json.loads(state.read_text())["entries"]
+        assert {e["kind"] for e in saved.values()} == {"probe", "tune-eval", "verify-eval"}
+        again = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state, log=lambda _: None)
+        assert len(calls) == n_first  # nothing measured again
+        assert again.spec == first.spec and again.verified == first.verified
+        # other text: the saved measurements do not apply
+        tune(tiny_llama, tune_ids[:, :80], verify_ids, 0.01, base=BASE, state=state, log=lambda _: None)
+        assert len(calls) > n_first
+    finally:
+        handle.remove()
+    assert n_first > 0
+
+
+def test_tune_cli_is_registered():
+    from kvcompress.cli import build_parser
+
+    args = build_parser().parse_args(["tune", "--max-kl", "0.01", "--out", "x.json"])
+    assert args.max_kl == 0.01 and args.max_ppl_change is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tune", "--max-kl", "0.01", "--max-ppl-change", "0.01", "--out", "x.json"])
+
+
+def test_state_file_that_is_not_json_is_an_error(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="delete it"):
+        TuneState(path)
+
+
+def test_tensor_weights_rescale_k_and_v_to_the_measured_kl():
+    from kvcompress.tune import calibrate_tensor_weights
+
+    sens = synthetic_sensitivity([1.0, 2.0])
+    measure = fake_quality(sens)
+
+    def evaluate(spec):  # downstream, K errors cost 5x what the proxy says, V errors 0.5x
+        figures = dict(measure(spec))
+        key_only = spec.value.method == "none"
+        figures["kl"] *= 5.0 if key_only else 0.5
+        return figures
+
+    weighted, info = calibrate_tensor_weights(sens, BASE, evaluate, log=lambda _: None)
+    assert info["key"]["setting"]["bits"] == 3 and info["value"]["setting"]["bits"] == 3  # second cheapest
+    assert info["key"]["weight"] == pytest.approx(5.0) and info["value"]["weight"] == pytest.approx(0.5)
+    assert torch.allclose(weighted.cost["key"], 5.0 * sens.cost["key"])
+    assert torch.allclose(weighted.cost["value"], 0.5 * sens.cost["value"])
