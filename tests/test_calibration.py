@@ -85,14 +85,14 @@ def test_lowrank_without_artifact_says_how_to_make_one(tiny_llama):
 @pytest.mark.real_model
 def test_calibrate_and_eval_commands_on_the_embedded_model(real_model, tmp_path, capsys):
     out = tmp_path / "artifact"
-    assert main(["calibrate", "--out", str(out), "--tokens", "256", "--seq-len", "128", "--no-progress"]) == 0
+    assert main(["calibrate", "--out", str(out), "--tokens", "128", "--seq-len", "64", "--no-progress"]) == 0
     assert "key_pre" in capsys.readouterr().out
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"key": {"method": "lowrank", "rank": 32, "key_space": "pre_rope"},
                                 "value": {"method": "none"}, "window": 32, "sinks": 4, "block_size": 32}))
     result = tmp_path / "result.json"
-    assert main(["eval", "--spec", str(spec), "--artifact", str(out), "--tokens", "100", "--no-progress",
+    assert main(["eval", "--spec", str(spec), "--artifact", str(out), "--tokens", "80", "--no-progress",
                  "--json", str(result)]) == 0
     record = json.loads(result.read_text())
-    assert record["artifact"]["path"] == str(out) and record["artifact"]["tokens"] == 256
-    assert record["compressed_tokens"] == 64 and record["kl"] > 0
+    assert record["artifact"]["path"] == str(out) and record["artifact"]["tokens"] == 128
+    assert record["compressed_tokens"] == 32 and record["kl"] > 0
