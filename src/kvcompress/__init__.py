@@ -8,6 +8,7 @@
 """
 
 from .cache import CompressedCache, CompressedLayer, MemoryReport
+from .monitor import QualityMonitor
 from .presets import PRESETS
 from .spec import CacheSpec, TensorSpec, load_spec
 
@@ -21,5 +22,5 @@ def load_model(name=None, **kwargs):
     return _load_model(name, **kwargs)
 
 
-__all__ = ["CompressedCache", "CompressedLayer", "MemoryReport", "CacheSpec", "TensorSpec", "load_spec",
-           "PRESETS", "load_model", "__version__"]
+__all__ = ["CompressedCache", "CompressedLayer", "MemoryReport", "QualityMonitor", "CacheSpec", "TensorSpec",
+           "load_spec", "PRESETS", "load_model", "__version__"]
