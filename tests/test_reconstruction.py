@@ -122,3 +122,12 @@ def test_capture_on_other_architectures(arch):
             direct_reconstruction(model, spec, capture)
     else:
         assert 0.99 < direct_reconstruction(model, spec, capture)["mean"]["key"]["cosine"] < 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_capture_works_for_half_precision_models(dtype):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(dtype=dtype)
+    capture = capture_states(model, torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(0)))
+    assert max(capture.check_errors) < 3e-2  # rounding of the model's own half-precision attention, nothing more
