@@ -200,3 +200,15 @@ def test_cache_reconstruction_is_sinks_blocks_window_in_order(tiny_llama):
                             layer.window_values], 2)
     assert n_sinks == 4 and layer.n_compressed > 0
     assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+
+
+@torch.no_grad()
+def test_monitor_suffix_benchmarks_the_same_cache_with_its_monitor_on(tiny_llama):
+    kind = parse_cache_name("int4+monitor")
+    assert kind.family == "kvcompress" and kind.monitor
+    cache = make_cache(kind, tiny_llama)
+    plain = make_cache(parse_cache_name("int4"), tiny_llama)
+    assert cache.monitor is not None and plain.monitor is None
+    assert cache.spec == plain.spec
+    with pytest.raises(ValueError, match="unknown preset"):
+        parse_cache_name("int5+monitor")

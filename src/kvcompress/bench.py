@@ -73,13 +73,15 @@ class CacheKind:
 
     Names: "dynamic" (transformers' `DynamicCache`), "quanto-<bits>" / "hqq-<bits>"
     (transformers' `QuantizedCache` with that backend), anything else a kvcompress preset
-    name or spec file.
+    name or spec file; a "+monitor" suffix ("int4+monitor") runs that kvcompress cache with
+    its runtime quality monitor on, to show the monitor's overhead.
     """
 
     name: str
     family: str  # "dynamic" | "quantized" | "kvcompress"
     backend: str | None = None
     nbits: int | None = None
+    monitor: bool = False
 
     def describe(self) -> str:
         if self.family == "dynamic":
@@ -90,7 +92,13 @@ class CacheKind:
                     f"{s['q_group_size']}, {s['residual_length']}-token residual")
         from .spec import load_spec
 
-        return f"kvcompress {load_spec(self.name).describe()}"
+        monitor = " + runtime quality monitor" if self.monitor else ""
+        return f"kvcompress {load_spec(self.spec_name).describe()}{monitor}"
+
+    @property
+    def spec_name(self) -> str:
+        """The preset or spec file of a kvcompress cache (the name without "+monitor")."""
+        return self.name.removesuffix("+monitor")
 
 
 def parse_cache_name(name: str) -> CacheKind:
@@ -108,8 +116,9 @@ def parse_cache_name(name: str) -> CacheKind:
                          "e.g. quanto-4")
     from .spec import load_spec
 
-    load_spec(name)  # raises ValueError listing the presets
-    return CacheKind(name, "kvcompress")
+    spec_name = name.removesuffix("+monitor")
+    load_spec(spec_name)  # raises ValueError listing the presets
+    return CacheKind(name, "kvcompress", monitor=spec_name != name)
 
 
 def baseline_unavailable(backend: str) -> str | None:
@@ -138,7 +147,7 @@ def make_cache(kind: CacheKind, model):
         return QuantizedCache(backend=kind.backend, config=config, nbits=kind.nbits, **QUANTIZED_CACHE_SETTINGS)
     from .cache import CompressedCache
 
-    return CompressedCache(model, kind.name)
+    return CompressedCache(model, kind.spec_name, monitor=kind.monitor)
 
 
 # --------------------------------------------------------------------------- stored bytes
@@ -504,7 +513,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 "prefill_vs_dynamic": prefills[("dynamic", context)] / prefills[(kind.name, context)],
                 "stored_bytes": mine[-1].stored_bytes,
                 "fp16_bytes": fp16_cache_bytes(config, context),
-                "predicted_bytes": (predicted_stored_bytes(kind.name, config, context, model.dtype)
+                "predicted_bytes": (predicted_stored_bytes(kind.spec_name, config, context, model.dtype)
                                     if kind.family == "kvcompress" else None),
                 "peak_bytes": peaks.get((kind.name, context), {}).get("peak_bytes"),
             }
