@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from kvcompress import CacheSpec, CompressedCache, load_spec
 from kvcompress.calibration import calibrate
-from kvcompress.codecs import ComposedCodec, Fp16Codec, HadamardRotation, LowRankProjection, QuantCodec
+from kvcompress.codecs import ComposedCodec, HadamardRotation, LowRankProjection, QuantCodec
 from kvcompress.codecs.hadamard import hadamard_matrix
 from kvcompress.rope import key_space_for
 
