@@ -27,10 +27,14 @@ def ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
 
 def manual_dequantize(stored: dict, bits: int, axis: str, group: int) -> torch.Tensor:
     """Independent reconstruction of (B, H, T, D) from stored codes: code * scale + zero, loop by group."""
-    codes = unpack(stored["codes"], bits).float()  # (B, H, T, D)
     scale, zero = stored["scale"].float(), stored["zero"].float()
+    codes = unpack(stored["codes"], bits).float()  # (B, H, rows, tokens per row * D): tokens in order
+    B, H = codes.shape[:2]
+    n_codes = codes[0, 0].numel()
+    T = scale.shape[2] if axis == "token" else n_codes // scale.shape[3]
+    D = n_codes // T
+    codes = codes.reshape(B, H, T, D)
     out = torch.empty_like(codes)
-    T, D = codes.shape[2], codes.shape[3]
     if axis == "token":
         for g in range(D // group):
             cols = slice(g * group, (g + 1) * group)

@@ -81,7 +81,8 @@ def test_lowrank_quant_stores_packed_coefficients(tiny_llama, tiny_artifact):
     spec = lowrank_spec(16, quant={"bits": 4, "axis": "channel", "group_size": 32})
     _, cache = logits_vs_baseline(tiny_llama, spec, tiny_artifact, ids(120))
     layer = cache.layers[0]
-    assert layer.stored_keys["codes"].shape == (1, 2, 96, 8)  # 16 coefficients x 4 bits = 8 bytes
+    # 96 tokens, packed 32 per row (the per-channel group): 32 x 16 coefficients x 4 bits = 256 bytes
+    assert layer.stored_keys["codes"].shape == (1, 2, 3, 256)
     assert layer.stored_keys["codes"].dtype == torch.uint8
     assert layer.stored_keys["scale"].shape == (1, 2, 3, 16)  # per coefficient, per 32 tokens
     parts = layer.memory().parts

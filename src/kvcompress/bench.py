@@ -73,8 +73,10 @@ class CacheKind:
 
     Names: "dynamic" (transformers' `DynamicCache`), "quanto-<bits>" / "hqq-<bits>"
     (transformers' `QuantizedCache` with that backend), anything else a kvcompress preset
-    name or spec file; a "+monitor" suffix ("int4+monitor") runs that kvcompress cache with
-    its runtime quality monitor on, to show the monitor's overhead.
+    name or spec file. Suffixes on a kvcompress name: "+monitor" ("int4+monitor") runs it with
+    its runtime quality monitor on, to show the monitor's overhead; "+reconstruct" runs it with
+    `fast_attention=False` (attention reads the full reconstruction every step), to show what
+    attention over the codes saves.
     """
 
     name: str
@@ -82,6 +84,7 @@ class CacheKind:
     backend: str | None = None
     nbits: int | None = None
     monitor: bool = False
+    reconstruct: bool = False
 
     def describe(self) -> str:
         if self.family == "dynamic":
@@ -93,12 +96,29 @@ class CacheKind:
         from .spec import load_spec
 
         monitor = " + runtime quality monitor" if self.monitor else ""
-        return f"kvcompress {load_spec(self.spec_name).describe()}{monitor}"
+        reconstruct = "; attention reads the full reconstruction (fast_attention=False)" if self.reconstruct else ""
+        return f"kvcompress {load_spec(self.spec_name).describe()}{monitor}{reconstruct}"
 
     @property
     def spec_name(self) -> str:
-        """The preset or spec file of a kvcompress cache (the name without "+monitor")."""
-        return self.name.removesuffix("+monitor")
+        """The preset or spec file of a kvcompress cache (the name without its suffixes)."""
+        return _split_suffixes(self.name)[0]
+
+
+_SUFFIXES = ("+monitor", "+reconstruct")
+
+
+def _split_suffixes(name: str) -> tuple[str, set[str]]:
+    """"int4+monitor+reconstruct" -> ("int4", {"+monitor", "+reconstruct"})."""
+    found = set()
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in _SUFFIXES:
+            if name.endswith(suffix):
+                name, stripped = name.removesuffix(suffix), True
+                found.add(suffix)
+    return name, found
 
 
 def parse_cache_name(name: str) -> CacheKind:
@@ -116,9 +136,9 @@ def parse_cache_name(name: str) -> CacheKind:
                          "e.g. quanto-4")
     from .spec import load_spec
 
-    spec_name = name.removesuffix("+monitor")
+    spec_name, suffixes = _split_suffixes(name)
     load_spec(spec_name)  # raises ValueError listing the presets
-    return CacheKind(name, "kvcompress", monitor=spec_name != name)
+    return CacheKind(name, "kvcompress", monitor="+monitor" in suffixes, reconstruct="+reconstruct" in suffixes)
 
 
 def baseline_unavailable(backend: str) -> str | None:
@@ -147,7 +167,7 @@ def make_cache(kind: CacheKind, model):
         return QuantizedCache(backend=kind.backend, config=config, nbits=kind.nbits, **QUANTIZED_CACHE_SETTINGS)
     from .cache import CompressedCache
 
-    return CompressedCache(model, kind.spec_name, monitor=kind.monitor)
+    return CompressedCache(model, kind.spec_name, monitor=kind.monitor, fast_attention=not kind.reconstruct)
 
 
 # --------------------------------------------------------------------------- stored bytes

@@ -27,6 +27,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.configuration_utils import PretrainedConfig
 
+from .attention import ATTENTION_NAME, FAST_ATTENTION_MODEL_TYPES, LAYER_ATTRIBUTE
+from .attention import register as register_attention
 from .codecs import Codec, Stored, stored_nbytes
 from .codecs.factory import build_codec
 from .compat import cache_layer_types
@@ -133,6 +135,9 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.key_space = key_space
         self.monitor = None  # a kvcompress.monitor.QualityMonitor when the cache is monitored
+        # The model config whose attention implementation says whether decode steps may hand
+        # attention the codes (kvcompress.attention) instead of a full reconstruction; or None.
+        self.attention_config = None
         self._clear()
 
     def _clear(self) -> None:
@@ -155,7 +160,14 @@ class CompressedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new (B, H, T, D) states and return the (B, H, seq, D) keys and values attention reads."""
+        """Store new (B, H, T, D) states and return the (B, H, seq, D) keys and values attention reads.
+
+        At a decode step (T == 1) of a model running kvcompress's attention function, the
+        return value is instead the (B, H, n_window, D) window, tagged with this layer: that
+        attention function reads the sinks, the codes and the window from the layer itself
+        (see `kvcompress.attention`).
+        """
+        decode_step = key_states.shape[2] == 1
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         missing_sinks = self.sinks - self.sink_keys.shape[2]
@@ -167,7 +179,17 @@ class CompressedLayer(CacheLayerMixin):
         self.window_keys = torch.cat([self.window_keys, key_states], dim=2)
         self.window_values = torch.cat([self.window_values, value_states], dim=2)
         self._flush()
+        if decode_step and self._attention_reads_codes():
+            keys, values = self.window_keys.view_as(self.window_keys), self.window_values.view_as(self.window_values)
+            setattr(keys, LAYER_ATTRIBUTE, self)
+            return keys, values
         return self.reconstruct()
+
+    def _attention_reads_codes(self) -> bool:
+        """Whether this step's attention is kvcompress's, which reads the codes (no autograd through it)."""
+        return (self.attention_config is not None and self.n_compressed > 0
+                and getattr(self.attention_config, "_attn_implementation", None) == ATTENTION_NAME
+                and not torch.is_grad_enabled())
 
     def _flush(self) -> None:
         """Compress every whole block that lies before the last `window` tokens."""
@@ -396,6 +418,20 @@ def _make_monitor(monitor):
     raise ValueError(f"monitor must be True, False or a QualityMonitor, got {monitor!r}")
 
 
+def _use_fast_attention(model) -> bool:
+    """Switch a supported model from "sdpa" to kvcompress's attention; True if it now uses it."""
+    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAST_ATTENTION_MODEL_TYPES:
+        return False
+    current = model.config._attn_implementation
+    if current == ATTENTION_NAME:
+        return True
+    if current != "sdpa":
+        return False
+    register_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model.config._attn_implementation == ATTENTION_NAME
+
+
 class CompressedCache(Cache):
     """A transformers `Cache` that stores compressed K/V and serves their reconstruction.
 
@@ -413,6 +449,13 @@ class CompressedCache(Cache):
         monitor: False (default, costs nothing), True, or a `kvcompress.monitor.QualityMonitor`
             with your own thresholds: samples compressed blocks and tracks their reconstruction
             quality per layer (`cache.monitor.summary()`), warning once per layer when it drops.
+        fast_attention: True (default): if `model` is a Llama, Mistral, Qwen2, Qwen3 or Gemma 3
+            (text) model that uses "sdpa" attention, switch it to kvcompress's attention
+            function ("kvcompress", see `kvcompress.attention`), which is transformers' sdpa for
+            every call except a decode step on this cache, where it reads the codes chunk by
+            chunk instead of a full decoded copy (same result, faster). The switch stays on the
+            model; undo it with `model.set_attn_implementation("sdpa")`. False: leave the model
+            alone; attention reads the full reconstruction every step.
 
     Attributes:
         key_space_fallback: why pre-RoPE keys were asked for but keys are compressed post-RoPE
@@ -420,7 +463,7 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, model: PreTrainedModel | PretrainedConfig, spec: str | dict | CacheSpec = "int4",
-                 artifact=None, monitor=False):
+                 artifact=None, monitor=False, fast_attention: bool = True):
         config = _text_config(model)
         sliding_windows = check_supported(config)
         self.spec = load_spec(spec)
@@ -450,6 +493,10 @@ class CompressedCache(Cache):
         self.monitor = _make_monitor(monitor)
         for layer in self.layers:
             layer.monitor = self.monitor
+        if fast_attention and _use_fast_attention(model):
+            for layer in self.layers:
+                if not layer.is_sliding:
+                    layer.attention_config = model.config
 
     def memory_report(self) -> MemoryReport:
         """Stored bytes (codes, scales, zero points, window, sinks) per layer and in total."""
@@ -464,12 +511,13 @@ class CompressedCache(Cache):
                 model.generate(torch.cat([prompt_ids, suffix], 1), cache=cache.copy(), ...)
 
         Continuing from the copy leaves this cache untouched. The immutable parts (codecs, the
-        model's rotary embedding) are shared, not duplicated. `copy.deepcopy` gives the same
+        model's rotary embedding, the model config) are shared, not duplicated. `copy.deepcopy` gives the same
         result but duplicates those too.
         """
         memo: dict[int, object] = {}
         for layer in self.layers:
-            for shared in (layer.key_codec, layer.value_codec, getattr(layer.key_space, "inner", layer.key_space)):
+            for shared in (layer.key_codec, layer.value_codec, getattr(layer.key_space, "inner", layer.key_space),
+                           layer.attention_config):
                 if shared is not None:
                     memo[id(shared)] = shared
         return copy.deepcopy(self, memo)

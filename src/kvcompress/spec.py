@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .codecs.quant import ALLOWED_AXES, ALLOWED_BITS
+from .codecs.quant import ALLOWED_AXES, ALLOWED_BITS, TOKEN_AXIS_ROW_TOKENS
 
 METHODS = ("none", "quant", "lowrank", "lowrank+quant", "hadamard+quant")
 KEY_SPACES = ("post_rope", "pre_rope")
@@ -208,6 +208,11 @@ class CacheSpec:
         if spec.is_quantized and spec.axis == "channel" and self.block_size % spec.group_size:
             raise ValueError(
                 f"{which}: per-channel group_size {spec.group_size} must divide block_size {self.block_size}"
+            )
+        if spec.is_quantized and spec.axis == "token" and self.block_size % TOKEN_AXIS_ROW_TOKENS:
+            raise ValueError(
+                f"{which}: per-token quantization packs {TOKEN_AXIS_ROW_TOKENS} tokens per row, so block_size "
+                f"must be a multiple of {TOKEN_AXIS_ROW_TOKENS}, got {self.block_size}"
             )
 
     def for_layer(self, layer_idx: int) -> tuple[TensorSpec, TensorSpec]:

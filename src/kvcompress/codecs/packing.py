@@ -1,38 +1,40 @@
-"""Bit packing of small unsigned integer codes into uint8 storage.
+"""Bit packing of small unsigned integer codes into uint8 storage ("byte-planar" layout).
 
-Codes of `bits` bits (1..8) are packed eight at a time into `bits` bytes, so the
-stored size is exactly `n * bits / 8` bytes: 3-bit codes take 3 bytes per 8 codes,
-with no padding bits. The packed axis is the last one and its length must be a
-multiple of 8. Within each group of `bits` bytes, code i sits at bits [i*bits, (i+1)*bits)
-of the little-endian integer that those bytes form.
+A row of n codes of `bits` bits (n a multiple of 8) packs into exactly n * bits / 8 bytes,
+with no padding bits. The layout is chosen for the decode hot path (every compressed token
+is unpacked at every decode step) on CPUs, where writing codes into every other byte is
+about 20x slower than writing a contiguous run:
 
-Unpacking is on the decode hot path (every compressed token is unpacked at every decode
-step), so `unpack_codes` takes the shortest route the layout allows: for 1, 2 and 4 bits,
-4 consecutive bytes are exactly one little-endian int32 word holding 32/bits codes, so the
-bytes are reinterpreted as int32 (no copy) and each code is one shift and one mask away.
-Other widths assemble one int32 word per group of `bits` bytes first. `unpack_reference`
-is the plain byte-by-byte inverse of `pack`, kept as the specification the fast path is
-tested against and as the fallback where the fast path does not apply.
+- A code is split into bit fields whose widths are the binary expansion of `bits`, widest
+  first, at increasing bit offsets: 4 = [4], 3 = [2 @ 0, 1 @ 2], 7 = [4 @ 0, 2 @ 4, 1 @ 6],
+  8 = [8]. Field value = (code >> offset) & (2**width - 1).
+- Each field is stored byte-planar: its n values take m = n * width / 8 bytes, and byte j
+  holds values j, j + m, j + 2m, ... (8 / width of them), value j + h*m at bits
+  [h*width, (h+1)*width) of the byte.
+- A packed row is the fields' bytes one after the other, widest field first.
+
+So unpacking a 4-bit row is two operations on contiguous runs (`bytes & 15` gives codes
+0..m-1, `bytes >> 4` gives codes m..2m-1), a 2-bit row four, a 3-bit row six plus one merge.
+`unpack_reference` decodes the same layout one code at a time, straight from the definition
+above; it is the specification that `unpack` is tested against.
 
 This module does not quantize: it only moves integer codes in and out of bytes.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-_SHIFTS_CACHE: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
-_LITTLE_ENDIAN = sys.byteorder == "little"
 
-
-def _arange_shifts(count: int, step: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(count,) tensor [0, step, 2*step, ...] of `dtype` on `device`, cached."""
-    key = (count, step, dtype, device)
-    if key not in _SHIFTS_CACHE:
-        _SHIFTS_CACHE[key] = torch.arange(count, device=device, dtype=dtype) * step
-    return _SHIFTS_CACHE[key]
+def fields(bits: int) -> list[tuple[int, int]]:
+    """(width, bit offset) of each field of a `bits`-bit code, widest first: 3 -> [(2, 0), (1, 2)]."""
+    _check_bits(bits)
+    out, offset = [], 0
+    for width in (8, 4, 2, 1):
+        if bits - offset >= width:
+            out.append((width, offset))
+            offset += width
+    return out
 
 
 def packed_length(n: int, bits: int) -> int:
@@ -48,7 +50,7 @@ def _check_bits(bits: int) -> None:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes into bytes.
+    """Pack integer codes into bytes (layout in the module docstring).
 
     Args:
         codes: (..., n) integer tensor with values in [0, 2**bits); n % 8 == 0.
@@ -58,22 +60,23 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         (..., n * bits // 8) uint8 tensor.
     """
     _check_bits(bits)
-    if bits == 8:
-        return codes.to(torch.uint8)
     *lead, n = codes.shape
     packed_length(n, bits)
-    # 8 codes of <= 7 bits fit in 56 bits; int32 suffices up to 4 bits, int64 above.
-    word_dtype = torch.int32 if bits <= 4 else torch.int64
-    code_shifts = _arange_shifts(8, bits, word_dtype, codes.device)
-    byte_shifts = _arange_shifts(bits, 8, word_dtype, codes.device)
-    groups = codes.to(word_dtype).reshape(*lead, n // 8, 8)  # (..., n/8, 8)
-    words = (groups << code_shifts).sum(-1, dtype=word_dtype)  # (..., n/8)
-    out = (words.unsqueeze(-1) >> byte_shifts) & 0xFF  # (..., n/8, bits)
-    return out.to(torch.uint8).reshape(*lead, n * bits // 8)
+    codes = codes.to(torch.int32)
+    parts = []
+    for width, offset in fields(bits):
+        values = (codes >> offset) & ((1 << width) - 1)  # (..., n)
+        m = n * width // 8
+        planes = values.reshape(*lead, 8 // width, m)  # value j + h*m at [..., h, j]
+        byte = torch.zeros(*lead, m, dtype=torch.int32, device=codes.device)
+        for h in range(8 // width):
+            byte |= planes[..., h, :] << (h * width)
+        parts.append(byte.to(torch.uint8))
+    return torch.cat(parts, dim=-1)
 
 
 def unpack_reference(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack`, byte by byte (the specification; see `unpack_codes` for the fast path).
+    """Inverse of `pack`, one code at a time, straight from the layout's definition (slow).
 
     Args:
         packed: (..., m) uint8 tensor, m % bits == 0.
@@ -83,66 +86,66 @@ def unpack_reference(packed: torch.Tensor, bits: int) -> torch.Tensor:
         (..., m * 8 // bits) uint8 tensor of codes.
     """
     _check_bits(bits)
-    if bits == 8:
-        return packed
-    *lead, m = packed.shape
-    word_dtype = torch.int32 if bits <= 4 else torch.int64
-    code_shifts = _arange_shifts(8, bits, word_dtype, packed.device)
-    byte_shifts = _arange_shifts(bits, 8, word_dtype, packed.device)
-    byte_groups = packed.to(word_dtype).reshape(*lead, m // bits, bits)  # (..., n/8, bits)
-    words = (byte_groups << byte_shifts).sum(-1, dtype=word_dtype)  # (..., n/8)
-    codes = (words.unsqueeze(-1) >> code_shifts) & ((1 << bits) - 1)  # (..., n/8, 8)
-    return codes.to(torch.uint8).reshape(*lead, m // bits * 8)
+    *lead, total = packed.shape
+    n = total * 8 // bits
+    codes = torch.zeros(*lead, n, dtype=torch.int32, device=packed.device)
+    start = 0
+    for width, offset in fields(bits):
+        m = n * width // 8
+        for index in range(n):
+            h, j = divmod(index, m)
+            value = (packed[..., start + j].to(torch.int32) >> (h * width)) & ((1 << width) - 1)
+            codes[..., index] |= value << offset
+        start += m
+    return codes.to(torch.uint8)
 
 
-def _int32_view(packed: torch.Tensor) -> torch.Tensor | None:
-    """`packed` (..., m) uint8 reinterpreted as (..., m/4) int32 without a copy, or None if it cannot be."""
-    if not (_LITTLE_ENDIAN and packed.shape[-1] % 4 == 0 and packed.is_contiguous()
-            and packed.data_ptr() % 4 == 0):
-        return None
-    return packed.view(torch.int32)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack`, on the decode hot path: codes as int32 (uint8 for 8 bits), ready to scale.
-
-    Args:
-        packed: (..., m) uint8 tensor, m % bits == 0.
-        bits: 1..8.
-
-    Returns:
-        (..., m * 8 // bits) tensor of codes: int32 for bits < 8, the input itself for bits == 8.
-    """
-    _check_bits(bits)
-    if bits == 8:
-        return packed
-    if bits > 4:  # 8 codes span more than 32 bits: no int32 route
-        return unpack_reference(packed, bits)
-    *lead, m = packed.shape
-    n = m // bits * 8
-    mask = (1 << bits) - 1
-    words = _int32_view(packed) if 32 % bits == 0 else None
-    if words is not None:  # 1, 2, 4 bits: each int32 word holds 32/bits codes, in order
-        shifts = _arange_shifts(32 // bits, bits, torch.int32, packed.device)
-    else:  # 3 bits (or an unaligned view): one int32 word per group of `bits` bytes
-        groups = packed.reshape(*lead, m // bits, bits)  # (..., n/8, bits)
-        words = groups[..., 0].to(torch.int32)
-        for i in range(1, bits):
-            words |= groups[..., i].to(torch.int32) << (8 * i)
-        shifts = _arange_shifts(8, bits, torch.int32, packed.device)
-    # Arithmetic right shifts of a negative word bring in ones from the left; the mask drops them.
-    codes = (words.unsqueeze(-1) >> shifts).bitwise_and_(mask)  # (..., words, codes per word)
-    return codes.reshape(*lead, n)
+def _unpack_field(source: torch.Tensor, width: int, out: torch.Tensor) -> None:
+    """Write the (..., m * 8/width) values of one byte-planar field held in `source` (..., m) into `out`."""
+    m = source.shape[-1]
+    count = 8 // width
+    mask = (1 << width) - 1
+    for h in range(count):
+        target = out[..., h * m:(h + 1) * m]
+        if width == 8:
+            target.copy_(source)
+        elif h == 0:
+            torch.bitwise_and(source, mask, out=target)
+        elif h == count - 1:  # the top value of a byte needs no mask
+            torch.bitwise_right_shift(source, h * width, out=target)
+        else:
+            torch.bitwise_right_shift(source, h * width, out=target)
+            target.bitwise_and_(mask)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack`.
+    """Inverse of `pack`, on the decode hot path (a few whole-run operations per field).
 
     Args:
         packed: (..., m) uint8 tensor, m % bits == 0.
         bits: 1..8.
 
     Returns:
-        (..., m * 8 // bits) uint8 tensor of codes.
+        (..., m * 8 // bits) uint8 tensor of codes (for 8 bits, `packed` itself).
     """
-    return unpack_codes(packed, bits).to(torch.uint8)
+    _check_bits(bits)
+    if bits == 8:
+        return packed
+    *lead, total = packed.shape
+    n = total * 8 // bits
+    codes = torch.empty(*lead, n, dtype=torch.uint8, device=packed.device)
+    scratch = None
+    start = 0
+    for index, (width, offset) in enumerate(fields(bits)):
+        m = n * width // 8
+        source = packed[..., start:start + m]
+        start += m
+        if index == 0:  # the widest field, at offset 0, is written straight into the codes
+            _unpack_field(source, width, codes)
+            continue
+        if scratch is None:
+            scratch = torch.empty_like(codes)
+        _unpack_field(source, width, scratch)
+        codes |= scratch.bitwise_left_shift_(offset)
+    return codes
+

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from .base import Codec, Stored, check_finite
-from .packing import pack, unpack_codes
+from .packing import pack, unpack
 
 ALLOWED_BITS = (2, 3, 4, 8)
+# Per-token groups are packed 8 tokens to a row: long contiguous runs for the unpack (see `encode`).
+TOKEN_AXIS_ROW_TOKENS = 8
 ALLOWED_AXES = ("channel", "token")
 _FP16_MAX = 65504.0
 
@@ -58,8 +60,13 @@ class QuantCodec(Codec):
         return (1 << self.bits) - 1
 
     @property
+    def row_tokens(self) -> int:
+        """Tokens whose codes are packed together in one row of `codes` (see `encode`)."""
+        return self.group_size if self.axis == "channel" else TOKEN_AXIS_ROW_TOKENS
+
+    @property
     def token_multiple(self) -> int:
-        return self.group_size if self.axis == "channel" else 1
+        return self.row_tokens
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         """View (B, H, T, D) as groups along the reduction dim -2 of the result."""
@@ -90,9 +97,13 @@ class QuantCodec(Codec):
         # A constant group has scale 0: any positive scale gives code 0 and exact decoding.
         safe_scale = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
         codes = torch.round((groups - zero.float()) / safe_scale).clamp_(0, self.levels).to(torch.uint8)
-        codes = self._ungrouped(codes, x.shape)  # (B, H, T, D)
+        B, H, T, D = x.shape
+        r = self.row_tokens
+        if T % r:
+            raise ValueError(f"{self} packs {r} tokens per row and needs a multiple of {r} tokens, got {T}")
+        codes = self._ungrouped(codes, x.shape).reshape(B, H, T // r, r * D)  # r tokens' codes per row
         return {
-            "codes": pack(codes, self.bits),  # (B, H, T, D*bits/8) uint8
+            "codes": pack(codes, self.bits),  # (B, H, T/r, r*D*bits/8) uint8
             "scale": scale.squeeze(-2),  # token: (B, H, T, D/g); channel: (B, H, T/g, D)
             "zero": zero.squeeze(-2),
         }
@@ -103,24 +114,27 @@ class QuantCodec(Codec):
             return groups.transpose(-1, -2).reshape(B, H, T, D)
         return groups.reshape(B, H, T, D)
 
+    def decoded_shape(self, stored: Stored) -> tuple[int, int, int, int]:
+        """(B, H, T, D) of the states that `stored` encodes."""
+        B, H, rows, m = stored["codes"].shape  # (B, H, T/r, r*D*bits/8)
+        r = self.row_tokens
+        return B, H, rows * r, m * 8 // self.bits // r
+
     def decode(self, stored: Stored, dtype: torch.dtype) -> torch.Tensor:
-        packed = stored["codes"]  # (B, H, T, D*bits/8)
-        B, H, T, m = packed.shape
-        out = torch.empty(B, H, T, m * 8 // self.bits, dtype=dtype, device=packed.device)
+        out = torch.empty(self.decoded_shape(stored), dtype=dtype, device=stored["codes"].device)
         self.decode_into(stored, out)
         return out
 
     def decode_into(self, stored: Stored, out: torch.Tensor) -> None:
-        """x_hat = code * scale + zero, written into `out` (B, H, T, D) in one fused pass.
+        """x_hat = code * scale + zero, written into `out` (B, H, T, D).
 
-        Codes are unpacked to int32 (`unpack_codes`), converted to `out.dtype` and combined
-        with scale and zero point by one `addcmul` that writes straight into `out` (a view
-        into the layer's output is fine), so no decoded copy is made and then copied again.
-        Equals `unpack_reference` followed by `code * scale + zero` up to one rounding (the
-        multiply-add may be fused).
+        Codes are unpacked to uint8 (`packing.unpack`: a few whole-run operations), converted
+        into `out` by one copy, then scaled and shifted in place (`mul_`, `add_`: on CPU these
+        broadcast the per-group scale much faster than one `addcmul`). `out` may be a view into
+        the layer's output; nothing decoded is copied again. Equals `unpack_reference` followed
+        by `code * scale + zero` in `out.dtype` (two roundings in that dtype).
         """
-        codes = unpack_codes(stored["codes"], self.bits)  # (B, H, T, D) int32 (uint8 for 8 bits)
-        B, H, T, D = codes.shape
+        B, H, T, D = self.decoded_shape(stored)
         if tuple(out.shape) != (B, H, T, D):
             raise ValueError(f"decode_into: out has shape {tuple(out.shape)}, the codes decode to {(B, H, T, D)}")
         dtype = out.dtype
@@ -131,10 +145,12 @@ class QuantCodec(Codec):
         else:
             grouped = (B, H, T // g, g, D)  # scale, zero: (B, H, T/g, D) -> (B, H, T/g, 1, D)
             scale, zero = stored["scale"].to(dtype).unsqueeze(-2), stored["zero"].to(dtype).unsqueeze(-2)
-        values = codes.reshape(grouped).to(dtype)
+        codes = unpack(stored["codes"], self.bits).reshape(grouped)  # rows of r tokens are tokens in order
         try:
-            target = out.view(grouped)
+            target, copy_back = out.view(grouped), False
         except RuntimeError:  # a layout that cannot be regrouped without a copy
-            out.copy_(torch.addcmul(zero, values, scale).reshape(B, H, T, D))
-            return
-        torch.addcmul(zero, values, scale, out=target)
+            target, copy_back = torch.empty(grouped, dtype=dtype, device=out.device), True
+        target.copy_(codes)
+        target.mul_(scale).add_(zero)
+        if copy_back:
+            out.copy_(target.reshape(B, H, T, D))
