@@ -231,3 +231,12 @@ def test_monitor_suffix_benchmarks_the_same_cache_with_its_monitor_on(tiny_llama
     assert cache.spec == plain.spec
     with pytest.raises(ValueError, match="unknown preset"):
         parse_cache_name("int5+monitor")
+
+
+def test_reconstruct_suffix_benchmarks_the_same_cache_without_attention_over_codes(tiny_llama):
+    kind = parse_cache_name("int4+monitor+reconstruct")
+    assert kind.spec_name == "int4" and kind.monitor and kind.reconstruct
+    assert "fast_attention=False" in kind.describe()
+    cache = make_cache(kind, tiny_llama)
+    assert all(layer.attention_config is None for layer in cache.layers)
+    assert any(layer.attention_config is not None for layer in make_cache(parse_cache_name("int4"), tiny_llama).layers)

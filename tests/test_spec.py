@@ -26,6 +26,7 @@ def test_int4_preset_is_kivi_style():
     ({"key": {"bits": 5}}, r"bits must be one of \(2, 3, 4, 8\)"),
     ({"value": {"method": "magic"}}, "method must be one of"),
     ({"key": {"axis": "channel", "group_size": 24}}, "must divide block_size"),
+    ({"block_size": 4, "key": {"axis": "channel", "group_size": 4}}, "packs 8 tokens per row"),
     ({"window": -1}, "window must be an integer >= 0"),
     ({"foo": 1}, "unknown field"),
     ({"key": {"bitz": 4}}, "unknown field"),

@@ -191,3 +191,18 @@ def test_tensor_weights_rescale_k_and_v_to_the_measured_kl():
     assert info["key"]["weight"] == pytest.approx(5.0) and info["value"]["weight"] == pytest.approx(0.5)
     assert torch.allclose(weighted.cost["key"], 5.0 * sens.cost["key"])
     assert torch.allclose(weighted.cost["value"], 0.5 * sens.cost["value"])
+
+
+def test_wide_candidates_halve_the_group_overhead_and_build_codecs():
+    settings = candidate_settings(("quant", "wide"))
+    wide = [s for s in settings["value"] if s.group_size == 64]
+    assert {(s.method, s.bits) for s in wide} == {(m, b) for m in ("quant", "hadamard+quant") for b in (4, 3, 2)}
+    assert all(s.axis == "token" for s in wide)
+    x = torch.randn(1, 2, 64, 64)
+    from kvcompress.codecs.factory import build_codec
+    narrow = build_codec(next(s for s in settings["value"] if s.bits == 2 and s.group_size == 32))
+    broad = build_codec(next(s for s in wide if s.method == "quant" and s.bits == 2))
+    stored = lambda codec: sum(t.numel() * t.element_size() for t in codec.encode(x).values())  # noqa: E731
+    assert stored(broad) < stored(narrow)  # 2 + 0.5 bits per value vs 2 + 1
+    with pytest.raises(ValueError, match="unknown candidate"):
+        candidate_settings(("quant", "huge"))

@@ -14,12 +14,13 @@ Attention still reads exactly the decoded form of what is stored (tested equal t
 reconstruct-then-SDPA path), the window and sinks are read where they lie, and no more than
 `CHUNK_TOKENS` tokens of one layer are ever decoded at once.
 
-Wiring, through transformers' public `AttentionInterface` only: `register()` adds the
-attention function "kvcompress" (and sdpa's mask function under that name). A model set to it
-(`CompressedCache` does so for models that use "sdpa"; see its `fast_attention` argument) runs
-transformers' own `sdpa_attention_forward` for every call except a decode step on a
-`CompressedLayer`: for that step `CompressedLayer.update` returns its full-precision window
-tagged with the layer itself (attribute `LAYER_ATTRIBUTE`), and this function reads the layer.
+Wiring, through transformers' public `AttentionInterface` (the details are in `compat`):
+`register()` adds the attention function "kvcompress" (and sdpa's mask function under that
+name). A model set to it (`CompressedCache` does so for models that use "sdpa"; see its
+`fast_attention` argument) runs transformers' own sdpa attention function for every call
+except a decode step on a `CompressedLayer`: for that step `CompressedLayer.update` returns its
+full-precision window tagged with the layer itself (attribute `LAYER_ATTRIBUTE`), and this
+function reads the layer.
 
 This module does not handle prefill (several query tokens), sliding-window layers, dropout,
 logit soft-capping or learned attention-sink logits: for those the cache hands attention a
@@ -29,9 +30,8 @@ full reconstruction (or this function refuses with an error), never a partial on
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from .compat import register_attention_function, sdpa_attention
 
 
 ATTENTION_NAME = "kvcompress"
@@ -44,8 +44,7 @@ FAST_ATTENTION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text
 
 def register() -> None:
     """Make "kvcompress" a valid `attn_implementation` (idempotent)."""
-    AttentionInterface.register(ATTENTION_NAME, kvcompress_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    register_attention_function(ATTENTION_NAME, kvcompress_attention)
 
 
 def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -60,8 +59,7 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     """
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     unsupported = {name: kwargs.get(name) for name in ("softcap", "s_aux", "sliding_window")
                    if kwargs.get(name) is not None}
     if dropout or unsupported:

@@ -20,7 +20,10 @@ Peak memory: each (cache, context) runs once more in a fresh Python process, whi
 model, warms up with a short generation, then resets the kernel's peak-RSS mark
 (`/proc/self/clear_refs`, Linux) and runs the same prefill + decode. Peak = VmHWM after the
 run minus VmRSS at the reset: every byte the generation added at its highest point (cache,
-activations, temporaries, allocator slack), as the operating system saw it. On CUDA it is
+activations, temporaries), as the operating system saw it. The child runs with glibc's
+`MALLOC_MMAP_THRESHOLD_=65536`, so freed blocks of 64 KiB or more go back to the kernel at
+once: without it, memory glibc kept after frees made the peak of one configuration vary by 2x
+from one process to the next (346 vs 782 MiB for int4 at 8192 tokens). On CUDA it is
 `torch.cuda.max_memory_allocated` above the allocation at the reset instead.
 
 Capacity: for a cache memory budget, the longest batch-1 context and the largest batch at
@@ -387,8 +390,13 @@ def measure_peak(model_name: str | None, dtype: str, device: str, cache: str, co
     """Peak memory of one generation in a fresh process: {"peak_bytes", "stored_bytes", "base_bytes"}."""
     args = {"model": model_name, "dtype": dtype, "device": device, "cache": cache, "context": context,
             "steps": steps, "batch": batch, "corpus": corpus, "warmup_tokens": warmup_tokens, "threads": threads}
+    # glibc keeps freed heap memory mapped (and resident) depending on the order of earlier
+    # allocations, which made peaks of one configuration vary by 2x between processes. With a
+    # fixed mmap threshold every allocation of 64 KiB or more is returned to the kernel when it
+    # is freed, so VmHWM is the most memory the generation held live at once.
+    env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), **os.environ}
     proc = subprocess.run([sys.executable, "-m", "kvcompress.bench", _PEAK_CHILD_FLAG, json.dumps(args)],
-                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory process for {cache} at {context} tokens failed "
                            f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")

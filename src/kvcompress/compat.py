@@ -38,3 +38,24 @@ def quantized_layer_storage(layer) -> dict[str, object]:
     return {"residual_keys": getattr(layer, "keys", None), "residual_values": getattr(layer, "values", None),
             "quantized_keys": getattr(layer, "_quantized_keys", None),
             "quantized_values": getattr(layer, "_quantized_values", None)}
+
+
+def register_attention_function(name: str, function) -> None:
+    """Make `name` a valid `attn_implementation` running `function`, with sdpa's mask.
+
+    Uses the public `AttentionInterface.register` and the mask registry
+    `transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS` (without a mask function under the
+    same name, transformers would build no mask at all for the new implementation).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own sdpa attention function (`integrations.sdpa_attention`), unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

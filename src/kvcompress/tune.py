@@ -59,7 +59,7 @@ import torch
 from .spec import CacheSpec, TensorSpec
 
 METRICS = ("kl", "ppl_change")
-FAMILIES = ("quant", "hadamard", "lowrank")
+FAMILIES = ("quant", "hadamard", "lowrank", "wide")
 TENSORS = ("key", "value")
 STATE_FORMAT = 1
 DEFAULT_TUNE_OFFSET = 20000  # tokens into the calibration part: past what calibration artifacts use (4096)
@@ -82,7 +82,10 @@ def candidate_settings(families: Sequence[str] = ("quant",), group_size: int = 3
     "quant": K per-channel and V per-token (KIVI layout) at 8, 4, 3, 2 bits, plus "none";
     "hadamard": Hadamard rotation then per-token quantization at 4, 3, 2 bits (K and V);
     "lowrank": pre-RoPE low-rank K (rank 48, 32) and low-rank V (rank 48), coefficients int4
-    per token (needs a calibration artifact).
+    per token (needs a calibration artifact);
+    "wide": per-token groups of 64 channels (half the scale/zero-point overhead of 32): V
+    quantized at 4, 3, 2 bits, and K and V Hadamard-rotated then quantized at 4, 3, 2 bits
+    (needs a head_dim that is a multiple of 64).
     """
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown or not families:
@@ -96,6 +99,10 @@ def candidate_settings(families: Sequence[str] = ("quant",), group_size: int = 3
         for out in (keys, values):
             out += [TensorSpec(method="hadamard+quant", bits=b, axis="token", group_size=group_size)
                     for b in (4, 3, 2)]
+    if "wide" in families:
+        values += [TensorSpec(method="quant", bits=b, axis="token", group_size=64) for b in (4, 3, 2)]
+        for out in (keys, values):
+            out += [TensorSpec(method="hadamard+quant", bits=b, axis="token", group_size=64) for b in (4, 3, 2)]
     if "lowrank" in families:
         keys += [TensorSpec(method="lowrank+quant", rank=r, bits=4, axis="token", group_size=16,
                             key_space="pre_rope") for r in (48, 32)]
