@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from .codecs import token_slice
 from .compat import register_attention_function, sdpa_attention
 
 
@@ -72,11 +73,6 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     return out.transpose(1, 2).contiguous(), None
 
 
-def _token_slice(stored: dict, n_total: int, start: int, stop: int) -> dict:
-    """Tokens [start, stop) of an encoding whose tensors hold tokens (or token groups) on dim 2."""
-    return {name: t[:, :, t.shape[2] * start // n_total: t.shape[2] * stop // n_total] for name, t in stored.items()}
-
-
 def _chunks(layer, kind: str):
     """Yield (start, stop, encoding of tokens [start, stop)) over the layer's compressed tokens."""
     stored = layer.stored_keys if kind == "key" else layer.stored_values
@@ -84,7 +80,7 @@ def _chunks(layer, kind: str):
     step = max(layer.block_size, CHUNK_TOKENS // layer.block_size * layer.block_size)
     for start in range(0, total, step):
         stop = min(start + step, total)
-        yield start, stop, _token_slice(stored, total, start, stop)
+        yield start, stop, token_slice(stored, total, start, stop)
 
 
 def _chunk_scores(layer, part: dict, start: int, q: torch.Tensor) -> torch.Tensor:

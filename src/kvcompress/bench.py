@@ -22,8 +22,8 @@ model, warms up with a short generation, then resets the kernel's peak-RSS mark
 run minus VmRSS at the reset: every byte the generation added at its highest point (cache,
 activations, temporaries), as the operating system saw it. The child runs with glibc's
 `MALLOC_MMAP_THRESHOLD_=65536`, so freed blocks of 64 KiB or more go back to the kernel at
-once: without it, memory glibc kept after frees made the peak of one configuration vary by 2x
-from one process to the next (346 vs 782 MiB for int4 at 8192 tokens). On CUDA it is
+once: without it, memory glibc kept after frees made the peak of one configuration vary by
+about 2x from one process to the next. On CUDA it is
 `torch.cuda.max_memory_allocated` above the allocation at the reset instead.
 
 Capacity: for a cache memory budget, the longest batch-1 context and the largest batch at

@@ -8,8 +8,10 @@ everything it holds:
 
     [ sinks (full precision) | decode(compressed blocks) | window (full precision) ]
 
-so attention always reads the decoded form of the stored codes, never a hidden
-uncompressed copy. Memory figures come from the tensors actually held.
+At a decode step of a model switched to kvcompress's attention function (`fast_attention`),
+it returns the window tagged with the layer instead, and that function decodes the blocks
+chunk by chunk itself (see `attention`). Either way attention reads the decoded form of the
+stored codes, never a hidden uncompressed copy. Memory figures come from the tensors held.
 
 Only the public `Cache` / `CacheLayerMixin` API of transformers is used. This module does not
 patch attention and does not keep any full-precision copy of compressed tokens between steps.
@@ -29,7 +31,7 @@ from transformers.configuration_utils import PretrainedConfig
 
 from .attention import ATTENTION_NAME, FAST_ATTENTION_MODEL_TYPES, LAYER_ATTRIBUTE
 from .attention import register as register_attention
-from .codecs import Codec, Stored, stored_nbytes
+from .codecs import Codec, Stored, stored_nbytes, token_slice
 from .codecs.factory import build_codec
 from .compat import cache_layer_types
 from .spec import CacheSpec, load_spec
@@ -282,16 +284,12 @@ class CompressedLayer(CacheLayerMixin):
         whole = (keep_compressed // self.block_size) * self.block_size
         self.window_keys = keys[:, :, n_sinks + whole:new_length].clone()
         self.window_values = values[:, :, n_sinks + whole:new_length].clone()
-        self.stored_keys = self._keep_tokens(self.stored_keys, self.key_codec, whole)
-        self.stored_values = self._keep_tokens(self.stored_values, self.value_codec, whole)
+        if whole:  # keep the first `whole` (a multiple of block_size) compressed tokens
+            self.stored_keys = token_slice(self.stored_keys, self.n_compressed, 0, whole)
+            self.stored_values = token_slice(self.stored_values, self.n_compressed, 0, whole)
+        else:
+            self.stored_keys = self.stored_values = None
         self.n_compressed = whole
-
-    def _keep_tokens(self, stored: Stored | None, codec: Codec, n_tokens: int) -> Stored | None:
-        """Keep the first `n_tokens` (a multiple of block_size) compressed tokens."""
-        if stored is None or n_tokens == 0:
-            return None
-        total = self.n_compressed
-        return {name: t[:, :, : t.shape[2] * n_tokens // total] for name, t in stored.items()}
 
     def _map_storage(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply `fn` to every stored tensor (all have batch at dim 0)."""

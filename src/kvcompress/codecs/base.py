@@ -53,6 +53,16 @@ class Codec(ABC):
         return self.decode(self.encode(x), x.dtype)
 
 
+def token_slice(stored: Stored, n_tokens: int, start: int, stop: int) -> Stored:
+    """Tokens [start, stop) of an encoding of `n_tokens` tokens.
+
+    Every codec keeps tokens (or whole groups or rows of tokens) in order along dim 2 of each
+    stored tensor, so the slice is proportional; `start` and `stop` must fall on the codec's
+    `token_multiple`. Returns views, not copies.
+    """
+    return {name: t[:, :, t.shape[2] * start // n_tokens: t.shape[2] * stop // n_tokens] for name, t in stored.items()}
+
+
 def stored_nbytes(stored: Stored) -> int:
     """Bytes actually held by the stored tensors (numel * element_size of each)."""
     return sum(t.numel() * t.element_size() for t in stored.values())

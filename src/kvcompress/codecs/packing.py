@@ -107,9 +107,7 @@ def _unpack_field(source: torch.Tensor, width: int, out: torch.Tensor) -> None:
     mask = (1 << width) - 1
     for h in range(count):
         target = out[..., h * m:(h + 1) * m]
-        if width == 8:
-            target.copy_(source)
-        elif h == 0:
+        if h == 0:
             torch.bitwise_and(source, mask, out=target)
         elif h == count - 1:  # the top value of a byte needs no mask
             torch.bitwise_right_shift(source, h * width, out=target)
