@@ -2,7 +2,7 @@
 
 dynamic:     what DynamicCache does: append the new token (torch.cat), then SDPA over (B, H, seq, D)
 reconstruct: `CompressedLayer.update` decoding every block into one (B, H, seq, D) tensor, then SDPA
-codes:       `CompressedLayer.update` (window only) + `kvcompress.attention.attend_compressed`,
+codes:       `CompressedLayer.update` (window only) + `kvcompress.cache.attention.attend_compressed`,
              which decodes the blocks `CHUNK_TOKENS` at a time and never builds the full tensor
 
 Shapes are those of the embedded SmolLM2-135M (9 query heads, 3 KV heads, head_dim 64), batch 1,
@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kvcompress.attention import attend_compressed
-from kvcompress.cache import CompressedLayer
+from kvcompress.cache.attention import attend_compressed
+from kvcompress.cache.cache import CompressedLayer
 from kvcompress.codecs.quant import QuantCodec
 
 B, HQ, H, D = 1, 9, 3, 64

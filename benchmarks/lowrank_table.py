@@ -1,6 +1,6 @@
 """Measure the low-rank family on the embedded model: K ranks pre-/post-RoPE, V ranks, +/- int4.
 
-Runs decode-faithful evaluation (see `kvcompress.evaluate`) on held-out text for:
+Runs decode-faithful evaluation (see `kvcompress.measure.evaluate`) on held-out text for:
   K rank r (pre-RoPE and post-RoPE), coefficients in fp16 or int4, V full;
   V rank r, coefficients in fp16 or int4, K full;
 for each r in --ranks, plus the int4 preset for reference. Writes every result as JSON
@@ -44,7 +44,7 @@ def codec_ratio(spec, artifact, config) -> dict[str, float]:
     import torch
 
     from kvcompress.codecs import stored_nbytes
-    from kvcompress.codecs.factory import build_codec
+    from kvcompress.cache.build import build_codec
 
     heads = config.num_key_value_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kvcompress.calibration import resolve_artifact
     from kvcompress.corpus import corpus_tokens
-    from kvcompress.evaluate import decode_faithful_eval
+    from kvcompress.measure.evaluate import decode_faithful_eval
     from kvcompress.models import load_model, model_id
     from kvcompress.spec import load_spec
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from kvcompress.cli import main
+from kvcompress.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["measure-presets", "--verify", *sys.argv[1:]]))

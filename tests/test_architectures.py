@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from kvcompress import CompressedCache
-from kvcompress.sliding import CompressedSlidingLayer
+from kvcompress.cache.sliding import CompressedSlidingLayer
 from tiny_models import (ARCHITECTURES, GEMMA3_WINDOW, NO_COMPRESSION, SEEDS, assert_same_greedy, prompt,
                          quant_spec, tiny_gemma3, tiny_mistral)
 

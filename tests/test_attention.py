@@ -1,4 +1,4 @@
-"""Attention over the codes (kvcompress.attention): same result as attention over the full
+"""Attention over the codes (kvcompress.cache.attention): same result as attention over the full
 reconstruction, reads the stored codes, never builds the full decoded copy, refuses what it
 cannot do."""
 
@@ -7,9 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from kvcompress import CompressedCache
-from kvcompress import attention as attention_module
-from kvcompress.attention import ATTENTION_NAME, LAYER_ATTRIBUTE, kvcompress_attention
-from kvcompress.cache import CompressedLayer
+from kvcompress.cache import attention as attention_module
+from kvcompress.cache.attention import ATTENTION_NAME, LAYER_ATTRIBUTE, kvcompress_attention
+from kvcompress.cache.cache import CompressedLayer
 from tiny_models import ARCHITECTURES, SEEDS
 
 SPEC = {"key": {"bits": 4, "axis": "channel", "group_size": 32},

@@ -11,11 +11,11 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from conftest import make_tiny_llama
-from kvcompress import bench
-from kvcompress.bench import (BenchConfig, cache_stored_bytes, make_cache, parse_cache_name, predicted_stored_bytes,
+from kvcompress.bench import bench
+from kvcompress.bench.bench import (BenchConfig, cache_stored_bytes, make_cache, parse_cache_name, predicted_stored_bytes,
                               tensor_bytes)
-from kvcompress.cache import CompressedCache
-from kvcompress.cli import main
+from kvcompress.cache.cache import CompressedCache
+from kvcompress.cli.main import main
 from kvcompress.codecs import QuantCodec
 from kvcompress.codecs.packing import fields, pack, unpack, unpack_reference
 from kvcompress.compat import quantized_layer_storage

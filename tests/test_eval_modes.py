@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvcompress import CompressedCache, CompressedLayer
-from kvcompress.evaluate import decode_faithful_eval
+from kvcompress.measure.evaluate import decode_faithful_eval
 
 TINY_SPEC = {"key": {"bits": 2, "axis": "channel", "group_size": 32},
              "value": {"bits": 2, "axis": "token", "group_size": 32}, "window": 16, "sinks": 4, "block_size": 32}

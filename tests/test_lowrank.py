@@ -167,7 +167,7 @@ def test_lowrank_specs_round_trip_compactly():
 def test_pre_rope_keys_beat_post_rope_at_rank_32_on_the_embedded_model(real_model):
     """Decode-faithful KL at key rank 32 (V full): pre-RoPE keys lower than post-RoPE keys."""
     from kvcompress.corpus import corpus_tokens
-    from kvcompress.evaluate import decode_faithful_eval
+    from kvcompress.measure.evaluate import decode_faithful_eval
 
     model, tokenizer = real_model
     tokens = corpus_tokens(tokenizer, "evaluation", n_tokens=256)

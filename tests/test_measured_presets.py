@@ -2,7 +2,8 @@
 
 import pytest
 
-from kvcompress.measured_presets import (DEFAULT_TARGETS, choose, load_measured, parse_targets, register_measured,
+from kvcompress.presets.measured import load_measured, register_measured
+from kvcompress.tuning.preset_selection import (DEFAULT_TARGETS, choose, parse_targets,
                                          uniform_candidates, verify_presets)
 from kvcompress.presets import PRESETS, Registry
 from kvcompress.spec import CacheSpec

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from kvcompress import io as kvio
 from kvcompress import models
 from kvcompress.models import ModelLoadError, load_model, model_id
 
@@ -84,9 +85,9 @@ def test_second_load_reads_the_cached_copy(real_model):
     cache_dir = _real_cache_dir(real_model)
     assert info["converted"] is False
     assert Path(info["cache_dir"]) == cache_dir
-    assert (cache_dir / models.MANIFEST_NAME).is_file()
+    assert (cache_dir / kvio.MANIFEST_NAME).is_file()
     assert (cache_dir / "model.safetensors").is_file()
-    manifest = json.loads((cache_dir / models.MANIFEST_NAME).read_text())
+    manifest = json.loads((cache_dir / kvio.MANIFEST_NAME).read_text())
     assert manifest["files"]["model.safetensors"] == (cache_dir / "model.safetensors").stat().st_size
     first, _ = real_model
     assert torch.equal(model.model.layers[3].self_attn.k_proj.weight, first.model.layers[3].self_attn.k_proj.weight)
@@ -166,7 +167,7 @@ def test_garbage_copy_of_the_right_size_gives_clear_error(real_model, tmp_cache)
 def test_copy_without_manifest_is_refused(real_model, tmp_cache):
     src = _real_cache_dir(real_model)
     dst = tmp_cache / "models" / src.name
-    _copy_converted(src, dst, skip={models.MANIFEST_NAME})
+    _copy_converted(src, dst, skip={kvio.MANIFEST_NAME})
     with pytest.raises(ModelLoadError, match="no COMPLETE manifest"):
         load_model()
 
@@ -178,10 +179,10 @@ def _fake_conversion(src: Path, calls: list):
         calls.append(final)
 
         def write(tmp):
-            _copy_converted(src, tmp, skip={models.MANIFEST_NAME})
+            _copy_converted(src, tmp, skip={kvio.MANIFEST_NAME})
             return {"source": str(gguf)}
 
-        models._write_atomically(final, write)
+        kvio.write_directory_atomic(final, write)
 
     return convert
 
@@ -207,7 +208,7 @@ def test_rebuild_replaces_a_damaged_copy(real_model, tmp_cache, monkeypatch):
 def test_half_written_temporary_folder_is_ignored(real_model, tmp_cache, monkeypatch):
     src = _real_cache_dir(real_model)
     models_dir = tmp_cache / "models"
-    half = models_dir / f".{src.name}{models._TMP_MARK}crashed"
+    half = models_dir / f".{src.name}{kvio.TMP_MARK}crashed"
     half.mkdir(parents=True)
     (half / "config.json").write_text("{}")
     (half / "model.safetensors").write_bytes(b"\0" * 100)
@@ -231,15 +232,15 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        models._write_atomically(final, write)
+        kvio.write_directory_atomic(final, write)
     assert list((tmp_path / "models").iterdir()) == []
 
     def write_ok(tmp):
         (tmp / "a.bin").write_bytes(b"abc")
         return {"source": "x"}
 
-    models._write_atomically(final, write_ok)
-    manifest = json.loads((final / models.MANIFEST_NAME).read_text())
+    kvio.write_directory_atomic(final, write_ok)
+    manifest = json.loads((final / kvio.MANIFEST_NAME).read_text())
     assert manifest["files"] == {"a.bin": 3} and manifest["source"] == "x"
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["m-123"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcompress import CompressedCache
-from kvcompress.monitor import QualityMonitor, block_quality
+from kvcompress.cache.monitor import QualityMonitor, block_quality
 
 SPEC = {"window": 16, "sinks": 4, "block_size": 32}
 

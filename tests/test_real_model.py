@@ -5,7 +5,7 @@ import torch
 
 from kvcompress import CompressedCache
 from kvcompress.corpus import corpus_tokens
-from kvcompress.evaluate import decode_faithful_eval
+from kvcompress.measure.evaluate import decode_faithful_eval
 
 pytestmark = pytest.mark.real_model
 

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from kvcompress.codecs.factory import build_codec
-from kvcompress.reconstruction import (attention_output, capture_states, codec_only_spec, direct_reconstruction,
+from kvcompress.cache.build import build_codec
+from kvcompress.measure.reconstruction import (attention_output, capture_states, codec_only_spec, direct_reconstruction,
                                        reconstruct)
-from kvcompress.spec import load_spec
+from kvcompress.presets import load_spec
 
 
 def spec_bits(bits: int) -> dict:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from kvcompress.report import (ZONES, curves, failure_boundary, pareto_front, parse_markdown_table, write_report,
+from kvcompress.experiments.report import (ZONES, curves, failure_boundary, pareto_front, parse_markdown_table, write_report,
                                zone_of)
-from kvcompress.sweep import SweepSettings, load_grid, load_records, run_sweep, write_json_atomic
+from kvcompress.experiments.sweep import SweepSettings, load_grid, load_records, run_sweep, write_json_atomic
 from tiny_text import CharTokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -124,7 +124,7 @@ def test_report_of_an_empty_folder_says_what_to_do(tmp_path):
 
 
 def test_report_cli(sweep_dir, capsys):
-    from kvcompress.cli import main
+    from kvcompress.cli.main import main
 
     assert main(["report", str(sweep_dir)]) == 0
     assert "report.md" in capsys.readouterr().out

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kvcompress.sweep import (SweepSettings, expand_grid, load_grid, load_records, parse_specs, record_key,
+from kvcompress.experiments.sweep import (SweepSettings, expand_grid, load_grid, load_records, parse_specs, record_key,
                               record_path, run_sweep)
 from tiny_text import CharTokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvcompress import CompressedCache
-from kvcompress.tasks import (TaskDataError, agreement_prompts, dataset_texts, generation_agreement,
+from kvcompress.measure.tasks import (TaskDataError, agreement_prompts, dataset_texts, generation_agreement,
                               greedy_continuations, passkey_cases, run_passkey)
 from tiny_text import CharTokenizer
 

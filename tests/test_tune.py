@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcompress.spec import CacheSpec, TensorSpec
-from kvcompress.tune import (Sensitivity, TuneError, TuneState, allocate, candidate_settings, lagrangian_path,
+from kvcompress.tuning.tune import (Sensitivity, TuneError, TuneState, allocate, candidate_settings, lagrangian_path,
                              spec_from_choice, tune, tune_allocation)
 
 BASE = CacheSpec(window=16, sinks=2, block_size=32)
@@ -159,7 +159,7 @@ def test_tune_resumes_from_saved_measurements(tiny_llama, tmp_path):
 
 
 def test_tune_cli_is_registered():
-    from kvcompress.cli import build_parser
+    from kvcompress.cli.main import build_parser
 
     args = build_parser().parse_args(["tune", "--max-kl", "0.01", "--out", "x.json"])
     assert args.max_kl == 0.01 and args.max_ppl_change is None
@@ -175,7 +175,7 @@ def test_state_file_that_is_not_json_is_an_error(tmp_path):
 
 
 def test_tensor_weights_rescale_k_and_v_to_the_measured_kl():
-    from kvcompress.tune import calibrate_tensor_weights
+    from kvcompress.tuning.tune import calibrate_tensor_weights
 
     sens = synthetic_sensitivity([1.0, 2.0])
     measure = fake_quality(sens)
@@ -199,7 +199,7 @@ def test_wide_candidates_halve_the_group_overhead_and_build_codecs():
     assert {(s.method, s.bits) for s in wide} == {(m, b) for m in ("quant", "hadamard+quant") for b in (4, 3, 2)}
     assert all(s.axis == "token" for s in wide)
     x = torch.randn(1, 2, 64, 64)
-    from kvcompress.codecs.factory import build_codec
+    from kvcompress.cache.build import build_codec
     narrow = build_codec(next(s for s in settings["value"] if s.bits == 2 and s.group_size == 32))
     broad = build_codec(next(s for s in wide if s.method == "quant" and s.bits == 2))
     stored = lambda codec: sum(t.numel() * t.element_size() for t in codec.encode(x).values())  # noqa: E731

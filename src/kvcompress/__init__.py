@@ -7,12 +7,13 @@
     cache.memory_report().ratio
 """
 
+from ._version import __version__
 from .cache import CompressedCache, CompressedLayer, MemoryReport
-from .monitor import QualityMonitor
+from .cache import QualityMonitor
 from .presets import PRESETS
-from .spec import CacheSpec, TensorSpec, load_spec
+from .spec import CacheSpec, TensorSpec
+from .presets import load_spec
 
-__version__ = "0.1.0"
 
 
 def load_model(name=None, **kwargs):

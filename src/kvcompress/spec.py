@@ -10,8 +10,8 @@ overrides. It round-trips through JSON or YAML:
      "window": 128, "sinks": 4, "block_size": 32,
      "layers": {"0-1": {"value": {"bits": 8}}}}
 
-This module does not build codecs for a model (see `cache`), nor hold the named presets
-(see `presets`); it only describes and validates.
+This module does not build codecs for a model (see `cache.build`), nor hold the named presets
+or resolve a preset name (see `presets.load_spec`); it only describes, validates and reads spec files.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .codecs.quant import ALLOWED_AXES, ALLOWED_BITS, TOKEN_AXIS_ROW_TOKENS
+from .extras import MissingExtraError, require_extra
 
 METHODS = ("none", "quant", "lowrank", "lowrank+quant", "hadamard+quant")
 KEY_SPACES = ("post_rope", "pre_rope")
@@ -285,8 +286,7 @@ class CacheSpec:
         """Write the spec as JSON (or YAML if the name ends in .yaml/.yml)."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
+            yaml = require_extra("yaml", "yaml", "YAML spec files")
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         else:
             path.write_text(self.to_json() + "\n")
@@ -300,28 +300,26 @@ class CacheSpec:
         )
 
 
-def load_spec(spec: str | Path | dict | CacheSpec) -> CacheSpec:
-    """Resolve a spec from a preset name, a JSON/YAML file path, a dict, or a CacheSpec."""
-    from .presets import PRESETS
+def read_spec_file(path: str | Path) -> CacheSpec:
+    """The spec in a .json, .yaml or .yml file (YAML needs the `yaml` extra)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"spec file {str(path)!r} does not exist")
+    raw = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            yaml = require_extra("yaml", "yaml", "YAML spec files")
+            data = yaml.safe_load(raw)
+        else:
+            data = json.loads(raw)
+    except (json.JSONDecodeError, Exception) as err:  # yaml raises its own error types
+        if isinstance(err, MissingExtraError):
+            raise
+        raise ValueError(f"spec file {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from err
+    return CacheSpec.from_dict(data)
 
-    if isinstance(spec, CacheSpec):
-        return spec
-    if isinstance(spec, dict):
-        return CacheSpec.from_dict(spec)
-    text = str(spec)
+
+def looks_like_spec_file(text: str) -> bool:
+    """Whether `text` names a spec file (a .json/.yaml/.yml name or an existing path) rather than a preset."""
     path = Path(text)
-    if path.suffix in (".json", ".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ValueError(f"spec file {text!r} does not exist")
-        raw = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(raw)
-            else:
-                data = json.loads(raw)
-        except (json.JSONDecodeError, Exception) as err:  # yaml raises its own error types
-            raise ValueError(f"spec file {text!r} is not valid {path.suffix[1:].upper()}: {err}") from err
-        return CacheSpec.from_dict(data)
-    return PRESETS.get(text)
+    return path.suffix in (".json", ".yaml", ".yml") or path.exists()

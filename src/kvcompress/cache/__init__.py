@@ -1,0 +1,20 @@
+"""The compressed cache: a transformers `Cache` whose attention reads what it stores.
+
+- `cache`: `CompressedCache`, one compressed layer per model layer, built from a spec.
+- `layer`, `sliding`: the compressed layers (full attention, sliding window).
+- `build`: the codec of one layer's K or V from its `TensorSpec`.
+- `attention`: decode-step attention over the codes, and the switch that enables it.
+- `memory`: what a cache holds, in bytes.
+- `monitor`: optional sampling of reconstruction quality while generating.
+
+This package is core: it imports nothing from `measure`, `experiments`, `tuning`, `bench` or `cli`.
+"""
+
+from .cache import CompressedCache, check_supported
+from .layer import CompressedLayer
+from .memory import LayerMemory, MemoryReport
+from .monitor import QualityMonitor
+from .sliding import CompressedSlidingLayer
+
+__all__ = ["CompressedCache", "CompressedLayer", "CompressedSlidingLayer", "LayerMemory", "MemoryReport",
+           "QualityMonitor", "check_supported"]

@@ -1,0 +1,142 @@
+"""Decode-step attention that reads a `CompressedLayer`'s codes chunk by chunk.
+
+`CompressedLayer.reconstruct` writes the decoded form of every compressed token into one
+(B, H, seq, D) tensor per layer and step, copying the sinks and the window into it, and SDPA
+then reads it again. At a decode step (one query token) this module computes the same
+attention without that tensor: it decodes the compressed blocks `CHUNK_TOKENS` at a time (in
+float32), takes the query's scores against each chunk, and after one softmax over all
+positions takes the values the same way:
+
+    scores = [q.sinks | q.decode(chunk 1) | ... | q.window] * scaling  (+ mask)
+    out    = softmax(scores) @ [sinks | decode(chunk 1) | ... | window]
+
+Attention still reads exactly the decoded form of what is stored (tested equal to the
+reconstruct-then-SDPA path), the window and sinks are read where they lie, and no more than
+`CHUNK_TOKENS` tokens of one layer are ever decoded at once.
+
+Wiring, through transformers' public `AttentionInterface` (the details are in `compat`):
+`register()` adds the attention function "kvcompress" (and sdpa's mask function under that
+name). A model set to it (`CompressedCache` does so for models that use "sdpa"; see its
+`fast_attention` argument) runs transformers' own sdpa attention function for every call
+except a decode step on a `CompressedLayer`: for that step `CompressedLayer.update` returns its
+full-precision window tagged with the layer itself (attribute `LAYER_ATTRIBUTE`), and this
+function reads the layer.
+
+This module does not handle prefill (several query tokens), sliding-window layers, dropout,
+logit soft-capping or learned attention-sink logits: for those the cache hands attention a
+full reconstruction (or this function refuses with an error), never a partial one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codecs import token_slice
+from ..compat import register_attention_function, sdpa_attention
+
+
+ATTENTION_NAME = "kvcompress"
+LAYER_ATTRIBUTE = "_kvcompress_layer"
+CHUNK_TOKENS = 4096
+# Model types whose attention passes the tensors `Cache.update` returns straight to the
+# attention function (checked by tests/test_attention.py for each).
+FAST_ATTENTION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def register() -> None:
+    """Make "kvcompress" a valid `attn_implementation` (idempotent)."""
+    register_attention_function(ATTENTION_NAME, kvcompress_attention)
+
+
+def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: SDPA, except for a decode step on a compressed layer.
+
+    Args (as every transformers attention function):
+        query: (B, H_q, Q, D); key, value: (B, H_kv, S, D) (for a tagged decode step: the
+            layer's window only); attention_mask: None, bool (B, 1, Q, seq) or additive float.
+
+    Returns:
+        (attn_output of shape (B, Q, H_q, D), None).
+    """
+    layer = getattr(key, LAYER_ATTRIBUTE, None)
+    if layer is None:
+        return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    unsupported = {name: kwargs.get(name) for name in ("softcap", "s_aux", "sliding_window")
+                   if kwargs.get(name) is not None}
+    if dropout or unsupported:
+        raise ValueError(
+            f"kvcompress attention does not support {unsupported or {'dropout': dropout}} at decode time; "
+            "build the cache with CompressedCache(..., fast_attention=False) for this model"
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = attend_compressed(layer, query, attention_mask, scale)  # (B, H_q, Q, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _chunks(layer, kind: str):
+    """Yield (start, stop, encoding of tokens [start, stop)) over the layer's compressed tokens."""
+    stored = layer.stored_keys if kind == "key" else layer.stored_values
+    total = layer.n_compressed
+    step = max(layer.block_size, CHUNK_TOKENS // layer.block_size * layer.block_size)
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        yield start, stop, token_slice(stored, total, start, stop)
+
+
+def _chunk_scores(layer, part: dict, start: int, q: torch.Tensor) -> torch.Tensor:
+    """q . k for the keys of one chunk: (B, H, rep, T) from q (B, H, rep, D), in float32."""
+    keys = layer.key_codec.decode(part, torch.float32)  # (B, H, T, D)
+    if layer.key_space is not None:  # keys were coded pre-RoPE: rotate them to their positions
+        keys = layer.key_space.rotate(keys, start=layer.sink_keys.shape[2] + start)
+    return q @ keys.transpose(-1, -2)
+
+
+def _chunk_mix(layer, part: dict, probs: torch.Tensor) -> torch.Tensor:
+    """probs @ v for the values of one chunk: (B, H, rep, D) from probs (B, H, rep, T), in float32."""
+    return probs @ layer.value_codec.decode(part, torch.float32)
+
+
+def attend_compressed(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+                      ) -> torch.Tensor:
+    """Attention of one decode step over [sinks | compressed blocks | window] of `layer`.
+
+    Args:
+        layer: a `CompressedLayer` holding at least one compressed block.
+        query: (B, H_q, 1, D), H_q a multiple of the layer's H_kv heads (grouped-query attention).
+        attention_mask: None, bool (True = attend) or additive float, (B, 1, 1, seq) where seq
+            is every token the layer holds.
+        scaling: factor applied to q.k.
+
+    Returns:
+        (B, H_q, 1, D_v) attention output in the query's dtype; computed in float32.
+    """
+    B, Hq, Q, D = query.shape
+    if Q != 1:
+        raise ValueError(f"attend_compressed handles one query token (a decode step), got {Q}")
+    sink_k, window_k = layer.sink_keys, layer.window_keys
+    H = window_k.shape[1]
+    n_sinks, n_compressed, n_window = sink_k.shape[2], layer.n_compressed, window_k.shape[2]
+    seq = n_sinks + n_compressed + n_window
+    compute = torch.float32
+    q = (query.to(compute) * scaling).reshape(B, H, Hq // H, D)  # query heads grouped by their K/V head
+
+    scores = torch.empty(B, H, Hq // H, seq, dtype=compute, device=query.device)
+    scores[..., :n_sinks] = q @ sink_k.to(compute).transpose(-1, -2)
+    for start, stop, part in _chunks(layer, "key"):
+        scores[..., n_sinks + start:n_sinks + stop] = _chunk_scores(layer, part, start, q)
+    scores[..., n_sinks + n_compressed:] = q @ window_k.to(compute).transpose(-1, -2)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != seq:
+            raise ValueError(f"attention mask covers {attention_mask.shape[-1]} positions, the cache holds {seq}")
+        mask = attention_mask[..., -1:, :]  # (B or 1, 1, 1, seq)
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, float("-inf"))
+        else:
+            scores += mask.to(compute)
+    probs = torch.softmax(scores, dim=-1)
+
+    out = probs[..., :n_sinks] @ layer.sink_values.to(compute)
+    out += probs[..., n_sinks + n_compressed:] @ layer.window_values.to(compute)
+    for start, stop, part in _chunks(layer, "value"):
+        out += _chunk_mix(layer, part, probs[..., n_sinks + start:n_sinks + stop])
+    return out.reshape(B, Hq, 1, out.shape[-1]).to(query.dtype)

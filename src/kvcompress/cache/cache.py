@@ -1,0 +1,205 @@
+"""`CompressedCache`: a transformers `Cache` whose attention reads what it stores.
+
+Builds one compressed layer per model layer from a spec: `CompressedLayer` for full-attention
+layers, `CompressedSlidingLayer` for sliding-window layers, with the codecs `build` makes and,
+where the spec asks for pre-RoPE keys, the model's rotary embedding inverted (see `rope`).
+Memory figures come from the tensors held (`memory_report()`).
+
+Only the public `Cache` / `CacheLayerMixin` API of transformers is used. This module does not
+patch attention and does not store anything itself (its layers do).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.configuration_utils import PretrainedConfig
+
+from .attention import ATTENTION_NAME, FAST_ATTENTION_MODEL_TYPES
+from .attention import register as register_attention
+from .build import build_codec
+from .layer import CompressedLayer
+from .memory import MemoryReport
+from ..calibration import resolve_artifact
+from ..compat import cache_layer_types
+from ..rope import key_space_for
+from ..spec import CacheSpec
+from ..presets import load_spec
+from .monitor import QualityMonitor
+from .sliding import CompressedSlidingLayer
+
+
+def _text_config(model_or_config) -> PretrainedConfig:
+    config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+_UNSUPPORTED_WHY = {
+    "dummy": "layers that reuse another layer's K/V (KV sharing) or have no attention",
+    "linear_attention": "linear-attention / state-space layers, which keep a recurrent state instead of K/V",
+    "conv": "convolution layers, which keep a recurrent state instead of K/V",
+    "hybrid": "hybrid state-space + attention layers",
+    "hybrid_sliding": "hybrid state-space + sliding-attention layers",
+    "chunked_attention": "chunked-attention layers",
+}
+
+
+def check_supported(config: PretrainedConfig) -> list[int | None]:
+    """The sliding window of every layer (None for a full-attention layer).
+
+    Raises a ValueError naming the model type when a layer does not keep a standard per-head
+    K/V cache (multi-latent attention, linear attention / state-space layers, KV sharing).
+    """
+    model_type = getattr(config, "model_type", type(config).__name__)
+    if getattr(config, "kv_lora_rank", None):
+        raise ValueError(
+            f"CompressedCache does not support model type {model_type!r}: it uses multi-latent attention "
+            f"(kv_lora_rank={config.kv_lora_rank}), whose keys and values are not a standard per-head K/V cache; "
+            "use transformers' DynamicCache for it"
+        )
+    layer_types, layer_kwargs = cache_layer_types(config)
+    unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        why = "; ".join(f"{kind}: {_UNSUPPORTED_WHY.get(kind, 'not a standard K/V cache layer')}" for kind in unsupported)
+        raise ValueError(
+            f"CompressedCache does not support model type {model_type!r}: it has {unsupported} layers ({why}). "
+            f"Only {list(SUPPORTED_LAYER_TYPES)} layers are supported; use transformers' DynamicCache for this model"
+        )
+    if not hasattr(config, "num_attention_heads") or not hasattr(config, "num_hidden_layers"):
+        raise ValueError(f"model type {model_type!r} has no standard KV cache; CompressedCache cannot hold it")
+    return [kwargs["sliding_window"] if kind == "sliding_attention" else None
+            for kind, kwargs in zip(layer_types, layer_kwargs)]
+
+
+def _key_spaces(model, spec: CacheSpec, num_layers: int) -> tuple[list, str | None]:
+    """Per layer, a `RopeInverter` where the spec asks for pre-RoPE keys, else None; plus the
+    reason (warned once) when pre-RoPE keys were asked for but the model's rope cannot be undone."""
+    wanted = [spec.for_layer(idx)[0].key_space == "pre_rope" for idx in range(num_layers)]
+    if not any(wanted):
+        return [None] * num_layers, None
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError("pre-RoPE keys (key_space 'pre_rope') need the model itself, not only its config: "
+                         "pass the model to CompressedCache")
+    inverters, reason = key_space_for(model)
+    if inverters is None:
+        reason = (f"pre-RoPE keys are not available for model type {model.config.model_type!r}: {reason}; "
+                  "keys are compressed post-RoPE instead")
+        warnings.warn(reason, stacklevel=3)
+        return [None] * num_layers, reason
+    return [inv if want else None for inv, want in zip(inverters, wanted)], None
+
+
+def _make_monitor(monitor):
+    """None, a default QualityMonitor, or the one given."""
+    if monitor is False or monitor is None:
+        return None
+    if monitor is True:
+        return QualityMonitor()
+    if isinstance(monitor, QualityMonitor):
+        return monitor
+    raise ValueError(f"monitor must be True, False or a QualityMonitor, got {monitor!r}")
+
+
+def _use_fast_attention(model) -> bool:
+    """Switch a supported model from "sdpa" to kvcompress's attention; True if it now uses it."""
+    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAST_ATTENTION_MODEL_TYPES:
+        return False
+    current = model.config._attn_implementation
+    if current == ATTENTION_NAME:
+        return True
+    if current != "sdpa":
+        return False
+    register_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model.config._attn_implementation == ATTENTION_NAME
+
+
+class CompressedCache(Cache):
+    """A transformers `Cache` that stores compressed K/V and serves their reconstruction.
+
+    Usage:
+        cache = CompressedCache(model, "int4")
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+        cache.memory_report().ratio
+
+    Args:
+        model: the model (or its config) the cache is for. Pre-RoPE keys need the model itself
+            (its rotary embedding), not only its config.
+        spec: a preset name, a spec file path, a dict or a `CacheSpec` (default "int4").
+        artifact: a calibration artifact (folder or `CalibrationArtifact`) for low-rank specs;
+            for the embedded model it is built on first use when not given.
+        monitor: False (default, costs nothing), True, or a `kvcompress.cache.monitor.QualityMonitor`
+            with your own thresholds: samples compressed blocks and tracks their reconstruction
+            quality per layer (`cache.monitor.summary()`), warning once per layer when it drops.
+        fast_attention: True (default): if `model` is a Llama, Mistral, Qwen2, Qwen3 or Gemma 3
+            (text) model that uses "sdpa" attention, switch it to kvcompress's attention
+            function ("kvcompress", see `kvcompress.cache.attention`), which is transformers' sdpa for
+            every call except a decode step on this cache, where it reads the codes chunk by
+            chunk instead of a full decoded copy (same result, faster). The switch stays on the
+            model; undo it with `model.set_attn_implementation("sdpa")`. False: leave the model
+            alone; attention reads the full reconstruction every step.
+
+    Attributes:
+        key_space_fallback: why pre-RoPE keys were asked for but keys are compressed post-RoPE
+            (also warned once), or None.
+    """
+
+    def __init__(self, model: PreTrainedModel | PretrainedConfig, spec: str | dict | CacheSpec = "int4",
+                 artifact=None, monitor=False, fast_attention: bool = True):
+        config = _text_config(model)
+        sliding_windows = check_supported(config)
+        self.spec = load_spec(spec)
+        num_layers = config.num_hidden_layers
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.spec.validate_for(num_layers, head_dim)
+        if self.spec.needs_artifact(num_layers):
+            artifact = resolve_artifact(model, artifact)
+        key_spaces, self.key_space_fallback = _key_spaces(model, self.spec, num_layers)
+        layers = []
+        for idx in range(num_layers):
+            key_spec, value_spec = self.spec.for_layer(idx)
+            kind = "key_pre" if key_spaces[idx] is not None else "key_post"
+            layer_cls, extra = CompressedLayer, {}
+            if sliding_windows[idx] is not None:  # keeps only the window, as transformers does
+                layer_cls, extra = CompressedSlidingLayer, {"sliding_window": sliding_windows[idx]}
+            layers.append(layer_cls(build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact),
+                                    build_codec(value_spec, layer_idx=idx, kind="value", artifact=artifact),
+                                    window=self.spec.window, sinks=self.spec.sinks,
+                                    block_size=self.spec.block_size, layer_idx=idx,
+                                    key_space=key_spaces[idx], **extra))
+        super().__init__(layers=layers)
+        self.monitor = _make_monitor(monitor)
+        for layer in self.layers:
+            layer.monitor = self.monitor
+        if fast_attention and _use_fast_attention(model):
+            for layer in self.layers:
+                if not layer.is_sliding:
+                    layer.attention_config = model.config
+
+    def memory_report(self) -> MemoryReport:
+        """Stored bytes (codes, scales, zero points, window, sinks) per layer and in total."""
+        return MemoryReport([layer.memory() for layer in self.layers])
+
+    def copy(self) -> CompressedCache:
+        """An independent copy of the cache and its stored codes, e.g. to continue one prompt several ways.
+
+            cache = CompressedCache(model, "int4")
+            model(prompt_ids, cache=cache)                 # compress the prompt once
+            for suffix in suffixes:
+                model.generate(torch.cat([prompt_ids, suffix], 1), cache=cache.copy(), ...)
+
+        Continuing from the copy leaves this cache untouched. The immutable parts (codecs, the
+        model's rotary embedding, the model config) are shared, not duplicated. `copy.deepcopy` gives the same
+        result but duplicates those too.
+        """
+        memo: dict[int, object] = {}
+        for layer in self.layers:
+            for shared in (layer.key_codec, layer.value_codec, getattr(layer.key_space, "inner", layer.key_space),
+                           layer.attention_config):
+                if shared is not None:
+                    memo[id(shared)] = shared
+        return copy.deepcopy(self, memo)

@@ -1,0 +1,276 @@
+"""`CompressedLayer`: the compressed cache of one full-attention layer.
+
+On `update` (called by attention with post-RoPE keys and values of shape (batch, kv_heads,
+new_tokens, head_dim)) the layer appends the new tokens, compresses every whole block of
+`block_size` tokens that has left the full-precision window (each token exactly once), and
+returns the reconstruction of everything it holds:
+
+    [ sinks (full precision) | decode(compressed blocks) | window (full precision) ]
+
+At a decode step of a model running kvcompress's attention function (see
+`kvcompress.cache.attention`), it returns the window tagged with the layer instead, and that
+function decodes the blocks chunk by chunk itself. Either way attention reads the decoded form of
+the stored codes, never a hidden uncompressed copy.
+
+This module does not build codecs (see `build`), does not choose layers (see `cache`) and keeps
+no full-precision copy of compressed tokens between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..codecs import Codec, Stored, stored_nbytes, token_slice
+from .attention import ATTENTION_NAME, LAYER_ATTRIBUTE
+from .memory import FP16_BYTES, LayerMemory
+
+
+def _append(stored: Stored | None, new: Stored) -> Stored:
+    """Concatenate two encodings along their token-ish dim 2."""
+    if stored is None:
+        return new
+    return {name: torch.cat([stored[name], new[name]], dim=2) for name in stored}
+
+
+class CompressedLayer(CacheLayerMixin):
+    """The compressed cache of one attention layer.
+
+    Storage, all with batch at dim 0 and kv_heads at dim 1:
+        sink_keys / sink_values:     (B, H, <=sinks, D) in the model dtype
+        stored_keys / stored_values: codec tensors for `n_compressed` tokens
+        window_keys / window_values: (B, H, n, D) in the model dtype, n < window + block_size
+
+    Args:
+        key_codec, value_codec: codecs for compressed K and V.
+        window: most recent tokens kept in full precision.
+        sinks: first tokens kept in full precision.
+        block_size: tokens compressed together (a multiple of the codecs' token groups).
+        layer_idx: index of the layer in the model (for reports and errors).
+        key_space: a `kvcompress.rope.RopeInverter` to compress keys pre-RoPE (it un-rotates the
+            tokens being compressed at their positions and re-rotates them after decoding;
+            sinks and window stay post-RoPE), or None to compress keys as attention gives them.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, key_codec: Codec, value_codec: Codec, window: int, sinks: int, block_size: int,
+                 layer_idx: int = 0, key_space=None):
+        super().__init__()
+        for codec in (key_codec, value_codec):
+            if block_size % codec.token_multiple:
+                raise ValueError(f"block_size {block_size} is not a multiple of {codec.token_multiple} "
+                                 f"needed by {codec}")
+        self.key_codec = key_codec
+        self.value_codec = value_codec
+        self.window = window
+        self.sinks = sinks
+        self.block_size = block_size
+        self.layer_idx = layer_idx
+        self.key_space = key_space
+        self.monitor = None  # a kvcompress.cache.monitor.QualityMonitor when the cache is monitored
+        # The model config whose attention implementation says whether decode steps may hand
+        # attention the codes (kvcompress.cache.attention) instead of a full reconstruction; or None.
+        self.attention_config = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.sink_keys = self.sink_values = None
+        self.window_keys = self.window_values = None
+        self.stored_keys: Stored | None = None
+        self.stored_values: Stored | None = None
+        self.n_compressed = 0
+        self.is_initialized = False
+
+    # ---- transformers CacheLayerMixin API -------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.sink_keys = key_states[:, :, :0].clone()
+        self.sink_values = value_states[:, :, :0].clone()
+        self.window_keys = key_states[:, :, :0].clone()
+        self.window_values = value_states[:, :, :0].clone()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new (B, H, T, D) states and return the (B, H, seq, D) keys and values attention reads.
+
+        At a decode step (T == 1) of a model running kvcompress's attention function, the
+        return value is instead the (B, H, n_window, D) window, tagged with this layer: that
+        attention function reads the sinks, the codes and the window from the layer itself
+        (see `kvcompress.cache.attention`).
+        """
+        decode_step = key_states.shape[2] == 1
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        missing_sinks = self.sinks - self.sink_keys.shape[2]
+        if missing_sinks > 0 and self.n_compressed == 0 and self.window_keys.shape[2] == 0:
+            take = min(missing_sinks, key_states.shape[2])
+            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :take]], dim=2)
+            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=2)
+            key_states, value_states = key_states[:, :, take:], value_states[:, :, take:]
+        self.window_keys = torch.cat([self.window_keys, key_states], dim=2)
+        self.window_values = torch.cat([self.window_values, value_states], dim=2)
+        self._flush()
+        if decode_step and self._attention_reads_codes():
+            keys, values = self.window_keys.view_as(self.window_keys), self.window_values.view_as(self.window_values)
+            setattr(keys, LAYER_ATTRIBUTE, self)
+            return keys, values
+        return self.reconstruct()
+
+    def _attention_reads_codes(self) -> bool:
+        """Whether this step's attention is kvcompress's, which reads the codes (no autograd through it)."""
+        return (self.attention_config is not None and self.n_compressed > 0
+                and getattr(self.attention_config, "_attn_implementation", None) == ATTENTION_NAME
+                and not torch.is_grad_enabled())
+
+    def _flush(self) -> None:
+        """Compress every whole block that lies before the last `window` tokens."""
+        overflow = self.window_keys.shape[2] - self.window
+        n_tokens = (overflow // self.block_size) * self.block_size
+        if n_tokens <= 0:
+            return
+        keys = self.window_keys[:, :, :n_tokens]
+        if self.key_space is not None:  # positions of these tokens: after sinks and earlier blocks
+            keys = self.key_space.unrotate(keys, start=self.sink_keys.shape[2] + self.n_compressed)
+        values = self.window_values[:, :, :n_tokens]
+        new_keys, new_values = self.key_codec.encode(keys), self.value_codec.encode(values)
+        if self.monitor is not None:
+            self.monitor.observe(self.layer_idx, "key", keys, new_keys, self.key_codec, self.block_size)
+            self.monitor.observe(self.layer_idx, "value", values, new_values, self.value_codec, self.block_size)
+        self.stored_keys = _append(self.stored_keys, new_keys)
+        self.stored_values = _append(self.stored_values, new_values)
+        self.window_keys = self.window_keys[:, :, n_tokens:].clone()
+        self.window_values = self.window_values[:, :, n_tokens:].clone()
+        self.n_compressed += n_tokens
+
+    def reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of shape (B, H, seq, D) in the model dtype: what attention reads."""
+        # One preallocated (B, H, seq, D) output per call: codecs decode straight into their
+        # slice (`decode_into`), so decoded blocks are written once and never concatenated.
+        n_sinks, n_window = self.sink_keys.shape[2], self.window_keys.shape[2]
+        B, H, _, D = self.window_keys.shape
+        seq = n_sinks + self.n_compressed + n_window
+        keys = torch.empty(B, H, seq, D, dtype=self.dtype, device=self.device)
+        values = torch.empty(B, H, seq, self.window_values.shape[3], dtype=self.dtype, device=self.device)
+        keys[:, :, :n_sinks], values[:, :, :n_sinks] = self.sink_keys, self.sink_values
+        blocks = slice(n_sinks, n_sinks + self.n_compressed)
+        if self.stored_keys is not None:
+            if self.key_space is None:
+                self.key_codec.decode_into(self.stored_keys, keys[:, :, blocks])
+            else:  # decode and re-rotate in float32, then cast once
+                decoded = self.key_codec.decode(self.stored_keys, torch.float32)
+                keys[:, :, blocks] = self.key_space.rotate(decoded, start=n_sinks)
+            self.value_codec.decode_into(self.stored_values, values[:, :, blocks])
+        keys[:, :, blocks.stop:], values[:, :, blocks.stop:] = self.window_keys, self.window_values
+        return keys, values
+
+    def held_tokens(self) -> int:
+        """Tokens this layer holds (sinks + compressed + window)."""
+        if not self.is_initialized:
+            return 0
+        return self.sink_keys.shape[2] + self.n_compressed + self.window_keys.shape[2]
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far; a full-attention layer holds all of them."""
+        return self.held_tokens()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (a negative number, as in transformers).
+
+        Cropping inside the compressed region drops the blocks after the new end and puts the
+        surviving tokens of the cut block back into the window in their decoded form (exactly
+        what attention read), so they are compressed again when they next leave the window.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        new_length = max(self.held_tokens() + tokens_to_remove, 0)
+        n_sinks = self.sink_keys.shape[2]
+        if new_length >= n_sinks + self.n_compressed:
+            keep = new_length - n_sinks - self.n_compressed
+            self.window_keys = self.window_keys[:, :, :keep]
+            self.window_values = self.window_values[:, :, :keep]
+            return
+        if new_length <= n_sinks:
+            self.sink_keys = self.sink_keys[:, :, :new_length]
+            self.sink_values = self.sink_values[:, :, :new_length]
+            self.stored_keys = self.stored_values = None
+            self.n_compressed = 0
+            self.window_keys = self.window_keys[:, :, :0]
+            self.window_values = self.window_values[:, :, :0]
+            return
+        keep_compressed = new_length - n_sinks
+        keys, values = self.reconstruct()
+        whole = (keep_compressed // self.block_size) * self.block_size
+        self.window_keys = keys[:, :, n_sinks + whole:new_length].clone()
+        self.window_values = values[:, :, n_sinks + whole:new_length].clone()
+        if whole:  # keep the first `whole` (a multiple of block_size) compressed tokens
+            self.stored_keys = token_slice(self.stored_keys, self.n_compressed, 0, whole)
+            self.stored_values = token_slice(self.stored_values, self.n_compressed, 0, whole)
+        else:
+            self.stored_keys = self.stored_values = None
+        self.n_compressed = whole
+
+    def _map_storage(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply `fn` to every stored tensor (all have batch at dim 0)."""
+        if not self.is_initialized:
+            return
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        self.window_keys, self.window_values = fn(self.window_keys), fn(self.window_values)
+        if self.stored_keys is not None:
+            self.stored_keys = {name: fn(t) for name, t in self.stored_keys.items()}
+            self.stored_values = {name: fn(t) for name, t in self.stored_values.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch (beams) of the stored codes themselves: no decode/re-encode."""
+        self._map_storage(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_storage(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_storage(lambda t: t[indices, ...])
+
+    def offload(self) -> None:
+        self._map_storage(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map_storage(lambda t: t.to(self.device, non_blocking=True))
+
+    @property
+    def batch_size(self) -> int:
+        return self.sink_keys.shape[0]
+
+    # ---- memory ---------------------------------------------------------------------------
+
+    def memory(self) -> LayerMemory:
+        """Bytes of every stored tensor, by part; fp16 bytes of the same K and V."""
+        parts = {}
+        if self.is_initialized:
+            parts["sinks"] = stored_nbytes({"k": self.sink_keys, "v": self.sink_values})
+            parts["window"] = stored_nbytes({"k": self.window_keys, "v": self.window_values})
+            for prefix, stored in (("key", self.stored_keys), ("value", self.stored_values)):
+                for name, tensor in (stored or {}).items():
+                    parts[f"{prefix}_{name}"] = tensor.numel() * tensor.element_size()
+            B, H, _, D = self.sink_keys.shape
+            fp16 = 2 * B * H * self.held_tokens() * D * FP16_BYTES
+        else:
+            fp16 = 0
+        return LayerMemory(self.layer_idx, self.held_tokens(), self.n_compressed, parts, fp16)

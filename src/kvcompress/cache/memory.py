@@ -1,0 +1,64 @@
+"""What a compressed cache holds, in bytes: per layer by part, and the fp16 bytes of the same tokens.
+
+Figures come from the tensors a layer holds (`numel() * element_size()`), never from a formula.
+This module does not walk a cache (each layer reports its own `LayerMemory`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FP16_BYTES = 2
+
+
+@dataclass
+class LayerMemory:
+    """Bytes held by one layer, by part, and what the same tokens would take in fp16."""
+
+    layer: int
+    tokens: int
+    compressed_tokens: int
+    parts: dict[str, int]
+    fp16_bytes: int
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass
+class MemoryReport:
+    """Stored bytes of a whole cache vs the same cache in fp16."""
+
+    layers: list[LayerMemory] = field(default_factory=list)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(layer.stored_bytes for layer in self.layers)
+
+    @property
+    def fp16_bytes(self) -> int:
+        return sum(layer.fp16_bytes for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """fp16 bytes / stored bytes (0.0 for an empty cache)."""
+        return self.fp16_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "stored_bytes": self.stored_bytes,
+            "fp16_bytes": self.fp16_bytes,
+            "ratio": self.ratio,
+            "layers": [
+                {
+                    "layer": m.layer,
+                    "tokens": m.tokens,
+                    "compressed_tokens": m.compressed_tokens,
+                    "stored_bytes": m.stored_bytes,
+                    "fp16_bytes": m.fp16_bytes,
+                    "parts": dict(m.parts),
+                }
+                for m in self.layers
+            ],
+        }

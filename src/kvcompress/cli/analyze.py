@@ -1,0 +1,26 @@
+"""`kvcompress analyze`: the default breaking-point sweep plus its report (see `kvcompress.experiments.analysis`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..experiments.analysis import DEFAULT_SETTINGS, analyze, default_entries
+from .sweep import add_sweep_arguments, apply_threads, command_line, settings_from_args
+
+NAME = "analyze"
+HELP = ("breaking-point analysis of the default specs (quantization, Hadamard, low rank) on one model: sweep "
+        "then report; resumes if interrupted")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_sweep_arguments(parser, DEFAULT_SETTINGS, out_default="runs/analysis")
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
+    wall, cpu = time.perf_counter(), time.process_time()
+    path = analyze(args.out, settings_from_args(args), entries=default_entries(), progress=args.progress,
+                   command=command_line())
+    print(f"wrote {path}; {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU")
+    return 0

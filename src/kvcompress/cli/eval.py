@@ -1,0 +1,58 @@
+"""`kvcompress eval`: decode-faithful quality of one spec on one text (see `evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..measure.evaluate import decode_faithful_eval
+from ..presets import load_spec
+from .common import add_corpus_arguments, add_model_arguments, load_model_from_args, write_json
+
+NAME = "eval"
+HELP = "decode-faithful perplexity, KL and top-1 agreement of a spec vs the uncompressed cache"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", default="int4", help="preset name or .json/.yaml spec file")
+    parser.add_argument("--tokens", type=int, default=1024, help="evaluation tokens")
+    parser.add_argument("--json", default=None, help="write the result as JSON to this file")
+    parser.add_argument("--mode", default="chunked", choices=["chunked", "token"],
+                        help="chunked (fast) or one token per forward (slow; validates chunked)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--artifact", default=None,
+                        help="calibration artifact folder (from `kvcompress calibrate`) for low-rank specs; "
+                             "built automatically for the embedded model")
+    add_model_arguments(parser)
+    add_corpus_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..corpus import corpus_tokens
+    from ..models import model_id
+
+    spec = load_spec(args.spec)
+    model, tokenizer = load_model_from_args(args)
+    ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.tokens, path=args.corpus)
+    artifact, artifact_info = None, None
+    if args.artifact or spec.needs_artifact(model.config.get_text_config(decoder=True).num_hidden_layers):
+        from ..calibration import resolve_artifact
+
+        artifact = resolve_artifact(model, args.artifact)
+        artifact_info = {"path": str(artifact.path), "fingerprint": artifact.metadata["fingerprint"],
+                         "corpus": artifact.metadata["corpus"], "tokens": artifact.metadata["tokens"]}
+    result = decode_faithful_eval(model, ids, spec, mode=args.mode, progress=not args.no_progress,
+                                  artifact=artifact)
+    record = {"model": model_id(model), "corpus": args.corpus or "embedded:evaluation", "mode": args.mode,
+              "dtype": args.dtype, "artifact": artifact_info, **result.to_dict()}
+    lo, hi = result.ppl_change_ci95
+    print(f"spec        {args.spec}: {spec.describe()}")
+    print(f"tokens      {result.tokens} ({result.compressed_tokens} compressed per layer, {result.chunks} chunks)")
+    print(f"ratio       {result.compression_ratio:.2f}x  ({result.stored_bytes:,} stored bytes vs "
+          f"{result.fp16_bytes:,} in fp16)")
+    print(f"perplexity  {result.ppl_baseline:.3f} -> {result.ppl:.3f}  ({result.ppl_change:+.2%}, "
+          f"95% CI {lo:+.2%} .. {hi:+.2%})")
+    print(f"KL          {result.kl:.4f}")
+    print(f"top-1       {result.top1:.3f}")
+    if args.json:
+        print(f"wrote       {write_json(args.json, record)}")
+    return 0

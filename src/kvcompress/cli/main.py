@@ -1,0 +1,49 @@
+"""The `kvcompress` command line: one sub-command per module in `kvcompress.cli`.
+
+Each command module defines NAME, HELP, `add_arguments(parser)` and `run(args) -> int`.
+This module only dispatches; it holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = (
+    "kvcompress.cli.calibrate",
+    "kvcompress.cli.eval",
+    "kvcompress.cli.presets",
+    "kvcompress.cli.sweep",
+    "kvcompress.cli.report",
+    "kvcompress.cli.analyze",
+    "kvcompress.cli.bench",
+    "kvcompress.cli.tune",
+    "kvcompress.cli.measure_presets",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcompress", description="Real KV-cache compression for transformers, "
+                                     "with honestly measured quality.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"kvcompress {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them (see `measured_presets`).
+
+    kvcompress measure-presets                 # sweep, choose, verify; writes the shipped data file
+    kvcompress measure-presets --verify        # re-measure the shipped presets; exit 1 if one misses
+    kvcompress measure-presets --table         # print the shipped presets as a markdown table
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..io import parse_list
+from .common import add_model_arguments, load_model_from_args, write_json
+
+NAME = "measure-presets"
+HELP = "choose the named presets (lossless ... extreme) by measurement, or re-verify them with --verify"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..presets.measured import DATA_FILE
+    from ..tuning.preset_selection import (CANDIDATE_FAMILIES, DEFAULT_PASSKEY_LENGTHS, DEFAULT_SWEEP_OFFSET,
+                                           DEFAULT_SWEEP_TOKENS, DEFAULT_TARGETS, DEFAULT_VERIFY_TOKENS)
+
+    parser.add_argument("--verify", action="store_true",
+                        help="re-measure the presets of --file on held-out text; exit 1 if one misses its target")
+    parser.add_argument("--table", action="store_true",
+                        help="print the presets of --file as a markdown table (measures nothing)")
+    parser.add_argument("--file", default=str(DATA_FILE),
+                        help="measured-presets data file to write (or, with --verify, to check)")
+    parser.add_argument("--targets", default=",".join(f"{k}={v:g}" for k, v in DEFAULT_TARGETS.items()),
+                        help="preset=max mean KL, comma-separated")
+    parser.add_argument("--candidates", default="quant",
+                        help=f"comma-separated candidate families among {', '.join(CANDIDATE_FAMILIES)}")
+    parser.add_argument("--sweep-tokens", type=int, default=DEFAULT_SWEEP_TOKENS,
+                        help="tokens of the sweep text (calibration part of the embedded corpus)")
+    parser.add_argument("--sweep-offset", type=int, default=DEFAULT_SWEEP_OFFSET,
+                        help="first token of the sweep text in the calibration part (past calibration artifacts)")
+    parser.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS,
+                        help="held-out tokens (the start of the evaluation part, as `kvcompress eval` reads)")
+    parser.add_argument("--passkey-lengths", default=",".join(str(x) for x in DEFAULT_PASSKEY_LENGTHS),
+                        help="passkey prompt lengths in tokens, comma-separated")
+    parser.add_argument("--state", default=None,
+                        help="file of saved measurements (default: FILE.state.json beside a custom --file, else "
+                             "runs/measured_presets.state.json); a rerun resumes from it")
+    parser.add_argument("--json", default=None, help="with --verify: write the re-measured figures here")
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..corpus import corpus_tokens
+    from ..measure.evaluate import decode_faithful_eval
+    from ..presets.measured import DATA_FILE, load_measured
+    from ..tuning.preset_selection import parse_targets, select_presets, uniform_candidates, verify_presets
+    from ..tuning.tune import eval_figures
+
+    started = time.perf_counter()
+    if args.table:
+        from ..presets.measured import markdown_table
+
+        print(markdown_table(load_measured(args.file)))
+        return 0
+    if args.verify:
+        data = load_measured(args.file)
+        if not data["presets"]:
+            raise ValueError(f"{args.file} holds no presets; run `kvcompress measure-presets` first")
+        model, tokenizer = load_model_from_args(args)
+        tokens = data.get("texts", {}).get("verify", {}).get("tokens", args.verify_tokens)
+        ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=tokens)
+        store: dict = {}
+        print(f"re-measuring {len(data['presets'])} presets on {tokens} held-out tokens (embedded:evaluation)",
+              flush=True)
+        rows = verify_presets(data, lambda spec: eval_figures(decode_faithful_eval(
+            model, ids, spec, progress=False, baseline_store=store)))
+        failed = [r["name"] for r in rows if not r["met"]]
+        if args.json:
+            write_json(args.json, {"file": str(args.file), "tokens": tokens, "rows": rows})
+        print(f"time        {time.perf_counter() - started:.0f} s")
+        if failed:
+            print(f"kvcompress measure-presets: {len(failed)} preset(s) miss their target: {', '.join(failed)}",
+                  file=sys.stderr)
+            return 1
+        print("all presets meet their targets")
+        return 0
+    targets = parse_targets(args.targets)
+    lengths = parse_list(args.passkey_lengths, int, "--passkey-lengths value")
+    candidates = uniform_candidates(parse_list(args.candidates))
+    state = args.state or ("runs/measured_presets.state.json" if str(args.file) == str(DATA_FILE)
+                           else str(args.file) + ".state.json")
+    model, tokenizer = load_model_from_args(args)
+    command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
+    data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
+                          sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
+                          passkey_lengths=lengths, command=command,
+                          log=lambda line: print(line, flush=True))
+    path = write_json(args.file, data)
+    print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def _without_state(argv: list[str]) -> list[str]:
+    """The arguments minus `--state PATH` (a local file that does not shape the results)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--state":
+            skip = True
+        elif not arg.startswith("--state="):
+            out.append(arg)
+    return out

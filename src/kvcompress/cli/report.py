@@ -1,0 +1,20 @@
+"""`kvcompress report DIR`: markdown report and PNG plots of a sweep folder (see `kvcompress.experiments.report`)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "report"
+HELP = "write DIR/report.md and PNG plots from the JSON records of a sweep folder"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="a folder written by `kvcompress sweep` or `kvcompress analyze`")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiments.report import write_report
+
+    path = write_report(args.dir)
+    print(f"wrote {path} (and its PNG plots in {path.parent})")
+    return 0

@@ -1,1 +1,0 @@
-"""Sub-commands of the `kvcompress` CLI, one per module (see `kvcompress.cli`)."""

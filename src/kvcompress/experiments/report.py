@@ -1,0 +1,523 @@
+"""Report: turn a sweep folder's JSON records into `report.md` and PNG plots.
+
+Everything in the report is derived from the records by code; nothing is written by hand:
+
+- summary table: per spec, the real compression ratios, K/V cosine, attention-output error,
+  decode-faithful PPL change (with its bootstrap 95% interval), KL and top-1 agreement;
+- failure curves (`failure_curves.png`): cosine similarity and attention-output error of K
+  and V against bits (quantizers) and against rank (low-rank codecs), K and V on one plot;
+- failure boundaries: for every curve, the first setting (from the mildest down) whose mean
+  cosine falls below 0.99, 0.95, 0.90, 0.75 and 0.50;
+- safe zones: specs grouped by their decode-faithful PPL change (`ZONES`);
+- quality vs compression (`quality_vs_ratio.png`): KL and PPL change against the real
+  compression ratio of the evaluated cache, with the Pareto frontier highlighted;
+- per-layer sensitivity (`layer_sensitivity.png`): 1 - cosine per layer and spec, K and V;
+- passkey and generation-agreement tables, the uncompressed score beside the compressed one,
+  and a plain sentence wherever the uncompressed model itself fails.
+
+Curves use only specs without per-layer overrides; a K curve is the set of specs whose K
+codec differs only in bits (or rank), whatever their V codec (and vice versa), since the K
+figures of direct reconstruction do not depend on V.
+
+This module does not measure anything (see `sweep`) and never edits the records.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .sweep import BASELINE_FILE, CONFIG_FILE, load_records, read_record
+
+THRESHOLDS = (0.99, 0.95, 0.90, 0.75, 0.50)
+# (zone, upper bound of the decode-faithful PPL change): a spec is in the first zone whose bound it is below.
+ZONES = (("safe", 0.01), ("moderate", 0.05), ("aggressive", 0.20), ("extreme", math.inf))
+PLOTS = ("failure_curves.png", "quality_vs_ratio.png", "layer_sensitivity.png")
+_TENSORS = (("key", "K"), ("value", "V"))
+
+
+# --------------------------------------------------------------------------- curves from records
+
+
+@dataclass
+class Curve:
+    """One failure curve: a tensor (K or V), a codec family, points x -> metrics.
+
+    `axis` is "bits" or "rank"; `points` maps x to {"cosine", "attn_error"} (means over the
+    specs that share the setting, which give the same figures).
+    """
+
+    tensor: str
+    family: str
+    axis: str
+    points: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{dict(_TENSORS)[self.tensor]} {self.family}"
+
+    def ordered(self) -> list[tuple[int, dict[str, float]]]:
+        """Points from the mildest setting (most bits / highest rank) to the most aggressive."""
+        return sorted(self.points.items(), reverse=True)
+
+
+def _family(tensor_spec: dict, tensor: str = "value") -> tuple[str, str, int] | None:
+    """(family label, axis, x) of a K or V spec dict, or None for full precision.
+
+    Key labels say "pre-RoPE" where keys are compressed pre-RoPE, and "post-RoPE" for low-rank
+    keys compressed post-RoPE (where the difference is large); values carry no rotation.
+    """
+    method = tensor_spec.get("method", "quant")
+    space = ""
+    if tensor == "key" and tensor_spec.get("key_space") == "pre_rope":
+        space = " pre-RoPE"
+    elif tensor == "key" and method in ("lowrank", "lowrank+quant"):
+        space = " post-RoPE"
+    if method in ("quant", "hadamard+quant"):
+        prefix = "hadamard+" if method == "hadamard+quant" else ""
+        return f"{prefix}int/{tensor_spec['axis']}{tensor_spec['group_size']}{space}", "bits", tensor_spec["bits"]
+    if method == "lowrank":
+        return f"lowrank{space}", "rank", tensor_spec["rank"]
+    if method == "lowrank+quant":
+        return (f"lowrank+int{tensor_spec['bits']}/{tensor_spec['axis']}{tensor_spec['group_size']}{space}", "rank",
+                tensor_spec["rank"])
+    return None
+
+
+def _base(family: str) -> str:
+    """A family label without its key-space suffix."""
+    return family.replace(" pre-RoPE", "").replace(" post-RoPE", "")
+
+
+def ok_records(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def curves(records: list[dict]) -> list[Curve]:
+    """Failure curves from the records' reconstruction figures (see module doc)."""
+    sums: dict[tuple, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for record in ok_records(records):
+        if record["spec"].get("layers"):
+            continue
+        mean = record["reconstruction"]["mean"]
+        for tensor, _ in _TENSORS:
+            fam = _family(record["spec"][tensor], tensor)
+            if fam is None:
+                continue
+            label, axis, x = fam
+            variant = "key_only" if tensor == "key" else "value_only"
+            sums[(tensor, label, axis)][x].append((mean[tensor]["cosine"], mean["attention"][variant]["rel_error"]))
+    out = []
+    for (tensor, label, axis), points in sums.items():
+        curve = Curve(tensor, label, axis)
+        for x, values in points.items():
+            curve.points[x] = {"cosine": sum(v[0] for v in values) / len(values),
+                               "attn_error": sum(v[1] for v in values) / len(values)}
+        out.append(curve)
+    return sorted(out, key=lambda c: (c.axis, c.family, c.tensor))
+
+
+def failure_boundary(curve: Curve, threshold: float) -> tuple[int, float] | None:
+    """The first setting (mildest first) whose cosine is below `threshold`, with that cosine; None if none."""
+    for x, metrics in curve.ordered():
+        if metrics["cosine"] < threshold:
+            return x, metrics["cosine"]
+    return None
+
+
+def zone_of(ppl_change: float) -> str:
+    for name, bound in ZONES:
+        if ppl_change < bound:
+            return name
+    return ZONES[-1][0]
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Points (ratio, loss, label) not dominated by another with ratio >= and loss <= (one strictly).
+
+    Returned by increasing ratio.
+    """
+    front = []
+    for r, q, label in points:
+        dominated = any((r2 >= r and q2 <= q) and (r2 > r or q2 < q) for r2, q2, _ in points)
+        if not dominated:
+            front.append((r, q, label))
+    return sorted(front)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _f(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x * 100:+.2f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _spec_text(tensor_spec: dict) -> str:
+    from ..spec import TensorSpec
+
+    return TensorSpec.from_dict(tensor_spec).describe()
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_failure_curves(all_curves: list[Curve], path: Path) -> Path | None:
+    """Cosine and attention-output error vs bits and vs rank, K solid, V dashed; None if no curve."""
+    axes_used = [a for a in ("bits", "rank") if any(c.axis == a for c in all_curves)]
+    if not axes_used:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(axes_used), figsize=(6.2 * len(axes_used), 8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    family_color: dict[str, str] = {}
+    for col, axis in enumerate(axes_used):
+        for curve in [c for c in all_curves if c.axis == axis]:
+            color = family_color.setdefault(curve.family, colors[len(family_color) % len(colors)])
+            xs = sorted(curve.points)
+            style = "-" if curve.tensor == "key" else "--"
+            marker = "o" if curve.tensor == "key" else "s"
+            axes[0][col].plot(xs, [curve.points[x]["cosine"] for x in xs], style, marker=marker, color=color,
+                              label=curve.name)
+            axes[1][col].plot(xs, [max(curve.points[x]["attn_error"], 1e-6) for x in xs], style, marker=marker,
+                              color=color, label=curve.name)
+        for t in THRESHOLDS[:3]:
+            axes[0][col].axhline(t, color="grey", linewidth=0.6, linestyle=":")
+        axes[0][col].set_title(f"reconstruction cosine vs {axis}")
+        axes[0][col].set_ylabel("mean cosine similarity (per token vector)")
+        axes[1][col].set_title(f"attention-output error vs {axis}")
+        axes[1][col].set_ylabel("relative error of softmax(QKᵀ)V")
+        axes[1][col].set_yscale("log")
+        for row in (0, 1):
+            axes[row][col].set_xlabel(axis)
+            axes[row][col].grid(alpha=0.3)
+            axes[row][col].legend(fontsize=7)
+    fig.suptitle("Failure curves (K solid, V dashed; codec only, every token after the sinks compressed)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def quality_points(records: list[dict]) -> list[dict]:
+    """Per evaluated ok record: label, ratio (evaluated cache), KL, PPL change."""
+    out = []
+    for r in ok_records(records):
+        ev = r.get("eval")
+        if ev:
+            out.append({"label": r["label"], "ratio": ev["compression_ratio"], "kl": ev["kl"],
+                        "ppl_change": ev["ppl_change"]})
+    return out
+
+
+def plot_quality(records: list[dict], path: Path) -> Path | None:
+    """KL and PPL change vs real compression ratio, Pareto frontier highlighted; None if nothing evaluated."""
+    points = quality_points(records)
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    for ax, metric, title in ((axes[0], "kl", "mean KL(uncompressed || compressed)"),
+                              (axes[1], "ppl_change", "perplexity change")):
+        floor = 1e-6 if metric == "kl" else None
+        pts = [(p["ratio"], max(p[metric], floor) if floor else p[metric], p["label"]) for p in points]
+        front = pareto_front(pts)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", alpha=0.6, label="spec")
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-o", color="tab:red", label="Pareto frontier")
+        for r, q, label in pts:
+            ax.annotate(label, (r, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if metric == "kl":
+            ax.set_yscale("log")
+        else:
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y * 100:+.0f}%"))
+        ax.set_xlabel("real compression ratio of the evaluated cache (fp16 bytes / stored bytes)")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Decode-faithful quality vs compression (lower is better; frontier: nothing both smaller and "
+                 "better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_sensitivity(records: list[dict], path: Path) -> Path | None:
+    """Heat map of 1 - cosine, layers x specs, for K and for V; None if no record has layers."""
+    recs = [r for r in ok_records(records) if r.get("reconstruction", {}).get("layers")]
+    if not recs:
+        return None
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    n_layers = max(len(r["reconstruction"]["layers"]) for r in recs)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.0 + 0.45 * len(recs)) * 1.6, 0.22 * n_layers + 3),
+                             squeeze=False)
+    for ax, (tensor, short) in zip(axes[0], _TENSORS):
+        grid = np.full((n_layers, len(recs)), np.nan)
+        for j, r in enumerate(recs):
+            for layer in r["reconstruction"]["layers"]:
+                grid[layer["layer"], j] = max(1.0 - layer[tensor]["cosine"], 1e-7)
+        image = ax.imshow(grid, aspect="auto", cmap="magma_r", norm=LogNorm(vmin=1e-5, vmax=1.0),
+                          interpolation="nearest")
+        ax.set_xticks(range(len(recs)), [r["label"] for r in recs], rotation=70, fontsize=7)
+        ax.set_ylabel("layer")
+        ax.set_title(f"{short}: 1 - cosine per layer")
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def summary_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["spec", "K", "V", "codec ratio", "eval ratio", "K cos", "V cos", "attn err", "PPL change",
+              "PPL 95% CI", "KL", "top-1", "zone"]
+    rows = []
+    for r in ok_records(records):
+        rec, ev = r["reconstruction"], r.get("eval")
+        mean = rec["mean"]
+        row = [r["label"], _spec_text(r["spec"]["key"]), _spec_text(r["spec"]["value"]), _f(rec["codec_ratio"], 2),
+               _f(ev["compression_ratio"], 2) if ev else "n/a", _f(mean["key"]["cosine"]),
+               _f(mean["value"]["cosine"]), _f(mean["attention"]["both"]["rel_error"])]
+        if ev:
+            lo, hi = ev["ppl_change_ci95"]
+            row += [_pct(ev["ppl_change"]), f"{_pct(lo)} .. {_pct(hi)}", _f(ev["kl"]), _f(ev["top1"], 3),
+                    zone_of(ev["ppl_change"])]
+        else:
+            row += ["n/a"] * 5
+        rows.append(row)
+    return header, rows
+
+
+def boundary_rows(all_curves: list[Curve]) -> tuple[list[str], list[list[str]]]:
+    header = ["cosine below"] + [f"{c.name} ({c.axis})" for c in all_curves]
+    rows = []
+    for t in THRESHOLDS:
+        row = [f"{t:.2f}"]
+        for c in all_curves:
+            hit = failure_boundary(c, t)
+            if hit is None:
+                mildest, worst = max(c.points), min(c.points)
+                row.append(f"none ({c.axis} {mildest}..{worst})")
+            else:
+                row.append(f"{c.axis} {hit[0]} ({hit[1]:.3f})")
+        rows.append(row)
+    return header, rows
+
+
+def zone_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["zone", "PPL change", "specs (eval ratio, PPL change)"]
+    members: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for r in ok_records(records):
+        ev = r.get("eval")
+        if ev:
+            members[zone_of(ev["ppl_change"])].append(
+                (ev["compression_ratio"], f"{r['label']} ({ev['compression_ratio']:.2f}x, {_pct(ev['ppl_change'])})"))
+    rows, lower = [], -math.inf
+    for name, bound in ZONES:
+        span = (f"< {bound * 100:+.0f}%" if lower == -math.inf else
+                f">= {lower * 100:+.0f}%" if bound == math.inf else f"{lower * 100:+.0f}% .. {bound * 100:+.0f}%")
+        specs = ", ".join(text for _, text in sorted(members[name], reverse=True)) or "none"
+        rows.append([name, span, specs])
+        lower = bound
+    return header, rows
+
+
+def passkey_rows(records: list[dict], baseline: dict | None) -> tuple[list[str], list[list[str]], list[str]]:
+    """Passkey table (compressed accuracy, uncompressed beside) and sentences on baseline failures."""
+    base = (baseline or {}).get("passkey")
+    with_pk = [r for r in ok_records(records) if "passkey" in r.get("tasks", {})]
+    if not base and not with_pk:
+        return [], [], []
+    base = base or with_pk[0]["tasks"]["passkey"]["uncompressed"]
+    lengths = list(base["by_length"])
+    header = ["spec"] + [f"{n} tokens" for n in lengths] + ["all"]
+    rows = [["uncompressed"] + [_f(base["by_length"][n], 2) for n in lengths] + [_f(base["accuracy"], 2)]]
+    for r in with_pk:
+        pk = r["tasks"]["passkey"]
+        unc = pk["uncompressed"]
+        rows.append([r["label"]] + [f"{_f(pk['by_length'][n], 2)} ({_f(unc['by_length'][n], 2)})" for n in lengths]
+                    + [f"{_f(pk['accuracy'], 2)} ({_f(unc['accuracy'], 2)})"])
+    notes = []
+    for n in lengths:
+        if base["by_length"][n] < 1.0:
+            failed = [c for c in base.get("cases", []) if str(c["length"]) == n and not c["correct"]]
+            where = ", ".join(f"depth {c['depth']:.0%} answered {c['answer'].strip()!r}" for c in failed)
+            notes.append(f"The uncompressed model itself fails the passkey task at {n} tokens (accuracy "
+                         f"{base['by_length'][n]:.2f}{'; ' + where if where else ''}): at that length a compressed "
+                         "score is bounded by the model, not by the cache.")
+    return header, rows, notes
+
+
+def agreement_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    with_ag = [r for r in ok_records(records) if "agreement" in r.get("tasks", {})]
+    header = ["spec", "prompts", "mean matching prefix (tokens)", "prefix fraction", "exact-match rate"]
+    rows = [[r["label"], str(ag["prompts"]), _f(ag["mean_prefix"], 1), _f(ag["mean_prefix_fraction"], 3),
+             _f(ag["exact_match_rate"], 2)] for r in with_ag for ag in [r["tasks"]["agreement"]]]
+    return header, rows
+
+
+def findings(records: list[dict], all_curves: list[Curve]) -> list[str]:
+    """Plain statements derived from the data (no hand-written numbers)."""
+    lines = []
+    evaluated = [r for r in ok_records(records) if r.get("eval")]
+    if evaluated:
+        for zone, bound in ZONES[:2]:
+            members = [r for r in evaluated if r["eval"]["ppl_change"] < bound]
+            if members:
+                best = max(members, key=lambda r: (r["eval"]["compression_ratio"], -r["eval"]["ppl_change"]))
+                lines.append(f"Highest compression with a PPL change below {bound:+.0%} ({zone} zone or better): "
+                             f"**{best['label']}** at {best['eval']['compression_ratio']:.2f}x of the evaluated "
+                             f"cache (codec {best['reconstruction']['codec_ratio']:.2f}x), PPL change "
+                             f"{_pct(best['eval']['ppl_change'])}, KL {best['eval']['kl']:.4f}.")
+            else:
+                lines.append(f"No evaluated spec has a PPL change below {bound:+.0%}.")
+    for v in [c for c in all_curves if c.tensor == "value"]:
+        for k in [c for c in all_curves if c.tensor == "key" and c.axis == v.axis and _base(c.family) == v.family]:
+            common = sorted(set(k.points) & set(v.points), reverse=True)
+            if common:
+                v_worse = sum(v.points[x]["cosine"] < k.points[x]["cosine"] for x in common)
+                lines.append(f"{v.name} vs {k.name}: V reconstructs worse than K (lower mean cosine) at {v_worse} "
+                             f"of {len(common)} common {v.axis} settings.")
+    keys = {c.family: c for c in all_curves if c.tensor == "key"}
+    for family, pre in sorted(keys.items()):
+        if not family.endswith(" pre-RoPE"):
+            continue
+        post = keys.get(_base(family) + " post-RoPE") or keys.get(_base(family))
+        common = sorted(set(pre.points) & set(post.points), reverse=True) if post else []
+        if common:
+            text = ", ".join(f"{x}: {pre.points[x]['cosine']:.3f} vs {post.points[x]['cosine']:.3f}" for x in common)
+            lines.append(f"K {_base(family)}, pre-RoPE vs post-RoPE mean cosine by {pre.axis}: {text}.")
+    return lines
+
+
+def _settings_lines(config: dict | None, baseline: dict | None, records: list[dict]) -> list[str]:
+    lines = []
+    if config:
+        s = config.get("settings", {})
+        lines.append(f"- model: {records[0].get('model') if records else s.get('model')}; dtype {s.get('dtype')}; "
+                     f"corpus: {s.get('corpus') or 'held-out part of the embedded corpus'}")
+        lines.append(f"- direct reconstruction: {s.get('recon_tokens')} tokens captured; decode-faithful evaluation: "
+                     f"{s.get('eval_tokens')} tokens")
+        if s.get("tasks"):
+            lines.append(f"- tasks: {', '.join(s['tasks'])}; passkey lengths {s.get('passkey_lengths')}, depths "
+                         f"{s.get('passkey_depths')}, format {s.get('passkey_format')!r}; agreement "
+                         f"{s.get('agreement_prompts')} prompts x {s.get('agreement_prompt_tokens')} tokens, "
+                         f"{s.get('agreement_new_tokens')} new tokens")
+        if config.get("command"):
+            lines.append(f"- command: `{config['command']}`")
+    if baseline and "capture_check_max_error" in baseline:
+        lines.append(f"- capture self-check: attention recomputed from the captured Q, K, V matches the model's own "
+                     f"output to a relative error of {baseline['capture_check_max_error']:.2g} (worst layer)")
+    if records:
+        lines.append(f"- versions: kvcompress {records[0].get('kvcompress')}, transformers "
+                     f"{records[0].get('transformers')}, torch {records[0].get('torch')}")
+    return lines
+
+
+def write_report(out_dir: str | os.PathLike) -> Path:
+    """Write `report.md` and the PNG plots into the sweep folder `out_dir`; returns the report path."""
+    out = Path(out_dir)
+    records = load_records(out)
+    if not records:
+        raise ValueError(f"{out} holds no sweep records ({out}/records/*.json); run `kvcompress sweep --out {out}` "
+                         "first")
+    config, baseline = read_record(out / CONFIG_FILE), read_record(out / BASELINE_FILE)
+    all_curves = curves(records)
+    plots = {name: fn for name, fn in zip(PLOTS, (
+        lambda p: plot_failure_curves(all_curves, p), lambda p: plot_quality(records, p),
+        lambda p: plot_layer_sensitivity(records, p)))}
+    written = {name: fn(out / name) for name, fn in plots.items()}
+    md = ["# KV-cache compression: breaking-point report", ""]
+    md += _settings_lines(config, baseline, records) + [""]
+    md += ["Direct reconstruction runs each spec's codecs over the captured keys and values with no "
+           "full-precision window (the spec's sinks kept): every other token is decoded from stored codes. "
+           "`codec ratio` is fp16 bytes / stored bytes of that cache; `eval ratio` is that of the real cache (with "
+           "its window) at the end of the evaluation text. `attn err` is the relative error of the attention output "
+           "with the real queries when both K and V are compressed. PPL change, KL and top-1 are decode-faithful "
+           "(each chunk reads the compressed cache of all earlier ones), against the uncompressed model on the "
+           "same chunks.", ""]
+    lines = findings(records, all_curves)
+    if lines:
+        md += ["## Findings", ""] + [f"- {line}" for line in lines] + [""]
+    header, rows = summary_rows(records)
+    md += ["## Summary", "", _table(header, rows), ""]
+    if written["failure_curves.png"]:
+        md += ["## Failure curves", "", "![failure curves](failure_curves.png)", ""]
+    if all_curves:
+        header, rows = boundary_rows(all_curves)
+        md += ["## Failure boundaries", "",
+               "First setting, from the mildest down, whose mean cosine similarity falls below each threshold "
+               "(its cosine in brackets); `none` when no measured setting does (the measured range in brackets).", "",
+               _table(header, rows), ""]
+    header, rows = zone_rows(records)
+    md += ["## Safe zones", "", "Specs grouped by decode-faithful perplexity change (highest compression first).",
+           "", _table(header, rows), ""]
+    if written["quality_vs_ratio.png"]:
+        md += ["## Quality vs compression", "", "![quality vs ratio](quality_vs_ratio.png)", ""]
+    if written["layer_sensitivity.png"]:
+        md += ["## Per-layer sensitivity", "", "![layer sensitivity](layer_sensitivity.png)", ""]
+    header, rows, notes = passkey_rows(records, baseline)
+    if rows:
+        md += ["## Passkey retrieval", "",
+               "Accuracy per prompt length (exact match of the 5-digit key), uncompressed in brackets.", "",
+               _table(header, rows), ""] + [f"**{note}**" for note in notes] + ([""] if notes else [])
+        if not notes:
+            md += ["The uncompressed model finds every key at every measured length.", ""]
+    header, rows = agreement_rows(records)
+    if rows:
+        md += ["## Generation agreement", "", "Greedy continuations with the compressed cache vs the uncompressed "
+               "one, same prompts.", "", _table(header, rows), ""]
+    errors = [r for r in records if r.get("status") != "ok"]
+    if errors:
+        md += ["## Specs that failed", ""] + [f"- **{r['label']}**: {r.get('error')}" for r in errors] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def parse_markdown_table(markdown: str, first_header: str, section: str | None = None) -> list[dict[str, str]]:
+    """Rows (header -> cell) of the first table in `markdown` (after the heading `## section`, if
+    given) whose first header cell is `first_header`."""
+    lines = markdown.splitlines()
+    start = lines.index(f"## {section}") if section is not None else 0
+    for i, line in enumerate(lines[start:], start):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_header:
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(cells, (c.strip() for c in row.strip().strip("|").split("|")))))
+            return rows
+    raise ValueError(f"no table with first column {first_header!r}")
+

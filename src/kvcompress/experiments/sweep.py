@@ -1,0 +1,524 @@
+"""Sweep: measure many specs (reconstruction, decode-faithful quality, tasks), one JSON record each.
+
+    entries = parse_specs("int8,int4,my_spec.yaml")          # or a grid file, see `load_grid`
+    run_sweep(entries, "runs/sweep", SweepSettings(tasks=("passkey",)))
+
+For every spec the sweep writes `OUT/records/<label>.json` as soon as that spec is done
+(written to a temporary file, then renamed, so a record is either whole or absent):
+
+    {"label", "key", "status": "ok" | "error", "spec", "describe", "settings", "model",
+     "reconstruction": {...}  (see `reconstruction.direct_reconstruction`),
+     "eval": {...}            (see `evaluate.EvalResult`),
+     "tasks": {"passkey": {..., "uncompressed": {...}}, "agreement": {...}},
+     "error", "traceback"     (only when status is "error"),
+     "timing": {phase: {"wall_s", "cpu_s"}}}
+
+`key` is a hash of the resolved spec and the settings that shape the record. Rerunning the
+same sweep skips every spec whose record exists with the same key and status "ok" and leaves
+that file untouched (so an interrupted sweep resumes and loses nothing already measured);
+records with an error are measured again. A spec that raises gets an error record and the
+sweep goes on (KeyboardInterrupt stops it). The uncompressed figures are measured in the same
+run: the PPL baseline inside every evaluation, the tasks once per sweep (`OUT/baseline.json`,
+reused on resume when its key matches). `OUT/config.json` holds the resolved settings and
+specs.
+
+A grid file (YAML or JSON) lists specs and/or grids:
+
+    specs:                       # presets, spec files (relative to the grid file), inline specs,
+      - int4                     # or {spec: ..., label: ..., tasks: false, eval: false}
+      - {label: v2, spec: {key: {method: none}, value: {bits: 2, axis: token, group_size: 32}}}
+    grids:                       # each: the cartesian product of `vary` applied to `base`
+      - name: "lowrank{key.rank}"            # label template; {dotted.field} is replaced
+        base: {key: {method: lowrank, key_space: pre_rope}, value: {method: lowrank}}
+        vary: {"key.rank,value.rank": [48, 32, 16]}   # "a,b": both fields take each value
+        tasks: false                          # optional, for every spec of the grid (as is eval)
+
+`tasks: false` leaves the tasks out for that spec; `eval: false` leaves out decode-faithful
+evaluation and the tasks, keeping only direct reconstruction (cheap: a curve can have many
+points, the expensive measurements a few).
+
+This module does not draw plots or tables (see `report`) and does not define the metrics
+(see `reconstruction`, `evaluate`, `tasks`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..spec import CacheSpec
+from ..io import content_hash, parse_list, write_json_atomic
+from ..presets import load_spec
+from ..measure.tasks import PASSKEY_DEPTHS, PASSKEY_LENGTHS, PROMPT_FORMATS
+
+TASKS = ("passkey", "agreement")
+RECORDS_DIR = "records"
+CONFIG_FILE = "config.json"
+BASELINE_FILE = "baseline.json"
+RECORD_FORMAT = 1
+_TASK_SETTINGS = ("tasks", "passkey_lengths", "passkey_depths", "passkey_format", "seed", "agreement_prompts",
+                  "agreement_prompt_tokens", "agreement_new_tokens", "agreement_dataset")
+
+
+@dataclass(frozen=True)
+class SpecEntry:
+    """One spec of a sweep: a unique label, the resolved spec, whether decode-faithful evaluation
+    and the tasks run on it (direct reconstruction always does; it is cheap)."""
+
+    label: str
+    spec: CacheSpec
+    tasks: bool = True
+    eval: bool = True
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "spec": self.spec.to_dict(), "tasks": self.tasks, "eval": self.eval}
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything besides the spec that shapes a record (defaults, then files, then CLI flags).
+
+    Attributes:
+        model: model name/path for `load_model` (None: the embedded SmolLM2-135M-Instruct).
+        dtype, device: how the model is loaded.
+        corpus: a UTF-8 text file to evaluate on (None: the held-out part of the embedded corpus).
+        eval_tokens: tokens of decode-faithful evaluation.
+        recon_tokens: tokens captured for direct reconstruction.
+        tasks: names from TASKS to run (on the entries whose `tasks` flag is set).
+        passkey_lengths, passkey_depths, passkey_format, seed: see `tasks.passkey_cases`.
+        agreement_prompts, agreement_prompt_tokens, agreement_new_tokens: generation agreement.
+        agreement_dataset: a `datasets` name whose "text" column gives the agreement prompts
+            (needs the library and hub access; None: the evaluation text).
+        artifact: calibration artifact folder for low-rank specs (None: the embedded model's).
+    """
+
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    corpus: str | None = None
+    eval_tokens: int = 1024
+    recon_tokens: int = 512
+    tasks: tuple[str, ...] = ()
+    passkey_lengths: tuple[int, ...] = PASSKEY_LENGTHS
+    passkey_depths: tuple[float, ...] = PASSKEY_DEPTHS
+    passkey_format: str = "plain"
+    seed: int = 0
+    agreement_prompts: int = 4
+    agreement_prompt_tokens: int = 256
+    agreement_new_tokens: int = 32
+    agreement_dataset: str | None = None
+    artifact: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "passkey_lengths", tuple(int(x) for x in self.passkey_lengths))
+        object.__setattr__(self, "passkey_depths", tuple(float(x) for x in self.passkey_depths))
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; allowed: {list(TASKS)}")
+        if self.passkey_format not in PROMPT_FORMATS:
+            raise ValueError(f"passkey_format must be one of {PROMPT_FORMATS}, got {self.passkey_format!r}")
+        for name in ("eval_tokens", "recon_tokens", "agreement_prompts", "agreement_prompt_tokens",
+                     "agreement_new_tokens"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be at least 2, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in ("tasks", "passkey_lengths", "passkey_depths"):
+            out[name] = list(out[name])
+        return out
+
+    def baseline_dict(self) -> dict:
+        """The settings the uncompressed task figures depend on."""
+        keep = ("model", "dtype", "device", "corpus", "tasks", "passkey_lengths", "passkey_depths",
+                "passkey_format", "seed", "agreement_prompts", "agreement_prompt_tokens", "agreement_new_tokens",
+                "agreement_dataset")
+        return {k: v for k, v in self.to_dict().items() if k in keep}
+
+
+# --------------------------------------------------------------------------- spec lists and grids
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "spec"
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"grid field {dotted!r}: {part!r} is not a mapping")
+    node[parts[-1]] = value
+
+
+def _get_dotted(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"name template field {{{dotted}}} is not set in the spec")
+        node = node[part]
+    return node
+
+
+def expand_grid(grid: dict) -> list[tuple[str, dict]]:
+    """(label, spec dict) for every combination of `grid["vary"]` applied to `grid["base"]`."""
+    allowed = {"name", "base", "vary", "tasks", "eval"}
+    if not isinstance(grid, dict) or set(grid) - allowed:
+        raise ValueError(f"a grid must be a mapping with keys among {sorted(allowed)}, got {grid!r}")
+    base = grid.get("base", {})
+    vary = grid.get("vary", {})
+    if not isinstance(base, dict) or not isinstance(vary, dict) or not vary:
+        raise ValueError("a grid needs a 'base' spec mapping and a non-empty 'vary' mapping of field: [values]")
+    for fields_text, values in vary.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"grid field {fields_text!r} needs a non-empty list of values, got {values!r}")
+    out = []
+    for combo in itertools.product(*vary.values()):
+        spec = copy.deepcopy(base)
+        parts = []
+        for fields_text, value in zip(vary, combo):
+            for dotted in fields_text.split(","):
+                _set_dotted(spec, dotted.strip(), value)
+            parts.append(f"{fields_text}={value}")
+        template = grid.get("name")
+        if template:
+            label = re.sub(r"\{([\w.]+)\}", lambda m: str(_get_dotted(spec, m.group(1))), template)
+        else:
+            label = ",".join(parts)
+        spec.setdefault("name", label)
+        out.append((label, spec))
+    return out
+
+
+def _entry(item: Any, where: Path | None) -> SpecEntry:
+    """A SpecEntry from a preset name, spec file, inline spec dict, or {spec, label, tasks, eval}."""
+    label, tasks, evaluate = None, True, True
+    if isinstance(item, dict) and "spec" in item:
+        extra = set(item) - {"spec", "label", "tasks", "eval"}
+        if extra:
+            raise ValueError(f"a spec entry with 'spec' may only have 'label', 'tasks' and 'eval' besides, "
+                             f"got {sorted(extra)}")
+        label, tasks, evaluate = item.get("label"), bool(item.get("tasks", True)), bool(item.get("eval", True))
+        item = item["spec"]
+    if isinstance(item, str) and where is not None and (where / item).is_file():
+        item = str(where / item)
+    spec = load_spec(item)
+    if label is None:
+        label = spec.name or (Path(item).stem if isinstance(item, str) else None)
+    if not label:
+        raise ValueError(f"spec {spec.describe()} has no name; give it a 'name' or a 'label'")
+    if spec.name is None:
+        spec = dataclasses.replace(spec, name=label)
+    return SpecEntry(str(label), spec, tasks=tasks and evaluate, eval=evaluate)
+
+
+def load_grid(data: dict | list, where: Path | None = None) -> list[SpecEntry]:
+    """Entries of a grid file's content (see module doc); `where` resolves relative spec paths."""
+    if isinstance(data, list):
+        data = {"specs": data}
+    if not isinstance(data, dict) or not data or set(data) - {"specs", "grids"}:
+        raise ValueError("a grid file must be a list of specs or a mapping with 'specs' and/or 'grids'")
+    entries = [_entry(item, where) for item in data.get("specs") or []]
+    for grid in data.get("grids") or []:
+        flags = {k: bool(grid[k]) for k in ("tasks", "eval") if isinstance(grid, dict) and k in grid}
+        entries += [_entry({"spec": spec, "label": label, **flags}, where) for label, spec in expand_grid(grid)]
+    return check_unique(entries)
+
+
+def check_unique(entries: list[SpecEntry]) -> list[SpecEntry]:
+    seen: dict[str, str] = {}
+    for entry in entries:
+        slug = _slug(entry.label)
+        if slug in seen:
+            raise ValueError(f"two specs share the label {entry.label!r} (record file {slug}.json); "
+                             "give them different names")
+        seen[slug] = entry.label
+    if not entries:
+        raise ValueError("no specs to sweep")
+    return entries
+
+
+def _read_structured(path: Path) -> Any:
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as err:  # yaml and json raise their own error types
+        raise ValueError(f"{path} is not valid {path.suffix[1:].upper()}: {err}") from err
+
+
+def parse_specs(text: str) -> list[SpecEntry]:
+    """Entries from a comma-separated list of presets / spec files, or from one grid file."""
+    items = list(parse_list(text))
+    if not items:
+        raise ValueError("--specs is empty; give preset names, spec files or a grid file")
+    if len(items) == 1 and Path(items[0]).suffix in (".yaml", ".yml", ".json") and Path(items[0]).is_file():
+        path = Path(items[0])
+        data = _read_structured(path)
+        if isinstance(data, list) or (isinstance(data, dict) and data and set(data) <= {"specs", "grids"}):
+            return load_grid(data, path.parent)
+    return check_unique([_entry(item, None) for item in items])
+
+
+# --------------------------------------------------------------------------- records
+
+
+def record_key(entry: SpecEntry, settings: SweepSettings) -> str:
+    """Hash of what shapes the record: the resolved spec, the settings, whether tasks run on it."""
+    shaping = settings.to_dict()
+    if not (entry.tasks and settings.tasks):  # task settings do not shape a record without tasks
+        shaping = {k: v for k, v in shaping.items() if k not in _TASK_SETTINGS}
+    if not entry.eval:
+        shaping.pop("eval_tokens")
+    payload = {"format": RECORD_FORMAT, "spec": entry.spec.to_dict(), "settings": shaping,
+               "tasks": list(settings.tasks) if entry.tasks else [], "eval": entry.eval}
+    return content_hash(payload)
+
+
+def record_path(out_dir: str | os.PathLike, label: str) -> Path:
+    return Path(out_dir) / RECORDS_DIR / f"{_slug(label)}.json"
+
+
+def read_record(path: Path) -> dict | None:
+    """The record at `path`, or None if it is absent or unreadable (then it is measured again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_records(out_dir: str | os.PathLike) -> list[dict]:
+    """Records of a sweep folder, in the order of its config.json (else by file name)."""
+    out = Path(out_dir)
+    config = read_record(out / CONFIG_FILE)
+    if config and config.get("specs"):
+        paths = [record_path(out, spec["label"]) for spec in config["specs"]]
+    else:
+        paths = sorted((out / RECORDS_DIR).glob("*.json"))
+    records = [read_record(path) for path in paths if path.is_file()]
+    return [r for r in records if r is not None]
+
+
+class _Timer:
+    """Wall and CPU seconds of named phases."""
+
+    def __init__(self):
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+            def __exit__(self, *exc):
+                timer.phases[name] = {"wall_s": round(time.perf_counter() - self.wall, 2),
+                                      "cpu_s": round(time.process_time() - self.cpu, 2)}
+
+        return _Phase()
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class _Context:
+    """What every spec of a sweep shares: the model, its text, the capture and the baseline."""
+
+    model: Any
+    tokenizer: Any
+    settings: SweepSettings
+    eval_ids: Any = None
+    capture: Any = None
+    baseline: dict = field(default_factory=dict)
+    passkey: list = field(default_factory=list)
+    agreement: list = field(default_factory=list)
+    baseline_logits: dict = field(default_factory=dict)  # see evaluate.decode_faithful_eval(baseline_store=)
+
+
+def _environment(model) -> dict:
+    import torch
+    import transformers
+
+    from .._version import __version__
+    from ..models import model_id
+
+    return {"model": model_id(model), "kvcompress": __version__, "transformers": transformers.__version__,
+            "torch": torch.__version__.split("+")[0]}
+
+
+def _prepare(ctx: _Context, out: Path, progress: bool, log: Callable[[str], None]) -> None:
+    from ..corpus import corpus_tokens, load_text
+    from ..measure.reconstruction import capture_states
+    from ..measure.tasks import agreement_prompts, dataset_texts, greedy_continuations, passkey_cases, prompts_from_texts
+    from ..measure.tasks import run_passkey
+
+    s, tok = ctx.settings, ctx.tokenizer
+    ctx.eval_ids = corpus_tokens(tok, part="evaluation", n_tokens=s.eval_tokens, path=s.corpus)
+    timer = _Timer()
+    with timer("capture"):
+        ctx.capture = capture_states(ctx.model, corpus_tokens(tok, part="evaluation", n_tokens=s.recon_tokens,
+                                                              path=s.corpus))
+    log(f"captured Q, K, V of {s.recon_tokens} tokens ({timer.phases['capture']['wall_s']:.1f} s)")
+    filler = load_text(s.corpus) if s.corpus else None
+    if "passkey" in s.tasks:
+        ctx.passkey = passkey_cases(tok, s.passkey_lengths, s.passkey_depths, seed=s.seed, filler_text=filler,
+                                    prompt_format=s.passkey_format)
+    if "agreement" in s.tasks:
+        if s.agreement_dataset:
+            texts = dataset_texts(s.agreement_dataset, n=4 * s.agreement_prompts)
+            ctx.agreement = prompts_from_texts(tok, texts, s.agreement_prompt_tokens)[:s.agreement_prompts]
+        else:
+            ctx.agreement = agreement_prompts(tok, s.agreement_prompts, s.agreement_prompt_tokens, text=filler)
+    key = content_hash(s.baseline_dict())
+    path = out / BASELINE_FILE
+    baseline = read_record(path)
+    if baseline and baseline.get("key") == key:
+        ctx.baseline = baseline
+        return
+    baseline = {"key": key, "settings": s.baseline_dict(), **_environment(ctx.model),
+                "capture_check_max_error": max(ctx.capture.check_errors)}
+    if ctx.passkey:
+        with timer("passkey"):
+            baseline["passkey"] = run_passkey(ctx.model, tok, ctx.passkey)
+        log(f"uncompressed passkey accuracy {baseline['passkey']['by_length']}")
+    if ctx.agreement:
+        with timer("agreement"):
+            baseline["agreement_continuations"] = greedy_continuations(ctx.model, ctx.agreement,
+                                                                       s.agreement_new_tokens)
+    baseline["timing"] = timer.phases
+    write_json_atomic(path, baseline)
+    ctx.baseline = baseline
+
+
+def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dict:
+    """Reconstruction, decode-faithful evaluation and (if enabled) tasks of one spec: the record body."""
+    from ..cache.cache import CompressedCache
+    from ..measure.evaluate import decode_faithful_eval
+    from ..measure.reconstruction import direct_reconstruction
+    from ..measure.tasks import generation_agreement, greedy_continuations, run_passkey
+
+    s, model = ctx.settings, ctx.model
+    artifact = s.artifact
+    if entry.spec.needs_artifact(len(ctx.capture.keys)):
+        from ..calibration import resolve_artifact
+
+        artifact = resolve_artifact(model, artifact)  # load once for every cache of this spec
+    timer = _Timer()
+    body: dict[str, Any] = {}
+    with timer("reconstruction"):
+        body["reconstruction"] = direct_reconstruction(model, entry.spec, ctx.capture, artifact=artifact)
+    if entry.eval:
+        with timer("eval"):
+            body["eval"] = decode_faithful_eval(model, ctx.eval_ids, entry.spec, progress=progress,
+                                                artifact=artifact, baseline_store=ctx.baseline_logits).to_dict()
+    tasks: dict[str, Any] = {}
+    if entry.tasks:
+        def factory():
+            return CompressedCache(model, entry.spec, artifact=artifact)
+
+        if ctx.passkey:
+            with timer("passkey"):
+                tasks["passkey"] = run_passkey(model, ctx.tokenizer, ctx.passkey, cache_factory=factory)
+            tasks["passkey"]["uncompressed"] = {k: ctx.baseline["passkey"][k] for k in ("by_length", "accuracy")}
+        if ctx.agreement:
+            with timer("agreement"):
+                continuations = greedy_continuations(model, ctx.agreement, s.agreement_new_tokens, factory)
+            tasks["agreement"] = generation_agreement(ctx.baseline["agreement_continuations"], continuations)
+    body["tasks"] = tasks
+    body["timing"] = timer.phases
+    return body
+
+
+def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: SweepSettings | None = None, *,
+              model=None, tokenizer=None, progress: bool = True,
+              on_record: Callable[[dict], None] | None = None,
+              log: Callable[[str], None] | None = None, command: str | None = None) -> list[dict]:
+    """Measure every entry (skipping those already measured with the same key); return all records.
+
+    Args:
+        entries: the specs (see `parse_specs`, `load_grid`).
+        out_dir: the sweep folder (created).
+        settings: see `SweepSettings`.
+        model, tokenizer: an already loaded model (else loaded from `settings`).
+        on_record: called with each new record right after it is written.
+        log: called with progress lines (default: print).
+        command: the command line that started the sweep, saved in config.json for the report.
+    """
+    settings = settings or SweepSettings()
+    log = log or (lambda line: print(line, flush=True))
+    entries = check_unique(list(entries))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = {entry.label: record_key(entry, settings) for entry in entries}
+    write_json_atomic(out / CONFIG_FILE, {"command": command, "settings": settings.to_dict(),
+                                          "specs": [{**e.to_dict(), "key": keys[e.label]} for e in entries]})
+    done = {}
+    for entry in entries:
+        record = read_record(record_path(out, entry.label))
+        if record and record.get("key") == keys[entry.label] and record.get("status") == "ok":
+            done[entry.label] = record
+    pending = [e for e in entries if e.label not in done]
+    if done:
+        log(f"resuming: {len(done)} of {len(entries)} specs already measured")
+    if pending:
+        if model is None:
+            from ..models import DTYPES, load_model
+
+            model, tokenizer = load_model(settings.model, dtype=DTYPES[settings.dtype], device=settings.device)
+        ctx = _Context(model, tokenizer, settings)
+        _prepare(ctx, out, progress, log)
+        environment = _environment(model)
+    records = []
+    for i, entry in enumerate(entries, 1):
+        if entry.label in done:
+            records.append(done[entry.label])
+            continue
+        start = time.perf_counter()
+        record: dict[str, Any] = {"label": entry.label, "key": keys[entry.label], "status": "ok",
+                                  "spec": entry.spec.to_dict(), "describe": entry.spec.describe(),
+                                  "settings": settings.to_dict(), "tasks_enabled": entry.tasks, **environment}
+        try:
+            record.update(measure_spec(ctx, entry, progress=progress))
+        except Exception as exc:  # recorded, and the sweep goes on; KeyboardInterrupt is not caught
+            record.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        write_json_atomic(record_path(out, entry.label), record)
+        records.append(record)
+        log(f"[{i}/{len(entries)}] {entry.label}: {_summary(record)}")
+        if on_record is not None:
+            on_record(record)
+    return records
+
+
+def _summary(record: dict) -> str:
+    if record["status"] != "ok":
+        return f"ERROR {record['error']}"
+    rec, ev = record["reconstruction"]["mean"], record.get("eval")
+    line = (f"K cos {rec['key']['cosine']:.4f}, V cos {rec['value']['cosine']:.4f}, "
+            f"attn err {rec['attention']['both']['rel_error']:.3f}")
+    if ev:
+        line += (f" | ratio {ev['compression_ratio']:.2f}x, PPL {ev['ppl_change']:+.2%}, KL {ev['kl']:.4f}, "
+                 f"top-1 {ev['top1']:.3f}")
+    if "passkey" in record.get("tasks", {}):
+        line += f" | passkey {record['tasks']['passkey']['accuracy']:.2f}"
+    if "agreement" in record.get("tasks", {}):
+        line += f" | agreement prefix {record['tasks']['agreement']['mean_prefix']:.1f}"
+    return line + f" ({record['seconds']:.0f} s)"

@@ -1,0 +1,146 @@
+"""Small file and text mechanisms used everywhere: atomic writes (files and whole folders),
+content hashes, comma lists.
+
+Each lives here once. Atomic writes go to a temporary sibling and are renamed into place, so a
+reader (or a run resumed after a kill) sees the old file or the new one, never half of one.
+This module knows nothing about models, specs or measurements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Run `write(tmp)` to fill a temporary sibling of `path`, then rename it onto `path`.
+
+    Creates parent folders. On any error the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 2) -> Path:
+    """Write `data` as indented JSON (with a final newline) to `path` atomically."""
+    return write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+def content_hash(data: Any, length: int = 16) -> str:
+    """Short sha256 hex digest of `data`: bytes and str as they are, anything else as canonical JSON."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    elif not isinstance(data, (bytes, bytearray)):
+        data = json.dumps(data, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()[:length]
+
+
+def parse_list(text: str, item: Callable[[str], T] = str, what: str = "value") -> tuple[T, ...]:
+    """'a, b,,c' -> (item('a'), item('b'), item('c')); raises ValueError naming `what` on a bad item."""
+    out = []
+    for part in (x.strip() for x in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            out.append(item(part))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{what} {part!r} in {text!r} is not valid: {err}") from None
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- whole folders
+
+MANIFEST_NAME = "COMPLETE"
+TMP_MARK = ".tmp-"
+STALE_TMP_SECONDS = 6 * 3600  # a temporary folder older than this was left by a killed writer
+
+
+class DamagedDirectoryError(ValueError):
+    """A folder written by `write_directory_atomic` is incomplete or was changed afterwards."""
+
+
+def _write_manifest(folder: Path, info: dict[str, Any]) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    manifest = dict(info, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def check_directory(folder: Path) -> dict[str, Any]:
+    """The manifest of a folder written by `write_directory_atomic`; DamagedDirectoryError if a
+    file it lists is missing or has another size, or if there is no readable manifest."""
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise DamagedDirectoryError(f"no {MANIFEST_NAME} manifest, so it was not written by kvcompress or is incomplete")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DamagedDirectoryError(f"unreadable {MANIFEST_NAME} manifest ({exc})") from exc
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise DamagedDirectoryError(f"{name} is missing")
+        if path.stat().st_size != size:
+            raise DamagedDirectoryError(f"{name} has {path.stat().st_size} bytes, the manifest says {size}")
+    return manifest
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    now = time.time()
+    for tmp in final.parent.glob(f".{final.name}{TMP_MARK}*"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def write_directory_atomic(final: Path, write: Callable[[Path], dict[str, Any]]) -> None:
+    """Run `write(tmp_dir)` in a temporary sibling of `final`, add a manifest, rename into place.
+
+    `write` fills the folder and returns extra manifest fields. If it fails, the temporary
+    folder is removed and `final` is untouched. If another process finished first, its copy is
+    kept and ours discarded.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
+    try:
+        info = write(tmp)
+        _write_manifest(tmp, info)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if (final / MANIFEST_NAME).is_file():  # a concurrent writer won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,115 @@
+"""Named presets: one registry of ready-made specs, and `load_spec`, which resolves any spec.
+
+Every preset is a `CacheSpec`; `PRESETS.get(name)` returns it and an unknown name lists the
+valid ones. The measured presets (lossless ... extreme) are read from `measured_presets.json`
+on the first lookup, not at import (see `presets.measured`).
+
+This module does not measure presets: `kvcompress measure-presets` chooses the measured ones
+(see `kvcompress.tuning.preset_selection`), and the README's table of their quality comes from
+`kvcompress eval`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..spec import CacheSpec, TensorSpec, looks_like_spec_file, read_spec_file
+from .measured import load_measured, register_measured
+
+
+class Registry:
+    """Name -> factory of CacheSpec; registering a name twice is an error.
+
+    `add_source(fn)` defers registrations: `fn(registry)` runs once, on the first lookup.
+    """
+
+    def __init__(self) -> None:
+        self._factories: dict[str, Callable[[], CacheSpec]] = {}
+        self._help: dict[str, str] = {}
+        self._sources: list[Callable[[Registry], object]] = []
+
+    def add_source(self, source: Callable[[Registry], object]) -> None:
+        self._sources.append(source)
+
+    def _load_sources(self) -> None:
+        while self._sources:
+            self._sources.pop(0)(self)
+
+    def register(self, name: str, help: str, factory: Callable[[], CacheSpec]) -> None:
+        if name in self._factories:
+            raise ValueError(f"preset {name!r} is already registered")
+        self._factories[name] = factory
+        self._help[name] = help
+
+    def get(self, name: str) -> CacheSpec:
+        self._load_sources()
+        if name not in self._factories:
+            raise ValueError(
+                f"unknown preset {name!r}; valid presets: {', '.join(self.names())} "
+                "(or give the path of a .json/.yaml spec file)"
+            )
+        spec = self._factories[name]()
+        return spec
+
+    def names(self) -> list[str]:
+        self._load_sources()
+        return list(self._factories)
+
+    def help(self, name: str) -> str:
+        self._load_sources()
+        return self._help[name]
+
+
+PRESETS = Registry()
+
+
+def _kivi(name: str, key_bits: int, value_bits: int) -> Callable[[], CacheSpec]:
+    """K per-channel (32-token groups), V per-token (32-channel groups), KIVI-style."""
+    return lambda: CacheSpec(
+        key=TensorSpec(method="quant", bits=key_bits, axis="channel", group_size=32),
+        value=TensorSpec(method="quant", bits=value_bits, axis="token", group_size=32),
+        name=name,
+    )
+
+
+PRESETS.register("none", "no compression (full precision; the baseline)", lambda: CacheSpec(
+    key=TensorSpec(method="none"), value=TensorSpec(method="none"), name="none"))
+PRESETS.register("int8", "8-bit K per-channel, 8-bit V per-token", _kivi("int8", 8, 8))
+PRESETS.register("int4", "4-bit K per-channel, 4-bit V per-token (KIVI-style)", _kivi("int4", 4, 4))
+PRESETS.register("int3", "3-bit K per-channel, 3-bit V per-token", _kivi("int3", 3, 3))
+PRESETS.register("int2", "2-bit K per-channel, 2-bit V per-token", _kivi("int2", 2, 2))
+PRESETS.register("k4v2", "4-bit K per-channel, 2-bit V per-token", _kivi("k4v2", 4, 2))
+PRESETS.register("k2v4", "2-bit K per-channel, 4-bit V per-token", _kivi("k2v4", 2, 4))
+
+
+# Low-rank and rotation presets (ranks are absolute: 32 of the embedded model's head_dim 64).
+# Low-rank specs need a calibration artifact (built automatically for the embedded model).
+PRESETS.register("lowrank-k32", "K pre-RoPE low-rank 32 (fp16 coefficients), V full precision", lambda: CacheSpec(
+    key=TensorSpec(method="lowrank", rank=32, key_space="pre_rope"), value=TensorSpec(method="none"),
+    name="lowrank-k32"))
+PRESETS.register("lowrank-k48-int4", "K pre-RoPE low-rank 48 with 4-bit per-channel coefficients, "
+                 "V 4-bit per-token", lambda: CacheSpec(
+                     key=TensorSpec(method="lowrank+quant", rank=48, bits=4, axis="channel", group_size=32,
+                                    key_space="pre_rope"),
+                     value=TensorSpec(method="quant", bits=4, axis="token", group_size=32),
+                     name="lowrank-k48-int4"))
+PRESETS.register("hadamard-int4", "Hadamard-rotated K and V, 4-bit per-token groups of 32 (llama.cpp-style)",
+                 lambda: CacheSpec(key=TensorSpec(method="hadamard+quant", bits=4, axis="token", group_size=32),
+                                   value=TensorSpec(method="hadamard+quant", bits=4, axis="token", group_size=32),
+                                   name="hadamard-int4"))
+
+
+PRESETS.add_source(lambda registry: register_measured(registry, load_measured()))
+
+
+def load_spec(spec: str | Path | dict | CacheSpec) -> CacheSpec:
+    """Resolve a spec from a preset name, a JSON/YAML file path, a dict, or a CacheSpec."""
+    if isinstance(spec, CacheSpec):
+        return spec
+    if isinstance(spec, dict):
+        return CacheSpec.from_dict(spec)
+    text = str(spec)
+    if looks_like_spec_file(text):
+        return read_spec_file(text)
+    return PRESETS.get(text)

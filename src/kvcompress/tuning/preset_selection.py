@@ -1,0 +1,221 @@
+"""Named presets chosen by measurement: from near-lossless to extreme, each defined by a KL target.
+
+`select_presets` (run by `kvcompress measure-presets`) evaluates candidate uniform specs on a
+sweep text (the calibration part of the embedded corpus at an offset past what calibration
+artifacts use), and for each named target takes the candidate with the highest real
+compression ratio whose decode-faithful mean KL meets the target. The choice is then checked
+on held-out text (the evaluation part, which neither the sweep nor calibration read); a
+candidate that misses there is dropped and the next best is checked, so a preset is only
+written if it met its own target on held-out text. The passkey score (`tasks.run_passkey`)
+of the chosen spec and of the uncompressed model is measured on the held-out part too.
+
+The result is the data file `measured_presets.json` shipped in the package: each preset's
+spec, target, the figures measured on both texts, and the command, model and texts used.
+`kvcompress.presets` registers a preset per entry (see `presets.measured`). `verify_presets` re-measures the shipped presets on
+held-out text and reports which no longer meet their target (`kvcompress measure-presets
+--verify` exits non-zero then).
+
+This module does not define the metrics (see `measure.evaluate`, `measure.tasks`), does not read or
+register the shipped presets (see `presets.measured`) and does not tune per-layer specs (see `tune`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+from ..presets.measured import DATA_FORMAT
+from ..io import parse_list
+from ..spec import CacheSpec, TensorSpec
+
+# name -> mean KL target on held-out text (see docs/tuning.md for why these values)
+DEFAULT_TARGETS = {"lossless": 0.001, "safe": 0.005, "balanced": 0.02, "aggressive": 0.05, "extreme": 0.15}
+DEFAULT_SWEEP_OFFSET = 20000
+DEFAULT_SWEEP_TOKENS = 1024
+DEFAULT_VERIFY_TOKENS = 2048
+DEFAULT_PASSKEY_LENGTHS = (1024, 2048)
+DEFAULT_PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
+CANDIDATE_FAMILIES = ("quant", "hadamard", "lowrank")
+
+
+def uniform_candidates(families: Sequence[str] = ("quant",), *, window: int = 128, sinks: int = 4,
+                       block_size: int = 32) -> list[CacheSpec]:
+    """Uniform candidate specs (the same K and V setting on every layer), each named.
+
+    "quant": K per-channel x V per-token at 8/4/3/2 bits each (16 specs, "k4v2" = K int4, V int2);
+    "hadamard": Hadamard rotation + per-token quantization of both at 4/3/2 bits ("h3");
+    "lowrank": pre-RoPE low-rank K (rank 32, int4 coefficients) with V int4 or int2 per token.
+    """
+    unknown = sorted(set(families) - set(CANDIDATE_FAMILIES))
+    if unknown or not families:
+        raise ValueError(f"unknown candidate famil(ies) {unknown or list(families)}; allowed: {list(CANDIDATE_FAMILIES)}")
+    base = CacheSpec(window=window, sinks=sinks, block_size=block_size)
+    out = []
+    if "quant" in families:
+        for kb in (8, 4, 3, 2):
+            for vb in (8, 4, 3, 2):
+                out.append(dataclasses.replace(base, name=f"k{kb}v{vb}",
+                                               key=TensorSpec(method="quant", bits=kb, axis="channel", group_size=32),
+                                               value=TensorSpec(method="quant", bits=vb, axis="token", group_size=32)))
+    if "hadamard" in families:
+        for bits in (4, 3, 2):
+            tensor = TensorSpec(method="hadamard+quant", bits=bits, axis="token", group_size=32)
+            out.append(dataclasses.replace(base, name=f"h{bits}", key=tensor, value=tensor))
+    if "lowrank" in families:
+        key = TensorSpec(method="lowrank+quant", rank=32, bits=4, axis="token", group_size=16, key_space="pre_rope")
+        for vb in (4, 2):
+            out.append(dataclasses.replace(base, name=f"lr32k4v{vb}", key=key,
+                                           value=TensorSpec(method="quant", bits=vb, axis="token", group_size=32)))
+    return out
+
+
+def parse_targets(text: str) -> dict[str, float]:
+    """"lossless=0.001,safe=0.005" -> {"lossless": 0.001, "safe": 0.005}."""
+    out = {}
+    for item in parse_list(text):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"targets look like 'name=0.01,other=0.05', got {item!r}") from None
+        if not name.strip() or not out[name.strip()] > 0:
+            raise ValueError(f"each target needs a name and a positive KL, got {item!r}")
+    if not out:
+        raise ValueError("no targets given; use e.g. 'safe=0.005,balanced=0.02'")
+    return out
+
+
+def passkey_score(model, tokenizer, spec: CacheSpec | None, lengths: Sequence[int], depths: Sequence[float],
+                  artifact=None) -> dict:
+    """Passkey accuracy of `spec` (None: the uncompressed model) on held-out filler (`tasks.run_passkey`)."""
+    from ..cache.cache import CompressedCache
+    from ..measure.tasks import passkey_cases, run_passkey
+
+    cases = passkey_cases(tokenizer, lengths, depths, seed=0)
+    factory = None if spec is None else (lambda: CompressedCache(model, spec, artifact=artifact))
+    result = run_passkey(model, tokenizer, cases, cache_factory=factory)
+    return {"accuracy": result["accuracy"], "by_length": result["by_length"], "cases": len(cases)}
+
+
+def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[str], dict],
+           log: Callable[[str], None] = print) -> dict[str, dict]:
+    """For each target, the candidate with the highest sweep ratio meeting it on the sweep text AND
+    on held-out text (`verify(name)` -> figures); candidates missing on held-out text are skipped.
+
+    Args:
+        targets: preset name -> KL target.
+        swept: candidate name -> figures on the sweep text ("kl", "ratio", ...).
+
+    Returns:
+        preset name -> {"candidate", "target_kl", "sweep": figures, "verified": figures,
+        "rejected": [candidates that met on the sweep text but missed on held-out text]}.
+    Raises ValueError naming the target when no candidate meets it.
+    """
+    chosen = {}
+    for name, target in targets.items():
+        ranked = sorted((c for c, f in swept.items() if f["kl"] <= target), key=lambda c: -swept[c]["ratio"])
+        rejected = []
+        for candidate in ranked:
+            figures = verify(candidate)
+            if figures["kl"] <= target:
+                chosen[name] = {"candidate": candidate, "target_kl": target, "sweep": swept[candidate],
+                                "verified": figures, "rejected": rejected}
+                log(f"{name} (KL <= {target:g}): {candidate}, ratio {figures['ratio']:.2f}x, held-out KL "
+                    f"{figures['kl']:.4f}, PPL {figures['ppl_change']:+.2%}")
+                break
+            rejected.append({"candidate": candidate, "verified_kl": figures["kl"]})
+            log(f"{name}: {candidate} met KL {target:g} on the sweep text but not on held-out text "
+                f"({figures['kl']:.4f}); trying the next")
+        else:
+            raise ValueError(f"no candidate meets preset {name!r} (KL <= {target:g}) on both texts; loosen the "
+                             "target or add candidates")
+    return chosen
+
+
+def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
+                   candidates: list[CacheSpec] | None = None, sweep_tokens: int = DEFAULT_SWEEP_TOKENS,
+                   sweep_offset: int = DEFAULT_SWEEP_OFFSET, verify_tokens: int = DEFAULT_VERIFY_TOKENS,
+                   state=None, passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
+                   passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
+                   command: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Sweep, choose and verify the presets (see module doc); returns the data file's content."""
+    from ..corpus import corpus_fingerprint, corpus_tokens
+    from ..models import model_id
+    from .tune import TuneState, make_evaluator, model_fingerprint, text_fingerprint
+
+    targets = targets or dict(DEFAULT_TARGETS)
+    candidates = candidates or uniform_candidates()
+    by_name = {spec.name: spec for spec in candidates}
+    if len(by_name) != len(candidates):
+        raise ValueError("candidate specs need distinct names")
+    if any(spec.needs_artifact(model.config.num_hidden_layers) for spec in candidates):
+        from ..calibration import resolve_artifact
+
+        artifact = resolve_artifact(model, artifact)
+    state = state if isinstance(state, TuneState) else TuneState(state)
+    sweep_ids = corpus_tokens(tokenizer, part="calibration", n_tokens=sweep_tokens, offset=sweep_offset)
+    verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=verify_tokens)
+    sweep_fp = text_fingerprint(sweep_ids, "embedded:calibration", sweep_offset)
+    verify_fp = text_fingerprint(verify_ids, "embedded:evaluation", 0)
+    sweep_eval = make_evaluator(model, sweep_ids, "sweep-eval", sweep_fp, state, artifact=artifact)
+    verify_eval = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
+    started = time.perf_counter()
+    swept = {}
+    for i, spec in enumerate(candidates, 1):
+        swept[spec.name] = sweep_eval(spec)
+        f = swept[spec.name]
+        log(f"[{time.perf_counter() - started:5.0f} s] sweep {i}/{len(candidates)} {spec.name}: ratio "
+            f"{f['ratio']:.2f}x, KL {f['kl']:.4f}, PPL {f['ppl_change']:+.2%}")
+    chosen = choose(targets, swept, lambda name: verify_eval(by_name[name]), log=log)
+    model_fp = model_fingerprint(model)
+    passkey_fp = {"lengths": list(passkey_lengths), "depths": list(passkey_depths), "seed": 0}
+
+    def passkey(spec: CacheSpec | None, label: str) -> dict:
+        spec_dict = None if spec is None else {k: v for k, v in spec.to_dict().items() if k != "name"}
+        key = TuneState.key("passkey", model_fp, passkey_fp, spec_dict)
+        result = state.get(key)
+        if result is None:
+            log(f"[{time.perf_counter() - started:5.0f} s] passkey: {label}")
+            result = passkey_score(model, tokenizer, spec, passkey_lengths, passkey_depths, artifact=artifact)
+            state.put(key, "passkey", spec_dict, result, model=model_fp)
+        return result
+
+    baseline_passkey = passkey(None, "uncompressed")
+    presets = []
+    for name, pick in chosen.items():
+        spec = dataclasses.replace(by_name[pick["candidate"]], name=name)
+        passkey_result = passkey(spec, f"{name} ({pick['candidate']})")
+        presets.append({"name": name, "target_kl": pick["target_kl"], "candidate": pick["candidate"],
+                        "describe": spec.describe(), "spec": spec.to_dict(), "verified": pick["verified"],
+                        "sweep": pick["sweep"], "rejected": pick["rejected"], "passkey": passkey_result})
+    return {
+        "format": DATA_FORMAT,
+        "command": command,
+        "model": model_id(model),
+        "model_fingerprint": model_fp,
+        "corpus": corpus_fingerprint(),
+        "texts": {"sweep": {**sweep_fp, "part": "calibration"}, "verify": {**verify_fp, "part": "evaluation"},
+                  "passkey": {"filler": "embedded:evaluation", "lengths": list(passkey_lengths),
+                              "depths": list(passkey_depths), "seed": 0}},
+        "baseline_passkey": baseline_passkey,
+        "presets": presets,
+        "candidates": [{"name": n, "describe": by_name[n].describe(), "spec": by_name[n].to_dict(), "sweep": f}
+                       for n, f in swept.items()],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def verify_presets(data: dict, measure: Callable[[CacheSpec], dict], log: Callable[[str], None] = print
+                   ) -> list[dict]:
+    """Re-measure every preset of `data` (`measure(spec)` -> figures with "kl", "ratio", "ppl_change")
+    and compare with its target. Returns one row per preset with "met"."""
+    rows = []
+    for entry in data["presets"]:
+        spec = CacheSpec.from_dict(entry["spec"])
+        figures = measure(spec)
+        met = figures["kl"] <= entry["target_kl"]
+        rows.append({"name": entry["name"], "target_kl": entry["target_kl"], "met": met, **figures})
+        log(f"{entry['name']:11s} target KL <= {entry['target_kl']:g}: KL {figures['kl']:.4f}, ratio "
+            f"{figures['ratio']:.2f}x, PPL {figures['ppl_change']:+.2%}  {'ok' if met else 'MISSED'}")
+    return rows
