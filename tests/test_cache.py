@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import make_tiny_llama
+from exact_memory import expected_compressed_tokens, expected_layer_parts
 from kvcompress import CompressedCache
 from kvcompress.codecs.packing import unpack
 
@@ -112,38 +113,28 @@ def stored_tensors(cache: CompressedCache):
             yield from stored.values()
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("bits, tokens, dtype", [(bits, 150, dtype) for bits in (8, 4, 3, 2)
+                                                 for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+                         + [(2, 1024, torch.float16), (3, 1000, torch.float32)])
 @torch.no_grad()
-def test_memory_report_is_the_sum_of_stored_tensors(tiny_llama, bits):
-    cache = CompressedCache(tiny_llama, spec_with(bits))
-    tiny_llama(ids(150), cache=cache)
-    report = cache.memory_report()
-    actual = sum(t.numel() * t.element_size() for t in stored_tensors(cache))
-    assert report.stored_bytes == actual
-    assert report.fp16_bytes == 2 * 2 * 2 * 150 * 32 * 2  # K+V, layers, kv_heads, tokens, head_dim, fp16
-    assert report.ratio == pytest.approx(report.fp16_bytes / actual)
-
-
-def predicted_ratio(bits: int, tokens: int, window_tokens: int, dtype_bytes: int, head_dim: int = 32,
-                    group: int = 32) -> float:
-    """fp16 bytes / (codes at `bits` + fp16 scale and zero per group + full-precision tokens)."""
-    compressed = tokens - window_tokens
-    per_tensor = compressed * head_dim * bits / 8 + (compressed * head_dim / group) * 2 * 2
-    full = window_tokens * head_dim * dtype_bytes
-    return tokens * head_dim * 2 / (per_tensor + full)
-
-
-@pytest.mark.parametrize("bits", [4, 2])
-@torch.no_grad()
-def test_ratio_matches_bit_widths_and_overheads(bits):
-    model = make_tiny_llama(dtype=torch.float16)
-    spec = spec_with(bits, window=32, sinks=4, block_size=32)
+def test_memory_report_equals_the_bytes_the_spec_implies(bits, tokens, dtype):
+    """Every part of every layer, to the byte, from bits, group sizes, tokens and dtype (exact_memory)."""
+    model = make_tiny_llama(dtype=dtype)
+    spec = spec_with(bits)
     cache = CompressedCache(model, spec)
-    model(ids(1024), cache=cache)
-    layer = cache.layers[0]
-    full_tokens = layer.sink_keys.shape[2] + layer.window_keys.shape[2]
-    expected = predicted_ratio(bits, 1024, full_tokens, dtype_bytes=2)
-    assert cache.memory_report().ratio == pytest.approx(expected, rel=0.05)
+    model(ids(tokens), cache=cache)
+    report = cache.memory_report()
+    config = model.config
+    dtype_bytes = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}[dtype]
+    want = expected_layer_parts(spec, tokens, config.num_key_value_heads, config.head_dim, dtype_bytes)
+    assert [m.parts for m in report.layers] == [want] * config.num_hidden_layers
+    assert [m.compressed_tokens for m in report.layers] == [expected_compressed_tokens(spec, tokens)] * 2
+    fp16 = 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * config.head_dim * 2
+    assert report.fp16_bytes == fp16  # K+V, layers, kv_heads, tokens, head_dim, 2 bytes
+    assert report.stored_bytes == config.num_hidden_layers * sum(want.values())
+    assert report.ratio == fp16 / (config.num_hidden_layers * sum(want.values()))
+    # and the report is what the cache really holds
+    assert report.stored_bytes == sum(t.numel() * t.element_size() for t in stored_tensors(cache))
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ PACKAGE = SRC / "kvcompress"
 # Bottom to top. A module may import modules of its own layer or of lower layers only.
 LAYERS = [
     {"_version", "io", "extras", "compat"},
-    {"models", "corpus", "rope", "codecs", "spec"},
+    {"models", "corpus", "fingerprint", "rope", "codecs", "spec"},
     {"presets", "calibration"},
     {"cache", "kernels"},
     {"measure"},

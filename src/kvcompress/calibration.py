@@ -47,6 +47,7 @@ from transformers import DynamicCache
 from ._version import __version__
 from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
 from .corpus import corpus_fingerprint, corpus_tokens
+from .fingerprint import config_fields, config_fingerprint
 from .io import (DamagedDirectoryError, check_directory, content_hash, write_atomic, write_directory_atomic,
                  write_json_atomic)
 from .models import EMBEDDED_DISPLAY_NAME, cache_root, model_id
@@ -65,38 +66,6 @@ _RECALIBRATE = "re-run `kvcompress calibrate --out DIR` (with the same --model) 
 
 class ArtifactError(ValueError):
     """A calibration artifact is missing, damaged, or for another model; the message says what to do."""
-
-
-# --------------------------------------------------------------------------- fingerprint
-
-
-def _text_config(model_or_config):
-    config = getattr(model_or_config, "config", model_or_config)
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
-def config_fields(model_or_config) -> dict[str, Any]:
-    """The config fields an artifact depends on: model type, shapes and rope settings."""
-    config = _text_config(model_or_config)
-    rope = getattr(config, "rope_parameters", None)
-    if rope is None:
-        rope = {"rope_theta": getattr(config, "rope_theta", None), "rope_scaling": getattr(config, "rope_scaling", None)}
-    return {
-        "model_type": getattr(config, "model_type", None),
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        "hidden_size": config.hidden_size,
-        "rope": json.loads(json.dumps(rope, sort_keys=True, default=str)),
-        "partial_rotary_factor": getattr(config, "partial_rotary_factor", None),
-        "layer_types": list(getattr(config, "layer_types", None) or []),
-    }
-
-
-def config_fingerprint(model_or_config) -> str:
-    """sha256 prefix of `config_fields` as sorted JSON."""
-    return content_hash(config_fields(model_or_config))
 
 
 # --------------------------------------------------------------------------- the artifact

@@ -258,8 +258,8 @@ def build_prompt(tokenizer, n_tokens: int, batch: int = 1, corpus: str | None = 
     """
     from ..corpus import corpus_tokens
 
-    ids = corpus_tokens(tokenizer, part="evaluation", path=corpus)[0]
-    where = corpus or "embedded corpus, evaluation part"
+    ids = corpus_tokens(tokenizer, part="report", path=corpus)[0]
+    where = f"{corpus or 'embedded corpus'}, report part"
     need = n_tokens * batch
     note = f"{where}"
     if ids.numel() < need:

@@ -17,20 +17,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                         help="tokens per forward; post-RoPE statistics cover positions 0..seq-len-1")
     parser.add_argument("--corpus", default=None,
-                        help="UTF-8 text file to calibrate on (default: the calibration part of the embedded "
-                             "corpus, disjoint from the evaluation part)")
+                        help="UTF-8 text file whose calibration part (its first 30%% of characters, split like "
+                             "the embedded corpus) is calibrated on (default: the calibration part of the "
+                             "embedded corpus, disjoint from the selection and report parts)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import corpus_tokens
+    from ..corpus import corpus_slice
 
     if args.tokens < 16:
         raise ValueError(f"--tokens must be at least 16, got {args.tokens}")
     model, tokenizer = load_model_from_args(args)
-    ids = corpus_tokens(tokenizer, part="calibration", n_tokens=args.tokens, path=args.corpus)
-    artifact = calibrate(model, ids, seq_len=args.seq_len, corpus=args.corpus or "embedded:calibration",
+    text = corpus_slice(tokenizer, part="calibration", n_tokens=args.tokens, path=args.corpus)
+    ids = text.ids
+    artifact = calibrate(model, ids, seq_len=args.seq_len, corpus=f"{text.record['source']}:calibration",
                          progress=not args.no_progress)
     folder = artifact.save(args.out)
     meta = artifact.metadata

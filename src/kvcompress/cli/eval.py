@@ -15,10 +15,14 @@ HELP = "decode-faithful perplexity, KL and top-1 agreement of a spec vs the unco
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", default="int4", help="preset name or .json/.yaml spec file")
     parser.add_argument("--tokens", type=int, default=1024, help="evaluation tokens")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="first token read within the report part (e.g. 2048 to skip text a selection read)")
     parser.add_argument("--json", default=None, help="write the result as JSON to this file")
     parser.add_argument("--mode", default="chunked", choices=["chunked", "token"],
                         help="chunked (fast) or one token per forward (slow; validates chunked)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice); 1 on a machine shared with other jobs")
     parser.add_argument("--artifact", default=None,
                         help="calibration artifact folder (from `kvcompress calibrate`) for low-rank specs; "
                              "built automatically for the embedded model")
@@ -27,12 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import corpus_tokens
+    import torch
+
+    from ..corpus import corpus_slice
     from ..models import model_id
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     spec = load_spec(args.spec)
     model, tokenizer = load_model_from_args(args)
-    ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.tokens, path=args.corpus)
+    text = corpus_slice(tokenizer, part="report", n_tokens=args.tokens, path=args.corpus, offset=args.offset)
+    ids = text.ids
     artifact, artifact_info = None, None
     if args.artifact or spec.needs_artifact(model.config.get_text_config(decoder=True).num_hidden_layers):
         from ..calibration import resolve_artifact
@@ -42,16 +53,20 @@ def run(args: argparse.Namespace) -> int:
                          "corpus": artifact.metadata["corpus"], "tokens": artifact.metadata["tokens"]}
     result = decode_faithful_eval(model, ids, spec, mode=args.mode, progress=not args.no_progress,
                                   artifact=artifact)
-    record = {"model": model_id(model), "corpus": args.corpus or "embedded:evaluation", "mode": args.mode,
+    record = {"model": model_id(model), "corpus": args.corpus or "embedded", "text": text.record, "mode": args.mode,
               "dtype": args.dtype, "artifact": artifact_info, **result.to_dict()}
     lo, hi = result.ppl_change_ci95
+    klo, khi = result.kl_ci95
+    first, last = text.record["tokens"]
     print(f"spec        {args.spec}: {spec.describe()}")
+    print(f"text        {text.record['part']} part of {args.corpus or 'the embedded corpus'}, tokens [{first}, {last})")
     print(f"tokens      {result.tokens} ({result.compressed_tokens} compressed per layer, {result.chunks} chunks)")
     print(f"ratio       {result.compression_ratio:.2f}x  ({result.stored_bytes:,} stored bytes vs "
           f"{result.fp16_bytes:,} in fp16)")
     print(f"perplexity  {result.ppl_baseline:.3f} -> {result.ppl:.3f}  ({result.ppl_change:+.2%}, "
           f"95% CI {lo:+.2%} .. {hi:+.2%})")
-    print(f"KL          {result.kl:.4f}")
+    print(f"KL          {result.kl:.4f}  (95% CI {klo:.4f} .. {khi:.4f}; {result.interval['ci_method']}, "
+          f"{result.interval['block_tokens']}-token blocks)")
     print(f"top-1       {result.top1:.3f}")
     if args.json:
         print(f"wrote       {write_json(args.json, record)}")

@@ -1,10 +1,11 @@
-"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on held-out text (see `tune`).
+"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on selection text (see `tune`).
 
-Texts: with the embedded corpus, the tuning text is the calibration part from token
-`--tune-offset` (past the tokens calibration artifacts use) and the held-out text is the first
-`--verify-tokens` of the evaluation part, i.e. exactly what `kvcompress eval --tokens N` reads.
-With `--corpus FILE`, tuning uses the file's first `--tokens` tokens and verification the
-`--verify-tokens` after them.
+Texts (see `corpus`): the tuning text is the calibration part from token `--tune-offset`
+(default 20000 in the embedded corpus, past the tokens calibration artifacts use; 0 in a file)
+and the verification text, which chooses between retries, is the first `--verify-tokens` of the
+selection part. `--corpus FILE` is split like the embedded corpus (calibration = its first 30%
+of characters, selection = 30% to 40%). The report part (what `kvcompress eval` reads) is never
+read here, so `kvcompress eval --spec OUT` reports on text the tune never saw.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..tuning.tune import DEFAULT_MAX_TRIES, DEFAULT_TUNE_OFFSET, DEFAULT_TUNE_TOKENS, DEFAULT_VERIFY_TOKENS, FAMILIES
 
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--max-kl", type=float, help="target: mean KL(uncompressed || compressed) on held-out text")
+    target.add_argument("--max-kl", type=float,
+                        help="target: mean KL(uncompressed || compressed) on the verification (selection) text")
     target.add_argument("--max-ppl-change", type=float,
-                        help="target: relative perplexity change on held-out text (0.01 = +1%%)")
+                        help="target: relative perplexity change on the verification (selection) text (0.01 = +1%%)")
     parser.add_argument("--out", required=True, help="spec file to write (.json or .yaml)")
     parser.add_argument("--state", default=None,
                         help="file of saved measurements (default: OUT.tune-state.json); an interrupted tune "
@@ -35,9 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated candidate families among {', '.join(FAMILIES)} (lowrank needs a "
                              "calibration artifact)")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TUNE_TOKENS, help="tuning tokens")
-    parser.add_argument("--tune-offset", type=int, default=DEFAULT_TUNE_OFFSET,
-                        help="first token of the tuning text in the calibration part of the embedded corpus")
-    parser.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS, help="held-out tokens")
+    parser.add_argument("--tune-offset", type=int, default=None,
+                        help=f"first token of the tuning text in the calibration part (default: {DEFAULT_TUNE_OFFSET} "
+                             "in the embedded corpus, 0 in a --corpus file)")
+    parser.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS,
+                        help="verification tokens (the start of the selection part)")
     parser.add_argument("--window", type=int, default=128, help="full-precision window of the tuned spec")
     parser.add_argument("--sinks", type=int, default=4, help="full-precision first tokens of the tuned spec")
     parser.add_argument("--block-size", type=int, default=32, help="tokens compressed together")
@@ -47,20 +51,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not rescale the K and V proxy costs by their measured KL (for comparison)")
     parser.add_argument("--compare-uniform", action="store_true",
                         help="also find the uniform spec (same setting on every layer) with the highest ratio "
-                             "that meets the target on the same held-out text, and report both")
+                             "that meets the target on the same selection text, and report both")
     parser.add_argument("--artifact", default=None, help="calibration artifact folder (for lowrank candidates)")
     parser.add_argument("--corpus", default=None,
-                        help="UTF-8 text file: tune on its first --tokens tokens, verify on the --verify-tokens "
-                             "after them (default: the embedded corpus, see above)")
+                        help="UTF-8 text file, split like the embedded corpus: tune on its calibration part (first "
+                             "30%% of characters), verify on its selection part (30%% to 40%%) (default: the "
+                             "embedded corpus)")
     parser.add_argument("--json", default=None, help="write the full report (all measurements) to this file")
     add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import corpus_tokens
+    from ..corpus import corpus_slice
+    from ..fingerprint import text_fingerprint
     from ..models import model_id
     from ..spec import CacheSpec
-    from ..tuning.tune import TuneError, TuneState, best_uniform, make_evaluator, parse_candidates, text_fingerprint, tune
+    from ..tuning.tune import (DEFAULT_TUNE_OFFSET, TuneError, TuneState, best_uniform, make_evaluator,
+                               parse_candidates, tune)
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
     if not target > 0:
@@ -76,35 +83,29 @@ def run(args: argparse.Namespace) -> int:
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".tune-state.json")
     started = time.perf_counter()
     model, tokenizer = load_model_from_args(args)
-    if args.corpus:
-        tune_src, tune_off = f"file:{args.corpus}", 0
-        verify_src, verify_off = f"file:{args.corpus}", args.tokens
-        tune_ids = corpus_tokens(tokenizer, n_tokens=args.tokens, path=args.corpus)
-        verify_ids = corpus_tokens(tokenizer, n_tokens=args.verify_tokens, path=args.corpus, offset=args.tokens)
-    else:
-        tune_src, tune_off = "embedded:calibration", args.tune_offset
-        verify_src, verify_off = "embedded:evaluation", 0
-        tune_ids = corpus_tokens(tokenizer, part="calibration", n_tokens=args.tokens, offset=args.tune_offset)
-        verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.verify_tokens)
+    offset = args.tune_offset if args.tune_offset is not None else (0 if args.corpus else DEFAULT_TUNE_OFFSET)
+    tune_text = corpus_slice(tokenizer, "calibration", n_tokens=args.tokens, path=args.corpus, offset=offset)
+    verify_text = corpus_slice(tokenizer, "selection", n_tokens=args.verify_tokens, path=args.corpus)
+    tune_ids, verify_ids = tune_text.ids, verify_text.ids
     artifact = None
     if args.artifact or "lowrank" in args.candidates:
         from ..calibration import resolve_artifact
 
         artifact = resolve_artifact(model, args.artifact)
-    print(f"tuning {metric} <= {target:g} for {model_id(model)}: tuning text {tune_src} tokens "
-          f"[{tune_off}, {tune_off + args.tokens}), held-out text {verify_src} tokens "
-          f"[{verify_off}, {verify_off + args.verify_tokens}); state {state_path}", flush=True)
+    where = args.corpus or "the embedded corpus"
+    print(f"tuning {metric} <= {target:g} for {model_id(model)} on {where}: tuning text calibration part tokens "
+          f"{tune_text.record['tokens']}, verification text selection part tokens {verify_text.record['tokens']}; "
+          f"state {state_path}", flush=True)
 
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {line}", flush=True)
 
     state = TuneState(state_path)
-    verify_fp = text_fingerprint(verify_ids, verify_src, verify_off)
+    verify_fp = text_fingerprint(verify_ids, verify_text.record)
     verify = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
     try:
         result = tune(model, tune_ids, verify_ids, target, metric=metric, base=base, settings=settings,
-                      state=state, tune_source=tune_src, tune_offset=tune_off, verify_source=verify_src,
-                      verify_offset=verify_off, artifact=artifact, max_tries=args.max_tries, verify=verify,
+                      state=state, tune_text=tune_text.record, verify_text=verify_text.record, artifact=artifact, max_tries=args.max_tries, verify=verify,
                       weight_tensors=not args.no_tensor_weights, log=log)
     except TuneError as err:
         print(f"kvcompress tune: failed: {err}", file=sys.stderr)
@@ -113,27 +114,30 @@ def run(args: argparse.Namespace) -> int:
     v = result.verified
     print(f"spec        {out}: {result.spec.describe()}")
     print(f"target      {metric} <= {target:g}")
-    print(f"held-out    {metric} {v[metric]:.4f}, ratio {v['ratio']:.2f}x, PPL change {v['ppl_change']:+.2%}, "
+    print(f"selection   {metric} {v[metric]:.4f}, ratio {v['ratio']:.2f}x, PPL change {v['ppl_change']:+.2%}, "
           f"KL {v['kl']:.4f}, top-1 {v['top1']:.3f} ({v['tokens']} tokens)")
     report = {"command": "kvcompress " + " ".join(sys.argv[1:]) if sys.argv else None,
               "model": model_id(model), "metric": metric, "target": target,
-              "texts": {"tune": {"source": tune_src, "offset": tune_off, "tokens": args.tokens},
-                        "verify": {"source": verify_src, "offset": verify_off, "tokens": args.verify_tokens}},
+              "texts": {"tune": tune_text.record, "verify": verify_text.record},
               **result.to_dict()}
     if args.compare_uniform:
         uniform, tried = best_uniform(settings, base, target, verify, metric=metric, sens=result.sens, log=log)
         report["uniform"] = {"best": uniform.to_dict() if uniform else None, "tried": tried}
         if uniform is not None:
-            u = tried[-1]
+            u = next(t for t in tried if t["spec"] == uniform.to_dict())
             gain = v["ratio"] / u["ratio"] - 1.0
             report["uniform"]["ratio_gain"] = gain
             print(f"uniform     {uniform.name}: ratio {u['ratio']:.2f}x, {metric} {u[metric]:.4f} (same text)")
             print(f"gain        tuned ratio is {gain:+.1%} vs the best uniform spec meeting the target")
         else:
-            print("uniform     no uniform spec of these candidates meets the target on the held-out text")
+            print("uniform     no uniform spec of these candidates meets the target on the selection text")
     print(f"time        {time.perf_counter() - started:.0f} s ({state.hits} measurement(s) reused from the state file)")
     if args.json:
         print(f"wrote       {write_json(args.json, report)}")
-    if not args.corpus:  # `kvcompress eval` reads the same held-out tokens
-        print(f"check it    kvcompress eval --spec {out} --tokens {args.verify_tokens}")
+    if state.redone:
+        print(f"redone      {len(state.redone)} saved measurement(s) whose fingerprint changed "
+              f"(first: {state.redone[0]})")
+    corpus = f" --corpus {args.corpus}" if args.corpus else ""
+    print(f"report it   kvcompress eval --spec {out} --tokens {args.verify_tokens}{corpus}  (report part: text the "
+          "tune never read)")
     return 0

@@ -7,8 +7,9 @@ same chunks. Chunk boundaries follow the cache's flush schedule (see `chunk_boun
 so every query sees exactly the compressed/full-precision split it would see if the text
 were decoded one token at a time: chunked and token-by-token evaluation agree.
 
-Reported: perplexity of both, its relative change (with a bootstrap 95% interval), mean
-KL(baseline || compressed) of the next-token distributions, top-1 agreement, and the real
+Reported: perplexity of both, its relative change, mean KL(baseline || compressed) of the
+next-token distributions (both with 95% intervals from a moving-block bootstrap over token
+positions, see `measure.bootstrap`; `interval` says how), top-1 agreement, and the real
 compression ratio of the cache at the end of the text.
 
 This module does not load models or text (see `models`, `corpus`) and does not run tasks.
@@ -29,6 +30,7 @@ from ..cache.cache import CompressedCache
 from ..compat import CACHE_KWARG
 from ..spec import CacheSpec
 from ..presets import load_spec
+from .bootstrap import DEFAULT_BLOCK, DEFAULT_RESAMPLES, block_bootstrap_ci
 
 
 @dataclass
@@ -51,10 +53,13 @@ class EvalResult:
     seconds: float
     spec: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    kl_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    interval: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["ppl_change_ci95"] = list(self.ppl_change_ci95)
+        out["kl_ci95"] = list(self.kl_ci95)
         return out
 
 
@@ -80,16 +85,20 @@ def chunk_boundaries(n_tokens: int, spec: CacheSpec, mode: str = "chunked") -> l
     return bounds
 
 
-def _bootstrap_ppl_change(nll_base: torch.Tensor, nll_comp: torch.Tensor, samples: int = 1000,
-                          seed: int = 0) -> tuple[float, float]:
-    """95% interval of exp(mean nll_comp - mean nll_base) - 1 over resampled positions."""
-    n = nll_base.numel()
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (samples, n), generator=gen)
+def bootstrap_intervals(nll_base: torch.Tensor, nll_comp: torch.Tensor, kl: torch.Tensor, *,
+                        block: int = DEFAULT_BLOCK, resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+                        ) -> tuple[tuple[float, float], tuple[float, float], dict]:
+    """95% intervals of the PPL change exp(mean nll_comp - mean nll_base) - 1 and of the mean KL,
+    from a moving-block bootstrap over positions (blocks of `block` consecutive tokens).
+
+    Returns (ppl_change interval, KL interval, method dict: ci_method, block_tokens, resamples, ...).
+    """
     diff = (nll_comp - nll_base).double()
-    changes = torch.exp(diff[idx].mean(dim=1)) - 1.0
-    lo, hi = torch.quantile(changes, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return lo, hi
+    intervals, method = block_bootstrap_ci(
+        {"diff": diff, "kl": kl.double()},
+        {"ppl_change": lambda r: torch.exp(r["diff"].mean(dim=1)) - 1.0, "kl": lambda r: r["kl"].mean(dim=1)},
+        block=block, resamples=resamples, seed=seed)
+    return intervals["ppl_change"], intervals["kl"], method
 
 
 @torch.no_grad()
@@ -162,14 +171,16 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
             "logits equal the uncompressed baseline's exactly: attention is not reading the compressed "
             "cache. This is the read-path bug kvcompress exists to prevent; please report it."
         )
+    kl_all = torch.cat(kls).cpu()
+    ppl_ci, kl_ci, interval = bootstrap_intervals(nll_b, nll_c, kl_all)
     ppl_b = math.exp(nll_b.double().mean().item())
     ppl_c = math.exp(nll_c.double().mean().item())
     return EvalResult(
         ppl_baseline=ppl_b,
         ppl=ppl_c,
         ppl_change=ppl_c / ppl_b - 1.0,
-        ppl_change_ci95=_bootstrap_ppl_change(nll_b, nll_c),
-        kl=torch.cat(kls).double().mean().item(),
+        ppl_change_ci95=ppl_ci,
+        kl=kl_all.double().mean().item(),
         top1=torch.cat(agree).double().mean().item(),
         compression_ratio=report.ratio,
         stored_bytes=report.stored_bytes,
@@ -181,4 +192,6 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
         seconds=seconds,
         spec=spec.to_dict(),
         memory={k: v for k, v in report.to_dict().items() if k != "layers"},
+        kl_ci95=kl_ci,
+        interval=interval,
     )

@@ -105,17 +105,17 @@ def passkey_cases(tokenizer, lengths: Sequence[int] = PASSKEY_LENGTHS, depths: S
         lengths: prompt lengths in tokens.
         depths: needle depths, fractions of the filler in [0, 1].
         seed: fixes the keys and the filler offsets.
-        filler_text: filler (default: the held-out evaluation part of the embedded corpus).
+        filler_text: filler (default: the report part of the embedded corpus).
         prompt_format: "plain" or "chat" (see module doc).
     """
-    from ..corpus import evaluation_text
+    from ..corpus import report_text
 
     for depth in depths:
         if not 0.0 <= float(depth) <= 1.0:
             raise ValueError(f"passkey depths must lie in [0, 1], got {depth!r}")
     before, after = _frame(tokenizer, prompt_format)
     instruction, question = _ids(tokenizer, _INSTRUCTION), _ids(tokenizer, _QUESTION)
-    filler_all = _ids(tokenizer, filler_text if filler_text is not None else evaluation_text())
+    filler_all = _ids(tokenizer, filler_text if filler_text is not None else report_text())
     rng = random.Random(seed)
     cases = []
     for length in lengths:
@@ -179,12 +179,12 @@ def run_passkey(model, tokenizer, cases: Sequence[PasskeyCase], cache_factory: C
 def agreement_prompts(tokenizer, n_prompts: int = 4, prompt_tokens: int = 256, text: str | None = None
                       ) -> list[torch.Tensor]:
     """`n_prompts` prompts of `prompt_tokens` tokens, each (1, prompt_tokens), taken at evenly
-    spaced offsets of `text` (default: the held-out evaluation part of the embedded corpus)."""
-    from ..corpus import evaluation_text
+    spaced offsets of `text` (default: the report part of the embedded corpus)."""
+    from ..corpus import report_text
 
     if n_prompts < 1 or prompt_tokens < 1:
         raise ValueError(f"n_prompts and prompt_tokens must be positive, got {n_prompts} and {prompt_tokens}")
-    ids = _ids(tokenizer, text if text is not None else evaluation_text())
+    ids = _ids(tokenizer, text if text is not None else report_text())
     if len(ids) < prompt_tokens:
         raise TaskDataError(f"the text has {len(ids)} tokens, fewer than one {prompt_tokens}-token prompt")
     step = (len(ids) - prompt_tokens) // n_prompts

@@ -4,13 +4,17 @@
 sweep text (the calibration part of the embedded corpus at an offset past what calibration
 artifacts use), and for each named target takes the candidate with the highest real
 compression ratio whose decode-faithful mean KL meets the target. The choice is then checked
-on held-out text (the evaluation part, which neither the sweep nor calibration read); a
-candidate that misses there is dropped and the next best is checked, so a preset is only
-written if it met its own target on held-out text. The passkey score (`tasks.run_passkey`)
-of the chosen spec and of the uncompressed model is measured on the held-out part too.
+on the selection part (which neither the sweep nor calibration read); a candidate that misses
+there is dropped and the next best is checked, so a preset is only written if it met its own
+target on selection text. Selecting on the report part is refused. Each chosen preset is then
+measured once more on the report part (text no step of the choice read): those "report"
+figures are what tables show. The passkey score (`tasks.run_passkey`) of the chosen spec and
+of the uncompressed model is measured on report-part filler (reported, not used to choose).
 
-The result is the data file `measured_presets.json` shipped in the package: each preset's
-spec, target, the figures measured on both texts, and the command, model and texts used.
+The result is the data file `measured_presets.json`: each preset's spec, target, the figures
+measured on the three texts, and the command, model, fingerprints and texts used.
+`kvcompress measure-presets` writes it to `runs/measured_presets.json`; shipping it means
+copying that file over `src/kvcompress/presets/measured_presets.json` and committing it.
 `kvcompress.presets` registers a preset per entry (see `presets.measured`). `verify_presets` re-measures the shipped presets on
 held-out text and reports which no longer meet their target (`kvcompress measure-presets
 --verify` exits non-zero then).
@@ -101,7 +105,7 @@ def passkey_score(model, tokenizer, spec: CacheSpec | None, lengths: Sequence[in
 def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[str], dict],
            log: Callable[[str], None] = print) -> dict[str, dict]:
     """For each target, the candidate with the highest sweep ratio meeting it on the sweep text AND
-    on held-out text (`verify(name)` -> figures); candidates missing on held-out text are skipped.
+    on selection text (`verify(name)` -> figures); candidates missing on selection text are skipped.
 
     Args:
         targets: preset name -> KL target.
@@ -109,7 +113,7 @@ def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[
 
     Returns:
         preset name -> {"candidate", "target_kl", "sweep": figures, "verified": figures,
-        "rejected": [candidates that met on the sweep text but missed on held-out text]}.
+        "rejected": [candidates that met on the sweep text but missed on selection text]}.
     Raises ValueError naming the target when no candidate meets it.
     """
     chosen = {}
@@ -121,11 +125,11 @@ def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[
             if figures["kl"] <= target:
                 chosen[name] = {"candidate": candidate, "target_kl": target, "sweep": swept[candidate],
                                 "verified": figures, "rejected": rejected}
-                log(f"{name} (KL <= {target:g}): {candidate}, ratio {figures['ratio']:.2f}x, held-out KL "
+                log(f"{name} (KL <= {target:g}): {candidate}, ratio {figures['ratio']:.2f}x, selection KL "
                     f"{figures['kl']:.4f}, PPL {figures['ppl_change']:+.2%}")
                 break
             rejected.append({"candidate": candidate, "verified_kl": figures["kl"]})
-            log(f"{name}: {candidate} met KL {target:g} on the sweep text but not on held-out text "
+            log(f"{name}: {candidate} met KL {target:g} on the sweep text but not on selection text "
                 f"({figures['kl']:.4f}); trying the next")
         else:
             raise ValueError(f"no candidate meets preset {name!r} (KL <= {target:g}) on both texts; loosen the "
@@ -136,13 +140,18 @@ def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[
 def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
                    candidates: list[CacheSpec] | None = None, sweep_tokens: int = DEFAULT_SWEEP_TOKENS,
                    sweep_offset: int = DEFAULT_SWEEP_OFFSET, verify_tokens: int = DEFAULT_VERIFY_TOKENS,
-                   state=None, passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
+                   verify_part: str = "selection", report_tokens: int | None = None, state=None, passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
                    passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
                    command: str | None = None, log: Callable[[str], None] = print) -> dict:
-    """Sweep, choose and verify the presets (see module doc); returns the data file's content."""
-    from ..corpus import corpus_fingerprint, corpus_tokens
+    """Sweep, choose and verify the presets (see module doc); returns the data file's content.
+
+    `verify_part` must be a part a selection may read (ValueError for "report"); the chosen presets
+    are then measured on the first `report_tokens` (default: `verify_tokens`) of the report part.
+    """
+    from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
+    from ..fingerprint import model_fingerprint, text_fingerprint
     from ..models import model_id
-    from .tune import TuneState, make_evaluator, model_fingerprint, text_fingerprint
+    from .tune import TuneState, make_evaluator, measurement_fingerprint
 
     targets = targets or dict(DEFAULT_TARGETS)
     candidates = candidates or uniform_candidates()
@@ -153,13 +162,17 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
         from ..calibration import resolve_artifact
 
         artifact = resolve_artifact(model, artifact)
+    sweep = corpus_slice(tokenizer, "calibration", n_tokens=sweep_tokens, offset=sweep_offset)
+    verify = corpus_slice(tokenizer, verify_part, n_tokens=verify_tokens)
+    require_selection_text(verify.record, "the preset choice")
+    report = corpus_slice(tokenizer, "report", n_tokens=report_tokens or verify_tokens)
     state = state if isinstance(state, TuneState) else TuneState(state)
-    sweep_ids = corpus_tokens(tokenizer, part="calibration", n_tokens=sweep_tokens, offset=sweep_offset)
-    verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=verify_tokens)
-    sweep_fp = text_fingerprint(sweep_ids, "embedded:calibration", sweep_offset)
-    verify_fp = text_fingerprint(verify_ids, "embedded:evaluation", 0)
-    sweep_eval = make_evaluator(model, sweep_ids, "sweep-eval", sweep_fp, state, artifact=artifact)
-    verify_eval = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
+    sweep_fp = text_fingerprint(sweep.ids, sweep.record)
+    verify_fp = text_fingerprint(verify.ids, verify.record)
+    report_fp = text_fingerprint(report.ids, report.record)
+    sweep_eval = make_evaluator(model, sweep.ids, "sweep-eval", sweep_fp, state, artifact=artifact)
+    verify_eval = make_evaluator(model, verify.ids, "verify-eval", verify_fp, state, artifact=artifact)
+    report_eval = make_evaluator(model, report.ids, "report-eval", report_fp, state, artifact=artifact)
     started = time.perf_counter()
     swept = {}
     for i, spec in enumerate(candidates, 1):
@@ -169,16 +182,17 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
             f"{f['ratio']:.2f}x, KL {f['kl']:.4f}, PPL {f['ppl_change']:+.2%}")
     chosen = choose(targets, swept, lambda name: verify_eval(by_name[name]), log=log)
     model_fp = model_fingerprint(model)
-    passkey_fp = {"lengths": list(passkey_lengths), "depths": list(passkey_depths), "seed": 0}
+    passkey_text = {"filler": "embedded:pydoc_data.topics", "part": "report", "lengths": list(passkey_lengths),
+                    "depths": list(passkey_depths), "seed": 0}
+    passkey_fp = measurement_fingerprint(model_fp, passkey_text)
 
     def passkey(spec: CacheSpec | None, label: str) -> dict:
         spec_dict = None if spec is None else {k: v for k, v in spec.to_dict().items() if k != "name"}
-        key = TuneState.key("passkey", model_fp, passkey_fp, spec_dict)
-        result = state.get(key)
+        result = state.lookup("passkey", spec_dict, passkey_fp)
         if result is None:
             log(f"[{time.perf_counter() - started:5.0f} s] passkey: {label}")
             result = passkey_score(model, tokenizer, spec, passkey_lengths, passkey_depths, artifact=artifact)
-            state.put(key, "passkey", spec_dict, result, model=model_fp)
+            state.store("passkey", spec_dict, passkey_fp, result)
         return result
 
     baseline_passkey = passkey(None, "uncompressed")
@@ -186,18 +200,21 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     for name, pick in chosen.items():
         spec = dataclasses.replace(by_name[pick["candidate"]], name=name)
         passkey_result = passkey(spec, f"{name} ({pick['candidate']})")
+        reported = report_eval(spec)
+        log(f"[{time.perf_counter() - started:5.0f} s] {name} on the report part: ratio {reported['ratio']:.2f}x, "
+            f"KL {reported['kl']:.4f}, PPL {reported['ppl_change']:+.2%}")
         presets.append({"name": name, "target_kl": pick["target_kl"], "candidate": pick["candidate"],
                         "describe": spec.describe(), "spec": spec.to_dict(), "verified": pick["verified"],
-                        "sweep": pick["sweep"], "rejected": pick["rejected"], "passkey": passkey_result})
+                        "report": reported, "sweep": pick["sweep"], "rejected": pick["rejected"],
+                        "passkey": passkey_result})
     return {
         "format": DATA_FORMAT,
         "command": command,
         "model": model_id(model),
         "model_fingerprint": model_fp,
+        "environment": passkey_fp["environment"],
         "corpus": corpus_fingerprint(),
-        "texts": {"sweep": {**sweep_fp, "part": "calibration"}, "verify": {**verify_fp, "part": "evaluation"},
-                  "passkey": {"filler": "embedded:evaluation", "lengths": list(passkey_lengths),
-                              "depths": list(passkey_depths), "seed": 0}},
+        "texts": {"sweep": sweep_fp, "verify": verify_fp, "report": report_fp, "passkey": passkey_text},
         "baseline_passkey": baseline_passkey,
         "presets": presets,
         "candidates": [{"name": n, "describe": by_name[n].describe(), "spec": by_name[n].to_dict(), "sweep": f}

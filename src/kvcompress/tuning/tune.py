@@ -25,8 +25,10 @@ Four steps, every measurement saved to a state file as soon as it is made (see `
 3. **Search.** A bisection over that path (ordered by bytes) finds the most compressed
    allocation whose decode-faithful quality (`evaluate.decode_faithful_eval`) on the tuning text
    meets the internal target. Quality is assumed to get better along the path, as the proxy
-   says; the bisection only ever returns a point it has measured to meet the target.
-4. **Verification** on held-out text the tuning never saw. If the measured figure misses the
+   says; where it does not, the bisection may miss a cheaper point that meets, but it only ever
+   returns a point it has measured to meet the target (or raises).
+4. **Verification** on selection text the tuning never saw (the selection part of the corpus;
+   never the report part, which `tune` refuses: see `corpus.require_selection_text`). If the measured figure misses the
    target, the internal target is lowered (λ goes up) and the search runs again (its earlier
    evaluations are reused); after `max_tries` misses `TuneError` is raised: a spec that fails
    its target is never returned.
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -54,13 +57,17 @@ from pathlib import Path
 
 import torch
 
+from ..corpus import require_selection_text
+from ..fingerprint import environment, mismatch, model_fingerprint, text_fingerprint
 from ..spec import CacheSpec, TensorSpec
 from ..io import content_hash, parse_list, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("kl", "ppl_change")
 FAMILIES = ("quant", "hadamard", "lowrank", "wide")
 TENSORS = ("key", "value")
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: entries keyed by a fingerprint with versions, weights hash and text record
 DEFAULT_TUNE_OFFSET = 20000  # tokens into the calibration part: past what calibration artifacts use (4096)
 DEFAULT_TUNE_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
@@ -129,63 +136,80 @@ def _probe_specs(settings: dict[str, list[TensorSpec]], base: CacheSpec) -> list
 # --------------------------------------------------------------------------- state
 
 
-def model_fingerprint(model) -> dict:
-    """What identifies a model's measurements: its name, config fingerprint, dtype and a weight checksum."""
-    from ..calibration import config_fingerprint
-    from ..models import model_id
-
-    first = next(model.parameters())
-    return {"model": model_id(model), "config": config_fingerprint(model), "dtype": str(first.dtype),
-            "weights": f"{first.detach().double().sum().item():.10e}"}
-
-
-def text_fingerprint(ids: torch.Tensor, source: str, offset: int = 0) -> dict:
-    """What identifies a text: where it came from, the offset, its length and a hash of its ids."""
-    return {"source": source, "offset": int(offset), "tokens": int(ids.shape[-1]),
-            "sha256": content_hash(ids.flatten().tolist())}
+def measurement_fingerprint(model_fp: dict, text_fp: dict | None) -> dict:
+    """The fingerprint a saved measurement is keyed by: library versions, model (weights hash
+    included, see `fingerprint.model_fingerprint`) and text (see `fingerprint.text_fingerprint`)."""
+    return {"environment": environment(), "model": model_fp, "text": text_fp}
 
 
 class TuneState:
-    """Measurements of a tune, kept in a JSON file and written after each new one.
+    """Measurements of a tune (or a preset selection), kept in a JSON file and written after each new one.
 
-    Entries are keyed by a hash of (kind, model fingerprint, text fingerprint, spec), so a
-    changed model, text or setting misses the old entries instead of reusing them. A file that
-    cannot be read is an error (delete it or pass another path); nothing is silently dropped.
+    Entries are keyed by a hash of (kind, fingerprint, spec), where the fingerprint holds the
+    kvcompress / transformers / torch versions, the model's weights hash and the text (see
+    `measurement_fingerprint`): a changed version, model, text or setting misses the old entries
+    instead of reusing them, and the miss is logged with what changed. A file that cannot be
+    read is an error (delete it or pass another path); nothing is silently dropped.
     """
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path is not None else None
         self.entries: dict[str, dict] = {}
         self.hits = 0
+        self.redone: list[str] = []
         if self.path is not None and self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
             except ValueError as err:
                 raise ValueError(f"tune state file {self.path} is not valid JSON ({err}); delete it to start over")
-            if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            if not isinstance(data, dict) or "entries" not in data:
                 raise ValueError(f"{self.path} is not a kvcompress tune state file (format {STATE_FORMAT}); "
                                  "delete it or pass another --state")
-            self.entries = data.get("entries", {})
+            if data.get("format") != STATE_FORMAT:
+                logger.warning("%s holds measurements of state format %s (now %s), made without version and "
+                               "weights fingerprints: they are measured again", self.path, data.get("format"),
+                               STATE_FORMAT)
+            else:
+                self.entries = data["entries"]
 
     @staticmethod
-    def key(kind: str, model_fp: dict, text_fp: dict, spec: dict) -> str:
-        return content_hash([kind, model_fp, text_fp, spec])
+    def key(kind: str, fingerprint: dict, spec: dict | None) -> str:
+        return content_hash([kind, fingerprint, spec])
 
-    def get(self, key: str) -> dict | None:
-        entry = self.entries.get(key)
+    def lookup(self, kind: str, spec: dict | None, fingerprint: dict) -> dict | None:
+        """The saved result of (kind, spec) under `fingerprint`, or None. When the same kind and
+        spec were measured under another fingerprint, logs what changed (it is measured again)."""
+        entry = self.entries.get(self.key(kind, fingerprint, spec))
         if entry is not None:
             self.hits += 1
             return entry["result"]
+        for old in self.entries.values():
+            if old.get("kind") == kind and old.get("spec") == spec:
+                why = mismatch(old.get("fingerprint"), fingerprint)
+                if why:
+                    self.redone.append(f"{kind}: {why}")
+                    logger.warning("measuring %s %s again: %s", kind, _spec_label(spec), why)
+                    break
         return None
 
-    def put(self, key: str, kind: str, spec: dict, result: dict, **context) -> None:
-        self.entries[key] = {"kind": kind, "spec": spec, "result": result, **context}
+    def store(self, kind: str, spec: dict | None, fingerprint: dict, result: dict) -> None:
+        self.entries[self.key(kind, fingerprint, spec)] = {"kind": kind, "spec": spec, "fingerprint": fingerprint,
+                                                           "result": result}
         self.save()
 
     def save(self) -> None:
         if self.path is None:
             return
         write_json_atomic(self.path, {"format": STATE_FORMAT, "entries": self.entries}, indent=1)
+
+
+def _spec_label(spec: dict | None) -> str:
+    if spec is None:
+        return "(uncompressed)"
+    try:
+        return CacheSpec.from_dict(spec).describe()
+    except Exception:  # a label for a log line only; the spec itself is compared exactly
+        return content_hash(spec, 8)
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -241,15 +265,14 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
     from ..measure.reconstruction import capture_states, reconstruct, reconstruction_metrics
 
     state = state or TuneState(None)
-    model_fp = model_fingerprint(model)
-    text_fp = text_fp or text_fingerprint(input_ids, "custom")
+    fingerprint = measurement_fingerprint(model_fingerprint(model), text_fp or text_fingerprint(input_ids))
     probes = _probe_specs(settings, base)
     capture = None
     results = []
     for i, probe in enumerate(probes):
         spec_dict = {k: v for k, v in probe.to_dict().items() if k != "name"}
-        key = TuneState.key(f"probe^{cost_power}", model_fp, text_fp, spec_dict)
-        result = state.get(key)
+        kind = f"probe^{cost_power}"
+        result = state.lookup(kind, spec_dict, fingerprint)
         if result is None:
             if capture is None:
                 start = time.perf_counter()
@@ -259,7 +282,7 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
             pairs, memory = reconstruct(model, probe, capture, artifact=artifact)
             metrics = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
             result = _probe_result(memory, metrics, cost_power)
-            state.put(key, "probe", spec_dict, result, text=text_fp, model=model_fp)
+            state.store(kind, spec_dict, fingerprint, result)
             took = f"{time.perf_counter() - start:.1f} s"
         else:
             took = "saved"
@@ -415,7 +438,8 @@ def eval_figures(result) -> dict:
     """The figures of an `EvalResult` that a tune keeps."""
     return {"kl": result.kl, "ppl_change": result.ppl_change, "top1": result.top1,
             "ratio": result.compression_ratio, "stored_bytes": result.stored_bytes, "fp16_bytes": result.fp16_bytes,
-            "tokens": result.tokens, "ppl_change_ci95": list(result.ppl_change_ci95), "seconds": result.seconds}
+            "tokens": result.tokens, "ppl_change_ci95": list(result.ppl_change_ci95),
+            "kl_ci95": list(result.kl_ci95), "interval": result.interval, "seconds": result.seconds}
 
 
 def make_evaluator(model, input_ids: torch.Tensor, kind: str, text_fp: dict, state: TuneState, *, artifact=None,
@@ -426,17 +450,16 @@ def make_evaluator(model, input_ids: torch.Tensor, kind: str, text_fp: dict, sta
     """
     from ..measure.evaluate import decode_faithful_eval
 
-    model_fp = model_fingerprint(model)
+    fingerprint = measurement_fingerprint(model_fingerprint(model), text_fp)
     store: dict = {}
 
     def evaluate(spec: CacheSpec) -> dict:
         spec_dict = {k: v for k, v in spec.to_dict().items() if k != "name"}
-        key = TuneState.key(kind, model_fp, text_fp, spec_dict)
-        result = state.get(key)
+        result = state.lookup(kind, spec_dict, fingerprint)
         if result is None:
             result = eval_figures(decode_faithful_eval(model, input_ids, spec, progress=progress, artifact=artifact,
                                                        baseline_store=store))
-            state.put(key, kind, spec_dict, result, text=text_fp, model=model_fp)
+            state.store(kind, spec_dict, fingerprint, result)
         return result
 
     return evaluate
@@ -452,7 +475,8 @@ def search_path(path: list[PathPoint], meets: Callable[[int], bool], tolerance: 
     """
     hi = len(path) - 1
     if not meets(hi):
-        raise TuneError("even the most faithful candidate allocation misses the target on the tuning text")
+        raise TuneError("even the most faithful candidate allocation misses the target on the tuning text (the "
+                        "search assumes quality improves along the path, so it looks no further)")
     lo = -1  # invariant: meets(hi), not meets(lo) (lo = -1: nothing known)
     while hi - lo > 1 and (lo < 0 or path[hi].nbytes > path[lo].nbytes * (1 + tolerance)):
         mid = (lo + hi) // 2
@@ -529,7 +553,7 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
             index = search_path(path, lambda i: figures(i)[metric] <= internal)
         except TuneError as err:
             raise TuneError(f"{err} ({metric} {figures(len(path) - 1)[metric]:.4g} > {internal:.4g}); "
-                            "the target cannot be met with these candidates: loosen it or add more faithful "
+                            "the target cannot be met this way: loosen it or add more faithful "
                             "candidates") from None
         spec = spec_from_choice(path[index].key, path[index].value, sens.settings, base)
         checked = verify(spec)
@@ -552,8 +576,8 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
 
 def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float, *, metric: str = "kl",
          base: CacheSpec | None = None, settings: dict[str, list[TensorSpec]] | None = None,
-         state: TuneState | str | os.PathLike | None = None, tune_source: str = "custom", tune_offset: int = 0,
-         verify_source: str = "custom", verify_offset: int = 0, artifact=None, max_tries: int = DEFAULT_MAX_TRIES,
+         state: TuneState | str | os.PathLike | None = None, tune_text: dict | None = None,
+         verify_text: dict | None = None, artifact=None, max_tries: int = DEFAULT_MAX_TRIES,
          verify: Evaluator | None = None, weight_tensors: bool = True,
          log: Callable[[str], None] = print) -> TuneResult:
     """Tune a per-layer spec so that `metric` <= `target` on `verify_ids` (see module doc).
@@ -564,11 +588,15 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
         base: window, sinks and block_size of the result (default: `CacheSpec()`).
         settings: candidates (default: `candidate_settings(("quant",))`).
         state: a `TuneState`, or the path of its JSON file (resumes from it), or None (nothing saved).
-        *_source, *_offset: where the texts came from (recorded and part of the state keys).
+        tune_text, verify_text: the corpus records of the texts (`corpus.corpus_slice(...).record`);
+            recorded and part of the state keys. A `verify_text` from the report part is refused
+            (ValueError): the text that chooses a spec must not be the text it is reported on.
         artifact: calibration artifact for low-rank candidates.
         verify: replaces the held-out evaluation (spec -> figures), e.g. in tests.
         weight_tensors: scale K and V proxy costs by measured KL (`calibrate_tensor_weights`).
     """
+    if verify_text is not None:
+        require_selection_text(verify_text, "tune's verification")
     base = base or CacheSpec()
     settings = settings or candidate_settings()
     if any(s.is_lowrank for t in TENSORS for s in settings[t]):
@@ -576,8 +604,8 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
 
         artifact = resolve_artifact(model, artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
-    tune_fp = text_fingerprint(tune_ids, tune_source, tune_offset)
-    verify_fp = text_fingerprint(verify_ids, verify_source, verify_offset)
+    tune_fp = text_fingerprint(tune_ids, tune_text)
+    verify_fp = text_fingerprint(verify_ids, verify_text)
     sens = measure_sensitivity(model, tune_ids, settings, base, state=state, text_fp=tune_fp, artifact=artifact,
                                log=log)
     evaluate = make_evaluator(model, tune_ids, "tune-eval", tune_fp, state, artifact=artifact)
@@ -597,9 +625,11 @@ def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target:
     """The uniform (same K and V setting on every layer) spec with the highest real ratio that meets
     the target under `evaluate`; and every figure measured on the way.
 
-    Candidates are measured in order of their stored bytes (from `sens` when given, which are real
-    stored sizes), most compressed first, stopping at the first that meets: so the one returned has
-    the highest ratio of all that meet. Pairs with both tensors "none" are left out.
+    With `sens`, candidates are measured in order of their real stored bytes, most compressed
+    first, stopping at the first that meets: so the one returned has the highest ratio of all that
+    meet. Without `sens` the stored sizes are not known beforehand, so every pair is measured and
+    the one with the highest measured ratio among those that meet is returned. Pairs with both
+    tensors "none" are left out.
     """
     pairs = [(k, v) for k in range(len(settings["key"])) for v in range(len(settings["value"]))
              if not (settings["key"][k].method == "none" and settings["value"][v].method == "none")]
@@ -608,7 +638,7 @@ def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target:
             return sens.nbytes["key"][:, pair[0]].sum().item() + sens.nbytes["value"][:, pair[1]].sum().item()
 
         pairs.sort(key=stored)
-    tried = []
+    tried, best = [], None
     for k, v in pairs:
         spec = dataclasses.replace(base, key=settings["key"][k], value=settings["value"][v], layers={},
                                    name=f"K {settings['key'][k].describe()} / V {settings['value'][v].describe()}")
@@ -617,6 +647,8 @@ def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target:
         met = figures[metric] <= target
         log(f"uniform {spec.name}: ratio {figures['ratio']:.2f}x, {metric} {figures[metric]:.4f}"
             f"{' (meets)' if met else ''}")
-        if met:
-            return spec, tried
-    return None, tried
+        if met and (best is None or figures["ratio"] > best[1]["ratio"]):
+            best = (spec, figures)
+            if sens is not None:  # measured in order of bytes: the first that meets is the best
+                break
+    return (best[0] if best else None), tried

@@ -1,0 +1,36 @@
+"""Bytes a quantized cache must hold, computed by hand from the spec (not from the code under test).
+
+For a layer that has seen `tokens` tokens: the first `sinks` and the tokens that have not yet
+filled a whole block past the window stay in the model dtype; the rest, whole blocks of
+`block_size` that left the window, are quantized: `bits` per value, packed with no padding
+(the head_dim x block sizes used in tests are multiples of 8 values), plus an fp16 scale and an
+fp16 zero point per group of `group_size` values. Only "quant" and "none" tensor specs.
+"""
+
+from __future__ import annotations
+
+FP16 = 2
+
+
+def expected_layer_parts(spec: dict, tokens: int, kv_heads: int, head_dim: int, dtype_bytes: int,
+                         batch: int = 1) -> dict[str, int]:
+    """{"sinks", "window", "key_codes", "key_scale", "key_zero", "value_...": bytes} of one layer."""
+    sinks = min(spec["sinks"], tokens)
+    rest = tokens - sinks
+    compressed = max(rest - spec["window"], 0) // spec["block_size"] * spec["block_size"]
+    window = rest - compressed
+    per_token = batch * kv_heads * head_dim  # values per token of one tensor
+    parts = {"sinks": 2 * sinks * per_token * dtype_bytes, "window": 2 * window * per_token * dtype_bytes}
+    for tensor in ("key", "value"):
+        t = spec[tensor]
+        values = compressed * per_token
+        assert (values * t["bits"]) % 8 == 0 and values % t["group_size"] == 0, "pick sizes that pack exactly"
+        parts[f"{tensor}_codes"] = values * t["bits"] // 8
+        parts[f"{tensor}_scale"] = values // t["group_size"] * FP16
+        parts[f"{tensor}_zero"] = values // t["group_size"] * FP16
+    return parts
+
+
+def expected_compressed_tokens(spec: dict, tokens: int) -> int:
+    rest = tokens - min(spec["sinks"], tokens)
+    return max(rest - spec["window"], 0) // spec["block_size"] * spec["block_size"]
