@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from conftest import make_tiny_llama
+from by_hand import expected_layer_parts
 from kvcompress.bench import bench
 from kvcompress.bench.bench import (BenchConfig, cache_stored_bytes, make_cache, parse_cache_name, predicted_stored_bytes,
                               tensor_bytes)
@@ -114,13 +115,13 @@ def test_stored_bytes_of_dynamic_and_compressed_caches_equal_their_tensors(tiny_
     expected = sum(layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in dyn.layers)
     assert cache_stored_bytes(dyn) == expected == 2 * 2 * 2 * 2 * 203 * 32 * 4  # K+V, layers, B, H, T, D, fp32
     comp = _fill(CompressedCache(tiny_llama, "int4"), tiny_llama)
-    by_hand = 0
-    for layer in comp.layers:
-        parts = [layer.sink_keys, layer.sink_values, layer.window_keys, layer.window_values,
-                 *layer.stored_keys.values(), *layer.stored_values.values()]
-        by_hand += sum(t.numel() * t.element_size() for t in parts)
-    assert cache_stored_bytes(comp) == by_hand
-    assert by_hand == predicted_stored_bytes("int4", tiny_llama.config, 203, torch.float32, batch=2)
+    spec = {"key": {"bits": 4, "group_size": 32}, "value": {"bits": 4, "group_size": 32},  # the int4 preset
+            "window": 128, "sinks": 4, "block_size": 32}
+    config = tiny_llama.config
+    exact = config.num_hidden_layers * sum(expected_layer_parts(spec, 203, config.num_key_value_heads,
+                                                                config.head_dim, 4, batch=2).values())
+    assert cache_stored_bytes(comp) == exact
+    assert predicted_stored_bytes("int4", config, 203, torch.float32, batch=2) == exact
 
 
 @pytest.mark.parametrize("backend", ["quanto", "hqq"])

@@ -5,9 +5,8 @@ import torch
 from transformers import DynamicCache
 
 from conftest import make_tiny_llama
-from exact_memory import expected_compressed_tokens, expected_layer_parts
+from by_hand import expected_compressed_tokens, expected_layer_parts, manual_dequantize
 from kvcompress import CompressedCache
-from kvcompress.codecs.packing import unpack
 
 SPEC_2BIT = {"key": {"bits": 2, "axis": "channel", "group_size": 32},
              "value": {"bits": 2, "axis": "token", "group_size": 32},
@@ -24,27 +23,6 @@ def spec_with(bits: int, **extra) -> dict:
 
 def ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def manual_dequantize(stored: dict, bits: int, axis: str, group: int) -> torch.Tensor:
-    """Independent reconstruction of (B, H, T, D) from stored codes: code * scale + zero, loop by group."""
-    scale, zero = stored["scale"].float(), stored["zero"].float()
-    codes = unpack(stored["codes"], bits).float()  # (B, H, rows, tokens per row * D): tokens in order
-    B, H = codes.shape[:2]
-    n_codes = codes[0, 0].numel()
-    T = scale.shape[2] if axis == "token" else n_codes // scale.shape[3]
-    D = n_codes // T
-    codes = codes.reshape(B, H, T, D)
-    out = torch.empty_like(codes)
-    if axis == "token":
-        for g in range(D // group):
-            cols = slice(g * group, (g + 1) * group)
-            out[..., cols] = codes[..., cols] * scale[..., g:g + 1] + zero[..., g:g + 1]
-    else:
-        for g in range(T // group):
-            rows = slice(g * group, (g + 1) * group)
-            out[:, :, rows] = codes[:, :, rows] * scale[:, :, g:g + 1] + zero[:, :, g:g + 1]
-    return out
 
 
 def filled_dynamic_cache(model, layers_kv) -> DynamicCache:

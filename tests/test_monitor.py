@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvcompress import CompressedCache
-from kvcompress.cache.monitor import QualityMonitor, block_quality
+from by_hand import manual_dequantize
+from kvcompress.cache.monitor import QualityMonitor
 
 SPEC = {"window": 16, "sinks": 4, "block_size": 32}
 
@@ -20,30 +21,39 @@ def quant(bits):
 
 
 @torch.no_grad()
-def test_monitor_statistics_match_a_direct_measurement(tiny_llama):
-    captured = {}
-    monitor = QualityMonitor()
-    original = monitor.observe
+def test_monitor_statistics_match_an_independent_measurement(tiny_llama, monkeypatch):
+    """The states transformers hands the cache, decoded by hand (`manual_dequantize`), and a cosine
+    written out here: the monitor's per-layer figures must equal them."""
+    received = {}
+    original_update = CompressedCache.update
 
-    def spy(layer_idx, tensor, states, stored, codec, block_size):
-        decoded = codec.decode(stored, torch.float32)
-        for start in range(0, states.shape[2], block_size):
-            rows = slice(start, start + block_size)
-            captured.setdefault((layer_idx, tensor), []).append(block_quality(states[:, :, rows], decoded[:, :, rows]))
-        original(layer_idx, tensor, states, stored, codec, block_size)
+    def recording_update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        received[layer_idx] = {"key": key_states.clone(), "value": value_states.clone()}
+        return original_update(self, key_states, value_states, layer_idx, *args, **kwargs)
 
-    monitor.observe = spy
-    cache = CompressedCache(tiny_llama, quant(4), monitor=monitor)
+    monkeypatch.setattr(CompressedCache, "update", recording_update)
+    cache = CompressedCache(tiny_llama, quant(4), monitor=QualityMonitor())
     tiny_llama(tokens(150), cache=cache)
     summary = cache.monitor.summary()
     assert set(summary["layers"]) == {0, 1}
-    for (layer, tensor), values in captured.items():
-        stats = summary["layers"][layer][tensor]
-        assert stats["blocks"] == len(values) == 4 and stats["tokens"] == 128
-        assert stats["cosine_mean"] == pytest.approx(sum(c for _, c in values) / len(values))
-        assert stats["rel_error_max"] == pytest.approx(max(e for e, _ in values))
-    # 4-bit codes reconstruct well; the values are plausible, not placeholders
-    assert 0.9 < summary["layers"][0]["value"]["cosine_mean"] < 1.0
+    sinks, block = SPEC["sinks"], SPEC["block_size"]
+    for layer_idx, layer in enumerate(cache.layers):
+        for tensor, stored, axis in (("key", layer.stored_keys, "channel"), ("value", layer.stored_values, "token")):
+            decoded = manual_dequantize(stored, 4, axis, 32)  # (B, H, 128, D)
+            states = received[layer_idx][tensor][:, :, sinks:sinks + decoded.shape[2]].float()
+            cosines, errors = [], []
+            for start in range(0, decoded.shape[2], block):
+                x, y = states[:, :, start:start + block], decoded[:, :, start:start + block]
+                cos = (x * y).sum(-1) / (x.pow(2).sum(-1).sqrt() * y.pow(2).sum(-1).sqrt())
+                cosines.append(cos.mean().item())
+                errors.append(((x - y).pow(2).sum().sqrt() / x.pow(2).sum().sqrt()).item())
+            stats = summary["layers"][layer_idx][tensor]
+            assert stats["blocks"] == len(cosines) == 4 and stats["tokens"] == 128
+            assert stats["cosine_mean"] == pytest.approx(sum(cosines) / len(cosines), abs=1e-6)
+            assert stats["cosine_min"] == pytest.approx(min(cosines), abs=1e-6)
+            assert stats["rel_error_mean"] == pytest.approx(sum(errors) / len(errors), rel=1e-5)
+            assert stats["rel_error_max"] == pytest.approx(max(errors), rel=1e-5)
+            assert 0.0 < min(errors) and max(cosines) < 1.0  # 4-bit codes lose something: not placeholders
 
 
 @torch.no_grad()

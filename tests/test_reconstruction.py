@@ -51,10 +51,34 @@ def test_capture_reproduces_the_models_own_attention(capture, tiny_llama):
     assert capture.queries[0].shape == (1, cfg.num_attention_heads, 100, cfg.head_dim)
     assert capture.keys[0].shape == capture.values[0].shape == (1, cfg.num_key_value_heads, 100, cfg.head_dim)
     assert max(capture.check_errors) < 1e-4, capture.check_errors
-    # The check would catch a wrong query rotation: unrotated queries give another output.
-    wrong = attention_output(capture.queries[1].flip(2), capture.keys[1], capture.values[1], capture.scalings[1])
-    right = attention_output(capture.queries[1], capture.keys[1], capture.values[1], capture.scalings[1])
-    assert (wrong - right).abs().max().item() > 1e-3
+
+
+class _WrongRotation:
+    """Wraps a key space so that queries are rotated wrongly: not at all, or one position late."""
+
+    def __init__(self, inner, shift):
+        self.inner, self.shift = inner, shift
+
+    def rotate(self, x, start=0):
+        return x if self.shift is None else self.inner.rotate(x, start=start + self.shift)
+
+    def unrotate(self, x, start=0):
+        return self.inner.unrotate(x, start=start)
+
+
+@pytest.mark.parametrize("shift", [None, 1], ids=["unrotated", "one-position-late"])
+def test_capture_check_catches_a_wrongly_rotated_query(tiny_llama, monkeypatch, shift):
+    import kvcompress.rope as rope
+
+    right = rope.key_space_for
+
+    def wrong(model):
+        inverters, reason = right(model)
+        return [_WrongRotation(inv, shift) for inv in inverters], reason
+
+    monkeypatch.setattr(rope, "key_space_for", wrong)
+    with pytest.raises(RuntimeError, match="differs from the model's own output"):
+        capture_states(tiny_llama, torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(0)))
 
 
 def test_reconstruction_is_what_the_codecs_store_and_decode(capture, tiny_llama):

@@ -13,10 +13,15 @@ For every spec the sweep writes `OUT/records/<label>.json` as soon as that spec 
      "error", "traceback"     (only when status is "error"),
      "timing": {phase: {"wall_s", "cpu_s"}}}
 
-`key` is a hash of the resolved spec and the settings that shape the record. Rerunning the
-same sweep skips every spec whose record exists with the same key and status "ok" and leaves
-that file untouched (so an interrupted sweep resumes and loses nothing already measured);
-records with an error are measured again. A spec that raises gets an error record and the
+`key` is a hash of the resolved spec, the settings that shape the record and the run's
+`fingerprint` (kvcompress / transformers / torch versions, the model's config and weights hash,
+and the texts read: corpus part, token range and a hash of the ids; see `kvcompress.fingerprint`),
+which the record also holds. Rerunning the same sweep skips every spec whose record exists with
+the same key and status "ok" and leaves that file untouched (so an interrupted sweep resumes
+and loses nothing already measured); a record whose key differs is measured again and the log
+says why (which fingerprint field changed, or that the spec or settings did); records with an
+error are measured again. Computing the fingerprint loads the model even when every record is
+done (a few seconds for the embedded model). A spec that raises gets an error record and the
 sweep goes on (KeyboardInterrupt stops it). The uncompressed figures are measured in the same
 run: the PPL baseline inside every evaluation, the tasks once per sweep (`OUT/baseline.json`,
 reused on resume when its key matches). `OUT/config.json` holds the resolved settings and
@@ -65,7 +70,7 @@ TASKS = ("passkey", "agreement")
 RECORDS_DIR = "records"
 CONFIG_FILE = "config.json"
 BASELINE_FILE = "baseline.json"
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 2: keys include the fingerprint (versions, weights hash, texts)
 _TASK_SETTINGS = ("tasks", "passkey_lengths", "passkey_depths", "passkey_format", "seed", "agreement_prompts",
                   "agreement_prompt_tokens", "agreement_new_tokens", "agreement_dataset")
 
@@ -91,7 +96,8 @@ class SweepSettings:
     Attributes:
         model: model name/path for `load_model` (None: the embedded SmolLM2-135M-Instruct).
         dtype, device: how the model is loaded.
-        corpus: a UTF-8 text file to evaluate on (None: the held-out part of the embedded corpus).
+        corpus: a UTF-8 text file whose report part (split like the embedded corpus, see `corpus`)
+            is evaluated on (None: the report part of the embedded corpus).
         eval_tokens: tokens of decode-faithful evaluation.
         recon_tokens: tokens captured for direct reconstruction.
         tasks: names from TASKS to run (on the entries whose `tasks` flag is set).
@@ -279,16 +285,41 @@ def parse_specs(text: str) -> list[SpecEntry]:
 # --------------------------------------------------------------------------- records
 
 
-def record_key(entry: SpecEntry, settings: SweepSettings) -> str:
-    """Hash of what shapes the record: the resolved spec, the settings, whether tasks run on it."""
+def record_key(entry: SpecEntry, settings: SweepSettings, fingerprint: dict | None = None) -> str:
+    """Hash of what shapes the record: the resolved spec, the settings, whether tasks run on it, and
+    the run's fingerprint (see `sweep_fingerprint`)."""
     shaping = settings.to_dict()
     if not (entry.tasks and settings.tasks):  # task settings do not shape a record without tasks
         shaping = {k: v for k, v in shaping.items() if k not in _TASK_SETTINGS}
     if not entry.eval:
         shaping.pop("eval_tokens")
     payload = {"format": RECORD_FORMAT, "spec": entry.spec.to_dict(), "settings": shaping,
-               "tasks": list(settings.tasks) if entry.tasks else [], "eval": entry.eval}
+               "tasks": list(settings.tasks) if entry.tasks else [], "eval": entry.eval, "fingerprint": fingerprint}
     return content_hash(payload)
+
+
+def sweep_texts(tokenizer, settings: SweepSettings) -> dict:
+    """The texts a sweep reads, as `corpus.CorpusSlice`s: "eval" (decode-faithful evaluation) and
+    "recon" (captured for direct reconstruction), both from the start of the report part."""
+    from ..corpus import corpus_slice
+
+    return {"eval": corpus_slice(tokenizer, "report", n_tokens=settings.eval_tokens, path=settings.corpus),
+            "recon": corpus_slice(tokenizer, "report", n_tokens=settings.recon_tokens, path=settings.corpus)}
+
+
+def sweep_fingerprint(model, texts: dict) -> dict:
+    """Versions, model (config, dtype, weights hash) and texts: what a record is only valid for."""
+    from ..fingerprint import environment, model_fingerprint, text_fingerprint
+
+    return {"environment": environment(), "model": model_fingerprint(model),
+            "texts": {name: text_fingerprint(t.ids, t.record) for name, t in texts.items()}}
+
+
+def _why_measured_again(record: dict, fingerprint: dict) -> str:
+    from ..fingerprint import mismatch
+
+    why = mismatch(record.get("fingerprint"), fingerprint)
+    return why or "the spec or the settings changed"
 
 
 def record_path(out_dir: str | os.PathLike, label: str) -> Path:
@@ -346,6 +377,8 @@ class _Context:
     tokenizer: Any
     settings: SweepSettings
     eval_ids: Any = None
+    texts: dict = field(default_factory=dict)  # "eval", "recon": corpus.CorpusSlice
+    fingerprint: dict = field(default_factory=dict)  # see sweep_fingerprint
     capture: Any = None
     baseline: dict = field(default_factory=dict)
     passkey: list = field(default_factory=list)
@@ -365,19 +398,18 @@ def _environment(model) -> dict:
 
 
 def _prepare(ctx: _Context, out: Path, progress: bool, log: Callable[[str], None]) -> None:
-    from ..corpus import corpus_tokens, load_text
+    from ..corpus import load_text, part_text
     from ..measure.reconstruction import capture_states
     from ..measure.tasks import agreement_prompts, dataset_texts, greedy_continuations, passkey_cases, prompts_from_texts
     from ..measure.tasks import run_passkey
 
     s, tok = ctx.settings, ctx.tokenizer
-    ctx.eval_ids = corpus_tokens(tok, part="evaluation", n_tokens=s.eval_tokens, path=s.corpus)
+    ctx.eval_ids = ctx.texts["eval"].ids
     timer = _Timer()
     with timer("capture"):
-        ctx.capture = capture_states(ctx.model, corpus_tokens(tok, part="evaluation", n_tokens=s.recon_tokens,
-                                                              path=s.corpus))
+        ctx.capture = capture_states(ctx.model, ctx.texts["recon"].ids)
     log(f"captured Q, K, V of {s.recon_tokens} tokens ({timer.phases['capture']['wall_s']:.1f} s)")
-    filler = load_text(s.corpus) if s.corpus else None
+    filler = part_text("report", load_text(s.corpus)) if s.corpus else None
     if "passkey" in s.tasks:
         ctx.passkey = passkey_cases(tok, s.passkey_lengths, s.passkey_depths, seed=s.seed, filler_text=filler,
                                     prompt_format=s.passkey_format)
@@ -387,7 +419,7 @@ def _prepare(ctx: _Context, out: Path, progress: bool, log: Callable[[str], None
             ctx.agreement = prompts_from_texts(tok, texts, s.agreement_prompt_tokens)[:s.agreement_prompts]
         else:
             ctx.agreement = agreement_prompts(tok, s.agreement_prompts, s.agreement_prompt_tokens, text=filler)
-    key = content_hash(s.baseline_dict())
+    key = content_hash([s.baseline_dict(), ctx.fingerprint])
     path = out / BASELINE_FILE
     baseline = read_record(path)
     if baseline and baseline.get("key") == key:
@@ -467,23 +499,30 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
     entries = check_unique(list(entries))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    keys = {entry.label: record_key(entry, settings) for entry in entries}
+    if model is None:
+        from ..models import DTYPES, load_model
+
+        model, tokenizer = load_model(settings.model, dtype=DTYPES[settings.dtype], device=settings.device)
+    texts = sweep_texts(tokenizer, settings)
+    fingerprint = sweep_fingerprint(model, texts)
+    keys = {entry.label: record_key(entry, settings, fingerprint) for entry in entries}
     write_json_atomic(out / CONFIG_FILE, {"command": command, "settings": settings.to_dict(),
+                                          "fingerprint": fingerprint,
                                           "specs": [{**e.to_dict(), "key": keys[e.label]} for e in entries]})
     done = {}
     for entry in entries:
         record = read_record(record_path(out, entry.label))
-        if record and record.get("key") == keys[entry.label] and record.get("status") == "ok":
+        if not record or record.get("status") != "ok":
+            continue
+        if record.get("key") == keys[entry.label]:
             done[entry.label] = record
+        else:
+            log(f"{entry.label}: measuring again, its record is stale: {_why_measured_again(record, fingerprint)}")
     pending = [e for e in entries if e.label not in done]
     if done:
         log(f"resuming: {len(done)} of {len(entries)} specs already measured")
     if pending:
-        if model is None:
-            from ..models import DTYPES, load_model
-
-            model, tokenizer = load_model(settings.model, dtype=DTYPES[settings.dtype], device=settings.device)
-        ctx = _Context(model, tokenizer, settings)
+        ctx = _Context(model, tokenizer, settings, texts=texts, fingerprint=fingerprint)
         _prepare(ctx, out, progress, log)
         environment = _environment(model)
     records = []
@@ -494,7 +533,9 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
         start = time.perf_counter()
         record: dict[str, Any] = {"label": entry.label, "key": keys[entry.label], "status": "ok",
                                   "spec": entry.spec.to_dict(), "describe": entry.spec.describe(),
-                                  "settings": settings.to_dict(), "tasks_enabled": entry.tasks, **environment}
+                                  "settings": settings.to_dict(), "tasks_enabled": entry.tasks, **environment,
+                                  "texts": {name: t.record for name, t in texts.items()},
+                                  "fingerprint": fingerprint}
         try:
             record.update(measure_spec(ctx, entry, progress=progress))
         except Exception as exc:  # recorded, and the sweep goes on; KeyboardInterrupt is not caught

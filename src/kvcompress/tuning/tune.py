@@ -271,8 +271,7 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
     results = []
     for i, probe in enumerate(probes):
         spec_dict = {k: v for k, v in probe.to_dict().items() if k != "name"}
-        kind = f"probe^{cost_power}"
-        result = state.lookup(kind, spec_dict, fingerprint)
+        result = state.lookup("probe", spec_dict, {**fingerprint, "cost_power": cost_power})
         if result is None:
             if capture is None:
                 start = time.perf_counter()
@@ -282,7 +281,7 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
             pairs, memory = reconstruct(model, probe, capture, artifact=artifact)
             metrics = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
             result = _probe_result(memory, metrics, cost_power)
-            state.store(kind, spec_dict, fingerprint, result)
+            state.store("probe", spec_dict, {**fingerprint, "cost_power": cost_power}, result)
             took = f"{time.perf_counter() - start:.1f} s"
         else:
             took = "saved"

@@ -1,4 +1,7 @@
-"""Bytes a quantized cache must hold, computed by hand from the spec (not from the code under test).
+"""What a quantized cache must hold and decode to, computed by hand (not with the code under test).
+
+`manual_dequantize`: code * scale + zero, group by group, from the stored tensors.
+`expected_layer_parts`: bytes of each part of a layer, from the spec.
 
 For a layer that has seen `tokens` tokens: the first `sinks` and the tokens that have not yet
 filled a whole block past the window stay in the model dtype; the rest, whole blocks of
@@ -8,6 +11,10 @@ fp16 zero point per group of `group_size` values. Only "quant" and "none" tensor
 """
 
 from __future__ import annotations
+
+import torch
+
+from kvcompress.codecs.packing import unpack
 
 FP16 = 2
 
@@ -34,3 +41,24 @@ def expected_layer_parts(spec: dict, tokens: int, kv_heads: int, head_dim: int, 
 def expected_compressed_tokens(spec: dict, tokens: int) -> int:
     rest = tokens - min(spec["sinks"], tokens)
     return max(rest - spec["window"], 0) // spec["block_size"] * spec["block_size"]
+
+
+def manual_dequantize(stored: dict, bits: int, axis: str, group: int) -> torch.Tensor:
+    """Independent reconstruction of (B, H, T, D) from stored codes: code * scale + zero, loop by group."""
+    scale, zero = stored["scale"].float(), stored["zero"].float()
+    codes = unpack(stored["codes"], bits).float()  # (B, H, rows, tokens per row * D): tokens in order
+    B, H = codes.shape[:2]
+    n_codes = codes[0, 0].numel()
+    T = scale.shape[2] if axis == "token" else n_codes // scale.shape[3]
+    D = n_codes // T
+    codes = codes.reshape(B, H, T, D)
+    out = torch.empty_like(codes)
+    if axis == "token":
+        for g in range(D // group):
+            cols = slice(g * group, (g + 1) * group)
+            out[..., cols] = codes[..., cols] * scale[..., g:g + 1] + zero[..., g:g + 1]
+    else:
+        for g in range(T // group):
+            rows = slice(g * group, (g + 1) * group)
+            out[:, :, rows] = codes[:, :, rows] * scale[:, :, g:g + 1] + zero[:, :, g:g + 1]
+    return out
