@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from kvcompress import CompressedCache
 from kvcompress.cache import attention as attention_module
-from kvcompress.cache.attention import ATTENTION_NAME, LAYER_ATTRIBUTE, kvcompress_attention
+from kvcompress.cache.attention import ATTENTION_NAME, LAYER_ATTRIBUTE, attend_compressed, kvcompress_attention
 from kvcompress.cache.cache import CompressedLayer
 from tiny_models import ARCHITECTURES, SEEDS
 
@@ -125,3 +125,61 @@ def test_unsupported_attention_options_are_refused_with_advice():
     wrong_mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match="attention mask covers 5 positions"):
         kvcompress_attention(None, query, keys, values, wrong_mask, scaling=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_attention_over_codes_matches_the_reconstruction_path(dtype):
+    """Decode steps read `attend_compressed` (float32 inside); evaluation chunks read the
+    reconstruction in the model dtype through SDPA. In half precision the two may differ only by
+    rounding: both are compared with a float64 attention over the exactly decoded codes, within a
+    tolerance derived from the dtype's epsilon (derivation below)."""
+    from conftest import make_tiny_llama
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    model = make_tiny_llama(seed=3, dtype=dtype)
+    cache = CompressedCache(model, SPEC, fast_attention=False)  # fills the cache; leaves the model as it is
+    model(prompt(150), cache=cache)
+    layer = cache.layers[1]
+    assert layer.n_compressed > 0
+    gen = torch.Generator().manual_seed(0)
+    heads, dim = model.config.num_attention_heads, model.config.head_dim
+    query = torch.randn(1, heads, 1, dim, generator=gen).to(dtype)
+    scaling = dim ** -0.5
+
+    fast = attend_compressed(layer, query, None, scaling)  # (1, Hq, 1, D) in dtype
+    keys, values = layer.reconstruct()  # in dtype
+    group = heads // keys.shape[1]
+    slow = sdpa(query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1), scale=scaling)
+
+    # Reference: float64 attention over [sinks | codes decoded exactly | window].
+    n_sinks = layer.sink_keys.shape[2]
+    exact_k = torch.cat([layer.sink_keys.double(), layer.key_codec.decode(layer.stored_keys, torch.float64),
+                         layer.window_keys.double()], 2).repeat_interleave(group, 1)
+    exact_v = torch.cat([layer.sink_values.double(), layer.value_codec.decode(layer.stored_values, torch.float64),
+                         layer.window_values.double()], 2).repeat_interleave(group, 1)
+    assert exact_k.shape[2] == n_sinks + layer.n_compressed + layer.window_keys.shape[2]
+    scores = (query.double() @ exact_k.transpose(-1, -2)) * scaling
+    reference = torch.softmax(scores, -1) @ exact_v
+
+    # Tolerance, with u = eps / 2 the unit roundoff of the dtype. Rounding a key to the dtype
+    # moves its score by at most u * |q| |k| * scaling (Cauchy-Schwarz), and rounding the score
+    # itself adds u * |score|: call the largest such change d. A change of at most d in every
+    # score changes the softmax weights by at most 2 d in L1 norm, so the output by at most
+    # 2 d max|V|; rounding V and then the output add u max|V| each.
+    u = torch.finfo(dtype).eps / 2
+    v_max = exact_v.abs().max().item()
+    qk = (query.double().norm(dim=-1, keepdim=True) * exact_k.norm(dim=-1).unsqueeze(2) * scaling).max().item()
+    d = u * (qk + scores.abs().max().item())
+    tol = v_max * (2 * d + 2 * u)
+    assert tol < 0.1 * v_max  # the bound is tight enough to mean something
+    fast_err = (fast.double() - reference).abs().max().item()
+    slow_err = (slow.double() - reference).abs().max().item()
+    assert fast_err <= tol, (fast_err, tol)
+    assert slow_err <= tol, (slow_err, tol)
+    assert (fast.double() - slow.double()).abs().max().item() <= 2 * tol
+    # and the check can fail: attention over a cache missing one compressed block is far outside it
+    dropped = torch.cat([exact_k[:, :, :n_sinks], exact_k[:, :, n_sinks + 32:]], 2)
+    dropped_v = torch.cat([exact_v[:, :, :n_sinks], exact_v[:, :, n_sinks + 32:]], 2)
+    wrong = torch.softmax((query.double() @ dropped.transpose(-1, -2)) * scaling, -1) @ dropped_v
+    assert (wrong - reference).abs().max().item() > tol

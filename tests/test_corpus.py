@@ -18,15 +18,64 @@ class WordTokenizer:
 def test_parts_are_disjoint_ordered_and_cover_the_text():
     text = corpus.full_text()
     ranges = corpus.part_ranges()
-    cal_start, cal_end = ranges["calibration"]
-    ev_start, ev_end = ranges["evaluation"]
-    assert cal_start == 0 and ev_end == len(text)
-    assert cal_end < ev_start  # no character belongs to both parts
-    assert text[cal_end:ev_start].strip() == ""  # only the paragraph break between them is in neither
+    assert list(ranges) == ["calibration", "selection", "report"]
+    (cal_start, cal_end), (sel_start, sel_end), (rep_start, rep_end) = ranges.values()
+    assert cal_start == 0 and rep_end == len(text)
+    assert cal_end < sel_start and sel_end < rep_start  # no character belongs to two parts
+    assert text[cal_end:sel_start].strip() == "" and text[sel_end:rep_start].strip() == ""  # only the breaks
     assert corpus.calibration_text() == text[cal_start:cal_end]
-    assert corpus.evaluation_text() == text[ev_start:ev_end]
-    assert 0.39 < len(corpus.calibration_text()) / len(text) < 0.42
+    assert corpus.selection_text() == text[sel_start:sel_end]
+    assert corpus.report_text() == text[rep_start:rep_end]
+    assert 0.29 < cal_end / len(text) < 0.32 and 0.39 < sel_end / len(text) < 0.42
     assert len(text) > 300_000
+
+
+def test_report_part_is_the_former_evaluation_part():
+    """The report part starts and ends where the evaluation part did (the paragraph break at or
+    after 40% of the text), so figures measured on its first tokens before the split still hold."""
+    text = corpus.full_text()
+    cut = text.find("\n\n", int(len(text) * 0.4))
+    assert corpus.part_ranges()["report"] == (cut + 2, len(text))
+    assert corpus.part_text("evaluation") == corpus.report_text() == corpus.evaluation_text()
+
+
+def test_a_text_file_is_split_the_same_way(tmp_path):
+    paragraphs = [f"paragraph {i} " + "word " * 20 for i in range(50)]
+    path = tmp_path / "mine.txt"
+    path.write_text("\n\n".join(paragraphs))
+    text = corpus.load_text(path)
+    ranges = corpus.split_ranges(text)
+    assert [corpus.part_text(p, text) for p in corpus.PARTS] == [text[a:b] for a, b in ranges.values()]
+    words = {p: corpus.corpus_tokens(WordTokenizer(), p, path=path).shape[1] for p in corpus.PARTS}
+    assert sum(words.values()) == len(text.split())  # every word in exactly one part
+    assert 0.25 < words["calibration"] / len(text.split()) < 0.35
+    assert corpus.corpus_tokens(WordTokenizer(), "all", path=path).shape[1] == len(text.split())
+    # without paragraph breaks the cuts fall at the fractions themselves
+    flat = "x" * 1000
+    assert corpus.split_ranges(flat) == {"calibration": (0, 300), "selection": (300, 400), "report": (400, 1000)}
+
+
+def test_slices_record_what_they_read(tmp_path):
+    got = corpus.corpus_slice(WordTokenizer(), "selection", n_tokens=50, offset=10)
+    assert got.ids.shape == (1, 50)
+    assert got.record["part"] == "selection" and got.record["tokens"] == [10, 60]
+    assert got.record["source"] == "embedded:pydoc_data.topics"
+    assert got.record["chars"] == list(corpus.part_ranges()["selection"])
+    other = corpus.corpus_slice(WordTokenizer(), "selection", n_tokens=50, offset=11)
+    assert other.record["sha256"] != got.record["sha256"]
+    path = tmp_path / "t.txt"
+    path.write_text("one two three\n\nfour five six seven eight nine ten")
+    assert corpus.corpus_slice(WordTokenizer(), "report", path=path).record["source"] == f"file:{path}"
+    with pytest.raises(CorpusError, match="the selection part of .*t.txt \\(its 30% to 40% of the text\\) has "
+                                          "only"):
+        corpus.corpus_slice(WordTokenizer(), "selection", n_tokens=100, path=path)
+
+
+def test_selection_may_not_read_the_report_part():
+    corpus.require_selection_text({"part": "selection"}, "x")
+    corpus.require_selection_text({"part": "calibration"}, "x")
+    with pytest.raises(ValueError, match="must not read the 'report' part"):
+        corpus.require_selection_text({"part": "report"}, "the preset choice")
 
 
 def test_text_is_deterministic_and_built_from_sorted_topics():
@@ -34,19 +83,20 @@ def test_text_is_deterministic_and_built_from_sorted_topics():
 
     corpus.full_text.cache_clear()
     corpus.part_ranges.cache_clear()
-    first = (corpus.calibration_text(), corpus.evaluation_text())
+    first = (corpus.calibration_text(), corpus.selection_text(), corpus.report_text())
     expected = "\n\n".join(topics[k].strip() for k in sorted(topics))
     assert corpus.full_text() == expected
     corpus.full_text.cache_clear()
     corpus.part_ranges.cache_clear()
-    assert (corpus.calibration_text(), corpus.evaluation_text()) == first
+    assert (corpus.calibration_text(), corpus.selection_text(), corpus.report_text()) == first
     assert corpus.corpus_fingerprint() == corpus.corpus_fingerprint()
     # The parts start and end on topic text, not in the middle of a word.
-    assert corpus.evaluation_text()[:1].strip() and corpus.calibration_text()[-1:].strip()
+    for part in corpus.PARTS:
+        assert corpus.part_text(part)[:1].strip() and corpus.part_text(part)[-1:].strip()
 
 
 def test_unknown_part_is_refused():
-    with pytest.raises(CorpusError, match="calibration, evaluation"):
+    with pytest.raises(CorpusError, match="calibration, selection, report"):
         corpus.part_text("training")
 
 
@@ -90,9 +140,9 @@ def test_corpus_tokens_shape_and_count():
 def test_corpus_tokens_too_few(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("only four words here")
-    assert corpus.corpus_tokens(WordTokenizer(), path=path).tolist() == [[4, 4, 5, 4]]
+    assert corpus.corpus_tokens(WordTokenizer(), "all", path=path).tolist() == [[4, 4, 5, 4]]
     with pytest.raises(CorpusError, match="only 4 tokens, but 5 were asked"):
-        corpus.corpus_tokens(WordTokenizer(), path=path, n_tokens=5)
+        corpus.corpus_tokens(WordTokenizer(), "all", path=path, n_tokens=5)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
@@ -104,12 +154,15 @@ def test_corpus_tokens_bad_count(bad):
 @pytest.mark.real_model
 def test_real_tokenizer_counts(real_model):
     _, tokenizer = real_model
-    evaluation = corpus.corpus_tokens(tokenizer, "evaluation")
+    report = corpus.corpus_tokens(tokenizer, "report")
+    selection = corpus.corpus_tokens(tokenizer, "selection")
     calibration = corpus.corpus_tokens(tokenizer, "calibration")
-    assert evaluation.shape[1] > 60_000 and calibration.shape[1] > 40_000
-    first = corpus.corpus_tokens(tokenizer, "evaluation", n_tokens=1024)
+    # report: eval up to 8192; selection: tune / measure-presets verification (2048) with room to spare;
+    # calibration: artifacts (first 4096) and tune / sweep text from token 20000
+    assert report.shape[1] > 60_000 and selection.shape[1] > 8192 and calibration.shape[1] > 21_024 + 8192
+    first = corpus.corpus_tokens(tokenizer, "report", n_tokens=1024)
     assert first.shape == (1, 1024)
-    assert torch.equal(first[0], evaluation[0, :1024])
+    assert torch.equal(first[0], report[0, :1024])
     assert first[0, 0].item() != tokenizer.bos_token_id  # no special tokens added
     with pytest.raises(CorpusError, match="calibration part of the embedded corpus has only"):
         corpus.corpus_tokens(tokenizer, "calibration", n_tokens=10**6)

@@ -1,5 +1,7 @@
 """Presets chosen by measurement: selection logic, the shipped data file, registration, verification."""
 
+import json
+
 import pytest
 
 from kvcompress.presets.measured import load_measured, register_measured
@@ -54,20 +56,57 @@ def test_register_measured_adds_each_preset_once():
         register_measured(registry, data)
 
 
-def test_shipped_presets_are_registered_and_met_their_targets():
+def test_shipped_presets_are_the_choice_their_own_sweep_implies():
+    """Re-derive every preset from the file's own sweep figures: the candidates that met the target
+    on the sweep text, by ratio, are the rejected ones (in order) and then the chosen one. A file
+    edited by hand, or a `choose` that skipped a better candidate, fails here."""
     data = load_measured()
     names = [entry["name"] for entry in data["presets"]]
     assert names == list(DEFAULT_TARGETS)
-    assert data["texts"]["sweep"]["part"] == "calibration" and data["texts"]["verify"]["part"] == "evaluation"
-    assert data["texts"]["sweep"]["offset"] >= 4096  # past the tokens calibration artifacts read
+    assert data["texts"]["sweep"]["part"] == "calibration"
+    assert data["texts"]["verify"]["part"] in ("selection", "evaluation")  # "evaluation": files before the split
+    sweep = data["texts"]["sweep"]
+    first = sweep["tokens"][0] if isinstance(sweep["tokens"], list) else sweep["offset"]
+    assert first >= 4096  # past the tokens calibration artifacts read
     assert data["command"].startswith("kvcompress measure-presets")
-    ratios = []
+    swept = {c["name"]: c["sweep"] for c in data["candidates"]}
     for entry in data["presets"]:
         assert PRESETS.get(entry["name"]) == CacheSpec.from_dict(entry["spec"])
-        assert entry["verified"]["kl"] <= entry["target_kl"]
-        assert entry["sweep"]["kl"] <= entry["target_kl"]
-        ratios.append(entry["verified"]["ratio"])
-    assert ratios == sorted(ratios)  # looser targets never give a smaller ratio
+        meeting = sorted((n for n, f in swept.items() if f["kl"] <= entry["target_kl"]), key=lambda n: -swept[n]["ratio"])
+        rejected = [r["candidate"] for r in entry["rejected"]]
+        assert meeting[:len(rejected) + 1] == rejected + [entry["candidate"]], entry["name"]
+        assert entry["sweep"] == swept[entry["candidate"]]
+
+
+def test_select_presets_refuses_to_choose_on_the_report_part(tiny_llama):
+    from kvcompress.tuning.preset_selection import select_presets
+
+    with pytest.raises(ValueError, match="must not read the 'report' part"):
+        select_presets(tiny_llama, WordIds(), {"safe": 0.01}, sweep_tokens=64, sweep_offset=0, verify_tokens=64,
+                       verify_part="report", log=lambda _: None)
+
+
+class WordIds:
+    """A stand-in tokenizer: one small id per word (the tiny model's vocabulary has 128 ids)."""
+
+    def __call__(self, text, **kwargs):
+        return {"input_ids": [3 + len(word) % 100 for word in text.split()]}
+
+
+def test_measure_presets_writes_under_runs_by_default(tmp_path, monkeypatch):
+    import kvcompress.cli.measure_presets as command
+    import kvcompress.tuning.preset_selection as selection
+    from kvcompress.cli.main import main
+    from kvcompress.presets.measured import DATA_FILE
+
+    shipped = DATA_FILE.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command, "load_model_from_args", lambda args: (None, None))
+    monkeypatch.setattr(selection, "select_presets", lambda *a, **k: {"format": 1, "presets": [], "state": k["state"]})
+    assert main(["measure-presets"]) == 0
+    written = tmp_path / "runs" / "measured_presets.json"
+    assert json.loads(written.read_text())["state"] == "runs/measured_presets.state.json"
+    assert DATA_FILE.read_bytes() == shipped  # the installed package is not written to
 
 
 def test_verify_flags_a_preset_that_misses_its_target():

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from kvcompress.experiments.sweep import (SweepSettings, expand_grid, load_grid, load_records, parse_specs, record_key,
                               record_path, run_sweep)
@@ -107,3 +108,32 @@ def test_parse_specs_from_a_list_and_from_grid_files(tmp_path):
         parse_specs("int4,nonsense")
     with pytest.raises(ValueError, match="unknown task"):
         SweepSettings(tasks=("passkey", "mmlu"))
+
+
+def test_a_record_from_another_version_model_or_text_is_measured_again_and_the_log_says_why(tmp_path, tiny_llama,
+                                                                                          monkeypatch):
+    import kvcompress.fingerprint as fingerprint
+    from conftest import make_tiny_llama
+
+    specs = entries((4, "a"))
+    run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(), log=lambda _: None)
+    record = json.loads(record_path(tmp_path, "a").read_text())
+    assert record["texts"]["eval"]["part"] == "report" and record["texts"]["eval"]["tokens"] == [0, 80]
+    assert set(record["fingerprint"]["environment"]) == {"kvcompress", "transformers", "torch"}
+
+    def rerun(model):
+        measured, lines = [], []
+        run_sweep(specs, tmp_path, SETTINGS, model=model, tokenizer=CharTokenizer(),
+                  on_record=lambda r: measured.append(r["label"]), log=lines.append)
+        return measured, "\n".join(lines)
+
+    assert rerun(tiny_llama)[0] == []  # same everything: reused
+    real = fingerprint.environment
+    monkeypatch.setattr(fingerprint, "environment", lambda: {**real(), "transformers": "9.9.9"})
+    measured, log = rerun(tiny_llama)
+    assert measured == ["a"] and "a: measuring again" in log and "environment.transformers" in log
+    other = make_tiny_llama(seed=0)  # same config, one weight of the last layer changed
+    with torch.no_grad():
+        other.model.layers[-1].self_attn.o_proj.weight[0, 0] += 0.01
+    measured, log = rerun(other)
+    assert measured == ["a"] and "model.weights" in log

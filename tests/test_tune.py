@@ -206,3 +206,86 @@ def test_wide_candidates_halve_the_group_overhead_and_build_codecs():
     assert stored(broad) < stored(narrow)  # 2 + 0.5 bits per value vs 2 + 1
     with pytest.raises(ValueError, match="unknown candidate"):
         candidate_settings(("quant", "huge"))
+
+
+def test_search_on_quality_that_is_not_monotone_along_the_path():
+    """Quality that gets worse at some points as bytes grow: the search still returns only a
+    point measured to meet the target, or raises; it never returns one that misses."""
+    sens = synthetic_sensitivity([10.0, 1.0, 0.1, 3.0])
+    path = lagrangian_path(sens)
+    measure = fake_quality(sens)
+    index_of = {(p.key, p.value): i for i, p in enumerate(path)}
+    bumps = {i: 0.5 for i in range(len(path)) if i % 3 == 1}  # every third point is much worse than its neighbours
+
+    def bumpy(spec):
+        figures = dict(measure(spec))
+        key = tuple(sens.settings["key"].index(spec.for_layer(l)[0]) for l in range(sens.num_layers))
+        value = tuple(sens.settings["value"].index(spec.for_layer(l)[1]) for l in range(sens.num_layers))
+        figures["kl"] += bumps.get(index_of[(key, value)], 0.0)
+        return figures
+
+    kls = [bumpy(spec_from_choice(p.key, p.value, sens.settings, BASE))["kl"] for p in path]
+    assert any(a < b for a, b in zip(kls, kls[1:])), "the quality function must not be monotone"
+    for target in (0.3, 0.05, 0.02, 0.005):
+        try:
+            result = tune_allocation(sens, BASE, target, evaluate=bumpy, verify=bumpy, log=lambda _: None)
+        except TuneError as err:
+            assert not any(kl <= target for kl in kls) or "misses the target" in str(err)
+            continue
+        assert result.verified["kl"] <= target and result.tuned["kl"] <= target
+        assert kls[result.attempts[-1]["index"]] <= target
+    # when the most faithful point itself misses, the search says it cannot, instead of guessing
+    bumps[len(path) - 1] = 1.0
+    with pytest.raises(TuneError, match="most faithful"):
+        tune_allocation(sens, BASE, 0.3, evaluate=bumpy, verify=bumpy, log=lambda _: None)
+
+
+def test_best_uniform_without_sensitivities_returns_the_highest_ratio_that_meets():
+    from kvcompress.tuning.tune import best_uniform
+
+    sens = synthetic_sensitivity([1.0, 2.0])
+    measure = fake_quality(sens)
+    with_sens, tried_sens = best_uniform(sens.settings, BASE, 0.05, measure, sens=sens, log=lambda _: None)
+    without, tried_all = best_uniform(sens.settings, BASE, 0.05, measure, log=lambda _: None)
+    meeting = [t for t in tried_all if t["kl"] <= 0.05]
+    best_ratio = max(t["ratio"] for t in meeting)
+    assert measure(without)["ratio"] == best_ratio == measure(with_sens)["ratio"]
+    assert measure(without)["kl"] <= 0.05
+    assert best_ratio > min(t["ratio"] for t in meeting)  # a wrong pick (e.g. the least compressed) would show
+    assert len(tried_sens) < len(tried_all)  # with sizes known, it stops at the first that meets
+
+
+def test_a_changed_fingerprint_is_measured_again_and_says_why(tiny_llama, tmp_path, monkeypatch, caplog):
+    import kvcompress.tuning.tune as tune_module
+    from kvcompress.tuning.tune import make_evaluator
+
+    ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(0))
+    text = {"source": "test", "part": "selection", "tokens": [0, 80]}
+    spec = CacheSpec.from_dict({**BASE.to_dict(), "key": {"bits": 4, "axis": "channel"},
+                                "value": {"bits": 4, "axis": "token"}})
+    path = tmp_path / "state.json"
+    calls = []
+    handle = tiny_llama.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        make_evaluator(tiny_llama, ids, "verify-eval", text, TuneState(path))(spec)
+        measured = len(calls)
+        state = TuneState(path)
+        make_evaluator(tiny_llama, ids, "verify-eval", text, state)(spec)
+        assert len(calls) == measured and state.hits == 1  # same fingerprint: reused
+        real = tune_module.environment
+        monkeypatch.setattr(tune_module, "environment", lambda: {**real(), "torch": "0.0.1"})
+        state = TuneState(path)
+        with caplog.at_level("WARNING"):
+            make_evaluator(tiny_llama, ids, "verify-eval", text, state)(spec)
+        assert len(calls) > measured and state.hits == 0
+        assert "environment.torch" in caplog.text and "-> 0.0.1" in caplog.text
+        assert state.redone and "torch" in state.redone[0]
+    finally:
+        handle.remove()
+
+
+def test_tune_refuses_to_verify_on_the_report_part(tiny_llama):
+    ids = torch.randint(3, 128, (1, 96), generator=torch.Generator().manual_seed(0))
+    report = {"source": "embedded:pydoc_data.topics", "part": "report", "tokens": [0, 96]}
+    with pytest.raises(ValueError, match="must not read the 'report' part"):
+        tune(tiny_llama, ids, ids, 0.01, base=BASE, verify_text=report, log=lambda _: None)

@@ -1,8 +1,14 @@
 """`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them (see `measured_presets`).
 
-    kvcompress measure-presets                 # sweep, choose, verify; writes the shipped data file
+    kvcompress measure-presets                 # sweep, choose, verify; writes runs/measured_presets.json
     kvcompress measure-presets --verify        # re-measure the shipped presets; exit 1 if one misses
     kvcompress measure-presets --table         # print the shipped presets as a markdown table
+
+Texts: the sweep reads the calibration part (from token `--sweep-offset`), the choice is
+verified on the selection part, and the chosen presets are measured on the report part (see
+`tuning.preset_selection`). The command never writes into the installed package: to ship new
+presets, copy `runs/measured_presets.json` over `src/kvcompress/presets/measured_presets.json`
+in a source checkout and commit it.
 """
 
 from __future__ import annotations
@@ -15,11 +21,11 @@ from ..io import parse_list
 from .common import add_model_arguments, load_model_from_args, write_json
 
 NAME = "measure-presets"
+DEFAULT_OUT = "runs/measured_presets.json"
 HELP = "choose the named presets (lossless ... extreme) by measurement, or re-verify them with --verify"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..presets.measured import DATA_FILE
     from ..tuning.preset_selection import (CANDIDATE_FAMILIES, DEFAULT_PASSKEY_LENGTHS, DEFAULT_SWEEP_OFFSET,
                                            DEFAULT_SWEEP_TOKENS, DEFAULT_TARGETS, DEFAULT_VERIFY_TOKENS)
 
@@ -27,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-measure the presets of --file on held-out text; exit 1 if one misses its target")
     parser.add_argument("--table", action="store_true",
                         help="print the presets of --file as a markdown table (measures nothing)")
-    parser.add_argument("--file", default=str(DATA_FILE),
-                        help="measured-presets data file to write (or, with --verify, to check)")
+    parser.add_argument("--file", default=None,
+                        help=f"measured-presets data file to write (default: {DEFAULT_OUT}) or, with --verify or "
+                             "--table, to read (default: the presets shipped in the package)")
     parser.add_argument("--targets", default=",".join(f"{k}={v:g}" for k, v in DEFAULT_TARGETS.items()),
                         help="preset=max mean KL, comma-separated")
     parser.add_argument("--candidates", default="quant",
@@ -38,20 +45,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-offset", type=int, default=DEFAULT_SWEEP_OFFSET,
                         help="first token of the sweep text in the calibration part (past calibration artifacts)")
     parser.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS,
-                        help="held-out tokens (the start of the evaluation part, as `kvcompress eval` reads)")
+                        help="verification tokens (the start of the selection part); the chosen presets are "
+                             "then measured on as many tokens of the report part")
     parser.add_argument("--passkey-lengths", default=",".join(str(x) for x in DEFAULT_PASSKEY_LENGTHS),
                         help="passkey prompt lengths in tokens, comma-separated")
     parser.add_argument("--state", default=None,
-                        help="file of saved measurements (default: FILE.state.json beside a custom --file, else "
-                             "runs/measured_presets.state.json); a rerun resumes from it")
+                        help="file of saved measurements (default: FILE.state.json beside --file); a rerun "
+                             "resumes from it")
     parser.add_argument("--json", default=None, help="with --verify: write the re-measured figures here")
     add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import corpus_tokens
+    from ..corpus import corpus_slice
     from ..measure.evaluate import decode_faithful_eval
-    from ..presets.measured import DATA_FILE, load_measured
+    from ..presets.measured import load_measured
     from ..tuning.preset_selection import parse_targets, select_presets, uniform_candidates, verify_presets
     from ..tuning.tune import eval_figures
 
@@ -59,23 +67,27 @@ def run(args: argparse.Namespace) -> int:
     if args.table:
         from ..presets.measured import markdown_table
 
-        print(markdown_table(load_measured(args.file)))
+        print(markdown_table(load_measured(args.file)))  # None: the shipped file
         return 0
     if args.verify:
         data = load_measured(args.file)
         if not data["presets"]:
-            raise ValueError(f"{args.file} holds no presets; run `kvcompress measure-presets` first")
+            raise ValueError(f"{args.file or 'the shipped presets file'} holds no presets; run "
+                             "`kvcompress measure-presets` first")
         model, tokenizer = load_model_from_args(args)
-        tokens = data.get("texts", {}).get("verify", {}).get("tokens", args.verify_tokens)
-        ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=tokens)
+        verify = data.get("texts", {}).get("verify", {})
+        tokens = verify.get("n_tokens", verify.get("tokens", args.verify_tokens))
+        part = verify.get("part", "selection")
+        text = corpus_slice(tokenizer, part, n_tokens=tokens)
+        ids = text.ids
         store: dict = {}
-        print(f"re-measuring {len(data['presets'])} presets on {tokens} held-out tokens (embedded:evaluation)",
-              flush=True)
+        print(f"re-measuring {len(data['presets'])} presets on tokens {text.record['tokens']} of the "
+              f"{text.record['part']} part (the text their choice was verified on)", flush=True)
         rows = verify_presets(data, lambda spec: eval_figures(decode_faithful_eval(
             model, ids, spec, progress=False, baseline_store=store)))
         failed = [r["name"] for r in rows if not r["met"]]
         if args.json:
-            write_json(args.json, {"file": str(args.file), "tokens": tokens, "rows": rows})
+            write_json(args.json, {"file": str(args.file or "shipped"), "text": text.record, "rows": rows})
         print(f"time        {time.perf_counter() - started:.0f} s")
         if failed:
             print(f"kvcompress measure-presets: {len(failed)} preset(s) miss their target: {', '.join(failed)}",
@@ -86,15 +98,15 @@ def run(args: argparse.Namespace) -> int:
     targets = parse_targets(args.targets)
     lengths = parse_list(args.passkey_lengths, int, "--passkey-lengths value")
     candidates = uniform_candidates(parse_list(args.candidates))
-    state = args.state or ("runs/measured_presets.state.json" if str(args.file) == str(DATA_FILE)
-                           else str(args.file) + ".state.json")
+    out = args.file or DEFAULT_OUT
+    state = args.state or str(out).removesuffix(".json") + ".state.json"
     model, tokenizer = load_model_from_args(args)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
     data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
                           sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
                           passkey_lengths=lengths, command=command,
                           log=lambda line: print(line, flush=True))
-    path = write_json(args.file, data)
+    path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0
 
