@@ -20,7 +20,8 @@ HELP = "choose the named presets (lossless ... extreme) by measurement, or re-ve
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..presets.measured import DATA_FILE
-    from ..tuning.preset_selection import (CANDIDATE_FAMILIES, DEFAULT_PASSKEY_LENGTHS, DEFAULT_SWEEP_OFFSET,
+    from ..tuning.candidates import FAMILIES as CANDIDATE_FAMILIES
+    from ..tuning.preset_selection import (DEFAULT_PASSKEY_LENGTHS, DEFAULT_SWEEP_OFFSET,
                                            DEFAULT_SWEEP_TOKENS, DEFAULT_TARGETS, DEFAULT_VERIFY_TOKENS)
 
     parser.add_argument("--verify", action="store_true",

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..calibration import artifact_for
 from .common import add_model_arguments, load_model_from_args, write_json
 
 NAME = "tune"
@@ -21,7 +22,8 @@ HELP = "find per-layer K/V settings with the highest compression ratio that meet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..tuning.tune import DEFAULT_MAX_TRIES, DEFAULT_TUNE_OFFSET, DEFAULT_TUNE_TOKENS, DEFAULT_VERIFY_TOKENS, FAMILIES
+    from ..tuning.candidates import FAMILIES
+    from ..tuning.tune import DEFAULT_MAX_TRIES, DEFAULT_TUNE_OFFSET, DEFAULT_TUNE_TOKENS, DEFAULT_VERIFY_TOKENS
 
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--max-kl", type=float, help="target: mean KL(uncompressed || compressed) on held-out text")
@@ -86,11 +88,7 @@ def run(args: argparse.Namespace) -> int:
         verify_src, verify_off = "embedded:evaluation", 0
         tune_ids = corpus_tokens(tokenizer, part="calibration", n_tokens=args.tokens, offset=args.tune_offset)
         verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.verify_tokens)
-    artifact = None
-    if args.artifact or "lowrank" in args.candidates:
-        from ..calibration import resolve_artifact
-
-        artifact = resolve_artifact(model, args.artifact)
+    artifact = artifact_for(model, [s for tensor in settings.values() for s in tensor], args.artifact)
     print(f"tuning {metric} <= {target:g} for {model_id(model)}: tuning text {tune_src} tokens "
           f"[{tune_off}, {tune_off + args.tokens}), held-out text {verify_src} tokens "
           f"[{verify_off}, {verify_off + args.verify_tokens}); state {state_path}", flush=True)

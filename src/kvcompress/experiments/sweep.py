@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..calibration import artifact_for
 from ..spec import CacheSpec
 from ..io import content_hash, parse_list, write_json_atomic
 from ..presets import load_spec
@@ -416,11 +417,7 @@ def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dic
     from ..measure.tasks import generation_agreement, greedy_continuations, run_passkey
 
     s, model = ctx.settings, ctx.model
-    artifact = s.artifact
-    if entry.spec.needs_artifact(len(ctx.capture.keys)):
-        from ..calibration import resolve_artifact
-
-        artifact = resolve_artifact(model, artifact)  # load once for every cache of this spec
+    artifact = artifact_for(model, entry.spec, s.artifact)  # load once for every cache of this spec
     timer = _Timer()
     body: dict[str, Any] = {}
     with timer("reconstruction"):

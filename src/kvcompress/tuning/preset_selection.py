@@ -25,9 +25,11 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
+from ..calibration import artifact_for
 from ..presets.measured import DATA_FORMAT
 from ..io import parse_list
-from ..spec import CacheSpec, TensorSpec
+from ..spec import CacheSpec
+from .candidates import uniform_candidates
 
 # name -> mean KL target on held-out text (see docs/tuning.md for why these values)
 DEFAULT_TARGETS = {"lossless": 0.001, "safe": 0.005, "balanced": 0.02, "aggressive": 0.05, "extreme": 0.15}
@@ -36,38 +38,6 @@ DEFAULT_SWEEP_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
 DEFAULT_PASSKEY_LENGTHS = (1024, 2048)
 DEFAULT_PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
-CANDIDATE_FAMILIES = ("quant", "hadamard", "lowrank")
-
-
-def uniform_candidates(families: Sequence[str] = ("quant",), *, window: int = 128, sinks: int = 4,
-                       block_size: int = 32) -> list[CacheSpec]:
-    """Uniform candidate specs (the same K and V setting on every layer), each named.
-
-    "quant": K per-channel x V per-token at 8/4/3/2 bits each (16 specs, "k4v2" = K int4, V int2);
-    "hadamard": Hadamard rotation + per-token quantization of both at 4/3/2 bits ("h3");
-    "lowrank": pre-RoPE low-rank K (rank 32, int4 coefficients) with V int4 or int2 per token.
-    """
-    unknown = sorted(set(families) - set(CANDIDATE_FAMILIES))
-    if unknown or not families:
-        raise ValueError(f"unknown candidate famil(ies) {unknown or list(families)}; allowed: {list(CANDIDATE_FAMILIES)}")
-    base = CacheSpec(window=window, sinks=sinks, block_size=block_size)
-    out = []
-    if "quant" in families:
-        for kb in (8, 4, 3, 2):
-            for vb in (8, 4, 3, 2):
-                out.append(dataclasses.replace(base, name=f"k{kb}v{vb}",
-                                               key=TensorSpec(method="quant", bits=kb, axis="channel", group_size=32),
-                                               value=TensorSpec(method="quant", bits=vb, axis="token", group_size=32)))
-    if "hadamard" in families:
-        for bits in (4, 3, 2):
-            tensor = TensorSpec(method="hadamard+quant", bits=bits, axis="token", group_size=32)
-            out.append(dataclasses.replace(base, name=f"h{bits}", key=tensor, value=tensor))
-    if "lowrank" in families:
-        key = TensorSpec(method="lowrank+quant", rank=32, bits=4, axis="token", group_size=16, key_space="pre_rope")
-        for vb in (4, 2):
-            out.append(dataclasses.replace(base, name=f"lr32k4v{vb}", key=key,
-                                           value=TensorSpec(method="quant", bits=vb, axis="token", group_size=32)))
-    return out
 
 
 def parse_targets(text: str) -> dict[str, float]:
@@ -149,10 +119,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     by_name = {spec.name: spec for spec in candidates}
     if len(by_name) != len(candidates):
         raise ValueError("candidate specs need distinct names")
-    if any(spec.needs_artifact(model.config.num_hidden_layers) for spec in candidates):
-        from ..calibration import resolve_artifact
-
-        artifact = resolve_artifact(model, artifact)
+    artifact = artifact_for(model, candidates, artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
     sweep_ids = corpus_tokens(tokenizer, part="calibration", n_tokens=sweep_tokens, offset=sweep_offset)
     verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=verify_tokens)

@@ -54,11 +54,12 @@ from pathlib import Path
 
 import torch
 
+from ..calibration import artifact_for
 from ..spec import CacheSpec, TensorSpec
+from .candidates import candidate_settings
 from ..io import content_hash, parse_list, write_json_atomic
 
 METRICS = ("kl", "ppl_change")
-FAMILIES = ("quant", "hadamard", "lowrank", "wide")
 TENSORS = ("key", "value")
 STATE_FORMAT = 1
 DEFAULT_TUNE_OFFSET = 20000  # tokens into the calibration part: past what calibration artifacts use (4096)
@@ -72,41 +73,6 @@ class TuneError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- candidates
-
-
-def candidate_settings(families: Sequence[str] = ("quant",), group_size: int = 32
-                       ) -> dict[str, list[TensorSpec]]:
-    """Candidate settings per tensor, most faithful first.
-
-    "quant": K per-channel and V per-token (KIVI layout) at 8, 4, 3, 2 bits, plus "none";
-    "hadamard": Hadamard rotation then per-token quantization at 4, 3, 2 bits (K and V);
-    "lowrank": pre-RoPE low-rank K (rank 48, 32) and low-rank V (rank 48), coefficients int4
-    per token (needs a calibration artifact);
-    "wide": per-token groups of 64 channels (half the scale/zero-point overhead of 32): V
-    quantized at 4, 3, 2 bits, and K and V Hadamard-rotated then quantized at 4, 3, 2 bits
-    (needs a head_dim that is a multiple of 64).
-    """
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown or not families:
-        raise ValueError(f"unknown candidate famil(ies) {unknown or families}; allowed: {list(FAMILIES)}")
-    keys: list[TensorSpec] = [TensorSpec(method="none")]
-    values: list[TensorSpec] = [TensorSpec(method="none")]
-    if "quant" in families:
-        keys += [TensorSpec(method="quant", bits=b, axis="channel", group_size=group_size) for b in (8, 4, 3, 2)]
-        values += [TensorSpec(method="quant", bits=b, axis="token", group_size=group_size) for b in (8, 4, 3, 2)]
-    if "hadamard" in families:
-        for out in (keys, values):
-            out += [TensorSpec(method="hadamard+quant", bits=b, axis="token", group_size=group_size)
-                    for b in (4, 3, 2)]
-    if "wide" in families:
-        values += [TensorSpec(method="quant", bits=b, axis="token", group_size=64) for b in (4, 3, 2)]
-        for out in (keys, values):
-            out += [TensorSpec(method="hadamard+quant", bits=b, axis="token", group_size=64) for b in (4, 3, 2)]
-    if "lowrank" in families:
-        keys += [TensorSpec(method="lowrank+quant", rank=r, bits=4, axis="token", group_size=16,
-                            key_space="pre_rope") for r in (48, 32)]
-        values += [TensorSpec(method="lowrank+quant", rank=48, bits=4, axis="token", group_size=16)]
-    return {"key": keys, "value": values}
 
 
 def parse_candidates(text: str) -> dict[str, list[TensorSpec]]:
@@ -571,10 +537,7 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
     """
     base = base or CacheSpec()
     settings = settings or candidate_settings()
-    if any(s.is_lowrank for t in TENSORS for s in settings[t]):
-        from ..calibration import resolve_artifact
-
-        artifact = resolve_artifact(model, artifact)
+    artifact = artifact_for(model, [s for t in TENSORS for s in settings[t]], artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
     tune_fp = text_fingerprint(tune_ids, tune_source, tune_offset)
     verify_fp = text_fingerprint(verify_ids, verify_source, verify_offset)
