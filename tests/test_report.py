@@ -28,7 +28,7 @@ def sweep_dir(tmp_path_factory, tiny_llama):
                        "vary": {"value.bits": [2]}}]}
     entries = load_grid(grid)
     run_sweep(entries, out, SweepSettings(eval_tokens=80, recon_tokens=72), model=tiny_llama,
-              tokenizer=CharTokenizer(), log=lambda _: None)
+              tokenizer=CharTokenizer())
     write_report(out)
     return out
 

@@ -37,14 +37,13 @@ def test_resume_continues_and_leaves_written_records_byte_identical(tmp_path, ti
             raise Interrupted  # the sweep is killed right after the 2nd record is written
 
     with pytest.raises(Interrupted):
-        run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(), on_record=stop_after_two,
-                  log=lambda _: None)
+        run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(), on_record=stop_after_two)
     written = {label: record_path(tmp_path, label).read_bytes() for label in ("a", "b")}
     assert not record_path(tmp_path, "c").exists() and not record_path(tmp_path, "d").exists()
 
     measured = []
     records = run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(),
-                        on_record=lambda r: measured.append(r["label"]), log=lambda _: None)
+                        on_record=lambda r: measured.append(r["label"]))
     assert measured == ["c", "d"], "only the missing specs are measured again"
     assert [r["label"] for r in records] == ["a", "b", "c", "d"]
     for label, data in written.items():
@@ -67,7 +66,7 @@ def test_a_failing_spec_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_llama):
     bad = quant(4, "bad")
     bad["value"]["group_size"] = 24  # does not divide the tiny model's head_dim 32
     specs = load_grid({"specs": [quant(4, "good1"), bad, quant(2, "good2")]})
-    records = run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(), log=lambda _: None)
+    records = run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer())
     assert [r["status"] for r in records] == ["ok", "error", "ok"]
     error = json.loads(record_path(tmp_path, "bad").read_text())
     assert "group_size 24 does not divide head_dim 32" in error["error"]
@@ -75,7 +74,7 @@ def test_a_failing_spec_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_llama):
     # A rerun retries the failed spec only (it fails again), keeping the good records.
     measured = []
     run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(),
-              on_record=lambda r: measured.append(r["label"]), log=lambda _: None)
+              on_record=lambda r: measured.append(r["label"]))
     assert measured == ["bad"]
 
 

@@ -93,7 +93,7 @@ def test_override_of_a_pre_rope_default_keeps_its_own_key_space():
 def test_search_returns_the_most_compressed_point_that_meets_the_target():
     sens = synthetic_sensitivity([10.0, 1.0, 0.1, 3.0])
     measure = fake_quality(sens)
-    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=measure, log=lambda _: None)
+    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=measure)
     assert result.verified["kl"] <= 0.02
     path = lagrangian_path(sens)
     index = result.attempts[-1]["index"]
@@ -113,7 +113,7 @@ def test_a_missed_verification_tightens_and_retries():
         calls.append(figures["kl"])
         return figures
 
-    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=5, log=lambda _: None)
+    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=5)
     assert calls[0] > 0.02  # the first choice missed on held-out text ...
     assert not result.attempts[0]["met"] and result.attempts[-1]["met"]
     assert result.attempts[1]["internal_target"] < result.attempts[0]["internal_target"]  # ... so it tightened
@@ -129,10 +129,9 @@ def test_gives_up_instead_of_returning_a_failing_spec():
         return {**measure(spec), "kl": 1.0}
 
     with pytest.raises(TuneError, match="after 2 tries"):
-        tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=2, log=lambda _: None)
+        tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=2)
     with pytest.raises(TuneError, match="cannot be met"):
-        tune_allocation(sens, BASE, 1e-30, evaluate=lambda s: {**measure(s), "kl": 1.0}, verify=verify,
-                        log=lambda _: None)
+        tune_allocation(sens, BASE, 1e-30, evaluate=lambda s: {**measure(s), "kl": 1.0}, verify=verify)
 
 
 def test_tune_resumes_from_saved_measurements(tiny_llama, tmp_path):
@@ -143,15 +142,15 @@ def test_tune_resumes_from_saved_measurements(tiny_llama, tmp_path):
     handle = tiny_llama.register_forward_pre_hook(lambda *_: calls.append(1))
     state = tmp_path / "spec.json.tune-state.json"
     try:
-        first = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state, log=lambda _: None)
+        first = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state)
         n_first = len(calls)
         saved = json.loads(state.read_text())["entries"]
         assert {e["kind"] for e in saved.values()} == {"probe", "tune-eval", "verify-eval"}
-        again = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state, log=lambda _: None)
+        again = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state)
         assert len(calls) == n_first  # nothing measured again
         assert again.spec == first.spec and again.verified == first.verified
         # other text: the saved measurements do not apply
-        tune(tiny_llama, tune_ids[:, :80], verify_ids, 0.01, base=BASE, state=state, log=lambda _: None)
+        tune(tiny_llama, tune_ids[:, :80], verify_ids, 0.01, base=BASE, state=state)
         assert len(calls) > n_first
     finally:
         handle.remove()
@@ -186,7 +185,7 @@ def test_tensor_weights_rescale_k_and_v_to_the_measured_kl():
         figures["kl"] *= 5.0 if key_only else 0.5
         return figures
 
-    weighted, info = calibrate_tensor_weights(sens, BASE, evaluate, log=lambda _: None)
+    weighted, info = calibrate_tensor_weights(sens, BASE, evaluate)
     assert info["key"]["setting"]["bits"] == 3 and info["value"]["setting"]["bits"] == 3  # second cheapest
     assert info["key"]["weight"] == pytest.approx(5.0) and info["value"]["weight"] == pytest.approx(0.5)
     assert torch.allclose(weighted.cost["key"], 5.0 * sens.cost["key"])

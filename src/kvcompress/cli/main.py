@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMAND_MODULES = (
@@ -36,8 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ElapsedFormatter(logging.Formatter):
+    """'[   12 s] message': seconds since the command started."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{record.relativeCreated / 1000:6.0f} s] {record.getMessage()}"
+
+
+def configure_logging() -> None:
+    """Progress messages of the library (logger "kvcompress") to stdout, once per process."""
+    logger = logging.getLogger("kvcompress")
+    if not any(getattr(h, "_kvcompress_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(_ElapsedFormatter())
+        handler._kvcompress_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError) as err:

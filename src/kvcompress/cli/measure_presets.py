@@ -93,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
     data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
                           sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
-                          passkey_lengths=lengths, command=command,
-                          log=lambda line: print(line, flush=True))
+                          passkey_lengths=lengths, command=command)
     path = write_json(args.file, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0

@@ -93,9 +93,6 @@ def run(args: argparse.Namespace) -> int:
           f"[{tune_off}, {tune_off + args.tokens}), held-out text {verify_src} tokens "
           f"[{verify_off}, {verify_off + args.verify_tokens}); state {state_path}", flush=True)
 
-    def log(line: str) -> None:
-        print(f"[{time.perf_counter() - started:6.0f} s] {line}", flush=True)
-
     state = TuneState(state_path)
     verify_fp = text_fingerprint(verify_ids, verify_src, verify_off)
     verify = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
@@ -103,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         result = tune(model, tune_ids, verify_ids, target, metric=metric, base=base, settings=settings,
                       state=state, tune_source=tune_src, tune_offset=tune_off, verify_source=verify_src,
                       verify_offset=verify_off, artifact=artifact, max_tries=args.max_tries, verify=verify,
-                      weight_tensors=not args.no_tensor_weights, log=log)
+                      weight_tensors=not args.no_tensor_weights)
     except TuneError as err:
         print(f"kvcompress tune: failed: {err}", file=sys.stderr)
         return 1
@@ -119,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                         "verify": {"source": verify_src, "offset": verify_off, "tokens": args.verify_tokens}},
               **result.to_dict()}
     if args.compare_uniform:
-        uniform, tried = best_uniform(settings, base, target, verify, metric=metric, sens=result.sens, log=log)
+        uniform, tried = best_uniform(settings, base, target, verify, metric=metric, sens=result.sens)
         report["uniform"] = {"best": uniform.to_dict() if uniform else None, "tried": tried}
         if uniform is not None:
             u = tried[-1]

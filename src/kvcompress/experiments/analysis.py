@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from .sweep import SpecEntry, SweepSettings, load_grid, run_sweep
@@ -82,8 +81,7 @@ def default_entries() -> list[SpecEntry]:
 
 
 def analyze(out_dir: str | os.PathLike, settings: SweepSettings | None = None, *, entries: list[SpecEntry] | None = None,
-            model=None, tokenizer=None, progress: bool = False, command: str | None = None,
-            log: Callable[[str], None] | None = None) -> Path:
+            model=None, tokenizer=None, progress: bool = False, command: str | None = None) -> Path:
     """Run the default sweep into `out_dir` (resuming if it was interrupted) and write its report.
 
     Returns the path of `report.md`.
@@ -92,7 +90,7 @@ def analyze(out_dir: str | os.PathLike, settings: SweepSettings | None = None, *
 
     settings = settings or DEFAULT_SETTINGS
     run_sweep(entries or default_entries(), out_dir, settings, model=model, tokenizer=tokenizer, progress=progress,
-              command=command, log=log)
+              command=command)
     return write_report(out_dir)
 
 

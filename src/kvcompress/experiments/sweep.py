@@ -47,6 +47,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import re
 import time
@@ -57,10 +58,12 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import artifact_for
-from ..spec import CacheSpec
 from ..io import content_hash, parse_list, write_json_atomic
-from ..presets import load_spec
 from ..measure.tasks import PASSKEY_DEPTHS, PASSKEY_LENGTHS, PROMPT_FORMATS
+from ..presets import load_spec
+from ..spec import CacheSpec
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("passkey", "agreement")
 RECORDS_DIR = "records"
@@ -365,11 +368,17 @@ def _environment(model) -> dict:
             "torch": torch.__version__.split("+")[0]}
 
 
-def _prepare(ctx: _Context, out: Path, progress: bool, log: Callable[[str], None]) -> None:
+def _prepare(ctx: _Context, out: Path, progress: bool) -> None:
     from ..corpus import corpus_tokens, load_text
     from ..measure.reconstruction import capture_states
-    from ..measure.tasks import agreement_prompts, dataset_texts, greedy_continuations, passkey_cases, prompts_from_texts
-    from ..measure.tasks import run_passkey
+    from ..measure.tasks import (
+        agreement_prompts,
+        dataset_texts,
+        greedy_continuations,
+        passkey_cases,
+        prompts_from_texts,
+        run_passkey,
+    )
 
     s, tok = ctx.settings, ctx.tokenizer
     ctx.eval_ids = corpus_tokens(tok, part="evaluation", n_tokens=s.eval_tokens, path=s.corpus)
@@ -377,7 +386,7 @@ def _prepare(ctx: _Context, out: Path, progress: bool, log: Callable[[str], None
     with timer("capture"):
         ctx.capture = capture_states(ctx.model, corpus_tokens(tok, part="evaluation", n_tokens=s.recon_tokens,
                                                               path=s.corpus))
-    log(f"captured Q, K, V of {s.recon_tokens} tokens ({timer.phases['capture']['wall_s']:.1f} s)")
+    logger.info(f"captured Q, K, V of {s.recon_tokens} tokens ({timer.phases['capture']['wall_s']:.1f} s)")
     filler = load_text(s.corpus) if s.corpus else None
     if "passkey" in s.tasks:
         ctx.passkey = passkey_cases(tok, s.passkey_lengths, s.passkey_depths, seed=s.seed, filler_text=filler,
@@ -399,7 +408,7 @@ def _prepare(ctx: _Context, out: Path, progress: bool, log: Callable[[str], None
     if ctx.passkey:
         with timer("passkey"):
             baseline["passkey"] = run_passkey(ctx.model, tok, ctx.passkey)
-        log(f"uncompressed passkey accuracy {baseline['passkey']['by_length']}")
+        logger.info(f"uncompressed passkey accuracy {baseline['passkey']['by_length']}")
     if ctx.agreement:
         with timer("agreement"):
             baseline["agreement_continuations"] = greedy_continuations(ctx.model, ctx.agreement,
@@ -446,8 +455,7 @@ def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dic
 
 def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: SweepSettings | None = None, *,
               model=None, tokenizer=None, progress: bool = True,
-              on_record: Callable[[dict], None] | None = None,
-              log: Callable[[str], None] | None = None, command: str | None = None) -> list[dict]:
+              on_record: Callable[[dict], None] | None = None, command: str | None = None) -> list[dict]:
     """Measure every entry (skipping those already measured with the same key); return all records.
 
     Args:
@@ -456,11 +464,9 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
         settings: see `SweepSettings`.
         model, tokenizer: an already loaded model (else loaded from `settings`).
         on_record: called with each new record right after it is written.
-        log: called with progress lines (default: print).
         command: the command line that started the sweep, saved in config.json for the report.
     """
     settings = settings or SweepSettings()
-    log = log or (lambda line: print(line, flush=True))
     entries = check_unique(list(entries))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,14 +480,14 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
             done[entry.label] = record
     pending = [e for e in entries if e.label not in done]
     if done:
-        log(f"resuming: {len(done)} of {len(entries)} specs already measured")
+        logger.info(f"resuming: {len(done)} of {len(entries)} specs already measured")
     if pending:
         if model is None:
             from ..models import DTYPES, load_model
 
             model, tokenizer = load_model(settings.model, dtype=DTYPES[settings.dtype], device=settings.device)
         ctx = _Context(model, tokenizer, settings)
-        _prepare(ctx, out, progress, log)
+        _prepare(ctx, out, progress)
         environment = _environment(model)
     records = []
     for i, entry in enumerate(entries, 1):
@@ -499,7 +505,7 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
         record["seconds"] = round(time.perf_counter() - start, 2)
         write_json_atomic(record_path(out, entry.label), record)
         records.append(record)
-        log(f"[{i}/{len(entries)}] {entry.label}: {_summary(record)}")
+        logger.info(f"[{i}/{len(entries)}] {entry.label}: {_summary(record)}")
         if on_record is not None:
             on_record(record)
     return records

@@ -22,14 +22,17 @@ register the shipped presets (see `presets.measured`) and does not tune per-laye
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 
 from ..calibration import artifact_for
-from ..presets.measured import DATA_FORMAT
 from ..io import parse_list
+from ..presets.measured import DATA_FORMAT
 from ..spec import CacheSpec
 from .candidates import uniform_candidates
+
+logger = logging.getLogger(__name__)
 
 # name -> mean KL target on held-out text (see docs/tuning.md for why these values)
 DEFAULT_TARGETS = {"lossless": 0.001, "safe": 0.005, "balanced": 0.02, "aggressive": 0.05, "extreme": 0.15}
@@ -68,8 +71,7 @@ def passkey_score(model, tokenizer, spec: CacheSpec | None, lengths: Sequence[in
     return {"accuracy": result["accuracy"], "by_length": result["by_length"], "cases": len(cases)}
 
 
-def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[str], dict],
-           log: Callable[[str], None] = print) -> dict[str, dict]:
+def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[str], dict]) -> dict[str, dict]:
     """For each target, the candidate with the highest sweep ratio meeting it on the sweep text AND
     on held-out text (`verify(name)` -> figures); candidates missing on held-out text are skipped.
 
@@ -91,11 +93,11 @@ def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[
             if figures["kl"] <= target:
                 chosen[name] = {"candidate": candidate, "target_kl": target, "sweep": swept[candidate],
                                 "verified": figures, "rejected": rejected}
-                log(f"{name} (KL <= {target:g}): {candidate}, ratio {figures['ratio']:.2f}x, held-out KL "
+                logger.info(f"{name} (KL <= {target:g}): {candidate}, ratio {figures['ratio']:.2f}x, held-out KL "
                     f"{figures['kl']:.4f}, PPL {figures['ppl_change']:+.2%}")
                 break
             rejected.append({"candidate": candidate, "verified_kl": figures["kl"]})
-            log(f"{name}: {candidate} met KL {target:g} on the sweep text but not on held-out text "
+            logger.info(f"{name}: {candidate} met KL {target:g} on the sweep text but not on held-out text "
                 f"({figures['kl']:.4f}); trying the next")
         else:
             raise ValueError(f"no candidate meets preset {name!r} (KL <= {target:g}) on both texts; loosen the "
@@ -108,7 +110,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
                    sweep_offset: int = DEFAULT_SWEEP_OFFSET, verify_tokens: int = DEFAULT_VERIFY_TOKENS,
                    state=None, passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
                    passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
-                   command: str | None = None, log: Callable[[str], None] = print) -> dict:
+                   command: str | None = None) -> dict:
     """Sweep, choose and verify the presets (see module doc); returns the data file's content."""
     from ..corpus import corpus_fingerprint, corpus_tokens
     from ..models import model_id
@@ -132,9 +134,9 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     for i, spec in enumerate(candidates, 1):
         swept[spec.name] = sweep_eval(spec)
         f = swept[spec.name]
-        log(f"[{time.perf_counter() - started:5.0f} s] sweep {i}/{len(candidates)} {spec.name}: ratio "
+        logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep {i}/{len(candidates)} {spec.name}: ratio "
             f"{f['ratio']:.2f}x, KL {f['kl']:.4f}, PPL {f['ppl_change']:+.2%}")
-    chosen = choose(targets, swept, lambda name: verify_eval(by_name[name]), log=log)
+    chosen = choose(targets, swept, lambda name: verify_eval(by_name[name]))
     model_fp = model_fingerprint(model)
     passkey_fp = {"lengths": list(passkey_lengths), "depths": list(passkey_depths), "seed": 0}
 
@@ -143,7 +145,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
         key = TuneState.key("passkey", model_fp, passkey_fp, spec_dict)
         result = state.get(key)
         if result is None:
-            log(f"[{time.perf_counter() - started:5.0f} s] passkey: {label}")
+            logger.info(f"[{time.perf_counter() - started:5.0f} s] passkey: {label}")
             result = passkey_score(model, tokenizer, spec, passkey_lengths, passkey_depths, artifact=artifact)
             state.put(key, "passkey", spec_dict, result, model=model_fp)
         return result
@@ -173,7 +175,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     }
 
 
-def verify_presets(data: dict, measure: Callable[[CacheSpec], dict], log: Callable[[str], None] = print
+def verify_presets(data: dict, measure: Callable[[CacheSpec], dict]
                    ) -> list[dict]:
     """Re-measure every preset of `data` (`measure(spec)` -> figures with "kl", "ratio", "ppl_change")
     and compare with its target. Returns one row per preset with "met"."""
@@ -183,6 +185,6 @@ def verify_presets(data: dict, measure: Callable[[CacheSpec], dict], log: Callab
         figures = measure(spec)
         met = figures["kl"] <= entry["target_kl"]
         rows.append({"name": entry["name"], "target_kl": entry["target_kl"], "met": met, **figures})
-        log(f"{entry['name']:11s} target KL <= {entry['target_kl']:g}: KL {figures['kl']:.4f}, ratio "
+        logger.info(f"{entry['name']:11s} target KL <= {entry['target_kl']:g}: KL {figures['kl']:.4f}, ratio "
             f"{figures['ratio']:.2f}x, PPL {figures['ppl_change']:+.2%}  {'ok' if met else 'MISSED'}")
     return rows

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -55,9 +56,11 @@ from pathlib import Path
 import torch
 
 from ..calibration import artifact_for
+from ..io import content_hash, parse_list, write_json_atomic
 from ..spec import CacheSpec, TensorSpec
 from .candidates import candidate_settings
-from ..io import content_hash, parse_list, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("kl", "ppl_change")
 TENSORS = ("key", "value")
@@ -196,7 +199,7 @@ def _probe_result(memory: dict, metrics: dict, power: float) -> dict:
 
 def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list[TensorSpec]], base: CacheSpec,
                         *, state: TuneState | None = None, text_fp: dict | None = None, artifact=None,
-                        cost_power: float = 2.0, log: Callable[[str], None] = print) -> Sensitivity:
+                        cost_power: float = 2.0) -> Sensitivity:
     """Proxy cost and real bytes of every candidate on every layer (see module doc, step 1).
 
     Args:
@@ -204,7 +207,11 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
         settings: candidates per tensor (see `candidate_settings`).
         base: supplies sinks and block_size (the window is set to 0 for the probes).
     """
-    from ..measure.reconstruction import capture_states, reconstruct, reconstruction_metrics
+    from ..measure.reconstruction import (
+        capture_states,
+        reconstruct,
+        reconstruction_metrics,
+    )
 
     state = state or TuneState(None)
     model_fp = model_fingerprint(model)
@@ -220,7 +227,7 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
             if capture is None:
                 start = time.perf_counter()
                 capture = capture_states(model, input_ids)
-                log(f"captured Q, K, V of {input_ids.shape[1]} tokens ({time.perf_counter() - start:.1f} s)")
+                logger.info(f"captured Q, K, V of {input_ids.shape[1]} tokens ({time.perf_counter() - start:.1f} s)")
             start = time.perf_counter()
             pairs, memory = reconstruct(model, probe, capture, artifact=artifact)
             metrics = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
@@ -229,7 +236,7 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
             took = f"{time.perf_counter() - start:.1f} s"
         else:
             took = "saved"
-        log(f"sensitivity {i + 1}/{len(probes)}: K {probe.key.describe()}, V {probe.value.describe()} ({took})")
+        logger.info(f"sensitivity {i + 1}/{len(probes)}: K {probe.key.describe()}, V {probe.value.describe()} ({took})")
         results.append(result)
     cost, nbytes = {}, {}
     for tensor in TENSORS:
@@ -239,8 +246,7 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
     return Sensitivity(settings, cost, nbytes)
 
 
-def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate: Evaluator,
-                             log: Callable[[str], None] = print) -> tuple[Sensitivity, dict]:
+def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate: Evaluator) -> tuple[Sensitivity, dict]:
     """Scale the proxy costs of K and of V so that each predicts the measured KL (see module doc, step 1b).
 
     The attention-output error treats an error in K and one in V alike, but they do not cost
@@ -267,7 +273,7 @@ def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate: Evalu
         weight = kl / proxy if kl > 0 and proxy > 0 else 1.0
         cost[tensor] = sens.cost[tensor] * weight
         info[tensor] = {"setting": setting.to_dict(), "kl": kl, "proxy": proxy, "weight": weight}
-        log(f"{tensor} only at {setting.describe()}: KL {kl:.4f} for proxy {proxy:.4f}: weight {weight:.3g}")
+        logger.info(f"{tensor} only at {setting.describe()}: KL {kl:.4f} for proxy {proxy:.4f}: weight {weight:.3g}")
     return Sensitivity(sens.settings, cost, sens.nbytes), info
 
 
@@ -465,7 +471,7 @@ class TuneResult:
 
 def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric: str = "kl",
                     evaluate: Evaluator, verify: Evaluator, max_tries: int = DEFAULT_MAX_TRIES,
-                    tighten: float = 0.8, log: Callable[[str], None] = print) -> TuneResult:
+                    tighten: float = 0.8) -> TuneResult:
     """Steps 2-4 of the module doc on given sensitivities; `evaluate` measures on the tuning text,
     `verify` on held-out text (both: spec -> figures dict with `metric` and "ratio")."""
     if metric not in METRICS:
@@ -475,7 +481,7 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
     if max_tries < 1:
         raise ValueError(f"max_tries must be at least 1, got {max_tries}")
     path = lagrangian_path(sens)
-    log(f"Lagrangian path: {len(path)} distinct allocations, {path[0].nbytes:.0f} to {path[-1].nbytes:.0f} "
+    logger.info(f"Lagrangian path: {len(path)} distinct allocations, {path[0].nbytes:.0f} to {path[-1].nbytes:.0f} "
         f"bytes per token over all layers")
     measured: dict[int, dict] = {}
 
@@ -483,14 +489,14 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
         if i not in measured:
             spec = spec_from_choice(path[i].key, path[i].value, sens.settings, base)
             measured[i] = evaluate(spec)
-            log(f"  path {i}/{len(path) - 1} (λ {path[i].lam:.3g}): ratio {measured[i]['ratio']:.2f}x, "
+            logger.info(f"  path {i}/{len(path) - 1} (λ {path[i].lam:.3g}): ratio {measured[i]['ratio']:.2f}x, "
                 f"{metric} {measured[i][metric]:.4f}, {len(spec.layers)} override range(s)")
         return measured[i]
 
     internal = target
     attempts = []
     for attempt in range(1, max_tries + 1):
-        log(f"try {attempt}/{max_tries}: internal target {metric} <= {internal:.4g} on the tuning text")
+        logger.info(f"try {attempt}/{max_tries}: internal target {metric} <= {internal:.4g} on the tuning text")
         try:
             index = search_path(path, lambda i: figures(i)[metric] <= internal)
         except TuneError as err:
@@ -502,7 +508,7 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
         ok = checked[metric] <= target
         attempts.append({"internal_target": internal, "index": index, "lam": path[index].lam,
                          "tuned": figures(index), "verified": checked, "met": ok, "spec": spec.to_dict()})
-        log(f"verified on held-out text: {metric} {checked[metric]:.4f} (target {target:g}), ratio "
+        logger.info(f"verified on held-out text: {metric} {checked[metric]:.4f} (target {target:g}), ratio "
             f"{checked['ratio']:.2f}x: {'met' if ok else 'MISSED'}")
         if ok:
             searched = [{"index": i, "lam": path[i].lam, **measured[i]} for i in sorted(measured)]
@@ -520,8 +526,7 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
          base: CacheSpec | None = None, settings: dict[str, list[TensorSpec]] | None = None,
          state: TuneState | str | os.PathLike | None = None, tune_source: str = "custom", tune_offset: int = 0,
          verify_source: str = "custom", verify_offset: int = 0, artifact=None, max_tries: int = DEFAULT_MAX_TRIES,
-         verify: Evaluator | None = None, weight_tensors: bool = True,
-         log: Callable[[str], None] = print) -> TuneResult:
+         verify: Evaluator | None = None, weight_tensors: bool = True) -> TuneResult:
     """Tune a per-layer spec so that `metric` <= `target` on `verify_ids` (see module doc).
 
     Args:
@@ -541,22 +546,20 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
     state = state if isinstance(state, TuneState) else TuneState(state)
     tune_fp = text_fingerprint(tune_ids, tune_source, tune_offset)
     verify_fp = text_fingerprint(verify_ids, verify_source, verify_offset)
-    sens = measure_sensitivity(model, tune_ids, settings, base, state=state, text_fp=tune_fp, artifact=artifact,
-                               log=log)
+    sens = measure_sensitivity(model, tune_ids, settings, base, state=state, text_fp=tune_fp, artifact=artifact)
     evaluate = make_evaluator(model, tune_ids, "tune-eval", tune_fp, state, artifact=artifact)
     verify = verify or make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
     weights = None
     if weight_tensors:
-        sens, weights = calibrate_tensor_weights(sens, base, evaluate, log=log)
+        sens, weights = calibrate_tensor_weights(sens, base, evaluate)
     result = tune_allocation(sens, base, target, metric=metric, evaluate=evaluate, verify=verify,
-                             max_tries=max_tries, log=log)
+                             max_tries=max_tries)
     result.tensor_weights = weights
     return result
 
 
 def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target: float, evaluate: Evaluator, *,
-                 metric: str = "kl", sens: Sensitivity | None = None,
-                 log: Callable[[str], None] = print) -> tuple[CacheSpec | None, list[dict]]:
+                 metric: str = "kl", sens: Sensitivity | None = None) -> tuple[CacheSpec | None, list[dict]]:
     """The uniform (same K and V setting on every layer) spec with the highest real ratio that meets
     the target under `evaluate`; and every figure measured on the way.
 
@@ -578,7 +581,7 @@ def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target:
         figures = evaluate(spec)
         tried.append({"spec": spec.to_dict(), "describe": spec.describe(), **figures})
         met = figures[metric] <= target
-        log(f"uniform {spec.name}: ratio {figures['ratio']:.2f}x, {metric} {figures[metric]:.4f}"
+        logger.info(f"uniform {spec.name}: ratio {figures['ratio']:.2f}x, {metric} {figures[metric]:.4f}"
             f"{' (meets)' if met else ''}")
         if met:
             return spec, tried
