@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from kvcompress.spec import CacheSpec, TensorSpec
-from kvcompress.tuning.tune import (Sensitivity, TuneError, TuneState, allocate, candidate_settings, lagrangian_path,
-                             spec_from_choice, tune, tune_allocation)
+from kvcompress.tuning.allocation import allocate, lagrangian_path, spec_from_choice
+from kvcompress.tuning.candidates import candidate_settings
+from kvcompress.tuning.sensitivity import Sensitivity
+from kvcompress.tuning.state import TuneState
+from kvcompress.tuning.tune import TuneError, tune, tune_allocation
 
 BASE = CacheSpec(window=16, sinks=2, block_size=32)
 
@@ -174,7 +177,7 @@ def test_state_file_that_is_not_json_is_an_error(tmp_path):
 
 
 def test_tensor_weights_rescale_k_and_v_to_the_measured_kl():
-    from kvcompress.tuning.tune import calibrate_tensor_weights
+    from kvcompress.tuning.sensitivity import calibrate_tensor_weights
 
     sens = synthetic_sensitivity([1.0, 2.0])
     measure = fake_quality(sens)

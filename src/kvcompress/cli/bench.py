@@ -1,4 +1,4 @@
-"""`kvcompress bench`: decode speed, stored bytes, peak memory and capacity of caches (see `bench`)."""
+"""`kvcompress bench`: decode speed, stored bytes, peak memory and capacity of caches (see `kvcompress.bench`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`kvcompress eval`: decode-faithful quality of one spec on one text (see `evaluate`)."""
+"""`kvcompress eval`: decode-faithful quality of one spec on one text (see `kvcompress.measure.evaluate`)."""
 
 from __future__ import annotations
 

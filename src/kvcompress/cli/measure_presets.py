@@ -1,4 +1,4 @@
-"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them (see `measured_presets`).
+"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them (see `kvcompress.tuning.preset_selection`).
 
     kvcompress measure-presets                 # sweep, choose, verify; writes the shipped data file
     kvcompress measure-presets --verify        # re-measure the shipped presets; exit 1 if one misses

@@ -1,4 +1,4 @@
-"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on held-out text (see `tune`).
+"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on held-out text (see `kvcompress.tuning.tune`).
 
 Texts: with the embedded corpus, the tuning text is the calibration part from token
 `--tune-offset` (past the tokens calibration artifacts use) and the held-out text is the first
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from ..corpus import corpus_tokens
     from ..models import model_id
     from ..spec import CacheSpec
-    from ..tuning.tune import TuneError, TuneState, best_uniform, make_evaluator, parse_candidates, text_fingerprint, tune
+    from ..tuning.state import TuneState, text_fingerprint
+    from ..tuning.tune import TuneError, best_uniform, make_evaluator, parse_candidates, tune
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
     if not target > 0:

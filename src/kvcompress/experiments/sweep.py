@@ -38,7 +38,7 @@ evaluation and the tasks, keeping only direct reconstruction (cheap: a curve can
 points, the expensive measurements a few).
 
 This module does not draw plots or tables (see `report`) and does not define the metrics
-(see `reconstruction`, `evaluate`, `tasks`).
+(see `kvcompress.measure`).
 """
 
 from __future__ import annotations

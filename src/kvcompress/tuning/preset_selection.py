@@ -114,7 +114,8 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     """Sweep, choose and verify the presets (see module doc); returns the data file's content."""
     from ..corpus import corpus_fingerprint, corpus_tokens
     from ..models import model_id
-    from .tune import TuneState, make_evaluator, model_fingerprint, text_fingerprint
+    from .state import TuneState, model_fingerprint, text_fingerprint
+    from .tune import make_evaluator
 
     targets = targets or dict(DEFAULT_TARGETS)
     candidates = candidates or uniform_candidates()

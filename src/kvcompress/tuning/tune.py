@@ -36,35 +36,39 @@ Hessian/Fisher sensitivity (e.g. KVQuant's per-layer sensitivity, ZipCache's sal
 proxy is the measured attention-output error with real queries, and the final decision always
 rests on the decode-faithful measurement, not on the proxy.
 
-This module does not define codecs or metrics (see `codecs`, `reconstruction`, `evaluate`),
-does not pick text (the caller passes token ids; see `commands.tune_cmd`) and does not choose
-the named presets (see `measured_presets`).
+Steps 1 and 2 live in `sensitivity` and `allocation`, the saved measurements in `state`; this
+module runs steps 3 and 4. It does not define codecs or metrics (see `codecs`,
+`measure.reconstruction`, `measure.evaluate`), does not pick text (the caller passes token ids;
+see `cli.tune`) and does not choose the named presets (see `preset_selection`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..calibration import artifact_for
-from ..io import content_hash, parse_list, write_json_atomic
+from ..io import parse_list
 from ..spec import CacheSpec, TensorSpec
+from .allocation import PathPoint, lagrangian_path, spec_from_choice
 from .candidates import candidate_settings
+from .sensitivity import (
+    TENSORS,
+    Evaluator,
+    Sensitivity,
+    calibrate_tensor_weights,
+    measure_sensitivity,
+)
+from .state import TuneState, model_fingerprint, text_fingerprint
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("kl", "ppl_change")
-TENSORS = ("key", "value")
-STATE_FORMAT = 1
 DEFAULT_TUNE_OFFSET = 20000  # tokens into the calibration part: past what calibration artifacts use (4096)
 DEFAULT_TUNE_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
@@ -83,304 +87,9 @@ def parse_candidates(text: str) -> dict[str, list[TensorSpec]]:
     return candidate_settings(parse_list(text))
 
 
-def _probe_specs(settings: dict[str, list[TensorSpec]], base: CacheSpec) -> list[CacheSpec]:
-    """Uniform specs that between them apply every candidate to K and to V (K[i] with V[i])."""
-    n = max(len(settings["key"]), len(settings["value"]))
-    none = TensorSpec(method="none")
-    out = []
-    for i in range(n):
-        key = settings["key"][i] if i < len(settings["key"]) else none
-        value = settings["value"][i] if i < len(settings["value"]) else none
-        out.append(dataclasses.replace(base, key=key, value=value, layers={}, name=f"probe{i}"))
-    return out
-
-
-# --------------------------------------------------------------------------- state
-
-
-def model_fingerprint(model) -> dict:
-    """What identifies a model's measurements: its name, config fingerprint, dtype and a weight checksum."""
-    from ..calibration import config_fingerprint
-    from ..models import model_id
-
-    first = next(model.parameters())
-    return {"model": model_id(model), "config": config_fingerprint(model), "dtype": str(first.dtype),
-            "weights": f"{first.detach().double().sum().item():.10e}"}
-
-
-def text_fingerprint(ids: torch.Tensor, source: str, offset: int = 0) -> dict:
-    """What identifies a text: where it came from, the offset, its length and a hash of its ids."""
-    return {"source": source, "offset": int(offset), "tokens": int(ids.shape[-1]),
-            "sha256": content_hash(ids.flatten().tolist())}
-
-
-class TuneState:
-    """Measurements of a tune, kept in a JSON file and written after each new one.
-
-    Entries are keyed by a hash of (kind, model fingerprint, text fingerprint, spec), so a
-    changed model, text or setting misses the old entries instead of reusing them. A file that
-    cannot be read is an error (delete it or pass another path); nothing is silently dropped.
-    """
-
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = Path(path) if path is not None else None
-        self.entries: dict[str, dict] = {}
-        self.hits = 0
-        if self.path is not None and self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-            except ValueError as err:
-                raise ValueError(f"tune state file {self.path} is not valid JSON ({err}); delete it to start over")
-            if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-                raise ValueError(f"{self.path} is not a kvcompress tune state file (format {STATE_FORMAT}); "
-                                 "delete it or pass another --state")
-            self.entries = data.get("entries", {})
-
-    @staticmethod
-    def key(kind: str, model_fp: dict, text_fp: dict, spec: dict) -> str:
-        return content_hash([kind, model_fp, text_fp, spec])
-
-    def get(self, key: str) -> dict | None:
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.hits += 1
-            return entry["result"]
-        return None
-
-    def put(self, key: str, kind: str, spec: dict, result: dict, **context) -> None:
-        self.entries[key] = {"kind": kind, "spec": spec, "result": result, **context}
-        self.save()
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        write_json_atomic(self.path, {"format": STATE_FORMAT, "entries": self.entries}, indent=1)
-
-
-# --------------------------------------------------------------------------- sensitivity
-
-
-@dataclass
-class Sensitivity:
-    """Proxy cost and real bytes of every (layer, tensor, setting).
-
-    Attributes:
-        settings: {"key": [TensorSpec, ...], "value": [...]}: the candidates (index s below).
-        cost: {"key": (L, S_key) tensor, "value": (L, S_value)}: attention-output relative error
-            squared when only that tensor of that layer is coded with setting s.
-        nbytes: same shapes: bytes stored per compressed token (all KV heads of the layer).
-    """
-
-    settings: dict[str, list[TensorSpec]]
-    cost: dict[str, torch.Tensor]
-    nbytes: dict[str, torch.Tensor]
-
-    @property
-    def num_layers(self) -> int:
-        return self.cost["key"].shape[0]
-
-    def to_dict(self) -> dict:
-        return {"settings": {t: [s.to_dict() for s in self.settings[t]] for t in TENSORS},
-                "cost": {t: self.cost[t].tolist() for t in TENSORS},
-                "bytes_per_token": {t: self.nbytes[t].tolist() for t in TENSORS}}
-
-
-def _probe_result(memory: dict, metrics: dict, power: float) -> dict:
-    """Per-layer costs and bytes per compressed token of one probe (see `Sensitivity`)."""
-    out: dict[str, list[float]] = {"key_cost": [], "value_cost": [], "key_bytes": [], "value_bytes": []}
-    for layer_metrics, layer_memory in zip(metrics["layers"], memory["layers"]):
-        n = layer_memory["compressed_tokens"]
-        for tensor, variant in (("key", "key_only"), ("value", "value_only")):
-            out[f"{tensor}_cost"].append(layer_metrics["attention"][variant]["rel_error"] ** power)
-            stored = sum(v for k, v in layer_memory["parts"].items() if k.startswith(f"{tensor}_"))
-            out[f"{tensor}_bytes"].append(stored / n)
-    return out
-
-
-def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list[TensorSpec]], base: CacheSpec,
-                        *, state: TuneState | None = None, text_fp: dict | None = None, artifact=None,
-                        cost_power: float = 2.0) -> Sensitivity:
-    """Proxy cost and real bytes of every candidate on every layer (see module doc, step 1).
-
-    Args:
-        input_ids: (1, T) tuning text; T must hold the sinks and at least one block.
-        settings: candidates per tensor (see `candidate_settings`).
-        base: supplies sinks and block_size (the window is set to 0 for the probes).
-    """
-    from ..measure.reconstruction import (
-        capture_states,
-        reconstruct,
-        reconstruction_metrics,
-    )
-
-    state = state or TuneState(None)
-    model_fp = model_fingerprint(model)
-    text_fp = text_fp or text_fingerprint(input_ids, "custom")
-    probes = _probe_specs(settings, base)
-    capture = None
-    results = []
-    for i, probe in enumerate(probes):
-        spec_dict = {k: v for k, v in probe.to_dict().items() if k != "name"}
-        key = TuneState.key(f"probe^{cost_power}", model_fp, text_fp, spec_dict)
-        result = state.get(key)
-        if result is None:
-            if capture is None:
-                start = time.perf_counter()
-                capture = capture_states(model, input_ids)
-                logger.info(f"captured Q, K, V of {input_ids.shape[1]} tokens ({time.perf_counter() - start:.1f} s)")
-            start = time.perf_counter()
-            pairs, memory = reconstruct(model, probe, capture, artifact=artifact)
-            metrics = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
-            result = _probe_result(memory, metrics, cost_power)
-            state.put(key, "probe", spec_dict, result, text=text_fp, model=model_fp)
-            took = f"{time.perf_counter() - start:.1f} s"
-        else:
-            took = "saved"
-        logger.info(f"sensitivity {i + 1}/{len(probes)}: K {probe.key.describe()}, V {probe.value.describe()} ({took})")
-        results.append(result)
-    cost, nbytes = {}, {}
-    for tensor in TENSORS:
-        n = len(settings[tensor])
-        cost[tensor] = torch.tensor([results[i][f"{tensor}_cost"] for i in range(n)], dtype=torch.float64).T
-        nbytes[tensor] = torch.tensor([results[i][f"{tensor}_bytes"] for i in range(n)], dtype=torch.float64).T
-    return Sensitivity(settings, cost, nbytes)
-
-
-def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate: Evaluator) -> tuple[Sensitivity, dict]:
-    """Scale the proxy costs of K and of V so that each predicts the measured KL (see module doc, step 1b).
-
-    The attention-output error treats an error in K and one in V alike, but they do not cost
-    the same downstream (docs/tuning.md has the figures for SmolLM2-135M). So for each tensor, one uniform spec
-    codes only that tensor (the other kept in full precision) with its second-cheapest candidate,
-    and its decode-faithful KL on the tuning text divided by the summed proxy cost is that
-    tensor's weight. Returns the reweighted sensitivities and {"key"|"value": {"setting", "kl",
-    "proxy", "weight"}}.
-    """
-    none = TensorSpec(method="none")
-    cost, info = {}, {}
-    for tensor in TENSORS:
-        lossy = [i for i, s in enumerate(sens.settings[tensor]) if s.method != "none"]
-        if not lossy:
-            cost[tensor] = sens.cost[tensor]
-            continue
-        by_bytes = sorted(lossy, key=lambda i: sens.nbytes[tensor][:, i].sum().item())
-        pick = by_bytes[1] if len(by_bytes) > 1 else by_bytes[0]
-        setting = sens.settings[tensor][pick]
-        spec = dataclasses.replace(base, key=setting if tensor == "key" else none,
-                                   value=setting if tensor == "value" else none, layers={}, name=f"{tensor}-only")
-        kl = evaluate(spec)["kl"]
-        proxy = sens.cost[tensor][:, pick].sum().item()
-        weight = kl / proxy if kl > 0 and proxy > 0 else 1.0
-        cost[tensor] = sens.cost[tensor] * weight
-        info[tensor] = {"setting": setting.to_dict(), "kl": kl, "proxy": proxy, "weight": weight}
-        logger.info(f"{tensor} only at {setting.describe()}: KL {kl:.4f} for proxy {proxy:.4f}: weight {weight:.3g}")
-    return Sensitivity(sens.settings, cost, sens.nbytes), info
-
-
-# --------------------------------------------------------------------------- allocation
-
-
-def allocate(cost: torch.Tensor, nbytes: torch.Tensor, lam: float) -> list[int]:
-    """Per row (layer), the setting minimising bytes + lam * cost; ties go to fewer bytes.
-
-    Args:
-        cost, nbytes: (L, S) tensors.
-        lam: the Lagrange multiplier (>= 0).
-    """
-    objective = nbytes + lam * cost
-    best = []
-    for row_obj, row_bytes in zip(objective.tolist(), nbytes.tolist()):
-        low = min(row_obj)
-        tol = 1e-12 * max(1.0, abs(low))
-        best.append(min((b, s) for s, (o, b) in enumerate(zip(row_obj, row_bytes)) if o <= low + tol)[1])
-    return best
-
-
-@dataclass(frozen=True)
-class PathPoint:
-    """One allocation on the Lagrangian path: the setting index per layer for K and V.
-
-    Attributes:
-        key, value: per layer, an index into the candidate settings.
-        nbytes: total bytes per compressed token over all layers (K + V).
-        proxy: total proxy cost.
-        lam: a multiplier that gives this allocation.
-    """
-
-    key: tuple[int, ...]
-    value: tuple[int, ...]
-    nbytes: float
-    proxy: float
-    lam: float
-
-
-def lagrangian_path(sens: Sensitivity) -> list[PathPoint]:
-    """Every distinct allocation argmin bytes + λ·cost over λ in [0, ∞), by total bytes ascending."""
-    breaks = set()
-    for tensor in TENSORS:
-        for costs, sizes in zip(sens.cost[tensor].tolist(), sens.nbytes[tensor].tolist()):
-            for i in range(len(costs)):
-                for j in range(len(costs)):
-                    if costs[j] > costs[i] and sizes[i] > sizes[j]:
-                        breaks.add((sizes[i] - sizes[j]) / (costs[j] - costs[i]))
-    breaks = sorted(b for b in breaks if b > 0 and math.isfinite(b))
-    if breaks:
-        lams = [breaks[0] / 2] + [math.sqrt(a * b) for a, b in zip(breaks, breaks[1:])] + [breaks[-1] * 2]
-    else:
-        lams = [1.0]
-    seen, points = set(), []
-    for lam in lams:
-        choice = tuple(tuple(allocate(sens.cost[t], sens.nbytes[t], lam)) for t in TENSORS)
-        if choice in seen:
-            continue
-        seen.add(choice)
-        nbytes = sum(sens.nbytes[t][layer, s].item() for t, c in zip(TENSORS, choice) for layer, s in enumerate(c))
-        proxy = sum(sens.cost[t][layer, s].item() for t, c in zip(TENSORS, choice) for layer, s in enumerate(c))
-        points.append(PathPoint(choice[0], choice[1], nbytes, proxy, lam))
-    points.sort(key=lambda p: (p.nbytes, p.proxy))
-    return points
-
-
-def _override(spec: TensorSpec, tensor: str) -> dict:
-    """A full override dict: fields that `from_dict` would otherwise inherit from the default are explicit."""
-    out = spec.to_dict()
-    if tensor == "key" and spec.method != "none":
-        out["key_space"] = spec.key_space
-    return out
-
-
-def spec_from_choice(key: Sequence[int], value: Sequence[int], settings: dict[str, list[TensorSpec]],
-                     base: CacheSpec, name: str | None = "tuned") -> CacheSpec:
-    """A CacheSpec giving layer l the settings key[l] / value[l]: the most common setting of each
-    tensor is the default and the other layers get overrides, consecutive equal layers grouped
-    into "a-b" ranges. Checked: `for_layer` of the result gives exactly the choice."""
-    wanted = {"key": [settings["key"][i] for i in key], "value": [settings["value"][i] for i in value]}
-    default = {t: max(dict.fromkeys(wanted[t]), key=wanted[t].count) for t in TENSORS}
-    per_layer = []
-    for layer in range(len(key)):
-        override = {t: _override(wanted[t][layer], t) for t in TENSORS if wanted[t][layer] != default[t]}
-        per_layer.append(override)
-    layers: dict[str, dict] = {}
-    start = 0
-    for layer in range(1, len(per_layer) + 1):
-        if layer == len(per_layer) or per_layer[layer] != per_layer[start]:
-            if per_layer[start]:
-                label = str(start) if layer - 1 == start else f"{start}-{layer - 1}"
-                layers[label] = per_layer[start]
-            start = layer
-    spec = dataclasses.replace(base, key=default["key"], value=default["value"], layers=layers, name=name)
-    for layer in range(len(key)):
-        got = spec.for_layer(layer)
-        if got != (wanted["key"][layer], wanted["value"][layer]):
-            raise AssertionError(f"layer {layer}: spec gives {got}, wanted {wanted['key'][layer]}, "
-                                 f"{wanted['value'][layer]}")
-    return spec
-
-
 # --------------------------------------------------------------------------- search and verification
 
 
-Evaluator = Callable[[CacheSpec], dict]
 
 
 def eval_figures(result) -> dict:
