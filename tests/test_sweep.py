@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from kvcompress.experiments.sweep import (SweepSettings, expand_grid, load_grid, load_records, parse_specs, record_key,
-                              record_path, run_sweep)
+from kvcompress.experiments.grid import expand_grid, load_grid, parse_specs
+from kvcompress.experiments.records import load_records, record_path
+from kvcompress.experiments.sweep import SweepSettings, record_key, run_sweep
 from tiny_text import CharTokenizer
 
 

@@ -25,7 +25,9 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .sweep import SpecEntry, SweepSettings, load_grid, run_sweep
+from .grid import SpecEntry, load_grid
+from .report import write_report
+from .sweep import SweepSettings, run_sweep
 
 _LOWRANK = {"key": {"method": "lowrank", "key_space": "pre_rope"}, "value": {"method": "lowrank"}}
 _LOWRANK_POST = {"key": {"method": "lowrank"}, "value": {"method": "lowrank"}}
@@ -86,8 +88,6 @@ def analyze(out_dir: str | os.PathLike, settings: SweepSettings | None = None, *
 
     Returns the path of `report.md`.
     """
-    from .report import write_report
-
     settings = settings or DEFAULT_SETTINGS
     run_sweep(entries or default_entries(), out_dir, settings, model=model, tokenizer=tokenizer, progress=progress,
               command=command)
