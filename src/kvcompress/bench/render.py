@@ -68,9 +68,8 @@ def render_markdown(result: dict) -> str:
 
 def plot(result: dict, path: str | Path) -> Path:
     """PNG: decode tokens/s vs context (median, min-max bars) and memory vs context."""
-    matplotlib = require_extra("report", "matplotlib", "Benchmark plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require_extra("report", "matplotlib", "Benchmark plots").use("Agg")
+    plt = require_extra("report", "matplotlib.pyplot", "Benchmark plots")
 
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in result["caches"]:

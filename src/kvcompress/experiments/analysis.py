@@ -25,6 +25,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from ..extras import require_extra
 from .grid import SpecEntry, load_grid
 from .report import write_report
 from .sweep import SweepSettings, run_sweep
@@ -88,6 +89,7 @@ def analyze(out_dir: str | os.PathLike, settings: SweepSettings | None = None, *
 
     Returns the path of `report.md`.
     """
+    require_extra("report", "matplotlib", "The analysis report's plots")  # before a long sweep, not after it
     settings = settings or DEFAULT_SETTINGS
     run_sweep(entries or default_entries(), out_dir, settings, model=model, tokenizer=tokenizer, progress=progress,
               command=command)

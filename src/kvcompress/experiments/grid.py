@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..extras import require_extra
 from ..io import parse_list
 from ..presets import load_spec
 from ..spec import CacheSpec
@@ -134,10 +135,9 @@ def check_unique(entries: list[SpecEntry]) -> list[SpecEntry]:
 
 def _read_structured(path: Path) -> Any:
     text = path.read_text()
+    yaml = require_extra("yaml", "yaml", "YAML sweep grids") if path.suffix in (".yaml", ".yml") else None
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
+        if yaml is not None:
             return yaml.safe_load(text)
         return json.loads(text)
     except Exception as err:  # yaml and json raise their own error types

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import require_extra
 from .curves import THRESHOLDS, Curve, ok_records, pareto_front
 
 _TENSORS = (("key", "K"), ("value", "V"))
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    """matplotlib's pyplot with the file-only Agg backend; MissingExtraError without the `report` extra."""
+    require_extra("report", "matplotlib", "Report plots").use("Agg", force=True)
+    return require_extra("report", "matplotlib.pyplot", "Report plots")
 
 
 def plot_failure_curves(all_curves: list[Curve], path: Path) -> Path | None:
@@ -108,9 +106,9 @@ def plot_layer_sensitivity(records: list[dict], path: Path) -> Path | None:
     if not recs:
         return None
     import numpy as np
-    from matplotlib.colors import LogNorm
 
     plt = _pyplot()
+    LogNorm = require_extra("report", "matplotlib.colors", "Report plots").LogNorm
     n_layers = max(len(r["reconstruction"]["layers"]) for r in recs)
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.0 + 0.45 * len(recs)) * 1.6, 0.22 * n_layers + 3),
                              squeeze=False)
