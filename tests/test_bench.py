@@ -12,9 +12,9 @@ from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from conftest import make_tiny_llama
 from by_hand import expected_layer_parts
-from kvcompress.bench import bench
-from kvcompress.bench.bench import (BenchConfig, cache_stored_bytes, make_cache, parse_cache_name, predicted_stored_bytes,
-                              tensor_bytes)
+from kvcompress.bench.kinds import baseline_unavailable, make_cache, parse_cache_name
+from kvcompress.bench.nbytes import cache_stored_bytes, predicted_stored_bytes, tensor_bytes
+from kvcompress.bench.run import BenchConfig
 from kvcompress.cache.cache import CompressedCache
 from kvcompress.cli.main import main
 from kvcompress.codecs import QuantCodec
@@ -42,7 +42,7 @@ def tiny_folder(tmp_path_factory):
 
 def _baselines_present() -> list[str]:
     """At most one transformers baseline (each costs a warm-up), "hqq-4" if installed."""
-    return [f"{b}-4" for b in ("hqq", "quanto") if bench.baseline_unavailable(b) is None][:1]
+    return [f"{b}-4" for b in ("hqq", "quanto") if baseline_unavailable(b) is None][:1]
 
 
 def test_bench_end_to_end_writes_valid_json_markdown_and_png(tiny_folder, tmp_path, capsys):
@@ -76,7 +76,9 @@ def test_bench_end_to_end_writes_valid_json_markdown_and_png(tiny_folder, tmp_pa
     assert re.search(r"\| 264 \| int4 \| [\d.]+ \[", markdown)
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert "Targets:" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "Targets:" in printed.out
+    assert re.search(r"264 tokens  int4 +round 2/2 +decode", printed.out)  # progress: logging, printed by the CLI
 
 
 def test_bench_rejects_bad_settings():
@@ -98,7 +100,7 @@ def test_missing_baseline_package_is_reported(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("optimum") else real(name, *a))
-    assert "optimum-quanto" in bench.baseline_unavailable("quanto")
+    assert "optimum-quanto" in baseline_unavailable("quanto")
 
 
 def _fill(cache, model, tokens=200):
@@ -126,8 +128,8 @@ def test_stored_bytes_of_dynamic_and_compressed_caches_equal_their_tensors(tiny_
 
 @pytest.mark.parametrize("backend", ["quanto", "hqq"])
 def test_stored_bytes_of_quantized_cache_equal_its_tensors(tiny_llama, backend):
-    if bench.baseline_unavailable(backend):
-        pytest.skip(bench.baseline_unavailable(backend))
+    if baseline_unavailable(backend):
+        pytest.skip(baseline_unavailable(backend))
     cache = _fill(make_cache(parse_cache_name(f"{backend}-4"), tiny_llama), tiny_llama)
     total = 0
     for layer in cache.layers:
@@ -241,3 +243,33 @@ def test_reconstruct_suffix_benchmarks_the_same_cache_without_attention_over_cod
     cache = make_cache(kind, tiny_llama)
     assert all(layer.attention_config is None for layer in cache.layers)
     assert any(layer.attention_config is not None for layer in make_cache(parse_cache_name("int4"), tiny_llama).layers)
+
+
+# ---- a fair baseline on sliding-window models ------------------------------------------------
+
+
+def test_dynamic_baseline_keeps_only_the_window_in_sliding_layers_as_transformers_does():
+    """On Gemma 3 the benchmark's DynamicCache is built from the config, as `generate` builds it:
+    its sliding layers hold at most the window after a longer prompt, its full layers every token."""
+    from tiny_models import GEMMA3_WINDOW, prompt, tiny_gemma3
+
+    from kvcompress.bench.timing import decode, prefill
+
+    gemma = tiny_gemma3()
+    n_prompt, steps = 2 * GEMMA3_WINDOW + 40, 3
+    cache, token, _ = prefill(gemma, parse_cache_name("dynamic"), prompt(n_prompt))
+    decode(gemma, cache, token, steps)
+    held = [layer.keys.shape[2] for layer in cache.layers]
+    sliding = [t == "sliding_attention" for t in gemma.config.layer_types]
+    assert any(sliding) and not all(sliding)
+    for tokens, is_sliding in zip(held, sliding):
+        if is_sliding:
+            assert tokens <= GEMMA3_WINDOW, f"sliding layers hold {held} tokens, window {GEMMA3_WINDOW}"
+        else:
+            assert tokens == n_prompt + steps
+    # the same as `generate` would store for this prompt (its own cache, built by transformers)
+    with torch.inference_mode():
+        out = gemma.generate(prompt(n_prompt), max_new_tokens=steps + 1, do_sample=False, return_dict_in_generate=True)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == held
+    assert cache_stored_bytes(cache) == sum(tensor_bytes([layer.keys, layer.values])
+                                            for layer in out.past_key_values.layers)

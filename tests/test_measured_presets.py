@@ -32,12 +32,12 @@ def test_choose_takes_the_highest_ratio_that_meets_on_both_texts():
     swept = {"a": {"kl": 0.001, "ratio": 2.0}, "b": {"kl": 0.004, "ratio": 3.0}, "c": {"kl": 0.02, "ratio": 5.0}}
     held_out = {"a": {"kl": 0.002, "ratio": 2.1, "ppl_change": 0.0}, "b": {"kl": 0.009, "ratio": 3.1,
                                                                         "ppl_change": 0.01}}
-    picked = choose({"safe": 0.005}, swept, lambda name: held_out[name], log=lambda _: None)
+    picked = choose({"safe": 0.005}, swept, lambda name: held_out[name])
     # b has the higher ratio and met on the sweep text, but missed on held-out text
     assert picked["safe"]["candidate"] == "a"
     assert picked["safe"]["rejected"] == [{"candidate": "b", "verified_kl": 0.009}]
     with pytest.raises(ValueError, match="no candidate meets preset 'tight'"):
-        choose({"tight": 1e-5}, swept, lambda name: held_out[name], log=lambda _: None)
+        choose({"tight": 1e-5}, swept, lambda name: held_out[name])
 
 
 def _entry(name, target, kl):
@@ -83,7 +83,7 @@ def test_select_presets_refuses_to_choose_on_the_report_part(tiny_llama):
 
     with pytest.raises(ValueError, match="must not read the 'report' part"):
         select_presets(tiny_llama, WordIds(), {"safe": 0.01}, sweep_tokens=64, sweep_offset=0, verify_tokens=64,
-                       verify_part="report", log=lambda _: None)
+                       verify_part="report")
 
 
 class WordIds:
@@ -112,8 +112,7 @@ def test_measure_presets_writes_under_runs_by_default(tmp_path, monkeypatch):
 def test_verify_flags_a_preset_that_misses_its_target():
     data = {"presets": [_entry("safe", 0.005, 0.004), _entry("extreme", 0.15, 0.1)]}
     fake = {"safe": 0.003, "extreme": 0.2}  # extreme drifted past its target
-    rows = verify_presets(data, lambda spec: {"kl": fake[spec.name], "ratio": 2.0, "ppl_change": 0.0},
-                          log=lambda _: None)
+    rows = verify_presets(data, lambda spec: {"kl": fake[spec.name], "ratio": 2.0, "ppl_change": 0.0})
     assert [(r["name"], r["met"]) for r in rows] == [("safe", True), ("extreme", False)]
 
 

@@ -4,9 +4,12 @@ import json
 
 import pytest
 
-from kvcompress.experiments.report import (ZONES, curves, failure_boundary, pareto_front, parse_markdown_table, write_report,
-                               zone_of)
-from kvcompress.experiments.sweep import SweepSettings, load_grid, load_records, run_sweep, write_json_atomic
+from kvcompress.experiments.curves import ZONES, curves, failure_boundary, pareto_front, zone_of
+from kvcompress.experiments.grid import load_grid
+from kvcompress.experiments.records import load_records
+from kvcompress.experiments.report import parse_markdown_table, write_report
+from kvcompress.experiments.sweep import SweepSettings, run_sweep
+from kvcompress.io import write_json_atomic
 from tiny_text import CharTokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +31,7 @@ def sweep_dir(tmp_path_factory, tiny_llama):
                        "vary": {"value.bits": [2]}}]}
     entries = load_grid(grid)
     run_sweep(entries, out, SweepSettings(eval_tokens=80, recon_tokens=72), model=tiny_llama,
-              tokenizer=CharTokenizer(), log=lambda _: None)
+              tokenizer=CharTokenizer())
     write_report(out)
     return out
 

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from kvcompress.experiments.sweep import (SweepSettings, expand_grid, load_grid, load_records, parse_specs, record_key,
-                              record_path, run_sweep)
+from kvcompress.experiments.grid import expand_grid, load_grid, parse_specs
+from kvcompress.experiments.records import load_records, record_path
+from kvcompress.experiments.sweep import SweepSettings, record_key, run_sweep
 from tiny_text import CharTokenizer
 
 
@@ -38,14 +39,13 @@ def test_resume_continues_and_leaves_written_records_byte_identical(tmp_path, ti
             raise Interrupted  # the sweep is killed right after the 2nd record is written
 
     with pytest.raises(Interrupted):
-        run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(), on_record=stop_after_two,
-                  log=lambda _: None)
+        run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(), on_record=stop_after_two)
     written = {label: record_path(tmp_path, label).read_bytes() for label in ("a", "b")}
     assert not record_path(tmp_path, "c").exists() and not record_path(tmp_path, "d").exists()
 
     measured = []
     records = run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(),
-                        on_record=lambda r: measured.append(r["label"]), log=lambda _: None)
+                        on_record=lambda r: measured.append(r["label"]))
     assert measured == ["c", "d"], "only the missing specs are measured again"
     assert [r["label"] for r in records] == ["a", "b", "c", "d"]
     for label, data in written.items():
@@ -68,7 +68,7 @@ def test_a_failing_spec_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_llama):
     bad = quant(4, "bad")
     bad["value"]["group_size"] = 24  # does not divide the tiny model's head_dim 32
     specs = load_grid({"specs": [quant(4, "good1"), bad, quant(2, "good2")]})
-    records = run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(), log=lambda _: None)
+    records = run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer())
     assert [r["status"] for r in records] == ["ok", "error", "ok"]
     error = json.loads(record_path(tmp_path, "bad").read_text())
     assert "group_size 24 does not divide head_dim 32" in error["error"]
@@ -76,7 +76,7 @@ def test_a_failing_spec_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_llama):
     # A rerun retries the failed spec only (it fails again), keeping the good records.
     measured = []
     run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(),
-              on_record=lambda r: measured.append(r["label"]), log=lambda _: None)
+              on_record=lambda r: measured.append(r["label"]))
     assert measured == ["bad"]
 
 
@@ -111,21 +111,23 @@ def test_parse_specs_from_a_list_and_from_grid_files(tmp_path):
 
 
 def test_a_record_from_another_version_model_or_text_is_measured_again_and_the_log_says_why(tmp_path, tiny_llama,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, caplog):
     import kvcompress.fingerprint as fingerprint
     from conftest import make_tiny_llama
 
     specs = entries((4, "a"))
-    run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer(), log=lambda _: None)
+    run_sweep(specs, tmp_path, SETTINGS, model=tiny_llama, tokenizer=CharTokenizer())
     record = json.loads(record_path(tmp_path, "a").read_text())
     assert record["texts"]["eval"]["part"] == "report" and record["texts"]["eval"]["tokens"] == [0, 80]
     assert set(record["fingerprint"]["environment"]) == {"kvcompress", "transformers", "torch"}
 
     def rerun(model):
-        measured, lines = [], []
-        run_sweep(specs, tmp_path, SETTINGS, model=model, tokenizer=CharTokenizer(),
-                  on_record=lambda r: measured.append(r["label"]), log=lines.append)
-        return measured, "\n".join(lines)
+        measured = []
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kvcompress"):
+            run_sweep(specs, tmp_path, SETTINGS, model=model, tokenizer=CharTokenizer(),
+                      on_record=lambda r: measured.append(r["label"]))
+        return measured, caplog.text
 
     assert rerun(tiny_llama)[0] == []  # same everything: reused
     real = fingerprint.environment

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from kvcompress.spec import CacheSpec, TensorSpec
-from kvcompress.tuning.tune import (Sensitivity, TuneError, TuneState, allocate, candidate_settings, lagrangian_path,
-                             spec_from_choice, tune, tune_allocation)
+from kvcompress.tuning.allocation import allocate, lagrangian_path, spec_from_choice
+from kvcompress.tuning.candidates import candidate_settings
+from kvcompress.tuning.sensitivity import Sensitivity
+from kvcompress.tuning.state import TuneState
+from kvcompress.tuning.tune import TuneError, tune, tune_allocation
 
 BASE = CacheSpec(window=16, sinks=2, block_size=32)
 
@@ -93,7 +96,7 @@ def test_override_of_a_pre_rope_default_keeps_its_own_key_space():
 def test_search_returns_the_most_compressed_point_that_meets_the_target():
     sens = synthetic_sensitivity([10.0, 1.0, 0.1, 3.0])
     measure = fake_quality(sens)
-    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=measure, log=lambda _: None)
+    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=measure)
     assert result.verified["kl"] <= 0.02
     path = lagrangian_path(sens)
     index = result.attempts[-1]["index"]
@@ -113,7 +116,7 @@ def test_a_missed_verification_tightens_and_retries():
         calls.append(figures["kl"])
         return figures
 
-    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=5, log=lambda _: None)
+    result = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=5)
     assert calls[0] > 0.02  # the first choice missed on held-out text ...
     assert not result.attempts[0]["met"] and result.attempts[-1]["met"]
     assert result.attempts[1]["internal_target"] < result.attempts[0]["internal_target"]  # ... so it tightened
@@ -129,10 +132,9 @@ def test_gives_up_instead_of_returning_a_failing_spec():
         return {**measure(spec), "kl": 1.0}
 
     with pytest.raises(TuneError, match="after 2 tries"):
-        tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=2, log=lambda _: None)
+        tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=2)
     with pytest.raises(TuneError, match="cannot be met"):
-        tune_allocation(sens, BASE, 1e-30, evaluate=lambda s: {**measure(s), "kl": 1.0}, verify=verify,
-                        log=lambda _: None)
+        tune_allocation(sens, BASE, 1e-30, evaluate=lambda s: {**measure(s), "kl": 1.0}, verify=verify)
 
 
 def test_tune_resumes_from_saved_measurements(tiny_llama, tmp_path):
@@ -143,15 +145,15 @@ def test_tune_resumes_from_saved_measurements(tiny_llama, tmp_path):
     handle = tiny_llama.register_forward_pre_hook(lambda *_: calls.append(1))
     state = tmp_path / "spec.json.tune-state.json"
     try:
-        first = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state, log=lambda _: None)
+        first = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state)
         n_first = len(calls)
         saved = json.loads(state.read_text())["entries"]
         assert {e["kind"] for e in saved.values()} == {"probe", "tune-eval", "verify-eval"}
-        again = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state, log=lambda _: None)
+        again = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state)
         assert len(calls) == n_first  # nothing measured again
         assert again.spec == first.spec and again.verified == first.verified
         # other text: the saved measurements do not apply
-        tune(tiny_llama, tune_ids[:, :80], verify_ids, 0.01, base=BASE, state=state, log=lambda _: None)
+        tune(tiny_llama, tune_ids[:, :80], verify_ids, 0.01, base=BASE, state=state)
         assert len(calls) > n_first
     finally:
         handle.remove()
@@ -175,7 +177,7 @@ def test_state_file_that_is_not_json_is_an_error(tmp_path):
 
 
 def test_tensor_weights_rescale_k_and_v_to_the_measured_kl():
-    from kvcompress.tuning.tune import calibrate_tensor_weights
+    from kvcompress.tuning.sensitivity import calibrate_tensor_weights
 
     sens = synthetic_sensitivity([1.0, 2.0])
     measure = fake_quality(sens)
@@ -186,7 +188,7 @@ def test_tensor_weights_rescale_k_and_v_to_the_measured_kl():
         figures["kl"] *= 5.0 if key_only else 0.5
         return figures
 
-    weighted, info = calibrate_tensor_weights(sens, BASE, evaluate, log=lambda _: None)
+    weighted, info = calibrate_tensor_weights(sens, BASE, evaluate)
     assert info["key"]["setting"]["bits"] == 3 and info["value"]["setting"]["bits"] == 3  # second cheapest
     assert info["key"]["weight"] == pytest.approx(5.0) and info["value"]["weight"] == pytest.approx(0.5)
     assert torch.allclose(weighted.cost["key"], 5.0 * sens.cost["key"])
@@ -228,7 +230,7 @@ def test_search_on_quality_that_is_not_monotone_along_the_path():
     assert any(a < b for a, b in zip(kls, kls[1:])), "the quality function must not be monotone"
     for target in (0.3, 0.05, 0.02, 0.005):
         try:
-            result = tune_allocation(sens, BASE, target, evaluate=bumpy, verify=bumpy, log=lambda _: None)
+            result = tune_allocation(sens, BASE, target, evaluate=bumpy, verify=bumpy)
         except TuneError as err:
             assert not any(kl <= target for kl in kls) or "misses the target" in str(err)
             continue
@@ -237,7 +239,7 @@ def test_search_on_quality_that_is_not_monotone_along_the_path():
     # when the most faithful point itself misses, the search says it cannot, instead of guessing
     bumps[len(path) - 1] = 1.0
     with pytest.raises(TuneError, match="most faithful"):
-        tune_allocation(sens, BASE, 0.3, evaluate=bumpy, verify=bumpy, log=lambda _: None)
+        tune_allocation(sens, BASE, 0.3, evaluate=bumpy, verify=bumpy)
 
 
 def test_best_uniform_without_sensitivities_returns_the_highest_ratio_that_meets():
@@ -245,8 +247,8 @@ def test_best_uniform_without_sensitivities_returns_the_highest_ratio_that_meets
 
     sens = synthetic_sensitivity([1.0, 2.0])
     measure = fake_quality(sens)
-    with_sens, tried_sens = best_uniform(sens.settings, BASE, 0.05, measure, sens=sens, log=lambda _: None)
-    without, tried_all = best_uniform(sens.settings, BASE, 0.05, measure, log=lambda _: None)
+    with_sens, tried_sens = best_uniform(sens.settings, BASE, 0.05, measure, sens=sens)
+    without, tried_all = best_uniform(sens.settings, BASE, 0.05, measure)
     meeting = [t for t in tried_all if t["kl"] <= 0.05]
     best_ratio = max(t["ratio"] for t in meeting)
     assert measure(without)["ratio"] == best_ratio == measure(with_sens)["ratio"]
@@ -256,7 +258,7 @@ def test_best_uniform_without_sensitivities_returns_the_highest_ratio_that_meets
 
 
 def test_a_changed_fingerprint_is_measured_again_and_says_why(tiny_llama, tmp_path, monkeypatch, caplog):
-    import kvcompress.tuning.tune as tune_module
+    import kvcompress.tuning.state as state_module
     from kvcompress.tuning.tune import make_evaluator
 
     ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(0))
@@ -272,8 +274,8 @@ def test_a_changed_fingerprint_is_measured_again_and_says_why(tiny_llama, tmp_pa
         state = TuneState(path)
         make_evaluator(tiny_llama, ids, "verify-eval", text, state)(spec)
         assert len(calls) == measured and state.hits == 1  # same fingerprint: reused
-        real = tune_module.environment
-        monkeypatch.setattr(tune_module, "environment", lambda: {**real(), "torch": "0.0.1"})
+        real = state_module.environment
+        monkeypatch.setattr(state_module, "environment", lambda: {**real(), "torch": "0.0.1"})
         state = TuneState(path)
         with caplog.at_level("WARNING"):
             make_evaluator(tiny_llama, ids, "verify-eval", text, state)(spec)
@@ -288,4 +290,4 @@ def test_tune_refuses_to_verify_on_the_report_part(tiny_llama):
     ids = torch.randint(3, 128, (1, 96), generator=torch.Generator().manual_seed(0))
     report = {"source": "embedded:pydoc_data.topics", "part": "report", "tokens": [0, 96]}
     with pytest.raises(ValueError, match="must not read the 'report' part"):
-        tune(tiny_llama, ids, ids, 0.01, base=BASE, verify_text=report, log=lambda _: None)
+        tune(tiny_llama, ids, ids, 0.01, base=BASE, verify_text=report)

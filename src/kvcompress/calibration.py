@@ -48,10 +48,18 @@ from ._version import __version__
 from .compat import CACHE_KWARG, TRANSFORMERS_VERSION
 from .corpus import corpus_fingerprint, corpus_tokens
 from .fingerprint import config_fields, config_fingerprint
-from .io import (DamagedDirectoryError, check_directory, content_hash, write_atomic, write_directory_atomic,
-                 write_json_atomic)
+from .fingerprint import text_config as _text_config
+from .io import (
+    DamagedDirectoryError,
+    check_directory,
+    content_hash,
+    write_atomic,
+    write_directory_atomic,
+    write_json_atomic,
+)
 from .models import EMBEDDED_DISPLAY_NAME, cache_root, model_id
 from .rope import key_space_for
+from .spec import CacheSpec, TensorSpec
 
 KINDS = ("key_post", "key_pre", "value")
 STATS = ("basis", "spectrum", "mean", "rms", "absmax")
@@ -371,3 +379,23 @@ def resolve_artifact(model, artifact=None) -> CalibrationArtifact:
     raise ArtifactError(
         "low-rank specs need a calibration artifact for this model: run `kvcompress calibrate --model M "
         "--out DIR` and pass artifact=DIR (Python) or --artifact DIR (command line)")
+
+
+def needs_artifact(model, specs) -> bool:
+    """Whether any of `specs` (a CacheSpec, a TensorSpec, or an iterable of them) needs a calibration artifact."""
+    if isinstance(specs, (CacheSpec, TensorSpec)):
+        specs = [specs]
+    num_layers = _text_config(model).num_hidden_layers
+    return any(s.needs_artifact(num_layers) if isinstance(s, CacheSpec) else s.is_lowrank for s in specs)
+
+
+def artifact_for(model, specs, artifact=None) -> CalibrationArtifact | None:
+    """The calibration artifact for running `specs` on `model`, or None when none is needed or given.
+
+    `artifact` (a `CalibrationArtifact` or a folder) is resolved and checked against the model
+    whenever it is given; otherwise one is resolved (the embedded model's is built on first
+    use) only if a spec needs it (see `needs_artifact`).
+    """
+    if artifact is None and not needs_artifact(model, specs):
+        return None
+    return resolve_artifact(model, artifact)

@@ -1,8 +1,24 @@
 """Optional dependencies: import one, or raise an error that names the extra to install.
 
-The core cache needs only torch, transformers, safetensors and numpy. Everything else
-(GGUF loading, plots, YAML specs, benchmark baselines, Triton, Ray) is an extra:
-`pip install 'kvcompress[NAME]'`. This module imports nothing optional itself.
+The core cache needs only torch, transformers, safetensors and numpy. Everything else is an
+extra, `pip install 'kvcompress[NAME]'` (pyproject.toml lists them):
+
+    gguf     gguf, accelerate      converting a .gguf file (the embedded model's first load)
+    report   matplotlib            plots of `report`, `analyze` and `bench`
+    yaml     pyyaml                .yaml/.yml spec files and sweep grids
+    bench    optimum-quanto, hqq   transformers' QuantizedCache baselines in `bench`
+                                   (`baselines` is the old name of the same extra)
+    all      every extra above (and any runtime extra added later, such as Triton or Ray)
+
+Every import of an optional package in kvcompress goes through `require_extra`, so a
+missing one raises MissingExtraError naming the extra (the CLI prints it as one line,
+exit status 2). Two packages are used directly without an extra because transformers
+itself depends on them: tqdm (progress bars) and, for transformers' own use, pyyaml; a YAML
+spec file still asks for the `yaml` extra, which is what documents that kvcompress uses it.
+The benchmark baselines (quanto, HQQ) are looked up with `bench.kinds.baseline_unavailable`
+instead: `kvcompress bench` skips a missing one with a note naming the extra, rather than failing.
+
+This module imports nothing optional itself.
 """
 
 from __future__ import annotations

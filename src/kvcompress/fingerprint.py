@@ -63,14 +63,15 @@ def weights_hash(model, samples: int = SAMPLES_PER_TENSOR) -> str:
     return digest.hexdigest()[:16]
 
 
-def _text_config(model_or_config):
+def text_config(model_or_config):
+    """The text (decoder) config of a model or config (multimodal configs hold it inside)."""
     config = getattr(model_or_config, "config", model_or_config)
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def config_fields(model_or_config) -> dict[str, Any]:
     """The config fields an artifact depends on: model type, shapes and rope settings."""
-    config = _text_config(model_or_config)
+    config = text_config(model_or_config)
     rope = getattr(config, "rope_parameters", None)
     if rope is None:
         rope = {"rope_theta": getattr(config, "rope_theta", None), "rope_scaling": getattr(config, "rope_scaling", None)}

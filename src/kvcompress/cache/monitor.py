@@ -9,7 +9,7 @@ pre-RoPE and post-RoPE errors are equal). It keeps running statistics and warns 
 layer and tensor when quality falls below the thresholds.
 
 This module does not change what is stored or returned to attention, and it does not measure
-model output quality (see `evaluate`); when the monitor is off it is never called.
+model output quality (see `kvcompress.measure.evaluate`); when the monitor is off it is never called.
 """
 
 from __future__ import annotations

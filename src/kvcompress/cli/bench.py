@@ -1,4 +1,4 @@
-"""`kvcompress bench`: decode speed, stored bytes, peak memory and capacity of caches (see `bench`)."""
+"""`kvcompress bench`: decode speed, stored bytes, peak memory and capacity of caches (see `kvcompress.bench`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import argparse
 import shlex
 import sys
 
-from ..bench.bench import DEFAULT_CACHES, DEFAULT_CONTEXTS, BenchConfig, render_markdown, run_benchmark, write_outputs
+from ..bench.kinds import DEFAULT_CACHES
+from ..bench.render import render_markdown, write_outputs
+from ..bench.run import DEFAULT_CONTEXTS, BenchConfig, run_benchmark
+from ..extras import require_extra
 from ..io import parse_list
 from .common import add_model_arguments
 
@@ -41,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interleaved rounds; medians and min-max are over rounds")
     parser.add_argument("--caches", type=_name_list, default=DEFAULT_CACHES,
                         help="comma-separated: dynamic, kvcompress presets or spec files, quanto-<bits>, hqq-<bits> "
-                             "(the last two need the optional 'baselines' extra; skipped with a note when absent)")
+                             "(the last two need the optional 'bench' extra; skipped with a note when absent)")
     parser.add_argument("--no-peak", action="store_true",
                         help="skip peak-memory measurement (one fresh process per cache and context)")
     parser.add_argument("--peak-contexts", type=_int_list, default=None,
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                       peak_contexts=args.peak_contexts,
                       budget_mb=args.budget_mb, capacity_context=args.capacity_context,
                       capacity_steps=args.capacity_steps, max_batch=args.max_batch, corpus=args.corpus)
-    result = run_benchmark(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    require_extra("report", "matplotlib", "The benchmark's plot")  # before the run, not after it
+    result = run_benchmark(cfg)  # progress: the kvcompress.bench loggers, printed by cli.main
     result["command"] = "kvcompress " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     paths = write_outputs(result, args.out)
     print(render_markdown(result))

@@ -1,9 +1,10 @@
-"""`kvcompress eval`: decode-faithful quality of one spec on one text (see `evaluate`)."""
+"""`kvcompress eval`: decode-faithful quality of one spec on one text (see `kvcompress.measure.evaluate`)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..calibration import artifact_for
 from ..measure.evaluate import decode_faithful_eval
 from ..presets import load_spec
 from .common import add_corpus_arguments, add_model_arguments, load_model_from_args, write_json
@@ -44,11 +45,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     text = corpus_slice(tokenizer, part="report", n_tokens=args.tokens, path=args.corpus, offset=args.offset)
     ids = text.ids
-    artifact, artifact_info = None, None
-    if args.artifact or spec.needs_artifact(model.config.get_text_config(decoder=True).num_hidden_layers):
-        from ..calibration import resolve_artifact
-
-        artifact = resolve_artifact(model, args.artifact)
+    artifact, artifact_info = artifact_for(model, spec, args.artifact), None
+    if artifact is not None:
         artifact_info = {"path": str(artifact.path), "fingerprint": artifact.metadata["fingerprint"],
                          "corpus": artifact.metadata["corpus"], "tokens": artifact.metadata["tokens"]}
     result = decode_faithful_eval(model, ids, spec, mode=args.mode, progress=not args.no_progress,

@@ -1,4 +1,4 @@
-"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them (see `measured_presets`).
+"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them (see `kvcompress.tuning.preset_selection`).
 
     kvcompress measure-presets                 # sweep, choose, verify; writes runs/measured_presets.json
     kvcompress measure-presets --verify        # re-measure the shipped presets; exit 1 if one misses
@@ -26,7 +26,8 @@ HELP = "choose the named presets (lossless ... extreme) by measurement, or re-ve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..tuning.preset_selection import (CANDIDATE_FAMILIES, DEFAULT_PASSKEY_LENGTHS, DEFAULT_SWEEP_OFFSET,
+    from ..tuning.candidates import FAMILIES as CANDIDATE_FAMILIES
+    from ..tuning.preset_selection import (DEFAULT_PASSKEY_LENGTHS, DEFAULT_SWEEP_OFFSET,
                                            DEFAULT_SWEEP_TOKENS, DEFAULT_TARGETS, DEFAULT_VERIFY_TOKENS)
 
     parser.add_argument("--verify", action="store_true",
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
     data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
                           sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
-                          passkey_lengths=lengths, command=command,
-                          log=lambda line: print(line, flush=True))
+                          passkey_lengths=lengths, command=command)
     path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0

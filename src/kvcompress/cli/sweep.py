@@ -7,7 +7,8 @@ import shlex
 import sys
 import time
 
-from ..experiments.sweep import TASKS, SweepSettings, parse_specs, run_sweep
+from ..experiments.grid import parse_specs
+from ..experiments.sweep import TASKS, SweepSettings, run_sweep
 from ..io import parse_list
 from .common import add_corpus_arguments, add_model_arguments
 

@@ -1,4 +1,4 @@
-"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on selection text (see `tune`).
+"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on selection text (see `kvcompress.tuning.tune`).
 
 Texts (see `corpus`): the tuning text is the calibration part from token `--tune-offset`
 (default 20000 in the embedded corpus, past the tokens calibration artifacts use; 0 in a file)
@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..calibration import artifact_for
 from .common import add_model_arguments, load_model_from_args, write_json
 
 NAME = "tune"
@@ -22,7 +23,8 @@ HELP = "find per-layer K/V settings with the highest compression ratio that meet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..tuning.tune import DEFAULT_MAX_TRIES, DEFAULT_TUNE_OFFSET, DEFAULT_TUNE_TOKENS, DEFAULT_VERIFY_TOKENS, FAMILIES
+    from ..tuning.candidates import FAMILIES
+    from ..tuning.tune import DEFAULT_MAX_TRIES, DEFAULT_TUNE_OFFSET, DEFAULT_TUNE_TOKENS, DEFAULT_VERIFY_TOKENS
 
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--max-kl", type=float,
@@ -66,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from ..fingerprint import text_fingerprint
     from ..models import model_id
     from ..spec import CacheSpec
-    from ..tuning.tune import (DEFAULT_TUNE_OFFSET, TuneError, TuneState, best_uniform, make_evaluator,
-                               parse_candidates, tune)
+    from ..tuning.state import TuneState
+    from ..tuning.tune import DEFAULT_TUNE_OFFSET, TuneError, best_uniform, make_evaluator, parse_candidates, tune
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
     if not target > 0:
@@ -87,26 +89,19 @@ def run(args: argparse.Namespace) -> int:
     tune_text = corpus_slice(tokenizer, "calibration", n_tokens=args.tokens, path=args.corpus, offset=offset)
     verify_text = corpus_slice(tokenizer, "selection", n_tokens=args.verify_tokens, path=args.corpus)
     tune_ids, verify_ids = tune_text.ids, verify_text.ids
-    artifact = None
-    if args.artifact or "lowrank" in args.candidates:
-        from ..calibration import resolve_artifact
-
-        artifact = resolve_artifact(model, args.artifact)
+    artifact = artifact_for(model, [s for tensor in settings.values() for s in tensor], args.artifact)
     where = args.corpus or "the embedded corpus"
     print(f"tuning {metric} <= {target:g} for {model_id(model)} on {where}: tuning text calibration part tokens "
           f"{tune_text.record['tokens']}, verification text selection part tokens {verify_text.record['tokens']}; "
           f"state {state_path}", flush=True)
-
-    def log(line: str) -> None:
-        print(f"[{time.perf_counter() - started:6.0f} s] {line}", flush=True)
 
     state = TuneState(state_path)
     verify_fp = text_fingerprint(verify_ids, verify_text.record)
     verify = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
     try:
         result = tune(model, tune_ids, verify_ids, target, metric=metric, base=base, settings=settings,
-                      state=state, tune_text=tune_text.record, verify_text=verify_text.record, artifact=artifact, max_tries=args.max_tries, verify=verify,
-                      weight_tensors=not args.no_tensor_weights, log=log)
+                      state=state, tune_text=tune_text.record, verify_text=verify_text.record, artifact=artifact,
+                      max_tries=args.max_tries, verify=verify, weight_tensors=not args.no_tensor_weights)
     except TuneError as err:
         print(f"kvcompress tune: failed: {err}", file=sys.stderr)
         return 1
@@ -121,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
               "texts": {"tune": tune_text.record, "verify": verify_text.record},
               **result.to_dict()}
     if args.compare_uniform:
-        uniform, tried = best_uniform(settings, base, target, verify, metric=metric, sens=result.sens, log=log)
+        uniform, tried = best_uniform(settings, base, target, verify, metric=metric, sens=result.sens)
         report["uniform"] = {"best": uniform.to_dict() if uniform else None, "tried": tried}
         if uniform is not None:
             u = next(t for t in tried if t["spec"] == uniform.to_dict())

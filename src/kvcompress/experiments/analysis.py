@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-from .sweep import SpecEntry, SweepSettings, load_grid, run_sweep
+from ..extras import require_extra
+from .grid import SpecEntry, load_grid
+from .report import write_report
+from .sweep import SweepSettings, run_sweep
 
 _LOWRANK = {"key": {"method": "lowrank", "key_space": "pre_rope"}, "value": {"method": "lowrank"}}
 _LOWRANK_POST = {"key": {"method": "lowrank"}, "value": {"method": "lowrank"}}
@@ -82,17 +84,15 @@ def default_entries() -> list[SpecEntry]:
 
 
 def analyze(out_dir: str | os.PathLike, settings: SweepSettings | None = None, *, entries: list[SpecEntry] | None = None,
-            model=None, tokenizer=None, progress: bool = False, command: str | None = None,
-            log: Callable[[str], None] | None = None) -> Path:
+            model=None, tokenizer=None, progress: bool = False, command: str | None = None) -> Path:
     """Run the default sweep into `out_dir` (resuming if it was interrupted) and write its report.
 
     Returns the path of `report.md`.
     """
-    from .report import write_report
-
+    require_extra("report", "matplotlib", "The analysis report's plots")  # before a long sweep, not after it
     settings = settings or DEFAULT_SETTINGS
     run_sweep(entries or default_entries(), out_dir, settings, model=model, tokenizer=tokenizer, progress=progress,
-              command=command, log=log)
+              command=command)
     return write_report(out_dir)
 
 

@@ -27,125 +27,23 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .sweep import BASELINE_FILE, CONFIG_FILE, load_records, read_record
+from .curves import (
+    THRESHOLDS,
+    ZONES,
+    Curve,
+    base_family,
+    curves,
+    failure_boundary,
+    ok_records,
+    zone_of,
+)
+from .plots import plot_failure_curves, plot_layer_sensitivity, plot_quality
+from .records import BASELINE_FILE, CONFIG_FILE, load_records, read_record
 
-THRESHOLDS = (0.99, 0.95, 0.90, 0.75, 0.50)
-# (zone, upper bound of the decode-faithful PPL change): a spec is in the first zone whose bound it is below.
-ZONES = (("safe", 0.01), ("moderate", 0.05), ("aggressive", 0.20), ("extreme", math.inf))
 PLOTS = ("failure_curves.png", "quality_vs_ratio.png", "layer_sensitivity.png")
 _TENSORS = (("key", "K"), ("value", "V"))
-
-
-# --------------------------------------------------------------------------- curves from records
-
-
-@dataclass
-class Curve:
-    """One failure curve: a tensor (K or V), a codec family, points x -> metrics.
-
-    `axis` is "bits" or "rank"; `points` maps x to {"cosine", "attn_error"} (means over the
-    specs that share the setting, which give the same figures).
-    """
-
-    tensor: str
-    family: str
-    axis: str
-    points: dict[int, dict[str, float]] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"{dict(_TENSORS)[self.tensor]} {self.family}"
-
-    def ordered(self) -> list[tuple[int, dict[str, float]]]:
-        """Points from the mildest setting (most bits / highest rank) to the most aggressive."""
-        return sorted(self.points.items(), reverse=True)
-
-
-def _family(tensor_spec: dict, tensor: str = "value") -> tuple[str, str, int] | None:
-    """(family label, axis, x) of a K or V spec dict, or None for full precision.
-
-    Key labels say "pre-RoPE" where keys are compressed pre-RoPE, and "post-RoPE" for low-rank
-    keys compressed post-RoPE (where the difference is large); values carry no rotation.
-    """
-    method = tensor_spec.get("method", "quant")
-    space = ""
-    if tensor == "key" and tensor_spec.get("key_space") == "pre_rope":
-        space = " pre-RoPE"
-    elif tensor == "key" and method in ("lowrank", "lowrank+quant"):
-        space = " post-RoPE"
-    if method in ("quant", "hadamard+quant"):
-        prefix = "hadamard+" if method == "hadamard+quant" else ""
-        return f"{prefix}int/{tensor_spec['axis']}{tensor_spec['group_size']}{space}", "bits", tensor_spec["bits"]
-    if method == "lowrank":
-        return f"lowrank{space}", "rank", tensor_spec["rank"]
-    if method == "lowrank+quant":
-        return (f"lowrank+int{tensor_spec['bits']}/{tensor_spec['axis']}{tensor_spec['group_size']}{space}", "rank",
-                tensor_spec["rank"])
-    return None
-
-
-def _base(family: str) -> str:
-    """A family label without its key-space suffix."""
-    return family.replace(" pre-RoPE", "").replace(" post-RoPE", "")
-
-
-def ok_records(records: list[dict]) -> list[dict]:
-    return [r for r in records if r.get("status") == "ok"]
-
-
-def curves(records: list[dict]) -> list[Curve]:
-    """Failure curves from the records' reconstruction figures (see module doc)."""
-    sums: dict[tuple, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for record in ok_records(records):
-        if record["spec"].get("layers"):
-            continue
-        mean = record["reconstruction"]["mean"]
-        for tensor, _ in _TENSORS:
-            fam = _family(record["spec"][tensor], tensor)
-            if fam is None:
-                continue
-            label, axis, x = fam
-            variant = "key_only" if tensor == "key" else "value_only"
-            sums[(tensor, label, axis)][x].append((mean[tensor]["cosine"], mean["attention"][variant]["rel_error"]))
-    out = []
-    for (tensor, label, axis), points in sums.items():
-        curve = Curve(tensor, label, axis)
-        for x, values in points.items():
-            curve.points[x] = {"cosine": sum(v[0] for v in values) / len(values),
-                               "attn_error": sum(v[1] for v in values) / len(values)}
-        out.append(curve)
-    return sorted(out, key=lambda c: (c.axis, c.family, c.tensor))
-
-
-def failure_boundary(curve: Curve, threshold: float) -> tuple[int, float] | None:
-    """The first setting (mildest first) whose cosine is below `threshold`, with that cosine; None if none."""
-    for x, metrics in curve.ordered():
-        if metrics["cosine"] < threshold:
-            return x, metrics["cosine"]
-    return None
-
-
-def zone_of(ppl_change: float) -> str:
-    for name, bound in ZONES:
-        if ppl_change < bound:
-            return name
-    return ZONES[-1][0]
-
-
-def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
-    """Points (ratio, loss, label) not dominated by another with ratio >= and loss <= (one strictly).
-
-    Returned by increasing ratio.
-    """
-    front = []
-    for r, q, label in points:
-        dominated = any((r2 >= r and q2 <= q) and (r2 > r or q2 < q) for r2, q2, _ in points)
-        if not dominated:
-            front.append((r, q, label))
-    return sorted(front)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -171,128 +69,6 @@ def _spec_text(tensor_spec: dict) -> str:
     from ..spec import TensorSpec
 
     return TensorSpec.from_dict(tensor_spec).describe()
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_failure_curves(all_curves: list[Curve], path: Path) -> Path | None:
-    """Cosine and attention-output error vs bits and vs rank, K solid, V dashed; None if no curve."""
-    axes_used = [a for a in ("bits", "rank") if any(c.axis == a for c in all_curves)]
-    if not axes_used:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, len(axes_used), figsize=(6.2 * len(axes_used), 8), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    family_color: dict[str, str] = {}
-    for col, axis in enumerate(axes_used):
-        for curve in [c for c in all_curves if c.axis == axis]:
-            color = family_color.setdefault(curve.family, colors[len(family_color) % len(colors)])
-            xs = sorted(curve.points)
-            style = "-" if curve.tensor == "key" else "--"
-            marker = "o" if curve.tensor == "key" else "s"
-            axes[0][col].plot(xs, [curve.points[x]["cosine"] for x in xs], style, marker=marker, color=color,
-                              label=curve.name)
-            axes[1][col].plot(xs, [max(curve.points[x]["attn_error"], 1e-6) for x in xs], style, marker=marker,
-                              color=color, label=curve.name)
-        for t in THRESHOLDS[:3]:
-            axes[0][col].axhline(t, color="grey", linewidth=0.6, linestyle=":")
-        axes[0][col].set_title(f"reconstruction cosine vs {axis}")
-        axes[0][col].set_ylabel("mean cosine similarity (per token vector)")
-        axes[1][col].set_title(f"attention-output error vs {axis}")
-        axes[1][col].set_ylabel("relative error of softmax(QKᵀ)V")
-        axes[1][col].set_yscale("log")
-        for row in (0, 1):
-            axes[row][col].set_xlabel(axis)
-            axes[row][col].grid(alpha=0.3)
-            axes[row][col].legend(fontsize=7)
-    fig.suptitle("Failure curves (K solid, V dashed; codec only, every token after the sinks compressed)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def quality_points(records: list[dict]) -> list[dict]:
-    """Per evaluated ok record: label, ratio (evaluated cache), KL, PPL change."""
-    out = []
-    for r in ok_records(records):
-        ev = r.get("eval")
-        if ev:
-            out.append({"label": r["label"], "ratio": ev["compression_ratio"], "kl": ev["kl"],
-                        "ppl_change": ev["ppl_change"]})
-    return out
-
-
-def plot_quality(records: list[dict], path: Path) -> Path | None:
-    """KL and PPL change vs real compression ratio, Pareto frontier highlighted; None if nothing evaluated."""
-    points = quality_points(records)
-    if not points:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    for ax, metric, title in ((axes[0], "kl", "mean KL(uncompressed || compressed)"),
-                              (axes[1], "ppl_change", "perplexity change")):
-        floor = 1e-6 if metric == "kl" else None
-        pts = [(p["ratio"], max(p[metric], floor) if floor else p[metric], p["label"]) for p in points]
-        front = pareto_front(pts)
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", alpha=0.6, label="spec")
-        ax.plot([p[0] for p in front], [p[1] for p in front], "-o", color="tab:red", label="Pareto frontier")
-        for r, q, label in pts:
-            ax.annotate(label, (r, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if metric == "kl":
-            ax.set_yscale("log")
-        else:
-            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y * 100:+.0f}%"))
-        ax.set_xlabel("real compression ratio of the evaluated cache (fp16 bytes / stored bytes)")
-        ax.set_ylabel(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Decode-faithful quality vs compression (lower is better; frontier: nothing both smaller and "
-                 "better)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def plot_layer_sensitivity(records: list[dict], path: Path) -> Path | None:
-    """Heat map of 1 - cosine, layers x specs, for K and for V; None if no record has layers."""
-    recs = [r for r in ok_records(records) if r.get("reconstruction", {}).get("layers")]
-    if not recs:
-        return None
-    import numpy as np
-    from matplotlib.colors import LogNorm
-
-    plt = _pyplot()
-    n_layers = max(len(r["reconstruction"]["layers"]) for r in recs)
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.0 + 0.45 * len(recs)) * 1.6, 0.22 * n_layers + 3),
-                             squeeze=False)
-    for ax, (tensor, short) in zip(axes[0], _TENSORS):
-        grid = np.full((n_layers, len(recs)), np.nan)
-        for j, r in enumerate(recs):
-            for layer in r["reconstruction"]["layers"]:
-                grid[layer["layer"], j] = max(1.0 - layer[tensor]["cosine"], 1e-7)
-        image = ax.imshow(grid, aspect="auto", cmap="magma_r", norm=LogNorm(vmin=1e-5, vmax=1.0),
-                          interpolation="nearest")
-        ax.set_xticks(range(len(recs)), [r["label"] for r in recs], rotation=70, fontsize=7)
-        ax.set_ylabel("layer")
-        ax.set_title(f"{short}: 1 - cosine per layer")
-        fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- markdown
@@ -402,7 +178,7 @@ def findings(records: list[dict], all_curves: list[Curve]) -> list[str]:
             else:
                 lines.append(f"No evaluated spec has a PPL change below {bound:+.0%}.")
     for v in [c for c in all_curves if c.tensor == "value"]:
-        for k in [c for c in all_curves if c.tensor == "key" and c.axis == v.axis and _base(c.family) == v.family]:
+        for k in [c for c in all_curves if c.tensor == "key" and c.axis == v.axis and base_family(c.family) == v.family]:
             common = sorted(set(k.points) & set(v.points), reverse=True)
             if common:
                 v_worse = sum(v.points[x]["cosine"] < k.points[x]["cosine"] for x in common)
@@ -412,11 +188,11 @@ def findings(records: list[dict], all_curves: list[Curve]) -> list[str]:
     for family, pre in sorted(keys.items()):
         if not family.endswith(" pre-RoPE"):
             continue
-        post = keys.get(_base(family) + " post-RoPE") or keys.get(_base(family))
+        post = keys.get(base_family(family) + " post-RoPE") or keys.get(base_family(family))
         common = sorted(set(pre.points) & set(post.points), reverse=True) if post else []
         if common:
             text = ", ".join(f"{x}: {pre.points[x]['cosine']:.3f} vs {post.points[x]['cosine']:.3f}" for x in common)
-            lines.append(f"K {_base(family)}, pre-RoPE vs post-RoPE mean cosine by {pre.axis}: {text}.")
+            lines.append(f"K {base_family(family)}, pre-RoPE vs post-RoPE mean cosine by {pre.axis}: {text}.")
     return lines
 
 

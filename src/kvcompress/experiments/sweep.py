@@ -43,17 +43,14 @@ evaluation and the tasks, keeping only direct reconstruction (cheap: a curve can
 points, the expensive measurements a few).
 
 This module does not draw plots or tables (see `report`) and does not define the metrics
-(see `reconstruction`, `evaluate`, `tasks`).
+(see `kvcompress.measure`).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import itertools
-import json
+import logging
 import os
-import re
 import time
 import traceback
 from collections.abc import Callable
@@ -61,32 +58,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..spec import CacheSpec
-from ..io import content_hash, parse_list, write_json_atomic
-from ..presets import load_spec
+from ..calibration import artifact_for
+from ..io import content_hash, write_json_atomic
 from ..measure.tasks import PASSKEY_DEPTHS, PASSKEY_LENGTHS, PROMPT_FORMATS
+from .grid import SpecEntry, check_unique
+from .records import BASELINE_FILE, CONFIG_FILE, read_record, record_path
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("passkey", "agreement")
-RECORDS_DIR = "records"
-CONFIG_FILE = "config.json"
-BASELINE_FILE = "baseline.json"
 RECORD_FORMAT = 2  # 2: keys include the fingerprint (versions, weights hash, texts)
 _TASK_SETTINGS = ("tasks", "passkey_lengths", "passkey_depths", "passkey_format", "seed", "agreement_prompts",
                   "agreement_prompt_tokens", "agreement_new_tokens", "agreement_dataset")
-
-
-@dataclass(frozen=True)
-class SpecEntry:
-    """One spec of a sweep: a unique label, the resolved spec, whether decode-faithful evaluation
-    and the tasks run on it (direct reconstruction always does; it is cheap)."""
-
-    label: str
-    spec: CacheSpec
-    tasks: bool = True
-    eval: bool = True
-
-    def to_dict(self) -> dict:
-        return {"label": self.label, "spec": self.spec.to_dict(), "tasks": self.tasks, "eval": self.eval}
 
 
 @dataclass(frozen=True)
@@ -153,135 +136,6 @@ class SweepSettings:
         return {k: v for k, v in self.to_dict().items() if k in keep}
 
 
-# --------------------------------------------------------------------------- spec lists and grids
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "spec"
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"grid field {dotted!r}: {part!r} is not a mapping")
-    node[parts[-1]] = value
-
-
-def _get_dotted(data: dict, dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"name template field {{{dotted}}} is not set in the spec")
-        node = node[part]
-    return node
-
-
-def expand_grid(grid: dict) -> list[tuple[str, dict]]:
-    """(label, spec dict) for every combination of `grid["vary"]` applied to `grid["base"]`."""
-    allowed = {"name", "base", "vary", "tasks", "eval"}
-    if not isinstance(grid, dict) or set(grid) - allowed:
-        raise ValueError(f"a grid must be a mapping with keys among {sorted(allowed)}, got {grid!r}")
-    base = grid.get("base", {})
-    vary = grid.get("vary", {})
-    if not isinstance(base, dict) or not isinstance(vary, dict) or not vary:
-        raise ValueError("a grid needs a 'base' spec mapping and a non-empty 'vary' mapping of field: [values]")
-    for fields_text, values in vary.items():
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"grid field {fields_text!r} needs a non-empty list of values, got {values!r}")
-    out = []
-    for combo in itertools.product(*vary.values()):
-        spec = copy.deepcopy(base)
-        parts = []
-        for fields_text, value in zip(vary, combo):
-            for dotted in fields_text.split(","):
-                _set_dotted(spec, dotted.strip(), value)
-            parts.append(f"{fields_text}={value}")
-        template = grid.get("name")
-        if template:
-            label = re.sub(r"\{([\w.]+)\}", lambda m: str(_get_dotted(spec, m.group(1))), template)
-        else:
-            label = ",".join(parts)
-        spec.setdefault("name", label)
-        out.append((label, spec))
-    return out
-
-
-def _entry(item: Any, where: Path | None) -> SpecEntry:
-    """A SpecEntry from a preset name, spec file, inline spec dict, or {spec, label, tasks, eval}."""
-    label, tasks, evaluate = None, True, True
-    if isinstance(item, dict) and "spec" in item:
-        extra = set(item) - {"spec", "label", "tasks", "eval"}
-        if extra:
-            raise ValueError(f"a spec entry with 'spec' may only have 'label', 'tasks' and 'eval' besides, "
-                             f"got {sorted(extra)}")
-        label, tasks, evaluate = item.get("label"), bool(item.get("tasks", True)), bool(item.get("eval", True))
-        item = item["spec"]
-    if isinstance(item, str) and where is not None and (where / item).is_file():
-        item = str(where / item)
-    spec = load_spec(item)
-    if label is None:
-        label = spec.name or (Path(item).stem if isinstance(item, str) else None)
-    if not label:
-        raise ValueError(f"spec {spec.describe()} has no name; give it a 'name' or a 'label'")
-    if spec.name is None:
-        spec = dataclasses.replace(spec, name=label)
-    return SpecEntry(str(label), spec, tasks=tasks and evaluate, eval=evaluate)
-
-
-def load_grid(data: dict | list, where: Path | None = None) -> list[SpecEntry]:
-    """Entries of a grid file's content (see module doc); `where` resolves relative spec paths."""
-    if isinstance(data, list):
-        data = {"specs": data}
-    if not isinstance(data, dict) or not data or set(data) - {"specs", "grids"}:
-        raise ValueError("a grid file must be a list of specs or a mapping with 'specs' and/or 'grids'")
-    entries = [_entry(item, where) for item in data.get("specs") or []]
-    for grid in data.get("grids") or []:
-        flags = {k: bool(grid[k]) for k in ("tasks", "eval") if isinstance(grid, dict) and k in grid}
-        entries += [_entry({"spec": spec, "label": label, **flags}, where) for label, spec in expand_grid(grid)]
-    return check_unique(entries)
-
-
-def check_unique(entries: list[SpecEntry]) -> list[SpecEntry]:
-    seen: dict[str, str] = {}
-    for entry in entries:
-        slug = _slug(entry.label)
-        if slug in seen:
-            raise ValueError(f"two specs share the label {entry.label!r} (record file {slug}.json); "
-                             "give them different names")
-        seen[slug] = entry.label
-    if not entries:
-        raise ValueError("no specs to sweep")
-    return entries
-
-
-def _read_structured(path: Path) -> Any:
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(text)
-        return json.loads(text)
-    except Exception as err:  # yaml and json raise their own error types
-        raise ValueError(f"{path} is not valid {path.suffix[1:].upper()}: {err}") from err
-
-
-def parse_specs(text: str) -> list[SpecEntry]:
-    """Entries from a comma-separated list of presets / spec files, or from one grid file."""
-    items = list(parse_list(text))
-    if not items:
-        raise ValueError("--specs is empty; give preset names, spec files or a grid file")
-    if len(items) == 1 and Path(items[0]).suffix in (".yaml", ".yml", ".json") and Path(items[0]).is_file():
-        path = Path(items[0])
-        data = _read_structured(path)
-        if isinstance(data, list) or (isinstance(data, dict) and data and set(data) <= {"specs", "grids"}):
-            return load_grid(data, path.parent)
-    return check_unique([_entry(item, None) for item in items])
-
-
 # --------------------------------------------------------------------------- records
 
 
@@ -320,30 +174,6 @@ def _why_measured_again(record: dict, fingerprint: dict) -> str:
 
     why = mismatch(record.get("fingerprint"), fingerprint)
     return why or "the spec or the settings changed"
-
-
-def record_path(out_dir: str | os.PathLike, label: str) -> Path:
-    return Path(out_dir) / RECORDS_DIR / f"{_slug(label)}.json"
-
-
-def read_record(path: Path) -> dict | None:
-    """The record at `path`, or None if it is absent or unreadable (then it is measured again)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def load_records(out_dir: str | os.PathLike) -> list[dict]:
-    """Records of a sweep folder, in the order of its config.json (else by file name)."""
-    out = Path(out_dir)
-    config = read_record(out / CONFIG_FILE)
-    if config and config.get("specs"):
-        paths = [record_path(out, spec["label"]) for spec in config["specs"]]
-    else:
-        paths = sorted((out / RECORDS_DIR).glob("*.json"))
-    records = [read_record(path) for path in paths if path.is_file()]
-    return [r for r in records if r is not None]
 
 
 class _Timer:
@@ -397,18 +227,24 @@ def _environment(model) -> dict:
             "torch": torch.__version__.split("+")[0]}
 
 
-def _prepare(ctx: _Context, out: Path, progress: bool, log: Callable[[str], None]) -> None:
+def _prepare(ctx: _Context, out: Path, progress: bool) -> None:
     from ..corpus import load_text, part_text
     from ..measure.reconstruction import capture_states
-    from ..measure.tasks import agreement_prompts, dataset_texts, greedy_continuations, passkey_cases, prompts_from_texts
-    from ..measure.tasks import run_passkey
+    from ..measure.tasks import (
+        agreement_prompts,
+        dataset_texts,
+        greedy_continuations,
+        passkey_cases,
+        prompts_from_texts,
+        run_passkey,
+    )
 
     s, tok = ctx.settings, ctx.tokenizer
     ctx.eval_ids = ctx.texts["eval"].ids
     timer = _Timer()
     with timer("capture"):
         ctx.capture = capture_states(ctx.model, ctx.texts["recon"].ids)
-    log(f"captured Q, K, V of {s.recon_tokens} tokens ({timer.phases['capture']['wall_s']:.1f} s)")
+    logger.info(f"captured Q, K, V of {s.recon_tokens} tokens ({timer.phases['capture']['wall_s']:.1f} s)")
     filler = part_text("report", load_text(s.corpus)) if s.corpus else None
     if "passkey" in s.tasks:
         ctx.passkey = passkey_cases(tok, s.passkey_lengths, s.passkey_depths, seed=s.seed, filler_text=filler,
@@ -430,7 +266,7 @@ def _prepare(ctx: _Context, out: Path, progress: bool, log: Callable[[str], None
     if ctx.passkey:
         with timer("passkey"):
             baseline["passkey"] = run_passkey(ctx.model, tok, ctx.passkey)
-        log(f"uncompressed passkey accuracy {baseline['passkey']['by_length']}")
+        logger.info(f"uncompressed passkey accuracy {baseline['passkey']['by_length']}")
     if ctx.agreement:
         with timer("agreement"):
             baseline["agreement_continuations"] = greedy_continuations(ctx.model, ctx.agreement,
@@ -448,11 +284,7 @@ def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dic
     from ..measure.tasks import generation_agreement, greedy_continuations, run_passkey
 
     s, model = ctx.settings, ctx.model
-    artifact = s.artifact
-    if entry.spec.needs_artifact(len(ctx.capture.keys)):
-        from ..calibration import resolve_artifact
-
-        artifact = resolve_artifact(model, artifact)  # load once for every cache of this spec
+    artifact = artifact_for(model, entry.spec, s.artifact)  # load once for every cache of this spec
     timer = _Timer()
     body: dict[str, Any] = {}
     with timer("reconstruction"):
@@ -481,8 +313,7 @@ def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dic
 
 def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: SweepSettings | None = None, *,
               model=None, tokenizer=None, progress: bool = True,
-              on_record: Callable[[dict], None] | None = None,
-              log: Callable[[str], None] | None = None, command: str | None = None) -> list[dict]:
+              on_record: Callable[[dict], None] | None = None, command: str | None = None) -> list[dict]:
     """Measure every entry (skipping those already measured with the same key); return all records.
 
     Args:
@@ -491,11 +322,9 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
         settings: see `SweepSettings`.
         model, tokenizer: an already loaded model (else loaded from `settings`).
         on_record: called with each new record right after it is written.
-        log: called with progress lines (default: print).
         command: the command line that started the sweep, saved in config.json for the report.
     """
     settings = settings or SweepSettings()
-    log = log or (lambda line: print(line, flush=True))
     entries = check_unique(list(entries))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -517,13 +346,14 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
         if record.get("key") == keys[entry.label]:
             done[entry.label] = record
         else:
-            log(f"{entry.label}: measuring again, its record is stale: {_why_measured_again(record, fingerprint)}")
+            logger.warning(f"{entry.label}: measuring again, its record is stale: "
+                           f"{_why_measured_again(record, fingerprint)}")
     pending = [e for e in entries if e.label not in done]
     if done:
-        log(f"resuming: {len(done)} of {len(entries)} specs already measured")
+        logger.info(f"resuming: {len(done)} of {len(entries)} specs already measured")
     if pending:
         ctx = _Context(model, tokenizer, settings, texts=texts, fingerprint=fingerprint)
-        _prepare(ctx, out, progress, log)
+        _prepare(ctx, out, progress)
         environment = _environment(model)
     records = []
     for i, entry in enumerate(entries, 1):
@@ -543,7 +373,7 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
         record["seconds"] = round(time.perf_counter() - start, 2)
         write_json_atomic(record_path(out, entry.label), record)
         records.append(record)
-        log(f"[{i}/{len(entries)}] {entry.label}: {_summary(record)}")
+        logger.info(f"[{i}/{len(entries)}] {entry.label}: {_summary(record)}")
         if on_record is not None:
             on_record(record)
     return records

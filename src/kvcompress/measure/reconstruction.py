@@ -33,7 +33,7 @@ any spec, on real states of the model over held-out text:
    Query heads share KV heads as in the model (GQA).
 
 This module does not run the model's decode loop or measure perplexity (see `evaluate`),
-does not choose specs (see `sweep`), and does not reimplement any codec.
+does not run sweeps (see `kvcompress.experiments.sweep`), and does not reimplement any codec.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@
   library is installed and a hub is reachable) so that generation agreement can run on it;
   without them it raises `TaskDataError` saying so. `datasets` is not a dependency.
 
-This module does not measure perplexity (see `evaluate`) and does not choose specs (see
-`sweep`). It does not patch the model: compressed runs pass a `CompressedCache` to `generate`.
+This module does not measure perplexity (see `evaluate`) and does not run sweeps (see
+`kvcompress.experiments.sweep`). It does not patch the model: compressed runs pass a `CompressedCache` to `generate`.
 """
 
 from __future__ import annotations

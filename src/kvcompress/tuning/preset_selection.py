@@ -26,12 +26,17 @@ register the shipped presets (see `presets.measured`) and does not tune per-laye
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 
-from ..presets.measured import DATA_FORMAT
+from ..calibration import artifact_for
 from ..io import parse_list
-from ..spec import CacheSpec, TensorSpec
+from ..presets.measured import DATA_FORMAT
+from ..spec import CacheSpec
+from .candidates import uniform_candidates
+
+logger = logging.getLogger(__name__)
 
 # name -> mean KL target on held-out text (see docs/tuning.md for why these values)
 DEFAULT_TARGETS = {"lossless": 0.001, "safe": 0.005, "balanced": 0.02, "aggressive": 0.05, "extreme": 0.15}
@@ -40,38 +45,6 @@ DEFAULT_SWEEP_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
 DEFAULT_PASSKEY_LENGTHS = (1024, 2048)
 DEFAULT_PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
-CANDIDATE_FAMILIES = ("quant", "hadamard", "lowrank")
-
-
-def uniform_candidates(families: Sequence[str] = ("quant",), *, window: int = 128, sinks: int = 4,
-                       block_size: int = 32) -> list[CacheSpec]:
-    """Uniform candidate specs (the same K and V setting on every layer), each named.
-
-    "quant": K per-channel x V per-token at 8/4/3/2 bits each (16 specs, "k4v2" = K int4, V int2);
-    "hadamard": Hadamard rotation + per-token quantization of both at 4/3/2 bits ("h3");
-    "lowrank": pre-RoPE low-rank K (rank 32, int4 coefficients) with V int4 or int2 per token.
-    """
-    unknown = sorted(set(families) - set(CANDIDATE_FAMILIES))
-    if unknown or not families:
-        raise ValueError(f"unknown candidate famil(ies) {unknown or list(families)}; allowed: {list(CANDIDATE_FAMILIES)}")
-    base = CacheSpec(window=window, sinks=sinks, block_size=block_size)
-    out = []
-    if "quant" in families:
-        for kb in (8, 4, 3, 2):
-            for vb in (8, 4, 3, 2):
-                out.append(dataclasses.replace(base, name=f"k{kb}v{vb}",
-                                               key=TensorSpec(method="quant", bits=kb, axis="channel", group_size=32),
-                                               value=TensorSpec(method="quant", bits=vb, axis="token", group_size=32)))
-    if "hadamard" in families:
-        for bits in (4, 3, 2):
-            tensor = TensorSpec(method="hadamard+quant", bits=bits, axis="token", group_size=32)
-            out.append(dataclasses.replace(base, name=f"h{bits}", key=tensor, value=tensor))
-    if "lowrank" in families:
-        key = TensorSpec(method="lowrank+quant", rank=32, bits=4, axis="token", group_size=16, key_space="pre_rope")
-        for vb in (4, 2):
-            out.append(dataclasses.replace(base, name=f"lr32k4v{vb}", key=key,
-                                           value=TensorSpec(method="quant", bits=vb, axis="token", group_size=32)))
-    return out
 
 
 def parse_targets(text: str) -> dict[str, float]:
@@ -102,8 +75,7 @@ def passkey_score(model, tokenizer, spec: CacheSpec | None, lengths: Sequence[in
     return {"accuracy": result["accuracy"], "by_length": result["by_length"], "cases": len(cases)}
 
 
-def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[str], dict],
-           log: Callable[[str], None] = print) -> dict[str, dict]:
+def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[str], dict]) -> dict[str, dict]:
     """For each target, the candidate with the highest sweep ratio meeting it on the sweep text AND
     on selection text (`verify(name)` -> figures); candidates missing on selection text are skipped.
 
@@ -125,11 +97,11 @@ def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[
             if figures["kl"] <= target:
                 chosen[name] = {"candidate": candidate, "target_kl": target, "sweep": swept[candidate],
                                 "verified": figures, "rejected": rejected}
-                log(f"{name} (KL <= {target:g}): {candidate}, ratio {figures['ratio']:.2f}x, selection KL "
-                    f"{figures['kl']:.4f}, PPL {figures['ppl_change']:+.2%}")
+                logger.info(f"{name} (KL <= {target:g}): {candidate}, ratio {figures['ratio']:.2f}x, selection KL "
+                            f"{figures['kl']:.4f}, PPL {figures['ppl_change']:+.2%}")
                 break
             rejected.append({"candidate": candidate, "verified_kl": figures["kl"]})
-            log(f"{name}: {candidate} met KL {target:g} on the sweep text but not on selection text "
+            logger.info(f"{name}: {candidate} met KL {target:g} on the sweep text but not on selection text "
                 f"({figures['kl']:.4f}); trying the next")
         else:
             raise ValueError(f"no candidate meets preset {name!r} (KL <= {target:g}) on both texts; loosen the "
@@ -140,32 +112,30 @@ def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[
 def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
                    candidates: list[CacheSpec] | None = None, sweep_tokens: int = DEFAULT_SWEEP_TOKENS,
                    sweep_offset: int = DEFAULT_SWEEP_OFFSET, verify_tokens: int = DEFAULT_VERIFY_TOKENS,
-                   verify_part: str = "selection", report_tokens: int | None = None, state=None, passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
+                   verify_part: str = "selection", report_tokens: int | None = None, state=None,
+                   passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
                    passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
-                   command: str | None = None, log: Callable[[str], None] = print) -> dict:
+                   command: str | None = None) -> dict:
     """Sweep, choose and verify the presets (see module doc); returns the data file's content.
 
     `verify_part` must be a part a selection may read (ValueError for "report"); the chosen presets
     are then measured on the first `report_tokens` (default: `verify_tokens`) of the report part.
     """
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
-    from ..fingerprint import model_fingerprint, text_fingerprint
     from ..models import model_id
-    from .tune import TuneState, make_evaluator, measurement_fingerprint
+    from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+    from .tune import make_evaluator
 
     targets = targets or dict(DEFAULT_TARGETS)
     candidates = candidates or uniform_candidates()
     by_name = {spec.name: spec for spec in candidates}
     if len(by_name) != len(candidates):
         raise ValueError("candidate specs need distinct names")
-    if any(spec.needs_artifact(model.config.num_hidden_layers) for spec in candidates):
-        from ..calibration import resolve_artifact
-
-        artifact = resolve_artifact(model, artifact)
     sweep = corpus_slice(tokenizer, "calibration", n_tokens=sweep_tokens, offset=sweep_offset)
     verify = corpus_slice(tokenizer, verify_part, n_tokens=verify_tokens)
     require_selection_text(verify.record, "the preset choice")
     report = corpus_slice(tokenizer, "report", n_tokens=report_tokens or verify_tokens)
+    artifact = artifact_for(model, candidates, artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
     sweep_fp = text_fingerprint(sweep.ids, sweep.record)
     verify_fp = text_fingerprint(verify.ids, verify.record)
@@ -178,9 +148,9 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     for i, spec in enumerate(candidates, 1):
         swept[spec.name] = sweep_eval(spec)
         f = swept[spec.name]
-        log(f"[{time.perf_counter() - started:5.0f} s] sweep {i}/{len(candidates)} {spec.name}: ratio "
+        logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep {i}/{len(candidates)} {spec.name}: ratio "
             f"{f['ratio']:.2f}x, KL {f['kl']:.4f}, PPL {f['ppl_change']:+.2%}")
-    chosen = choose(targets, swept, lambda name: verify_eval(by_name[name]), log=log)
+    chosen = choose(targets, swept, lambda name: verify_eval(by_name[name]))
     model_fp = model_fingerprint(model)
     passkey_text = {"filler": "embedded:pydoc_data.topics", "part": "report", "lengths": list(passkey_lengths),
                     "depths": list(passkey_depths), "seed": 0}
@@ -190,7 +160,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
         spec_dict = None if spec is None else {k: v for k, v in spec.to_dict().items() if k != "name"}
         result = state.lookup("passkey", spec_dict, passkey_fp)
         if result is None:
-            log(f"[{time.perf_counter() - started:5.0f} s] passkey: {label}")
+            logger.info(f"[{time.perf_counter() - started:5.0f} s] passkey: {label}")
             result = passkey_score(model, tokenizer, spec, passkey_lengths, passkey_depths, artifact=artifact)
             state.store("passkey", spec_dict, passkey_fp, result)
         return result
@@ -201,8 +171,8 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
         spec = dataclasses.replace(by_name[pick["candidate"]], name=name)
         passkey_result = passkey(spec, f"{name} ({pick['candidate']})")
         reported = report_eval(spec)
-        log(f"[{time.perf_counter() - started:5.0f} s] {name} on the report part: ratio {reported['ratio']:.2f}x, "
-            f"KL {reported['kl']:.4f}, PPL {reported['ppl_change']:+.2%}")
+        logger.info(f"[{time.perf_counter() - started:5.0f} s] {name} on the report part: ratio "
+                    f"{reported['ratio']:.2f}x, KL {reported['kl']:.4f}, PPL {reported['ppl_change']:+.2%}")
         presets.append({"name": name, "target_kl": pick["target_kl"], "candidate": pick["candidate"],
                         "describe": spec.describe(), "spec": spec.to_dict(), "verified": pick["verified"],
                         "report": reported, "sweep": pick["sweep"], "rejected": pick["rejected"],
@@ -223,7 +193,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     }
 
 
-def verify_presets(data: dict, measure: Callable[[CacheSpec], dict], log: Callable[[str], None] = print
+def verify_presets(data: dict, measure: Callable[[CacheSpec], dict]
                    ) -> list[dict]:
     """Re-measure every preset of `data` (`measure(spec)` -> figures with "kl", "ratio", "ppl_change")
     and compare with its target. Returns one row per preset with "met"."""
@@ -233,6 +203,6 @@ def verify_presets(data: dict, measure: Callable[[CacheSpec], dict], log: Callab
         figures = measure(spec)
         met = figures["kl"] <= entry["target_kl"]
         rows.append({"name": entry["name"], "target_kl": entry["target_kl"], "met": met, **figures})
-        log(f"{entry['name']:11s} target KL <= {entry['target_kl']:g}: KL {figures['kl']:.4f}, ratio "
+        logger.info(f"{entry['name']:11s} target KL <= {entry['target_kl']:g}: KL {figures['kl']:.4f}, ratio "
             f"{figures['ratio']:.2f}x, PPL {figures['ppl_change']:+.2%}  {'ok' if met else 'MISSED'}")
     return rows

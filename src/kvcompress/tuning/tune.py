@@ -28,7 +28,8 @@ Four steps, every measurement saved to a state file as soon as it is made (see `
    says; where it does not, the bisection may miss a cheaper point that meets, but it only ever
    returns a point it has measured to meet the target (or raises).
 4. **Verification** on selection text the tuning never saw (the selection part of the corpus;
-   never the report part, which `tune` refuses: see `corpus.require_selection_text`). If the measured figure misses the
+   never the report part, which `tune` refuses: see `corpus.require_selection_text`). If the
+   measured figure misses the
    target, the internal target is lowered (λ goes up) and the search runs again (its earlier
    evaluations are reused); after `max_tries` misses `TuneError` is raised: a spec that fails
    its target is never returned.
@@ -38,36 +39,40 @@ Hessian/Fisher sensitivity (e.g. KVQuant's per-layer sensitivity, ZipCache's sal
 proxy is the measured attention-output error with real queries, and the final decision always
 rests on the decode-faithful measurement, not on the proxy.
 
-This module does not define codecs or metrics (see `codecs`, `reconstruction`, `evaluate`),
-does not pick text (the caller passes token ids; see `commands.tune_cmd`) and does not choose
-the named presets (see `measured_presets`).
+Steps 1 and 2 live in `sensitivity` and `allocation`, the saved measurements in `state`; this
+module runs steps 3 and 4. It does not define codecs or metrics (see `codecs`,
+`measure.reconstruction`, `measure.evaluate`), does not pick text (the caller passes token ids;
+see `cli.tune`) and does not choose the named presets (see `preset_selection`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..corpus import require_selection_text
-from ..fingerprint import environment, mismatch, model_fingerprint, text_fingerprint
+from ..calibration import artifact_for
+from ..io import parse_list
 from ..spec import CacheSpec, TensorSpec
-from ..io import content_hash, parse_list, write_json_atomic
+from .allocation import PathPoint, lagrangian_path, spec_from_choice
+from .candidates import candidate_settings
+from .sensitivity import (
+    TENSORS,
+    Evaluator,
+    Sensitivity,
+    calibrate_tensor_weights,
+    measure_sensitivity,
+)
+from ..corpus import require_selection_text
+from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("kl", "ppl_change")
-FAMILIES = ("quant", "hadamard", "lowrank", "wide")
-TENSORS = ("key", "value")
-STATE_FORMAT = 2  # 2: entries keyed by a fingerprint with versions, weights hash and text record
 DEFAULT_TUNE_OFFSET = 20000  # tokens into the calibration part: past what calibration artifacts use (4096)
 DEFAULT_TUNE_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
@@ -81,356 +86,14 @@ class TuneError(RuntimeError):
 # --------------------------------------------------------------------------- candidates
 
 
-def candidate_settings(families: Sequence[str] = ("quant",), group_size: int = 32
-                       ) -> dict[str, list[TensorSpec]]:
-    """Candidate settings per tensor, most faithful first.
-
-    "quant": K per-channel and V per-token (KIVI layout) at 8, 4, 3, 2 bits, plus "none";
-    "hadamard": Hadamard rotation then per-token quantization at 4, 3, 2 bits (K and V);
-    "lowrank": pre-RoPE low-rank K (rank 48, 32) and low-rank V (rank 48), coefficients int4
-    per token (needs a calibration artifact);
-    "wide": per-token groups of 64 channels (half the scale/zero-point overhead of 32): V
-    quantized at 4, 3, 2 bits, and K and V Hadamard-rotated then quantized at 4, 3, 2 bits
-    (needs a head_dim that is a multiple of 64).
-    """
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown or not families:
-        raise ValueError(f"unknown candidate famil(ies) {unknown or families}; allowed: {list(FAMILIES)}")
-    keys: list[TensorSpec] = [TensorSpec(method="none")]
-    values: list[TensorSpec] = [TensorSpec(method="none")]
-    if "quant" in families:
-        keys += [TensorSpec(method="quant", bits=b, axis="channel", group_size=group_size) for b in (8, 4, 3, 2)]
-        values += [TensorSpec(method="quant", bits=b, axis="token", group_size=group_size) for b in (8, 4, 3, 2)]
-    if "hadamard" in families:
-        for out in (keys, values):
-            out += [TensorSpec(method="hadamard+quant", bits=b, axis="token", group_size=group_size)
-                    for b in (4, 3, 2)]
-    if "wide" in families:
-        values += [TensorSpec(method="quant", bits=b, axis="token", group_size=64) for b in (4, 3, 2)]
-        for out in (keys, values):
-            out += [TensorSpec(method="hadamard+quant", bits=b, axis="token", group_size=64) for b in (4, 3, 2)]
-    if "lowrank" in families:
-        keys += [TensorSpec(method="lowrank+quant", rank=r, bits=4, axis="token", group_size=16,
-                            key_space="pre_rope") for r in (48, 32)]
-        values += [TensorSpec(method="lowrank+quant", rank=48, bits=4, axis="token", group_size=16)]
-    return {"key": keys, "value": values}
-
-
 def parse_candidates(text: str) -> dict[str, list[TensorSpec]]:
     """Candidates from a comma-separated list of families, e.g. "quant,hadamard"."""
     return candidate_settings(parse_list(text))
 
 
-def _probe_specs(settings: dict[str, list[TensorSpec]], base: CacheSpec) -> list[CacheSpec]:
-    """Uniform specs that between them apply every candidate to K and to V (K[i] with V[i])."""
-    n = max(len(settings["key"]), len(settings["value"]))
-    none = TensorSpec(method="none")
-    out = []
-    for i in range(n):
-        key = settings["key"][i] if i < len(settings["key"]) else none
-        value = settings["value"][i] if i < len(settings["value"]) else none
-        out.append(dataclasses.replace(base, key=key, value=value, layers={}, name=f"probe{i}"))
-    return out
-
-
-# --------------------------------------------------------------------------- state
-
-
-def measurement_fingerprint(model_fp: dict, text_fp: dict | None) -> dict:
-    """The fingerprint a saved measurement is keyed by: library versions, model (weights hash
-    included, see `fingerprint.model_fingerprint`) and text (see `fingerprint.text_fingerprint`)."""
-    return {"environment": environment(), "model": model_fp, "text": text_fp}
-
-
-class TuneState:
-    """Measurements of a tune (or a preset selection), kept in a JSON file and written after each new one.
-
-    Entries are keyed by a hash of (kind, fingerprint, spec), where the fingerprint holds the
-    kvcompress / transformers / torch versions, the model's weights hash and the text (see
-    `measurement_fingerprint`): a changed version, model, text or setting misses the old entries
-    instead of reusing them, and the miss is logged with what changed. A file that cannot be
-    read is an error (delete it or pass another path); nothing is silently dropped.
-    """
-
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = Path(path) if path is not None else None
-        self.entries: dict[str, dict] = {}
-        self.hits = 0
-        self.redone: list[str] = []
-        if self.path is not None and self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-            except ValueError as err:
-                raise ValueError(f"tune state file {self.path} is not valid JSON ({err}); delete it to start over")
-            if not isinstance(data, dict) or "entries" not in data:
-                raise ValueError(f"{self.path} is not a kvcompress tune state file (format {STATE_FORMAT}); "
-                                 "delete it or pass another --state")
-            if data.get("format") != STATE_FORMAT:
-                logger.warning("%s holds measurements of state format %s (now %s), made without version and "
-                               "weights fingerprints: they are measured again", self.path, data.get("format"),
-                               STATE_FORMAT)
-            else:
-                self.entries = data["entries"]
-
-    @staticmethod
-    def key(kind: str, fingerprint: dict, spec: dict | None) -> str:
-        return content_hash([kind, fingerprint, spec])
-
-    def lookup(self, kind: str, spec: dict | None, fingerprint: dict) -> dict | None:
-        """The saved result of (kind, spec) under `fingerprint`, or None. When the same kind and
-        spec were measured under another fingerprint, logs what changed (it is measured again)."""
-        entry = self.entries.get(self.key(kind, fingerprint, spec))
-        if entry is not None:
-            self.hits += 1
-            return entry["result"]
-        for old in self.entries.values():
-            if old.get("kind") == kind and old.get("spec") == spec:
-                why = mismatch(old.get("fingerprint"), fingerprint)
-                if why:
-                    self.redone.append(f"{kind}: {why}")
-                    logger.warning("measuring %s %s again: %s", kind, _spec_label(spec), why)
-                    break
-        return None
-
-    def store(self, kind: str, spec: dict | None, fingerprint: dict, result: dict) -> None:
-        self.entries[self.key(kind, fingerprint, spec)] = {"kind": kind, "spec": spec, "fingerprint": fingerprint,
-                                                           "result": result}
-        self.save()
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        write_json_atomic(self.path, {"format": STATE_FORMAT, "entries": self.entries}, indent=1)
-
-
-def _spec_label(spec: dict | None) -> str:
-    if spec is None:
-        return "(uncompressed)"
-    try:
-        return CacheSpec.from_dict(spec).describe()
-    except Exception:  # a label for a log line only; the spec itself is compared exactly
-        return content_hash(spec, 8)
-
-
-# --------------------------------------------------------------------------- sensitivity
-
-
-@dataclass
-class Sensitivity:
-    """Proxy cost and real bytes of every (layer, tensor, setting).
-
-    Attributes:
-        settings: {"key": [TensorSpec, ...], "value": [...]}: the candidates (index s below).
-        cost: {"key": (L, S_key) tensor, "value": (L, S_value)}: attention-output relative error
-            squared when only that tensor of that layer is coded with setting s.
-        nbytes: same shapes: bytes stored per compressed token (all KV heads of the layer).
-    """
-
-    settings: dict[str, list[TensorSpec]]
-    cost: dict[str, torch.Tensor]
-    nbytes: dict[str, torch.Tensor]
-
-    @property
-    def num_layers(self) -> int:
-        return self.cost["key"].shape[0]
-
-    def to_dict(self) -> dict:
-        return {"settings": {t: [s.to_dict() for s in self.settings[t]] for t in TENSORS},
-                "cost": {t: self.cost[t].tolist() for t in TENSORS},
-                "bytes_per_token": {t: self.nbytes[t].tolist() for t in TENSORS}}
-
-
-def _probe_result(memory: dict, metrics: dict, power: float) -> dict:
-    """Per-layer costs and bytes per compressed token of one probe (see `Sensitivity`)."""
-    out: dict[str, list[float]] = {"key_cost": [], "value_cost": [], "key_bytes": [], "value_bytes": []}
-    for layer_metrics, layer_memory in zip(metrics["layers"], memory["layers"]):
-        n = layer_memory["compressed_tokens"]
-        for tensor, variant in (("key", "key_only"), ("value", "value_only")):
-            out[f"{tensor}_cost"].append(layer_metrics["attention"][variant]["rel_error"] ** power)
-            stored = sum(v for k, v in layer_memory["parts"].items() if k.startswith(f"{tensor}_"))
-            out[f"{tensor}_bytes"].append(stored / n)
-    return out
-
-
-def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list[TensorSpec]], base: CacheSpec,
-                        *, state: TuneState | None = None, text_fp: dict | None = None, artifact=None,
-                        cost_power: float = 2.0, log: Callable[[str], None] = print) -> Sensitivity:
-    """Proxy cost and real bytes of every candidate on every layer (see module doc, step 1).
-
-    Args:
-        input_ids: (1, T) tuning text; T must hold the sinks and at least one block.
-        settings: candidates per tensor (see `candidate_settings`).
-        base: supplies sinks and block_size (the window is set to 0 for the probes).
-    """
-    from ..measure.reconstruction import capture_states, reconstruct, reconstruction_metrics
-
-    state = state or TuneState(None)
-    fingerprint = measurement_fingerprint(model_fingerprint(model), text_fp or text_fingerprint(input_ids))
-    probes = _probe_specs(settings, base)
-    capture = None
-    results = []
-    for i, probe in enumerate(probes):
-        spec_dict = {k: v for k, v in probe.to_dict().items() if k != "name"}
-        result = state.lookup("probe", spec_dict, {**fingerprint, "cost_power": cost_power})
-        if result is None:
-            if capture is None:
-                start = time.perf_counter()
-                capture = capture_states(model, input_ids)
-                log(f"captured Q, K, V of {input_ids.shape[1]} tokens ({time.perf_counter() - start:.1f} s)")
-            start = time.perf_counter()
-            pairs, memory = reconstruct(model, probe, capture, artifact=artifact)
-            metrics = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
-            result = _probe_result(memory, metrics, cost_power)
-            state.store("probe", spec_dict, {**fingerprint, "cost_power": cost_power}, result)
-            took = f"{time.perf_counter() - start:.1f} s"
-        else:
-            took = "saved"
-        log(f"sensitivity {i + 1}/{len(probes)}: K {probe.key.describe()}, V {probe.value.describe()} ({took})")
-        results.append(result)
-    cost, nbytes = {}, {}
-    for tensor in TENSORS:
-        n = len(settings[tensor])
-        cost[tensor] = torch.tensor([results[i][f"{tensor}_cost"] for i in range(n)], dtype=torch.float64).T
-        nbytes[tensor] = torch.tensor([results[i][f"{tensor}_bytes"] for i in range(n)], dtype=torch.float64).T
-    return Sensitivity(settings, cost, nbytes)
-
-
-def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate: Evaluator,
-                             log: Callable[[str], None] = print) -> tuple[Sensitivity, dict]:
-    """Scale the proxy costs of K and of V so that each predicts the measured KL (see module doc, step 1b).
-
-    The attention-output error treats an error in K and one in V alike, but they do not cost
-    the same downstream (docs/tuning.md has the figures for SmolLM2-135M). So for each tensor, one uniform spec
-    codes only that tensor (the other kept in full precision) with its second-cheapest candidate,
-    and its decode-faithful KL on the tuning text divided by the summed proxy cost is that
-    tensor's weight. Returns the reweighted sensitivities and {"key"|"value": {"setting", "kl",
-    "proxy", "weight"}}.
-    """
-    none = TensorSpec(method="none")
-    cost, info = {}, {}
-    for tensor in TENSORS:
-        lossy = [i for i, s in enumerate(sens.settings[tensor]) if s.method != "none"]
-        if not lossy:
-            cost[tensor] = sens.cost[tensor]
-            continue
-        by_bytes = sorted(lossy, key=lambda i: sens.nbytes[tensor][:, i].sum().item())
-        pick = by_bytes[1] if len(by_bytes) > 1 else by_bytes[0]
-        setting = sens.settings[tensor][pick]
-        spec = dataclasses.replace(base, key=setting if tensor == "key" else none,
-                                   value=setting if tensor == "value" else none, layers={}, name=f"{tensor}-only")
-        kl = evaluate(spec)["kl"]
-        proxy = sens.cost[tensor][:, pick].sum().item()
-        weight = kl / proxy if kl > 0 and proxy > 0 else 1.0
-        cost[tensor] = sens.cost[tensor] * weight
-        info[tensor] = {"setting": setting.to_dict(), "kl": kl, "proxy": proxy, "weight": weight}
-        log(f"{tensor} only at {setting.describe()}: KL {kl:.4f} for proxy {proxy:.4f}: weight {weight:.3g}")
-    return Sensitivity(sens.settings, cost, sens.nbytes), info
-
-
-# --------------------------------------------------------------------------- allocation
-
-
-def allocate(cost: torch.Tensor, nbytes: torch.Tensor, lam: float) -> list[int]:
-    """Per row (layer), the setting minimising bytes + lam * cost; ties go to fewer bytes.
-
-    Args:
-        cost, nbytes: (L, S) tensors.
-        lam: the Lagrange multiplier (>= 0).
-    """
-    objective = nbytes + lam * cost
-    best = []
-    for row_obj, row_bytes in zip(objective.tolist(), nbytes.tolist()):
-        low = min(row_obj)
-        tol = 1e-12 * max(1.0, abs(low))
-        best.append(min((b, s) for s, (o, b) in enumerate(zip(row_obj, row_bytes)) if o <= low + tol)[1])
-    return best
-
-
-@dataclass(frozen=True)
-class PathPoint:
-    """One allocation on the Lagrangian path: the setting index per layer for K and V.
-
-    Attributes:
-        key, value: per layer, an index into the candidate settings.
-        nbytes: total bytes per compressed token over all layers (K + V).
-        proxy: total proxy cost.
-        lam: a multiplier that gives this allocation.
-    """
-
-    key: tuple[int, ...]
-    value: tuple[int, ...]
-    nbytes: float
-    proxy: float
-    lam: float
-
-
-def lagrangian_path(sens: Sensitivity) -> list[PathPoint]:
-    """Every distinct allocation argmin bytes + λ·cost over λ in [0, ∞), by total bytes ascending."""
-    breaks = set()
-    for tensor in TENSORS:
-        for costs, sizes in zip(sens.cost[tensor].tolist(), sens.nbytes[tensor].tolist()):
-            for i in range(len(costs)):
-                for j in range(len(costs)):
-                    if costs[j] > costs[i] and sizes[i] > sizes[j]:
-                        breaks.add((sizes[i] - sizes[j]) / (costs[j] - costs[i]))
-    breaks = sorted(b for b in breaks if b > 0 and math.isfinite(b))
-    if breaks:
-        lams = [breaks[0] / 2] + [math.sqrt(a * b) for a, b in zip(breaks, breaks[1:])] + [breaks[-1] * 2]
-    else:
-        lams = [1.0]
-    seen, points = set(), []
-    for lam in lams:
-        choice = tuple(tuple(allocate(sens.cost[t], sens.nbytes[t], lam)) for t in TENSORS)
-        if choice in seen:
-            continue
-        seen.add(choice)
-        nbytes = sum(sens.nbytes[t][layer, s].item() for t, c in zip(TENSORS, choice) for layer, s in enumerate(c))
-        proxy = sum(sens.cost[t][layer, s].item() for t, c in zip(TENSORS, choice) for layer, s in enumerate(c))
-        points.append(PathPoint(choice[0], choice[1], nbytes, proxy, lam))
-    points.sort(key=lambda p: (p.nbytes, p.proxy))
-    return points
-
-
-def _override(spec: TensorSpec, tensor: str) -> dict:
-    """A full override dict: fields that `from_dict` would otherwise inherit from the default are explicit."""
-    out = spec.to_dict()
-    if tensor == "key" and spec.method != "none":
-        out["key_space"] = spec.key_space
-    return out
-
-
-def spec_from_choice(key: Sequence[int], value: Sequence[int], settings: dict[str, list[TensorSpec]],
-                     base: CacheSpec, name: str | None = "tuned") -> CacheSpec:
-    """A CacheSpec giving layer l the settings key[l] / value[l]: the most common setting of each
-    tensor is the default and the other layers get overrides, consecutive equal layers grouped
-    into "a-b" ranges. Checked: `for_layer` of the result gives exactly the choice."""
-    wanted = {"key": [settings["key"][i] for i in key], "value": [settings["value"][i] for i in value]}
-    default = {t: max(dict.fromkeys(wanted[t]), key=wanted[t].count) for t in TENSORS}
-    per_layer = []
-    for layer in range(len(key)):
-        override = {t: _override(wanted[t][layer], t) for t in TENSORS if wanted[t][layer] != default[t]}
-        per_layer.append(override)
-    layers: dict[str, dict] = {}
-    start = 0
-    for layer in range(1, len(per_layer) + 1):
-        if layer == len(per_layer) or per_layer[layer] != per_layer[start]:
-            if per_layer[start]:
-                label = str(start) if layer - 1 == start else f"{start}-{layer - 1}"
-                layers[label] = per_layer[start]
-            start = layer
-    spec = dataclasses.replace(base, key=default["key"], value=default["value"], layers=layers, name=name)
-    for layer in range(len(key)):
-        got = spec.for_layer(layer)
-        if got != (wanted["key"][layer], wanted["value"][layer]):
-            raise AssertionError(f"layer {layer}: spec gives {got}, wanted {wanted['key'][layer]}, "
-                                 f"{wanted['value'][layer]}")
-    return spec
-
-
 # --------------------------------------------------------------------------- search and verification
 
 
-Evaluator = Callable[[CacheSpec], dict]
 
 
 def eval_figures(result) -> dict:
@@ -522,7 +185,7 @@ class TuneResult:
 
 def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric: str = "kl",
                     evaluate: Evaluator, verify: Evaluator, max_tries: int = DEFAULT_MAX_TRIES,
-                    tighten: float = 0.8, log: Callable[[str], None] = print) -> TuneResult:
+                    tighten: float = 0.8) -> TuneResult:
     """Steps 2-4 of the module doc on given sensitivities; `evaluate` measures on the tuning text,
     `verify` on held-out text (both: spec -> figures dict with `metric` and "ratio")."""
     if metric not in METRICS:
@@ -532,7 +195,7 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
     if max_tries < 1:
         raise ValueError(f"max_tries must be at least 1, got {max_tries}")
     path = lagrangian_path(sens)
-    log(f"Lagrangian path: {len(path)} distinct allocations, {path[0].nbytes:.0f} to {path[-1].nbytes:.0f} "
+    logger.info(f"Lagrangian path: {len(path)} distinct allocations, {path[0].nbytes:.0f} to {path[-1].nbytes:.0f} "
         f"bytes per token over all layers")
     measured: dict[int, dict] = {}
 
@@ -540,14 +203,14 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
         if i not in measured:
             spec = spec_from_choice(path[i].key, path[i].value, sens.settings, base)
             measured[i] = evaluate(spec)
-            log(f"  path {i}/{len(path) - 1} (λ {path[i].lam:.3g}): ratio {measured[i]['ratio']:.2f}x, "
+            logger.info(f"  path {i}/{len(path) - 1} (λ {path[i].lam:.3g}): ratio {measured[i]['ratio']:.2f}x, "
                 f"{metric} {measured[i][metric]:.4f}, {len(spec.layers)} override range(s)")
         return measured[i]
 
     internal = target
     attempts = []
     for attempt in range(1, max_tries + 1):
-        log(f"try {attempt}/{max_tries}: internal target {metric} <= {internal:.4g} on the tuning text")
+        logger.info(f"try {attempt}/{max_tries}: internal target {metric} <= {internal:.4g} on the tuning text")
         try:
             index = search_path(path, lambda i: figures(i)[metric] <= internal)
         except TuneError as err:
@@ -559,7 +222,7 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
         ok = checked[metric] <= target
         attempts.append({"internal_target": internal, "index": index, "lam": path[index].lam,
                          "tuned": figures(index), "verified": checked, "met": ok, "spec": spec.to_dict()})
-        log(f"verified on held-out text: {metric} {checked[metric]:.4f} (target {target:g}), ratio "
+        logger.info(f"verified on held-out text: {metric} {checked[metric]:.4f} (target {target:g}), ratio "
             f"{checked['ratio']:.2f}x: {'met' if ok else 'MISSED'}")
         if ok:
             searched = [{"index": i, "lam": path[i].lam, **measured[i]} for i in sorted(measured)]
@@ -577,8 +240,7 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
          base: CacheSpec | None = None, settings: dict[str, list[TensorSpec]] | None = None,
          state: TuneState | str | os.PathLike | None = None, tune_text: dict | None = None,
          verify_text: dict | None = None, artifact=None, max_tries: int = DEFAULT_MAX_TRIES,
-         verify: Evaluator | None = None, weight_tensors: bool = True,
-         log: Callable[[str], None] = print) -> TuneResult:
+         verify: Evaluator | None = None, weight_tensors: bool = True) -> TuneResult:
     """Tune a per-layer spec so that `metric` <= `target` on `verify_ids` (see module doc).
 
     Args:
@@ -598,29 +260,24 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
         require_selection_text(verify_text, "tune's verification")
     base = base or CacheSpec()
     settings = settings or candidate_settings()
-    if any(s.is_lowrank for t in TENSORS for s in settings[t]):
-        from ..calibration import resolve_artifact
-
-        artifact = resolve_artifact(model, artifact)
+    artifact = artifact_for(model, [s for t in TENSORS for s in settings[t]], artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
     tune_fp = text_fingerprint(tune_ids, tune_text)
     verify_fp = text_fingerprint(verify_ids, verify_text)
-    sens = measure_sensitivity(model, tune_ids, settings, base, state=state, text_fp=tune_fp, artifact=artifact,
-                               log=log)
+    sens = measure_sensitivity(model, tune_ids, settings, base, state=state, text_fp=tune_fp, artifact=artifact)
     evaluate = make_evaluator(model, tune_ids, "tune-eval", tune_fp, state, artifact=artifact)
     verify = verify or make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
     weights = None
     if weight_tensors:
-        sens, weights = calibrate_tensor_weights(sens, base, evaluate, log=log)
+        sens, weights = calibrate_tensor_weights(sens, base, evaluate)
     result = tune_allocation(sens, base, target, metric=metric, evaluate=evaluate, verify=verify,
-                             max_tries=max_tries, log=log)
+                             max_tries=max_tries)
     result.tensor_weights = weights
     return result
 
 
 def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target: float, evaluate: Evaluator, *,
-                 metric: str = "kl", sens: Sensitivity | None = None,
-                 log: Callable[[str], None] = print) -> tuple[CacheSpec | None, list[dict]]:
+                 metric: str = "kl", sens: Sensitivity | None = None) -> tuple[CacheSpec | None, list[dict]]:
     """The uniform (same K and V setting on every layer) spec with the highest real ratio that meets
     the target under `evaluate`; and every figure measured on the way.
 
@@ -644,7 +301,7 @@ def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target:
         figures = evaluate(spec)
         tried.append({"spec": spec.to_dict(), "describe": spec.describe(), **figures})
         met = figures[metric] <= target
-        log(f"uniform {spec.name}: ratio {figures['ratio']:.2f}x, {metric} {figures[metric]:.4f}"
+        logger.info(f"uniform {spec.name}: ratio {figures['ratio']:.2f}x, {metric} {figures[metric]:.4f}"
             f"{' (meets)' if met else ''}")
         if met and (best is None or figures["ratio"] > best[1]["ratio"]):
             best = (spec, figures)

@@ -1,0 +1,90 @@
+"""The candidate families, one list: what `tune` may give each layer's K and V, and the
+uniform specs `measure-presets` chooses among.
+
+A family names a kind of codec ("quant", "hadamard", "lowrank", "wide") and lists, for K and
+for V, its settings (most faithful first), and the uniform specs (the same K and V setting on
+every layer) it contributes to preset selection. This module does not measure anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..spec import CacheSpec, TensorSpec
+
+
+@dataclass(frozen=True)
+class Family:
+    """One candidate family.
+
+    Attributes:
+        name: the name given on the command line (`--candidates quant,hadamard`).
+        help: one line for `--help`.
+        key, value: per-tensor settings `tune` may choose for one layer, most faithful first.
+        uniform: (name, K setting, V setting) of each uniform spec this family adds to preset selection.
+    """
+
+    name: str
+    help: str
+    key: tuple[TensorSpec, ...]
+    value: tuple[TensorSpec, ...]
+    uniform: tuple[tuple[str, TensorSpec, TensorSpec], ...]
+
+
+def _kivi_key(bits: int, group: int = 32) -> TensorSpec:
+    return TensorSpec(method="quant", bits=bits, axis="channel", group_size=group)
+
+
+def _per_token(bits: int, group: int = 32, method: str = "quant") -> TensorSpec:
+    return TensorSpec(method=method, bits=bits, axis="token", group_size=group)
+
+
+_LOWRANK_KEYS = tuple(TensorSpec(method="lowrank+quant", rank=r, bits=4, axis="token", group_size=16,
+                                 key_space="pre_rope") for r in (48, 32))
+_HADAMARD = tuple(_per_token(b, method="hadamard+quant") for b in (4, 3, 2))
+_HADAMARD_WIDE = tuple(_per_token(b, 64, method="hadamard+quant") for b in (4, 3, 2))
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("quant", "K per-channel and V per-token (KIVI layout) at 8, 4, 3, 2 bits",
+           key=tuple(_kivi_key(b) for b in (8, 4, 3, 2)), value=tuple(_per_token(b) for b in (8, 4, 3, 2)),
+           uniform=tuple((f"k{kb}v{vb}", _kivi_key(kb), _per_token(vb)) for kb in (8, 4, 3, 2) for vb in (8, 4, 3, 2))),
+    Family("hadamard", "Hadamard rotation then per-token quantization at 4, 3, 2 bits (K and V)",
+           key=_HADAMARD, value=_HADAMARD, uniform=tuple((f"h{t.bits}", t, t) for t in _HADAMARD)),
+    Family("wide", "per-token groups of 64 channels (half the scale overhead of 32): V quantized and K and V "
+                   "Hadamard-rotated, at 4, 3, 2 bits (head_dim a multiple of 64)",
+           key=_HADAMARD_WIDE, value=tuple(_per_token(b, 64) for b in (4, 3, 2)) + _HADAMARD_WIDE,
+           uniform=tuple((f"hw{t.bits}", t, t) for t in _HADAMARD_WIDE)),
+    Family("lowrank", "pre-RoPE low-rank K (rank 48, 32) and low-rank V (rank 48), int4 coefficients per token "
+                      "(needs a calibration artifact)",
+           key=_LOWRANK_KEYS,
+           value=(TensorSpec(method="lowrank+quant", rank=48, bits=4, axis="token", group_size=16),),
+           uniform=tuple((f"lr32k4v{vb}", _LOWRANK_KEYS[1], _per_token(vb)) for vb in (4, 2))),
+)}
+
+
+def families(names: Sequence[str]) -> list[Family]:
+    """The families named, in order; ValueError listing the allowed names for an unknown one."""
+    unknown = sorted(set(names) - set(FAMILIES))
+    if unknown or not names:
+        raise ValueError(f"unknown candidate famil(ies) {unknown or list(names)}; allowed: {list(FAMILIES)}")
+    return [FAMILIES[name] for name in names]
+
+
+def candidate_settings(names: Sequence[str] = ("quant",)) -> dict[str, list[TensorSpec]]:
+    """Per-tensor candidates of the named families for `tune`, "none" first, no duplicates."""
+    out: dict[str, list[TensorSpec]] = {"key": [TensorSpec(method="none")], "value": [TensorSpec(method="none")]}
+    wanted = {family.name for family in families(names)}
+    for family in (f for f in FAMILIES.values() if f.name in wanted):  # a fixed order, whatever order is asked
+        for tensor, settings in (("key", family.key), ("value", family.value)):
+            out[tensor] += [s for s in settings if s not in out[tensor]]
+    return out
+
+
+def uniform_candidates(names: Sequence[str] = ("quant",), *, window: int = 128, sinks: int = 4,
+                       block_size: int = 32) -> list[CacheSpec]:
+    """The named uniform specs of the named families (for `measure-presets`)."""
+    base = CacheSpec(window=window, sinks=sinks, block_size=block_size)
+    return [dataclasses.replace(base, name=name, key=key, value=value)
+            for family in families(names) for name, key, value in family.uniform]

@@ -1,0 +1,152 @@
+"""Step 1 of tuning: the sensitivity of every layer's K and V to each candidate setting.
+
+A cheap proxy (attention-output error with real queries, from one captured forward pass) and
+the real bytes each setting stores per token, plus per-tensor weights calibrated by two
+decode-faithful evaluations (see `tune` for the method). This module does not choose an
+allocation (see `allocation`) and does not verify anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..spec import CacheSpec, TensorSpec
+from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+
+logger = logging.getLogger(__name__)
+
+TENSORS = ("key", "value")
+Evaluator = Callable[[CacheSpec], dict]  # spec -> decode-faithful figures ("kl", "ppl_change", "ratio", ...)
+
+def _probe_specs(settings: dict[str, list[TensorSpec]], base: CacheSpec) -> list[CacheSpec]:
+    """Uniform specs that between them apply every candidate to K and to V (K[i] with V[i])."""
+    n = max(len(settings["key"]), len(settings["value"]))
+    none = TensorSpec(method="none")
+    out = []
+    for i in range(n):
+        key = settings["key"][i] if i < len(settings["key"]) else none
+        value = settings["value"][i] if i < len(settings["value"]) else none
+        out.append(dataclasses.replace(base, key=key, value=value, layers={}, name=f"probe{i}"))
+    return out
+
+
+@dataclass
+class Sensitivity:
+    """Proxy cost and real bytes of every (layer, tensor, setting).
+
+    Attributes:
+        settings: {"key": [TensorSpec, ...], "value": [...]}: the candidates (index s below).
+        cost: {"key": (L, S_key) tensor, "value": (L, S_value)}: attention-output relative error
+            squared when only that tensor of that layer is coded with setting s.
+        nbytes: same shapes: bytes stored per compressed token (all KV heads of the layer).
+    """
+
+    settings: dict[str, list[TensorSpec]]
+    cost: dict[str, torch.Tensor]
+    nbytes: dict[str, torch.Tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return self.cost["key"].shape[0]
+
+    def to_dict(self) -> dict:
+        return {"settings": {t: [s.to_dict() for s in self.settings[t]] for t in TENSORS},
+                "cost": {t: self.cost[t].tolist() for t in TENSORS},
+                "bytes_per_token": {t: self.nbytes[t].tolist() for t in TENSORS}}
+
+
+def _probe_result(memory: dict, metrics: dict, power: float) -> dict:
+    """Per-layer costs and bytes per compressed token of one probe (see `Sensitivity`)."""
+    out: dict[str, list[float]] = {"key_cost": [], "value_cost": [], "key_bytes": [], "value_bytes": []}
+    for layer_metrics, layer_memory in zip(metrics["layers"], memory["layers"]):
+        n = layer_memory["compressed_tokens"]
+        for tensor, variant in (("key", "key_only"), ("value", "value_only")):
+            out[f"{tensor}_cost"].append(layer_metrics["attention"][variant]["rel_error"] ** power)
+            stored = sum(v for k, v in layer_memory["parts"].items() if k.startswith(f"{tensor}_"))
+            out[f"{tensor}_bytes"].append(stored / n)
+    return out
+
+
+def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list[TensorSpec]], base: CacheSpec,
+                        *, state: TuneState | None = None, text_fp: dict | None = None, artifact=None,
+                        cost_power: float = 2.0) -> Sensitivity:
+    """Proxy cost and real bytes of every candidate on every layer (see module doc, step 1).
+
+    Args:
+        input_ids: (1, T) tuning text; T must hold the sinks and at least one block.
+        settings: candidates per tensor (see `candidate_settings`).
+        base: supplies sinks and block_size (the window is set to 0 for the probes).
+    """
+    from ..measure.reconstruction import (
+        capture_states,
+        reconstruct,
+        reconstruction_metrics,
+    )
+
+    state = state or TuneState(None)
+    fingerprint = {**measurement_fingerprint(model_fingerprint(model), text_fp or text_fingerprint(input_ids)),
+                   "cost_power": cost_power}
+    probes = _probe_specs(settings, base)
+    capture = None
+    results = []
+    for i, probe in enumerate(probes):
+        spec_dict = {k: v for k, v in probe.to_dict().items() if k != "name"}
+        result = state.lookup("probe", spec_dict, fingerprint)
+        if result is None:
+            if capture is None:
+                start = time.perf_counter()
+                capture = capture_states(model, input_ids)
+                logger.info(f"captured Q, K, V of {input_ids.shape[1]} tokens ({time.perf_counter() - start:.1f} s)")
+            start = time.perf_counter()
+            pairs, memory = reconstruct(model, probe, capture, artifact=artifact)
+            metrics = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
+            result = _probe_result(memory, metrics, cost_power)
+            state.store("probe", spec_dict, fingerprint, result)
+            took = f"{time.perf_counter() - start:.1f} s"
+        else:
+            took = "saved"
+        logger.info(f"sensitivity {i + 1}/{len(probes)}: K {probe.key.describe()}, V {probe.value.describe()} ({took})")
+        results.append(result)
+    cost, nbytes = {}, {}
+    for tensor in TENSORS:
+        n = len(settings[tensor])
+        cost[tensor] = torch.tensor([results[i][f"{tensor}_cost"] for i in range(n)], dtype=torch.float64).T
+        nbytes[tensor] = torch.tensor([results[i][f"{tensor}_bytes"] for i in range(n)], dtype=torch.float64).T
+    return Sensitivity(settings, cost, nbytes)
+
+
+def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate: Evaluator) -> tuple[Sensitivity, dict]:
+    """Scale the proxy costs of K and of V so that each predicts the measured KL (see module doc, step 1b).
+
+    The attention-output error treats an error in K and one in V alike, but they do not cost
+    the same downstream (docs/tuning.md has the figures for SmolLM2-135M). So for each tensor, one uniform spec
+    codes only that tensor (the other kept in full precision) with its second-cheapest candidate,
+    and its decode-faithful KL on the tuning text divided by the summed proxy cost is that
+    tensor's weight. Returns the reweighted sensitivities and {"key"|"value": {"setting", "kl",
+    "proxy", "weight"}}.
+    """
+    none = TensorSpec(method="none")
+    cost, info = {}, {}
+    for tensor in TENSORS:
+        lossy = [i for i, s in enumerate(sens.settings[tensor]) if s.method != "none"]
+        if not lossy:
+            cost[tensor] = sens.cost[tensor]
+            continue
+        by_bytes = sorted(lossy, key=lambda i: sens.nbytes[tensor][:, i].sum().item())
+        pick = by_bytes[1] if len(by_bytes) > 1 else by_bytes[0]
+        setting = sens.settings[tensor][pick]
+        spec = dataclasses.replace(base, key=setting if tensor == "key" else none,
+                                   value=setting if tensor == "value" else none, layers={}, name=f"{tensor}-only")
+        kl = evaluate(spec)["kl"]
+        proxy = sens.cost[tensor][:, pick].sum().item()
+        weight = kl / proxy if kl > 0 and proxy > 0 else 1.0
+        cost[tensor] = sens.cost[tensor] * weight
+        info[tensor] = {"setting": setting.to_dict(), "kl": kl, "proxy": proxy, "weight": weight}
+        logger.info(f"{tensor} only at {setting.describe()}: KL {kl:.4f} for proxy {proxy:.4f}: weight {weight:.3g}")
+    return Sensitivity(sens.settings, cost, sens.nbytes), info

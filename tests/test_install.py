@@ -1,0 +1,217 @@
+"""The core install: `pip install kvcompress` needs torch, transformers, safetensors and numpy only.
+
+Two checks, no network and no fresh venv (too slow for the suite):
+- the wheel's metadata: its requirements without an extra marker are exactly the four core
+  packages, and every optional package sits in a named extra;
+- a fresh Python process in which the optional packages cannot be imported (they are
+  installed here, so they are hidden from the import system) imports every kvcompress module,
+  runs `CompressedCache` in `generate` on a tiny Llama, and gets a MissingExtraError naming the
+  extra from each feature that needs one (a YAML spec, a GGUF file, the benchmark plot).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = {"torch", "transformers", "safetensors", "numpy"}
+# Import names of everything outside the core that kvcompress uses or may use (Triton and Ray
+# included, for extras on other branches): none of them may be needed to use the cache.
+OPTIONAL_MODULES = ("matplotlib", "gguf", "accelerate", "optimum", "hqq", "triton", "ray")
+# pyyaml is a dependency of transformers (huggingface_hub imports it), so a core install has it
+# and it cannot be hidden while transformers loads; kvcompress still reaches it only through the
+# `yaml` extra (checked statically below), and the child hides it once the cache has run.
+TRANSFORMERS_DEPENDENCIES = ("yaml",)
+
+
+def _name(requirement: str) -> str:
+    return re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0).lower().replace("_", "-")
+
+
+@pytest.fixture(scope="module")
+def wheel_metadata(tmp_path_factory):
+    """The METADATA of a wheel built from a copy of the project (the source tree is left untouched)."""
+    pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools in this environment")
+    tmp = tmp_path_factory.mktemp("wheel")
+    project = tmp / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-q", "-w", str(tmp / "dist"), str(project)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp / "dist").glob("kvcompress-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        (meta,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        return Parser().parsestr(zf.read(meta).decode())
+
+
+def test_wheel_requires_only_the_core_and_puts_the_rest_in_extras(wheel_metadata):
+    requires = wheel_metadata.get_all("Requires-Dist") or []
+    core = {_name(r) for r in requires if "extra ==" not in r}
+    assert core == CORE, f"core requirements {sorted(core)}"
+    extras: dict[str, set[str]] = {}
+    for r in requires:
+        match = re.search(r"""extra\s*==\s*["']([^"']+)["']""", r)
+        if match:
+            extras.setdefault(match.group(1), set()).add(r.split(";")[0].strip())
+    names = {extra: {_name(r) + (re.search(r"\[.*\]", r).group(0) if "[" in r else "") for r in reqs}
+             for extra, reqs in extras.items()}
+    assert names["gguf"] == {"gguf", "accelerate"}
+    assert names["report"] == {"matplotlib"}
+    assert names["yaml"] == {"pyyaml"}
+    assert names["bench"] == {"optimum-quanto", "hqq"}
+    assert names["baselines"] == {"kvcompress[bench]"}
+    assert names["dev"] == {"pytest", "hypothesis"}
+    (everything,) = names["all"]
+    runtime = set(extras) - {"all", "dev", "baselines"}
+    assert set(everything.removeprefix("kvcompress[").removesuffix("]").split(",")) == runtime
+    assert set(wheel_metadata.get_all("Provides-Extra")) == set(extras)
+
+
+_CHILD = textwrap.dedent('''
+    import json, os, pkgutil, sys, importlib
+
+    HIDDEN = set(json.loads(sys.argv[1]))
+
+    class Hiding:
+        """Wraps a meta-path finder; finds nothing for a hidden package, as if it were not installed.
+
+        (Raising ImportError instead would break transformers, which probes optional packages
+        with importlib.util.find_spec and expects None for a missing one.)"""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in HIDDEN:
+                return None
+            return self.inner.find_spec(name, path, target)
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+    sys.meta_path[:] = [Hiding(finder) for finder in sys.meta_path]
+    for name in HIDDEN:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+        else:
+            raise SystemExit(f"{name} is not hidden")
+
+    import torch
+    import kvcompress
+    from kvcompress import CompressedCache
+    from kvcompress.extras import MissingExtraError
+
+    out = {}
+    # every module imports without the extras (optional imports happen where a feature is used)
+    modules = [m.name for m in pkgutil.walk_packages(kvcompress.__path__, "kvcompress.")]
+    for name in modules:
+        importlib.import_module(name)
+    out["modules"] = len(modules)
+    out["loaded_optional"] = sorted({m.partition(".")[0] for m in sys.modules} & HIDDEN)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                         max_position_embeddings=1024, pad_token_id=0, eos_token_id=1,
+                                         bos_token_id=2)).eval()
+    ids = torch.randint(3, 128, (1, 190), generator=torch.Generator().manual_seed(0))
+    cache = CompressedCache(model, "int4")
+    with torch.inference_mode():
+        generated = model.generate(ids, cache=cache, max_new_tokens=12, min_new_tokens=12,
+                                   do_sample=False)
+    report = cache.memory_report()
+    out["new_tokens"] = generated.shape[1] - ids.shape[1]
+    out["compressed_tokens"] = [layer.compressed_tokens for layer in report.layers]
+    out["tokens"] = [layer.tokens for layer in report.layers]
+    out["stored_bytes"] = report.stored_bytes
+
+    def error_of(fn):
+        try:
+            fn()
+        except MissingExtraError as err:
+            return str(err)
+        return None
+
+    tmp = sys.argv[2]
+    with open(os.path.join(tmp, "spec.yaml"), "w") as f:
+        f.write("name: x\\n")
+    open(os.path.join(tmp, "model.gguf"), "wb").close()
+    from kvcompress.presets import load_spec
+    from kvcompress.models import load_model
+    from kvcompress.bench.render import plot
+
+    for name in json.loads(sys.argv[3]):  # transformers' own dependencies, done with: now hidden too
+        sys.modules[name] = None
+    out["yaml"] = error_of(lambda: load_spec(os.path.join(tmp, "spec.yaml")))
+    out["gguf"] = error_of(lambda: load_model(os.path.join(tmp, "model.gguf")))
+    out["plot"] = error_of(lambda: plot({}, os.path.join(tmp, "x.png")))
+    print(json.dumps(out))
+''')
+
+
+def test_optional_packages_are_imported_only_through_require_extra():
+    """No `import X` / `from X import` of an optional package anywhere in src (function level
+    included): each goes through `kvcompress.extras.require_extra`, which names the extra."""
+    found = []
+    for path in sorted((ROOT / "src" / "kvcompress").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                if name.partition(".")[0] in OPTIONAL_MODULES + TRANSFORMERS_DEPENDENCIES:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert not found, "\n".join(found)
+
+
+def test_core_install_runs_the_cache_and_names_the_missing_extras(tmp_path):
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "KVCOMPRESS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(OPTIONAL_MODULES), str(tmp_path),
+                           json.dumps(TRANSFORMERS_DEPENDENCIES)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["modules"] > 40 and out["loaded_optional"] == []
+    assert out["new_tokens"] == 12
+    assert out["tokens"] == [201, 201]  # 190 prompt + 11 generated tokens fed back
+    assert all(n > 0 for n in out["compressed_tokens"]) and out["stored_bytes"] > 0
+    assert "pip install 'kvcompress[yaml]'" in out["yaml"]
+    assert "pip install 'kvcompress[gguf]'" in out["gguf"]
+    assert "pip install 'kvcompress[report]'" in out["plot"]
+    assert not (tmp_path / "cache").exists()  # the GGUF error came before anything was written
+
+
+def test_cli_prints_a_missing_extra_as_one_line_with_exit_status_2(tmp_path, monkeypatch, capsys):
+    from kvcompress.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    code = main(["bench", "--out", str(tmp_path / "bench"), "--no-peak"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("kvcompress bench: error: ")
+    assert "pip install 'kvcompress[report]'" in err
+    assert not (tmp_path / "bench").exists()
