@@ -91,9 +91,10 @@ def stored_tensors(cache: CompressedCache):
             yield from stored.values()
 
 
-@pytest.mark.parametrize("bits, tokens, dtype", [(bits, 150, dtype) for bits in (8, 4, 3, 2)
-                                                 for dtype in (torch.float32, torch.float16, torch.bfloat16)]
-                         + [(2, 1024, torch.float16), (3, 1000, torch.float32)])
+@pytest.mark.parametrize("bits, tokens, dtype", [(8, 150, torch.float32), (4, 150, torch.float32),
+                                                 (3, 150, torch.float32), (2, 150, torch.float32),
+                                                 (4, 150, torch.float16), (2, 150, torch.bfloat16),
+                                                 (2, 1024, torch.float16), (3, 1000, torch.float32)])
 @torch.no_grad()
 def test_memory_report_equals_the_bytes_the_spec_implies(bits, tokens, dtype):
     """Every part of every layer, to the byte, from bits, group sizes, tokens and dtype (exact_memory)."""
