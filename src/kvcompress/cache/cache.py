@@ -6,7 +6,10 @@ where the spec asks for pre-RoPE keys, the model's rotary embedding inverted (se
 Memory figures come from the tensors held (`memory_report()`).
 
 Only the public `Cache` / `CacheLayerMixin` API of transformers is used. This module does not
-patch attention and does not store anything itself (its layers do).
+patch attention, does not switch the model's attention implementation (see
+`kvcompress.enable_fast_attention`; the cache only remembers the model config so that its
+decode steps hand attention the codes when, and only when, the model runs kvcompress's
+attention) and does not store anything itself (its layers do).
 """
 
 from __future__ import annotations
@@ -18,8 +21,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.configuration_utils import PretrainedConfig
 
-from .attention import ATTENTION_NAME, FAST_ATTENTION_MODEL_TYPES
-from .attention import register as register_attention
+from .attention import hint_fast_attention
 from .build import build_codec
 from .layer import CompressedLayer
 from .memory import MemoryReport
@@ -104,24 +106,11 @@ def _make_monitor(monitor):
     raise ValueError(f"monitor must be True, False or a QualityMonitor, got {monitor!r}")
 
 
-def _use_fast_attention(model) -> bool:
-    """Switch a supported model from "sdpa" to kvcompress's attention; True if it now uses it."""
-    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAST_ATTENTION_MODEL_TYPES:
-        return False
-    current = model.config._attn_implementation
-    if current == ATTENTION_NAME:
-        return True
-    if current != "sdpa":
-        return False
-    register_attention()
-    model.set_attn_implementation(ATTENTION_NAME)
-    return model.config._attn_implementation == ATTENTION_NAME
-
-
 class CompressedCache(Cache):
     """A transformers `Cache` that stores compressed K/V and serves their reconstruction.
 
     Usage:
+        kvcompress.enable_fast_attention(model)     # optional: faster decode steps (see below)
         cache = CompressedCache(model, "int4")
         out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
         cache.memory_report().ratio
@@ -135,13 +124,14 @@ class CompressedCache(Cache):
         monitor: False (default, costs nothing), True, or a `kvcompress.cache.monitor.QualityMonitor`
             with your own thresholds: samples compressed blocks and tracks their reconstruction
             quality per layer (`cache.monitor.summary()`), warning once per layer when it drops.
-        fast_attention: True (default): if `model` is a Llama, Mistral, Qwen2, Qwen3 or Gemma 3
-            (text) model that uses "sdpa" attention, switch it to kvcompress's attention
-            function ("kvcompress", see `kvcompress.cache.attention`), which is transformers' sdpa for
-            every call except a decode step on this cache, where it reads the codes chunk by
-            chunk instead of a full decoded copy (same result, faster). The switch stays on the
-            model; undo it with `model.set_attn_implementation("sdpa")`. False: leave the model
-            alone; attention reads the full reconstruction every step.
+        fast_attention: True (default): at a decode step, hand attention the codes when (and only
+            when) the model runs kvcompress's attention function, i.e. after
+            `kvcompress.enable_fast_attention(model)` (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text
+            models using "sdpa"): attention then reads the codes chunk by chunk instead of a full
+            decoded copy (same result, faster); otherwise it reads the full reconstruction, and
+            the first such cache logs once (INFO, logger "kvcompress") how to enable it. The cache
+            never switches the model itself. False: attention always reads the full
+            reconstruction, whatever the model runs.
 
     Attributes:
         key_space_fallback: why pre-RoPE keys were asked for but keys are compressed post-RoPE
@@ -174,10 +164,11 @@ class CompressedCache(Cache):
         self.monitor = _make_monitor(monitor)
         for layer in self.layers:
             layer.monitor = self.monitor
-        if fast_attention and _use_fast_attention(model):
+        if fast_attention:  # decode steps read the codes while the model runs kvcompress's attention
             for layer in self.layers:
                 if not layer.is_sliding:
-                    layer.attention_config = model.config
+                    layer.attention_config = config
+            hint_fast_attention(model)
 
     def memory_report(self) -> MemoryReport:
         """Stored bytes (codes, scales, zero points, window, sinks) per layer and in total."""

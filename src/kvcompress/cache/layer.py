@@ -7,10 +7,16 @@ returns the reconstruction of everything it holds:
 
     [ sinks (full precision) | decode(compressed blocks) | window (full precision) ]
 
-At a decode step of a model running kvcompress's attention function (see
-`kvcompress.cache.attention`), it returns the window tagged with the layer instead, and that
-function decodes the blocks chunk by chunk itself. Either way attention reads the decoded form of
-the stored codes, never a hidden uncompressed copy.
+At a decode step of a model running kvcompress's attention function (switched by
+`kvcompress.enable_fast_attention`; see `kvcompress.cache.attention`), it returns the window
+tagged with the layer instead, and that function decodes the blocks chunk by chunk itself and
+marks the layer consumed. Either way attention reads the decoded form of the stored codes, never
+a hidden uncompressed copy.
+
+The guard: if a tagged window was not consumed by kvcompress's attention (a model whose
+attention copies the tensor it is given, an attention function that does not know the tag),
+attention read only the window, and the layer's next `update` raises a RuntimeError saying so
+instead of continuing silently.
 
 This module does not build codecs (see `build`), does not choose layers (see `cache`) and keeps
 no full-precision copy of compressed tokens between steps.
@@ -74,11 +80,13 @@ class CompressedLayer(CacheLayerMixin):
         self.key_space = key_space
         self.monitor = None  # a kvcompress.cache.monitor.QualityMonitor when the cache is monitored
         # The model config whose attention implementation says whether decode steps may hand
-        # attention the codes (kvcompress.cache.attention) instead of a full reconstruction; or None.
+        # attention the codes (kvcompress.cache.attention) instead of a full reconstruction; or None
+        # (always the full reconstruction).
         self.attention_config = None
         self._clear()
 
     def _clear(self) -> None:
+        self._window_unconsumed = False  # a tagged window was handed out and no attention read the layer yet
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
         self.stored_keys: Stored | None = None
@@ -104,7 +112,13 @@ class CompressedLayer(CacheLayerMixin):
         return value is instead the (B, H, n_window, D) window, tagged with this layer: that
         attention function reads the sinks, the codes and the window from the layer itself
         (see `kvcompress.cache.attention`).
+
+        Raises:
+            RuntimeError: if the window handed out at the previous decode step was never consumed
+                by kvcompress's attention (attention read only the window: see the module docstring).
         """
+        if self._window_unconsumed:
+            self._refuse_unconsumed_window()
         decode_step = key_states.shape[2] == 1
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -120,8 +134,25 @@ class CompressedLayer(CacheLayerMixin):
         if decode_step and self._attention_reads_codes():
             keys, values = self.window_keys.view_as(self.window_keys), self.window_values.view_as(self.window_values)
             setattr(keys, LAYER_ATTRIBUTE, self)
+            self._window_unconsumed = True
             return keys, values
         return self.reconstruct()
+
+    def mark_consumed(self) -> None:
+        """Called by kvcompress's attention when it reads this layer for the window it was handed."""
+        self._window_unconsumed = False
+
+    def _refuse_unconsumed_window(self) -> None:
+        model_type = getattr(self.attention_config, "model_type", "unknown")
+        raise RuntimeError(
+            f"kvcompress: at the last decode step, attention at layer {self.layer_idx} read only the K/V window "
+            f"({self.window_keys.shape[2]} of {self.held_tokens()} tokens): the layer handed kvcompress's attention "
+            "a window tagged with the layer, but the attention that ran did not read the layer's compressed tokens "
+            "(it copied the tensor, or is not kvcompress's attention), so the model's output for that step was "
+            "wrong. Fix: build the cache with CompressedCache(..., fast_attention=False), or restore the model's "
+            f"attention (the handle enable_fast_attention returned); and please report model type {model_type!r} "
+            "to kvcompress."
+        )
 
     def _attention_reads_codes(self) -> bool:
         """Whether this step's attention is kvcompress's, which reads the codes (no autograd through it)."""

@@ -11,6 +11,9 @@ Reported: perplexity of both, its relative change (with a bootstrap 95% interval
 KL(baseline || compressed) of the next-token distributions, top-1 agreement, and the real
 compression ratio of the cache at the end of the text.
 
+The model runs kvcompress's attention during the evaluation where it supports it (see
+`kvcompress.enable_fast_attention`) and is restored to its own implementation afterwards.
+
 This module does not load models or text (see `models`, `corpus`) and does not run tasks.
 """
 
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from ..cache.attention import enable_fast_attention
 from ..cache.cache import CompressedCache
 from ..compat import CACHE_KWARG
 from ..spec import CacheSpec
@@ -122,33 +126,36 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     n = input_ids.shape[1]
-    cache = cache_factory(model, spec) if cache_factory else CompressedCache(model, spec, artifact=artifact)
-    baseline = DynamicCache(config=model.config)
-    nll_base, nll_comp, kls, agree = [], [], [], []
-    max_diff = 0.0
-    start_time = time.perf_counter()
-    bounds = chunk_boundaries(n, spec, mode)
-    store_key = (id(model), tuple(input_ids[0].tolist()), tuple(bounds))
-    stored_logits = baseline_store.get(store_key) if baseline_store is not None else None
-    new_logits = []
-    for i, (start, stop) in enumerate(tqdm(bounds, desc=f"eval {spec.name or 'spec'}", disable=not progress,
-                                           leave=False)):
-        chunk = input_ids[:, start:stop]
-        if stored_logits is not None:
-            logits_b = stored_logits[i]
-        else:
-            logits_b = model(input_ids=chunk, **{CACHE_KWARG: baseline}, use_cache=True).logits[0].float()
-            new_logits.append(logits_b)
-        logits_c = model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0].float()
-        max_diff = max(max_diff, (logits_b - logits_c).abs().max().item())
-        targets = input_ids[0, start + 1:stop + 1]
-        usable = targets.shape[0]  # the last position of the text has no next token
-        logp_b = F.log_softmax(logits_b[:usable], dim=-1)
-        logp_c = F.log_softmax(logits_c[:usable], dim=-1)
-        nll_base.append(-logp_b.gather(1, targets[:, None])[:, 0])
-        nll_comp.append(-logp_c.gather(1, targets[:, None])[:, 0])
-        kls.append((logp_b.exp() * (logp_b - logp_c)).sum(-1))
-        agree.append(logp_b.argmax(-1) == logp_c.argmax(-1))
+    # Attention over the codes where the model supports it (the path `enable_fast_attention`
+    # users decode with; other calls are transformers' sdpa), and the model as it was afterwards.
+    with enable_fast_attention(model, strict=False):
+        cache = cache_factory(model, spec) if cache_factory else CompressedCache(model, spec, artifact=artifact)
+        baseline = DynamicCache(config=model.config)
+        nll_base, nll_comp, kls, agree = [], [], [], []
+        max_diff = 0.0
+        start_time = time.perf_counter()
+        bounds = chunk_boundaries(n, spec, mode)
+        store_key = (id(model), tuple(input_ids[0].tolist()), tuple(bounds))
+        stored_logits = baseline_store.get(store_key) if baseline_store is not None else None
+        new_logits = []
+        for i, (start, stop) in enumerate(tqdm(bounds, desc=f"eval {spec.name or 'spec'}", disable=not progress,
+                                               leave=False)):
+            chunk = input_ids[:, start:stop]
+            if stored_logits is not None:
+                logits_b = stored_logits[i]
+            else:
+                logits_b = model(input_ids=chunk, **{CACHE_KWARG: baseline}, use_cache=True).logits[0].float()
+                new_logits.append(logits_b)
+            logits_c = model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0].float()
+            max_diff = max(max_diff, (logits_b - logits_c).abs().max().item())
+            targets = input_ids[0, start + 1:stop + 1]
+            usable = targets.shape[0]  # the last position of the text has no next token
+            logp_b = F.log_softmax(logits_b[:usable], dim=-1)
+            logp_c = F.log_softmax(logits_c[:usable], dim=-1)
+            nll_base.append(-logp_b.gather(1, targets[:, None])[:, 0])
+            nll_comp.append(-logp_c.gather(1, targets[:, None])[:, 0])
+            kls.append((logp_b.exp() * (logp_b - logp_c)).sum(-1))
+            agree.append(logp_b.argmax(-1) == logp_c.argmax(-1))
     seconds = time.perf_counter() - start_time
     if baseline_store is not None and stored_logits is None:
         baseline_store[store_key] = new_logits
