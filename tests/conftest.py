@@ -69,7 +69,8 @@ def _session_models_stay_on_sdpa(request):
     models = {name: _model_of(request.getfixturevalue(name)) for name in SESSION_MODELS
               if name in request.fixturenames}
     for name, model in models.items():
-        assert model.config._attn_implementation == "sdpa", f"{name} was handed out on {model.config._attn_implementation!r}"
+        implementation = model.config._attn_implementation
+        assert implementation == "sdpa", f"{name} was handed out on {implementation!r}"
     yield
     left = {name: model.config._attn_implementation for name, model in models.items()
             if model.config._attn_implementation != "sdpa"}
