@@ -205,7 +205,7 @@ def test_the_cache_says_once_how_to_get_the_faster_decode_path(monkeypatch, capl
 
 def test_importing_kvcompress_registers_nothing_global():
     code = """
-import kvcompress, kvcompress.cache, kvcompress.measure.evaluate, kvcompress.measure.tasks, kvcompress.bench.bench
+import kvcompress, kvcompress.cache, kvcompress.measure.evaluate, kvcompress.measure.tasks, kvcompress.bench.run
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 before = ("kvcompress" in AttentionInterface(), "kvcompress" in ALL_MASK_ATTENTION_FUNCTIONS)
