@@ -229,30 +229,48 @@ print(before, after_cache, after_enable)
 
 def copying_attention(module, query, key, value, attention_mask, **kwargs):
     """sdpa after copying the key tensor, as an attention (or a transformers release) might: the
-    copy drops the tag, so this attends to the window alone."""
+    copy would drop the tag, and sdpa would attend to the window alone."""
     key = key.clone()
-    assert not hasattr(key, LAYER_ATTRIBUTE)
     return attention_module.sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
 
-@torch.no_grad()
-def test_attention_that_loses_the_tag_is_caught_at_the_next_step():
+def ignoring_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention that never looks at the key tensor it is given (zeros out): the handed window
+    is not read, so only the layer's consumed flag can tell."""
+    B, H, Q, D = query.shape
+    return query.new_zeros(B, Q, H, D), None
+
+
+def _run_with(attention, steps):
+    """Prefill 90 tokens, then decode `steps` tokens with `attention` registered as kvcompress's name."""
     model = ARCHITECTURES["llama"](seed=SEEDS["llama"])
-    reference = CompressedCache(model, SPEC, fast_attention=False)
-    model(prompt(90), cache=reference)
-    right = model(torch.tensor([[5]]), cache=reference).logits
     cache = CompressedCache(model, SPEC)
     with enable_fast_attention(model):
-        AttentionInterface.register(ATTENTION_NAME, copying_attention)
+        AttentionInterface.register(ATTENTION_NAME, attention)
         try:
-            model(prompt(90), cache=cache)  # prefill: full reconstruction, nothing tagged
+            model(prompt(90), cache=cache)  # prefill: full reconstruction, nothing handed out
             assert cache.layers[0].n_compressed > 0
-            wrong = model(torch.tensor([[5]]), cache=cache).logits  # batch 1, no mask: runs on the window alone
-            assert (wrong - right).abs().max() > 1e-3  # silently wrong: what the guard exists for
-            with pytest.raises(RuntimeError) as caught:
-                model(torch.tensor([[6]]), cache=cache)
+            for token in steps:
+                model(torch.tensor([[token]]), cache=cache)
         finally:
             register()  # kvcompress's own function again under its name
+
+
+@torch.no_grad()
+def test_attention_that_reads_the_handed_window_raises_at_that_step():
+    # batch 1 and no mask: without the guard, sdpa on the copied window runs silently on the window alone
+    with pytest.raises(RuntimeError) as caught:
+        _run_with(copying_attention, steps=[5])
+    message = str(caught.value)
+    assert "tried to read the K/V window that layer 0 handed" in message and "clone" in message
+    assert "CompressedCache(..., fast_attention=False)" in message
+
+
+@torch.no_grad()
+def test_attention_that_never_reads_the_layer_is_caught_at_the_next_step():
+    _run_with(ignoring_attention, steps=[])  # no decode step: nothing handed out, nothing to refuse
+    with pytest.raises(RuntimeError) as caught:
+        _run_with(ignoring_attention, steps=[5, 6])
     message = str(caught.value)
     assert "attention at layer 0 read only the K/V window" in message
     assert "output for that step was wrong" in message

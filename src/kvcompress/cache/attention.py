@@ -24,9 +24,10 @@ transformers' own sdpa attention function for every call except a decode step on
 tagged with the layer itself (attribute `LAYER_ATTRIBUTE`), and this function reads the layer
 and marks it consumed (`CompressedLayer.mark_consumed`).
 
-The guard: a layer that handed out a tagged window which no kvcompress attention consumed in
-that step refuses its next `update` with a RuntimeError, since attention then read only the
-window (which for batch 1, where the mask is None, nothing else would notice).
+The guard: the handed window is a `HandedWindow`, a tensor that raises on any read but its
+shape, so an attention that is not this function fails at the step instead of attending to the
+window alone (which for batch 1, where the mask is None, nothing else would notice); and a
+layer whose window no kvcompress attention consumed refuses its next `update`.
 
 This module does not handle prefill (several query tokens), sliding-window layers, dropout,
 logit soft-capping or learned attention-sink logits: for those the cache hands attention a
@@ -169,6 +170,42 @@ def hint_fast_attention(model) -> None:
     logger.info("decode steps of this CompressedCache read the full reconstruction of the cache; call "
                 "kvcompress.enable_fast_attention(model) (returns a handle to undo it; also a context manager) "
                 "to let attention read the codes chunk by chunk instead: same result, faster decode")
+
+
+class HandedWindow(torch.Tensor):
+    """The (B, H, n_window, D) key window a `CompressedLayer` hands kvcompress's attention at a decode step.
+
+    It carries the layer (attribute `LAYER_ATTRIBUTE`) and refuses to be read: any torch
+    operation on it but asking its shape, size, dtype or device raises. kvcompress's attention
+    never reads it (it reads the layer), so the only code that could read it is an attention
+    that does not know about the layer, which would attend to the window alone: that raises
+    here, at the step where it happens, instead of returning a wrong output silently.
+    """
+
+    _ALLOWED = (torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,
+                torch.Tensor.size, torch.Tensor.dim)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._ALLOWED:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        window = next((a for a in args if isinstance(a, HandedWindow)), None)
+        layer = getattr(window, LAYER_ATTRIBUTE, None)
+        where = f"layer {layer.layer_idx}" if layer is not None else "a layer"
+        raise RuntimeError(
+            f"kvcompress: an attention other than kvcompress's tried to read the K/V window that {where} handed "
+            f"to kvcompress's attention ({getattr(func, '__name__', func)} on it); it would have attended to the "
+            "window alone, without the compressed tokens. Fix: build the cache with "
+            "CompressedCache(..., fast_attention=False), or restore the model's attention (the handle "
+            "enable_fast_attention returned); and please report the model type to kvcompress.")
+
+
+def hand_window(keys: torch.Tensor, layer) -> HandedWindow:
+    """`keys` (B, H, n_window, D) as a `HandedWindow` tagged with `layer` (no copy)."""
+    window = keys.as_subclass(HandedWindow)
+    setattr(window, LAYER_ATTRIBUTE, layer)
+    return window
 
 
 def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -13,9 +13,9 @@ tagged with the layer instead, and that function decodes the blocks chunk by chu
 marks the layer consumed. Either way attention reads the decoded form of the stored codes, never
 a hidden uncompressed copy.
 
-The guard: if a tagged window was not consumed by kvcompress's attention (a model whose
-attention copies the tensor it is given, an attention function that does not know the tag),
-attention read only the window, and the layer's next `update` raises a RuntimeError saying so
+The guard, twice: the window handed out is a `HandedWindow`, which raises on any read but its
+shape (so an attention that does not know the tag fails at that step, see `attention`); and if
+no kvcompress attention consumed it, the layer's next `update` raises a RuntimeError saying so
 instead of continuing silently.
 
 This module does not build codecs (see `build`), does not choose layers (see `cache`) and keeps
@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..codecs import Codec, Stored, stored_nbytes, token_slice
-from .attention import ATTENTION_NAME, LAYER_ATTRIBUTE
+from .attention import ATTENTION_NAME, hand_window
 from .memory import FP16_BYTES, LayerMemory
 
 
@@ -132,10 +132,8 @@ class CompressedLayer(CacheLayerMixin):
         self.window_values = torch.cat([self.window_values, value_states], dim=2)
         self._flush()
         if decode_step and self._attention_reads_codes():
-            keys, values = self.window_keys.view_as(self.window_keys), self.window_values.view_as(self.window_values)
-            setattr(keys, LAYER_ATTRIBUTE, self)
             self._window_unconsumed = True
-            return keys, values
+            return hand_window(self.window_keys, self), self.window_values.view_as(self.window_values)
         return self.reconstruct()
 
     def mark_consumed(self) -> None:
