@@ -10,11 +10,14 @@ HELP = "write DIR/report.md and PNG plots from the JSON records of a sweep folde
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="a folder written by `kvcompress sweep` or `kvcompress analyze`")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="report without record files that cannot be read (listed in the report) instead of "
+                             "stopping with an error naming them")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..experiments.report import write_report
 
-    path = write_report(args.dir)
+    path = write_report(args.dir, skip_unreadable=args.skip_unreadable)
     print(f"wrote {path} (and its PNG plots in {path.parent})")
     return 0

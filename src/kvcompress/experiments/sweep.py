@@ -307,7 +307,11 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
     pending = [e for e in entries if e.label not in done]
     if done:
         logger.info(f"resuming: {len(done)} of {len(entries)} specs already measured")
-    if pending:
+    baseline = read_record(out / BASELINE_FILE)
+    baseline_ok = bool(baseline) and baseline.get("key") == content_hash(settings.baseline_dict())
+    if not pending and not baseline_ok:
+        logger.info(f"{out / BASELINE_FILE} is missing or damaged: measuring the uncompressed baseline again")
+    if pending or not baseline_ok:
         if model is None:
             from ..models import DTYPES, load_model
 
