@@ -222,7 +222,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str):
     _check_model_type(_folder_model_type(folder), source)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, OSError) as exc:  # OSError: e.g. a config.json that is not valid JSON
         raise ModelLoadError(f"transformers could not load the model in {folder} ({source}): "
                              f"{type(exc).__name__}: {exc}") from exc
     try:
@@ -286,6 +286,10 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: torch.dtype = to
         source = os.fspath(name)
         path = Path(source).expanduser()
         if path.is_file() and path.suffix.lower() == ".gguf":
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic "
+                                         "bytes); pass a real .gguf file")
             model, tokenizer, display, cache_dir, converted = _load_converted(
                 path, embedded=False, rebuild=rebuild, dtype=dtype)
         elif path.is_dir():

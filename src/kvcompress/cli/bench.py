@@ -66,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
-    for option, value in (("--steps", args.steps), ("--repeats", args.repeats), ("--capacity-steps", args.capacity_steps),
-                          ("--max-batch", args.max_batch), ("--capacity-context", args.capacity_context)):
+    for option, value in (("--steps", args.steps), ("--repeats", args.repeats),
+                          ("--capacity-steps", args.capacity_steps), ("--max-batch", args.max_batch),
+                          ("--capacity-context", args.capacity_context)):
         check_tokens(value, option, 1)
     if args.threads is not None:
         check_tokens(args.threads, "--threads", 1)

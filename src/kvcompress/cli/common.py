@@ -141,7 +141,8 @@ def check_output_file(path: str | None, option: str, suffixes: tuple[str, ...] =
         return
     p = Path(path).expanduser()
     if p.is_dir():
-        raise UserError(f"{option} {path} is a folder; pass a file name (e.g. {Path(path) / ('result' + (suffixes[0] if suffixes else '.json'))})")
+        example = Path(path) / ("result" + (suffixes[0] if suffixes else ".json"))
+        raise UserError(f"{option} {path} is a folder; pass a file name (e.g. {example})")
     if suffixes and p.suffix not in suffixes:
         raise UserError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
     if p.exists() and not os.access(p, os.W_OK):

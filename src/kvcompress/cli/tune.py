@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--candidates {args.candidates}: {err}") from None
     for option, value in (("--tokens", args.tokens), ("--verify-tokens", args.verify_tokens)):
         check_tokens(value, option, 64)
-        check_eval_tokens(base, value, option, label=f"window {args.window}, sinks {args.sinks}, block {args.block_size}")
+        check_eval_tokens(base, value, option,
+                          label=f"window {args.window}, sinks {args.sinks}, block {args.block_size}")
     check_positive(args.max_tries, "--max-tries")
     check_artifact_dir(args.artifact)
     check_corpus(args.corpus)
