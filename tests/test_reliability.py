@@ -23,7 +23,9 @@ from kvcompress import CompressedCache
 from kvcompress.calibration import ArtifactError, CalibrationArtifact, calibrate, TENSORS_FILE, METADATA_FILE
 from kvcompress.cli.main import main
 from kvcompress.experiments.report import UnreadableRecordsError, mark_nothing_compressed, write_report, zone_rows
-from kvcompress.experiments.sweep import BASELINE_FILE, SweepSettings, load_grid, run_sweep
+from kvcompress.experiments.grid import load_grid
+from kvcompress.experiments.records import BASELINE_FILE
+from kvcompress.experiments.sweep import SweepSettings, run_sweep
 from kvcompress.io import TMP_MARK, write_directory_atomic
 from kvcompress.measure.evaluate import NothingCompressedError, decode_faithful_eval, min_eval_tokens
 from kvcompress.presets import load_spec
@@ -80,7 +82,7 @@ def test_item1_sweep_records_nothing_compressed_as_an_error_never_in_a_zone(tiny
     big_window = {**SMALL, "name": "int4-wide", "window": 128}
     entries = load_grid({"specs": [{**SMALL, "name": "int4"}, big_window]})
     records = run_sweep(entries, tmp_path, SweepSettings(eval_tokens=80, recon_tokens=72), model=tiny_llama,
-                        tokenizer=CharTokenizer(), log=lambda _: None)
+                        tokenizer=CharTokenizer())
     status = {r["label"]: r["status"] for r in records}
     assert status == {"int4": "ok", "int4-wide": "error"}
     assert "NothingCompressedError" in records[1]["error"]
@@ -128,8 +130,7 @@ def small_sweep(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     run_sweep(load_grid({"specs": [{**SMALL, "name": "int4"}, {**SMALL, "name": "int8", "key": {"bits": 8},
                                                                   "value": {"bits": 8}}]}),
-              out, SweepSettings(eval_tokens=80, recon_tokens=72), model=tiny_llama, tokenizer=CharTokenizer(),
-              log=lambda _: None)
+              out, SweepSettings(eval_tokens=80, recon_tokens=72), model=tiny_llama, tokenizer=CharTokenizer())
     return out
 
 
@@ -149,7 +150,7 @@ def test_item3_report_names_unreadable_records_and_stops_unless_told(small_sweep
 def test_item3_resumed_sweep_measures_a_damaged_baseline_again(tiny_llama, tmp_path):
     entries = load_grid({"specs": [{**SMALL, "name": "int4"}]})
     settings = SweepSettings(eval_tokens=80, recon_tokens=72)
-    run = dict(model=tiny_llama, tokenizer=CharTokenizer(), log=lambda _: None)
+    run = dict(model=tiny_llama, tokenizer=CharTokenizer())
     run_sweep(entries, tmp_path, settings, **run)
     good = json.loads((tmp_path / BASELINE_FILE).read_text())
     (tmp_path / BASELINE_FILE).write_text("garbage")
