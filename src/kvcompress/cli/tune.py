@@ -66,7 +66,7 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import corpus_tokens
+    from ..corpus import CorpusError, corpus_tokens
     from ..models import model_id
     from ..spec import CacheSpec
     from ..tuning.state import TuneState, text_fingerprint
@@ -97,16 +97,19 @@ def run(args: argparse.Namespace) -> int:
     check_model_args(args)
     started = time.perf_counter()
     model, tokenizer = load_model_from_args(args)
-    if args.corpus:
-        tune_src, tune_off = f"file:{args.corpus}", 0
-        verify_src, verify_off = f"file:{args.corpus}", args.tokens
-        tune_ids = corpus_tokens(tokenizer, n_tokens=args.tokens, path=args.corpus)
-        verify_ids = corpus_tokens(tokenizer, n_tokens=args.verify_tokens, path=args.corpus, offset=args.tokens)
-    else:
-        tune_src, tune_off = "embedded:calibration", args.tune_offset
-        verify_src, verify_off = "embedded:evaluation", 0
-        tune_ids = corpus_tokens(tokenizer, part="calibration", n_tokens=args.tokens, offset=args.tune_offset)
-        verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.verify_tokens)
+    try:
+        if args.corpus:
+            tune_src, tune_off = f"file:{args.corpus}", 0
+            verify_src, verify_off = f"file:{args.corpus}", args.tokens
+            tune_ids = corpus_tokens(tokenizer, n_tokens=args.tokens, path=args.corpus)
+            verify_ids = corpus_tokens(tokenizer, n_tokens=args.verify_tokens, path=args.corpus, offset=args.tokens)
+        else:
+            tune_src, tune_off = "embedded:calibration", args.tune_offset
+            verify_src, verify_off = "embedded:evaluation", 0
+            tune_ids = corpus_tokens(tokenizer, part="calibration", n_tokens=args.tokens, offset=args.tune_offset)
+            verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.verify_tokens)
+    except CorpusError as err:
+        raise UserError(f"--tokens {args.tokens} / --verify-tokens {args.verify_tokens}: {err}") from None
     artifact = artifact_for(model, [s for tensor in settings.values() for s in tensor], args.artifact)
     print(f"tuning {metric} <= {target:g} for {model_id(model)}: tuning text {tune_src} tokens "
           f"[{tune_off}, {tune_off + args.tokens}), held-out text {verify_src} tokens "
