@@ -187,6 +187,10 @@ def _convert_gguf(gguf: Path, final: Path, display_name: str) -> None:
     # transformers reads GGUF with the `gguf` package and refuses to without `accelerate`.
     for module in ("gguf", "accelerate"):
         require_extra("gguf", module, f"Converting the GGUF file {gguf.name}")
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes); pass a "
+                                 "real .gguf file")
 
     def write(tmp: Path) -> dict[str, Any]:
         folder, file = str(gguf.parent), gguf.name
@@ -286,10 +290,6 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: torch.dtype = to
         source = os.fspath(name)
         path = Path(source).expanduser()
         if path.is_file() and path.suffix.lower() == ".gguf":
-            with open(path, "rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic "
-                                         "bytes); pass a real .gguf file")
             model, tokenizer, display, cache_dir, converted = _load_converted(
                 path, embedded=False, rebuild=rebuild, dtype=dtype)
         elif path.is_dir():
