@@ -78,8 +78,8 @@ def test_tiny_models_have_their_architecture_features():
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.no_grad()
-def test_int8_greedy_equals_uncompressed(arch, family):
-    model = model_for(arch)
+def test_int8_greedy_equals_uncompressed(arch, family, fast_attention):
+    model = fast_attention(model_for(arch))
     cache = CompressedCache(model, quant_spec(8, **FAMILIES[family]))
     compressed = model.generate(prompt(PROMPT), past_key_values=cache, **GREEDY)
     assert all(layer.n_compressed > 0 for layer in cache.layers), "some layer compressed nothing"
@@ -124,15 +124,16 @@ def assert_reads_reconstruction_with(model, make_cache, n_tokens: int = PROMPT, 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.no_grad()
-def test_int2_attention_reads_the_reconstruction(arch, family):
-    assert_reads_reconstruction(model_for(arch), quant_spec(2, **FAMILIES[family]), what=f"{arch} {family}")
+def test_int2_attention_reads_the_reconstruction(arch, family, fast_attention):
+    assert_reads_reconstruction(fast_attention(model_for(arch)), quant_spec(2, **FAMILIES[family]),
+                                what=f"{arch} {family}")
 
 
 @pytest.mark.parametrize("key_space", ["pre_rope"])  # post-RoPE low rank: the int2 read-path test
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.no_grad()
-def test_lowrank_int8_full_rank_greedy_equals_uncompressed(arch, key_space):
-    model = model_for(arch)
+def test_lowrank_int8_full_rank_greedy_equals_uncompressed(arch, key_space, fast_attention):
+    model = fast_attention(model_for(arch))
     cache = CompressedCache(model, lowrank_spec(8, rank=32, key_space=key_space), artifact=artifact_for(arch))
     compressed = model.generate(prompt(PROMPT), past_key_values=cache, **GREEDY)
     assert cache.key_space_fallback is None and all(layer.n_compressed > 0 for layer in cache.layers)
@@ -142,16 +143,16 @@ def test_lowrank_int8_full_rank_greedy_equals_uncompressed(arch, key_space):
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.no_grad()
-def test_lowrank_int2_attention_reads_the_reconstruction(arch, key_space):
-    model, spec = model_for(arch), lowrank_spec(2, rank=16, key_space=key_space)
+def test_lowrank_int2_attention_reads_the_reconstruction(arch, key_space, fast_attention):
+    model, spec = fast_attention(model_for(arch)), lowrank_spec(2, rank=16, key_space=key_space)
     cache = assert_reads_reconstruction_with(model, lambda: CompressedCache(model, spec, artifact=artifact_for(arch)),
                                              what=f"{arch} lowrank16+int2 {key_space}")
     assert cache.key_space_fallback is None
 
 
 @torch.no_grad()
-def test_gemma3_head_dim_256():
-    model = tiny_gemma3(seed=0, head_dim=256)
+def test_gemma3_head_dim_256(fast_attention):
+    model = fast_attention(tiny_gemma3(seed=0, head_dim=256))
     assert model.config.head_dim == 256
     cache = assert_reads_reconstruction(model, quant_spec(2), what="gemma3 head_dim 256")
     assert cache.layers[2].reconstruct()[0].shape == (1, 1, PROMPT + 1, 256)
@@ -171,8 +172,8 @@ def test_no_compression_is_bit_identical_to_transformers_cache_on_sliding_layers
 
 
 @torch.no_grad()
-def test_gemma3_sliding_layers_never_exceed_the_window():
-    model = model_for("gemma3")
+def test_gemma3_sliding_layers_never_exceed_the_window(fast_attention):
+    model = fast_attention(model_for("gemma3"))
     cache, plain = CompressedCache(model, quant_spec(8)), DynamicCache(config=model.config)
     ids = prompt(150)
     sliding = [idx for idx, s in enumerate(cache.is_sliding) if s]
@@ -241,9 +242,9 @@ def test_unsupported_models_get_a_clear_error(model_type):
 
 
 @torch.no_grad()
-def test_mistral_sliding_window_layers():
+def test_mistral_sliding_window_layers(fast_attention):
     # Mistral's own default config has sliding_window=4096, which makes every layer sliding.
-    model = tiny_mistral(seed=SEEDS["mistral"], sliding_window=40)
+    model = fast_attention(tiny_mistral(seed=SEEDS["mistral"], sliding_window=40))
     cache = CompressedCache(model, NO_COMPRESSION)
     assert all(layer.is_sliding and layer.sliding_window == 40 for layer in cache.layers)
     ids = prompt(PROMPT)

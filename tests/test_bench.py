@@ -55,6 +55,7 @@ def test_bench_end_to_end_writes_valid_json_markdown_and_png(tiny_folder, tmp_pa
     result = json.loads((out / "bench.json").read_text())
     names = set(result["caches"])
     assert {"dynamic", "int4", "int2"} <= names
+    assert result["attn_implementation"] == "kvcompress"  # kvcompress rows decode over the codes
     assert len(result["runs"]) == 2 * 2 * len(names)  # repeats x contexts x caches, all interleaved
     for name in ("quanto-4", "hqq-4"):
         assert (name in names) != (name in result["skipped"]) or name not in caches

@@ -32,9 +32,19 @@ def filled_dynamic_cache(model, layers_kv) -> DynamicCache:
     return cache
 
 
+# Both read paths: "sdpa" (the decode step reads the full reconstruction) and "kvcompress"
+# (`enable_fast_attention`: the decode step reads the codes chunk by chunk).
+READ_PATHS = ["sdpa", "kvcompress"]
+
+
+def on_read_path(model, attention: str, fast_attention):
+    return fast_attention(model) if attention == "kvcompress" else model
+
+
+@pytest.mark.parametrize("attention", READ_PATHS)
 @torch.no_grad()
-def test_attention_reads_the_stored_codes(tiny_llama):
-    model, tokens = tiny_llama, ids(100)
+def test_attention_reads_the_stored_codes(tiny_llama, attention, fast_attention):
+    model, tokens = on_read_path(tiny_llama, attention, fast_attention), ids(100)
     cache = CompressedCache(model, SPEC_2BIT)
     model(tokens[:, :-1], cache=cache)
     assert all(layer.n_compressed == 64 for layer in cache.layers)
@@ -58,9 +68,10 @@ def test_attention_reads_the_stored_codes(tiny_llama):
     assert diff_exact > 1e-3, f"2-bit logits equal the uncompressed ones (max_diff={diff_exact:.3g})"
 
 
+@pytest.mark.parametrize("attention", READ_PATHS)
 @torch.no_grad()
-def test_changing_stored_codes_changes_the_output(tiny_llama):
-    model, tokens = tiny_llama, ids(100)
+def test_changing_stored_codes_changes_the_output(tiny_llama, attention, fast_attention):
+    model, tokens = on_read_path(tiny_llama, attention, fast_attention), ids(100)
     outputs = []
     for tamper in (False, True):
         cache = CompressedCache(model, SPEC_2BIT)
@@ -117,7 +128,8 @@ def test_memory_report_equals_the_bytes_the_spec_implies(bits, tokens, dtype):
 
 
 @torch.no_grad()
-def test_each_token_is_compressed_exactly_once(tiny_llama):
+def test_each_token_is_compressed_exactly_once(tiny_llama, fast_attention):
+    fast_attention(tiny_llama)
     cache = CompressedCache(tiny_llama, SPEC_2BIT)
     tiny_llama(ids(40), cache=cache)
     layer = cache.layers[0]
@@ -185,8 +197,8 @@ def test_non_finite_states_raise_a_clear_error(tiny_llama):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @torch.no_grad()
-def test_generate_in_each_dtype(dtype):
-    model = make_tiny_llama(dtype=dtype)
+def test_generate_in_each_dtype(dtype, fast_attention):
+    model = fast_attention(make_tiny_llama(dtype=dtype))
     cache = CompressedCache(model, spec_with(4))
     out = model.generate(ids(60), past_key_values=cache, max_new_tokens=20, do_sample=False)
     assert out.shape == (1, 80)
@@ -196,9 +208,10 @@ def test_generate_in_each_dtype(dtype):
 
 
 @torch.no_grad()
-def test_int8_generation_scores_stay_close_and_sampling_runs(tiny_llama):
+def test_int8_generation_scores_stay_close_and_sampling_runs(tiny_llama, fast_attention):
     # A random tiny model has near-tied logits, so token equality is tested on the real model
     # (test_real_model.py); here the int8 scores must stay within a small distance of exact.
+    fast_attention(tiny_llama)
     prompt = ids(60)
     kwargs = dict(max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
     exact = tiny_llama.generate(prompt, **kwargs)

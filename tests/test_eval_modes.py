@@ -1,10 +1,13 @@
-"""Decode-faithful evaluation: chunked equals token-by-token, and a cache that does not serve its
-stored codes is caught."""
+"""Decode-faithful evaluation: chunked equals token-by-token, a cache that does not serve its
+stored codes is caught, and the model leaves the evaluation as it entered it."""
 
 import pytest
 import torch
 
+from conftest import make_tiny_llama
 from kvcompress import CompressedCache, CompressedLayer
+from kvcompress.cache import attention as attention_module
+from kvcompress.cache.attention import ATTENTION_NAME
 from kvcompress.measure.evaluate import decode_faithful_eval
 
 TINY_SPEC = {"key": {"bits": 2, "axis": "channel", "group_size": 32},
@@ -77,3 +80,26 @@ def test_evaluation_fails_loudly_when_attention_does_not_read_the_codes(tiny_lla
     assert honest.max_logit_diff > 1e-3
     with pytest.raises(RuntimeError, match="not reading the compressed"):
         decode_faithful_eval(tiny_llama, ids, TINY_SPEC, progress=False, cache_factory=bypass_cache)
+
+
+def test_evaluation_reads_the_codes_and_leaves_the_model_as_it_found_it(tiny_llama, monkeypatch, fast_attention):
+    reads = []
+    original = attention_module.attend_compressed
+    monkeypatch.setattr(attention_module, "attend_compressed",
+                        lambda layer, *args: reads.append(layer.layer_idx) or original(layer, *args))
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(6))
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    decode_faithful_eval(tiny_llama, ids, TINY_SPEC, mode="token", progress=False)
+    # Token t (0-based) finds t + 1 tokens held; the first block is compressed once sinks 4 +
+    # window 16 + block 32 = 52 are held, so the steps of tokens 51..59 read the codes in both
+    # layers, as evaluations always have; the model is back on sdpa afterwards.
+    assert len(reads) == 9 * 2
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    eager = make_tiny_llama()
+    eager.set_attn_implementation("eager")  # a model kvcompress's attention cannot replace
+    reads.clear()
+    decode_faithful_eval(eager, ids, TINY_SPEC, mode="token", progress=False)
+    assert not reads and eager.config._attn_implementation == "eager"
+    fast_attention(tiny_llama)  # switched by its user: stays switched
+    decode_faithful_eval(tiny_llama, ids, TINY_SPEC, progress=False)
+    assert tiny_llama.config._attn_implementation == ATTENTION_NAME

@@ -2,7 +2,10 @@
 generation (crop), reuse of one compressed prompt, the text-generation pipeline, dtypes, CUDA.
 
 Tiny random models from `tiny_models` (Llama for full attention, Gemma 3 for sliding-window
-layers); the pipeline test uses the embedded SmolLM2 (it needs a real tokenizer).
+layers); the pipeline test uses the embedded SmolLM2 (it needs a real tokenizer). Every test
+runs the models on kvcompress's attention (the `fast_attention` fixture, as after
+`kvcompress.enable_fast_attention` in the README's first example), so decode steps read the
+codes chunk by chunk and the guard against window-only attention is live throughout.
 """
 
 import functools
@@ -36,8 +39,8 @@ BEAMS = dict(num_beams=3, num_return_sequences=3, max_new_tokens=12, do_sample=F
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @torch.no_grad()
-def test_beam_search_at_int8_gives_the_uncompressed_beams(arch):
-    model, ids = model_for(arch), prompt(PROMPT)
+def test_beam_search_at_int8_gives_the_uncompressed_beams(arch, fast_attention):
+    model, ids = fast_attention(model_for(arch)), prompt(PROMPT)
     exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), **BEAMS)
     int8 = model.generate(ids, past_key_values=CompressedCache(model, quant_spec(8)), **BEAMS)
     assert torch.equal(exact.sequences, int8.sequences)
@@ -65,8 +68,8 @@ def spy_on_reorder(cache: CompressedCache) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @torch.no_grad()
-def test_beam_search_at_int4_reorders_the_compressed_storage(arch):
-    model = model_for(arch)
+def test_beam_search_at_int4_reorders_the_compressed_storage(arch, fast_attention):
+    model = fast_attention(model_for(arch))
     cache = CompressedCache(model, quant_spec(4))
     calls = spy_on_reorder(cache)
     out = model.generate(prompt(PROMPT), past_key_values=cache, **BEAMS)
@@ -80,8 +83,8 @@ def test_beam_search_at_int4_reorders_the_compressed_storage(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @torch.no_grad()
-def test_sampling(arch):
-    model, ids = model_for(arch), prompt(PROMPT)
+def test_sampling(arch, fast_attention):
+    model, ids = fast_attention(model_for(arch)), prompt(PROMPT)
     kwargs = dict(max_new_tokens=16, do_sample=True, top_k=20, temperature=1.5)
     torch.manual_seed(0)
     exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
@@ -108,8 +111,8 @@ def left_padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @torch.no_grad()
-def test_batch_with_left_padding(arch):
-    model = model_for(arch)
+def test_batch_with_left_padding(arch, fast_attention):
+    model = fast_attention(model_for(arch))
     ids, mask = left_padded([PROMPT, 70], PADDED_SEED[arch])
     kwargs = dict(attention_mask=mask, max_new_tokens=16, **GREEDY)
     exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
@@ -142,8 +145,8 @@ def repetitive_prompt(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("arch, assistant", [("llama", "prompt_lookup"), ("llama", "assistant_model"),
                                              ("gemma3", "prompt_lookup")])
 @torch.no_grad()
-def test_assisted_generation_crops_the_compressed_cache(arch, assistant):
-    model, ids = model_for(arch), repetitive_prompt(PROMPT, REPETITIVE_SEED[arch])
+def test_assisted_generation_crops_the_compressed_cache(arch, assistant, fast_attention):
+    model, ids = fast_attention(model_for(arch)), repetitive_prompt(PROMPT, REPETITIVE_SEED[arch])
     exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=24, **GREEDY)
     plain = model.generate(ids, past_key_values=CompressedCache(model, quant_spec(8)), max_new_tokens=24, **GREEDY)
     assert_same_greedy(exact, plain, f"{arch} int8 without assistance")
@@ -172,8 +175,8 @@ def snapshot(cache: CompressedCache) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @torch.no_grad()
-def test_one_compressed_prompt_serves_several_continuations(arch):
-    model, ids = model_for(arch), prompt(PROMPT)
+def test_one_compressed_prompt_serves_several_continuations(arch, fast_attention):
+    model, ids = fast_attention(model_for(arch)), prompt(PROMPT)
     cache = CompressedCache(model, quant_spec(8))
     model(ids, cache=cache)
     before, length = snapshot(cache), cache.get_seq_length()
@@ -193,8 +196,8 @@ def test_one_compressed_prompt_serves_several_continuations(arch):
 
 
 @torch.no_grad()
-def test_forked_prompt_cache_expanded_for_beam_search():
-    model, ids = model_for("llama"), prompt(PROMPT)
+def test_forked_prompt_cache_expanded_for_beam_search(fast_attention):
+    model, ids = fast_attention(model_for("llama")), prompt(PROMPT)
     cache, plain = CompressedCache(model, quant_spec(8)), DynamicCache(config=model.config)
     model(ids[:, :-1], cache=cache)
     model(ids[:, :-1], cache=plain)
@@ -212,10 +215,11 @@ def test_forked_prompt_cache_expanded_for_beam_search():
 
 @pytest.mark.real_model
 @torch.no_grad()
-def test_text_generation_pipeline_passes_the_cache(real_model):
+def test_text_generation_pipeline_passes_the_cache(real_model, fast_attention):
     from transformers import pipeline
 
     model, tokenizer = real_model
+    fast_attention(model)
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     text = ("The quick brown fox jumps over the lazy dog. " * 6).strip()
     kwargs = dict(max_new_tokens=8, do_sample=False, return_full_text=False)
@@ -233,8 +237,8 @@ def test_text_generation_pipeline_passes_the_cache(real_model):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
 @torch.no_grad()
-def test_half_precision_models(arch, dtype):
-    model, ids = ARCHITECTURES[arch](seed=SEEDS[arch], dtype=dtype), prompt(60)
+def test_half_precision_models(arch, dtype, fast_attention):
+    model, ids = fast_attention(ARCHITECTURES[arch](seed=SEEDS[arch], dtype=dtype)), prompt(60)
     kwargs = dict(max_new_tokens=4, **GREEDY)
     exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
     same = model.generate(ids, past_key_values=CompressedCache(model, NO_COMPRESSION, fast_attention=False), **kwargs)
@@ -250,8 +254,8 @@ def test_half_precision_models(arch, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @torch.no_grad()
-def test_cuda_cache_follows_the_model(arch):
-    model = ARCHITECTURES[arch](seed=SEEDS[arch]).to("cuda")  # its own copy: the CPU one is shared
+def test_cuda_cache_follows_the_model(arch, fast_attention):
+    model = fast_attention(ARCHITECTURES[arch](seed=SEEDS[arch]).to("cuda"))  # its own copy: the CPU one is shared
     ids = prompt(PROMPT).to("cuda")
     exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=16, **GREEDY)
     same = model.generate(ids, past_key_values=CompressedCache(model, NO_COMPRESSION, fast_attention=False),

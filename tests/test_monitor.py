@@ -57,7 +57,8 @@ def test_monitor_statistics_match_an_independent_measurement(tiny_llama, monkeyp
 
 
 @torch.no_grad()
-def test_lower_bits_measure_worse_and_warn_once_per_layer(tiny_llama):
+def test_lower_bits_measure_worse_and_warn_once_per_layer(tiny_llama, fast_attention):
+    fast_attention(tiny_llama)  # decode steps as the README's first example runs them
     results = {}
     for bits in (8, 2):
         with warnings.catch_warnings(record=True) as caught:

@@ -25,9 +25,12 @@ def test_int8_top1_agreement_over_256_decoded_positions(real_model):
     assert result.max_logit_diff > 0  # it really read compressed states
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "kvcompress"])  # full reconstruction / codes chunk by chunk
 @torch.no_grad()
-def test_int2_read_path_on_the_real_model(real_model):
+def test_int2_read_path_on_the_real_model(real_model, attention, fast_attention):
     model, tokenizer = real_model
+    if attention == "kvcompress":
+        fast_attention(model)
     tokens = corpus_tokens(tokenizer, "evaluation", n_tokens=101)
     cache = CompressedCache(model, {"name": "int2", **SMALL_WINDOW, "key": {"bits": 2, "axis": "channel"},
                                     "value": {"bits": 2, "axis": "token"}})
@@ -46,8 +49,9 @@ def test_int2_read_path_on_the_real_model(real_model):
 
 
 @torch.no_grad()
-def test_batched_left_padded_generate_equals_single_runs_at_int8(real_model):
+def test_batched_left_padded_generate_equals_single_runs_at_int8(real_model, fast_attention):
     model, tokenizer = real_model
+    fast_attention(model)
     prompts = ["The quick brown fox jumps over the lazy dog. In Python, a list comprehension",
                "Exceptions are raised when"]
     spec = {"name": "int8", "window": 8, "sinks": 4, "block_size": 32,

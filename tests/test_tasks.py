@@ -63,6 +63,7 @@ def test_agreement_through_the_compressed_cache(tiny_llama):
     same = greedy_continuations(tiny_llama, prompts, 12, cache_factory=lambda: CompressedCache(tiny_llama, spec))
     assert generation_agreement(reference, same)["exact_match_rate"] == 1.0
     assert all(len(c) == 12 for c in reference)
+    assert tiny_llama.config._attn_implementation == "sdpa"  # generation restored the model as it found it
 
 
 def test_named_dataset_without_the_library_says_so(monkeypatch):

@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from ..cache.attention import enable_fast_attention
 from .kinds import parse_cache_name
 from .prompts import build_prompt
 from .timing import measure
@@ -58,6 +59,7 @@ def _peak_child(argv: list[str]) -> int:
         torch.set_num_threads(args["threads"])
     dtype = getattr(torch, args["dtype"])
     model, tokenizer = load_model(args["model"], dtype=dtype, device=args["device"])
+    enable_fast_attention(model, strict=False)  # as in run.run_benchmark; this process's own model
     kind = parse_cache_name(args["cache"])
     prompt, _ = build_prompt(tokenizer, args["context"] - args["steps"], args["batch"], args["corpus"])
     warm = prompt[:, : min(prompt.shape[1], 2 * args["warmup_tokens"])]

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..cache.attention import enable_fast_attention
 from .capacity import capacity
 from .kinds import DEFAULT_CACHES, QUANTIZED_CACHE_SETTINGS, baseline_unavailable, parse_cache_name
 from .nbytes import cache_stored_bytes, fp16_cache_bytes, predicted_stored_bytes
@@ -116,6 +117,10 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         else:
             kinds.append(kind)
     model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    # Every cache decodes on kvcompress's attention where the model supports it (for caches other
+    # than kvcompress's it is transformers' sdpa; "+reconstruct" caches hand it the full
+    # reconstruction). The model is this run's own, loaded above, so it is not restored.
+    enable_fast_attention(model, strict=False)
     config = model.config
     prompts, notes = {}, set()
     for context in cfg.contexts:
@@ -185,6 +190,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                        corpus=cfg.corpus)
     result = {
         "model": model_id(model), "dtype": cfg.dtype, "device": str(model.device),
+        "attn_implementation": model.config._attn_implementation,  # "kvcompress": decode steps read the codes
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

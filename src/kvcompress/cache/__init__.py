@@ -3,18 +3,20 @@
 - `cache`: `CompressedCache`, one compressed layer per model layer, built from a spec.
 - `layer`, `sliding`: the compressed layers (full attention, sliding window).
 - `build`: the codec of one layer's K or V from its `TensorSpec`.
-- `attention`: decode-step attention over the codes, and the switch that enables it.
+- `attention`: decode-step attention over the codes, and `enable_fast_attention`, the switch
+  (with its undo) that lets a model use it.
 - `memory`: what a cache holds, in bytes.
 - `monitor`: optional sampling of reconstruction quality while generating.
 
 This package is core: it imports nothing from `measure`, `experiments`, `tuning`, `bench` or `cli`.
 """
 
+from .attention import FastAttention, enable_fast_attention
 from .cache import CompressedCache, check_supported
 from .layer import CompressedLayer
 from .memory import LayerMemory, MemoryReport
 from .monitor import QualityMonitor
 from .sliding import CompressedSlidingLayer
 
-__all__ = ["CompressedCache", "CompressedLayer", "CompressedSlidingLayer", "LayerMemory", "MemoryReport",
-           "QualityMonitor", "check_supported"]
+__all__ = ["CompressedCache", "CompressedLayer", "CompressedSlidingLayer", "FastAttention", "LayerMemory",
+           "MemoryReport", "QualityMonitor", "check_supported", "enable_fast_attention"]

@@ -15,24 +15,38 @@ reconstruct-then-SDPA path), the window and sinks are read where they lie, and n
 `CHUNK_TOKENS` tokens of one layer are ever decoded at once.
 
 Wiring, through transformers' public `AttentionInterface` (the details are in `compat`):
-`register()` adds the attention function "kvcompress" (and sdpa's mask function under that
-name). A model set to it (`CompressedCache` does so for models that use "sdpa"; see its
-`fast_attention` argument) runs transformers' own sdpa attention function for every call
-except a decode step on a `CompressedLayer`: for that step `CompressedLayer.update` returns its
-full-precision window tagged with the layer itself (attribute `LAYER_ATTRIBUTE`), and this
-function reads the layer.
+`enable_fast_attention(model)` registers the attention function "kvcompress" (and sdpa's mask
+function under that name; idempotent) and switches a model that uses "sdpa" to it, returning a
+handle that switches it back (`.restore()`, or use it as a context manager). Importing
+kvcompress registers nothing and switches no model. A model running "kvcompress" attention runs
+transformers' own sdpa attention function for every call except a decode step on a
+`CompressedLayer`: for that step `CompressedLayer.update` returns its full-precision window
+tagged with the layer itself (attribute `LAYER_ATTRIBUTE`), and this function reads the layer
+and marks it consumed (`CompressedLayer.mark_consumed`).
+
+The guard: the handed window is a `HandedWindow`, a tensor that raises on any read but its
+shape, so an attention that is not this function fails at the step instead of attending to the
+window alone (which for batch 1, where the mask is None, nothing else would notice); and a
+layer whose window no kvcompress attention consumed refuses its next `update`.
 
 This module does not handle prefill (several query tokens), sliding-window layers, dropout,
 logit soft-capping or learned attention-sink logits: for those the cache hands attention a
-full reconstruction (or this function refuses with an error), never a partial one.
+full reconstruction (or this function refuses with an error), never a partial one. It does not
+switch any model by itself: only `enable_fast_attention` does, and its handle undoes it.
 """
 
 from __future__ import annotations
 
-import torch
+import logging
 
+import torch
+from transformers import PreTrainedModel
+
+from ..calibration import config_fields
 from ..codecs import token_slice
 from ..compat import register_attention_function, sdpa_attention
+
+logger = logging.getLogger(__name__)
 
 
 ATTENTION_NAME = "kvcompress"
@@ -41,11 +55,158 @@ CHUNK_TOKENS = 4096
 # Model types whose attention passes the tensors `Cache.update` returns straight to the
 # attention function (checked by tests/test_attention.py for each).
 FAST_ATTENTION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# The attention implementation "kvcompress" stands in for: it is that function for every call
+# but a decode step on a compressed layer.
+REPLACED_IMPLEMENTATION = "sdpa"
 
 
 def register() -> None:
-    """Make "kvcompress" a valid `attn_implementation` (idempotent)."""
+    """Make "kvcompress" a valid `attn_implementation` (idempotent). Switches no model."""
     register_attention_function(ATTENTION_NAME, kvcompress_attention)
+
+
+def fast_attention_unavailable(model) -> str | None:
+    """Why `model` cannot run kvcompress's attention, or None if it can (it uses "sdpa" or already
+    "kvcompress", and is of a type in `FAST_ATTENTION_MODEL_TYPES`)."""
+    if not isinstance(model, PreTrainedModel):
+        return f"kvcompress's attention switches a transformers PreTrainedModel, got {type(model).__name__}"
+    model_type = model.config.model_type
+    if model_type not in FAST_ATTENTION_MODEL_TYPES:
+        return (f"model type {model_type!r} is not one whose attention is known to hand the cache's tensors "
+                f"straight to the attention function (supported: {', '.join(FAST_ATTENTION_MODEL_TYPES)})")
+    current = model.config._attn_implementation
+    if current not in (REPLACED_IMPLEMENTATION, ATTENTION_NAME):
+        return (f"the model uses attn_implementation {current!r}; kvcompress's attention replaces "
+                f"{REPLACED_IMPLEMENTATION!r} only (call model.set_attn_implementation({REPLACED_IMPLEMENTATION!r}) "
+                "first, or load the model with it)")
+    return None
+
+
+class FastAttention:
+    """What `enable_fast_attention` returns: `restore()` puts back the model's previous attention
+    implementation (idempotent); as a context manager it restores on exit.
+
+    Attributes:
+        model: the model, or None when nothing was switched.
+        previous: the implementation the model had before ("sdpa", or "kvcompress" when it was
+            already enabled, in which case `restore()` leaves it enabled), or None.
+        reason: why nothing was switched (non-strict call on an unsupported model), or None.
+    """
+
+    def __init__(self, model=None, previous: str | None = None, reason: str | None = None):
+        self.model, self.previous, self.reason = model, previous, reason
+
+    @property
+    def active(self) -> bool:
+        """Whether the model runs kvcompress's attention through this handle."""
+        return self.model is not None and self.model.config._attn_implementation == ATTENTION_NAME
+
+    def restore(self) -> None:
+        """Switch the model back to the implementation it had before `enable_fast_attention`."""
+        model, self.model = self.model, None
+        if model is not None and model.config._attn_implementation != self.previous:
+            model.set_attn_implementation(self.previous)
+
+    def __enter__(self) -> FastAttention:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+_reasons_logged: set[str] = set()
+
+
+def enable_fast_attention(model, *, strict: bool = True) -> FastAttention:
+    """Let decode steps of a `CompressedCache` read the stored codes chunk by chunk (faster, same result).
+
+    Registers the attention function "kvcompress" (idempotent) and switches `model` from "sdpa"
+    to it. For every call but a decode step on a `CompressedLayer` that function is
+    transformers' sdpa, so other caches and prefill are unaffected (tested bit-identical).
+
+        handle = enable_fast_attention(model)     # ... later: handle.restore()
+        with enable_fast_attention(model):        # or only for a block
+            model.generate(ids, cache=CompressedCache(model, "int4"))
+
+    Args:
+        model: a Llama, Mistral, Qwen2, Qwen3 or Gemma 3 (text) `PreTrainedModel` using "sdpa"
+            (or already "kvcompress": then nothing changes and `restore()` keeps it).
+        strict: True (default): raise a ValueError saying why when the model cannot be switched.
+            False: return a handle that switches nothing (and restores nothing), logging the
+            reason once at INFO; for code that runs on any model, such as measurements, where the
+            cache then hands attention the full reconstruction as before.
+
+    Returns:
+        a `FastAttention` handle (`restore()`, context manager).
+    """
+    reason = fast_attention_unavailable(model)
+    if reason is None:
+        register()
+        previous = model.config._attn_implementation
+        if previous != ATTENTION_NAME:
+            model.set_attn_implementation(ATTENTION_NAME)
+        if model.config._attn_implementation == ATTENTION_NAME:
+            return FastAttention(model, previous)
+        reason = f"{type(model).__name__} did not accept attn_implementation {ATTENTION_NAME!r}"
+    if strict:
+        raise ValueError(f"enable_fast_attention: {reason}; decode steps of a CompressedCache on this model "
+                         "read the full reconstruction instead (same result, slower)")
+    if reason not in _reasons_logged:
+        _reasons_logged.add(reason)
+        logger.info("attention over the codes not enabled: %s; decode steps read the full reconstruction", reason)
+    return FastAttention(reason=reason)
+
+
+_hint_logged = False
+
+
+def hint_fast_attention(model) -> None:
+    """Log once per process, at INFO, how to get the faster decode path for a model that could have it."""
+    global _hint_logged
+    if _hint_logged or fast_attention_unavailable(model) is not None:
+        return
+    if model.config._attn_implementation == ATTENTION_NAME:
+        return
+    _hint_logged = True
+    logger.info("decode steps of this CompressedCache read the full reconstruction of the cache; call "
+                "kvcompress.enable_fast_attention(model) (returns a handle to undo it; also a context manager) "
+                "to let attention read the codes chunk by chunk instead: same result, faster decode")
+
+
+class HandedWindow(torch.Tensor):
+    """The (B, H, n_window, D) key window a `CompressedLayer` hands kvcompress's attention at a decode step.
+
+    It carries the layer (attribute `LAYER_ATTRIBUTE`) and refuses to be read: any torch
+    operation on it but asking its shape, size, dtype or device raises. kvcompress's attention
+    never reads it (it reads the layer), so the only code that could read it is an attention
+    that does not know about the layer, which would attend to the window alone: that raises
+    here, at the step where it happens, instead of returning a wrong output silently.
+    """
+
+    _ALLOWED = (torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,
+                torch.Tensor.size, torch.Tensor.dim)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._ALLOWED:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        window = next((a for a in args if isinstance(a, HandedWindow)), None)
+        layer = getattr(window, LAYER_ATTRIBUTE, None)
+        where = f"layer {layer.layer_idx}" if layer is not None else "a layer"
+        raise RuntimeError(
+            f"kvcompress: an attention other than kvcompress's tried to read the K/V window that {where} handed "
+            f"to kvcompress's attention ({getattr(func, '__name__', func)} on it); it would have attended to the "
+            "window alone, without the compressed tokens. Fix: build the cache with "
+            "CompressedCache(..., fast_attention=False), or restore the model's attention (the handle "
+            "enable_fast_attention returned); and please report the model type to kvcompress.")
+
+
+def hand_window(keys: torch.Tensor, layer) -> HandedWindow:
+    """`keys` (B, H, n_window, D) as a `HandedWindow` tagged with `layer` (no copy)."""
+    window = keys.as_subclass(HandedWindow)
+    setattr(window, LAYER_ATTRIBUTE, layer)
+    return window
 
 
 def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -61,16 +222,34 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is None:
         return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    layer.mark_consumed()  # the window reached this function: the layer's guard is satisfied
     unsupported = {name: kwargs.get(name) for name in ("softcap", "s_aux", "sliding_window")
                    if kwargs.get(name) is not None}
     if dropout or unsupported:
         raise ValueError(
             f"kvcompress attention does not support {unsupported or {'dropout': dropout}} at decode time; "
-            "build the cache with CompressedCache(..., fast_attention=False) for this model"
+            "build the cache with CompressedCache(..., fast_attention=False) for this model, or leave the model "
+            "on sdpa (restore the handle enable_fast_attention returned)"
         )
+    config = getattr(module, "config", None)
+    if layer.key_space is not None and config is not None and config is not layer.checked_config:
+        _check_rope(layer, config)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend_compressed(layer, query, attention_mask, scale)  # (B, H_q, Q, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_rope(layer, config) -> None:
+    """Refuse a model whose rope differs from the one the layer's pre-RoPE keys were coded with
+    (the keys would be re-rotated with the wrong angles); remember a config that matches."""
+    fields = layer.model_fields
+    if fields is not None:
+        rope = config_fields(config)["rope"]
+        if rope != fields["rope"]:
+            raise ValueError(f"layer {layer.layer_idx} of this CompressedCache holds pre-RoPE keys of a model with "
+                             f"rope {fields['rope']}, but a model with rope {rope} is reading it; build one "
+                             "cache per model: CompressedCache(model, spec)")
+    layer.checked_config = config
 
 
 def _chunks(layer, kind: str):

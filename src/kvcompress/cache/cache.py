@@ -6,7 +6,10 @@ where the spec asks for pre-RoPE keys, the model's rotary embedding inverted (se
 Memory figures come from the tensors held (`memory_report()`).
 
 Only the public `Cache` / `CacheLayerMixin` API of transformers is used. This module does not
-patch attention and does not store anything itself (its layers do).
+patch attention, does not switch the model's attention implementation (see
+`kvcompress.enable_fast_attention`; the cache only remembers the model config so that its
+decode steps hand attention the codes when, and only when, the model runs kvcompress's
+attention) and does not store anything itself (its layers do).
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.configuration_utils import PretrainedConfig
 
-from .attention import ATTENTION_NAME, FAST_ATTENTION_MODEL_TYPES
-from .attention import register as register_attention
+from .attention import hint_fast_attention
 from .build import build_codec
 from .layer import CompressedLayer
 from .memory import MemoryReport
-from ..calibration import artifact_for
+from ..calibration import artifact_for, config_fields
 from ..compat import cache_layer_types
 from ..rope import key_space_for
 from ..spec import CacheSpec
@@ -75,6 +77,15 @@ def check_supported(config: PretrainedConfig) -> list[int | None]:
             for kind, kwargs in zip(layer_types, layer_kwargs)]
 
 
+def check_fields(built_for: dict, config) -> None:
+    """ValueError listing the fields where `config` differs from `built_for` (`config_fields`)."""
+    running = config_fields(config)
+    diff = [f"{k}: cache {built_for.get(k)!r} vs model {v!r}" for k, v in running.items() if built_for.get(k) != v]
+    if diff:
+        raise ValueError(f"this CompressedCache was built for another model ({'; '.join(diff)}); build one cache "
+                         "per model: CompressedCache(model, spec)")
+
+
 def _key_spaces(model, spec: CacheSpec, num_layers: int) -> tuple[list, str | None]:
     """Per layer, a `RopeInverter` where the spec asks for pre-RoPE keys, else None; plus the
     reason (warned once) when pre-RoPE keys were asked for but the model's rope cannot be undone."""
@@ -104,24 +115,11 @@ def _make_monitor(monitor):
     raise ValueError(f"monitor must be True, False or a QualityMonitor, got {monitor!r}")
 
 
-def _use_fast_attention(model) -> bool:
-    """Switch a supported model from "sdpa" to kvcompress's attention; True if it now uses it."""
-    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAST_ATTENTION_MODEL_TYPES:
-        return False
-    current = model.config._attn_implementation
-    if current == ATTENTION_NAME:
-        return True
-    if current != "sdpa":
-        return False
-    register_attention()
-    model.set_attn_implementation(ATTENTION_NAME)
-    return model.config._attn_implementation == ATTENTION_NAME
-
-
 class CompressedCache(Cache):
     """A transformers `Cache` that stores compressed K/V and serves their reconstruction.
 
     Usage:
+        kvcompress.enable_fast_attention(model)     # optional: faster decode steps (see below)
         cache = CompressedCache(model, "int4")
         out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
         cache.memory_report().ratio
@@ -135,17 +133,23 @@ class CompressedCache(Cache):
         monitor: False (default, costs nothing), True, or a `kvcompress.cache.monitor.QualityMonitor`
             with your own thresholds: samples compressed blocks and tracks their reconstruction
             quality per layer (`cache.monitor.summary()`), warning once per layer when it drops.
-        fast_attention: True (default): if `model` is a Llama, Mistral, Qwen2, Qwen3 or Gemma 3
-            (text) model that uses "sdpa" attention, switch it to kvcompress's attention
-            function ("kvcompress", see `kvcompress.cache.attention`), which is transformers' sdpa for
-            every call except a decode step on this cache, where it reads the codes chunk by
-            chunk instead of a full decoded copy (same result, faster). The switch stays on the
-            model; undo it with `model.set_attn_implementation("sdpa")`. False: leave the model
-            alone; attention reads the full reconstruction every step.
+        fast_attention: True (default): at a decode step, hand attention the codes when (and only
+            when) the model runs kvcompress's attention function, i.e. after
+            `kvcompress.enable_fast_attention(model)` (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text
+            models using "sdpa"): attention then reads the codes chunk by chunk instead of a full
+            decoded copy (same result, faster); otherwise it reads the full reconstruction, and
+            the first such cache logs once (INFO, logger "kvcompress") how to enable it. The cache
+            never switches the model itself. False: attention always reads the full
+            reconstruction, whatever the model runs.
 
     Attributes:
         key_space_fallback: why pre-RoPE keys were asked for but keys are compressed post-RoPE
             (also warned once), or None.
+        model_fields: the model the cache was built for (`calibration.config_fields`: model type,
+            layers, heads, head_dim, rope settings). A model with other layers, KV heads or
+            head_dim that calls `update` gets a ValueError (a few integer compares per call); a
+            model with other rope settings is refused at its first decode step through
+            kvcompress's attention, or by `check_model(model)`.
     """
 
     def __init__(self, model: PreTrainedModel | PretrainedConfig, spec: str | dict | CacheSpec = "int4",
@@ -156,6 +160,9 @@ class CompressedCache(Cache):
         num_layers = config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.spec.validate_for(num_layers, head_dim)
+        self.model_fields = config_fields(config)
+        self._kv_heads = self.model_fields["num_key_value_heads"]
+        self._head_dim = head_dim
         artifact = artifact_for(model, self.spec, artifact)
         key_spaces, self.key_space_fallback = _key_spaces(model, self.spec, num_layers)
         layers = []
@@ -174,10 +181,34 @@ class CompressedCache(Cache):
         self.monitor = _make_monitor(monitor)
         for layer in self.layers:
             layer.monitor = self.monitor
-        if fast_attention and _use_fast_attention(model):
+            layer.model_fields = self.model_fields
+        if fast_attention:  # decode steps read the codes while the model runs kvcompress's attention
             for layer in self.layers:
                 if not layer.is_sliding:
-                    layer.attention_config = model.config
+                    layer.attention_config = config
+            hint_fast_attention(model)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Store (B, H, T, D) states of layer `layer_idx` (see `CompressedLayer.update`), after
+        checking that they come from the model the cache was built for."""
+        if (not 0 <= layer_idx < len(self.layers) or key_states.dim() != 4
+                or key_states.shape[1] != self._kv_heads or key_states.shape[3] != self._head_dim):
+            raise ValueError(self._wrong_model_message(key_states, layer_idx))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _wrong_model_message(self, key_states, layer_idx: int) -> str:
+        fields = self.model_fields
+        built = (f"{fields['model_type']!r} with {len(self.layers)} layers, {self._kv_heads} KV heads, "
+                 f"head_dim {self._head_dim}")
+        shape = tuple(key_states.shape)
+        return (f"this CompressedCache was built for a model of type {built}, but layer {layer_idx} handed it "
+                f"keys of shape {shape} (batch, kv_heads, tokens, head_dim): another model is using it. "
+                "Build one cache per model: CompressedCache(model, spec)")
+
+    def check_model(self, model) -> None:
+        """Raise ValueError naming the differences if `model` (or its config) is not the kind of
+        model this cache was built for (type, shapes or rope settings)."""
+        check_fields(self.model_fields, _text_config(model))
 
     def memory_report(self) -> MemoryReport:
         """Stored bytes (codes, scales, zero points, window, sinks) per layer and in total."""

@@ -7,10 +7,16 @@ returns the reconstruction of everything it holds:
 
     [ sinks (full precision) | decode(compressed blocks) | window (full precision) ]
 
-At a decode step of a model running kvcompress's attention function (see
-`kvcompress.cache.attention`), it returns the window tagged with the layer instead, and that
-function decodes the blocks chunk by chunk itself. Either way attention reads the decoded form of
-the stored codes, never a hidden uncompressed copy.
+At a decode step of a model running kvcompress's attention function (switched by
+`kvcompress.enable_fast_attention`; see `kvcompress.cache.attention`), it returns the window
+tagged with the layer instead, and that function decodes the blocks chunk by chunk itself and
+marks the layer consumed. Either way attention reads the decoded form of the stored codes, never
+a hidden uncompressed copy.
+
+The guard, twice: the window handed out is a `HandedWindow`, which raises on any read but its
+shape (so an attention that does not know the tag fails at that step, see `attention`); and if
+no kvcompress attention consumed it, the layer's next `update` raises a RuntimeError saying so
+instead of continuing silently.
 
 This module does not build codecs (see `build`), does not choose layers (see `cache`) and keeps
 no full-precision copy of compressed tokens between steps.
@@ -24,7 +30,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..codecs import Codec, Stored, stored_nbytes, token_slice
-from .attention import ATTENTION_NAME, LAYER_ATTRIBUTE
+from .attention import ATTENTION_NAME, hand_window
 from .memory import FP16_BYTES, LayerMemory
 
 
@@ -74,11 +80,17 @@ class CompressedLayer(CacheLayerMixin):
         self.key_space = key_space
         self.monitor = None  # a kvcompress.cache.monitor.QualityMonitor when the cache is monitored
         # The model config whose attention implementation says whether decode steps may hand
-        # attention the codes (kvcompress.cache.attention) instead of a full reconstruction; or None.
+        # attention the codes (kvcompress.cache.attention) instead of a full reconstruction; or None
+        # (always the full reconstruction).
         self.attention_config = None
+        # `calibration.config_fields` of the model the cache was built for (set by the cache), and
+        # the last model config found to match it (checked by kvcompress's attention function).
+        self.model_fields = None
+        self.checked_config = None
         self._clear()
 
     def _clear(self) -> None:
+        self._window_unconsumed = False  # a tagged window was handed out and no attention read the layer yet
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
         self.stored_keys: Stored | None = None
@@ -100,11 +112,22 @@ class CompressedLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new (B, H, T, D) states and return the (B, H, seq, D) keys and values attention reads.
 
+        The states are stored detached: gradients do not flow through the cache.
+
         At a decode step (T == 1) of a model running kvcompress's attention function, the
         return value is instead the (B, H, n_window, D) window, tagged with this layer: that
         attention function reads the sinks, the codes and the window from the layer itself
         (see `kvcompress.cache.attention`).
+
+        Raises:
+            RuntimeError: if the window handed out at the previous decode step was never consumed
+                by kvcompress's attention (attention read only the window: see the module docstring).
         """
+        if self._window_unconsumed:
+            self._refuse_unconsumed_window()
+        # The cache is for inference: what it stores carries no autograd history, so a cache filled
+        # with gradients enabled can still be copied (`CompressedCache.copy`) and holds no graph.
+        key_states, value_states = key_states.detach(), value_states.detach()
         decode_step = key_states.shape[2] == 1
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -118,10 +141,25 @@ class CompressedLayer(CacheLayerMixin):
         self.window_values = torch.cat([self.window_values, value_states], dim=2)
         self._flush()
         if decode_step and self._attention_reads_codes():
-            keys, values = self.window_keys.view_as(self.window_keys), self.window_values.view_as(self.window_values)
-            setattr(keys, LAYER_ATTRIBUTE, self)
-            return keys, values
+            self._window_unconsumed = True
+            return hand_window(self.window_keys, self), self.window_values.view_as(self.window_values)
         return self.reconstruct()
+
+    def mark_consumed(self) -> None:
+        """Called by kvcompress's attention when it reads this layer for the window it was handed."""
+        self._window_unconsumed = False
+
+    def _refuse_unconsumed_window(self) -> None:
+        model_type = getattr(self.attention_config, "model_type", "unknown")
+        raise RuntimeError(
+            f"kvcompress: at the last decode step, attention at layer {self.layer_idx} read only the K/V window "
+            f"({self.window_keys.shape[2]} of {self.held_tokens()} tokens): the layer handed kvcompress's attention "
+            "a window tagged with the layer, but the attention that ran did not read the layer's compressed tokens "
+            "(it copied the tensor, or is not kvcompress's attention), so the model's output for that step was "
+            "wrong. Fix: build the cache with CompressedCache(..., fast_attention=False), or restore the model's "
+            f"attention (the handle enable_fast_attention returned); and please report model type {model_type!r} "
+            "to kvcompress."
+        )
 
     def _attention_reads_codes(self) -> bool:
         """Whether this step's attention is kvcompress's, which reads the codes (no autograd through it)."""

@@ -6,7 +6,8 @@ import argparse
 import time
 
 from ..experiments.analysis import DEFAULT_SETTINGS, analyze, default_entries
-from .sweep import add_sweep_arguments, apply_threads, command_line, settings_from_args
+from .sweep import add_sweep_arguments, apply_threads, check_sweep_args, command_line, settings_from_args
+from .sweep import interrupted  # noqa: F401  (what a Ctrl-C leaves: the same as sweep's)
 
 NAME = "analyze"
 HELP = ("breaking-point analysis of the default specs (quantization, Hadamard, low rank) on one model: sweep "
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sweep_args(args, default_entries())
     apply_threads(args)
     wall, cpu = time.perf_counter(), time.process_time()
     path = analyze(args.out, settings_from_args(args), entries=default_entries(), progress=args.progress,

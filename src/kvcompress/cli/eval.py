@@ -6,8 +6,9 @@ import argparse
 
 from ..calibration import artifact_for
 from ..measure.evaluate import decode_faithful_eval
-from ..presets import load_spec
-from .common import add_corpus_arguments, add_model_arguments, load_model_from_args, write_json
+from .common import (UserError, add_corpus_arguments, add_model_arguments, check_artifact_dir, check_corpus,
+                     check_eval_tokens, check_model_args, check_output_file, check_spec, load_model_from_args,
+                     write_json)
 
 NAME = "eval"
 HELP = "decode-faithful perplexity, KL and top-1 agreement of a spec vs the uncompressed cache"
@@ -34,16 +35,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..corpus import corpus_slice
+    from ..corpus import CorpusError, corpus_slice
     from ..models import model_id
 
+    spec = check_spec(args.spec)
+    check_eval_tokens(spec, args.tokens, label=f"spec {args.spec}")
+    check_output_file(args.json, "--json")
+    check_artifact_dir(args.artifact)
+    check_corpus(args.corpus)
+    check_model_args(args)
     if args.threads is not None:
         if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    spec = load_spec(args.spec)
+    if args.offset < 0:
+        raise UserError(f"--offset must be >= 0, got {args.offset}")
     model, tokenizer = load_model_from_args(args)
-    text = corpus_slice(tokenizer, part="report", n_tokens=args.tokens, path=args.corpus, offset=args.offset)
+    try:
+        text = corpus_slice(tokenizer, part="report", n_tokens=args.tokens, path=args.corpus, offset=args.offset)
+    except CorpusError as err:
+        raise UserError(f"--tokens {args.tokens}: {err}") from None
     ids = text.ids
     artifact, artifact_info = artifact_for(model, spec, args.artifact), None
     if artifact is not None:

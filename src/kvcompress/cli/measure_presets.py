@@ -18,7 +18,8 @@ import sys
 import time
 
 from ..io import parse_list
-from .common import add_model_arguments, load_model_from_args, write_json
+from .common import (UserError, add_model_arguments, check_input_file, check_model_args, check_output_file,
+                     load_model_from_args, write_json)
 
 NAME = "measure-presets"
 DEFAULT_OUT = "runs/measured_presets.json"
@@ -65,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     from ..tuning.tune import eval_figures
 
     started = time.perf_counter()
+    if args.table or args.verify:
+        check_input_file(args.file, "--file", "measured-presets data file")
+    else:
+        check_output_file(args.file, "--file", (".json",))
+    check_output_file(args.json, "--json")
+    if args.state:
+        check_output_file(args.state, "--state")
     if args.table:
         from ..presets.measured import markdown_table
 
@@ -75,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if not data["presets"]:
             raise ValueError(f"{args.file or 'the shipped presets file'} holds no presets; run "
                              "`kvcompress measure-presets` first")
+        check_model_args(args)
         model, tokenizer = load_model_from_args(args)
         verify = data.get("texts", {}).get("verify", {})
         tokens = verify.get("n_tokens", verify.get("tokens", args.verify_tokens))
@@ -96,9 +105,16 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print("all presets meet their targets")
         return 0
-    targets = parse_targets(args.targets)
+    try:
+        targets = parse_targets(args.targets)
+    except ValueError as err:
+        raise UserError(f"--targets {args.targets}: {err}") from None
     lengths = parse_list(args.passkey_lengths, int, "--passkey-lengths value")
-    candidates = uniform_candidates(parse_list(args.candidates))
+    try:
+        candidates = uniform_candidates(parse_list(args.candidates))
+    except ValueError as err:
+        raise UserError(f"--candidates {args.candidates}: {err}") from None
+    check_model_args(args)
     out = args.file or DEFAULT_OUT
     state = args.state or str(out).removesuffix(".json") + ".state.json"
     model, tokenizer = load_model_from_args(args)
@@ -109,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
     path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    if args.verify or args.table:
+        return "nothing was written"
+    return "the measurements so far are saved in the --state file; run the same command again to resume"
 
 
 def _without_state(argv: list[str]) -> list[str]:

@@ -351,7 +351,11 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
     pending = [e for e in entries if e.label not in done]
     if done:
         logger.info(f"resuming: {len(done)} of {len(entries)} specs already measured")
-    if pending:
+    baseline = read_record(out / BASELINE_FILE)
+    baseline_ok = bool(baseline) and baseline.get("key") == content_hash([settings.baseline_dict(), fingerprint])
+    if not pending and not baseline_ok:
+        logger.info(f"{out / BASELINE_FILE} is missing, damaged or stale: measuring the uncompressed baseline again")
+    if pending or not baseline_ok:
         ctx = _Context(model, tokenizer, settings, texts=texts, fingerprint=fingerprint)
         _prepare(ctx, out, progress)
         environment = _environment(model)

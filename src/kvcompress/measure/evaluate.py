@@ -12,6 +12,9 @@ next-token distributions (both with 95% intervals from a moving-block bootstrap 
 positions, see `measure.bootstrap`; `interval` says how), top-1 agreement, and the real
 compression ratio of the cache at the end of the text.
 
+The model runs kvcompress's attention during the evaluation where it supports it (see
+`kvcompress.enable_fast_attention`) and is restored to its own implementation afterwards.
+
 This module does not load models or text (see `models`, `corpus`) and does not run tasks.
 """
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from ..cache.attention import enable_fast_attention
 from ..cache.cache import CompressedCache
 from ..compat import CACHE_KWARG
 from ..spec import CacheSpec
@@ -85,6 +89,35 @@ def chunk_boundaries(n_tokens: int, spec: CacheSpec, mode: str = "chunked") -> l
     return bounds
 
 
+class NothingCompressedError(ValueError):
+    """The text is too short for a lossy spec to compress anything that a later token reads: its
+    figures would equal the uncompressed baseline's and say nothing about the spec."""
+
+
+def is_lossy(spec: CacheSpec) -> bool:
+    """Whether some layer of `spec` stores keys or values in a compressed form."""
+    return spec.key.method != "none" or spec.value.method != "none" or any(
+        tensor.get("method", "none") != "none" for override in spec.layers.values() for tensor in override.values())
+
+
+def min_eval_tokens(spec: CacheSpec) -> int:
+    """Fewest tokens an evaluation of `spec` needs so that a block is compressed and then read:
+    the sinks and the window fill, one block of `block_size` tokens leaves the window and is
+    compressed, and one more token attends to it."""
+    return spec.sinks + spec.window + spec.block_size + 1
+
+
+def check_eval_tokens(spec: CacheSpec, n_tokens: int, what: str = "the text") -> None:
+    """Raise NothingCompressedError if a lossy `spec` compresses nothing in `n_tokens` tokens."""
+    need = min_eval_tokens(spec)
+    if is_lossy(spec) and n_tokens < need:
+        raise NothingCompressedError(
+            f"{what} has {n_tokens} tokens, too few for spec {spec.name or spec.describe()!r} to compress anything: "
+            f"it keeps sinks {spec.sinks} + window {spec.window} tokens in full precision and compresses "
+            f"{spec.block_size} at a time, so it needs at least {need} tokens "
+            f"({spec.sinks} + {spec.window} + {spec.block_size} + 1); use more tokens or a smaller window")
+
+
 def bootstrap_intervals(nll_base: torch.Tensor, nll_comp: torch.Tensor, kl: torch.Tensor, *,
                         block: int = DEFAULT_BLOCK, resamples: int = DEFAULT_RESAMPLES, seed: int = 0
                         ) -> tuple[tuple[float, float], tuple[float, float], dict]:
@@ -122,6 +155,9 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
             uncompressed model again (same numbers; holds n x vocab float32 per key).
 
     Raises:
+        NothingCompressedError (a ValueError): if the spec is lossy but the text is too short for
+            anything compressed to be read (see `min_eval_tokens`), checked before any forward,
+            or if no layer compressed a token by the end (e.g. only sliding layers).
         RuntimeError: if tokens were compressed lossily but the logits equal the baseline's
             exactly, i.e. attention did not read the compressed cache.
     """
@@ -131,40 +167,48 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     n = input_ids.shape[1]
-    cache = cache_factory(model, spec) if cache_factory else CompressedCache(model, spec, artifact=artifact)
-    baseline = DynamicCache(config=model.config)
-    nll_base, nll_comp, kls, agree = [], [], [], []
-    max_diff = 0.0
-    start_time = time.perf_counter()
-    bounds = chunk_boundaries(n, spec, mode)
-    store_key = (id(model), tuple(input_ids[0].tolist()), tuple(bounds))
-    stored_logits = baseline_store.get(store_key) if baseline_store is not None else None
-    new_logits = []
-    for i, (start, stop) in enumerate(tqdm(bounds, desc=f"eval {spec.name or 'spec'}", disable=not progress,
-                                           leave=False)):
-        chunk = input_ids[:, start:stop]
-        if stored_logits is not None:
-            logits_b = stored_logits[i]
-        else:
-            logits_b = model(input_ids=chunk, **{CACHE_KWARG: baseline}, use_cache=True).logits[0].float()
-            new_logits.append(logits_b)
-        logits_c = model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0].float()
-        max_diff = max(max_diff, (logits_b - logits_c).abs().max().item())
-        targets = input_ids[0, start + 1:stop + 1]
-        usable = targets.shape[0]  # the last position of the text has no next token
-        logp_b = F.log_softmax(logits_b[:usable], dim=-1)
-        logp_c = F.log_softmax(logits_c[:usable], dim=-1)
-        nll_base.append(-logp_b.gather(1, targets[:, None])[:, 0])
-        nll_comp.append(-logp_c.gather(1, targets[:, None])[:, 0])
-        kls.append((logp_b.exp() * (logp_b - logp_c)).sum(-1))
-        agree.append(logp_b.argmax(-1) == logp_c.argmax(-1))
+    check_eval_tokens(spec, n)
+    # Attention over the codes where the model supports it (the path `enable_fast_attention`
+    # users decode with; other calls are transformers' sdpa), and the model as it was afterwards.
+    with enable_fast_attention(model, strict=False):
+        cache = cache_factory(model, spec) if cache_factory else CompressedCache(model, spec, artifact=artifact)
+        baseline = DynamicCache(config=model.config)
+        nll_base, nll_comp, kls, agree = [], [], [], []
+        max_diff = 0.0
+        start_time = time.perf_counter()
+        bounds = chunk_boundaries(n, spec, mode)
+        store_key = (id(model), tuple(input_ids[0].tolist()), tuple(bounds))
+        stored_logits = baseline_store.get(store_key) if baseline_store is not None else None
+        new_logits = []
+        for i, (start, stop) in enumerate(tqdm(bounds, desc=f"eval {spec.name or 'spec'}", disable=not progress,
+                                               leave=False)):
+            chunk = input_ids[:, start:stop]
+            if stored_logits is not None:
+                logits_b = stored_logits[i]
+            else:
+                logits_b = model(input_ids=chunk, **{CACHE_KWARG: baseline}, use_cache=True).logits[0].float()
+                new_logits.append(logits_b)
+            logits_c = model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0].float()
+            max_diff = max(max_diff, (logits_b - logits_c).abs().max().item())
+            targets = input_ids[0, start + 1:stop + 1]
+            usable = targets.shape[0]  # the last position of the text has no next token
+            logp_b = F.log_softmax(logits_b[:usable], dim=-1)
+            logp_c = F.log_softmax(logits_c[:usable], dim=-1)
+            nll_base.append(-logp_b.gather(1, targets[:, None])[:, 0])
+            nll_comp.append(-logp_c.gather(1, targets[:, None])[:, 0])
+            kls.append((logp_b.exp() * (logp_b - logp_c)).sum(-1))
+            agree.append(logp_b.argmax(-1) == logp_c.argmax(-1))
     seconds = time.perf_counter() - start_time
     if baseline_store is not None and stored_logits is None:
         baseline_store[store_key] = new_logits
     nll_b, nll_c = torch.cat(nll_base).cpu(), torch.cat(nll_comp).cpu()
     report = cache.memory_report()
     compressed_tokens = max((m.compressed_tokens for m in report.layers), default=0)
-    lossy = spec.key.method != "none" or spec.value.method != "none" or bool(spec.layers)
+    lossy = is_lossy(spec)
+    if lossy and compressed_tokens == 0 and max_diff == 0.0:
+        raise NothingCompressedError(
+            f"spec {spec.name or spec.describe()!r} compressed no token of the {n}-token text, so its figures would "
+            "equal the uncompressed baseline's; evaluate on a longer text")
     if lossy and compressed_tokens > 0 and max_diff == 0.0:
         raise RuntimeError(
             f"{compressed_tokens} tokens were compressed with a lossy spec ({spec.describe()}), yet the "

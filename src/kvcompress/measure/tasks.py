@@ -19,7 +19,10 @@
   without them it raises `TaskDataError` saying so. `datasets` is not a dependency.
 
 This module does not measure perplexity (see `evaluate`) and does not run sweeps (see
-`kvcompress.experiments.sweep`). It does not patch the model: compressed runs pass a `CompressedCache` to `generate`.
+`kvcompress.experiments.sweep`). It does not patch the model: compressed runs pass a
+`CompressedCache` to `generate`, and generation runs with kvcompress's attention where the
+model supports it (`kvcompress.enable_fast_attention`), the model restored to its own
+implementation afterwards.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache.attention import enable_fast_attention
 from ..compat import CACHE_KWARG
 
 PASSKEY_LENGTHS = (256, 512, 1024, 2048)
@@ -157,14 +161,15 @@ def run_passkey(model, tokenizer, cases: Sequence[PasskeyCase], cache_factory: C
     """
     device = next(model.parameters()).device
     rows = []
-    for case in cases:
-        kwargs = {CACHE_KWARG: cache_factory()} if cache_factory is not None else {}
-        out = model.generate(case.input_ids.to(device), attention_mask=torch.ones_like(case.input_ids).to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             **kwargs)
-        answer = tokenizer.decode(out[0, case.input_ids.shape[1]:], skip_special_tokens=True)
-        rows.append({"length": case.length, "depth": case.depth, "key": case.key, "answer": answer,
-                     "correct": _first_number(answer) == case.key})
+    with enable_fast_attention(model, strict=False):  # restored as it was afterwards
+        for case in cases:
+            kwargs = {CACHE_KWARG: cache_factory()} if cache_factory is not None else {}
+            ids = case.input_ids.to(device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs)
+            answer = tokenizer.decode(out[0, case.input_ids.shape[1]:], skip_special_tokens=True)
+            rows.append({"length": case.length, "depth": case.depth, "key": case.key, "answer": answer,
+                         "correct": _first_number(answer) == case.key})
     by_length: dict[str, float] = {}
     for length in dict.fromkeys(r["length"] for r in rows):
         hits = [r["correct"] for r in rows if r["length"] == length]
@@ -213,11 +218,12 @@ def greedy_continuations(model, prompts: Sequence[torch.Tensor], max_new_tokens:
         pad = getattr(model.generation_config, "eos_token_id", None)
         pad = pad[0] if isinstance(pad, list) else pad
     outs = []
-    for ids in prompts:
-        kwargs = {CACHE_KWARG: cache_factory()} if cache_factory is not None else {}
-        out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **kwargs)
-        outs.append(out[0, ids.shape[1]:].tolist())
+    with enable_fast_attention(model, strict=False):  # restored as it was afterwards
+        for ids in prompts:
+            kwargs = {CACHE_KWARG: cache_factory()} if cache_factory is not None else {}
+            out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **kwargs)
+            outs.append(out[0, ids.shape[1]:].tolist())
     return outs
 
 

@@ -32,6 +32,19 @@ def measurement_fingerprint(model_fp: dict, text_fp: dict | None) -> dict:
     return {"environment": environment(), "model": model_fp, "text": text_fp}
 
 
+def _non_numeric(value, where: str) -> str | None:
+    """The path of the first leaf of `value` that is not a number (None if all are)."""
+    if isinstance(value, dict):
+        return next((bad for k, v in value.items() if (bad := _non_numeric(v, f"{where}.{k}"))), None)
+    if isinstance(value, list):
+        return next((bad for i, v in enumerate(value) if (bad := _non_numeric(v, f"{where}[{i}]"))), None)
+    if isinstance(value, (int, float)) or value is None:
+        return None
+    if isinstance(value, str) and where.endswith(".interval.ci_method"):  # how an interval was computed
+        return None
+    return f"{where} ({value!r})"
+
+
 class TuneState:
     """Measurements of a tune (or a preset selection), kept in a JSON file and written after each new one.
 
@@ -59,7 +72,20 @@ class TuneState:
                                "weights fingerprints: they are measured again", self.path, data.get("format"),
                                STATE_FORMAT)
             else:
-                self.entries = data["entries"]
+                self.entries = data.get("entries", {})
+                self._check_entries()
+
+    def _check_entries(self) -> None:
+        """ValueError naming the file and the entry if an entry is not what `put` writes (numbers only)."""
+        fix = "the file was edited or damaged; delete it (its measurements are redone) or pass another --state"
+        if not isinstance(self.entries, dict):
+            raise ValueError(f"tune state file {self.path}: 'entries' is not a mapping; {fix}")
+        for key, entry in self.entries.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("result"), dict):
+                raise ValueError(f"tune state file {self.path}: entry {key} has no 'result' mapping; {fix}")
+            bad = _non_numeric(entry["result"], "result")
+            if bad:
+                raise ValueError(f"tune state file {self.path}: entry {key} has a non-numeric value at {bad}; {fix}")
 
     @staticmethod
     def key(kind: str, fingerprint: dict, spec: dict | None) -> str:
