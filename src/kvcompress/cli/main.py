@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 
+from ..distributed import WorkersLostError, WorkerStartError
 from ..extras import MissingExtraError
 
 COMMAND_MODULES = (
@@ -25,6 +26,7 @@ COMMAND_MODULES = (
     "kvcompress.cli.bench",
     "kvcompress.cli.tune",
     "kvcompress.cli.measure_presets",
+    "kvcompress.cli.generate",
 )
 
 
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, MissingExtraError) as err:
         print(f"kvcompress {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (WorkerStartError, WorkersLostError) as err:
+        print(f"kvcompress {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
