@@ -13,3 +13,4 @@ from tiny_text import CharTokenizer
 def tiny_llama_loader(_settings):
     """(model, tokenizer) for any settings: tiny Llama with the seed whose greedy runs have clear margins."""
     return tiny_llama(seed=SEEDS["llama"]), CharTokenizer()
+
