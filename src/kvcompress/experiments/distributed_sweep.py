@@ -8,8 +8,9 @@ record as it arrives, to the same file, atomically, with the same content, so a 
 sweep that is interrupted resumes with or without Ray.
 
 The uncompressed task baseline (`baseline.json`) is measured once: reused if it is on disk
-with the same key, else measured by the first worker and written by the driver, then given
-to every worker before its first spec (also to workers that replace dead ones).
+with the same key, else measured by the first worker while the others start, written by the
+driver before the first record, and given to every worker before its first spec (also to
+workers that replace dead ones).
 
 This module does not schedule anything itself (see `kvcompress.distributed`) and does not
 define records (see `sweep`).
@@ -25,7 +26,6 @@ from pathlib import Path
 from ..distributed import (
     RayOptions,
     WorkersLostError,
-    WorkerStartError,
     actor_threads,
     connect,
     remote_class,
@@ -68,8 +68,8 @@ class SweepWorker:
     def ready(self) -> str | None:
         return self.error
 
-    def baseline(self) -> dict:
-        return measure_baseline(self.ctx)
+    def baseline(self) -> dict | None:
+        return None if self.error else measure_baseline(self.ctx)
 
     def set_baseline(self, baseline: dict) -> None:
         self.ctx.baseline = baseline
@@ -77,18 +77,6 @@ class SweepWorker:
     def measure(self, unit: tuple[SpecEntry, str]) -> dict:
         entry, key = unit
         return measure_record(self.ctx, entry, key, self.environment)
-
-
-def _first_worker(settings: SweepSettings, options: RayOptions, loader: Callable | None, name: str):
-    """One SweepWorker, started and ready (raises WorkerStartError with its message if it is not)."""
-    ray = connect(options)
-    worker = remote_class(SweepWorker, options).options(name=f"{name}-first").remote(
-        settings, loader, actor_threads(options))
-    error = ray.get(worker.ready.remote())
-    if error:
-        ray.kill(worker)
-        raise WorkerStartError(f"a Ray worker could not start: {error}")
-    return worker
 
 
 def run_pending_on_ray(pending: list[SpecEntry], keys: dict[str, str], out: Path, settings: SweepSettings,
@@ -99,16 +87,28 @@ def run_pending_on_ray(pending: list[SpecEntry], keys: dict[str, str], out: Path
     Raises WorkersLostError (after every other spec is written) if some specs were given up
     because their workers kept dying.
     """
+    ray = connect(options)
     name = f"kvcompress-sweep-{uuid.uuid4().hex[:8]}"
     baseline, first = saved_baseline(out, settings), []
-    if baseline is None:  # measured once, on the first worker, which then measures specs too
-        first = [_first_worker(settings, options, loader, name)]
-        baseline = connect(options).get(first[0].baseline.remote())
-        write_json_atomic(out / BASELINE_FILE, baseline)
+    if baseline is None:
+        # Measured once, by the first worker (which then measures specs too); the other workers
+        # start meanwhile and receive it (Ray passes the pending result) before their first spec.
+        first = [remote_class(SweepWorker, options).options(name=f"{name}-first").remote(
+            settings, loader, actor_threads(options))]
+        baseline = first[0].baseline.remote()
     measured: dict[str, dict] = {}
     units = [(entry, keys[entry.label]) for entry in pending]
+    saved = [not first]
+
+    def save_baseline() -> None:
+        if not saved[0]:
+            value = ray.get(baseline)
+            if value is not None:
+                write_json_atomic(out / BASELINE_FILE, value)
+            saved[0] = True
 
     def write(index: int, record: dict) -> None:
+        save_baseline()  # before the first record that refers to it
         write_json_atomic(record_path(out, record["label"]), record)
         measured[record["label"]] = record
         logger.info(f"[{total - len(pending) + len(measured)}/{total}] {record['label']}: {summary(record)}")
@@ -117,6 +117,7 @@ def run_pending_on_ray(pending: list[SpecEntry], keys: dict[str, str], out: Path
 
     lost = run_on_actors(SweepWorker, (settings, loader, actor_threads(options)), "measure", units, write, options,
                          setup=[("set_baseline", (baseline,))], name=name, actors=first)
+    save_baseline()
     if lost:
         labels = [pending[i].label for i in lost]
         raise WorkersLostError(f"{len(labels)} spec(s) not measured because their Ray worker died: "
