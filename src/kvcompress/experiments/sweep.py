@@ -37,6 +37,9 @@ A grid file (YAML or JSON) lists specs and/or grids:
 evaluation and the tasks, keeping only direct reconstruction (cheap: a curve can have many
 points, the expensive measurements a few).
 
+`run_sweep(..., ray=RayOptions(...))` measures the pending specs on a Ray cluster instead (see
+`distributed_sweep`): same records, same files, written by this process as they arrive.
+
 This module does not draw plots or tables (see `report`) and does not define the metrics
 (see `kvcompress.measure`).
 """
