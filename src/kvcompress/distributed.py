@@ -124,7 +124,7 @@ def run_on_actors(worker_cls: type, worker_args: Sequence[Any], method: str, uni
     finished). Raises WorkerStartError if an actor cannot be built.
     """
     ray = connect(options)
-    from ray.exceptions import RayActorError
+    RayActorError = require_extra("ray", "ray.exceptions", "--ray").RayActorError  # noqa: N806
 
     remote_cls = remote_class(worker_cls, options)
     pending: deque[int] = deque(range(len(units)))

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .distributed import RayOptions, actor_threads, connect
+from .extras import require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -243,10 +244,11 @@ class GenerateWorker:
 
 def _run_ray(prompts: list[Prompt], settings: GenerateSettings, options: RayOptions,
              loader: Callable | None) -> Iterator[dict]:
-    ray = connect(options)
-    dataset = ray.data.from_items([{"prompt": json.dumps(p.to_dict())} for p in prompts])
+    connect(options)
+    data = require_extra("ray", "ray.data", "--ray (batch generation)")
+    dataset = data.from_items([{"prompt": json.dumps(p.to_dict())} for p in prompts])
     results = dataset.map_batches(GenerateWorker, fn_constructor_args=(settings, loader, actor_threads(options)),
-                                  batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(
+                                  batch_size=settings.batch_size, compute=data.ActorPoolStrategy(
                                       size=min(options.workers, len(prompts))),
                                   num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker)
     for row in results.iter_rows():
