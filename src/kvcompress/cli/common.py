@@ -47,7 +47,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser, unit: str = "spec") -> No
     parser.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs each Ray actor reserves")
     parser.add_argument("--ray-gpus-per-worker", type=float, default=0.0, help="GPUs each Ray actor reserves")
     parser.add_argument("--ray-num-cpus", type=int, default=None,
-                        help="CPUs of the local cluster started by a bare --ray (default: all of the machine's)")
+                        help="CPUs of the local cluster started by a bare --ray (None: all of the machine's)")
     parser.add_argument("--ray-retries", type=int, default=1,
                         help=f"times a {unit} whose Ray worker died is tried again on a fresh worker")
 
