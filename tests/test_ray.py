@@ -151,6 +151,38 @@ def test_a_unit_whose_worker_died_goes_to_a_fresh_worker(ray):
         run_on_actors(Doubler, (True,), "work", [1], lambda i, r: None, RayOptions(workers=1))
 
 
+def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_them(tmp_path, ray):
+    from kvcompress.corpus import corpus_tokens
+    from kvcompress.spec import CacheSpec
+    from kvcompress.tuning.distributed_presets import SWEEP_KIND, sweep_candidates_on_ray
+    from kvcompress.tuning.state import TuneState, model_fingerprint, text_fingerprint
+    from kvcompress.tuning.tune import make_evaluator
+
+    candidates = [CacheSpec.from_dict({**quant(b, f"q{b}")["spec"], "name": f"q{b}"}) for b in (8, 4, 2)]
+    model, tokenizer = tiny_llama_loader(None)
+    ids = corpus_tokens(tokenizer, part="calibration", n_tokens=96, offset=0)
+    text_fp = text_fingerprint(ids, "embedded:calibration", 0)
+    serial = TuneState(tmp_path / "serial.json")
+    evaluate = make_evaluator(model, ids, SWEEP_KIND, text_fp, serial)
+    for spec in candidates:
+        evaluate(spec)
+    spread = TuneState(tmp_path / "ray.json")
+    measured = sweep_candidates_on_ray(candidates, spread, model_fingerprint(model), text_fp, OPTIONS,
+                                       tiny_llama_loader, None, 96, 0, None)
+    assert measured == 3 and set(spread.entries) == set(serial.entries)
+    for key, entry in serial.entries.items():
+        mine, theirs = entry["result"], spread.entries[key]["result"]
+        assert {k: v for k, v in entry.items() if k != "result"} == \
+            {k: v for k, v in spread.entries[key].items() if k != "result"}
+        for name in ("kl", "ppl_change", "top1", "ratio", "stored_bytes"):
+            assert abs(mine[name] - theirs[name]) <= 1e-6, f"{entry['spec']} {name}: {mine[name]} vs {theirs[name]}"
+    kls = [serial.entries[k]["result"]["kl"] for k in serial.entries]
+    assert min(kls) < max(kls)  # real measurements: 2 bits cost more than 8
+    # Saved as they arrive (a rerun, serial or not, finds them all).
+    assert sweep_candidates_on_ray(candidates, TuneState(tmp_path / "ray.json"), model_fingerprint(model), text_fp,
+                                   OPTIONS, tiny_llama_loader, None, 96, 0, None) == 0
+
+
 def _write_prompts(path: Path) -> None:
     lines = [json.dumps({"id": "p1", "prompt": "the quick brown fox jumps over"}),
              json.dumps({"id": "p2", "prompt": "a different prompt about lazy dogs and"}),
@@ -212,3 +244,5 @@ def test_missing_ray_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys)
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
     code = main(["generate", "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--ray", "auto"])
     assert code == 2 and "kvcompress[ray]" in capsys.readouterr().err
+    code = main(["measure-presets", "--file", str(tmp_path / "presets.json"), "--ray"])
+    assert code == 2 and "kvcompress[ray]" in capsys.readouterr().err and not (tmp_path / "presets.json").exists()

@@ -12,7 +12,7 @@ import sys
 import time
 
 from ..io import parse_list
-from .common import add_model_arguments, load_model_from_args, write_json
+from .common import add_model_arguments, add_ray_arguments, load_model_from_args, ray_options_from_args, write_json
 
 NAME = "measure-presets"
 HELP = "choose the named presets (lossless ... extreme) by measurement, or re-verify them with --verify"
@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "runs/measured_presets.state.json); a rerun resumes from it")
     parser.add_argument("--json", default=None, help="with --verify: write the re-measured figures here")
     add_model_arguments(parser)
+    add_ray_arguments(parser, unit="candidate")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,11 +90,13 @@ def run(args: argparse.Namespace) -> int:
     candidates = uniform_candidates(parse_list(args.candidates))
     state = args.state or ("runs/measured_presets.state.json" if str(args.file) == str(DATA_FILE)
                            else str(args.file) + ".state.json")
+    ray = ray_options_from_args(args)
     model, tokenizer = load_model_from_args(args)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
     data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
                           sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
-                          passkey_lengths=lengths, command=command)
+                          passkey_lengths=lengths, command=command, ray=ray,
+                          load_args=(args.model, args.dtype, str(args.device)))
     path = write_json(args.file, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0

@@ -30,7 +30,9 @@ from ..calibration import artifact_for
 from ..io import parse_list
 from ..presets.measured import DATA_FORMAT
 from ..spec import CacheSpec
+from ..distributed import RayOptions
 from .candidates import uniform_candidates
+from .distributed_presets import SWEEP_KIND, sweep_candidates_on_ray
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +112,14 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
                    sweep_offset: int = DEFAULT_SWEEP_OFFSET, verify_tokens: int = DEFAULT_VERIFY_TOKENS,
                    state=None, passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
                    passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
-                   command: str | None = None) -> dict:
-    """Sweep, choose and verify the presets (see module doc); returns the data file's content."""
+                   command: str | None = None, ray: RayOptions | None = None, loader: Callable | None = None,
+                   load_args=None) -> dict:
+    """Sweep, choose and verify the presets (see module doc); returns the data file's content.
+
+    With `ray`, the candidate sweep runs first on a Ray cluster (see `distributed_presets`;
+    `loader(load_args)` loads the model on each worker, by default `load_named_model` of
+    (model name, dtype name, device)); the rest runs here.
+    """
     from ..corpus import corpus_fingerprint, corpus_tokens
     from ..models import model_id
     from .state import TuneState, model_fingerprint, text_fingerprint
@@ -128,9 +136,16 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=verify_tokens)
     sweep_fp = text_fingerprint(sweep_ids, "embedded:calibration", sweep_offset)
     verify_fp = text_fingerprint(verify_ids, "embedded:evaluation", 0)
-    sweep_eval = make_evaluator(model, sweep_ids, "sweep-eval", sweep_fp, state, artifact=artifact)
+    sweep_eval = make_evaluator(model, sweep_ids, SWEEP_KIND, sweep_fp, state, artifact=artifact)
     verify_eval = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
     started = time.perf_counter()
+    if ray is not None:
+        n = sweep_candidates_on_ray(
+            candidates, state, model_fingerprint(model), sweep_fp, ray, loader, load_args, sweep_tokens, sweep_offset,
+            None if artifact is None else str(artifact.path),
+            on_result=lambda spec, f: logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep (Ray) {spec.name}: "
+                                                  f"ratio {f['ratio']:.2f}x, KL {f['kl']:.4f}"))
+        logger.info(f"{n} candidates measured on Ray")
     swept = {}
     for i, spec in enumerate(candidates, 1):
         swept[spec.name] = sweep_eval(spec)
