@@ -18,7 +18,10 @@ sum(spectrum[r:]), and no mean has to be stored or added back.
 An artifact is a folder with `calibration.safetensors` (tensors `<kind>.basis` (L, H, D, D),
 `<kind>.spectrum`, `<kind>.mean`, `<kind>.rms`, `<kind>.absmax` (L, H, D), float32) and
 `metadata.json` (model name, config fingerprint, corpus, token count, library versions,
-date). Loading it for a model whose config fingerprint differs is refused.
+date, and `tensors_sha256`, a checksum of the tensors' names, shapes, dtypes and bytes).
+Loading it for a model whose config fingerprint differs is refused, as is a folder whose tensors
+no longer match their checksum or hold NaN or infinite values; an artifact written before
+checksums existed loads with a warning (re-run `kvcompress calibrate` to add one).
 
 The embedded model's artifact is built on first use and cached under
 `kvcompress.models.cache_root()/artifacts/` (written to a temporary folder, then renamed).
@@ -30,6 +33,7 @@ fingerprint, so pass the artifact calibrated on the model you run.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -164,11 +168,15 @@ class CalibrationArtifact:
             "`kvcompress calibrate --model M --out DIR`, then pass artifact=DIR / --artifact DIR.")
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write `calibration.safetensors` and `metadata.json` into `folder` (each via a temporary file)."""
+        """Write `calibration.safetensors` and `metadata.json` (with the tensors' checksum) into
+        `folder` (each via a temporary file)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise ArtifactError(f"{folder} is a file, not a folder; pass a folder path (it is created if missing)")
         folder.mkdir(parents=True, exist_ok=True)
+        self.metadata["tensors_sha256"] = tensors_sha256(self.tensors)
         write_atomic(folder / TENSORS_FILE,
                      lambda tmp: save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp)))
         write_json_atomic(folder / METADATA_FILE, self.metadata)
@@ -181,6 +189,9 @@ class CalibrationArtifact:
         from safetensors.torch import load_file
 
         folder = Path(folder).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ArtifactError(f"{folder} is a file, not a calibration artifact folder; pass the folder that "
+                                "`kvcompress calibrate --out DIR` wrote")
         if not folder.is_dir():
             raise ArtifactError(f"calibration artifact folder {folder} does not exist; create one with "
                                 f"`kvcompress calibrate --out {folder}`")
@@ -202,10 +213,23 @@ class CalibrationArtifact:
             raise ArtifactError(f"{folder / TENSORS_FILE} is truncated or corrupt ({type(exc).__name__}: {exc}); "
                                 f"{_RECALIBRATE}") from exc
         artifact = cls(tensors, metadata, folder)
+        artifact._check_checksum()
         artifact._check_shapes()
         if model is not None:
             artifact.check_model(model)
         return artifact
+
+    def _check_checksum(self) -> None:
+        stored = self.metadata.get("tensors_sha256")
+        if stored is None:
+            warnings.warn(f"the calibration artifact{_where(self.path)} has no checksum (written by an older "
+                          "kvcompress), so damage to its tensors cannot be detected; re-run `kvcompress calibrate` "
+                          "to rebuild it", stacklevel=3)
+            return
+        if tensors_sha256(self.tensors) != stored:
+            raise ArtifactError(f"the tensors of the calibration artifact{_where(self.path)} do not match the checksum "
+                                f"in its {METADATA_FILE}: the file was changed or damaged after calibration; "
+                                f"{_RECALIBRATE}")
 
     def _check_shapes(self) -> None:
         config = self.metadata.get("config", {})
@@ -220,6 +244,20 @@ class CalibrationArtifact:
                     got = None if tensor is None else tuple(tensor.shape)
                     raise ArtifactError(f"the artifact{_where(self.path)} has {kind}.{stat} of shape {got}, "
                                         f"expected {want}; {_RECALIBRATE}")
+                if not torch.isfinite(tensor).all():
+                    raise ArtifactError(f"the artifact{_where(self.path)} has NaN or infinite values in {kind}.{stat} "
+                                        f"(damaged file, or calibration overflowed: calibrate in float32); "
+                                        f"{_RECALIBRATE}")
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 hex digest of the tensors' names, dtypes, shapes and bytes (in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _where(path: Path | None) -> str:
@@ -357,7 +395,7 @@ def embedded_artifact_dir(model) -> Path:
     """Cache folder of the embedded model's default artifact (keyed by config, corpus and settings)."""
 
     key = json.dumps([config_fingerprint(model), corpus_fingerprint()["sha256"], DEFAULT_TOKENS, DEFAULT_SEQ_LEN,
-                      FORMAT_VERSION])
+                      FORMAT_VERSION, "tensors_sha256"])  # artifacts with a checksum live in a new folder
     return cache_root() / "artifacts" / f"smollm2-135m-instruct-{content_hash(key, 12)}"
 
 
@@ -365,15 +403,18 @@ def embedded_artifact(model, progress: bool = False) -> CalibrationArtifact:
     """The embedded model's artifact: loaded from the cache, or calibrated and cached on first use.
 
     Calibrates on the first DEFAULT_TOKENS tokens of the embedded corpus's calibration part. A
-    damaged cached copy is removed and rebuilt (with a warning).
+    damaged cached copy (a file missing or resized, tensors that do not match their checksum, or
+    no checksum) is removed and rebuilt (with a warning).
     """
 
     final = embedded_artifact_dir(model)
     if final.exists():
         try:
             check_directory(final)
+            if "tensors_sha256" not in json.loads((final / METADATA_FILE).read_text(encoding="utf-8")):
+                raise ArtifactError("its metadata has no tensors_sha256 checksum")
             return CalibrationArtifact.load(final, model)
-        except (DamagedDirectoryError, ArtifactError) as exc:
+        except (DamagedDirectoryError, ArtifactError, ValueError, OSError) as exc:
             warnings.warn(f"the cached calibration artifact at {final} is damaged ({exc}); rebuilding it",
                           stacklevel=2)
             shutil.rmtree(final, ignore_errors=True)

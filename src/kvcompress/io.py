@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -111,11 +113,44 @@ def check_directory(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def _owner_prefix(final: Path) -> str:
+    """Name prefix of our temporary folder for `final`: it records the owner, `<pid>@<host>~`."""
+    return f".{final.name}{TMP_MARK}{os.getpid()}@{_host()}~"
+
+
+def _owner(tmp: Path, final: Path) -> tuple[int, str] | None:
+    """(pid, host) recorded in a temporary folder's name, or None (a name without an owner)."""
+    rest = tmp.name[len(f".{final.name}{TMP_MARK}"):]
+    pid, at, tail = rest.partition("@")
+    if not at or "~" not in tail or not pid.isdigit():
+        return None
+    return int(pid), tail.rsplit("~", 1)[0]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep it
+    return True
+
+
 def _remove_stale_temporaries(final: Path) -> None:
+    """Remove temporary folders of `final` left by killed writers: at once when the owner recorded
+    in the name is a process of this host that no longer runs, else after STALE_TMP_SECONDS
+    (owner on another host, or a name without an owner)."""
     now = time.time()
     for tmp in final.parent.glob(f".{final.name}{TMP_MARK}*"):
         try:
-            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+            owner = _owner(tmp, final)
+            gone = owner is not None and owner[1] == _host() and owner[0] != os.getpid() and not _pid_alive(owner[0])
+            if gone or now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             pass
@@ -126,11 +161,12 @@ def write_directory_atomic(final: Path, write: Callable[[Path], dict[str, Any]])
 
     `write` fills the folder and returns extra manifest fields. If it fails, the temporary
     folder is removed and `final` is untouched. If another process finished first, its copy is
-    kept and ours discarded.
+    kept and ours discarded. The temporary folder's name records its owner (pid and host), so
+    the next call removes one left by a killed writer as soon as that process is gone.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_owner_prefix(final), dir=final.parent))
     try:
         info = write(tmp)
         _write_manifest(tmp, info)

@@ -187,6 +187,10 @@ def _convert_gguf(gguf: Path, final: Path, display_name: str) -> None:
     # transformers reads GGUF with the `gguf` package and refuses to without `accelerate`.
     for module in ("gguf", "accelerate"):
         require_extra("gguf", module, f"Converting the GGUF file {gguf.name}")
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes); pass a "
+                                 "real .gguf file")
 
     def write(tmp: Path) -> dict[str, Any]:
         folder, file = str(gguf.parent), gguf.name
@@ -222,7 +226,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str):
     _check_model_type(_folder_model_type(folder), source)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, OSError) as exc:  # OSError: e.g. a config.json that is not valid JSON
         raise ModelLoadError(f"transformers could not load the model in {folder} ({source}): "
                              f"{type(exc).__name__}: {exc}") from exc
     try:

@@ -24,6 +24,7 @@ from typing import Any
 
 from .codecs.quant import ALLOWED_AXES, ALLOWED_BITS, TOKEN_AXIS_ROW_TOKENS
 from .extras import MissingExtraError, require_extra
+from .io import write_text_atomic
 
 METHODS = ("none", "quant", "lowrank", "lowrank+quant", "hadamard+quant")
 KEY_SPACES = ("post_rope", "pre_rope")
@@ -80,7 +81,7 @@ class TensorSpec:
             for name in ("bits", "axis", "group_size"):
                 object.__setattr__(self, name, TensorSpec.__dataclass_fields__[name].default)
             return
-        if self.bits not in ALLOWED_BITS:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
             raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {self.bits!r}")
         if self.axis not in ALLOWED_AXES:
             raise ValueError(f"axis must be one of {ALLOWED_AXES}, got {self.axis!r}")
@@ -221,10 +222,13 @@ class CacheSpec:
         key, value = self.key, self.value
         for key_text, override in self.layers.items():
             if layer_idx in _parse_layer_range(str(key_text)):
-                if "key" in override:
-                    key = TensorSpec.from_dict(override["key"], base=key)
-                if "value" in override:
-                    value = TensorSpec.from_dict(override["value"], base=value)
+                try:
+                    if "key" in override:
+                        key = TensorSpec.from_dict(override["key"], base=key)
+                    if "value" in override:
+                        value = TensorSpec.from_dict(override["value"], base=value)
+                except ValueError as err:
+                    raise ValueError(f"layer override {key_text!r} (layer {layer_idx}): {err}") from None
         return key, value
 
     def needs_artifact(self, num_layers: int) -> bool:
@@ -274,22 +278,29 @@ class CacheSpec:
             raise ValueError(f"unknown field(s) {sorted(unknown)} in spec; allowed: {list(_SPEC_FIELDS)}")
         kwargs = dict(data)
         defaults = cls()
-        kwargs["key"] = TensorSpec.from_dict(data.get("key", {}), base=defaults.key)
-        kwargs["value"] = TensorSpec.from_dict(data.get("value", {}), base=defaults.value)
-        kwargs["layers"] = {str(k): v for k, v in (data.get("layers") or {}).items()}
+        for which in ("key", "value"):
+            try:
+                kwargs[which] = TensorSpec.from_dict(data.get(which, {}), base=getattr(defaults, which))
+            except ValueError as err:
+                raise ValueError(f"{which}: {err}") from None
+        layers = data.get("layers") or {}
+        if not isinstance(layers, dict):
+            raise ValueError(f"layers must be a mapping of layer ranges to overrides, e.g. "
+                             f"{{\"0-1\": {{\"value\": {{\"bits\": 8}}}}}}, got {layers!r}")
+        kwargs["layers"] = {str(k): v for k, v in layers.items()}
         return cls(**kwargs)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> None:
-        """Write the spec as JSON (or YAML if the name ends in .yaml/.yml)."""
+        """Write the spec as JSON (or YAML if the name ends in .yaml/.yml), atomically."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             yaml = require_extra("yaml", "yaml", "YAML spec files")
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         else:
-            path.write_text(self.to_json() + "\n")
+            write_text_atomic(path, self.to_json() + "\n")
 
     def describe(self) -> str:
         """One line: 'K int4/channel32, V int4/token32, window 128, sinks 4'."""
@@ -303,11 +314,19 @@ class CacheSpec:
 def read_spec_file(path: str | Path) -> CacheSpec:
     """The spec in a .json, .yaml or .yml file (YAML needs the `yaml` extra)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"spec {str(path)!r} is a folder; pass a .json or .yaml spec file or a preset name "
+                         "(`kvcompress presets` lists them)")
     if not path.is_file():
-        raise ValueError(f"spec file {str(path)!r} does not exist")
-    raw = path.read_text()
+        raise ValueError(f"spec file {str(path)!r} does not exist; pass an existing .json or .yaml spec file or a "
+                         "preset name (`kvcompress presets` lists them)")
     try:
-        if path.suffix in (".yaml", ".yml"):
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"spec file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+    try:
+        if kind == "YAML":
             yaml = require_extra("yaml", "yaml", "YAML spec files")
             data = yaml.safe_load(raw)
         else:
@@ -315,8 +334,15 @@ def read_spec_file(path: str | Path) -> CacheSpec:
     except (json.JSONDecodeError, Exception) as err:  # yaml raises its own error types
         if isinstance(err, MissingExtraError):
             raise
-        raise ValueError(f"spec file {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from err
-    return CacheSpec.from_dict(data)
+        detail = " ".join(str(err).split())
+        raise ValueError(f"spec file {str(path)!r} is not valid {kind}: {detail}") from err
+    if data is None:
+        raise ValueError(f"spec file {str(path)!r} is empty; write a spec such as "
+                         "{\"key\": {\"bits\": 4}, \"value\": {\"bits\": 4}} (see `kvcompress presets --json`)")
+    try:
+        return CacheSpec.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"spec file {str(path)!r}: {err}") from None
 
 
 def looks_like_spec_file(text: str) -> bool:

@@ -42,6 +42,7 @@ import logging
 import torch
 from transformers import PreTrainedModel
 
+from ..calibration import config_fields
 from ..codecs import token_slice
 from ..compat import register_attention_function, sdpa_attention
 
@@ -230,9 +231,25 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
             "build the cache with CompressedCache(..., fast_attention=False) for this model, or leave the model "
             "on sdpa (restore the handle enable_fast_attention returned)"
         )
+    config = getattr(module, "config", None)
+    if layer.key_space is not None and config is not None and config is not layer.checked_config:
+        _check_rope(layer, config)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend_compressed(layer, query, attention_mask, scale)  # (B, H_q, Q, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_rope(layer, config) -> None:
+    """Refuse a model whose rope differs from the one the layer's pre-RoPE keys were coded with
+    (the keys would be re-rotated with the wrong angles); remember a config that matches."""
+    fields = layer.model_fields
+    if fields is not None:
+        rope = config_fields(config)["rope"]
+        if rope != fields["rope"]:
+            raise ValueError(f"layer {layer.layer_idx} of this CompressedCache holds pre-RoPE keys of a model with "
+                             f"rope {fields['rope']}, but a model with rope {rope} is reading it; build one "
+                             "cache per model: CompressedCache(model, spec)")
+    layer.checked_config = config
 
 
 def _chunks(layer, kind: str):

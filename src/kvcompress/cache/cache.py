@@ -25,7 +25,7 @@ from .attention import hint_fast_attention
 from .build import build_codec
 from .layer import CompressedLayer
 from .memory import MemoryReport
-from ..calibration import artifact_for
+from ..calibration import artifact_for, config_fields
 from ..compat import cache_layer_types
 from ..rope import key_space_for
 from ..spec import CacheSpec
@@ -75,6 +75,15 @@ def check_supported(config: PretrainedConfig) -> list[int | None]:
         raise ValueError(f"model type {model_type!r} has no standard KV cache; CompressedCache cannot hold it")
     return [kwargs["sliding_window"] if kind == "sliding_attention" else None
             for kind, kwargs in zip(layer_types, layer_kwargs)]
+
+
+def check_fields(built_for: dict, config) -> None:
+    """ValueError listing the fields where `config` differs from `built_for` (`config_fields`)."""
+    running = config_fields(config)
+    diff = [f"{k}: cache {built_for.get(k)!r} vs model {v!r}" for k, v in running.items() if built_for.get(k) != v]
+    if diff:
+        raise ValueError(f"this CompressedCache was built for another model ({'; '.join(diff)}); build one cache "
+                         "per model: CompressedCache(model, spec)")
 
 
 def _key_spaces(model, spec: CacheSpec, num_layers: int) -> tuple[list, str | None]:
@@ -136,6 +145,11 @@ class CompressedCache(Cache):
     Attributes:
         key_space_fallback: why pre-RoPE keys were asked for but keys are compressed post-RoPE
             (also warned once), or None.
+        model_fields: the model the cache was built for (`calibration.config_fields`: model type,
+            layers, heads, head_dim, rope settings). A model with other layers, KV heads or
+            head_dim that calls `update` gets a ValueError (a few integer compares per call); a
+            model with other rope settings is refused at its first decode step through
+            kvcompress's attention, or by `check_model(model)`.
     """
 
     def __init__(self, model: PreTrainedModel | PretrainedConfig, spec: str | dict | CacheSpec = "int4",
@@ -146,6 +160,9 @@ class CompressedCache(Cache):
         num_layers = config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.spec.validate_for(num_layers, head_dim)
+        self.model_fields = config_fields(config)
+        self._kv_heads = self.model_fields["num_key_value_heads"]
+        self._head_dim = head_dim
         artifact = artifact_for(model, self.spec, artifact)
         key_spaces, self.key_space_fallback = _key_spaces(model, self.spec, num_layers)
         layers = []
@@ -164,11 +181,34 @@ class CompressedCache(Cache):
         self.monitor = _make_monitor(monitor)
         for layer in self.layers:
             layer.monitor = self.monitor
+            layer.model_fields = self.model_fields
         if fast_attention:  # decode steps read the codes while the model runs kvcompress's attention
             for layer in self.layers:
                 if not layer.is_sliding:
                     layer.attention_config = config
             hint_fast_attention(model)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Store (B, H, T, D) states of layer `layer_idx` (see `CompressedLayer.update`), after
+        checking that they come from the model the cache was built for."""
+        if (not 0 <= layer_idx < len(self.layers) or key_states.dim() != 4
+                or key_states.shape[1] != self._kv_heads or key_states.shape[3] != self._head_dim):
+            raise ValueError(self._wrong_model_message(key_states, layer_idx))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _wrong_model_message(self, key_states, layer_idx: int) -> str:
+        fields = self.model_fields
+        built = (f"{fields['model_type']!r} with {len(self.layers)} layers, {self._kv_heads} KV heads, "
+                 f"head_dim {self._head_dim}")
+        shape = tuple(key_states.shape)
+        return (f"this CompressedCache was built for a model of type {built}, but layer {layer_idx} handed it "
+                f"keys of shape {shape} (batch, kv_heads, tokens, head_dim): another model is using it. "
+                "Build one cache per model: CompressedCache(model, spec)")
+
+    def check_model(self, model) -> None:
+        """Raise ValueError naming the differences if `model` (or its config) is not the kind of
+        model this cache was built for (type, shapes or rope settings)."""
+        check_fields(self.model_fields, _text_config(model))
 
     def memory_report(self) -> MemoryReport:
         """Stored bytes (codes, scales, zero points, window, sinks) per layer and in total."""

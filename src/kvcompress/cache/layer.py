@@ -83,6 +83,10 @@ class CompressedLayer(CacheLayerMixin):
         # attention the codes (kvcompress.cache.attention) instead of a full reconstruction; or None
         # (always the full reconstruction).
         self.attention_config = None
+        # `calibration.config_fields` of the model the cache was built for (set by the cache), and
+        # the last model config found to match it (checked by kvcompress's attention function).
+        self.model_fields = None
+        self.checked_config = None
         self._clear()
 
     def _clear(self) -> None:
@@ -108,6 +112,8 @@ class CompressedLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new (B, H, T, D) states and return the (B, H, seq, D) keys and values attention reads.
 
+        The states are stored detached: gradients do not flow through the cache.
+
         At a decode step (T == 1) of a model running kvcompress's attention function, the
         return value is instead the (B, H, n_window, D) window, tagged with this layer: that
         attention function reads the sinks, the codes and the window from the layer itself
@@ -119,6 +125,9 @@ class CompressedLayer(CacheLayerMixin):
         """
         if self._window_unconsumed:
             self._refuse_unconsumed_window()
+        # The cache is for inference: what it stores carries no autograd history, so a cache filled
+        # with gradients enabled can still be copied (`CompressedCache.copy`) and holds no graph.
+        key_states, value_states = key_states.detach(), value_states.detach()
         decode_step = key_states.shape[2] == 1
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

@@ -7,7 +7,8 @@ import time
 
 from ..experiments.analysis import DEFAULT_SETTINGS, analyze, default_entries
 from .common import ray_options_from_args
-from .sweep import add_sweep_arguments, apply_threads, command_line, settings_from_args
+from .sweep import add_sweep_arguments, apply_threads, check_sweep_args, command_line, settings_from_args
+from .sweep import interrupted  # noqa: F401  (what a Ctrl-C leaves: the same as sweep's)
 
 NAME = "analyze"
 HELP = ("breaking-point analysis of the default specs (quantization, Hadamard, low rank) on one model: sweep "
@@ -19,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sweep_args(args, default_entries())
     ray = ray_options_from_args(args)
     apply_threads(args)
     wall, cpu = time.perf_counter(), time.process_time()

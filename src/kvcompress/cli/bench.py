@@ -11,7 +11,7 @@ from ..bench.render import render_markdown, write_outputs
 from ..bench.run import DEFAULT_CONTEXTS, BenchConfig, run_benchmark
 from ..extras import require_extra
 from ..io import parse_list
-from .common import add_model_arguments
+from .common import add_model_arguments, check_corpus, check_model_args, check_output_dir, check_tokens
 
 NAME = "bench"
 HELP = ("speed and memory of kvcompress presets vs DynamicCache and transformers' QuantizedCache "
@@ -65,9 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
+    for option, value in (("--steps", args.steps), ("--repeats", args.repeats),
+                          ("--capacity-steps", args.capacity_steps), ("--max-batch", args.max_batch),
+                          ("--capacity-context", args.capacity_context)):
+        check_tokens(value, option, 1)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        check_tokens(args.threads, "--threads", 1)
+    check_corpus(args.corpus)
+    check_model_args(args)
+    if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)  # this command's own process (and its peak children, below)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..calibration import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, calibrate
-from .common import add_model_arguments, load_model_from_args
+from .common import (UserError, add_model_arguments, check_corpus, check_model_args, check_output_dir,
+                     check_tokens, load_model_from_args)
 
 NAME = "calibrate"
 HELP = "calibrate per-layer, per-head K/V bases (for low-rank specs) and write an artifact folder"
@@ -24,12 +25,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import corpus_tokens
+    from ..corpus import CorpusError, corpus_tokens
 
-    if args.tokens < 16:
-        raise ValueError(f"--tokens must be at least 16, got {args.tokens}")
+    check_output_dir(args.out, "--out")
+    check_tokens(args.tokens, "--tokens", 16)
+    check_tokens(args.seq_len, "--seq-len", 16)
+    check_corpus(args.corpus)
+    check_model_args(args)
     model, tokenizer = load_model_from_args(args)
-    ids = corpus_tokens(tokenizer, part="calibration", n_tokens=args.tokens, path=args.corpus)
+    try:
+        ids = corpus_tokens(tokenizer, part="calibration", n_tokens=args.tokens, path=args.corpus)
+    except CorpusError as err:
+        raise UserError(f"--tokens {args.tokens}: {err}") from None
     artifact = calibrate(model, ids, seq_len=args.seq_len, corpus=args.corpus or "embedded:calibration",
                          progress=not args.no_progress)
     folder = artifact.save(args.out)

@@ -1,8 +1,18 @@
-"""Arguments and helpers shared by several sub-commands (model, corpus, dtype, output)."""
+"""Arguments, checks and helpers shared by the sub-commands (model, corpus, device, outputs).
+
+Every command checks what it can before it loads a model (`check_*` below): input files exist
+and are readable, output paths can be written, token counts are in range, the device exists and
+the spec resolves. A failed check raises `UserError`, whose message names the option or file,
+what is wrong and what to do; `kvcompress.cli.main` prints it as one line (exit status 2).
+
+This module does not load models or measure anything; it only reads arguments and the files
+they name.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -11,13 +21,17 @@ from ..io import write_json_atomic
 from ..models import DTYPES
 
 
+class UserError(ValueError):
+    """A command-line argument or a file it names is wrong; the message says which and what to do."""
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="hub id, local transformers folder or .gguf file (default: the embedded "
                              "SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device")
+                        help="torch device: cpu, cuda, cuda:N or mps")
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +49,202 @@ def load_model_from_args(args):
 def write_json(path: str | Path, data: dict) -> Path:
     """Write `data` as indented JSON, creating parent folders; returns the path."""
     return write_json_atomic(path, data)
+
+
+# --------------------------------------------------------------------------- checks before any work
+
+
+def check_tokens(value: int, option: str, minimum: int, why: str = "") -> None:
+    """`value` must be an integer >= `minimum`."""
+    if value < minimum:
+        raise UserError(f"{option} {value} is too small: at least {minimum} needed{why}; pass {option} {minimum} "
+                        "or more")
+
+
+def check_positive(value: float | int | None, option: str) -> None:
+    if value is not None and not value > 0:
+        raise UserError(f"{option} must be positive, got {value}")
+
+
+def check_device(device: str) -> None:
+    """The device must parse, be a real device (not "meta") and be available in this torch."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "meta":
+        raise UserError("--device meta holds no data, so nothing can be computed on it; use cpu, cuda or mps")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"--device {device}: {why}; use --device cpu (or install a CUDA build of torch on a "
+                            "machine with a GPU)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible; use "
+                            f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise UserError(f"--device {device}: no {parsed.type} device is available; use --device cpu")
+
+
+def check_input_file(path: str | None, option: str, what: str = "file") -> None:
+    """`path` (if given) must be an existing, readable file."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{option} {path}: no such {what}; check the path")
+    if p.is_dir():
+        raise UserError(f"{option} {path} is a folder; pass a {what}")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"{option} {path}: permission denied; make the {what} readable")
+
+
+def check_corpus(path: str | None, option: str = "--corpus") -> None:
+    """A --corpus file must be readable UTF-8 text with some words in it (token counts are checked
+    once the tokenizer is loaded)."""
+    if path is None:
+        return
+    from ..corpus import CorpusError, load_text
+
+    check_input_file(path, option, "UTF-8 text file")
+    try:
+        load_text(path)
+    except CorpusError as err:
+        raise UserError(f"{option} {path}: {err}") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_creatable(path: Path, option: str, given: str) -> None:
+    """The nearest existing folder above `path` must be a writable folder."""
+    ancestor = _nearest_existing(path.parent if path.parent != path else path)
+    if not ancestor.is_dir():
+        raise UserError(f"{option} {given}: {ancestor} is a file, so no folder can be created there; choose "
+                        "another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {given}: cannot write in {ancestor} (permission denied); choose another path")
+
+
+def check_output_file(path: str | None, option: str, suffixes: tuple[str, ...] = ()) -> None:
+    """`path` (if given) must name a file that can be created or replaced (not a folder)."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        example = Path(path) / ("result" + (suffixes[0] if suffixes else ".json"))
+        raise UserError(f"{option} {path} is a folder; pass a file name (e.g. {example})")
+    if suffixes and p.suffix not in suffixes:
+        raise UserError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{option} {path}: the file is not writable (permission denied); choose another path")
+    _check_creatable(p, option, path)
+
+
+def check_output_dir(path: str | None, option: str) -> None:
+    """`path` (if given) must be a folder, or a path where one can be created (not a file)."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{option} {path} is a file; pass a folder path (it is created if missing)")
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise UserError(f"{option} {path}: the folder is not writable (permission denied); choose another path")
+        return
+    _check_creatable(p, option, path)
+
+
+def check_model_path(name: str | None, option: str = "--model") -> None:
+    """A --model that is a local path must be a .gguf file or a folder with a readable config.json."""
+    if name is None:
+        return
+    import json
+
+    from ..models import _looks_like_path
+
+    p = Path(name).expanduser()
+    if p.is_dir():
+        config = p / "config.json"
+        if not config.is_file():
+            raise UserError(f"{option} {name} is a folder without config.json, so not a transformers model; pass a "
+                            "folder written by save_pretrained, a .gguf file, or leave --model out for the embedded "
+                            "model")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:
+            detail = " ".join(str(err).split())
+            raise UserError(f"{option} {name}: {config} is not valid JSON ({detail}); restore it, e.g. with "
+                            "save_pretrained") from None
+    elif p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise UserError(f"{option} {name} is a file but not a .gguf file; pass a .gguf file, a transformers "
+                            "folder, a hub id, or leave --model out for the embedded model")
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise UserError(f"{option} {name} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                            "pass a real .gguf file")
+    elif _looks_like_path(str(name)):
+        raise UserError(f"{option} {name}: no such model file or folder; check the path, or pass a hub id")
+
+
+def check_spec(text: str, option: str = "--spec"):
+    """The resolved spec of `text` (preset name or spec file); UserError naming `option` otherwise."""
+    from ..extras import MissingExtraError
+    from ..presets import load_spec
+
+    try:
+        return load_spec(text)
+    except MissingExtraError:
+        raise
+    except (ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise UserError(f"{option} {text}: {message}") from None
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """--model and --device (every command that loads a model)."""
+    check_device(str(args.device))
+    check_model_path(args.model)
+
+
+def check_artifact_dir(path: str | None, option: str = "--artifact") -> None:
+    """An --artifact must be an existing folder (its contents are checked when it is loaded)."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{option} {path} is a file; pass the folder that `kvcompress calibrate --out DIR` wrote")
+    if not p.exists():
+        raise UserError(f"{option} {path}: no such folder; create it with `kvcompress calibrate --out {path}` "
+                        "(same --model)")
+
+
+def check_eval_tokens(spec, n_tokens: int, option: str = "--tokens", label: str | None = None) -> None:
+    """`n_tokens` of decode-faithful evaluation must let a lossy `spec` compress something that a
+    later token reads (see `measure.evaluate.min_eval_tokens`)."""
+    from ..measure.evaluate import is_lossy, min_eval_tokens
+
+    if not is_lossy(spec):
+        check_tokens(n_tokens, option, 2)
+        return
+    need = min_eval_tokens(spec)
+    if n_tokens < need:
+        name = label or spec.name or "the spec"
+        raise UserError(f"{option} {n_tokens} is too few for {name}: it keeps sinks {spec.sinks} + window "
+                        f"{spec.window} tokens in full precision and compresses {spec.block_size} at a time, so "
+                        f"nothing would be compressed and the figures would equal the baseline's; pass {option} "
+                        f"{need} or more")
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser, unit: str = "spec") -> None:

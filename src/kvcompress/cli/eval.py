@@ -6,8 +6,9 @@ import argparse
 
 from ..calibration import artifact_for
 from ..measure.evaluate import decode_faithful_eval
-from ..presets import load_spec
-from .common import add_corpus_arguments, add_model_arguments, load_model_from_args, write_json
+from .common import (UserError, add_corpus_arguments, add_model_arguments, check_artifact_dir, check_corpus,
+                     check_eval_tokens, check_model_args, check_output_file, check_spec, load_model_from_args,
+                     write_json)
 
 NAME = "eval"
 HELP = "decode-faithful perplexity, KL and top-1 agreement of a spec vs the uncompressed cache"
@@ -28,12 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import corpus_tokens
+    from ..corpus import CorpusError, corpus_tokens
     from ..models import model_id
 
-    spec = load_spec(args.spec)
+    spec = check_spec(args.spec)
+    check_eval_tokens(spec, args.tokens, label=f"spec {args.spec}")
+    check_output_file(args.json, "--json")
+    check_artifact_dir(args.artifact)
+    check_corpus(args.corpus)
+    check_model_args(args)
     model, tokenizer = load_model_from_args(args)
-    ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.tokens, path=args.corpus)
+    try:
+        ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.tokens, path=args.corpus)
+    except CorpusError as err:
+        raise UserError(f"--tokens {args.tokens}: {err}") from None
     artifact, artifact_info = artifact_for(model, spec, args.artifact), None
     if artifact is not None:
         artifact_info = {"path": str(artifact.path), "fingerprint": artifact.metadata["fingerprint"],

@@ -1,9 +1,17 @@
 """The `kvcompress` command line: one sub-command per module in `kvcompress.cli`.
 
-Each command module defines NAME, HELP, `add_arguments(parser)` and `run(args) -> int`.
-This module only dispatches, prints the library's progress messages (INFO and above of the
-`kvcompress` loggers) on stdout, and turns user errors (bad values, missing files, a missing
-optional extra) into one line with exit status 2. It holds no logic of its own.
+Each command module defines NAME, HELP, `add_arguments(parser)` and `run(args) -> int`, and
+may define `interrupted(args) -> str` (what a Ctrl-C leaves behind, e.g. which records are
+saved). This module dispatches and turns errors into exit statuses:
+
+    0    done
+    1    the command ran but its result is a failure (e.g. a spec that failed in a sweep)
+    2    a user error (bad option, unreadable file, missing optional package, a model that
+         cannot be loaded): ONE line on stderr, `kvcompress CMD: error: ...`, no traceback
+         (`--debug` shows it)
+    130  interrupted (Ctrl-C): one line saying what was saved
+
+Progress messages of the library (logger "kvcompress") go to stdout. It holds no other logic.
 """
 
 from __future__ import annotations
@@ -33,13 +41,16 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompress", description="Real KV-cache compression for transformers, "
                                      "with honestly measured quality.")
+    parser.add_argument("--debug", action="store_true", help="show a traceback for errors (before the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         module = importlib.import_module(module_name)
         command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show a traceback for errors")
+        command.set_defaults(run=module.run, interrupted=getattr(module, "interrupted", None))
     return parser
 
 
@@ -73,13 +84,38 @@ def configure_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the user can fix something (the message says what)."""
+    from ..corpus import CorpusError
+    from ..models import ModelLoadError
+
+    return (ValueError, OSError, CorpusError, ModelLoadError, MissingExtraError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a KeyError's message without its quotes)."""
+    text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    return " ".join(str(text).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
+    prefix = f"kvcompress {args.command}"
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, MissingExtraError) as err:
-        print(f"kvcompress {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        saved = args.interrupted(args) if args.interrupted else "nothing was written"
+        print(f"{prefix}: interrupted; {saved}", file=sys.stderr)
+        return 130
+    except user_errors() as err:
+        if args.debug:
+            raise
+        print(f"{prefix}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except (WorkerStartError, WorkersLostError) as err:
         print(f"kvcompress {args.command}: {err}", file=sys.stderr)

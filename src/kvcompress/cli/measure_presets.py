@@ -12,7 +12,8 @@ import sys
 import time
 
 from ..io import parse_list
-from .common import add_model_arguments, add_ray_arguments, load_model_from_args, ray_options_from_args, write_json
+from .common import (UserError, add_model_arguments, add_ray_arguments, check_input_file, check_model_args,
+                     check_output_file, load_model_from_args, ray_options_from_args, write_json)
 
 NAME = "measure-presets"
 HELP = "choose the named presets (lossless ... extreme) by measurement, or re-verify them with --verify"
@@ -58,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from ..tuning.tune import eval_figures
 
     started = time.perf_counter()
+    if args.table or args.verify:
+        check_input_file(args.file, "--file", "measured-presets data file")
+    else:
+        check_output_file(args.file, "--file", (".json",))
+    check_output_file(args.json, "--json")
+    if args.state:
+        check_output_file(args.state, "--state")
     if args.table:
         from ..presets.measured import markdown_table
 
@@ -67,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         data = load_measured(args.file)
         if not data["presets"]:
             raise ValueError(f"{args.file} holds no presets; run `kvcompress measure-presets` first")
+        check_model_args(args)
         model, tokenizer = load_model_from_args(args)
         tokens = data.get("texts", {}).get("verify", {}).get("tokens", args.verify_tokens)
         ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=tokens)
@@ -85,9 +94,16 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print("all presets meet their targets")
         return 0
-    targets = parse_targets(args.targets)
+    try:
+        targets = parse_targets(args.targets)
+    except ValueError as err:
+        raise UserError(f"--targets {args.targets}: {err}") from None
     lengths = parse_list(args.passkey_lengths, int, "--passkey-lengths value")
-    candidates = uniform_candidates(parse_list(args.candidates))
+    try:
+        candidates = uniform_candidates(parse_list(args.candidates))
+    except ValueError as err:
+        raise UserError(f"--candidates {args.candidates}: {err}") from None
+    check_model_args(args)
     state = args.state or ("runs/measured_presets.state.json" if str(args.file) == str(DATA_FILE)
                            else str(args.file) + ".state.json")
     ray = ray_options_from_args(args)
@@ -100,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
     path = write_json(args.file, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    if args.verify or args.table:
+        return "nothing was written"
+    return "the measurements so far are saved in the --state file; run the same command again to resume"
 
 
 def _without_state(argv: list[str]) -> list[str]:

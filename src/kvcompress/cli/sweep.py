@@ -10,7 +10,9 @@ import time
 from ..experiments.grid import parse_specs
 from ..experiments.sweep import TASKS, SweepSettings, run_sweep
 from ..io import parse_list
-from .common import add_corpus_arguments, add_model_arguments, add_ray_arguments, ray_options_from_args
+from .common import (UserError, add_corpus_arguments, add_model_arguments, add_ray_arguments, check_artifact_dir,
+                     check_corpus, check_eval_tokens, check_model_args, check_output_dir, check_tokens,
+                     ray_options_from_args)
 
 NAME = "sweep"
 HELP = "direct reconstruction, decode-faithful quality and tasks for many specs (one JSON record per spec)"
@@ -82,12 +84,36 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
                          artifact=args.artifact)
 
 
+def check_sweep_args(args: argparse.Namespace, entries) -> None:
+    """Everything `sweep` and `analyze` can check before loading the model."""
+    check_output_dir(args.out, "--out")
+    for entry in entries:
+        if entry.eval:
+            check_eval_tokens(entry.spec, args.tokens, label=f"spec {entry.label}")
+    check_tokens(args.recon_tokens, "--recon-tokens", 2)
+    if args.tasks and "agreement" in args.tasks:
+        check_tokens(args.agreement_prompts, "--agreement-prompts", 2)
+        check_tokens(args.agreement_prompt_tokens, "--agreement-prompt-tokens", 2)
+        check_tokens(args.agreement_new_tokens, "--agreement-new-tokens", 2)
+    if args.tasks and "passkey" in args.tasks and (not args.passkey_lengths or min(args.passkey_lengths) < 1):
+        raise UserError(f"--passkey-lengths must be positive token counts, got {list(args.passkey_lengths)}")
+    if args.threads is not None:
+        check_tokens(args.threads, "--threads", 1)
+    check_artifact_dir(args.artifact)
+    check_corpus(args.corpus)
+    check_model_args(args)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    return (f"every record finished before the interruption is saved in {args.out}/records; run the same "
+            "command again to resume")
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     if args.threads is not None:
         import torch
 
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        check_tokens(args.threads, "--threads", 1)
         torch.set_num_threads(args.threads)
 
 
@@ -103,7 +129,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    entries = parse_specs(args.specs)
+    try:
+        entries = parse_specs(args.specs)
+    except ValueError as err:
+        raise UserError(f"--specs {args.specs}: {err}") from None
+    check_sweep_args(args, entries)
     settings = settings_from_args(args)
     ray = ray_options_from_args(args)
     apply_threads(args)

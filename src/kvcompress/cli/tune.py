@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 from ..calibration import artifact_for
-from .common import add_model_arguments, load_model_from_args, write_json
+from .common import (UserError, add_model_arguments, check_artifact_dir, check_corpus, check_eval_tokens,
+                     check_model_args, check_output_file, check_positive, check_tokens, load_model_from_args,
+                     write_json)
 
 NAME = "tune"
 HELP = "find per-layer K/V settings with the highest compression ratio that meet a quality target"
@@ -58,37 +60,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    state = args.state or str(Path(args.out).with_name(Path(args.out).name + ".tune-state.json"))
+    return f"the measurements so far are saved in {state}; run the same command again to resume"
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import corpus_tokens
+    from ..corpus import CorpusError, corpus_tokens
     from ..models import model_id
     from ..spec import CacheSpec
     from ..tuning.state import TuneState, text_fingerprint
     from ..tuning.tune import TuneError, best_uniform, make_evaluator, parse_candidates, tune
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
-    if not target > 0:
-        raise ValueError(f"the target must be positive, got {target}")
-    for name in ("tokens", "verify_tokens"):
-        if getattr(args, name) < 64:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 64, got {getattr(args, name)}")
+    check_positive(target, "--max-kl" if metric == "kl" else "--max-ppl-change")
+    check_output_file(args.out, "--out", (".json", ".yaml", ".yml"))
     out = Path(args.out)
-    if out.suffix not in (".json", ".yaml", ".yml"):
-        raise ValueError(f"--out must end in .json, .yaml or .yml, got {args.out!r}")
-    base = CacheSpec(window=args.window, sinks=args.sinks, block_size=args.block_size)
-    settings = parse_candidates(args.candidates)
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".tune-state.json")
+    check_output_file(str(state_path), "--state")
+    check_output_file(args.json, "--json")
+    try:
+        base = CacheSpec(window=args.window, sinks=args.sinks, block_size=args.block_size)
+    except ValueError as err:
+        raise UserError(f"--window/--sinks/--block-size: {err}") from None
+    try:
+        settings = parse_candidates(args.candidates)
+    except ValueError as err:
+        raise UserError(f"--candidates {args.candidates}: {err}") from None
+    for option, value in (("--tokens", args.tokens), ("--verify-tokens", args.verify_tokens)):
+        check_tokens(value, option, 64)
+        check_eval_tokens(base, value, option,
+                          label=f"window {args.window}, sinks {args.sinks}, block {args.block_size}")
+    check_positive(args.max_tries, "--max-tries")
+    check_artifact_dir(args.artifact)
+    check_corpus(args.corpus)
+    check_model_args(args)
     started = time.perf_counter()
     model, tokenizer = load_model_from_args(args)
-    if args.corpus:
-        tune_src, tune_off = f"file:{args.corpus}", 0
-        verify_src, verify_off = f"file:{args.corpus}", args.tokens
-        tune_ids = corpus_tokens(tokenizer, n_tokens=args.tokens, path=args.corpus)
-        verify_ids = corpus_tokens(tokenizer, n_tokens=args.verify_tokens, path=args.corpus, offset=args.tokens)
-    else:
-        tune_src, tune_off = "embedded:calibration", args.tune_offset
-        verify_src, verify_off = "embedded:evaluation", 0
-        tune_ids = corpus_tokens(tokenizer, part="calibration", n_tokens=args.tokens, offset=args.tune_offset)
-        verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.verify_tokens)
+    try:
+        if args.corpus:
+            tune_src, tune_off = f"file:{args.corpus}", 0
+            verify_src, verify_off = f"file:{args.corpus}", args.tokens
+            tune_ids = corpus_tokens(tokenizer, n_tokens=args.tokens, path=args.corpus)
+            verify_ids = corpus_tokens(tokenizer, n_tokens=args.verify_tokens, path=args.corpus, offset=args.tokens)
+        else:
+            tune_src, tune_off = "embedded:calibration", args.tune_offset
+            verify_src, verify_off = "embedded:evaluation", 0
+            tune_ids = corpus_tokens(tokenizer, part="calibration", n_tokens=args.tokens, offset=args.tune_offset)
+            verify_ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.verify_tokens)
+    except CorpusError as err:
+        raise UserError(f"--tokens {args.tokens} / --verify-tokens {args.verify_tokens}: {err}") from None
     artifact = artifact_for(model, [s for tensor in settings.values() for s in tensor], args.artifact)
     print(f"tuning {metric} <= {target:g} for {model_id(model)}: tuning text {tune_src} tokens "
           f"[{tune_off}, {tune_off + args.tokens}), held-out text {verify_src} tokens "

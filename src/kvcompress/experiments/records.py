@@ -25,20 +25,35 @@ def record_path(out_dir: str | os.PathLike, label: str) -> Path:
 
 
 def read_record(path: Path) -> dict | None:
-    """The record at `path`, or None if it is absent or unreadable (then it is measured again)."""
+    """The JSON object at `path`, or None if it is absent or unreadable (then it is measured again)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-def load_records(out_dir: str | os.PathLike) -> list[dict]:
-    """Records of a sweep folder, in the order of its config.json (else by file name)."""
+def load_records(out_dir: str | os.PathLike, unreadable: list[Path] | None = None) -> list[dict]:
+    """Records of a sweep folder, in the order of its config.json (else by file name).
+
+    A record file that is not a JSON object with a label and a status is left out; its path is
+    appended to `unreadable` when that list is given.
+    """
     out = Path(out_dir)
     config = read_record(out / CONFIG_FILE)
-    if config and config.get("specs"):
-        paths = [record_path(out, spec["label"]) for spec in config["specs"]]
+    if config and isinstance(config.get("specs"), list):
+        paths = [record_path(out, spec["label"]) for spec in config["specs"]
+                 if isinstance(spec, dict) and "label" in spec]
     else:
         paths = sorted((out / RECORDS_DIR).glob("*.json"))
-    records = [read_record(path) for path in paths if path.is_file()]
-    return [r for r in records if r is not None]
+    records = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        record = read_record(path)
+        if record is None or "label" not in record or "status" not in record:
+            if unreadable is not None:
+                unreadable.append(path)
+            continue
+        records.append(record)
+    return records

@@ -39,6 +39,8 @@ from .curves import (
     ok_records,
     zone_of,
 )
+from ..measure.evaluate import is_lossy
+from ..spec import CacheSpec
 from .plots import plot_failure_curves, plot_layer_sensitivity, plot_quality
 from .records import BASELINE_FILE, CONFIG_FILE, load_records, read_record
 
@@ -220,10 +222,45 @@ def _settings_lines(config: dict | None, baseline: dict | None, records: list[di
     return lines
 
 
-def write_report(out_dir: str | os.PathLike) -> Path:
-    """Write `report.md` and the PNG plots into the sweep folder `out_dir`; returns the report path."""
+class UnreadableRecordsError(ValueError):
+    """Some record files of a sweep folder cannot be read; the message names them."""
+
+
+def _nothing_compressed(record: dict) -> bool:
+    """An ok record whose evaluation compressed no token of a lossy spec (written by a kvcompress
+    older than the check in `evaluate.check_eval_tokens`): its figures are the baseline's."""
+    ev = record.get("eval")
+    if record.get("status") != "ok" or not isinstance(ev, dict) or ev.get("compressed_tokens") != 0:
+        return False
+    try:
+        return is_lossy(CacheSpec.from_dict(record.get("spec") or {}))
+    except ValueError:
+        return True
+
+
+def mark_nothing_compressed(records: list[dict]) -> list[dict]:
+    """The records, with those that compressed nothing turned into errors (never in a zone)."""
+    return [dict(r, status="error", error=f"nothing compressed: the {r['eval'].get('tokens')}-token evaluation "
+                 "text fits in the spec's window and sinks, so its figures equal the uncompressed baseline's; "
+                 "re-run the sweep with more --tokens") if _nothing_compressed(r) else r for r in records]
+
+
+def write_report(out_dir: str | os.PathLike, skip_unreadable: bool = False) -> Path:
+    """Write `report.md` and the PNG plots into the sweep folder `out_dir`; returns the report path.
+
+    Raises UnreadableRecordsError naming every record file that cannot be read, unless
+    `skip_unreadable` (then the report lists them under "Records that could not be read").
+    """
     out = Path(out_dir)
-    records = load_records(out)
+    if not out.is_dir():
+        raise ValueError(f"sweep folder {out} does not exist; run `kvcompress sweep --out {out}` first")
+    unreadable: list[Path] = []
+    records = mark_nothing_compressed(load_records(out, unreadable))
+    if unreadable and not skip_unreadable:
+        names = ", ".join(str(p) for p in unreadable)
+        raise UnreadableRecordsError(
+            f"{len(unreadable)} record file(s) cannot be read: {names}; delete them and re-run the same "
+            f"`kvcompress sweep --out {out}` to measure them again, or pass --skip-unreadable to report without them")
     if not records:
         raise ValueError(f"{out} holds no sweep records ({out}/records/*.json); run `kvcompress sweep --out {out}` "
                          "first")
@@ -276,6 +313,8 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     errors = [r for r in records if r.get("status") != "ok"]
     if errors:
         md += ["## Specs that failed", ""] + [f"- **{r['label']}**: {r.get('error')}" for r in errors] + [""]
+    if unreadable:
+        md += ["## Records that could not be read", ""] + [f"- {p.name}" for p in unreadable] + [""]
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path

@@ -114,7 +114,10 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
     pending = [e for e in entries if e.label not in done]
     if done:
         logger.info(f"resuming: {len(done)} of {len(entries)} specs already measured")
-    if pending and ray is None:
+    baseline_ok = saved_baseline(out, settings) is not None
+    if not pending and not baseline_ok:
+        logger.info(f"{out / BASELINE_FILE} is missing or damaged: measuring the uncompressed baseline again")
+    if (pending and ray is None) or (not pending and not baseline_ok):  # with Ray, the workers measure it
         if model is None:
             model, tokenizer = (loader or load_from_settings)(settings)
         ctx = _Context(model, tokenizer, settings)

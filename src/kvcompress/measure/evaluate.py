@@ -84,6 +84,35 @@ def chunk_boundaries(n_tokens: int, spec: CacheSpec, mode: str = "chunked") -> l
     return bounds
 
 
+class NothingCompressedError(ValueError):
+    """The text is too short for a lossy spec to compress anything that a later token reads: its
+    figures would equal the uncompressed baseline's and say nothing about the spec."""
+
+
+def is_lossy(spec: CacheSpec) -> bool:
+    """Whether some layer of `spec` stores keys or values in a compressed form."""
+    return spec.key.method != "none" or spec.value.method != "none" or any(
+        tensor.get("method", "none") != "none" for override in spec.layers.values() for tensor in override.values())
+
+
+def min_eval_tokens(spec: CacheSpec) -> int:
+    """Fewest tokens an evaluation of `spec` needs so that a block is compressed and then read:
+    the sinks and the window fill, one block of `block_size` tokens leaves the window and is
+    compressed, and one more token attends to it."""
+    return spec.sinks + spec.window + spec.block_size + 1
+
+
+def check_eval_tokens(spec: CacheSpec, n_tokens: int, what: str = "the text") -> None:
+    """Raise NothingCompressedError if a lossy `spec` compresses nothing in `n_tokens` tokens."""
+    need = min_eval_tokens(spec)
+    if is_lossy(spec) and n_tokens < need:
+        raise NothingCompressedError(
+            f"{what} has {n_tokens} tokens, too few for spec {spec.name or spec.describe()!r} to compress anything: "
+            f"it keeps sinks {spec.sinks} + window {spec.window} tokens in full precision and compresses "
+            f"{spec.block_size} at a time, so it needs at least {need} tokens "
+            f"({spec.sinks} + {spec.window} + {spec.block_size} + 1); use more tokens or a smaller window")
+
+
 def _bootstrap_ppl_change(nll_base: torch.Tensor, nll_comp: torch.Tensor, samples: int = 1000,
                           seed: int = 0) -> tuple[float, float]:
     """95% interval of exp(mean nll_comp - mean nll_base) - 1 over resampled positions."""
@@ -117,6 +146,9 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
             uncompressed model again (same numbers; holds n x vocab float32 per key).
 
     Raises:
+        NothingCompressedError (a ValueError): if the spec is lossy but the text is too short for
+            anything compressed to be read (see `min_eval_tokens`), checked before any forward,
+            or if no layer compressed a token by the end (e.g. only sliding layers).
         RuntimeError: if tokens were compressed lossily but the logits equal the baseline's
             exactly, i.e. attention did not read the compressed cache.
     """
@@ -126,6 +158,7 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     n = input_ids.shape[1]
+    check_eval_tokens(spec, n)
     # Attention over the codes where the model supports it (the path `enable_fast_attention`
     # users decode with; other calls are transformers' sdpa), and the model as it was afterwards.
     with enable_fast_attention(model, strict=False):
@@ -162,7 +195,11 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
     nll_b, nll_c = torch.cat(nll_base).cpu(), torch.cat(nll_comp).cpu()
     report = cache.memory_report()
     compressed_tokens = max((m.compressed_tokens for m in report.layers), default=0)
-    lossy = spec.key.method != "none" or spec.value.method != "none" or bool(spec.layers)
+    lossy = is_lossy(spec)
+    if lossy and compressed_tokens == 0 and max_diff == 0.0:
+        raise NothingCompressedError(
+            f"spec {spec.name or spec.describe()!r} compressed no token of the {n}-token text, so its figures would "
+            "equal the uncompressed baseline's; evaluate on a longer text")
     if lossy and compressed_tokens > 0 and max_diff == 0.0:
         raise RuntimeError(
             f"{compressed_tokens} tokens were compressed with a lossy spec ({spec.describe()}), yet the "

@@ -35,6 +35,17 @@ def text_fingerprint(ids: torch.Tensor, source: str, offset: int = 0) -> dict:
             "sha256": content_hash(ids.flatten().tolist())}
 
 
+def _non_numeric(value, where: str) -> str | None:
+    """The path of the first leaf of `value` that is not a number (None if all are)."""
+    if isinstance(value, dict):
+        return next((bad for k, v in value.items() if (bad := _non_numeric(v, f"{where}.{k}"))), None)
+    if isinstance(value, list):
+        return next((bad for i, v in enumerate(value) if (bad := _non_numeric(v, f"{where}[{i}]"))), None)
+    if isinstance(value, (int, float)) or value is None:
+        return None
+    return f"{where} ({value!r})"
+
+
 class TuneState:
     """Measurements of a tune, kept in a JSON file and written after each new one.
 
@@ -56,6 +67,19 @@ class TuneState:
                 raise ValueError(f"{self.path} is not a kvcompress tune state file (format {STATE_FORMAT}); "
                                  "delete it or pass another --state")
             self.entries = data.get("entries", {})
+            self._check_entries()
+
+    def _check_entries(self) -> None:
+        """ValueError naming the file and the entry if an entry is not what `put` writes (numbers only)."""
+        fix = "the file was edited or damaged; delete it (its measurements are redone) or pass another --state"
+        if not isinstance(self.entries, dict):
+            raise ValueError(f"tune state file {self.path}: 'entries' is not a mapping; {fix}")
+        for key, entry in self.entries.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("result"), dict):
+                raise ValueError(f"tune state file {self.path}: entry {key} has no 'result' mapping; {fix}")
+            bad = _non_numeric(entry["result"], "result")
+            if bad:
+                raise ValueError(f"tune state file {self.path}: entry {key} has a non-numeric value at {bad}; {fix}")
 
     @staticmethod
     def key(kind: str, model_fp: dict, text_fp: dict, spec: dict) -> str:
