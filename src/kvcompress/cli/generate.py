@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ..generate import GenerateSettings, generate_file
-from .common import add_model_arguments, add_ray_arguments, ray_options_from_args
+from .common import (add_model_arguments, add_ray_arguments, check_artifact_dir, check_input_file, check_model_args,
+                     check_output_file, check_positive, check_spec, ray_options_from_args)
 
 NAME = "generate"
 HELP = ("greedy generation with a compressed cache for every prompt of a JSONL file; one JSON line per prompt "
@@ -30,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_input_file(args.input, "--input", "JSONL file")
+    check_output_file(args.output, "--output")
+    check_spec(args.spec)
+    check_positive(args.max_new_tokens, "--max-new-tokens")
+    check_positive(args.batch_size, "--batch-size")
+    check_artifact_dir(args.artifact)
+    check_model_args(args)
     ray = ray_options_from_args(args)
     if args.threads is not None:
         import torch
