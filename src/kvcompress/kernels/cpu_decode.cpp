@@ -1,0 +1,473 @@
+// Decode-step attention over a CompressedLayer, computed from the packed codes (CPU).
+//
+// One query token per sequence. For every (batch, KV head) the scores of each query head of
+// its grouped-query group are taken against
+//     [ sinks (full precision) | compressed blocks (packed codes) | window (full precision) ]
+// then one softmax (float32) and p.v. Codes are decoded one token row at a time into a
+// buffer of head_dim floats on the stack; no decoded copy of the cache is ever built.
+//
+// Codes follow kvcompress.codecs.quant.QuantCodec and kvcompress.codecs.packing exactly:
+//   x_hat = code * scale + zero  (scale, zero stored in fp16)
+//   axis "channel": `row_tokens` = group tokens share one row; scale/zero (B, H, T/g, D)
+//   axis "token":   8 tokens per row; scale/zero (B, H, T, D/g)
+//   a row of r tokens holds n = r*D codes (code index t*D + d) split into bit fields (widest
+//   first) stored byte-planar: a field of width w takes m = n*w/8 bytes, byte j holding codes
+//   j + h*m at bits [h*w, (h+1)*w). With r*w % 8 == 0 every plane holds whole tokens, so
+//   token t's D codes of a field are D consecutive bytes shifted by a constant.
+//
+// Work is split into tasks (batch, KV head, token block); each task computes a partial
+// softmax (running max, sum, unnormalised p.v) and the partials are merged at the end, as in
+// split-K "flash decoding". Tasks run under at::parallel_for (torch's thread count).
+//
+// This file does not know about transformers, pre-RoPE keys or codecs other than QuantCodec;
+// the Python side (kvcompress.kernels.cpu) decides when it applies.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kMaxDim = 1024;  // head_dim limit of the stack buffer of one decoded token
+
+// exp(x) for x <= 0 (scores minus their max), vectorisable; exact 0 below -87.
+inline float exp_nonpositive(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// One QuantCodec's stored tensors, positioned at one (batch, KV head).
+struct Packed {
+  const uint8_t* codes;   // rows of `row_tokens` tokens
+  int64_t row_stride;     // bytes between rows
+  const at::Half* scale;  // channel: (T/g, D) rows; token: (T, D/g) rows
+  const at::Half* zero;
+  int64_t scale_stride;   // elements between scale rows
+  int64_t zero_stride;
+  int bits;
+  bool channel;
+  int64_t group;
+  int64_t row_tokens;
+  int64_t dim;
+};
+
+// The D codes of token t (0 <= t < row_tokens) of a packed row, as floats.
+inline void decode_token(const Packed& c, const uint8_t* row, int64_t t, float* out) {
+  const int64_t D = c.dim, r = c.row_tokens;
+  switch (c.bits) {
+    case 8: {
+      const uint8_t* p = row + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(p[d]);
+      break;
+    }
+    case 4: {
+      const int64_t tpp = r / 2;
+      const int sh = static_cast<int>(t / tpp) * 4;
+      const uint8_t* p = row + (t % tpp) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>((p[d] >> sh) & 15);
+      break;
+    }
+    case 2: {
+      const int64_t tpp = r / 4;
+      const int sh = static_cast<int>(t / tpp) * 2;
+      const uint8_t* p = row + (t % tpp) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>((p[d] >> sh) & 3);
+      break;
+    }
+    case 3: {  // field of width 2 at offset 0, then a field of width 1 at offset 2
+      const int64_t tpp0 = r / 4, tpp1 = r / 8;
+      const int sh0 = static_cast<int>(t / tpp0) * 2, sh1 = static_cast<int>(t / tpp1);
+      const uint8_t* p0 = row + (t % tpp0) * D;
+      const uint8_t* p1 = row + r * D / 4 + (t % tpp1) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d)
+        out[d] = static_cast<float>(((p0[d] >> sh0) & 3) | (((p1[d] >> sh1) & 1) << 2));
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "kvcompress cpu kernel: unsupported bits ", c.bits);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename T>
+inline float dot_t(const float* a, const T* b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * static_cast<float>(b[i]);
+  return acc;
+}
+
+// Scores of compressed tokens [t0, t1) (t0, t1 multiples of row_tokens) for `rep` query
+// heads q (rep x D, already scaled), into sc[h * ld + (t - t0)].
+void key_scores(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc, int64_t ld,
+                std::vector<float>& work) {
+  const int64_t D = c.dim, r = c.row_tokens;
+  float cf[kMaxDim];
+  if (c.channel) {
+    work.resize(static_cast<size_t>(rep) * (D + 1));
+    float* qs = work.data();       // rep x D: q * scale of this row's group
+    float* qz = qs + rep * D;      // rep: q . zero
+    for (int64_t row = t0 / r; row < t1 / r; ++row) {
+      const at::Half* s = c.scale + row * c.scale_stride;
+      const at::Half* z = c.zero + row * c.zero_stride;
+      for (int h = 0; h < rep; ++h) {
+        const float* qh = q + h * D;
+        float* qsh = qs + h * D;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) {
+          qsh[d] = qh[d] * static_cast<float>(s[d]);
+          acc += qh[d] * static_cast<float>(z[d]);
+        }
+        qz[h] = acc;
+      }
+      const uint8_t* bytes = c.codes + row * c.row_stride;
+      for (int64_t t = 0; t < r; ++t) {
+        decode_token(c, bytes, t, cf);
+        const int64_t col = row * r + t - t0;
+        for (int h = 0; h < rep; ++h) sc[h * ld + col] = dot(qs + h * D, cf, D) + qz[h];
+      }
+    }
+  } else {
+    const int64_t g = c.group, ng = D / g;
+    work.resize(static_cast<size_t>(rep) * ng);
+    float* qsum = work.data();  // rep x ng: sum of q over each channel group
+    for (int h = 0; h < rep; ++h)
+      for (int64_t k = 0; k < ng; ++k) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < g; ++d) acc += q[h * D + k * g + d];
+        qsum[h * ng + k] = acc;
+      }
+    for (int64_t row = t0 / r; row < t1 / r; ++row) {
+      const uint8_t* bytes = c.codes + row * c.row_stride;
+      for (int64_t t = 0; t < r; ++t) {
+        const int64_t token = row * r + t;
+        decode_token(c, bytes, t, cf);
+        const at::Half* s = c.scale + token * c.scale_stride;
+        const at::Half* z = c.zero + token * c.zero_stride;
+        for (int h = 0; h < rep; ++h) {
+          float acc = 0.0f;
+          for (int64_t k = 0; k < ng; ++k)
+            acc += static_cast<float>(s[k]) * dot(q + h * D + k * g, cf + k * g, g) +
+                   static_cast<float>(z[k]) * qsum[h * ng + k];
+          sc[h * ld + token - t0] = acc;
+        }
+      }
+    }
+  }
+}
+
+// acc[h * D + d] += sum over compressed tokens [t0, t1) of p[h * ld + (t - t0)] * v_hat[t, d].
+void value_mix(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld, float* acc,
+               std::vector<float>& work) {
+  const int64_t D = c.dim, r = c.row_tokens;
+  float cf[kMaxDim];
+  if (c.channel) {
+    work.resize(static_cast<size_t>(rep) * (D + 1));
+    float* pc = work.data();   // rep x D: sum_t p * code over the row
+    float* ps = pc + rep * D;  // rep: sum_t p over the row
+    for (int64_t row = t0 / r; row < t1 / r; ++row) {
+      std::fill(pc, pc + rep * (D + 1), 0.0f);
+      const uint8_t* bytes = c.codes + row * c.row_stride;
+      for (int64_t t = 0; t < r; ++t) {
+        decode_token(c, bytes, t, cf);
+        const int64_t col = row * r + t - t0;
+        for (int h = 0; h < rep; ++h) {
+          const float w = p[h * ld + col];
+          float* pch = pc + h * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) pch[d] += w * cf[d];
+          ps[h] += w;
+        }
+      }
+      const at::Half* s = c.scale + row * c.scale_stride;
+      const at::Half* z = c.zero + row * c.zero_stride;
+      for (int h = 0; h < rep; ++h) {
+        float* ah = acc + h * D;
+        const float* pch = pc + h * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d)
+          ah[d] += static_cast<float>(s[d]) * pch[d] + static_cast<float>(z[d]) * ps[h];
+      }
+    }
+  } else {
+    const int64_t g = c.group, ng = D / g;
+    for (int64_t row = t0 / r; row < t1 / r; ++row) {
+      const uint8_t* bytes = c.codes + row * c.row_stride;
+      for (int64_t t = 0; t < r; ++t) {
+        const int64_t token = row * r + t;
+        decode_token(c, bytes, t, cf);
+        const at::Half* s = c.scale + token * c.scale_stride;
+        const at::Half* z = c.zero + token * c.zero_stride;
+        for (int h = 0; h < rep; ++h) {
+          const float w = p[h * ld + token - t0];
+          if (w == 0.0f) continue;
+          float* ah = acc + h * D;
+          for (int64_t k = 0; k < ng; ++k) {
+            const float a = w * static_cast<float>(s[k]), b = w * static_cast<float>(z[k]);
+            float* ak = ah + k * g;
+            const float* ck = cf + k * g;
+#pragma omp simd
+            for (int64_t d = 0; d < g; ++d) ak[d] += a * ck[d] + b;
+          }
+        }
+      }
+    }
+  }
+}
+
+Packed packed_at(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                 bool channel, int64_t group, int64_t dim, int64_t b, int64_t h) {
+  Packed c;
+  c.codes = codes.data_ptr<uint8_t>() + b * codes.stride(0) + h * codes.stride(1);
+  c.row_stride = codes.stride(2);
+  c.scale = scale.data_ptr<at::Half>() + b * scale.stride(0) + h * scale.stride(1);
+  c.zero = zero.data_ptr<at::Half>() + b * zero.stride(0) + h * zero.stride(1);
+  c.scale_stride = scale.stride(2);
+  c.zero_stride = zero.stride(2);
+  c.bits = static_cast<int>(bits);
+  c.channel = channel;
+  c.group = group;
+  c.row_tokens = channel ? group : 8;
+  c.dim = dim;
+  return c;
+}
+
+void check_packed(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                  bool channel, int64_t group, int64_t dim, int64_t n_compressed, const char* what) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.stride(3) == 1,
+              what, " codes must be (B, H, rows, bytes) uint8 with contiguous rows");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kHalf && scale.dim() == 4 &&
+                  zero.dim() == 4 && scale.stride(3) == 1 && zero.stride(3) == 1,
+              what, " scale and zero must be float16 (B, H, n, k) with contiguous rows");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, what, " bits must be 2, 3, 4 or 8");
+  const int64_t r = channel ? group : 8;
+  TORCH_CHECK(r % 8 == 0, what, " rows must hold a multiple of 8 tokens");
+  TORCH_CHECK(codes.size(2) * r == n_compressed && codes.size(3) == r * dim * bits / 8,
+              what, " codes shape does not match ", n_compressed, " tokens of dim ", dim);
+  if (channel) {
+    TORCH_CHECK(scale.size(2) == n_compressed / group && scale.size(3) == dim &&
+                    zero.sizes() == scale.sizes(), what, " per-channel scale/zero shape mismatch");
+  } else {
+    TORCH_CHECK(dim % group == 0 && scale.size(2) == n_compressed && scale.size(3) == dim / group &&
+                    zero.sizes() == scale.sizes(), what, " per-token scale/zero shape mismatch");
+  }
+}
+
+template <typename T>
+at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                       const at::Tensor& win_k, const at::Tensor& win_v, const at::Tensor& k_codes,
+                       const at::Tensor& k_scale, const at::Tensor& k_zero, int64_t k_bits, bool k_channel,
+                       int64_t k_group, const at::Tensor& v_codes, const at::Tensor& v_scale,
+                       const at::Tensor& v_zero, int64_t v_bits, bool v_channel, int64_t v_group,
+                       int64_t n_compressed, const c10::optional<at::Tensor>& mask, double scaling,
+                       int64_t block_tokens) {
+  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
+  const int64_t H = win_k.size(1), Dv = win_v.size(3);
+  const int64_t n_sinks = sink_k.size(2), n_window = win_k.size(2);
+  const int64_t seq = n_sinks + n_compressed + n_window;
+  TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of KV heads");
+  const int rep = static_cast<int>(Hq / H);
+  const int64_t n_blocks = (n_compressed + block_tokens - 1) / block_tokens;
+  const int64_t tasks_per_head = 1 + n_blocks;  // task 0: sinks and window
+  const int64_t stride_partial = 2 + Dv;         // max, sum, acc[Dv]
+  std::vector<float> partial(static_cast<size_t>(B * H * tasks_per_head * rep * stride_partial));
+
+  const T* qp = query.data_ptr<T>();
+  const bool mask_bool = mask.has_value() && mask->scalar_type() == at::kBool;
+  const bool* mb = mask_bool ? mask->data_ptr<bool>() : nullptr;
+  const float* mf = (mask.has_value() && !mask_bool) ? mask->data_ptr<float>() : nullptr;
+  const int64_t mask_bstride = mask.has_value() ? (mask->size(0) == 1 ? 0 : mask->stride(0)) : 0;
+  const int64_t max_len = std::max(n_sinks + n_window, std::min(block_tokens, n_compressed));
+  const float fscale = static_cast<float>(scaling);
+
+  at::parallel_for(0, B * H * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(static_cast<size_t>(rep) * D), sc(static_cast<size_t>(rep) * std::max<int64_t>(max_len, 1));
+    std::vector<float> acc(static_cast<size_t>(rep) * Dv), work;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / tasks_per_head, blk = task % tasks_per_head;
+      const int64_t b = bh / H, h = bh % H;
+      for (int i = 0; i < rep; ++i)
+        for (int64_t d = 0; d < D; ++d)
+          q[i * D + d] = static_cast<float>(qp[b * query.stride(0) + (h * rep + i) * query.stride(1) + d]) * fscale;
+      // ---- scores of this task's positions, in sc[i * len + j]
+      int64_t len;
+      int64_t pos0, t0 = 0, t1 = 0;  // first position (compressed tasks) / token range
+      if (blk == 0) {
+        len = n_sinks + n_window;
+        const T* sk = sink_k.data_ptr<T>() + b * sink_k.stride(0) + h * sink_k.stride(1);
+        const T* wk = win_k.data_ptr<T>() + b * win_k.stride(0) + h * win_k.stride(1);
+        for (int64_t j = 0; j < len; ++j) {
+          const T* row = j < n_sinks ? sk + j * sink_k.stride(2) : wk + (j - n_sinks) * win_k.stride(2);
+          for (int i = 0; i < rep; ++i) sc[i * len + j] = dot_t(q.data() + i * D, row, D);
+        }
+        pos0 = 0;
+      } else {
+        t0 = (blk - 1) * block_tokens;
+        t1 = std::min(t0 + block_tokens, n_compressed);
+        len = t1 - t0;
+        const Packed kc = packed_at(k_codes, k_scale, k_zero, k_bits, k_channel, k_group, D, b, h);
+        key_scores(kc, t0, t1, q.data(), rep, sc.data(), len, work);
+        pos0 = n_sinks + t0;
+      }
+      // ---- mask
+      if (mask.has_value()) {
+        for (int64_t j = 0; j < len; ++j) {
+          int64_t pos = pos0 + j;
+          if (blk == 0 && j >= n_sinks) pos = n_sinks + n_compressed + (j - n_sinks);
+          if (mb) {
+            if (!mb[b * mask_bstride + pos])
+              for (int i = 0; i < rep; ++i) sc[i * len + j] = kNegInf;
+          } else {
+            const float add = mf[b * mask_bstride + pos];
+            for (int i = 0; i < rep; ++i) sc[i * len + j] += add;
+          }
+        }
+      }
+      // ---- partial softmax
+      float* part = partial.data() + (bh * tasks_per_head + blk) * rep * stride_partial;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int i = 0; i < rep; ++i) {
+        float* s = sc.data() + i * len;
+        float m = kNegInf;
+        for (int64_t j = 0; j < len; ++j) m = std::max(m, s[j]);
+        float l = 0.0f;
+        if (m == kNegInf) {
+          std::fill(s, s + len, 0.0f);
+        } else {
+#pragma omp simd reduction(+ : l)
+          for (int64_t j = 0; j < len; ++j) {
+            const float e = exp_nonpositive(s[j] - m);
+            s[j] = e;
+            l += e;
+          }
+        }
+        part[i * stride_partial] = m;
+        part[i * stride_partial + 1] = l;
+      }
+      // ---- p . v
+      if (blk == 0) {
+        const T* sv = sink_v.data_ptr<T>() + b * sink_v.stride(0) + h * sink_v.stride(1);
+        const T* wv = win_v.data_ptr<T>() + b * win_v.stride(0) + h * win_v.stride(1);
+        for (int64_t j = 0; j < len; ++j) {
+          const T* row = j < n_sinks ? sv + j * sink_v.stride(2) : wv + (j - n_sinks) * win_v.stride(2);
+          for (int i = 0; i < rep; ++i) {
+            const float w = sc[i * len + j];
+            float* a = acc.data() + i * Dv;
+#pragma omp simd
+            for (int64_t d = 0; d < Dv; ++d) a[d] += w * static_cast<float>(row[d]);
+          }
+        }
+      } else {
+        const Packed vc = packed_at(v_codes, v_scale, v_zero, v_bits, v_channel, v_group, Dv, b, h);
+        value_mix(vc, t0, t1, sc.data(), rep, len, acc.data(), work);
+      }
+      for (int i = 0; i < rep; ++i)
+        std::copy(acc.begin() + i * Dv, acc.begin() + (i + 1) * Dv, part + i * stride_partial + 2);
+    }
+  });
+
+  // ---- merge the partial softmaxes of every (batch, query head)
+  at::Tensor out = at::empty({B, Hq, Dv}, query.options());
+  T* op = out.data_ptr<T>();
+  std::vector<float> total(Dv);
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    for (int i = 0; i < rep; ++i) {
+      float m = kNegInf;
+      for (int64_t blk = 0; blk < tasks_per_head; ++blk)
+        m = std::max(m, partial[((bh * tasks_per_head + blk) * rep + i) * stride_partial]);
+      std::fill(total.begin(), total.end(), 0.0f);
+      float l = 0.0f;
+      for (int64_t blk = 0; blk < tasks_per_head; ++blk) {
+        const float* part = partial.data() + ((bh * tasks_per_head + blk) * rep + i) * stride_partial;
+        if (part[0] == kNegInf) continue;
+        const float w = std::exp(part[0] - m);
+        l += w * part[1];
+        for (int64_t d = 0; d < Dv; ++d) total[d] += w * part[2 + d];
+      }
+      const float inv = 1.0f / l;  // all positions masked: 0 / 0 = NaN, as torch's softmax gives
+      T* o = op + ((bh / H) * Hq + (bh % H) * rep + i) * Dv;
+      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(total[d] * inv);
+    }
+  }
+  return out;
+}
+
+at::Tensor attend(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                  const at::Tensor& win_k, const at::Tensor& win_v, const at::Tensor& k_codes,
+                  const at::Tensor& k_scale, const at::Tensor& k_zero, int64_t k_bits, bool k_channel,
+                  int64_t k_group, const at::Tensor& v_codes, const at::Tensor& v_scale, const at::Tensor& v_zero,
+                  int64_t v_bits, bool v_channel, int64_t v_group, int64_t n_compressed,
+                  const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens) {
+  TORCH_CHECK(query.device().is_cpu(), "kvcompress cpu kernel: tensors must be on the CPU");
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be (B, Hq, D) with contiguous rows");
+  const int64_t D = query.size(2), Dv = win_v.size(3);
+  for (const at::Tensor* t : {&sink_k, &sink_v, &win_k, &win_v}) {
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1 && t->scalar_type() == query.scalar_type(),
+                "sinks and window must be (B, H, n, D) in the query's dtype with contiguous rows");
+  }
+  TORCH_CHECK(win_k.size(3) == D && sink_k.size(3) == D && sink_v.size(3) == Dv, "head_dim mismatch");
+  TORCH_CHECK(D <= kMaxDim && Dv <= kMaxDim, "head_dim above ", kMaxDim);
+  check_packed(k_codes, k_scale, k_zero, k_bits, k_channel, k_group, D, n_compressed, "key");
+  check_packed(v_codes, v_scale, v_zero, v_bits, v_channel, v_group, Dv, n_compressed, "value");
+  const int64_t rk = k_channel ? k_group : 8, rv = v_channel ? v_group : 8;
+  TORCH_CHECK(block_tokens % rk == 0 && block_tokens % rv == 0, "block_tokens must be a multiple of both row sizes");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dim() == 2 && mask->stride(1) == 1 &&
+                    (mask->scalar_type() == at::kBool || mask->scalar_type() == at::kFloat),
+                "mask must be (B or 1, seq) bool or float32 with contiguous rows");
+    TORCH_CHECK(mask->size(1) == sink_k.size(2) + n_compressed + win_k.size(2), "mask length != cached tokens");
+    TORCH_CHECK(mask->size(0) == 1 || mask->size(0) == query.size(0), "mask batch mismatch");
+  }
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      return attend_impl<float>(query, sink_k, sink_v, win_k, win_v, k_codes, k_scale, k_zero, k_bits, k_channel,
+                                k_group, v_codes, v_scale, v_zero, v_bits, v_channel, v_group, n_compressed, mask,
+                                scaling, block_tokens);
+    case at::kBFloat16:
+      return attend_impl<at::BFloat16>(query, sink_k, sink_v, win_k, win_v, k_codes, k_scale, k_zero, k_bits,
+                                       k_channel, k_group, v_codes, v_scale, v_zero, v_bits, v_channel, v_group,
+                                       n_compressed, mask, scaling, block_tokens);
+    case at::kHalf:
+      return attend_impl<at::Half>(query, sink_k, sink_v, win_k, win_v, k_codes, k_scale, k_zero, k_bits, k_channel,
+                                   k_group, v_codes, v_scale, v_zero, v_bits, v_channel, v_group, n_compressed, mask,
+                                   scaling, block_tokens);
+    default:
+      TORCH_CHECK(false, "kvcompress cpu kernel: query dtype must be float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend", &attend, "Decode-step attention over packed KV codes (see cpu_decode.cpp)");
+}
