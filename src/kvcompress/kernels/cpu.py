@@ -36,7 +36,7 @@ from ..codecs.quant import QuantCodec
 
 ENV_DISABLE = "KVCOMPRESS_NO_KERNEL"
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 # Compressed tokens per task of the kernel (a multiple of both codecs' rows): small enough to
 # share the work of one KV head between threads, large enough to amortise a task's set-up.

@@ -32,6 +32,11 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KVC_AVX2 1
+#endif
+
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -55,6 +60,43 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
+// s[j] = exp(s[j] - m) in place (s[j] <= m, s[j] may be -inf); returns the sum.
+inline float exp_shifted_sum(float* s, int64_t n, float m) {
+  int64_t j = 0;
+  float total = 0.0f;
+#ifdef KVC_AVX2
+  const __m256 mv = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.0f);
+  __m256 sum = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + j), mv);
+    const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // exp is 0 below -87 (and for -inf)
+    const __m256 xc = _mm256_max_ps(x, lo);
+    const __m256 n8 = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n8, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fmadd_ps(n8, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n8), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+    _mm256_storeu_ps(s + j, y);
+    sum = _mm256_add_ps(sum, y);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum);
+  total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#endif
+  for (; j < n; ++j) {
+    s[j] = exp_nonpositive(s[j] - m);
+    total += s[j];
+  }
+  return total;
+}
+
 // One QuantCodec's stored tensors, positioned at one (batch, KV head).
 struct Packed {
   const uint8_t* codes;   // rows of `row_tokens` tokens
@@ -70,48 +112,36 @@ struct Packed {
   int64_t dim;
 };
 
-// The D codes of token t (0 <= t < row_tokens) of a packed row, as floats.
-inline void decode_token(const Packed& c, const uint8_t* row, int64_t t, float* out) {
-  const int64_t D = c.dim, r = c.row_tokens;
-  switch (c.bits) {
-    case 8: {
-      const uint8_t* p = row + t * D;
+// The D codes of token t (0 <= t < r) of a packed row of r tokens, as floats. DIM > 0 fixes
+// head_dim at compile time (the common sizes); DIM == 0 reads it from `dim`.
+template <int BITS, int DIM>
+inline void decode_token(const uint8_t* row, int64_t r, int64_t dim, int64_t t, float* out) {
+  const int64_t D = DIM > 0 ? DIM : dim;
+  if constexpr (BITS == 8) {
+    const uint8_t* p = row + t * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(p[d]);
-      break;
-    }
-    case 4: {
-      const int64_t tpp = r / 2;
-      const int sh = static_cast<int>(t / tpp) * 4;
-      const uint8_t* p = row + (t % tpp) * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(p[d]);
+  } else if constexpr (BITS == 4 || BITS == 2) {
+    const int64_t tpp = r * BITS / 8;  // tokens per plane
+    const int sh = static_cast<int>(t / tpp) * BITS;
+    const uint8_t* p = row + (t % tpp) * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>((p[d] >> sh) & 15);
-      break;
-    }
-    case 2: {
-      const int64_t tpp = r / 4;
-      const int sh = static_cast<int>(t / tpp) * 2;
-      const uint8_t* p = row + (t % tpp) * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>((p[d] >> sh) & ((1 << BITS) - 1));
+  } else {  // 3 bits: a field of width 2 at offset 0, then a field of width 1 at offset 2
+    static_assert(BITS == 3, "bits must be 2, 3, 4 or 8");
+    const int64_t tpp0 = r / 4, tpp1 = r / 8;
+    const int sh0 = static_cast<int>(t / tpp0) * 2, sh1 = static_cast<int>(t / tpp1);
+    const uint8_t* p0 = row + (t % tpp0) * D;
+    const uint8_t* p1 = row + r * D / 4 + (t % tpp1) * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>((p[d] >> sh) & 3);
-      break;
-    }
-    case 3: {  // field of width 2 at offset 0, then a field of width 1 at offset 2
-      const int64_t tpp0 = r / 4, tpp1 = r / 8;
-      const int sh0 = static_cast<int>(t / tpp0) * 2, sh1 = static_cast<int>(t / tpp1);
-      const uint8_t* p0 = row + (t % tpp0) * D;
-      const uint8_t* p1 = row + r * D / 4 + (t % tpp1) * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d)
-        out[d] = static_cast<float>(((p0[d] >> sh0) & 3) | (((p1[d] >> sh1) & 1) << 2));
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "kvcompress cpu kernel: unsupported bits ", c.bits);
+    for (int64_t d = 0; d < D; ++d)
+      out[d] = static_cast<float>(((p0[d] >> sh0) & 3) | (((p1[d] >> sh1) & 1) << 2));
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+template <int DIM>
+inline float dot(const float* a, const float* b, int64_t dim) {
+  const int64_t n = DIM > 0 ? DIM : dim;
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
@@ -126,11 +156,113 @@ inline float dot_t(const float* a, const T* b, int64_t n) {
   return acc;
 }
 
+#ifdef KVC_AVX2
+// AVX2 paths for the common layouts: keys per channel (scores of 8 tokens reduced together,
+// no horizontal sum per token) and values per token (accumulators held in registers over 8
+// tokens). They compute the same sums as the portable loops, in a different order.
+
+inline void half_to_float(const at::Half* src, float* dst, int64_t n) {  // n % 8 == 0
+  for (int64_t i = 0; i < n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+}
+
+// [sum(a0), ..., sum(a7)] in one register.
+inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+  const __m256 h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+template <int BITS, int DIM>
+void key_scores_channel_avx2(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc,
+                             int64_t ld, std::vector<float>& work) {
+  const int64_t D = DIM > 0 ? DIM : c.dim, r = c.row_tokens;
+  alignas(32) float cf[8 * kMaxDim];
+  work.resize(static_cast<size_t>(rep) * D + 2 * D + rep);
+  float* qs = work.data();  // rep x D
+  float* sf = qs + rep * D;  // D
+  float* zf = sf + D;        // D
+  float* qz = zf + D;        // rep
+  for (int64_t row = t0 / r; row < t1 / r; ++row) {
+    half_to_float(c.scale + row * c.scale_stride, sf, D);
+    half_to_float(c.zero + row * c.zero_stride, zf, D);
+    for (int h = 0; h < rep; ++h) {
+      __m256 accz = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + h * D + d);
+        _mm256_storeu_ps(qs + h * D + d, _mm256_mul_ps(qv, _mm256_loadu_ps(sf + d)));
+        accz = _mm256_fmadd_ps(qv, _mm256_loadu_ps(zf + d), accz);
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, accz);
+      qz[h] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    }
+    const uint8_t* bytes = c.codes + row * c.row_stride;
+    for (int64_t tile = 0; tile < r; tile += 8) {
+      for (int64_t t = 0; t < 8; ++t) decode_token<BITS, DIM>(bytes, r, D, tile + t, cf + t * D);
+      for (int h = 0; h < rep; ++h) {
+        __m256 a[8];
+        for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qs + h * D + d);
+          for (int t = 0; t < 8; ++t) a[t] = _mm256_fmadd_ps(qv, _mm256_load_ps(cf + t * D + d), a[t]);
+        }
+        const __m256 scores = _mm256_add_ps(hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]),
+                                            _mm256_set1_ps(qz[h]));
+        _mm256_storeu_ps(sc + h * ld + row * r + tile - t0, scores);
+      }
+    }
+  }
+}
+
+template <int BITS, int DIM>
+void value_mix_token_avx2(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld,
+                          float* acc) {
+  const int64_t D = DIM > 0 ? DIM : c.dim, r = c.row_tokens, g = c.group, ng = D / g;
+  alignas(32) float cf[8 * kMaxDim];
+  float sf[8 * kMaxDim / 8], zf[8 * kMaxDim / 8];  // 8 tokens x ng groups
+  for (int64_t row = t0 / r; row < t1 / r; ++row) {  // r == 8: one tile per row
+    const uint8_t* bytes = c.codes + row * c.row_stride;
+    for (int64_t t = 0; t < 8; ++t) {
+      decode_token<BITS, DIM>(bytes, r, D, t, cf + t * D);
+      const at::Half* s = c.scale + (row * r + t) * c.scale_stride;
+      const at::Half* z = c.zero + (row * r + t) * c.zero_stride;
+      for (int64_t k = 0; k < ng; ++k) {
+        sf[t * ng + k] = static_cast<float>(s[k]);
+        zf[t * ng + k] = static_cast<float>(z[k]);
+      }
+    }
+    for (int h = 0; h < rep; ++h) {
+      const float* w = p + h * ld + row * r - t0;
+      float* ah = acc + h * D;
+      for (int64_t k = 0; k < ng; ++k) {
+        float a[8], bsum = 0.0f;
+        for (int t = 0; t < 8; ++t) {
+          a[t] = w[t] * sf[t * ng + k];
+          bsum += w[t] * zf[t * ng + k];
+        }
+        const __m256 bv = _mm256_set1_ps(bsum);
+        for (int64_t d = k * g; d < (k + 1) * g; d += 8) {
+          __m256 v = _mm256_add_ps(_mm256_loadu_ps(ah + d), bv);
+          for (int t = 0; t < 8; ++t) v = _mm256_fmadd_ps(_mm256_set1_ps(a[t]), _mm256_load_ps(cf + t * D + d), v);
+          _mm256_storeu_ps(ah + d, v);
+        }
+      }
+    }
+  }
+}
+#endif  // KVC_AVX2
+
 // Scores of compressed tokens [t0, t1) (t0, t1 multiples of row_tokens) for `rep` query
 // heads q (rep x D, already scaled), into sc[h * ld + (t - t0)].
+template <int BITS, int DIM>
 void key_scores(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc, int64_t ld,
                 std::vector<float>& work) {
-  const int64_t D = c.dim, r = c.row_tokens;
+  const int64_t D = DIM > 0 ? DIM : c.dim, r = c.row_tokens;
+#ifdef KVC_AVX2
+  if (c.channel && D % 8 == 0) return key_scores_channel_avx2<BITS, DIM>(c, t0, t1, q, rep, sc, ld, work);
+#endif
   float cf[kMaxDim];
   if (c.channel) {
     work.resize(static_cast<size_t>(rep) * (D + 1));
@@ -152,9 +284,9 @@ void key_scores(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep
       }
       const uint8_t* bytes = c.codes + row * c.row_stride;
       for (int64_t t = 0; t < r; ++t) {
-        decode_token(c, bytes, t, cf);
+        decode_token<BITS, DIM>(bytes, r, D, t, cf);
         const int64_t col = row * r + t - t0;
-        for (int h = 0; h < rep; ++h) sc[h * ld + col] = dot(qs + h * D, cf, D) + qz[h];
+        for (int h = 0; h < rep; ++h) sc[h * ld + col] = dot<DIM>(qs + h * D, cf, D) + qz[h];
       }
     }
   } else {
@@ -171,13 +303,13 @@ void key_scores(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep
       const uint8_t* bytes = c.codes + row * c.row_stride;
       for (int64_t t = 0; t < r; ++t) {
         const int64_t token = row * r + t;
-        decode_token(c, bytes, t, cf);
+        decode_token<BITS, DIM>(bytes, r, D, t, cf);
         const at::Half* s = c.scale + token * c.scale_stride;
         const at::Half* z = c.zero + token * c.zero_stride;
         for (int h = 0; h < rep; ++h) {
           float acc = 0.0f;
           for (int64_t k = 0; k < ng; ++k)
-            acc += static_cast<float>(s[k]) * dot(q + h * D + k * g, cf + k * g, g) +
+            acc += static_cast<float>(s[k]) * dot<0>(q + h * D + k * g, cf + k * g, g) +
                    static_cast<float>(z[k]) * qsum[h * ng + k];
           sc[h * ld + token - t0] = acc;
         }
@@ -187,9 +319,13 @@ void key_scores(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep
 }
 
 // acc[h * D + d] += sum over compressed tokens [t0, t1) of p[h * ld + (t - t0)] * v_hat[t, d].
+template <int BITS, int DIM>
 void value_mix(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld, float* acc,
                std::vector<float>& work) {
-  const int64_t D = c.dim, r = c.row_tokens;
+  const int64_t D = DIM > 0 ? DIM : c.dim, r = c.row_tokens;
+#ifdef KVC_AVX2
+  if (!c.channel && c.group % 8 == 0) return value_mix_token_avx2<BITS, DIM>(c, t0, t1, p, rep, ld, acc);
+#endif
   float cf[kMaxDim];
   if (c.channel) {
     work.resize(static_cast<size_t>(rep) * (D + 1));
@@ -199,7 +335,7 @@ void value_mix(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep,
       std::fill(pc, pc + rep * (D + 1), 0.0f);
       const uint8_t* bytes = c.codes + row * c.row_stride;
       for (int64_t t = 0; t < r; ++t) {
-        decode_token(c, bytes, t, cf);
+        decode_token<BITS, DIM>(bytes, r, D, t, cf);
         const int64_t col = row * r + t - t0;
         for (int h = 0; h < rep; ++h) {
           const float w = p[h * ld + col];
@@ -225,7 +361,7 @@ void value_mix(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep,
       const uint8_t* bytes = c.codes + row * c.row_stride;
       for (int64_t t = 0; t < r; ++t) {
         const int64_t token = row * r + t;
-        decode_token(c, bytes, t, cf);
+        decode_token<BITS, DIM>(bytes, r, D, t, cf);
         const at::Half* s = c.scale + token * c.scale_stride;
         const at::Half* z = c.zero + token * c.zero_stride;
         for (int h = 0; h < rep; ++h) {
@@ -242,6 +378,49 @@ void value_mix(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep,
         }
       }
     }
+  }
+}
+
+// Instantiate key_scores / value_mix for the common head dims and every bit width.
+template <int DIM>
+void key_scores_bits(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc, int64_t ld,
+                     std::vector<float>& work) {
+  switch (c.bits) {
+    case 2: return key_scores<2, DIM>(c, t0, t1, q, rep, sc, ld, work);
+    case 3: return key_scores<3, DIM>(c, t0, t1, q, rep, sc, ld, work);
+    case 4: return key_scores<4, DIM>(c, t0, t1, q, rep, sc, ld, work);
+    default: return key_scores<8, DIM>(c, t0, t1, q, rep, sc, ld, work);
+  }
+}
+
+void key_scores_any(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc, int64_t ld,
+                    std::vector<float>& work) {
+  switch (c.dim) {
+    case 64: return key_scores_bits<64>(c, t0, t1, q, rep, sc, ld, work);
+    case 128: return key_scores_bits<128>(c, t0, t1, q, rep, sc, ld, work);
+    case 256: return key_scores_bits<256>(c, t0, t1, q, rep, sc, ld, work);
+    default: return key_scores_bits<0>(c, t0, t1, q, rep, sc, ld, work);
+  }
+}
+
+template <int DIM>
+void value_mix_bits(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld, float* acc,
+                    std::vector<float>& work) {
+  switch (c.bits) {
+    case 2: return value_mix<2, DIM>(c, t0, t1, p, rep, ld, acc, work);
+    case 3: return value_mix<3, DIM>(c, t0, t1, p, rep, ld, acc, work);
+    case 4: return value_mix<4, DIM>(c, t0, t1, p, rep, ld, acc, work);
+    default: return value_mix<8, DIM>(c, t0, t1, p, rep, ld, acc, work);
+  }
+}
+
+void value_mix_any(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld, float* acc,
+                   std::vector<float>& work) {
+  switch (c.dim) {
+    case 64: return value_mix_bits<64>(c, t0, t1, p, rep, ld, acc, work);
+    case 128: return value_mix_bits<128>(c, t0, t1, p, rep, ld, acc, work);
+    case 256: return value_mix_bits<256>(c, t0, t1, p, rep, ld, acc, work);
+    default: return value_mix_bits<0>(c, t0, t1, p, rep, ld, acc, work);
   }
 }
 
@@ -336,7 +515,7 @@ at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const 
         t1 = std::min(t0 + block_tokens, n_compressed);
         len = t1 - t0;
         const Packed kc = packed_at(k_codes, k_scale, k_zero, k_bits, k_channel, k_group, D, b, h);
-        key_scores(kc, t0, t1, q.data(), rep, sc.data(), len, work);
+        key_scores_any(kc, t0, t1, q.data(), rep, sc.data(), len, work);
         pos0 = n_sinks + t0;
       }
       // ---- mask
@@ -359,17 +538,13 @@ at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const 
       for (int i = 0; i < rep; ++i) {
         float* s = sc.data() + i * len;
         float m = kNegInf;
-        for (int64_t j = 0; j < len; ++j) m = std::max(m, s[j]);
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < len; ++j) m = s[j] > m ? s[j] : m;
         float l = 0.0f;
         if (m == kNegInf) {
           std::fill(s, s + len, 0.0f);
         } else {
-#pragma omp simd reduction(+ : l)
-          for (int64_t j = 0; j < len; ++j) {
-            const float e = exp_nonpositive(s[j] - m);
-            s[j] = e;
-            l += e;
-          }
+          l = exp_shifted_sum(s, len, m);
         }
         part[i * stride_partial] = m;
         part[i * stride_partial + 1] = l;
@@ -389,7 +564,7 @@ at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const 
         }
       } else {
         const Packed vc = packed_at(v_codes, v_scale, v_zero, v_bits, v_channel, v_group, Dv, b, h);
-        value_mix(vc, t0, t1, sc.data(), rep, len, acc.data(), work);
+        value_mix_any(vc, t0, t1, sc.data(), rep, len, acc.data(), work);
       }
       for (int i = 0; i < rep; ++i)
         std::copy(acc.begin() + i * Dv, acc.begin() + (i + 1) * Dv, part + i * stride_partial + 2);
