@@ -1,6 +1,6 @@
 """Build, load and call the CPU decode kernel (`cpu_decode.cpp`) for a `CompressedLayer`.
 
-`attend(layer, query, mask, scaling)` computes what `kvcompress.attention.attend_compressed`
+`attend(layer, query, mask, scaling)` computes what `kvcompress.cache.attention.attend_compressed`
 computes (one decode step over sinks, compressed blocks and window), from the packed codes,
 or returns None when the kernel does not apply:
 
@@ -96,9 +96,9 @@ def _build():
 
 def _short(error: BaseException) -> str:
     """A one-line reason from a build error (the compiler's first error line where there is one)."""
-    text = str(error) or type(error).__name__
-    errors = [line.strip() for line in text.splitlines() if "error" in line.lower()]
-    first = errors[0] if errors else text.strip().splitlines()[0]
+    text = str(error).strip() or type(error).__name__
+    errors = [line.strip() for line in text.splitlines() if "error:" in line.lower()]
+    first = errors[0] if errors else text.splitlines()[0]
     return f"{type(error).__name__}: {first[:300]}"
 
 
@@ -158,7 +158,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
     """Attention of one decode step over `layer`, from its codes; None where the kernel does not apply.
 
-    Args and result as `kvcompress.attention.attend_compressed`: query (B, H_q, 1, D),
+    Args and result as `kvcompress.cache.attention.attend_compressed`: query (B, H_q, 1, D),
     attention_mask None / bool / additive (B or 1, 1, 1, seq); returns (B, H_q, 1, D_v).
     """
     if query.shape[2] != 1 or layer.n_compressed == 0 or query.device.type != "cpu" or not supports(layer):
