@@ -22,6 +22,8 @@ This module does not implement attention itself and does not touch the model.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import platform
@@ -81,15 +83,33 @@ def build_directory() -> Path:
     return base / "ext" / build_key()
 
 
+def _import_built(name: str, directory: Path):
+    """The module of an earlier build in `directory`, or None (the key in its name pins its source)."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES + [".so"]:
+        path = directory / f"{name}{suffix}"
+        if path.is_file():
+            try:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                return module
+            except ImportError:  # e.g. a build cut short: build again
+                return None
+    return None
+
+
 def _build():
-    """Compile (or load the cached build of) the extension; raises on failure."""
+    """Load the cached build of the extension, or compile it; raises on failure."""
+    directory = build_directory()
+    name = f"kvcompress_cpu_decode_{build_key()}"
+    module = _import_built(name, directory)
+    if module is not None:
+        return module
     from torch.utils import cpp_extension
 
-    directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("*.so")):
-        log.info("building the kvcompress CPU decode kernel into %s (once; about a minute)", directory)
-    return cpp_extension.load(name=f"kvcompress_cpu_decode_{build_key()}", sources=[str(SOURCE)],
+    log.info("building the kvcompress CPU decode kernel into %s (once; about a minute)", directory)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)],
                               extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(directory),
                               verbose=False)
 
@@ -112,6 +132,8 @@ def load():
             _state["module"] = _build()
         except Exception as error:  # any build failure falls back to the torch path, loudly once
             _state["reason"] = _short(error)
+            if "ninja" in _state["reason"].lower():
+                _state["reason"] += " (pip install 'kvcompress[kernel]' installs it)"
             warnings.warn(
                 f"kvcompress: the CPU decode kernel could not be built ({_state['reason']}); decode steps use "
                 f"the slower pure-torch path with the same results. Set {ENV_DISABLE}=1 to skip the build.",
