@@ -9,9 +9,10 @@ kernel:      `kvcompress.kernels.cpu.attend`, the compiled kernel that reads the
 Shapes are those of the embedded SmolLM2-135M (9 query heads, 3 KV heads, head_dim 64), batch 1,
 float32, KIVI-style quantization (keys per channel over 32 tokens, values per token over 32
 channels; --bits 4 is the `int4` preset). Each timing is the median over --iters calls, and the
-calls of the four ways alternate, so a noisy machine slows them alike. A 64 MiB buffer is
-rewritten before every call so that, as inside a model, the cache is not already in the CPU's
-caches.
+calls of the four ways alternate, so a noisy machine slows them alike. A buffer of --flush-mib
+MiB is rewritten before every call so that, as inside a model (whose weights stream through the
+CPU's caches at every step), the cache is not already in the CPU's caches; make it larger than
+the last-level cache for figures that read from memory.
 
 Bandwidth: "kernel GB/s" is the bytes the kernel must read (codes, scales and zero points of
 K and V, sinks and window) divided by its median time; "copy GB/s" is the bytes read by
@@ -47,14 +48,15 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="code width of keys and values")
     parser.add_argument("--iters", type=int, default=30, help="calls per way (the median is reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for this script")
+    parser.add_argument("--flush-mib", type=int, default=64, help="MiB rewritten before every timed call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if cpu_kernel.load() is None:
         raise SystemExit(f"decode_micro: the CPU kernel is not available ({cpu_kernel.unavailable_reason()})")
-    flush = torch.empty(16 * 1024 * 1024)
+    flush = torch.zeros(args.flush_mib * 1024 * 1024 // 4)
     source = torch.ones(COPY_BYTES // 4)
     target = torch.zeros_like(source)  # allocated and touched once: no page faults in the timing
-    print(f"threads {args.threads}; keys and values int{args.bits}")
+    print(f"threads {args.threads}; keys and values int{args.bits}; flush {args.flush_mib} MiB")
     print("| tokens | dynamic ms | reconstruct ms | codes ms | kernel ms | kernel vs dynamic | codes vs dynamic "
           "| kernel GB/s | copy GB/s | kernel / copy |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
