@@ -284,13 +284,13 @@ def test_attention_that_never_reads_the_layer_is_caught_at_the_next_step():
 def test_generation_over_many_decode_steps_never_trips_the_guard(monkeypatch, fast_attention):
     model = fast_attention(ARCHITECTURES["llama"](seed=SEEDS["llama"]))
     reads = []
-    original = attention_module.attend_compressed
+    original = attention_module.attend  # the decode step over the codes: the CPU kernel or the torch path
 
     def counting(layer, *args):
         reads.append(layer.layer_idx)
         return original(layer, *args)
 
-    monkeypatch.setattr(attention_module, "attend_compressed", counting)
+    monkeypatch.setattr(attention_module, "attend", counting)
     cache = CompressedCache(model, SPEC)
     out = model.generate(prompt(40), cache=cache, max_new_tokens=80, min_new_tokens=80, do_sample=False)
     assert out.shape[1] == 40 + 80

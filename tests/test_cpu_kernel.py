@@ -154,8 +154,8 @@ def test_layers_the_kernel_does_not_read_fall_back_to_the_torch_path():
 
 
 @torch.no_grad()
-def test_decode_step_with_the_kernel_never_decodes_or_reconstructs(monkeypatch):
-    model = ARCHITECTURES["mistral"](seed=SEEDS["mistral"])
+def test_decode_step_with_the_kernel_never_decodes_or_reconstructs(monkeypatch, fast_attention):
+    model = fast_attention(ARCHITECTURES["mistral"](seed=SEEDS["mistral"]))
     spec = {"key": {"bits": 4, "axis": "channel", "group_size": 32}, "value": {"bits": 2, "axis": "token", "group_size": 32},
             "window": 16, "sinks": 4, "block_size": 32}
     ids = torch.randint(3, 128, (2, 150), generator=torch.Generator().manual_seed(0))
