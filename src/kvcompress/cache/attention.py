@@ -14,6 +14,11 @@ Attention still reads exactly the decoded form of what is stored (tested equal t
 reconstruct-then-SDPA path), the window and sinks are read where they lie, and no more than
 `CHUNK_TOKENS` tokens of one layer are ever decoded at once.
 
+`attend_compressed` is the pure-torch reference. On CPU the decode step runs the compiled kernel
+of `kvcompress.kernels.cpu` instead where it applies (`attend`), which computes the same from the
+packed codes without decoding them into tensors; `attend_compressed` runs where it does not
+(pre-RoPE keys, low-rank or rotated codecs, GPU tensors, no compiler).
+
 Wiring, through transformers' public `AttentionInterface` (the details are in `compat`):
 `enable_fast_attention(model)` registers the attention function "kvcompress" (and sdpa's mask
 function under that name; idempotent) and switches a model that uses "sdpa" to it, returning a
@@ -45,6 +50,7 @@ from transformers import PreTrainedModel
 from ..calibration import config_fields
 from ..codecs import token_slice
 from ..compat import register_attention_function, sdpa_attention
+from ..kernels import cpu as cpu_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +241,7 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     if layer.key_space is not None and config is not None and config is not layer.checked_config:
         _check_rope(layer, config)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attend_compressed(layer, query, attention_mask, scale)  # (B, H_q, Q, D)
+    out = attend(layer, query, attention_mask, scale)  # (B, H_q, Q, D)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -250,6 +256,14 @@ def _check_rope(layer, config) -> None:
                              f"rope {fields['rope']}, but a model with rope {rope} is reading it; build one "
                              "cache per model: CompressedCache(model, spec)")
     layer.checked_config = config
+
+
+def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """The decode step over `layer`: the compiled CPU kernel where it applies (`kvcompress.kernels.cpu`:
+    CPU tensors, plain `QuantCodec` keys and values stored post-RoPE, `layer.use_kernel`), else
+    `attend_compressed`. Same arguments and result as `attend_compressed`."""
+    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if layer.use_kernel else None
+    return out if out is not None else attend_compressed(layer, query, attention_mask, scaling)
 
 
 def _chunks(layer, kind: str):
