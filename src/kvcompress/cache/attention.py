@@ -10,6 +10,12 @@ positions takes the values the same way:
     scores = [q.sinks | q.decode(chunk 1) | ... | q.window] * scaling  (+ mask)
     out    = softmax(scores) @ [sinks | decode(chunk 1) | ... | window]
 
+For a codec that stores its states rotated by an orthogonal R (`ComposedCodec.rotation`),
+the rotation is folded out: q.k = (q R).(k R) and p.V = (p.(V R)) R^T, so the query is rotated
+once and the output un-rotated once per step, and stored tokens are read as
+`decode_rotated` (never un-rotated one by one). A mean m subtracted before the rotation
+(`ComposedCodec.offset`) comes back as q.m added to the scores and (sum of p) m to the output. Equal to the plain path up to float32 rounding.
+
 Attention still reads exactly the decoded form of what is stored (tested equal to the
 reconstruct-then-SDPA path), the window and sinks are read where they lie, and no more than
 `CHUNK_TOKENS` tokens of one layer are ever decoded at once.
@@ -276,16 +282,38 @@ def _chunks(layer, kind: str):
         yield start, stop, token_slice(stored, total, start, stop)
 
 
-def _chunk_scores(layer, part: dict, start: int, q: torch.Tensor) -> torch.Tensor:
-    """q . k for the keys of one chunk: (B, H, rep, T) from q (B, H, rep, D), in float32."""
+def codec_rotation(codec, dim: int, device: torch.device) -> torch.Tensor | None:
+    """The float32 orthogonal R (dim, dim) a codec stores its states in (x -> x @ R), or None."""
+    rotation = getattr(codec, "rotation", None)
+    return rotation(dim, device, torch.float32) if rotation is not None else None
+
+
+def codec_offset(codec, device: torch.device) -> torch.Tensor | None:
+    """The float32 (H, D) mean a rotated codec subtracts before rotating, or None."""
+    offset = getattr(codec, "offset", None)
+    return offset(device) if offset is not None else None
+
+
+def _chunk_scores(layer, part: dict, start: int, q: torch.Tensor, rotated: bool) -> torch.Tensor:
+    """q . k for the keys of one chunk: (B, H, rep, T) from q (B, H, rep, D), in float32.
+
+    With `rotated`, q is already q @ R and the keys are read in the codec's rotated space.
+    """
+    if rotated:
+        return q @ layer.key_codec.decode_rotated(part, torch.float32).transpose(-1, -2)
     keys = layer.key_codec.decode(part, torch.float32)  # (B, H, T, D)
     if layer.key_space is not None:  # keys were coded pre-RoPE: rotate them to their positions
         keys = layer.key_space.rotate(keys, start=layer.sink_keys.shape[2] + start)
     return q @ keys.transpose(-1, -2)
 
 
-def _chunk_mix(layer, part: dict, probs: torch.Tensor) -> torch.Tensor:
-    """probs @ v for the values of one chunk: (B, H, rep, D) from probs (B, H, rep, T), in float32."""
+def _chunk_mix(layer, part: dict, probs: torch.Tensor, rotated: bool) -> torch.Tensor:
+    """probs @ v for the values of one chunk: (B, H, rep, D) from probs (B, H, rep, T), in float32.
+
+    With `rotated`, the result stays in the codec's rotated space (probs @ (V @ R)).
+    """
+    if rotated:
+        return probs @ layer.value_codec.decode_rotated(part, torch.float32)
     return probs @ layer.value_codec.decode(part, torch.float32)
 
 
@@ -315,8 +343,15 @@ def attend_compressed(layer, query: torch.Tensor, attention_mask: torch.Tensor |
 
     scores = torch.empty(B, H, Hq // H, seq, dtype=compute, device=query.device)
     scores[..., :n_sinks] = q @ sink_k.to(compute).transpose(-1, -2)
+    # A rotated key codec (pre-RoPE keys excepted: RoPE does not commute with R): rotate q once.
+    key_rotation = codec_rotation(layer.key_codec, D, query.device) if layer.key_space is None else None
+    q_keys = q @ key_rotation if key_rotation is not None else q
+    key_offset = codec_offset(layer.key_codec, query.device) if key_rotation is not None else None
     for start, stop, part in _chunks(layer, "key"):
-        scores[..., n_sinks + start:n_sinks + stop] = _chunk_scores(layer, part, start, q)
+        scores[..., n_sinks + start:n_sinks + stop] = _chunk_scores(layer, part, start, q_keys,
+                                                                     key_rotation is not None)
+    if key_offset is not None:  # keys stored as k - m: add q.m to every compressed token's score
+        scores[..., n_sinks:n_sinks + n_compressed] += (q * key_offset[None, :, None, :]).sum(-1, keepdim=True)
     scores[..., n_sinks + n_compressed:] = q @ window_k.to(compute).transpose(-1, -2)
     if attention_mask is not None:
         if attention_mask.shape[-1] != seq:
@@ -330,6 +365,15 @@ def attend_compressed(layer, query: torch.Tensor, attention_mask: torch.Tensor |
 
     out = probs[..., :n_sinks] @ layer.sink_values.to(compute)
     out += probs[..., n_sinks + n_compressed:] @ layer.window_values.to(compute)
+    # A rotated value codec: sum p.(V R) over the chunks, then un-rotate that sum once.
+    value_rotation = codec_rotation(layer.value_codec, out.shape[-1], query.device)
+    mixed = torch.zeros_like(out) if value_rotation is not None else out
     for start, stop, part in _chunks(layer, "value"):
-        out += _chunk_mix(layer, part, probs[..., n_sinks + start:n_sinks + stop])
+        mixed += _chunk_mix(layer, part, probs[..., n_sinks + start:n_sinks + stop], value_rotation is not None)
+    if value_rotation is not None:
+        out += mixed @ value_rotation.T
+        value_offset = codec_offset(layer.value_codec, query.device)
+        if value_offset is not None:  # values stored as v - m: add (sum of their probabilities) * m
+            weight = probs[..., n_sinks:n_sinks + n_compressed].sum(-1, keepdim=True)  # (B, H, rep, 1)
+            out += weight * value_offset[None, :, None, :]
     return out.reshape(B, Hq, 1, out.shape[-1]).to(query.dtype)

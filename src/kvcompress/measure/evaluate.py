@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from ..bits import report_bits_per_value
 from ..cache.attention import enable_fast_attention
 from ..cache.cache import CompressedCache
 from ..compat import CACHE_KWARG
@@ -53,6 +54,7 @@ class EvalResult:
     chunks: int
     max_logit_diff: float
     seconds: float
+    bits_per_value: float = 0.0
     spec: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
 
@@ -223,6 +225,7 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
         chunks=len(bounds),
         max_logit_diff=max_diff,
         seconds=seconds,
+        bits_per_value=report_bits_per_value(report),
         spec=spec.to_dict(),
         memory={k: v for k, v in report.to_dict().items() if k != "layers"},
     )

@@ -100,6 +100,25 @@ PRESETS.register("hadamard-int4", "Hadamard-rotated K and V, 4-bit per-token gro
                                    name="hadamard-int4"))
 
 
+
+def _codebook(name: str, key_bits: int, value_bits: int, layers: dict | None = None) -> Callable[[], CacheSpec]:
+    """K and V rotated by a seeded randomized Hadamard, Lloyd-Max codebook, one fp16 scale per vector."""
+    return lambda: CacheSpec(key=TensorSpec(method="rotated+codebook", bits=key_bits),
+                             value=TensorSpec(method="rotated+codebook", bits=value_bits),
+                             layers=dict(layers or {}), name=name)
+
+
+# The bitsN presets: at most N + 0.25 bits per compressed value on a head_dim-64 model (N-bit
+# codes plus one fp16 scale per 64 values), chosen by benchmarks/select_bits_presets.py on
+# selection text (see README).
+PRESETS.register("bits4", "randomized-Hadamard-rotated K and V, 4-bit Lloyd-Max codebook, fp16 scale per vector",
+                 _codebook("bits4", 4, 4))
+PRESETS.register("bits3", "randomized-Hadamard-rotated K and V, 3-bit Lloyd-Max codebook, fp16 scale per vector",
+                 _codebook("bits3", 3, 3))
+PRESETS.register("bits2", "randomized-Hadamard-rotated K and V, 2-bit Lloyd-Max codebook, fp16 scale per vector",
+                 _codebook("bits2", 2, 2))
+
+
 PRESETS.add_source(lambda registry: register_measured(registry, load_measured()))
 
 
