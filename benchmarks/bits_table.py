@@ -28,10 +28,10 @@ def measure(specs: list, *, tokens: int, dtype: str, part: str = "evaluation", o
     import torch
 
     from kvcompress import load_model
-    from kvcompress.bits import report_bits_per_value
+    from kvcompress.cache.bits import report_bits_per_value
     from kvcompress.corpus import corpus_tokens
-    from kvcompress.evaluate import decode_faithful_eval
-    from kvcompress.spec import load_spec
+    from kvcompress.measure.evaluate import decode_faithful_eval
+    from kvcompress.presets import load_spec
 
     model, tok = load_model(dtype=getattr(torch, dtype))
     ids = corpus_tokens(tok, part, n_tokens=tokens, offset=offset)

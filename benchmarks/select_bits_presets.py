@@ -36,15 +36,14 @@ def candidates() -> dict[str, list[tuple[str, dict | str]]]:
 
     Earlier rounds on the same selection text (1024 tokens) ruled out: centring values (worse
     than uncentred), per-channel normalisation of keys before the rotation (worse), post-RoPE
-    keys for pca+codebook (worse than pre-RoPE), and a pca basis of uncentred moments (worse).
+    keys for pca+codebook (worse than pre-RoPE), a pca basis of uncentred moments (worse), and
+    centred pre-RoPE rotated keys (better than plain rotated keys, worse than pca keys).
     """
     out = {}
     for n in (4, 3, 2):
         out[f"bits{n}"] = [
             (f"int{n} (reference)", f"int{n}"),
             (f"K{n}/V{n} rotated", {"key": _cb(n), "value": _cb(n)}),
-            (f"K{n} pre-RoPE centred rotated/V{n} rotated", {"key": _cb(n, center=True, key_space="pre_rope"),
-                                                             "value": _cb(n)}),
             (f"K{n} pre-RoPE pca/V{n} rotated", {"key": _pca(n, key_space="pre_rope"), "value": _cb(n)}),
             (f"K{n} pre-RoPE pca/V{n} pca", {"key": _pca(n, key_space="pre_rope"), "value": _pca(n)}),
         ]

@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from kvcompress import CompressedCache
-from kvcompress.attention import attend_compressed
+from kvcompress.cache.attention import attend_compressed
 from kvcompress.codecs import ComposedCodec
 from kvcompress.codecs.centering import Centered
 from kvcompress.codecs.codebook import CodebookCodec
@@ -148,7 +148,7 @@ def test_spec_round_trip_and_describe():
 
 
 def test_centring_without_an_artifact_says_how_to_make_one():
-    from kvcompress.codecs.factory import build_codec
+    from kvcompress.cache.build import build_codec
 
     with pytest.raises(ValueError, match="kvcompress calibrate"):
         build_codec(TensorSpec(method="rotated+codebook", bits=2, center=True), kind="value")
@@ -173,7 +173,7 @@ class _MeanArtifact:
 def _filled_layer(head_dim: int, bits: int, center: bool, dtype: torch.dtype):
     """A CompressedLayer holding 4 sinks, 96 compressed tokens and a window, from random states."""
     from kvcompress.cache import CompressedLayer
-    from kvcompress.codecs.factory import build_codec
+    from kvcompress.cache.build import build_codec
 
     spec = TensorSpec(method="rotated+codebook", bits=bits, center=center, seed=1)
     artifact = _MeanArtifact(1, 2, head_dim) if center else None
@@ -257,7 +257,7 @@ def test_memory_report_counts_codes_and_scales():
     cache = CompressedCache(model, codebook_spec(2))
     with torch.no_grad():
         model(tokens, cache=cache)
-    from kvcompress.bits import report_bits_per_value, spec_bits_per_value
+    from kvcompress.cache.bits import report_bits_per_value, spec_bits_per_value
 
     layer = cache.memory_report().layers[0]
     n = layer.compressed_tokens * 2 * 64  # values per tensor: tokens x heads x head_dim
@@ -341,13 +341,22 @@ def test_pca_codebook_read_path(tiny_artifact, key_space):
     torch.testing.assert_close(logits_fast, logits_slow, atol=1e-4, rtol=1e-4)
     assert (logits_fast - exact).abs().max() > 1e-3, "2-bit codes gave the uncompressed logits"
     assert (logits_tampered - logits_fast).abs().max() > 1e-3, "tampered key codes did not change the output"
-    from kvcompress.bits import report_bits_per_value
+    from kvcompress.cache.bits import report_bits_per_value
 
     assert report_bits_per_value(fast.memory_report()) == pytest.approx(2 + 16 / 64)
 
 
 def test_pca_codebook_without_an_artifact_says_how_to_make_one():
-    from kvcompress.codecs.factory import build_codec
+    from kvcompress.cache.build import build_codec
 
     with pytest.raises(ValueError, match="kvcompress calibrate"):
         build_codec(TensorSpec(method="pca+codebook", bits=2), kind="value")
+
+
+@pytest.mark.parametrize("n", [4, 3, 2])
+def test_bits_presets_fit_their_budget(n):
+    from kvcompress.cache.bits import spec_bits_per_value
+    from kvcompress.presets import PRESETS
+
+    for head_dim in (64, 128, 256):
+        assert spec_bits_per_value(PRESETS.get(f"bits{n}"), 30, head_dim) == pytest.approx(n + 16 / head_dim)

@@ -19,7 +19,7 @@ SHAPE_LAYERS, SHAPE_HEAD_DIM = 30, 64
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bits import spec_bits_per_value
+    from ..cache.bits import spec_bits_per_value
 
     print(f"bits/value: stored bits per compressed K/V value at head_dim {SHAPE_HEAD_DIM} (the embedded "
           "model; window and sinks apart)\n")

@@ -34,10 +34,10 @@ def _centroids(bits: int) -> tuple[float, ...]:
     n = 1 << bits
     # Start at the cell medians of equal-probability cells, then iterate to the fixed point.
     c = [math.sqrt(2.0) * _erfinv(2.0 * (i + 0.5) / n - 1.0) for i in range(n)]
-    for _ in range(10_000):
+    for _ in range(100_000):
         edges = [-math.inf] + [(c[i] + c[i + 1]) / 2 for i in range(n - 1)] + [math.inf]
         new = [(_pdf(edges[i]) - _pdf(edges[i + 1])) / (_cdf(edges[i + 1]) - _cdf(edges[i])) for i in range(n)]
-        done = max(abs(a - b) for a, b in zip(new, c)) < 1e-13
+        done = max(abs(a - b) for a, b in zip(new, c)) < 1e-10
         c = new
         if done:
             break

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from ..bits import report_bits_per_value
 from ..cache.attention import enable_fast_attention
+from ..cache.bits import report_bits_per_value
 from ..cache.cache import CompressedCache
 from ..compat import CACHE_KWARG
 from ..spec import CacheSpec
