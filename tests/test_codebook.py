@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvcompress import CompressedCache
+from kvcompress import CompressedCache, enable_fast_attention
 from kvcompress.cache.attention import attend_compressed
 from kvcompress.codecs import ComposedCodec
 from kvcompress.codecs.centering import Centered
@@ -228,9 +228,13 @@ def test_read_path_two_bit_codebook_logits_equal_a_manual_reconstruction(head_di
             r = randomized_hadamard_matrix(head_dim, codec.transform.seed)
             parts.append(torch.cat([sink, rotated @ r.T, window], dim=2))
         reference.update(parts[0], parts[1], idx)
+    fast = cache.copy()
     logits = model(tokens[:, -1:], cache=cache).logits
+    with enable_fast_attention(model):  # the decode step over the codes, rotation folded out
+        logits_fast = model(tokens[:, -1:], cache=fast).logits
     logits_reference = model(tokens[:, -1:], cache=reference).logits
     logits_exact = model(tokens).logits[:, -1:]
+    torch.testing.assert_close(logits_fast, logits, atol=1e-4, rtol=1e-4)
     diff_ref = (logits - logits_reference).abs().max().item()
     diff_exact = (logits - logits_exact).abs().max().item()
     assert diff_ref < 1e-4, f"compressed vs reconstruction-fed reference: max_diff={diff_ref:.3g}"
@@ -335,8 +339,9 @@ def test_pca_codebook_read_path(tiny_artifact, key_space):
         for name in layer.stored_keys:
             if name.startswith("codes"):
                 layer.stored_keys[name] = 255 - layer.stored_keys[name]
-    logits_fast, logits_slow, logits_tampered = (model(tokens[:, -1:], cache=c).logits
-                                                 for c in (fast, slow, tampered))
+    with enable_fast_attention(model):
+        logits_fast, logits_tampered = (model(tokens[:, -1:], cache=c).logits for c in (fast, tampered))
+    logits_slow = model(tokens[:, -1:], cache=slow).logits
     exact = model(tokens).logits[:, -1:]
     torch.testing.assert_close(logits_fast, logits_slow, atol=1e-4, rtol=1e-4)
     assert (logits_fast - exact).abs().max() > 1e-3, "2-bit codes gave the uncompressed logits"
