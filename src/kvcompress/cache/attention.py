@@ -14,7 +14,8 @@ For a codec that stores its states rotated by an orthogonal R (`ComposedCodec.ro
 the rotation is folded out: q.k = (q R).(k R) and p.V = (p.(V R)) R^T, so the query is rotated
 once and the output un-rotated once per step, and stored tokens are read as
 `decode_rotated` (never un-rotated one by one). A mean m subtracted before the rotation
-(`ComposedCodec.offset`) comes back as q.m added to the scores and (sum of p) m to the output. Equal to the plain path up to float32 rounding.
+(`ComposedCodec.offset`) comes back as q.m added to the scores and (sum of p) m to the output.
+Equal to the plain path up to float32 rounding.
 
 Attention still reads exactly the decoded form of what is stored (tested equal to the
 reconstruct-then-SDPA path), the window and sinks are read where they lie, and no more than
