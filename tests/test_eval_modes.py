@@ -84,8 +84,8 @@ def test_evaluation_fails_loudly_when_attention_does_not_read_the_codes(tiny_lla
 
 def test_evaluation_reads_the_codes_and_leaves_the_model_as_it_found_it(tiny_llama, monkeypatch, fast_attention):
     reads = []
-    original = attention_module.attend_compressed
-    monkeypatch.setattr(attention_module, "attend_compressed",
+    original = attention_module.attend  # the decode step over the codes: the CPU kernel or the torch path
+    monkeypatch.setattr(attention_module, "attend",
                         lambda layer, *args: reads.append(layer.layer_idx) or original(layer, *args))
     ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(6))
     assert tiny_llama.config._attn_implementation == "sdpa"

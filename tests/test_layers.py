@@ -18,12 +18,12 @@ PACKAGE = SRC / "kvcompress"
 
 # Bottom to top. A module may import modules of its own layer or of lower layers only.
 LAYERS = [
-    {"_version", "io", "extras", "compat"},
+    {"_version", "io", "extras", "compat", "distributed"},
     {"models", "corpus", "fingerprint", "rope", "codecs", "spec"},
     {"presets", "calibration"},
     {"cache", "kernels"},
     {"measure"},
-    {"experiments", "tuning", "bench"},
+    {"experiments", "tuning", "bench", "generate"},
     {"cli"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

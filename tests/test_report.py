@@ -132,3 +132,50 @@ def test_report_cli(sweep_dir, capsys):
     assert main(["report", str(sweep_dir)]) == 0
     assert "report.md" in capsys.readouterr().out
     assert json.loads((sweep_dir / "config.json").read_text())["specs"][0]["label"] == "int8"
+
+
+def _bits_record(label, key, value, bits, kl, layers=None):
+    spec = {"key": key, "value": value, **({"layers": layers} if layers else {})}
+    return {"label": label, "status": "ok", "spec": spec,
+            "eval": {"bits_per_value": bits, "kl": kl, "ppl_change": kl * 10, "compression_ratio": 16 / bits}}
+
+
+def test_quality_per_bit_groups_the_two_families_and_leaves_out_mixed_specs(tmp_path):
+    from kvcompress.experiments.curves import bits_points
+    from kvcompress.experiments.plots import plot_quality_vs_bits
+
+    kivi = {"method": "quant", "bits": 4, "axis": "token", "group_size": 32}
+    records = [
+        _bits_record("int4", {**kivi, "axis": "channel"}, kivi, 5.0, 0.0035),
+        _bits_record("bits4", {"method": "pca+codebook", "bits": 4}, {"method": "rotated+codebook", "bits": 4},
+                     4.25, 0.0029),
+        _bits_record("bits2", {"method": "pca+codebook", "bits": 2}, {"method": "rotated+codebook", "bits": 2},
+                     2.25, 0.023),
+        _bits_record("mixed", kivi, {"method": "rotated+codebook", "bits": 4}, 4.6, 0.003),   # one of each: out
+        _bits_record("override", kivi, kivi, 5.0, 0.004, layers={"0": {"key": {"bits": 8}}}),  # overrides: out
+        {"label": "failed", "status": "error", "spec": {"key": kivi, "value": kivi}},
+    ]
+    points = bits_points(records)
+    assert sorted((p["label"], p["bits"]) for p in points) == [("bits2", 2.25), ("bits4", 4.25), ("int4", 5.0)]
+    families = {p["label"]: p["family"] for p in points}
+    assert families["int4"].startswith("KIVI") and families["bits4"] == families["bits2"] != families["int4"]
+    path = plot_quality_vs_bits(points, tmp_path / "bits.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_quality_vs_bits([], tmp_path / "none.png") is None
+
+
+def test_report_has_a_quality_per_bit_table(tmp_path, tiny_llama):
+    codebook = {"name": "cb2", "key": {"method": "rotated+codebook", "bits": 2},
+                "value": {"method": "rotated+codebook", "bits": 2}, "window": 16, "sinks": 4, "block_size": 32}
+    run_sweep(load_grid({"specs": [quant(2, 2, "int2"), codebook]}), tmp_path,
+              SweepSettings(eval_tokens=80, recon_tokens=72), model=tiny_llama, tokenizer=CharTokenizer())
+    report = write_report(tmp_path).read_text()
+    rows = {r["spec"]: r for r in parse_markdown_table(report, "spec", section="Quality per bit")}
+    records = {r["label"]: r for r in load_records(tmp_path)}
+    assert set(rows) == {"int2", "cb2"}
+    for label, row in rows.items():
+        assert row["bits/value"] == f"{records[label]['eval']['bits_per_value']:.2f}"
+    # head_dim 32: int2 stores 2 bits + fp16 scale and zero per 32 values (3.0); the codebook 2 bits + one fp16
+    # scale per vector of 32 (2.5)
+    assert rows["int2"]["bits/value"] == "3.00" and rows["cb2"]["bits/value"] == "2.50"
+    assert (tmp_path / "quality_vs_bits.png").read_bytes()[:8] == PNG_SIGNATURE

@@ -291,3 +291,19 @@ def test_tune_refuses_to_verify_on_the_report_part(tiny_llama):
     report = {"source": "embedded:pydoc_data.topics", "part": "report", "tokens": [0, 96]}
     with pytest.raises(ValueError, match="must not read the 'report' part"):
         tune(tiny_llama, ids, ids, 0.01, base=BASE, verify_text=report)
+
+
+def test_codebook_family_offers_the_bits_presets_settings_and_needs_an_artifact(tiny_llama):
+    from kvcompress.calibration import needs_artifact
+    from kvcompress.presets import load_spec
+    from kvcompress.tuning.candidates import uniform_candidates
+
+    settings = candidate_settings(("codebook",))
+    for n in (4, 3, 2):
+        preset = load_spec(f"bits{n}")
+        assert preset.key in settings["key"] and preset.value in settings["value"]
+    assert needs_artifact(tiny_llama, settings["key"]) and not needs_artifact(tiny_llama, settings["value"][1:])
+    specs = uniform_candidates(("codebook",))
+    assert [s.name for s in specs] == ["cb4", "cb3", "cb2"]
+    assert [(s.key, s.value) for s in specs] == [(load_spec(f"bits{n}").key, load_spec(f"bits{n}").value)
+                                                 for n in (4, 3, 2)]

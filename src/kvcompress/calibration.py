@@ -115,6 +115,13 @@ class CalibrationArtifact:
         """(kv_heads, head_dim) eigenvalues of E[x x^T], largest first (mean energy per direction)."""
         return self._get(kind, "spectrum")[layer_idx]
 
+    def mean(self, kind: str, layer_idx: int) -> torch.Tensor:
+        """(kv_heads, head_dim) per-channel mean of the states of one layer."""
+        full = self._get(kind, "mean")
+        if not 0 <= layer_idx < full.shape[0]:
+            raise ArtifactError(f"the artifact has {full.shape[0]} layers, layer {layer_idx} was asked for")
+        return full[layer_idx]
+
     def _get(self, kind: str, stat: str) -> torch.Tensor:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -418,7 +425,7 @@ def resolve_artifact(model, artifact=None) -> CalibrationArtifact:
     if is_embedded(model):
         return embedded_artifact(model)
     raise ArtifactError(
-        "low-rank specs need a calibration artifact for this model: run `kvcompress calibrate --model M "
+        "low-rank, pca+codebook and centred codebook specs need a calibration artifact for this model: run `kvcompress calibrate --model M "
         "--out DIR` and pass artifact=DIR (Python) or --artifact DIR (command line)")
 
 
@@ -427,7 +434,7 @@ def needs_artifact(model, specs) -> bool:
     if isinstance(specs, (CacheSpec, TensorSpec)):
         specs = [specs]
     num_layers = _text_config(model).num_hidden_layers
-    return any(s.needs_artifact(num_layers) if isinstance(s, CacheSpec) else s.is_lowrank for s in specs)
+    return any(s.needs_artifact(num_layers) if isinstance(s, CacheSpec) else s.needs_artifact for s in specs)
 
 
 def artifact_for(model, specs, artifact=None) -> CalibrationArtifact | None:

@@ -8,7 +8,8 @@ extra, `pip install 'kvcompress[NAME]'` (pyproject.toml lists them):
     yaml     pyyaml                .yaml/.yml spec files and sweep grids
     bench    optimum-quanto, hqq   transformers' QuantizedCache baselines in `bench`
                                    (`baselines` is the old name of the same extra)
-    all      every extra above (and any runtime extra added later, such as Triton or Ray)
+    ray      ray[data]             `--ray` of sweep, analyze, generate, measure-presets
+    all      every extra above (and any runtime extra added later, such as Triton)
 
 Every import of an optional package in kvcompress goes through `require_extra`, so a
 missing one raises MissingExtraError naming the extra (the CLI prints it as one line,

@@ -22,15 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .codecs.codebook import ROW_TOKENS as CODEBOOK_ROW_TOKENS
 from .codecs.quant import ALLOWED_AXES, ALLOWED_BITS, TOKEN_AXIS_ROW_TOKENS
 from .extras import MissingExtraError, require_extra
 from .io import write_text_atomic
 
-METHODS = ("none", "quant", "lowrank", "lowrank+quant", "hadamard+quant")
+METHODS = ("none", "quant", "lowrank", "lowrank+quant", "hadamard+quant", "rotated+codebook", "pca+codebook")
+_CODEBOOK_METHODS = ("rotated+codebook", "pca+codebook")
+CODEBOOK_BITS = (1, 2, 3, 4)
 KEY_SPACES = ("post_rope", "pre_rope")
 _QUANT_METHODS = ("quant", "lowrank+quant", "hadamard+quant")
 _LOWRANK_METHODS = ("lowrank", "lowrank+quant")
-_TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space")
+_TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space", "seed", "center")
 _SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers")
 
 
@@ -42,7 +45,13 @@ class TensorSpec:
         method: one of METHODS. "none" keeps the tensor in full precision; "quant" quantizes
             it; "lowrank" keeps only its coefficients on the top-`rank` calibrated directions
             (stored in fp16); "lowrank+quant" quantizes those coefficients; "hadamard+quant"
-            rotates each head by an orthonormal Hadamard matrix before quantizing.
+            rotates each head by an orthonormal Hadamard matrix before quantizing;
+            "rotated+codebook" rotates each head by a seeded randomized Hadamard matrix and stores
+            Lloyd-Max codebook indices plus one fp16 scale per vector (bits + 16/head_dim bits
+            per value; `axis` and `group_size` do not apply); "pca+codebook" projects each head,
+            centred, onto its calibrated principal directions and gives them `bits` x head_dim
+            code bits in all, by calibrated variance (transform coding), plus one fp16 scale per
+            vector (needs a calibration artifact).
         bits: code width for quantization, one of ALLOWED_BITS.
         axis: "channel" or "token": which values share quantization statistics.
         group_size: values per scale (tokens for axis="channel", channels for axis="token";
@@ -51,6 +60,9 @@ class TensorSpec:
             coefficients are quantized, as codes are bit-packed 8 at a time).
         key_space: "post_rope" (as attention gives them) or "pre_rope" (the cache undoes the
             rotary embedding before compressing and re-applies it after decoding); keys only.
+        seed: draws the random signs of "rotated+codebook" (each layer derives its own from it).
+        center: "rotated+codebook" only: subtract the calibrated per-head mean before rotating
+            (needs a calibration artifact; the mean is stored once per layer, not per token).
     """
 
     method: str = "quant"
@@ -59,17 +71,34 @@ class TensorSpec:
     group_size: int = 32
     rank: int | None = None
     key_space: str = "post_rope"
+    seed: int = 0
+    center: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method == "none":
             # Settings mean nothing without a codec: make every "none" spec equal.
-            for name in ("bits", "axis", "group_size", "rank", "key_space"):
+            for name in ("bits", "axis", "group_size", "rank", "key_space", "seed", "center"):
                 object.__setattr__(self, name, TensorSpec.__dataclass_fields__[name].default)
             return
         if self.key_space not in KEY_SPACES:
             raise ValueError(f"key_space must be one of {KEY_SPACES}, got {self.key_space!r}")
+        if self.method in _CODEBOOK_METHODS:
+            if self.bits not in CODEBOOK_BITS:
+                raise ValueError(f"{self.method} bits must be one of {CODEBOOK_BITS}, got {self.bits!r}")
+            if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+                raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            if not isinstance(self.center, bool):
+                raise ValueError(f"center must be true or false, got {self.center!r}")
+            for name in ("axis", "group_size", "rank"):  # one scale per vector: no grouping settings
+                object.__setattr__(self, name, TensorSpec.__dataclass_fields__[name].default)
+            if self.method == "pca+codebook":  # always centred, no random rotation
+                object.__setattr__(self, "seed", 0)
+                object.__setattr__(self, "center", False)
+            return
+        object.__setattr__(self, "seed", 0)
+        object.__setattr__(self, "center", False)
         if self.method in _LOWRANK_METHODS:
             if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
                 raise ValueError(f"method {self.method!r} needs a positive integer rank (1..head_dim), "
@@ -104,6 +133,11 @@ class TensorSpec:
     def is_lowrank(self) -> bool:
         return self.method in _LOWRANK_METHODS
 
+    @property
+    def needs_artifact(self) -> bool:
+        """True if the codec reads calibrated statistics (low-rank bases, codebook centring means)."""
+        return self.is_lowrank or self.method == "pca+codebook" or (self.method == "rotated+codebook" and self.center)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: TensorSpec | None = None) -> TensorSpec:
         """Build from a dict; fields missing from `data` come from `base` (or the defaults)."""
@@ -123,6 +157,12 @@ class TensorSpec:
             out["rank"] = self.rank
         if self.is_quantized:
             out.update(bits=self.bits, axis=self.axis, group_size=self.group_size)
+        if self.method == "pca+codebook":
+            out["bits"] = self.bits
+        if self.method == "rotated+codebook":
+            out.update(bits=self.bits, seed=self.seed)
+            if self.center:
+                out["center"] = True
         if self.key_space != "post_rope":
             out["key_space"] = self.key_space
         return out
@@ -133,7 +173,10 @@ class TensorSpec:
             return "full"
         quant = f"int{self.bits}/{self.axis}{self.group_size}"
         text = {"quant": quant, "lowrank": f"lowrank{self.rank}", "lowrank+quant": f"lowrank{self.rank}+{quant}",
-                "hadamard+quant": f"hadamard+{quant}"}[self.method]
+                "hadamard+quant": f"hadamard+{quant}",
+                "rotated+codebook": ("centred+" if self.center else "") + f"rot+lloyd{self.bits}"
+                + (f"/seed{self.seed}" if self.seed else ""),
+                "pca+codebook": f"pca+lloyd{self.bits}"}[self.method]
         return text + (" pre-RoPE" if self.key_space == "pre_rope" else "")
 
 
@@ -211,6 +254,11 @@ class CacheSpec:
             raise ValueError(
                 f"{which}: per-channel group_size {spec.group_size} must divide block_size {self.block_size}"
             )
+        if spec.method in _CODEBOOK_METHODS and self.block_size % CODEBOOK_ROW_TOKENS:
+            raise ValueError(
+                f"{which}: {spec.method} packs {CODEBOOK_ROW_TOKENS} tokens per row, so block_size "
+                f"must be a multiple of {CODEBOOK_ROW_TOKENS}, got {self.block_size}"
+            )
         if spec.is_quantized and spec.axis == "token" and self.block_size % TOKEN_AXIS_ROW_TOKENS:
             raise ValueError(
                 f"{which}: per-token quantization packs {TOKEN_AXIS_ROW_TOKENS} tokens per row, so block_size "
@@ -232,8 +280,8 @@ class CacheSpec:
         return key, value
 
     def needs_artifact(self, num_layers: int) -> bool:
-        """True if some layer uses a low-rank method (which needs a calibration artifact)."""
-        return any(spec.is_lowrank for idx in range(num_layers) for spec in self.for_layer(idx))
+        """True if some layer uses a low-rank method or centring (which need a calibration artifact)."""
+        return any(spec.needs_artifact for idx in range(num_layers) for spec in self.for_layer(idx))
 
     def validate_for(self, num_layers: int, head_dim: int) -> None:
         """Check the spec against a model's shape; raise ValueError naming what to change."""
@@ -244,8 +292,8 @@ class CacheSpec:
         for which, spec in self._all_tensor_specs():
             if spec.is_lowrank and spec.rank > head_dim:
                 raise ValueError(f"{which}: rank {spec.rank} exceeds head_dim {head_dim}; allowed: 1..{head_dim}")
-            if spec.method == "hadamard+quant" and head_dim & (head_dim - 1):
-                raise ValueError(f"{which}: hadamard+quant needs head_dim to be a power of two, got {head_dim}; "
+            if spec.method in ("hadamard+quant", "rotated+codebook") and head_dim & (head_dim - 1):
+                raise ValueError(f"{which}: {spec.method} needs head_dim to be a power of two, got {head_dim}; "
                                  "use method 'quant' for this model")
             if spec.method in ("quant", "hadamard+quant") and spec.axis == "token" and head_dim % spec.group_size:
                 divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
@@ -253,7 +301,7 @@ class CacheSpec:
                     f"{which}: per-token group_size {spec.group_size} does not divide head_dim {head_dim}; "
                     f"allowed: {divisors}"
                 )
-            if spec.method in ("quant", "hadamard+quant") and head_dim % 8:
+            if spec.method in ("quant", "hadamard+quant", *_CODEBOOK_METHODS) and head_dim % 8:
                 raise ValueError(f"bit packing needs head_dim to be a multiple of 8, got {head_dim}")
 
     # ---- serialization -------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Names: "dynamic" (transformers' `DynamicCache`), "quanto-<bits>" / "hqq-<bits>" (transformers'
 `QuantizedCache` with that backend, from the `bench` extra), anything else a kvcompress preset
-name or spec file, optionally with "+monitor" / "+reconstruct" suffixes (see `CacheKind`).
+name or spec file, optionally with "+monitor" / "+reconstruct" / "+torch" suffixes (see `CacheKind`).
 
 Every cache is built from the model's config, as `generate` builds its own: on models with
 sliding-window layers (Gemma 3, Mistral with a window) `DynamicCache(config=...)` gives those
@@ -23,7 +23,7 @@ DEFAULT_CACHES = ("dynamic", "int4", "int2", "quanto-4", "quanto-2", "hqq-4", "h
 QUANTIZED_CACHE_SETTINGS = {"q_group_size": 64, "residual_length": 128, "axis_key": 0, "axis_value": 0}
 _BASELINE_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}
 _BASELINE_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}
-_SUFFIXES = ("+monitor", "+reconstruct")
+_SUFFIXES = ("+monitor", "+reconstruct", "+torch")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class CacheKind:
     name or spec file. Suffixes on a kvcompress name: "+monitor" ("int4+monitor") runs it with
     its runtime quality monitor on, to show the monitor's overhead; "+reconstruct" runs it with
     `fast_attention=False` (attention reads the full reconstruction every step), to show what
-    attention over the codes saves.
+    attention over the codes saves; "+torch" runs it with `kernel=False` (decode steps over the
+    codes in pure torch, without the compiled CPU kernel), to show what the kernel saves.
     """
 
     name: str
@@ -44,6 +45,7 @@ class CacheKind:
     nbits: int | None = None
     monitor: bool = False
     reconstruct: bool = False
+    torch_only: bool = False
 
     def describe(self) -> str:
         if self.family == "dynamic":
@@ -56,7 +58,8 @@ class CacheKind:
 
         monitor = " + runtime quality monitor" if self.monitor else ""
         reconstruct = "; attention reads the full reconstruction (fast_attention=False)" if self.reconstruct else ""
-        return f"kvcompress {load_spec(self.spec_name).describe()}{monitor}{reconstruct}"
+        torch_only = "; decode steps in pure torch (kernel=False)" if self.torch_only else ""
+        return f"kvcompress {load_spec(self.spec_name).describe()}{monitor}{reconstruct}{torch_only}"
 
     @property
     def spec_name(self) -> str:
@@ -94,7 +97,8 @@ def parse_cache_name(name: str) -> CacheKind:
 
     spec_name, suffixes = _split_suffixes(name)
     load_spec(spec_name)  # raises ValueError listing the presets
-    return CacheKind(name, "kvcompress", monitor="+monitor" in suffixes, reconstruct="+reconstruct" in suffixes)
+    return CacheKind(name, "kvcompress", monitor="+monitor" in suffixes, reconstruct="+reconstruct" in suffixes,
+                     torch_only="+torch" in suffixes)
 
 
 def baseline_unavailable(backend: str) -> str | None:
@@ -125,4 +129,5 @@ def make_cache(kind: CacheKind, model):
         return QuantizedCache(backend=kind.backend, config=config, nbits=kind.nbits, **QUANTIZED_CACHE_SETTINGS)
     from ..cache.cache import CompressedCache
 
-    return CompressedCache(model, kind.spec_name, monitor=kind.monitor, fast_attention=not kind.reconstruct)
+    return CompressedCache(model, kind.spec_name, monitor=kind.monitor, fast_attention=not kind.reconstruct,
+                           kernel=not kind.torch_only)

@@ -10,9 +10,21 @@ positions takes the values the same way:
     scores = [q.sinks | q.decode(chunk 1) | ... | q.window] * scaling  (+ mask)
     out    = softmax(scores) @ [sinks | decode(chunk 1) | ... | window]
 
+For a codec that stores its states rotated by an orthogonal R (`ComposedCodec.rotation`),
+the rotation is folded out: q.k = (q R).(k R) and p.V = (p.(V R)) R^T, so the query is rotated
+once and the output un-rotated once per step, and stored tokens are read as
+`decode_rotated` (never un-rotated one by one). A mean m subtracted before the rotation
+(`ComposedCodec.offset`) comes back as q.m added to the scores and (sum of p) m to the output.
+Equal to the plain path up to float32 rounding.
+
 Attention still reads exactly the decoded form of what is stored (tested equal to the
 reconstruct-then-SDPA path), the window and sinks are read where they lie, and no more than
 `CHUNK_TOKENS` tokens of one layer are ever decoded at once.
+
+`attend_compressed` is the pure-torch reference. On CPU the decode step runs the compiled kernel
+of `kvcompress.kernels.cpu` instead where it applies (`attend`), which computes the same from the
+packed codes without decoding them into tensors; `attend_compressed` runs where it does not
+(pre-RoPE keys, low-rank or rotated codecs, GPU tensors, no compiler).
 
 Wiring, through transformers' public `AttentionInterface` (the details are in `compat`):
 `enable_fast_attention(model)` registers the attention function "kvcompress" (and sdpa's mask
@@ -45,6 +57,7 @@ from transformers import PreTrainedModel
 from ..calibration import config_fields
 from ..codecs import token_slice
 from ..compat import register_attention_function, sdpa_attention
+from ..kernels import cpu as cpu_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +248,7 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     if layer.key_space is not None and config is not None and config is not layer.checked_config:
         _check_rope(layer, config)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attend_compressed(layer, query, attention_mask, scale)  # (B, H_q, Q, D)
+    out = attend(layer, query, attention_mask, scale)  # (B, H_q, Q, D)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -252,6 +265,14 @@ def _check_rope(layer, config) -> None:
     layer.checked_config = config
 
 
+def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """The decode step over `layer`: the compiled CPU kernel where it applies (`kvcompress.kernels.cpu`:
+    CPU tensors, plain `QuantCodec` keys and values stored post-RoPE, `layer.use_kernel`), else
+    `attend_compressed`. Same arguments and result as `attend_compressed`."""
+    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if layer.use_kernel else None
+    return out if out is not None else attend_compressed(layer, query, attention_mask, scaling)
+
+
 def _chunks(layer, kind: str):
     """Yield (start, stop, encoding of tokens [start, stop)) over the layer's compressed tokens."""
     stored = layer.stored_keys if kind == "key" else layer.stored_values
@@ -262,16 +283,38 @@ def _chunks(layer, kind: str):
         yield start, stop, token_slice(stored, total, start, stop)
 
 
-def _chunk_scores(layer, part: dict, start: int, q: torch.Tensor) -> torch.Tensor:
-    """q . k for the keys of one chunk: (B, H, rep, T) from q (B, H, rep, D), in float32."""
+def codec_rotation(codec, dim: int, device: torch.device) -> torch.Tensor | None:
+    """The float32 orthogonal R (dim, dim) a codec stores its states in (x -> x @ R), or None."""
+    rotation = getattr(codec, "rotation", None)
+    return rotation(dim, device, torch.float32) if rotation is not None else None
+
+
+def codec_offset(codec, device: torch.device) -> torch.Tensor | None:
+    """The float32 (H, D) mean a rotated codec subtracts before rotating, or None."""
+    offset = getattr(codec, "offset", None)
+    return offset(device) if offset is not None else None
+
+
+def _chunk_scores(layer, part: dict, start: int, q: torch.Tensor, rotated: bool) -> torch.Tensor:
+    """q . k for the keys of one chunk: (B, H, rep, T) from q (B, H, rep, D), in float32.
+
+    With `rotated`, q is already q @ R and the keys are read in the codec's rotated space.
+    """
+    if rotated:
+        return q @ layer.key_codec.decode_rotated(part, torch.float32).transpose(-1, -2)
     keys = layer.key_codec.decode(part, torch.float32)  # (B, H, T, D)
     if layer.key_space is not None:  # keys were coded pre-RoPE: rotate them to their positions
         keys = layer.key_space.rotate(keys, start=layer.sink_keys.shape[2] + start)
     return q @ keys.transpose(-1, -2)
 
 
-def _chunk_mix(layer, part: dict, probs: torch.Tensor) -> torch.Tensor:
-    """probs @ v for the values of one chunk: (B, H, rep, D) from probs (B, H, rep, T), in float32."""
+def _chunk_mix(layer, part: dict, probs: torch.Tensor, rotated: bool) -> torch.Tensor:
+    """probs @ v for the values of one chunk: (B, H, rep, D) from probs (B, H, rep, T), in float32.
+
+    With `rotated`, the result stays in the codec's rotated space (probs @ (V @ R)).
+    """
+    if rotated:
+        return probs @ layer.value_codec.decode_rotated(part, torch.float32)
     return probs @ layer.value_codec.decode(part, torch.float32)
 
 
@@ -301,8 +344,15 @@ def attend_compressed(layer, query: torch.Tensor, attention_mask: torch.Tensor |
 
     scores = torch.empty(B, H, Hq // H, seq, dtype=compute, device=query.device)
     scores[..., :n_sinks] = q @ sink_k.to(compute).transpose(-1, -2)
+    # A rotated key codec (pre-RoPE keys excepted: RoPE does not commute with R): rotate q once.
+    key_rotation = codec_rotation(layer.key_codec, D, query.device) if layer.key_space is None else None
+    q_keys = q @ key_rotation if key_rotation is not None else q
+    key_offset = codec_offset(layer.key_codec, query.device) if key_rotation is not None else None
     for start, stop, part in _chunks(layer, "key"):
-        scores[..., n_sinks + start:n_sinks + stop] = _chunk_scores(layer, part, start, q)
+        scores[..., n_sinks + start:n_sinks + stop] = _chunk_scores(layer, part, start, q_keys,
+                                                                     key_rotation is not None)
+    if key_offset is not None:  # keys stored as k - m: add q.m to every compressed token's score
+        scores[..., n_sinks:n_sinks + n_compressed] += (q * key_offset[None, :, None, :]).sum(-1, keepdim=True)
     scores[..., n_sinks + n_compressed:] = q @ window_k.to(compute).transpose(-1, -2)
     if attention_mask is not None:
         if attention_mask.shape[-1] != seq:
@@ -316,6 +366,15 @@ def attend_compressed(layer, query: torch.Tensor, attention_mask: torch.Tensor |
 
     out = probs[..., :n_sinks] @ layer.sink_values.to(compute)
     out += probs[..., n_sinks + n_compressed:] @ layer.window_values.to(compute)
+    # A rotated value codec: sum p.(V R) over the chunks, then un-rotate that sum once.
+    value_rotation = codec_rotation(layer.value_codec, out.shape[-1], query.device)
+    mixed = torch.zeros_like(out) if value_rotation is not None else out
     for start, stop, part in _chunks(layer, "value"):
-        out += _chunk_mix(layer, part, probs[..., n_sinks + start:n_sinks + stop])
+        mixed += _chunk_mix(layer, part, probs[..., n_sinks + start:n_sinks + stop], value_rotation is not None)
+    if value_rotation is not None:
+        out += mixed @ value_rotation.T
+        value_offset = codec_offset(layer.value_codec, query.device)
+        if value_offset is not None:  # values stored as v - m: add (sum of their probabilities) * m
+            weight = probs[..., n_sinks:n_sinks + n_compressed].sum(-1, keepdim=True)  # (B, H, rep, 1)
+            out += weight * value_offset[None, :, None, :]
     return out.reshape(B, Hq, 1, out.shape[-1]).to(query.dtype)

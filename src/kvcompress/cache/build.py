@@ -6,16 +6,45 @@ whether keys are compressed pre- or post-RoPE (the cache decides and says so via
 
 from __future__ import annotations
 
-from ..spec import TensorSpec
+import torch
+
+from ..codecs.allocated import AllocatedCodebookCodec, allocate_bits
 from ..codecs.base import Codec
+from ..codecs.centering import Centered
+from ..codecs.codebook import CodebookCodec
 from ..codecs.composed import ComposedCodec
 from ..codecs.fp16 import Fp16Codec
 from ..codecs.hadamard import HadamardRotation
 from ..codecs.identity import IdentityCodec
 from ..codecs.lowrank import LowRankProjection
 from ..codecs.quant import QuantCodec
+from ..codecs.rotation import RandomizedHadamard
+from ..spec import TensorSpec
 
 KINDS = ("key_post", "key_pre", "value")
+
+
+def layer_seed(seed: int, layer_idx: int) -> int:
+    """The rotation seed of one layer: each layer draws its own signs from the spec's seed."""
+    return seed * 1_000_003 + layer_idx
+
+
+def pca_codebook(bits: int, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor) -> Codec:
+    """Centred projection on the principal directions of the calibrated covariance, then codebooks
+    with bits allocated by variance.
+
+    The calibrated uncentred second moment is M = U diag(lambda) U^T (basis U (H, D, D), spectrum
+    lambda (H, D)); the centred covariance C = M - m m^T (mean m (H, D)) is diagonalised per head,
+    and the bit allocation uses its eigenvalues averaged over heads (largest first).
+    """
+    u, lam, m = basis.double(), spectrum.double(), mean.double()
+    cov = u @ torch.diag_embed(lam) @ u.transpose(-1, -2) - m[:, :, None] * m[:, None, :]  # (H, D, D)
+    variance, vectors = torch.linalg.eigh(cov)  # ascending
+    variance, vectors = variance.flip(-1), vectors.flip(-1)  # (H, D), (H, D, D) largest first
+    variance = variance.clamp_min(variance.amax() * 1e-10 + 1e-30)
+    widths = allocate_bits(variance.mean(0), bits * basis.shape[1])
+    return ComposedCodec(Centered(mean, LowRankProjection(vectors.float())),
+                         AllocatedCodebookCodec(widths=widths, std=variance.sqrt().float()))
 
 
 def build_codec(spec: TensorSpec, *, layer_idx: int = 0, kind: str = "value", artifact=None) -> Codec:
@@ -37,6 +66,21 @@ def build_codec(spec: TensorSpec, *, layer_idx: int = 0, kind: str = "value", ar
         return quant
     if spec.method == "hadamard+quant":
         return ComposedCodec(HadamardRotation(), quant)
+    if spec.method == "rotated+codebook":
+        rotation = RandomizedHadamard(seed=layer_seed(spec.seed, layer_idx))
+        if spec.center:
+            if artifact is None:
+                raise ValueError("a centred rotated+codebook spec needs a calibration artifact: run "
+                                 "`kvcompress calibrate --out DIR` and pass --artifact DIR (built "
+                                 "automatically for the embedded model)")
+            rotation = Centered(artifact.mean(kind, layer_idx), rotation)
+        return ComposedCodec(rotation, CodebookCodec(bits=spec.bits))
+    if spec.method == "pca+codebook":
+        if artifact is None:
+            raise ValueError("method 'pca+codebook' needs a calibration artifact: run `kvcompress calibrate "
+                             "--out DIR` and pass --artifact DIR (built automatically for the embedded model)")
+        return pca_codebook(spec.bits, artifact.basis(kind, layer_idx), artifact.spectrum(kind, layer_idx),
+                            artifact.mean(kind, layer_idx))
     if spec.is_lowrank:
         if artifact is None:
             raise ValueError(f"method {spec.method!r} needs a calibration artifact (run `kvcompress calibrate`)")

@@ -141,6 +141,9 @@ class CompressedCache(Cache):
             the first such cache logs once (INFO, logger "kvcompress") how to enable it. The cache
             never switches the model itself. False: attention always reads the full
             reconstruction, whatever the model runs.
+        kernel: True (default): on CPU, decode steps that read the codes run the compiled kernel
+            `kvcompress.kernels.cpu` (built on first use; same results) for layers whose codecs it
+            reads; False: always the pure-torch path (also forced by KVCOMPRESS_NO_KERNEL=1).
 
     Attributes:
         key_space_fallback: why pre-RoPE keys were asked for but keys are compressed post-RoPE
@@ -153,7 +156,7 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, model: PreTrainedModel | PretrainedConfig, spec: str | dict | CacheSpec = "int4",
-                 artifact=None, monitor=False, fast_attention: bool = True):
+                 artifact=None, monitor=False, fast_attention: bool = True, kernel: bool = True):
         config = _text_config(model)
         sliding_windows = check_supported(config)
         self.spec = load_spec(spec)
@@ -182,6 +185,7 @@ class CompressedCache(Cache):
         for layer in self.layers:
             layer.monitor = self.monitor
             layer.model_fields = self.model_fields
+            layer.use_kernel = kernel
         if fast_attention:  # decode steps read the codes while the model runs kvcompress's attention
             for layer in self.layers:
                 if not layer.is_sliding:

@@ -87,6 +87,8 @@ class CompressedLayer(CacheLayerMixin):
         # the last model config found to match it (checked by kvcompress's attention function).
         self.model_fields = None
         self.checked_config = None
+        # Whether decode steps may use the compiled CPU kernel (kvcompress.kernels.cpu) where it applies.
+        self.use_kernel = True
         self._clear()
 
     def _clear(self) -> None:

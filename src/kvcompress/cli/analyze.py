@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ..experiments.analysis import DEFAULT_SETTINGS, analyze, default_entries
+from .common import ray_options_from_args
 from .sweep import add_sweep_arguments, apply_threads, check_sweep_args, command_line, settings_from_args
 from .sweep import interrupted  # noqa: F401  (what a Ctrl-C leaves: the same as sweep's)
 
@@ -20,9 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_sweep_args(args, default_entries())
+    ray = ray_options_from_args(args)
     apply_threads(args)
     wall, cpu = time.perf_counter(), time.process_time()
     path = analyze(args.out, settings_from_args(args), entries=default_entries(), progress=args.progress,
-                   command=command_line())
+                   command=command_line(), ray=ray)
     print(f"wrote {path}; {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU")
     return 0

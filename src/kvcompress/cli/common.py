@@ -246,3 +246,33 @@ def check_eval_tokens(spec, n_tokens: int, option: str = "--tokens", label: str 
                         f"{spec.window} tokens in full precision and compresses {spec.block_size} at a time, so "
                         f"nothing would be compressed and the figures would equal the baseline's; pass {option} "
                         f"{need} or more")
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, unit: str = "spec") -> None:
+    """`--ray [ADDRESS]` and the per-worker resources (see `kvcompress.distributed.RayOptions`)."""
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help=f"run on a Ray cluster, one {unit} per unit of work on actors that keep the model "
+                             "loaded: alone, start a local cluster; 'auto' or an address, join one "
+                             "(needs kvcompress[ray])")
+    parser.add_argument("--ray-workers", type=int, default=2, help="Ray actors, each with its own model copy")
+    parser.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs each Ray actor reserves")
+    parser.add_argument("--ray-gpus-per-worker", type=float, default=0.0, help="GPUs each Ray actor reserves")
+    parser.add_argument("--ray-num-cpus", type=int, default=None,
+                        help="CPUs of the local cluster started by a bare --ray (None: all of the machine's)")
+    parser.add_argument("--ray-retries", type=int, default=1,
+                        help=f"times a {unit} whose Ray worker died is tried again on a fresh worker")
+
+
+def ray_options_from_args(args: argparse.Namespace):
+    """RayOptions from the flags of `add_ray_arguments`, or None without --ray.
+
+    Imports Ray at once, so a missing extra is reported before any work starts.
+    """
+    if args.ray is None:
+        return None
+    from ..distributed import RayOptions, import_ray
+
+    import_ray()
+    return RayOptions(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
+                      cpus_per_worker=args.ray_cpus_per_worker, gpus_per_worker=args.ray_gpus_per_worker,
+                      num_cpus=args.ray_num_cpus, retries=args.ray_retries)

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"tokens      {result.tokens} ({result.compressed_tokens} compressed per layer, {result.chunks} chunks)")
     print(f"ratio       {result.compression_ratio:.2f}x  ({result.stored_bytes:,} stored bytes vs "
           f"{result.fp16_bytes:,} in fp16)")
+    print(f"bits/value  {result.bits_per_value:.3f} per compressed K/V value (window and sinks apart)")
     print(f"perplexity  {result.ppl_baseline:.3f} -> {result.ppl:.3f}  ({result.ppl_change:+.2%}, "
           f"95% CI {lo:+.2%} .. {hi:+.2%})")
     print(f"KL          {result.kl:.4f}  (95% CI {klo:.4f} .. {khi:.4f}; {result.interval['ci_method']}, "

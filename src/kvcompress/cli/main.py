@@ -21,6 +21,7 @@ import importlib
 import logging
 import sys
 
+from ..distributed import WorkersLostError, WorkerStartError
 from ..extras import MissingExtraError
 
 COMMAND_MODULES = (
@@ -33,6 +34,7 @@ COMMAND_MODULES = (
     "kvcompress.cli.bench",
     "kvcompress.cli.tune",
     "kvcompress.cli.measure_presets",
+    "kvcompress.cli.generate",
 )
 
 
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prefix}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except (WorkerStartError, WorkersLostError) as err:
+        print(f"kvcompress {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import sys
 import time
 
 from ..io import parse_list
-from .common import (UserError, add_model_arguments, check_input_file, check_model_args, check_output_file,
-                     load_model_from_args, write_json)
+from .common import (UserError, add_model_arguments, add_ray_arguments, check_input_file, check_model_args,
+                     check_output_file, load_model_from_args, ray_options_from_args, write_json)
 
 NAME = "measure-presets"
 DEFAULT_OUT = "runs/measured_presets.json"
@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "resumes from it")
     parser.add_argument("--json", default=None, help="with --verify: write the re-measured figures here")
     add_model_arguments(parser)
+    add_ray_arguments(parser, unit="candidate")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,11 +118,13 @@ def run(args: argparse.Namespace) -> int:
     check_model_args(args)
     out = args.file or DEFAULT_OUT
     state = args.state or str(out).removesuffix(".json") + ".state.json"
+    ray = ray_options_from_args(args)
     model, tokenizer = load_model_from_args(args)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
     data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
                           sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
-                          passkey_lengths=lengths, command=command)
+                          passkey_lengths=lengths, command=command, ray=ray,
+                          load_args=(args.model, args.dtype, str(args.device)))
     path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0

@@ -10,8 +10,9 @@ import time
 from ..experiments.grid import parse_specs
 from ..experiments.sweep import TASKS, SweepSettings, run_sweep
 from ..io import parse_list
-from .common import (UserError, add_corpus_arguments, add_model_arguments, check_artifact_dir, check_corpus,
-                     check_eval_tokens, check_model_args, check_output_dir, check_tokens)
+from .common import (UserError, add_corpus_arguments, add_model_arguments, add_ray_arguments, check_artifact_dir,
+                     check_corpus, check_eval_tokens, check_model_args, check_output_dir, check_tokens,
+                     ray_options_from_args)
 
 NAME = "sweep"
 HELP = "direct reconstruction, decode-faithful quality and tasks for many specs (one JSON record per spec)"
@@ -69,6 +70,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, defaults: SweepSettings
     parser.add_argument("--progress", action="store_true", help="show a progress bar per evaluation")
     add_model_arguments(parser)
     add_corpus_arguments(parser)
+    add_ray_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> SweepSettings:
@@ -133,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--specs {args.specs}: {err}") from None
     check_sweep_args(args, entries)
     settings = settings_from_args(args)
+    ray = ray_options_from_args(args)
     apply_threads(args)
     wall, cpu = time.perf_counter(), time.process_time()
-    records = run_sweep(entries, args.out, settings, progress=args.progress, command=command_line())
+    records = run_sweep(entries, args.out, settings, progress=args.progress, command=command_line(), ray=ray)
     failed = [r["label"] for r in records if r.get("status") != "ok"]
     print(f"{len(records)} records in {args.out}/records ({len(failed)} failed{': ' + ', '.join(failed) if failed else ''}); "
           f"{time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU. "

@@ -5,6 +5,9 @@ A `Transform` maps states (B, H, T, D) to a per-head linear image (B, H, T, D') 
 and decodes `inverse(inner.decode(...))`, so stored tensors keep the (B, H, n, ...) layout
 of the inner codec and the cache can append and reorder them as for any codec.
 
+A transform that is an orthogonal rotation says so through `matrix`; `ComposedCodec.rotation`
+and `decode_rotated` then let attention work in the rotated space (see `attention`).
+
 This module does not know any particular transform (see `hadamard`, `lowrank`) and does not
 quantize (the inner codec does).
 """
@@ -30,6 +33,15 @@ class Transform(ABC):
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D') float32 -> (B, H, T, D) float32 (exact inverse if D' == D)."""
 
+    def matrix(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor | None:
+        """The orthogonal (dim, dim) R with forward(x) = (x - offset) @ R, if the transform is one; else None."""
+        return None
+
+    def offset(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The per-head (H, D) vector subtracted before `matrix` applies (None: nothing subtracted)."""
+        return None
+
 
 @dataclass(frozen=True)
 class ComposedCodec(Codec):
@@ -53,3 +65,20 @@ class ComposedCodec(Codec):
 
     def decode(self, stored: Stored, dtype: torch.dtype) -> torch.Tensor:
         return self.transform.inverse(self.inner.decode(stored, torch.float32)).to(dtype)
+
+    def rotation(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                 ) -> torch.Tensor | None:
+        """R (dim, dim) if the transform is an orthogonal rotation x -> x @ R, else None.
+
+        Attention can then stay in the rotated space: q.k = (q @ R).(k @ R) and
+        p @ V = (p @ (V @ R)) @ R^T, reading `decode_rotated` and never un-rotating stored tokens.
+        """
+        return self.transform.matrix(dim, device, dtype)
+
+    def offset(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """(H, D) m with decode(stored) = decode_rotated(stored) @ R^T + m, or None when m = 0."""
+        return self.transform.offset(device)
+
+    def decode_rotated(self, stored: Stored, dtype: torch.dtype) -> torch.Tensor:
+        """The stored states still rotated, (B, H, T, D): (decode(stored) - offset) @ R up to rounding."""
+        return self.inner.decode(stored, dtype)

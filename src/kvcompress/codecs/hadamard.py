@@ -38,6 +38,11 @@ class HadamardRotation(Transform):
     def _matrix(self, x: torch.Tensor) -> torch.Tensor:
         return hadamard_matrix(x.shape[-1]).to(x.device)
 
+    def matrix(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+        """Hd (dim, dim), symmetric and orthogonal."""
+        return hadamard_matrix(dim).to(device=device, dtype=dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self._matrix(x)  # (B, H, T, D)
 

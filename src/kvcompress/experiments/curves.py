@@ -121,3 +121,31 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
         if not dominated:
             front.append((r, q, label))
     return sorted(front)
+
+
+# The codec families compared per stored bit: both K and V coded by one of these methods.
+BIT_FAMILIES = {"KIVI-style uniform quantization": ("quant",),
+                "codebook (rotation / principal directions + Lloyd-Max)": ("rotated+codebook", "pca+codebook")}
+
+
+def bits_family(record: dict) -> str | None:
+    """The `BIT_FAMILIES` name of a record's spec (no per-layer overrides), or None."""
+    spec = record.get("spec") or {}
+    if spec.get("layers"):
+        return None
+    methods = {spec.get(t, {}).get("method", "quant") for t in ("key", "value")}
+    for name, allowed in BIT_FAMILIES.items():
+        if methods <= set(allowed):
+            return name
+    return None
+
+
+def bits_points(records: list[dict]) -> list[dict]:
+    """Per evaluated ok record of a `BIT_FAMILIES` spec: label, family, bits per compressed value, KL."""
+    out = []
+    for r in ok_records(records):
+        ev, family = r.get("eval"), bits_family(r)
+        if ev and family and ev.get("bits_per_value"):
+            out.append({"label": r["label"], "family": family, "bits": ev["bits_per_value"], "kl": ev["kl"],
+                        "ppl_change": ev["ppl_change"]})
+    return sorted(out, key=lambda p: (p["family"], p["bits"]))

@@ -1,4 +1,5 @@
-"""The report's PNG plots: failure curves, quality vs compression ratio, per-layer sensitivity.
+"""The report's PNG plots: failure curves, quality vs compression ratio and vs bits per value,
+per-layer sensitivity.
 
 Plots need the `report` extra (matplotlib). This module only draws from record dicts and curves.
 """
@@ -123,6 +124,30 @@ def plot_layer_sensitivity(records: list[dict], path: Path) -> Path | None:
         ax.set_ylabel("layer")
         ax.set_title(f"{short}: 1 - cosine per layer")
         fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_quality_vs_bits(points: list[dict], path: Path) -> Path | None:
+    """KL vs bits per compressed value, one line per codec family (`curves.bits_points`); None if empty."""
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for family in sorted({p["family"] for p in points}):
+        pts = [p for p in points if p["family"] == family]
+        ax.plot([p["bits"] for p in pts], [max(p["kl"], 1e-6) for p in pts], "-o", label=family)
+        for p in pts:
+            ax.annotate(p["label"], (p["bits"], max(p["kl"], 1e-6)), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per compressed K/V value (codes, scales, zero points; window and sinks apart)")
+    ax.set_ylabel("mean KL(uncompressed || compressed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Quality per stored bit (lower left is better)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -34,6 +34,7 @@ from .curves import (
     ZONES,
     Curve,
     base_family,
+    bits_points,
     curves,
     failure_boundary,
     ok_records,
@@ -41,10 +42,10 @@ from .curves import (
 )
 from ..measure.evaluate import is_lossy
 from ..spec import CacheSpec
-from .plots import plot_failure_curves, plot_layer_sensitivity, plot_quality
+from .plots import plot_failure_curves, plot_layer_sensitivity, plot_quality, plot_quality_vs_bits
 from .records import BASELINE_FILE, CONFIG_FILE, load_records, read_record
 
-PLOTS = ("failure_curves.png", "quality_vs_ratio.png", "layer_sensitivity.png")
+PLOTS = ("failure_curves.png", "quality_vs_ratio.png", "layer_sensitivity.png", "quality_vs_bits.png")
 _TENSORS = (("key", "K"), ("value", "V"))
 
 
@@ -268,7 +269,7 @@ def write_report(out_dir: str | os.PathLike, skip_unreadable: bool = False) -> P
     all_curves = curves(records)
     plots = {name: fn for name, fn in zip(PLOTS, (
         lambda p: plot_failure_curves(all_curves, p), lambda p: plot_quality(records, p),
-        lambda p: plot_layer_sensitivity(records, p)))}
+        lambda p: plot_layer_sensitivity(records, p), lambda p: plot_quality_vs_bits(bits_points(records), p)))}
     written = {name: fn(out / name) for name, fn in plots.items()}
     md = ["# KV-cache compression: breaking-point report", ""]
     md += _settings_lines(config, baseline, records) + [""]
@@ -297,6 +298,16 @@ def write_report(out_dir: str | os.PathLike, skip_unreadable: bool = False) -> P
            "", _table(header, rows), ""]
     if written["quality_vs_ratio.png"]:
         md += ["## Quality vs compression", "", "![quality vs ratio](quality_vs_ratio.png)", ""]
+    bits = bits_points(records)
+    if bits:
+        md += ["## Quality per bit", "",
+               "KIVI-style uniform quantization beside the codebook family (both K and V coded by the family; "
+               "bits per compressed value count codes, scales and zero points; window and sinks apart).", "",
+               _table(["spec", "family", "bits/value", "KL", "PPL change"],
+                      [[p["label"], p["family"], f"{p['bits']:.2f}", _f(p["kl"]), _pct(p["ppl_change"])] for p in bits]),
+               ""]
+        if written["quality_vs_bits.png"]:
+            md += ["![quality vs bits](quality_vs_bits.png)", ""]
     if written["layer_sensitivity.png"]:
         md += ["## Per-layer sensitivity", "", "![layer sensitivity](layer_sensitivity.png)", ""]
     header, rows, notes = passkey_rows(records, baseline)

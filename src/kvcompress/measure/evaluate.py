@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..cache.attention import enable_fast_attention
+from ..cache.bits import report_bits_per_value
 from ..cache.cache import CompressedCache
 from ..compat import CACHE_KWARG
 from ..spec import CacheSpec
@@ -55,6 +56,7 @@ class EvalResult:
     chunks: int
     max_logit_diff: float
     seconds: float
+    bits_per_value: float = 0.0
     spec: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
     kl_ci95: tuple[float, float] = (float("nan"), float("nan"))
@@ -234,6 +236,7 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
         chunks=len(bounds),
         max_logit_diff=max_diff,
         seconds=seconds,
+        bits_per_value=report_bits_per_value(report),
         spec=spec.to_dict(),
         memory={k: v for k, v in report.to_dict().items() if k != "layers"},
         kl_ci95=kl_ci,

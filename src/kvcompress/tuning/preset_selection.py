@@ -34,7 +34,9 @@ from ..calibration import artifact_for
 from ..io import parse_list
 from ..presets.measured import DATA_FORMAT
 from ..spec import CacheSpec
+from ..distributed import RayOptions
 from .candidates import uniform_candidates
+from .distributed_presets import SWEEP_KIND, sweep_candidates_on_ray
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +117,15 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
                    verify_part: str = "selection", report_tokens: int | None = None, state=None,
                    passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
                    passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
-                   command: str | None = None) -> dict:
+                   command: str | None = None, ray: RayOptions | None = None, loader: Callable | None = None,
+                   load_args=None) -> dict:
     """Sweep, choose and verify the presets (see module doc); returns the data file's content.
 
     `verify_part` must be a part a selection may read (ValueError for "report"); the chosen presets
     are then measured on the first `report_tokens` (default: `verify_tokens`) of the report part.
+    With `ray`, the candidate sweep runs first on a Ray cluster (see `distributed_presets`;
+    `loader(load_args)` loads the model on each worker, by default `load_named_model` of
+    (model name, dtype name, device)); the rest runs here.
     """
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..models import model_id
@@ -140,10 +146,18 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     sweep_fp = text_fingerprint(sweep.ids, sweep.record)
     verify_fp = text_fingerprint(verify.ids, verify.record)
     report_fp = text_fingerprint(report.ids, report.record)
-    sweep_eval = make_evaluator(model, sweep.ids, "sweep-eval", sweep_fp, state, artifact=artifact)
+    sweep_eval = make_evaluator(model, sweep.ids, SWEEP_KIND, sweep_fp, state, artifact=artifact)
     verify_eval = make_evaluator(model, verify.ids, "verify-eval", verify_fp, state, artifact=artifact)
     report_eval = make_evaluator(model, report.ids, "report-eval", report_fp, state, artifact=artifact)
     started = time.perf_counter()
+    if ray is not None:
+        n = sweep_candidates_on_ray(
+            candidates, state, measurement_fingerprint(model_fingerprint(model), sweep_fp), ray, loader, load_args,
+            sweep_tokens, sweep_offset,
+            None if artifact is None else str(artifact.path),
+            on_result=lambda spec, f: logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep (Ray) {spec.name}: "
+                                                  f"ratio {f['ratio']:.2f}x, KL {f['kl']:.4f}"))
+        logger.info(f"{n} candidates measured on Ray")
     swept = {}
     for i, spec in enumerate(candidates, 1):
         swept[spec.name] = sweep_eval(spec)

@@ -1,0 +1,146 @@
+"""Transform coding of calibrated principal components: bits allocated by variance, one scale per vector.
+
+Compose with a centred projection onto the calibrated per-head basis (`Centered(mean,
+LowRankProjection(full basis))`): the inner codec then sees coefficients y_j whose variances
+sigma_j^2 (calibrated) fall steeply with j (pre-RoPE keys of the embedded model keep ~94% of their
+energy in 8 of 64 directions). Coefficient j gets b_j bits of a Gaussian Lloyd-Max codebook, b_j
+chosen once per layer by greedy reverse water-filling (each next bit goes to the coordinate whose
+expected error sigma_j^2 * mse(b_j) it lowers most; b_j = 0 drops the coordinate). Per vector:
+    z_j = y_j / sigma_j,  r = rms of z over the coded j,  idx_j = nearest centroid of z_j / r,
+    s = least-squares scale for x_hat_j = s * sigma_j * c_{b_j}[idx_j]   (stored in fp16)
+Codes of equal width are packed together (8 tokens per row): one stored tensor per width.
+
+This is classic transform coding (Huang and Schultheiss, 1963; KLT plus bit allocation) applied to
+KV states in the spirit of KVQuant (Hooper et al., arXiv:2401.18079: pre-RoPE keys, calibrated
+non-uniform quantization). Departure: one shared allocation per layer, not per head.
+
+This module does not compute bases or variances (see `kvcompress.calibration`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Codec, Stored, check_finite
+from .codebook import ROW_TOKENS
+from .lloyd_max import MAX_ALLOCATED_BITS, gaussian_codebook, gaussian_mse
+from .packing import pack, unpack
+
+_FP16_MAX = 65504.0
+
+
+def allocate_bits(variances: torch.Tensor, total_bits: int, max_bits: int = MAX_ALLOCATED_BITS) -> tuple[int, ...]:
+    """Greedy integer reverse water-filling: widths b_j (sum = total_bits) for coordinate variances (D,).
+
+    Each step gives one bit to the coordinate whose expected error var_j * mse(b_j) drops most.
+    """
+    var = [float(v) for v in variances]
+    if total_bits > max_bits * len(var):
+        raise ValueError(f"{total_bits} bits cannot be spread over {len(var)} coordinates of at most {max_bits}")
+    widths = [0] * len(var)
+    heap = [(-(v * (gaussian_mse(0) - gaussian_mse(1))), j) for j, v in enumerate(var)]
+    heapq.heapify(heap)
+    for _ in range(total_bits):
+        _, j = heapq.heappop(heap)
+        widths[j] += 1
+        if widths[j] < max_bits:
+            gain = var[j] * (gaussian_mse(widths[j]) - gaussian_mse(widths[j] + 1))
+            heapq.heappush(heap, (-gain, j))
+    return tuple(widths)
+
+
+@dataclass(frozen=True, eq=False)
+class AllocatedCodebookCodec(Codec):
+    """Per-coordinate Lloyd-Max codebooks of `widths[j]` bits on coefficients scaled by `std` (H, D).
+
+    Attributes:
+        widths: bits of each of the D coordinates (0 = not stored), shared by all heads.
+        std: (kv_heads, D) calibrated standard deviation of each coordinate, per head.
+    """
+
+    widths: tuple[int, ...]
+    std: torch.Tensor
+    mix: bool = True
+    _groups: dict = field(default_factory=dict, repr=False)
+    _mixers: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.std.dim() != 2 or self.std.shape[1] != len(self.widths):
+            raise ValueError(f"std must have shape (kv_heads, {len(self.widths)}), got {tuple(self.std.shape)}")
+        if any(not 0 <= w <= MAX_ALLOCATED_BITS for w in self.widths):
+            raise ValueError(f"widths must be in 0..{MAX_ALLOCATED_BITS}, got {self.widths}")
+        if not torch.isfinite(self.std).all() or (self.std <= 0).any():
+            raise ValueError("calibrated standard deviations must be positive and finite; re-run `kvcompress calibrate`")
+        object.__setattr__(self, "std", self.std.detach().float().contiguous())
+        groups = {}
+        for j, w in enumerate(self.widths):
+            if w:
+                groups.setdefault(w, []).append(j)
+        object.__setattr__(self, "_groups", {w: torch.tensor(js) for w, js in sorted(groups.items())})
+        if self.mix:
+            gen = torch.Generator().manual_seed(0)
+            mixers = {}
+            for w, js in self._groups.items():
+                q, r = torch.linalg.qr(torch.randn(len(js), len(js), generator=gen, dtype=torch.float64))
+                mixers[w] = (q * torch.sign(torch.diagonal(r))).float()  # Haar-random orthogonal
+            object.__setattr__(self, "_mixers", mixers)
+
+    @property
+    def token_multiple(self) -> int:
+        return ROW_TOKENS
+
+    def _check(self, shape) -> None:
+        if shape[1] != self.std.shape[0] or shape[-1] != len(self.widths):
+            raise ValueError(f"states (B, H, T, D) = {tuple(shape)} do not match the calibrated statistics "
+                             f"(H, D) = {tuple(self.std.shape)}; use an artifact calibrated on this model")
+
+    def encode(self, y: torch.Tensor) -> Stored:
+        check_finite(y)
+        self._check(y.shape)
+        B, H, T, D = y.shape
+        if T % ROW_TOKENS:
+            raise ValueError(f"{type(self).__name__} packs {ROW_TOKENS} tokens per row and needs a multiple of "
+                             f"{ROW_TOKENS} tokens, got {T}")
+        y = y.float()
+        std = self.std.to(y.device)[None, :, None, :]  # (1, H, 1, D)
+        z = y / std
+        coded = torch.zeros(D, dtype=torch.bool, device=y.device)
+        for js in self._groups.values():
+            coded[js.to(y.device)] = True
+        rms = z[..., coded].square().mean(-1, keepdim=True).sqrt()  # (B, H, T, 1)
+        u = z / torch.where(rms > 0, rms, torch.ones_like(rms))
+        values = torch.zeros_like(y)
+        stored = {}
+        for w, js in self._groups.items():
+            js = js.to(y.device)
+            c = gaussian_codebook(w).to(y.device)
+            mixer = self._mixers.get(w)
+            group = u[..., js] @ mixer.to(y.device) if mixer is not None else u[..., js]
+            idx = torch.bucketize(group, (c[1:] + c[:-1]) / 2)  # (B, H, T, n_w)
+            centroids = c[idx] @ mixer.to(y.device).T if mixer is not None else c[idx]
+            values[..., js] = centroids * std[..., js]
+            stored[f"codes{w}"] = pack(idx.to(torch.uint8).reshape(B, H, T // ROW_TOKENS, ROW_TOKENS * len(js)), w)
+        energy = values.square().sum(-1, keepdim=True)
+        scale = (y * values).sum(-1, keepdim=True) / torch.where(energy > 0, energy, torch.ones_like(energy))
+        if scale.abs().max().item() > _FP16_MAX:
+            raise ValueError("KV states exceed the fp16 range in which scales are stored; "
+                             "this codec cannot represent them.")
+        stored["scale"] = scale.half()  # (B, H, T, 1)
+        return stored
+
+    def decode(self, stored: Stored, dtype: torch.dtype) -> torch.Tensor:
+        scale = stored["scale"].float()  # (B, H, T, 1)
+        B, H, T, _ = scale.shape
+        D = len(self.widths)
+        std = self.std.to(scale.device)[None, :, None, :]
+        out = torch.zeros(B, H, T, D, dtype=torch.float32, device=scale.device)
+        for w, js in self._groups.items():
+            js = js.to(scale.device)
+            idx = unpack(stored[f"codes{w}"], w).reshape(B, H, T, len(js)).long()
+            centroids = gaussian_codebook(w).to(scale.device)[idx]
+            mixer = self._mixers.get(w)
+            out[..., js] = centroids @ mixer.to(scale.device).T if mixer is not None else centroids
+        return (out * std * scale).to(dtype)

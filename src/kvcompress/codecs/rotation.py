@@ -1,0 +1,59 @@
+"""Seeded randomized Hadamard rotation of every head: random signs, then Hadamard.
+
+R = diag(s) @ Hd, with s a vector of random signs drawn from `seed` and Hd = Hadamard(D) /
+sqrt(D) (Sylvester, D a power of two: 64, 128 and 256 in the models kvcompress supports). R is
+orthogonal, so x @ R keeps norms and dot products: q.k = (qR).(kR). After R the coordinates of a
+vector are close to Gaussian whatever its channel outliers were, which is what a fixed Lloyd-Max
+codebook (see `lloyd_max`, `codebook`) needs. TurboQuant (Zandieh et al., arXiv:2504.19874)
+uses a random rotation for this; departure: a randomized Hadamard instead of a dense random
+orthogonal matrix (O(D log D) structure, same effect on the coordinates' distribution).
+
+R is built once per (head_dim, seed, device, dtype) and cached; it is never rebuilt per call.
+This module does not quantize (compose it with a codec via `ComposedCodec`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .composed import Transform
+from .hadamard import hadamard_matrix
+
+
+@functools.lru_cache(maxsize=512)
+def randomized_hadamard_matrix(dim: int, seed: int, device: torch.device | str = "cpu",
+                               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(dim, dim) orthogonal diag(signs) @ Hadamard(dim) / sqrt(dim); the signs come from `seed`."""
+    gen = torch.Generator().manual_seed(int(seed))
+    signs = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.int64).double() * 2 - 1  # (D,)
+    h = hadamard_matrix(dim).double()
+    return (signs[:, None] * h).to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class RandomizedHadamard(Transform):
+    """x (B, H, T, D) -> x @ R, R = diag(signs(seed)) @ Hadamard(D) / sqrt(D); inverse y @ R^T.
+
+    Attributes:
+        seed: non-negative integer that draws the signs (the factory derives one per layer).
+    """
+
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def matrix(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+        """R (dim, dim), cached per (dim, seed, device, dtype)."""
+        return randomized_hadamard_matrix(dim, self.seed, torch.device(device), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix(x.shape[-1], x.device, x.dtype)  # (B, H, T, D)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.matrix(y.shape[-1], y.device, y.dtype).T  # R orthogonal: R^-1 = R^T

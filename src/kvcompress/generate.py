@@ -1,0 +1,305 @@
+"""Batch generation with a compressed cache: prompts from a JSONL file, one output line per prompt.
+
+    settings = GenerateSettings(spec="int4", max_new_tokens=64)
+    summary = generate_file("prompts.jsonl", "out.jsonl", settings)           # in this process
+    summary = generate_file(..., ray=RayOptions(workers=4))                     # Ray Data, model actors
+
+Input: one JSON object per line, `{"id": "q1", "prompt": "..."}` (`"text"` is accepted for
+`"prompt"`; without `"id"` the line number is the id). Blank lines are skipped.
+
+Output (appended, one JSON object per line, written as each prompt finishes):
+
+    {"id", "line", "status": "ok", "text", "prompt_tokens", "new_tokens",
+     "stored_bytes", "fp16_bytes", "ratio"}           # from the cache's `memory_report()`
+    {"id", "line", "status": "error", "error"}        # this prompt only; the others still run
+    {"summary": {"prompts", "ok", "errors", "skipped", "stored_bytes", "fp16_bytes", "ratio",
+                 "spec", "model", "wall_s"}}         # last line of every run
+
+Decoding is greedy (`do_sample=False`), one fresh `CompressedCache` per prompt, so a prompt's
+text does not depend on which worker or batch ran it. Rerunning with the same output file
+skips every prompt whose id already has an "ok" line there (a prompt that failed is tried
+again), so an interrupted run resumes; a half-written last line is ignored.
+
+With `ray`, prompts go through Ray Data (`map_batches` with `GenerateWorker` as the actor
+class; each actor loads the model itself) and the driver writes the lines as batches arrive.
+
+This module does not batch several prompts into one forward pass (each has its own cache),
+does not sample, and does not apply chat templates (the prompt text is tokenized as given).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .distributed import RayOptions, actor_threads, connect
+from .extras import require_extra
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What shapes an output line besides the prompt.
+
+    Attributes:
+        spec: preset name, spec file path, or spec dict.
+        max_new_tokens: greedy tokens per prompt.
+        model, dtype, device: how the model is loaded (see `kvcompress.models.load_model`).
+        artifact: calibration artifact folder for low-rank specs (None: the embedded model's).
+        batch_size: prompts per Ray Data batch (only with Ray).
+    """
+
+    spec: Any = "int4"
+    max_new_tokens: int = 64
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    artifact: str | None = None
+    batch_size: int = 4
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class Prompt:
+    id: str
+    line: int
+    prompt: str | None = None
+    error: str | None = None  # set when the input line itself is bad
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Tally:
+    ok: int = 0
+    errors: int = 0
+    stored_bytes: int = 0
+    fp16_bytes: int = 0
+    ids: list = field(default_factory=list)
+
+    def add(self, line: dict) -> None:
+        if line["status"] == "ok":
+            self.ok += 1
+            self.stored_bytes += line["stored_bytes"]
+            self.fp16_bytes += line["fp16_bytes"]
+        else:
+            self.errors += 1
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_prompts(path: str | os.PathLike) -> list[Prompt]:
+    """Every non-blank line of `path` as a Prompt; a malformed line gets `error` set (naming the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--input {path}: no such file")
+    prompts, seen = [], set()
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            data = json.loads(raw)
+        except ValueError as err:
+            prompts.append(Prompt(f"line-{number}", number, error=f"{where}: not valid JSON ({err})"))
+            continue
+        if not isinstance(data, dict):
+            prompts.append(Prompt(f"line-{number}", number, error=f"{where}: expected a JSON object"))
+            continue
+        pid = str(data.get("id", f"line-{number}"))
+        text = data.get("prompt", data.get("text"))
+        if pid in seen:
+            prompts.append(Prompt(f"{pid}@line-{number}", number, error=f"{where}: id {pid!r} repeats an earlier line"))
+            continue
+        seen.add(pid)
+        if not isinstance(text, str) or not text:
+            prompts.append(Prompt(pid, number, error=f"{where}: needs a non-empty string field 'prompt'"))
+            continue
+        prompts.append(Prompt(pid, number, prompt=text))
+    return prompts
+
+
+def finished_ids(path: str | os.PathLike) -> set[str]:
+    """Ids with an "ok" line in an output file (none if it does not exist; unreadable lines are ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    done = set()
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("status") == "ok" and "id" in data:
+            done.add(str(data["id"]))
+    return done
+
+
+class _Output:
+    """Appends one JSON line per write, flushed at once; starts on a fresh line after a torn one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        self.file = self.path.open("a", encoding="utf-8")
+        if torn:
+            self.file.write("\n")
+
+    def write(self, data: dict) -> None:
+        self.file.write(json.dumps(data) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# --------------------------------------------------------------------------- generating
+
+
+def load_from_settings(settings: GenerateSettings):
+    """(model, tokenizer) named by `settings.model`, `settings.dtype` and `settings.device`."""
+    from .models import DTYPES, load_model
+
+    return load_model(settings.model, dtype=DTYPES[settings.dtype], device=settings.device)
+
+
+class Generator:
+    """A loaded model and a spec; `__call__` turns one Prompt into one output line (never raises for a prompt)."""
+
+    def __init__(self, settings: GenerateSettings, model=None, tokenizer=None, loader: Callable | None = None):
+        from .calibration import artifact_for
+        from .presets import load_spec
+
+        if model is None:
+            model, tokenizer = (loader or load_from_settings)(settings)
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.spec = load_spec(settings.spec)
+        self.artifact = artifact_for(model, self.spec, settings.artifact)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.context = getattr(config, "max_position_embeddings", None)
+
+    def __call__(self, prompt: Prompt) -> dict:
+        from .cache.cache import CompressedCache
+        from .compat import CACHE_KWARG
+
+        head = {"id": prompt.id, "line": prompt.line}
+        if prompt.error:
+            return {**head, "status": "error", "error": prompt.error}
+        try:
+            ids = torch.tensor([self.tokenizer(prompt.prompt)["input_ids"]], dtype=torch.long)
+            need = ids.shape[1] + self.settings.max_new_tokens
+            if self.context is not None and need > self.context:
+                return {**head, "status": "error",
+                        "error": f"line {prompt.line} (id {prompt.id!r}): {ids.shape[1]} prompt tokens + "
+                                 f"{self.settings.max_new_tokens} new exceed the model's context of {self.context}"}
+            device = next(self.model.parameters()).device
+            cache = CompressedCache(self.model, self.spec, artifact=self.artifact)
+            pad = self.model.generation_config.pad_token_id
+            if pad is None:
+                pad = self.model.generation_config.eos_token_id
+                pad = pad[0] if isinstance(pad, list) else pad
+            with torch.no_grad():
+                out = self.model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                                          max_new_tokens=self.settings.max_new_tokens, do_sample=False,
+                                          pad_token_id=pad, **{CACHE_KWARG: cache})
+            new = out[0, ids.shape[1]:].tolist()
+            memory = cache.memory_report()
+            return {**head, "status": "ok", "text": self.tokenizer.decode(new, skip_special_tokens=True),
+                    "prompt_tokens": ids.shape[1], "new_tokens": len(new), "stored_bytes": memory.stored_bytes,
+                    "fp16_bytes": memory.fp16_bytes, "ratio": round(memory.ratio, 4)}
+        except Exception as exc:  # this prompt fails; the others still run
+            return {**head, "status": "error", "error": f"line {prompt.line} (id {prompt.id!r}): "
+                                                         f"{type(exc).__name__}: {exc}"}
+
+
+class GenerateWorker:
+    """Ray Data actor class: builds a Generator once; each batch holds prompts as JSON strings in column "prompt"."""
+
+    def __init__(self, settings: GenerateSettings, loader: Callable | None, threads: int):
+        torch.set_num_threads(threads)
+        self.generator = Generator(settings, loader=loader)
+
+    def __call__(self, batch: dict) -> dict:
+        lines = [self.generator(Prompt(**json.loads(item))) for item in batch["prompt"]]
+        return {"line": [json.dumps(line) for line in lines]}
+
+
+def _run_ray(prompts: list[Prompt], settings: GenerateSettings, options: RayOptions,
+             loader: Callable | None) -> Iterator[dict]:
+    connect(options)
+    data = require_extra("ray", "ray.data", "--ray (batch generation)")
+    dataset = data.from_items([{"prompt": json.dumps(p.to_dict())} for p in prompts])
+    results = dataset.map_batches(GenerateWorker, fn_constructor_args=(settings, loader, actor_threads(options)),
+                                  batch_size=settings.batch_size, compute=data.ActorPoolStrategy(
+                                      size=min(options.workers, len(prompts))),
+                                  num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker)
+    for row in results.iter_rows():
+        yield json.loads(row["line"])
+
+
+def generate_file(input_path: str | os.PathLike, output_path: str | os.PathLike, settings: GenerateSettings, *,
+                  ray: RayOptions | None = None, model=None, tokenizer=None, loader: Callable | None = None) -> dict:
+    """Generate for every prompt of `input_path` not yet done in `output_path`; returns the summary.
+
+    Args:
+        ray: run on a Ray cluster through Ray Data (None: in this process).
+        model, tokenizer: an already loaded model (in-process only).
+        loader: `loader(settings) -> (model, tokenizer)` (default `load_from_settings`); with `ray`
+            every actor calls it, so it must be picklable.
+    """
+    from .presets import load_spec
+
+    spec = load_spec(settings.spec)  # a bad spec is an error before any model is loaded
+    prompts = read_prompts(input_path)
+    done = finished_ids(output_path)
+    todo = [p for p in prompts if p.id not in done]
+    skipped = len(prompts) - len(todo)
+    if skipped:
+        logger.info(f"resuming: {skipped} of {len(prompts)} prompts already in {output_path}")
+    start, tally, out = time.perf_counter(), _Tally(), _Output(output_path)
+    model_name = None
+    try:
+        if todo and ray is not None:
+            lines = _run_ray(todo, settings, ray, loader)
+        elif todo:
+            generator = Generator(settings, model=model, tokenizer=tokenizer, loader=loader)
+            from .models import model_id
+
+            model_name = model_id(generator.model)
+            lines = (generator(p) for p in todo)
+        else:
+            lines = iter(())
+        for i, line in enumerate(lines, 1):
+            out.write(line)
+            tally.add(line)
+            if line["status"] == "ok":
+                logger.info(f"[{i}/{len(todo)}] {line['id']}: {line['new_tokens']} tokens, ratio {line['ratio']:.2f}x")
+            else:
+                logger.warning(f"[{i}/{len(todo)}] {line['error']}")
+        summary = {"prompts": len(prompts), "ok": tally.ok, "errors": tally.errors, "skipped": skipped,
+                   "stored_bytes": tally.stored_bytes, "fp16_bytes": tally.fp16_bytes,
+                   "ratio": round(tally.fp16_bytes / tally.stored_bytes, 4) if tally.stored_bytes else 0.0,
+                   "spec": spec.to_dict(), "model": model_name or settings.model or "embedded",
+                   "ray": ray is not None, "wall_s": round(time.perf_counter() - start, 2)}
+        out.write({"summary": summary})
+    finally:
+        out.close()
+    return summary

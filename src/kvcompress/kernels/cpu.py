@@ -1,0 +1,216 @@
+"""Build, load and call the CPU decode kernel (`cpu_decode.cpp`) for a `CompressedLayer`.
+
+`attend(layer, query, mask, scaling)` computes what `kvcompress.cache.attention.attend_compressed`
+computes (one decode step over sinks, compressed blocks and window), from the packed codes,
+or returns None when the kernel does not apply:
+
+- the kernel is disabled (environment variable `KVCOMPRESS_NO_KERNEL=1`) or could not be built
+  (no compiler, no ninja, a build error): then ONE warning per process says why;
+- the tensors are not on the CPU, or keys are stored pre-RoPE (`layer.key_space`);
+- a codec is not a plain `QuantCodec` (low-rank, Hadamard, fp16, ... run the torch path);
+- the mask is not (B or 1, 1, 1, seq).
+
+The extension is built on first use (about a minute) with torch's `cpp_extension.load` into
+`$KVCOMPRESS_CACHE_DIR/ext/<key>` (default `~/.cache/kvcompress/ext/<key>`, or under
+`$XDG_CACHE_HOME`), where the key hashes the source, the torch and Python versions, the
+compiler flags and the CPU, so later processes load it in milliseconds and an upgrade
+rebuilds it. `make setup` builds it once (`python -m kvcompress.kernels.cpu`).
+
+This module does not implement attention itself and does not touch the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import platform
+import sys
+import warnings
+from math import lcm
+from pathlib import Path
+
+import torch
+
+from ..codecs.quant import QuantCodec
+
+ENV_DISABLE = "KVCOMPRESS_NO_KERNEL"
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+# Compressed tokens per task of the kernel (a multiple of both codecs' rows): small enough to
+# share the work of one KV head between threads, large enough to amortise a task's set-up.
+BLOCK_TOKENS = 512
+
+log = logging.getLogger(__name__)
+_state: dict = {"tried": False, "module": None, "reason": None}
+
+
+def disabled_by_env() -> bool:
+    """True when `KVCOMPRESS_NO_KERNEL` is set to anything but "", "0" or "false"."""
+    return os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags (the build uses -march=native)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor()
+
+
+def build_key() -> str:
+    """Hash of everything the compiled extension depends on."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+                 platform.machine().encode(), " ".join(CFLAGS + LDFLAGS).encode(), _cpu_signature().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build_directory() -> Path:
+    """Where the extension is built and cached (outside the source tree)."""
+    root = os.environ.get("KVCOMPRESS_CACHE_DIR")
+    if root:
+        base = Path(root)
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvcompress"
+    return base / "ext" / build_key()
+
+
+def _import_built(name: str, directory: Path):
+    """The module of an earlier build in `directory`, or None (the key in its name pins its source)."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES + [".so"]:
+        path = directory / f"{name}{suffix}"
+        if path.is_file():
+            try:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                return module
+            except ImportError:  # e.g. a build cut short: build again
+                return None
+    return None
+
+
+def _build():
+    """Load the cached build of the extension, or compile it; raises on failure."""
+    directory = build_directory()
+    name = f"kvcompress_cpu_decode_{build_key()}"
+    module = _import_built(name, directory)
+    if module is not None:
+        return module
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    log.info("building the kvcompress CPU decode kernel into %s (once; about a minute)", directory)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)],
+                              extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(directory),
+                              verbose=False)
+
+
+def _short(error: BaseException) -> str:
+    """A one-line reason from a build error (the compiler's first error line where there is one)."""
+    text = str(error).strip() or type(error).__name__
+    errors = [line.strip() for line in text.splitlines() if "error:" in line.lower()]
+    first = errors[0] if errors else text.splitlines()[0]
+    return f"{type(error).__name__}: {first[:300]}"
+
+
+def load():
+    """The compiled module, or None (disabled or unbuildable; a failed build warns once)."""
+    if disabled_by_env():
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _state["module"] = _build()
+        except Exception as error:  # any build failure falls back to the torch path, loudly once
+            _state["reason"] = _short(error)
+            if "ninja" in _state["reason"].lower():
+                _state["reason"] += " (pip install 'kvcompress[kernel]' installs it)"
+            warnings.warn(
+                f"kvcompress: the CPU decode kernel could not be built ({_state['reason']}); decode steps use "
+                f"the slower pure-torch path with the same results. Set {ENV_DISABLE}=1 to skip the build.",
+                RuntimeWarning, stacklevel=2)
+    return _state["module"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel is not used in this process (None when it is loaded, or not tried yet)."""
+    if disabled_by_env():
+        return f"disabled by {ENV_DISABLE}"
+    return _state["reason"]
+
+
+def supports_codec(codec) -> bool:
+    """Whether the kernel reads this codec's stored form (a plain `QuantCodec` with rows of 8k tokens)."""
+    if type(codec) is not QuantCodec:
+        return False
+    return codec.row_tokens % 8 == 0
+
+
+def supports(layer) -> bool:
+    """Whether the kernel can run this layer's decode step (independent of the build)."""
+    return (layer.key_space is None and supports_codec(layer.key_codec) and supports_codec(layer.value_codec)
+            and layer.window_keys is not None and layer.window_keys.device.type == "cpu")
+
+
+def _mask_rows(attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor | None | bool:
+    """(B or 1, seq) bool or float32 rows of the decode step's mask; False if the shape is not handled."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-1] != seq:
+        return False
+    rows = attention_mask[:, 0, -1, :]  # (B or 1, seq)
+    if rows.dtype != torch.bool and rows.dtype != torch.float32:
+        rows = rows.float()
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
+    """Attention of one decode step over `layer`, from its codes; None where the kernel does not apply.
+
+    Args and result as `kvcompress.cache.attention.attend_compressed`: query (B, H_q, 1, D),
+    attention_mask None / bool / additive (B or 1, 1, 1, seq); returns (B, H_q, 1, D_v).
+    """
+    if query.shape[2] != 1 or layer.n_compressed == 0 or query.device.type != "cpu" or not supports(layer):
+        return None
+    module = load()
+    if module is None:
+        return None
+    dtype = query.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or layer.window_keys.dtype != dtype:
+        return None
+    seq = layer.held_tokens()
+    mask = _mask_rows(attention_mask, seq)
+    if mask is False:
+        return None
+    kc, vc = layer.key_codec, layer.value_codec
+    ks, vs = layer.stored_keys, layer.stored_values
+    block = lcm(kc.row_tokens, vc.row_tokens)
+    block *= max(1, BLOCK_TOKENS // block)
+    B, Hq, _, D = query.shape
+    out = module.attend(
+        _rows(query.reshape(B, Hq, D)),
+        _rows(layer.sink_keys), _rows(layer.sink_values), _rows(layer.window_keys), _rows(layer.window_values),
+        _rows(ks["codes"]), _rows(ks["scale"]), _rows(ks["zero"]), kc.bits, kc.axis == "channel", kc.group_size,
+        _rows(vs["codes"]), _rows(vs["scale"]), _rows(vs["zero"]), vc.bits, vc.axis == "channel", vc.group_size,
+        layer.n_compressed, mask, float(scaling), block)
+    return out.unsqueeze(2)  # (B, H_q, 1, D_v)
+
+
+if __name__ == "__main__":  # `python -m kvcompress.kernels.cpu`: build now (used by `make setup`)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    built = load()
+    print(f"kvcompress CPU decode kernel: {'built in ' + str(build_directory()) if built else unavailable_reason()}")
+    sys.exit(0)

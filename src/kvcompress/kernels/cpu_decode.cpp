@@ -1,0 +1,648 @@
+// Decode-step attention over a CompressedLayer, computed from the packed codes (CPU).
+//
+// One query token per sequence. For every (batch, KV head) the scores of each query head of
+// its grouped-query group are taken against
+//     [ sinks (full precision) | compressed blocks (packed codes) | window (full precision) ]
+// then one softmax (float32) and p.v. Codes are decoded one token row at a time into a
+// buffer of head_dim floats on the stack; no decoded copy of the cache is ever built.
+//
+// Codes follow kvcompress.codecs.quant.QuantCodec and kvcompress.codecs.packing exactly:
+//   x_hat = code * scale + zero  (scale, zero stored in fp16)
+//   axis "channel": `row_tokens` = group tokens share one row; scale/zero (B, H, T/g, D)
+//   axis "token":   8 tokens per row; scale/zero (B, H, T, D/g)
+//   a row of r tokens holds n = r*D codes (code index t*D + d) split into bit fields (widest
+//   first) stored byte-planar: a field of width w takes m = n*w/8 bytes, byte j holding codes
+//   j + h*m at bits [h*w, (h+1)*w). With r*w % 8 == 0 every plane holds whole tokens, so
+//   token t's D codes of a field are D consecutive bytes shifted by a constant.
+//
+// Work is split into tasks (batch, KV head, token block); each task computes a partial
+// softmax (running max, sum, unnormalised p.v) and the partials are merged at the end, as in
+// split-K "flash decoding". Tasks run under at::parallel_for (torch's thread count).
+//
+// This file does not know about transformers, pre-RoPE keys or codecs other than QuantCodec;
+// the Python side (kvcompress.kernels.cpu) decides when it applies.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KVC_AVX2 1
+#endif
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kMaxDim = 1024;  // head_dim limit of the stack buffer of one decoded token
+
+// exp(x) for x <= 0 (scores minus their max), vectorisable; exact 0 below -87.
+inline float exp_nonpositive(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// s[j] = exp(s[j] - m) in place (s[j] <= m, s[j] may be -inf); returns the sum.
+inline float exp_shifted_sum(float* s, int64_t n, float m) {
+  int64_t j = 0;
+  float total = 0.0f;
+#ifdef KVC_AVX2
+  const __m256 mv = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.0f);
+  __m256 sum = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + j), mv);
+    const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // exp is 0 below -87 (and for -inf)
+    const __m256 xc = _mm256_max_ps(x, lo);
+    const __m256 n8 = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n8, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fmadd_ps(n8, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n8), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+    _mm256_storeu_ps(s + j, y);
+    sum = _mm256_add_ps(sum, y);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum);
+  total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#endif
+  for (; j < n; ++j) {
+    s[j] = exp_nonpositive(s[j] - m);
+    total += s[j];
+  }
+  return total;
+}
+
+// One QuantCodec's stored tensors, positioned at one (batch, KV head).
+struct Packed {
+  const uint8_t* codes;   // rows of `row_tokens` tokens
+  int64_t row_stride;     // bytes between rows
+  const at::Half* scale;  // channel: (T/g, D) rows; token: (T, D/g) rows
+  const at::Half* zero;
+  int64_t scale_stride;   // elements between scale rows
+  int64_t zero_stride;
+  int bits;
+  bool channel;
+  int64_t group;
+  int64_t row_tokens;
+  int64_t dim;
+};
+
+// The D codes of token t (0 <= t < r) of a packed row of r tokens, as floats. DIM > 0 fixes
+// head_dim at compile time (the common sizes); DIM == 0 reads it from `dim`.
+template <int BITS, int DIM>
+inline void decode_token(const uint8_t* row, int64_t r, int64_t dim, int64_t t, float* out) {
+  const int64_t D = DIM > 0 ? DIM : dim;
+  if constexpr (BITS == 8) {
+    const uint8_t* p = row + t * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(p[d]);
+  } else if constexpr (BITS == 4 || BITS == 2) {
+    const int64_t tpp = r * BITS / 8;  // tokens per plane
+    const int sh = static_cast<int>(t / tpp) * BITS;
+    const uint8_t* p = row + (t % tpp) * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>((p[d] >> sh) & ((1 << BITS) - 1));
+  } else {  // 3 bits: a field of width 2 at offset 0, then a field of width 1 at offset 2
+    static_assert(BITS == 3, "bits must be 2, 3, 4 or 8");
+    const int64_t tpp0 = r / 4, tpp1 = r / 8;
+    const int sh0 = static_cast<int>(t / tpp0) * 2, sh1 = static_cast<int>(t / tpp1);
+    const uint8_t* p0 = row + (t % tpp0) * D;
+    const uint8_t* p1 = row + r * D / 4 + (t % tpp1) * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d)
+      out[d] = static_cast<float>(((p0[d] >> sh0) & 3) | (((p1[d] >> sh1) & 1) << 2));
+  }
+}
+
+template <int DIM>
+inline float dot(const float* a, const float* b, int64_t dim) {
+  const int64_t n = DIM > 0 ? DIM : dim;
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename T>
+inline float dot_t(const float* a, const T* b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * static_cast<float>(b[i]);
+  return acc;
+}
+
+#ifdef KVC_AVX2
+// AVX2 paths for the common layouts: keys per channel (scores of 8 tokens reduced together,
+// no horizontal sum per token) and values per token (accumulators held in registers over 8
+// tokens). They compute the same sums as the portable loops, in a different order.
+
+inline void half_to_float(const at::Half* src, float* dst, int64_t n) {  // n % 8 == 0
+  for (int64_t i = 0; i < n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+}
+
+// [sum(a0), ..., sum(a7)] in one register.
+inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+  const __m256 h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+template <int BITS, int DIM>
+void key_scores_channel_avx2(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc,
+                             int64_t ld, std::vector<float>& work) {
+  const int64_t D = DIM > 0 ? DIM : c.dim, r = c.row_tokens;
+  alignas(32) float cf[8 * kMaxDim];
+  work.resize(static_cast<size_t>(rep) * D + 2 * D + rep);
+  float* qs = work.data();  // rep x D
+  float* sf = qs + rep * D;  // D
+  float* zf = sf + D;        // D
+  float* qz = zf + D;        // rep
+  for (int64_t row = t0 / r; row < t1 / r; ++row) {
+    half_to_float(c.scale + row * c.scale_stride, sf, D);
+    half_to_float(c.zero + row * c.zero_stride, zf, D);
+    for (int h = 0; h < rep; ++h) {
+      __m256 accz = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + h * D + d);
+        _mm256_storeu_ps(qs + h * D + d, _mm256_mul_ps(qv, _mm256_loadu_ps(sf + d)));
+        accz = _mm256_fmadd_ps(qv, _mm256_loadu_ps(zf + d), accz);
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, accz);
+      qz[h] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    }
+    const uint8_t* bytes = c.codes + row * c.row_stride;
+    for (int64_t tile = 0; tile < r; tile += 8) {
+      for (int64_t t = 0; t < 8; ++t) decode_token<BITS, DIM>(bytes, r, D, tile + t, cf + t * D);
+      for (int h = 0; h < rep; ++h) {
+        __m256 a[8];
+        for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qs + h * D + d);
+          for (int t = 0; t < 8; ++t) a[t] = _mm256_fmadd_ps(qv, _mm256_load_ps(cf + t * D + d), a[t]);
+        }
+        const __m256 scores = _mm256_add_ps(hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]),
+                                            _mm256_set1_ps(qz[h]));
+        _mm256_storeu_ps(sc + h * ld + row * r + tile - t0, scores);
+      }
+    }
+  }
+}
+
+template <int BITS, int DIM>
+void value_mix_token_avx2(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld,
+                          float* acc) {
+  const int64_t D = DIM > 0 ? DIM : c.dim, r = c.row_tokens, g = c.group, ng = D / g;
+  alignas(32) float cf[8 * kMaxDim];
+  float sf[8 * kMaxDim / 8], zf[8 * kMaxDim / 8];  // 8 tokens x ng groups
+  for (int64_t row = t0 / r; row < t1 / r; ++row) {  // r == 8: one tile per row
+    const uint8_t* bytes = c.codes + row * c.row_stride;
+    for (int64_t t = 0; t < 8; ++t) {
+      decode_token<BITS, DIM>(bytes, r, D, t, cf + t * D);
+      const at::Half* s = c.scale + (row * r + t) * c.scale_stride;
+      const at::Half* z = c.zero + (row * r + t) * c.zero_stride;
+      for (int64_t k = 0; k < ng; ++k) {
+        sf[t * ng + k] = static_cast<float>(s[k]);
+        zf[t * ng + k] = static_cast<float>(z[k]);
+      }
+    }
+    for (int h = 0; h < rep; ++h) {
+      const float* w = p + h * ld + row * r - t0;
+      float* ah = acc + h * D;
+      for (int64_t k = 0; k < ng; ++k) {
+        float a[8], bsum = 0.0f;
+        for (int t = 0; t < 8; ++t) {
+          a[t] = w[t] * sf[t * ng + k];
+          bsum += w[t] * zf[t * ng + k];
+        }
+        const __m256 bv = _mm256_set1_ps(bsum);
+        for (int64_t d = k * g; d < (k + 1) * g; d += 8) {
+          __m256 v = _mm256_add_ps(_mm256_loadu_ps(ah + d), bv);
+          for (int t = 0; t < 8; ++t) v = _mm256_fmadd_ps(_mm256_set1_ps(a[t]), _mm256_load_ps(cf + t * D + d), v);
+          _mm256_storeu_ps(ah + d, v);
+        }
+      }
+    }
+  }
+}
+#endif  // KVC_AVX2
+
+// Scores of compressed tokens [t0, t1) (t0, t1 multiples of row_tokens) for `rep` query
+// heads q (rep x D, already scaled), into sc[h * ld + (t - t0)].
+template <int BITS, int DIM>
+void key_scores(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc, int64_t ld,
+                std::vector<float>& work) {
+  const int64_t D = DIM > 0 ? DIM : c.dim, r = c.row_tokens;
+#ifdef KVC_AVX2
+  if (c.channel && D % 8 == 0) return key_scores_channel_avx2<BITS, DIM>(c, t0, t1, q, rep, sc, ld, work);
+#endif
+  float cf[kMaxDim];
+  if (c.channel) {
+    work.resize(static_cast<size_t>(rep) * (D + 1));
+    float* qs = work.data();       // rep x D: q * scale of this row's group
+    float* qz = qs + rep * D;      // rep: q . zero
+    for (int64_t row = t0 / r; row < t1 / r; ++row) {
+      const at::Half* s = c.scale + row * c.scale_stride;
+      const at::Half* z = c.zero + row * c.zero_stride;
+      for (int h = 0; h < rep; ++h) {
+        const float* qh = q + h * D;
+        float* qsh = qs + h * D;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) {
+          qsh[d] = qh[d] * static_cast<float>(s[d]);
+          acc += qh[d] * static_cast<float>(z[d]);
+        }
+        qz[h] = acc;
+      }
+      const uint8_t* bytes = c.codes + row * c.row_stride;
+      for (int64_t t = 0; t < r; ++t) {
+        decode_token<BITS, DIM>(bytes, r, D, t, cf);
+        const int64_t col = row * r + t - t0;
+        for (int h = 0; h < rep; ++h) sc[h * ld + col] = dot<DIM>(qs + h * D, cf, D) + qz[h];
+      }
+    }
+  } else {
+    const int64_t g = c.group, ng = D / g;
+    work.resize(static_cast<size_t>(rep) * ng);
+    float* qsum = work.data();  // rep x ng: sum of q over each channel group
+    for (int h = 0; h < rep; ++h)
+      for (int64_t k = 0; k < ng; ++k) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < g; ++d) acc += q[h * D + k * g + d];
+        qsum[h * ng + k] = acc;
+      }
+    for (int64_t row = t0 / r; row < t1 / r; ++row) {
+      const uint8_t* bytes = c.codes + row * c.row_stride;
+      for (int64_t t = 0; t < r; ++t) {
+        const int64_t token = row * r + t;
+        decode_token<BITS, DIM>(bytes, r, D, t, cf);
+        const at::Half* s = c.scale + token * c.scale_stride;
+        const at::Half* z = c.zero + token * c.zero_stride;
+        for (int h = 0; h < rep; ++h) {
+          float acc = 0.0f;
+          for (int64_t k = 0; k < ng; ++k)
+            acc += static_cast<float>(s[k]) * dot<0>(q + h * D + k * g, cf + k * g, g) +
+                   static_cast<float>(z[k]) * qsum[h * ng + k];
+          sc[h * ld + token - t0] = acc;
+        }
+      }
+    }
+  }
+}
+
+// acc[h * D + d] += sum over compressed tokens [t0, t1) of p[h * ld + (t - t0)] * v_hat[t, d].
+template <int BITS, int DIM>
+void value_mix(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld, float* acc,
+               std::vector<float>& work) {
+  const int64_t D = DIM > 0 ? DIM : c.dim, r = c.row_tokens;
+#ifdef KVC_AVX2
+  if (!c.channel && c.group % 8 == 0) return value_mix_token_avx2<BITS, DIM>(c, t0, t1, p, rep, ld, acc);
+#endif
+  float cf[kMaxDim];
+  if (c.channel) {
+    work.resize(static_cast<size_t>(rep) * (D + 1));
+    float* pc = work.data();   // rep x D: sum_t p * code over the row
+    float* ps = pc + rep * D;  // rep: sum_t p over the row
+    for (int64_t row = t0 / r; row < t1 / r; ++row) {
+      std::fill(pc, pc + rep * (D + 1), 0.0f);
+      const uint8_t* bytes = c.codes + row * c.row_stride;
+      for (int64_t t = 0; t < r; ++t) {
+        decode_token<BITS, DIM>(bytes, r, D, t, cf);
+        const int64_t col = row * r + t - t0;
+        for (int h = 0; h < rep; ++h) {
+          const float w = p[h * ld + col];
+          float* pch = pc + h * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) pch[d] += w * cf[d];
+          ps[h] += w;
+        }
+      }
+      const at::Half* s = c.scale + row * c.scale_stride;
+      const at::Half* z = c.zero + row * c.zero_stride;
+      for (int h = 0; h < rep; ++h) {
+        float* ah = acc + h * D;
+        const float* pch = pc + h * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d)
+          ah[d] += static_cast<float>(s[d]) * pch[d] + static_cast<float>(z[d]) * ps[h];
+      }
+    }
+  } else {
+    const int64_t g = c.group, ng = D / g;
+    for (int64_t row = t0 / r; row < t1 / r; ++row) {
+      const uint8_t* bytes = c.codes + row * c.row_stride;
+      for (int64_t t = 0; t < r; ++t) {
+        const int64_t token = row * r + t;
+        decode_token<BITS, DIM>(bytes, r, D, t, cf);
+        const at::Half* s = c.scale + token * c.scale_stride;
+        const at::Half* z = c.zero + token * c.zero_stride;
+        for (int h = 0; h < rep; ++h) {
+          const float w = p[h * ld + token - t0];
+          if (w == 0.0f) continue;
+          float* ah = acc + h * D;
+          for (int64_t k = 0; k < ng; ++k) {
+            const float a = w * static_cast<float>(s[k]), b = w * static_cast<float>(z[k]);
+            float* ak = ah + k * g;
+            const float* ck = cf + k * g;
+#pragma omp simd
+            for (int64_t d = 0; d < g; ++d) ak[d] += a * ck[d] + b;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Instantiate key_scores / value_mix for the common head dims and every bit width.
+template <int DIM>
+void key_scores_bits(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc, int64_t ld,
+                     std::vector<float>& work) {
+  switch (c.bits) {
+    case 2: return key_scores<2, DIM>(c, t0, t1, q, rep, sc, ld, work);
+    case 3: return key_scores<3, DIM>(c, t0, t1, q, rep, sc, ld, work);
+    case 4: return key_scores<4, DIM>(c, t0, t1, q, rep, sc, ld, work);
+    default: return key_scores<8, DIM>(c, t0, t1, q, rep, sc, ld, work);
+  }
+}
+
+void key_scores_any(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc, int64_t ld,
+                    std::vector<float>& work) {
+  switch (c.dim) {
+    case 64: return key_scores_bits<64>(c, t0, t1, q, rep, sc, ld, work);
+    case 128: return key_scores_bits<128>(c, t0, t1, q, rep, sc, ld, work);
+    case 256: return key_scores_bits<256>(c, t0, t1, q, rep, sc, ld, work);
+    default: return key_scores_bits<0>(c, t0, t1, q, rep, sc, ld, work);
+  }
+}
+
+template <int DIM>
+void value_mix_bits(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld, float* acc,
+                    std::vector<float>& work) {
+  switch (c.bits) {
+    case 2: return value_mix<2, DIM>(c, t0, t1, p, rep, ld, acc, work);
+    case 3: return value_mix<3, DIM>(c, t0, t1, p, rep, ld, acc, work);
+    case 4: return value_mix<4, DIM>(c, t0, t1, p, rep, ld, acc, work);
+    default: return value_mix<8, DIM>(c, t0, t1, p, rep, ld, acc, work);
+  }
+}
+
+void value_mix_any(const Packed& c, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld, float* acc,
+                   std::vector<float>& work) {
+  switch (c.dim) {
+    case 64: return value_mix_bits<64>(c, t0, t1, p, rep, ld, acc, work);
+    case 128: return value_mix_bits<128>(c, t0, t1, p, rep, ld, acc, work);
+    case 256: return value_mix_bits<256>(c, t0, t1, p, rep, ld, acc, work);
+    default: return value_mix_bits<0>(c, t0, t1, p, rep, ld, acc, work);
+  }
+}
+
+Packed packed_at(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                 bool channel, int64_t group, int64_t dim, int64_t b, int64_t h) {
+  Packed c;
+  c.codes = codes.data_ptr<uint8_t>() + b * codes.stride(0) + h * codes.stride(1);
+  c.row_stride = codes.stride(2);
+  c.scale = scale.data_ptr<at::Half>() + b * scale.stride(0) + h * scale.stride(1);
+  c.zero = zero.data_ptr<at::Half>() + b * zero.stride(0) + h * zero.stride(1);
+  c.scale_stride = scale.stride(2);
+  c.zero_stride = zero.stride(2);
+  c.bits = static_cast<int>(bits);
+  c.channel = channel;
+  c.group = group;
+  c.row_tokens = channel ? group : 8;
+  c.dim = dim;
+  return c;
+}
+
+void check_packed(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                  bool channel, int64_t group, int64_t dim, int64_t n_compressed, const char* what) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.stride(3) == 1,
+              what, " codes must be (B, H, rows, bytes) uint8 with contiguous rows");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kHalf && scale.dim() == 4 &&
+                  zero.dim() == 4 && scale.stride(3) == 1 && zero.stride(3) == 1,
+              what, " scale and zero must be float16 (B, H, n, k) with contiguous rows");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, what, " bits must be 2, 3, 4 or 8");
+  const int64_t r = channel ? group : 8;
+  TORCH_CHECK(r % 8 == 0, what, " rows must hold a multiple of 8 tokens");
+  TORCH_CHECK(codes.size(2) * r == n_compressed && codes.size(3) == r * dim * bits / 8,
+              what, " codes shape does not match ", n_compressed, " tokens of dim ", dim);
+  if (channel) {
+    TORCH_CHECK(scale.size(2) == n_compressed / group && scale.size(3) == dim &&
+                    zero.sizes() == scale.sizes(), what, " per-channel scale/zero shape mismatch");
+  } else {
+    TORCH_CHECK(dim % group == 0 && scale.size(2) == n_compressed && scale.size(3) == dim / group &&
+                    zero.sizes() == scale.sizes(), what, " per-token scale/zero shape mismatch");
+  }
+}
+
+template <typename T>
+at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                       const at::Tensor& win_k, const at::Tensor& win_v, const at::Tensor& k_codes,
+                       const at::Tensor& k_scale, const at::Tensor& k_zero, int64_t k_bits, bool k_channel,
+                       int64_t k_group, const at::Tensor& v_codes, const at::Tensor& v_scale,
+                       const at::Tensor& v_zero, int64_t v_bits, bool v_channel, int64_t v_group,
+                       int64_t n_compressed, const c10::optional<at::Tensor>& mask, double scaling,
+                       int64_t block_tokens) {
+  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
+  const int64_t H = win_k.size(1), Dv = win_v.size(3);
+  const int64_t n_sinks = sink_k.size(2), n_window = win_k.size(2);
+  const int64_t seq = n_sinks + n_compressed + n_window;
+  TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of KV heads");
+  const int rep = static_cast<int>(Hq / H);
+  const int64_t n_blocks = (n_compressed + block_tokens - 1) / block_tokens;
+  const int64_t tasks_per_head = 1 + n_blocks;  // task 0: sinks and window
+  const int64_t stride_partial = 2 + Dv;         // max, sum, acc[Dv]
+  std::vector<float> partial(static_cast<size_t>(B * H * tasks_per_head * rep * stride_partial));
+
+  const T* qp = query.data_ptr<T>();
+  const bool mask_bool = mask.has_value() && mask->scalar_type() == at::kBool;
+  const bool* mb = mask_bool ? mask->data_ptr<bool>() : nullptr;
+  const float* mf = (mask.has_value() && !mask_bool) ? mask->data_ptr<float>() : nullptr;
+  const int64_t mask_bstride = mask.has_value() ? (mask->size(0) == 1 ? 0 : mask->stride(0)) : 0;
+  const int64_t max_len = std::max(n_sinks + n_window, std::min(block_tokens, n_compressed));
+  const float fscale = static_cast<float>(scaling);
+
+  at::parallel_for(0, B * H * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(static_cast<size_t>(rep) * D), sc(static_cast<size_t>(rep) * std::max<int64_t>(max_len, 1));
+    std::vector<float> acc(static_cast<size_t>(rep) * Dv), work;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / tasks_per_head, blk = task % tasks_per_head;
+      const int64_t b = bh / H, h = bh % H;
+      for (int i = 0; i < rep; ++i)
+        for (int64_t d = 0; d < D; ++d)
+          q[i * D + d] = static_cast<float>(qp[b * query.stride(0) + (h * rep + i) * query.stride(1) + d]) * fscale;
+      // ---- scores of this task's positions, in sc[i * len + j]
+      int64_t len;
+      int64_t pos0, t0 = 0, t1 = 0;  // first position (compressed tasks) / token range
+      if (blk == 0) {
+        len = n_sinks + n_window;
+        const T* sk = sink_k.data_ptr<T>() + b * sink_k.stride(0) + h * sink_k.stride(1);
+        const T* wk = win_k.data_ptr<T>() + b * win_k.stride(0) + h * win_k.stride(1);
+        for (int64_t j = 0; j < len; ++j) {
+          const T* row = j < n_sinks ? sk + j * sink_k.stride(2) : wk + (j - n_sinks) * win_k.stride(2);
+          for (int i = 0; i < rep; ++i) sc[i * len + j] = dot_t(q.data() + i * D, row, D);
+        }
+        pos0 = 0;
+      } else {
+        t0 = (blk - 1) * block_tokens;
+        t1 = std::min(t0 + block_tokens, n_compressed);
+        len = t1 - t0;
+        const Packed kc = packed_at(k_codes, k_scale, k_zero, k_bits, k_channel, k_group, D, b, h);
+        key_scores_any(kc, t0, t1, q.data(), rep, sc.data(), len, work);
+        pos0 = n_sinks + t0;
+      }
+      // ---- mask
+      if (mask.has_value()) {
+        for (int64_t j = 0; j < len; ++j) {
+          int64_t pos = pos0 + j;
+          if (blk == 0 && j >= n_sinks) pos = n_sinks + n_compressed + (j - n_sinks);
+          if (mb) {
+            if (!mb[b * mask_bstride + pos])
+              for (int i = 0; i < rep; ++i) sc[i * len + j] = kNegInf;
+          } else {
+            const float add = mf[b * mask_bstride + pos];
+            for (int i = 0; i < rep; ++i) sc[i * len + j] += add;
+          }
+        }
+      }
+      // ---- partial softmax
+      float* part = partial.data() + (bh * tasks_per_head + blk) * rep * stride_partial;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int i = 0; i < rep; ++i) {
+        float* s = sc.data() + i * len;
+        float m = kNegInf;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < len; ++j) m = s[j] > m ? s[j] : m;
+        float l = 0.0f;
+        if (m == kNegInf) {
+          std::fill(s, s + len, 0.0f);
+        } else {
+          l = exp_shifted_sum(s, len, m);
+        }
+        part[i * stride_partial] = m;
+        part[i * stride_partial + 1] = l;
+      }
+      // ---- p . v
+      if (blk == 0) {
+        const T* sv = sink_v.data_ptr<T>() + b * sink_v.stride(0) + h * sink_v.stride(1);
+        const T* wv = win_v.data_ptr<T>() + b * win_v.stride(0) + h * win_v.stride(1);
+        for (int64_t j = 0; j < len; ++j) {
+          const T* row = j < n_sinks ? sv + j * sink_v.stride(2) : wv + (j - n_sinks) * win_v.stride(2);
+          for (int i = 0; i < rep; ++i) {
+            const float w = sc[i * len + j];
+            float* a = acc.data() + i * Dv;
+#pragma omp simd
+            for (int64_t d = 0; d < Dv; ++d) a[d] += w * static_cast<float>(row[d]);
+          }
+        }
+      } else {
+        const Packed vc = packed_at(v_codes, v_scale, v_zero, v_bits, v_channel, v_group, Dv, b, h);
+        value_mix_any(vc, t0, t1, sc.data(), rep, len, acc.data(), work);
+      }
+      for (int i = 0; i < rep; ++i)
+        std::copy(acc.begin() + i * Dv, acc.begin() + (i + 1) * Dv, part + i * stride_partial + 2);
+    }
+  });
+
+  // ---- merge the partial softmaxes of every (batch, query head)
+  at::Tensor out = at::empty({B, Hq, Dv}, query.options());
+  T* op = out.data_ptr<T>();
+  std::vector<float> total(Dv);
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    for (int i = 0; i < rep; ++i) {
+      float m = kNegInf;
+      for (int64_t blk = 0; blk < tasks_per_head; ++blk)
+        m = std::max(m, partial[((bh * tasks_per_head + blk) * rep + i) * stride_partial]);
+      std::fill(total.begin(), total.end(), 0.0f);
+      float l = 0.0f;
+      for (int64_t blk = 0; blk < tasks_per_head; ++blk) {
+        const float* part = partial.data() + ((bh * tasks_per_head + blk) * rep + i) * stride_partial;
+        if (part[0] == kNegInf) continue;
+        const float w = std::exp(part[0] - m);
+        l += w * part[1];
+        for (int64_t d = 0; d < Dv; ++d) total[d] += w * part[2 + d];
+      }
+      const float inv = 1.0f / l;  // all positions masked: 0 / 0 = NaN, as torch's softmax gives
+      T* o = op + ((bh / H) * Hq + (bh % H) * rep + i) * Dv;
+      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(total[d] * inv);
+    }
+  }
+  return out;
+}
+
+at::Tensor attend(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                  const at::Tensor& win_k, const at::Tensor& win_v, const at::Tensor& k_codes,
+                  const at::Tensor& k_scale, const at::Tensor& k_zero, int64_t k_bits, bool k_channel,
+                  int64_t k_group, const at::Tensor& v_codes, const at::Tensor& v_scale, const at::Tensor& v_zero,
+                  int64_t v_bits, bool v_channel, int64_t v_group, int64_t n_compressed,
+                  const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens) {
+  TORCH_CHECK(query.device().is_cpu(), "kvcompress cpu kernel: tensors must be on the CPU");
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be (B, Hq, D) with contiguous rows");
+  const int64_t D = query.size(2), Dv = win_v.size(3);
+  for (const at::Tensor* t : {&sink_k, &sink_v, &win_k, &win_v}) {
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1 && t->scalar_type() == query.scalar_type(),
+                "sinks and window must be (B, H, n, D) in the query's dtype with contiguous rows");
+  }
+  TORCH_CHECK(win_k.size(3) == D && sink_k.size(3) == D && sink_v.size(3) == Dv, "head_dim mismatch");
+  TORCH_CHECK(D <= kMaxDim && Dv <= kMaxDim, "head_dim above ", kMaxDim);
+  check_packed(k_codes, k_scale, k_zero, k_bits, k_channel, k_group, D, n_compressed, "key");
+  check_packed(v_codes, v_scale, v_zero, v_bits, v_channel, v_group, Dv, n_compressed, "value");
+  const int64_t rk = k_channel ? k_group : 8, rv = v_channel ? v_group : 8;
+  TORCH_CHECK(block_tokens % rk == 0 && block_tokens % rv == 0, "block_tokens must be a multiple of both row sizes");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dim() == 2 && mask->stride(1) == 1 &&
+                    (mask->scalar_type() == at::kBool || mask->scalar_type() == at::kFloat),
+                "mask must be (B or 1, seq) bool or float32 with contiguous rows");
+    TORCH_CHECK(mask->size(1) == sink_k.size(2) + n_compressed + win_k.size(2), "mask length != cached tokens");
+    TORCH_CHECK(mask->size(0) == 1 || mask->size(0) == query.size(0), "mask batch mismatch");
+  }
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      return attend_impl<float>(query, sink_k, sink_v, win_k, win_v, k_codes, k_scale, k_zero, k_bits, k_channel,
+                                k_group, v_codes, v_scale, v_zero, v_bits, v_channel, v_group, n_compressed, mask,
+                                scaling, block_tokens);
+    case at::kBFloat16:
+      return attend_impl<at::BFloat16>(query, sink_k, sink_v, win_k, win_v, k_codes, k_scale, k_zero, k_bits,
+                                       k_channel, k_group, v_codes, v_scale, v_zero, v_bits, v_channel, v_group,
+                                       n_compressed, mask, scaling, block_tokens);
+    case at::kHalf:
+      return attend_impl<at::Half>(query, sink_k, sink_v, win_k, win_v, k_codes, k_scale, k_zero, k_bits, k_channel,
+                                   k_group, v_codes, v_scale, v_zero, v_bits, v_channel, v_group, n_compressed, mask,
+                                   scaling, block_tokens);
+    default:
+      TORCH_CHECK(false, "kvcompress cpu kernel: query dtype must be float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend", &attend, "Decode-step attention over packed KV codes (see cpu_decode.cpp)");
+}

@@ -1,0 +1,367 @@
+"""Rotated Lloyd-Max codebook codecs: codebook values, rotation, round-trip bounds derived from the
+codebook, reference encoding, rotation folding in decode attention, the read path, bad input."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvcompress import CompressedCache, enable_fast_attention
+from kvcompress.cache.attention import attend_compressed
+from kvcompress.codecs import ComposedCodec
+from kvcompress.codecs.centering import Centered
+from kvcompress.codecs.codebook import CodebookCodec
+from kvcompress.codecs.lloyd_max import gaussian_codebook
+from kvcompress.codecs.packing import unpack_reference
+from kvcompress.codecs.rotation import RandomizedHadamard, randomized_hadamard_matrix
+from kvcompress.spec import CacheSpec, TensorSpec
+from tiny_models import prompt, tiny_llama
+
+# Max (1960), Table I: optimum quantizer for a unit Gaussian, positive output levels.
+MAX_1960 = {1: [0.7980], 2: [0.4528, 1.510], 3: [0.2451, 0.7560, 1.344, 2.152],
+            4: [0.1284, 0.3881, 0.6568, 0.9424, 1.256, 1.618, 2.069, 2.733]}
+
+
+def codebook_spec(bits: int, window: int = 16, center: bool = False, **key_extra) -> dict:
+    cb = {"method": "rotated+codebook", "bits": bits, "center": center}
+    return {"key": {**cb, **key_extra}, "value": cb, "window": window, "sinks": 4, "block_size": 32}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_lloyd_max_codebook_matches_max_1960(bits):
+    c = gaussian_codebook(bits)
+    assert c.shape == (2 ** bits,)
+    torch.testing.assert_close(c[2 ** (bits - 1):], torch.tensor(MAX_1960[bits]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(c, -c.flip(0))
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_rotation_is_orthogonal_seeded_and_cached(dim):
+    r = RandomizedHadamard(seed=3).matrix(dim)
+    torch.testing.assert_close(r @ r.T, torch.eye(dim), atol=1e-5, rtol=0)
+    assert torch.equal(RandomizedHadamard(seed=3).matrix(dim), r)
+    assert not torch.equal(RandomizedHadamard(seed=4).matrix(dim), r)
+    assert RandomizedHadamard(seed=3).matrix(dim) is r, "the matrix must be cached, not rebuilt per call"
+    x = torch.randn(2, 3, 16, dim)
+    rot = RandomizedHadamard(seed=3)
+    torch.testing.assert_close(rot.inverse(rot.forward(x)), x, atol=1e-5, rtol=0)
+    # Dot products survive the rotation: q.k = (qR).(kR).
+    q = torch.randn(dim)
+    torch.testing.assert_close(rot.forward(x) @ (q @ r), x @ q, atol=1e-4, rtol=1e-5)
+
+
+def test_rotation_rejects_bad_sizes_and_seeds():
+    with pytest.raises(ValueError, match="power of two"):
+        randomized_hadamard_matrix(96, 0)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        RandomizedHadamard(seed=-1)
+
+
+def _reference_indices(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """argmin over centroids of |x / rms(x) - c_j|, per value (the plain definition)."""
+    u = x / x.square().mean(-1, keepdim=True).sqrt()
+    return (u[..., None] - c).abs().argmin(-1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_encoding_matches_plain_argmin_reference(bits, dim):
+    x = torch.randn(1, 2, 16, dim, generator=torch.Generator().manual_seed(bits * dim)) * 3
+    codec = CodebookCodec(bits=bits)
+    stored = codec.encode(x)
+    c = gaussian_codebook(bits)
+    idx = _reference_indices(x, c)
+    # Unpack one code at a time (the packing layout's reference) and compare with the argmin.
+    codes = unpack_reference(stored["codes"], bits).long().reshape(idx.shape)
+    assert torch.equal(codes, idx)
+    # Decoding is the scale times the centroids, the scale the least-squares fit to those centroids.
+    values = c[idx]
+    scale = (x * values).sum(-1, keepdim=True) / values.square().sum(-1, keepdim=True)
+    torch.testing.assert_close(stored["scale"].float(), scale, atol=0, rtol=2 ** -10)
+    torch.testing.assert_close(codec.decode(stored, torch.float32), stored["scale"].float() * values)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 100.0])
+def test_round_trip_error_bounded_by_the_codebook(bits, magnitude):
+    """Per vector: ||x - x_hat|| <= rms(x) * ||u - c[idx]|| + fp16 scale rounding, where every in-range
+    |u_d - c[idx_d]| is at most half the largest gap between neighbouring centroids."""
+    x = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(bits)) * magnitude
+    x[0, 1, 5, 7] = 40 * magnitude  # an outlier channel in one vector
+    codec = ComposedCodec(RandomizedHadamard(seed=1), CodebookCodec(bits=bits))
+    stored = codec.encode(x)
+    y = RandomizedHadamard(seed=1).forward(x)  # the rotated states the codebook sees
+    c = gaussian_codebook(bits)
+    rms = y.square().mean(-1, keepdim=True).sqrt()
+    u = y / rms
+    err_u = (u[..., None] - c).abs().amin(-1)  # distance to the nearest centroid
+    half_gap = (c[1:] - c[:-1]).max() / 2
+    inside = (u >= c[0]) & (u <= c[-1])
+    assert (err_u[inside] <= half_gap + 1e-6).all()
+    scale = stored["scale"].float()
+    bound = rms * err_u.norm(dim=-1, keepdim=True) + scale.abs() * c.abs().max() * math.sqrt(64) * 2 ** -10
+    err = (codec.decode(stored, torch.float32) - x).norm(dim=-1, keepdim=True)  # rotation keeps norms
+    assert (err <= bound * (1 + 1e-4) + 1e-6 * magnitude).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+def test_zero_vectors_round_trip_exactly():
+    x = torch.zeros(1, 1, 8, 64)
+    x[0, 0, 3] = torch.randn(64)
+    codec = ComposedCodec(RandomizedHadamard(), CodebookCodec(bits=2))
+    out = codec.roundtrip(x)
+    assert torch.equal(out[0, 0, :3], x[0, 0, :3])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_states_are_refused(bad):
+    x = torch.randn(1, 1, 8, 64)
+    x[0, 0, 2, 2] = bad
+    with pytest.raises(ValueError, match="NaN|inf"):
+        ComposedCodec(RandomizedHadamard(), CodebookCodec(bits=3)).encode(x)
+    with pytest.raises(ValueError, match="NaN|inf"):
+        CodebookCodec(bits=3).encode(x)
+
+
+def test_bad_settings_name_the_allowed_values():
+    with pytest.raises(ValueError, match=r"rotated\+codebook bits must be one of \(1, 2, 3, 4\)"):
+        TensorSpec(method="rotated+codebook", bits=5)
+    with pytest.raises(ValueError, match=r"bits must be one of \(1, 2, 3, 4\)"):
+        CodebookCodec(bits=8)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        TensorSpec(method="rotated+codebook", seed=-2)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        CacheSpec.from_dict({**codebook_spec(2), "block_size": 12})
+    with pytest.raises(ValueError, match="power of two"):
+        CacheSpec.from_dict(codebook_spec(2)).validate_for(2, 96)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        CodebookCodec(bits=2).encode(torch.randn(1, 1, 12, 64))
+
+
+def test_spec_round_trip_and_describe():
+    spec = CacheSpec.from_dict(codebook_spec(3, center=True, seed=5, key_space="pre_rope"))
+    assert CacheSpec.from_dict(spec.to_dict()) == spec
+    assert spec.key.to_dict() == {"method": "rotated+codebook", "bits": 3, "seed": 5, "center": True,
+                                  "key_space": "pre_rope"}
+    assert "centred+rot+lloyd3/seed5" in spec.describe()
+    assert spec.needs_artifact(2)
+
+
+def test_centring_without_an_artifact_says_how_to_make_one():
+    from kvcompress.cache.build import build_codec
+
+    with pytest.raises(ValueError, match="kvcompress calibrate"):
+        build_codec(TensorSpec(method="rotated+codebook", bits=2, center=True), kind="value")
+
+
+def test_centring_mean_of_another_shape_is_refused():
+    codec = ComposedCodec(Centered(torch.zeros(3, 64), RandomizedHadamard()), CodebookCodec(bits=2))
+    with pytest.raises(ValueError, match="calibrated on this model"):
+        codec.encode(torch.randn(1, 2, 8, 64))
+
+
+class _MeanArtifact:
+    """Stands in for a calibration artifact: a fixed random per-layer mean for every kind."""
+
+    def __init__(self, layers: int, heads: int, dim: int):
+        self.means = torch.randn(layers, heads, dim, generator=torch.Generator().manual_seed(7))
+
+    def mean(self, kind: str, layer_idx: int) -> torch.Tensor:
+        return self.means[layer_idx]
+
+
+def _filled_layer(head_dim: int, bits: int, center: bool, dtype: torch.dtype):
+    """A CompressedLayer holding 4 sinks, 96 compressed tokens and a window, from random states."""
+    from kvcompress.cache import CompressedLayer
+    from kvcompress.cache.build import build_codec
+
+    spec = TensorSpec(method="rotated+codebook", bits=bits, center=center, seed=1)
+    artifact = _MeanArtifact(1, 2, head_dim) if center else None
+    layer = CompressedLayer(build_codec(spec, kind="key_post", artifact=artifact),
+                            build_codec(spec, kind="value", artifact=artifact), window=16, sinks=4, block_size=32)
+    gen = torch.Generator().manual_seed(head_dim)
+    offset = artifact.means[0][None, :, None, :] if center else 0.0
+    keys = (torch.randn(1, 2, 130, head_dim, generator=gen) + offset).to(dtype)
+    values = (torch.randn(1, 2, 130, head_dim, generator=gen) + offset).to(dtype)
+    layer.update(keys, values)
+    assert layer.n_compressed == 96
+    return layer
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_folding_equals_attention_over_the_reconstruction(head_dim, center, dtype, monkeypatch):
+    layer = _filled_layer(head_dim, 2, center, dtype)
+    query = torch.randn(1, 4, 1, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    scale = head_dim ** -0.5
+    with monkeypatch.context() as patch:  # the folded path never un-rotates stored tokens
+        patch.setattr(ComposedCodec, "decode", lambda *a, **k: pytest.fail("stored tokens were un-rotated"))
+        folded = attend_compressed(layer, query, None, scale).float()  # rotates q once, reads codes rotated
+    keys, values = layer.reconstruct()  # un-rotated, every token decoded
+    q = query.float().reshape(1, 2, 2, head_dim)
+    probs = torch.softmax(q @ keys.float().transpose(-1, -2) * scale, dim=-1)
+    plain = (probs @ values.float()).reshape(1, 4, 1, head_dim)
+    # The folded path computes in float32 and rounds once to `dtype`; the reconstruction is in `dtype`.
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(folded, plain, atol=4 * eps * plain.abs().max().item() + 1e-5, rtol=4 * eps)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_read_path_two_bit_codebook_logits_equal_a_manual_reconstruction(head_dim):
+    model = tiny_llama(seed=2, head_dim=head_dim)
+    tokens = prompt(100)
+    cache = CompressedCache(model, codebook_spec(2))
+    model(tokens[:, :-1], cache=cache)
+    assert all(layer.n_compressed == 64 for layer in cache.layers)
+    reference = DynamicCache(config=model.config)
+    for idx, layer in enumerate(cache.layers):
+        parts = []
+        for codec, stored, sink, window in ((layer.key_codec, layer.stored_keys, layer.sink_keys, layer.window_keys),
+                                            (layer.value_codec, layer.stored_values, layer.sink_values,
+                                             layer.window_values)):
+            # Manual reconstruction: reference unpacking, centroid lookup, scale, inverse rotation R^T.
+            bits = codec.inner.bits
+            codes = unpack_reference(stored["codes"], bits).long().reshape(1, 2, 64, head_dim)
+            rotated = gaussian_codebook(bits)[codes] * stored["scale"].float()
+            r = randomized_hadamard_matrix(head_dim, codec.transform.seed)
+            parts.append(torch.cat([sink, rotated @ r.T, window], dim=2))
+        reference.update(parts[0], parts[1], idx)
+    fast = cache.copy()
+    logits = model(tokens[:, -1:], cache=cache).logits
+    with enable_fast_attention(model):  # the decode step over the codes, rotation folded out
+        logits_fast = model(tokens[:, -1:], cache=fast).logits
+    logits_reference = model(tokens[:, -1:], cache=reference).logits
+    logits_exact = model(tokens).logits[:, -1:]
+    torch.testing.assert_close(logits_fast, logits, atol=1e-4, rtol=1e-4)
+    diff_ref = (logits - logits_reference).abs().max().item()
+    diff_exact = (logits - logits_exact).abs().max().item()
+    assert diff_ref < 1e-4, f"compressed vs reconstruction-fed reference: max_diff={diff_ref:.3g}"
+    assert diff_exact > 1e-3, f"2-bit logits equal the uncompressed ones (max_diff={diff_exact:.3g})"
+
+
+@torch.no_grad()
+def test_tampered_codes_change_the_output():
+    model, tokens = tiny_llama(seed=2), prompt(100)
+    outputs = []
+    for tamper in (False, True):
+        cache = CompressedCache(model, codebook_spec(2))
+        model(tokens[:, :-1], cache=cache)
+        if tamper:
+            for layer in cache.layers:
+                layer.stored_keys["codes"] = 255 - layer.stored_keys["codes"]
+        outputs.append(model(tokens[:, -1:], cache=cache).logits)
+    max_diff = (outputs[0] - outputs[1]).abs().max().item()
+    assert max_diff > 1e-3, f"tampered codes did not change the logits (max_diff={max_diff:.3g})"
+
+
+def test_memory_report_counts_codes_and_scales():
+    model, tokens = tiny_llama(seed=2, head_dim=64), prompt(100)
+    cache = CompressedCache(model, codebook_spec(2))
+    with torch.no_grad():
+        model(tokens, cache=cache)
+    from kvcompress.cache.bits import report_bits_per_value, spec_bits_per_value
+
+    layer = cache.memory_report().layers[0]
+    n = layer.compressed_tokens * 2 * 64  # values per tensor: tokens x heads x head_dim
+    assert layer.parts["key_codes"] == n * 2 // 8 and layer.parts["key_scale"] == layer.compressed_tokens * 2 * 2
+    assert report_bits_per_value(cache.memory_report()) == pytest.approx(2 + 16 / 64)
+    assert spec_bits_per_value(codebook_spec(2), 2, 64) == pytest.approx(2 + 16 / 64)
+
+
+# ---- pca+codebook: calibrated principal directions, bits allocated by variance ----------------------
+
+MAX_1960_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_codebook_mse_matches_max_1960(bits):
+    from kvcompress.codecs.lloyd_max import gaussian_mse
+
+    assert gaussian_mse(bits) == pytest.approx(MAX_1960_MSE[bits], rel=2e-3)
+
+
+def test_bit_allocation_is_the_brute_force_optimum():
+    import itertools
+
+    from kvcompress.codecs.allocated import allocate_bits
+    from kvcompress.codecs.lloyd_max import gaussian_mse
+
+    variances = torch.tensor([9.0, 4.0, 1.0, 0.3, 0.01])
+    for total in (3, 6, 10):
+        widths = allocate_bits(variances, total)
+        assert sum(widths) == total
+        cost = sum(v * gaussian_mse(w) for v, w in zip(variances.tolist(), widths))
+        best = min(sum(v * gaussian_mse(w) for v, w in zip(variances.tolist(), ws))
+                   for ws in itertools.product(range(7), repeat=5) if sum(ws) == total)
+        assert cost == pytest.approx(best)
+        assert list(widths) == sorted(widths, reverse=True)  # more variance, never fewer bits
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_allocated_codec_error_close_to_the_transform_coding_prediction(bits):
+    """On Gaussian coefficients with the calibrated variances, the error is what the allocation
+    predicts, sum_j var_j * mse(b_j), within the slack of a per-vector scale (factor 1.3)."""
+    from kvcompress.codecs.allocated import AllocatedCodebookCodec, allocate_bits
+    from kvcompress.codecs.lloyd_max import gaussian_mse
+
+    variances = torch.logspace(1, -3, 64)  # a steep spectrum, like pre-RoPE keys
+    widths = allocate_bits(variances, bits * 64)
+    codec = AllocatedCodebookCodec(widths=widths, std=variances.sqrt()[None].repeat(2, 1))
+    y = torch.randn(1, 2, 512, 64, generator=torch.Generator().manual_seed(bits)) * variances.sqrt()
+    stored = codec.encode(y)
+    assert set(stored) == {"scale"} | {f"codes{w}" for w in set(widths) if w}
+    assert sum(t[0, 0, 0].numel() for n, t in stored.items() if n != "scale") * 8 == 8 * bits * 64  # 8 tokens/row
+    err = (codec.decode(stored, torch.float32) - y).square().sum(-1).mean()
+    predicted = sum(v * gaussian_mse(w) for v, w in zip(variances.tolist(), widths))
+    assert err <= 1.3 * predicted, f"error {err:.4g} vs predicted {predicted:.4g}"
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact():
+    from kvcompress.calibration import calibrate
+
+    return calibrate(tiny_llama(seed=2, head_dim=64), prompt(256, seed=9), seq_len=128, progress=False)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_pca_codebook_read_path(tiny_artifact, key_space):
+    model, tokens = tiny_llama(seed=2, head_dim=64), prompt(100)
+    spec = {"key": {"method": "pca+codebook", "bits": 2, "key_space": key_space},
+            "value": {"method": "pca+codebook", "bits": 2}, "window": 16, "sinks": 4, "block_size": 32}
+    fast, slow = (CompressedCache(model, spec, artifact=tiny_artifact, fast_attention=f) for f in (True, False))
+    for cache in (fast, slow):
+        model(tokens[:, :-1], cache=cache)
+    tampered = fast.copy()
+    for layer in tampered.layers:  # flip every key code
+        for name in layer.stored_keys:
+            if name.startswith("codes"):
+                layer.stored_keys[name] = 255 - layer.stored_keys[name]
+    with enable_fast_attention(model):
+        logits_fast, logits_tampered = (model(tokens[:, -1:], cache=c).logits for c in (fast, tampered))
+    logits_slow = model(tokens[:, -1:], cache=slow).logits
+    exact = model(tokens).logits[:, -1:]
+    torch.testing.assert_close(logits_fast, logits_slow, atol=1e-4, rtol=1e-4)
+    assert (logits_fast - exact).abs().max() > 1e-3, "2-bit codes gave the uncompressed logits"
+    assert (logits_tampered - logits_fast).abs().max() > 1e-3, "tampered key codes did not change the output"
+    from kvcompress.cache.bits import report_bits_per_value
+
+    assert report_bits_per_value(fast.memory_report()) == pytest.approx(2 + 16 / 64)
+
+
+def test_pca_codebook_without_an_artifact_says_how_to_make_one():
+    from kvcompress.cache.build import build_codec
+
+    with pytest.raises(ValueError, match="kvcompress calibrate"):
+        build_codec(TensorSpec(method="pca+codebook", bits=2), kind="value")
+
+
+@pytest.mark.parametrize("n", [4, 3, 2])
+def test_bits_presets_fit_their_budget(n):
+    from kvcompress.cache.bits import spec_bits_per_value
+    from kvcompress.presets import PRESETS
+
+    for head_dim in (64, 128, 256):
+        assert spec_bits_per_value(PRESETS.get(f"bits{n}"), 2, head_dim) == pytest.approx(n + 16 / head_dim)
