@@ -16,7 +16,8 @@ The choice is made per call from the tensor's device and the environment variabl
     auto   (default) Triton on CUDA tensors when Triton is importable, torch otherwise;
     torch  never a compiled kernel, Triton or the CPU one (e.g. to compare with the torch path);
     triton always Triton; on CPU tensors this needs TRITON_INTERPRET=1 set before Triton
-           is first imported (Triton's interpreter, slow: for tests only).
+           is first imported, which importing transformers does when Triton is installed
+           (Triton's interpreter, slow: for tests only).
 
 This package does not import Triton until a kernel is used, and its Triton modules do not know
 codecs or caches: callers (`codecs.quant`, `cache.attention`) decide which codecs a kernel can
