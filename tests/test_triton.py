@@ -124,7 +124,7 @@ def test_decode_kernel_equals_torch_reference(bits, rep, batch, padded, torch_ke
     assert_decode_matches(layer, rep, mask, split_tiles=2, block_tokens=16)
 
 
-@pytest.mark.parametrize("case", ["k4v2", "k2v8", "axes swapped", "no sinks", "value_dim 16",
+@pytest.mark.parametrize("case", ["k4v2", "k2v8", "axes swapped", "no sinks", "empty window", "value_dim 16",
                                   "several tiles per split", "default splits", "additive mask"])
 def test_decode_kernel_variants(case, torch_kernels):
     layer_args, kernel_args, mask = {}, {"split_tiles": 1, "block_tokens": 16}, None
@@ -136,6 +136,8 @@ def test_decode_kernel_variants(case, torch_kernels):
         layer_args = {"key_axis": "token", "value_axis": "channel"}
     elif case == "no sinks":
         layer_args = {"sinks": 0, "tokens": 70}
+    elif case == "empty window":
+        layer_args = {"window": 0, "tokens": 66}
     elif case == "value_dim 16":
         layer_args = {"value_dim": 16}
     elif case == "several tiles per split":
@@ -143,6 +145,7 @@ def test_decode_kernel_variants(case, torch_kernels):
     elif case == "default splits":
         kernel_args = {}
     layer = compressed_layer(**{"key_bits": 4, "value_bits": 4, "batch": 2, **layer_args})
+    assert case != "empty window" or layer.window_keys.shape[2] == 0
     if case == "additive mask":
         mask = torch.zeros(2, 1, 1, layer.held_tokens(), device=DEVICE)
         mask[0, ..., 30:37] = torch.finfo(torch.float32).min

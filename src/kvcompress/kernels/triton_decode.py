@@ -211,6 +211,11 @@ def _codec_constants(codec, prefix: str) -> dict:
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` with a contiguous last dim; an empty `t` (no sinks, an empty window) is replaced by a
+    one-element tensor, since Triton refuses the null data pointer of an empty CUDA tensor (the
+    kernels never read it: their loops over those tokens do not run)."""
+    if t.numel() == 0:
+        return torch.zeros((1,) * t.dim(), dtype=t.dtype, device=t.device)
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -271,9 +276,9 @@ def decode_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | 
         raise ValueError(f"decode_attention handles one query token (a decode step), got {Q}")
     sink_k, sink_v = _last_dim_contiguous(layer.sink_keys), _last_dim_contiguous(layer.sink_values)
     window_k, window_v = _last_dim_contiguous(layer.window_keys), _last_dim_contiguous(layer.window_values)
-    H, DV = window_k.shape[1], window_v.shape[3]
+    H, DV = layer.window_keys.shape[1], layer.window_values.shape[3]
     rep = Hq // H
-    n_sinks, n_compressed, n_window = sink_k.shape[2], layer.n_compressed, window_k.shape[2]
+    n_sinks, n_compressed, n_window = layer.sink_keys.shape[2], layer.n_compressed, layer.window_keys.shape[2]
     seq = n_sinks + n_compressed + n_window
     bias, mask_sb = _mask_bias(attention_mask, seq)
     device = query.device

@@ -80,7 +80,8 @@ def _pack_channel_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, stride_b, stride
     h = bh % H
     t = tl.arange(0, GROUP)
     d = tl.arange(0, D)
-    x = tl.load(x_ptr + b * stride_b + h * stride_h + (g * GROUP + t)[:, None] * stride_t + d[None, :]).to(tl.float32)
+    x_bh = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    x = tl.load(x_bh + (g * GROUP + t)[:, None] * stride_t + d[None, :]).to(tl.float32)
     zero = tl.min(x, axis=0).to(tl.float16)  # (D,)
     zero_f = zero.to(tl.float32)
     scale = tl.math.div_rn(tl.max(x, axis=0) - zero_f, LEVELS * 1.0).to(tl.float16)
@@ -101,7 +102,8 @@ def _pack_token_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, stride_b, stride_h
     h = bh % H
     t = tl.arange(0, ROW)
     d = tl.arange(0, D)
-    x = tl.load(x_ptr + b * stride_b + h * stride_h + (row * ROW + t)[:, None] * stride_t + d[None, :]).to(tl.float32)
+    x_bh = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    x = tl.load(x_bh + (row * ROW + t)[:, None] * stride_t + d[None, :]).to(tl.float32)
     NG: tl.constexpr = D // GROUP
     xg = tl.reshape(x, (ROW, NG, GROUP))
     zero = tl.min(xg, axis=2).to(tl.float16)  # (ROW, NG)
