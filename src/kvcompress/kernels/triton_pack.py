@@ -29,7 +29,7 @@ import triton.language as tl
 from . import PACK_BITS
 
 TOKEN_ROW_TOKENS = 8  # per-token codes are packed 8 tokens to a row (codecs.quant.TOKEN_AXIS_ROW_TOKENS)
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 half to even
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds a float32 half to even
 
 
 def field_widths(bits: int) -> tuple[int, int]:
