@@ -34,10 +34,10 @@ fi
 "$PYTHON" -c 'import torch, triton; print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, Triton {triton.__version__}")'
 
 echo "gpu_check: CUDA tests and Triton kernel tests (compiled on the GPU)"
-timeout 240 "$PYTHON" -m pytest -q -rs tests/test_cuda.py tests/test_triton.py tests/test_generation.py -k "cuda or triton or kernel" \
+timeout 180 "$PYTHON" -m pytest -q -rs tests/test_cuda.py tests/test_triton.py tests/test_generation.py -k "cuda or triton or kernel" \
     2>&1 | tee "$OUT/tests.log"
 
 echo "gpu_check: decode speed and memory (benchmarks/gpu_decode.py)"
 # shellcheck disable=SC2086  # GPU_DECODE_ARGS is a list of flags
-timeout 330 "$PYTHON" benchmarks/gpu_decode.py --out "$OUT" ${GPU_DECODE_ARGS:-}
+timeout 270 "$PYTHON" benchmarks/gpu_decode.py --out "$OUT" ${GPU_DECODE_ARGS:-}
 cat "$OUT/gpu_decode.md"

@@ -16,6 +16,10 @@ downloaded, and decode speed does not depend on the weights. For every (context,
    `decode_peak_extra_bytes` = `torch.cuda.max_memory_allocated` during that cache's decode
    steps above the allocation when they started (activations and temporaries of a step).
 
+`CompressedCache` switches the model to kvcompress's attention function (its `fast_attention`),
+which is transformers' sdpa for every call except a decode step on a compressed layer, so
+DynamicCache keeps running sdpa after that switch.
+
 Caches: `dynamic`, a preset name (`int4`, `int2`, ... kvcompress's `CompressedCache`, Triton
 kernels on CUDA when Triton is importable) or `PRESET:torch` (the same cache with
 KVCOMPRESS_KERNELS=torch: the torch path, to compare the two). A (context, batch) whose caches
