@@ -3,7 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by
 conftest.py before Triton is first imported); on a CUDA machine they are compiled and run on the GPU.
 The pack kernel's codes, scales and zero points are byte-identical to `QuantCodec.encode`'s
-torch path; decode attention equals `attention.attend_compressed`; and with Triton chosen a
+torch path; decode attention equals `cache.attention.attend_compressed`; and with Triton chosen a
 model's decode steps go through both kernels and give the torch path's logits.
 Skipped when Triton is not installed (`pip install 'kvcompress[gpu]'`).
 """
@@ -19,9 +19,11 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # conftest se
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton cannot run here", allow_module_level=True)
 
 from kvcompress import CompressedCache, kernels  # noqa: E402
-from kvcompress.attention import attend_compressed  # noqa: E402
+from kvcompress.cache.attention import attend_compressed  # noqa: E402
 from kvcompress.cache import CompressedLayer  # noqa: E402
-from kvcompress.codecs import QuantCodec  # noqa: E402
+from kvcompress.codecs import QuantCodec, packing  # noqa: E402
+from kvcompress.codecs.quant import TOKEN_AXIS_ROW_TOKENS  # noqa: E402
+from kvcompress.kernels.fields import TOKEN_ROW_TOKENS, field_widths  # noqa: E402
 from kvcompress.kernels.triton_decode import decode_attention  # noqa: E402
 from kvcompress.kernels.triton_pack import quantize_pack  # noqa: E402
 from tiny_models import ARCHITECTURES, SEEDS, prompt  # noqa: E402
@@ -53,6 +55,13 @@ def states_with_ties(bits: int, axis: str, group: int, shape=(2, 2, 32, 32), dty
         ties[0], ties[1] = 0.0, levels
         x[-1, 0, 9, group:2 * group] = ties
     return x.to(dtype=dtype, device=DEVICE)
+
+
+def test_kernel_field_layout_is_the_packing_layout():
+    for bits in BITS:
+        widths = [width for width, _ in packing.fields(bits)]
+        assert list(field_widths(bits)) == widths + [0] * (2 - len(widths))
+    assert TOKEN_ROW_TOKENS == TOKEN_AXIS_ROW_TOKENS
 
 
 @pytest.mark.parametrize("axis,group", [("channel", 16), ("token", 8)])

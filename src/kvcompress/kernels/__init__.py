@@ -32,9 +32,10 @@ import os
 
 import torch
 
+from .fields import PACK_BITS
+
 ENV = "KVCOMPRESS_KERNELS"
 MODES = ("auto", "torch", "triton")
-PACK_BITS = (2, 3, 4, 8)
 
 
 def mode() -> str:
@@ -86,7 +87,7 @@ def quantize_pack(x: torch.Tensor, bits: int, axis: str, group_size: int) -> dic
 
 def decode_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
                      ) -> torch.Tensor:
-    """`attention.attend_compressed(layer, query, attention_mask, scaling)` in Triton (see `triton_decode`)."""
+    """`cache.attention.attend_compressed(layer, query, attention_mask, scaling)` in Triton (see `triton_decode`)."""
     from .triton_decode import decode_attention as impl  # Triton is an optional extra: imported on first use
 
     return impl(layer, query, attention_mask, scaling)

@@ -1,6 +1,6 @@
 """Split-K ("flash-decoding") attention of one decode step over a layer's packed codes, in Triton.
 
-Computes what `kvcompress.attention.attend_compressed` computes for a `CompressedLayer` whose
+Computes what `kvcompress.cache.attention.attend_compressed` computes for a `CompressedLayer` whose
 key and value codecs are uniform quantizers (`QuantCodec`, any axis, 2/3/4/8 bits) and whose
 keys are stored as attention gives them (no pre-RoPE key space):
 
@@ -22,7 +22,7 @@ Departure from the torch reference: one online softmax instead of one softmax ov
 positions, so results agree to float32 rounding (tested), not bit for bit.
 
 This module does not handle several query tokens (prefill), pre-RoPE keys, rotated or
-low-rank codecs, soft-capping or learned sink logits: the caller (`attention`) uses the torch
+low-rank codecs, soft-capping or learned sink logits: the caller (`cache.attention`) uses the torch
 path for those.
 """
 
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_pack import TOKEN_ROW_TOKENS, field_widths
+from .fields import TOKEN_ROW_TOKENS, field_widths
 
 BLOCK_T = 32  # compressed tokens per tile; per-channel groups may be of any size (addresses are per element)
 PROGRAMS_PER_SM = 4  # splits are chosen so that about this many programs run per streaming multiprocessor

@@ -26,17 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import PACK_BITS
+from .fields import TOKEN_ROW_TOKENS, field_widths
 
-TOKEN_ROW_TOKENS = 8  # per-token codes are packed 8 tokens to a row (codecs.quant.TOKEN_AXIS_ROW_TOKENS)
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds a float32 half to even
-
-
-def field_widths(bits: int) -> tuple[int, int]:
-    """Widths (first, second) of the bit fields of a `bits`-bit code (second 0 if none): 3 -> (2, 1)."""
-    if bits not in PACK_BITS:
-        raise ValueError(f"bits must be one of {PACK_BITS}, got {bits}")
-    return {2: (2, 0), 3: (2, 1), 4: (4, 0), 8: (8, 0)}[bits]
 
 
 @triton.jit
