@@ -8,7 +8,7 @@ keys are stored as attention gives them (no pre-RoPE key space):
 
 in three launches (Dao et al., "Flash-Decoding for long-context inference", 2023):
 1. `_codes_partial_kernel`, grid (batch * kv_heads, splits): each program reads tiles of
-   `BLOCK_T` compressed tokens of one K/V head, unpacks the byte-planar codes and applies the
+   compressed tokens (`block_tokens_for`) of one K/V head, unpacks the byte-planar codes and applies the
    fp16 scale and zero point in registers (x_hat = code * scale + zero in float32, as the
    torch decode), scores all query heads of the GQA group against them, and keeps a running
    max, sum and weighted value sum (online softmax) over its tiles;
@@ -34,8 +34,14 @@ import triton.language as tl
 
 from .fields import TOKEN_ROW_TOKENS, field_widths
 
-BLOCK_T = 32  # compressed tokens per tile; per-channel groups may be of any size (addresses are per element)
 PROGRAMS_PER_SM = 4  # splits are chosen so that about this many programs run per streaming multiprocessor
+NUM_WARPS = 8  # warps per program of the two partial kernels
+# Tokens per tile: the largest power of two (at most MAX_BLOCK_T) with
+# padded query heads * tile * padded head_dim <= TILE_ELEMENTS, the size of the (heads, tokens,
+# dims) products the online softmax forms in registers; at 8 warps this compiles without
+# register spills for head_dim 64 and 128 and GQA groups up to 8 (benchmarks/kernel_registers.py).
+TILE_ELEMENTS = 8192
+MAX_BLOCK_T = 64
 
 
 @triton.jit
@@ -243,6 +249,15 @@ def _mask_bias(attention_mask: torch.Tensor | None, seq: int) -> tuple[torch.Ten
     return bias, (bias.stride(0) if bias.shape[0] > 1 else 0)
 
 
+def block_tokens_for(rep: int, head_dim: int, value_dim: int) -> int:
+    """Tokens per tile for a GQA group of `rep` query heads (see TILE_ELEMENTS)."""
+    widest = triton.next_power_of_2(rep) * max(triton.next_power_of_2(head_dim), triton.next_power_of_2(value_dim))
+    block = 1
+    while block < MAX_BLOCK_T and 2 * block * widest <= TILE_ELEMENTS:
+        block *= 2
+    return block
+
+
 def _splits(tiles: int, bh: int, device: torch.device, split_tiles: int | None) -> tuple[int, int]:
     """(number of splits, tiles per split) for `tiles` tiles of each of `bh` (batch, head) pairs."""
     if tiles == 0:
@@ -255,7 +270,7 @@ def _splits(tiles: int, bh: int, device: torch.device, split_tiles: int | None) 
 
 
 def decode_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-                     split_tiles: int | None = None, block_tokens: int = BLOCK_T) -> torch.Tensor:
+                     split_tiles: int | None = None, block_tokens: int | None = None) -> torch.Tensor:
     """Attention of one decode step over [sinks | compressed codes | window] of `layer`.
 
     Args:
@@ -266,7 +281,7 @@ def decode_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | 
         scaling: factor applied to q.k.
         split_tiles: tiles of `block_tokens` compressed tokens per program (default: enough
             splits for about PROGRAMS_PER_SM programs per multiprocessor); for tests.
-        block_tokens: compressed tokens per tile (a power of two).
+        block_tokens: tokens per tile (a power of two; default `block_tokens_for` the shapes).
 
     Returns:
         (B, H_q, 1, D_v) in the query's dtype; computed in float32.
@@ -283,6 +298,7 @@ def decode_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | 
     bias, mask_sb = _mask_bias(attention_mask, seq)
     device = query.device
     q = (query.to(torch.float32) * scaling).reshape(B * H * rep, D).contiguous()  # heads grouped by K/V head
+    block_tokens = block_tokens or block_tokens_for(rep, D, DV)
     sizes = {"REP": rep, "D": D, "DV": DV, "REP_P": triton.next_power_of_2(rep),
              "D_P": triton.next_power_of_2(D), "DV_P": triton.next_power_of_2(DV), "BLOCK": block_tokens}
     n_splits, tiles_per_split = _splits(triton.cdiv(n_compressed, block_tokens), B * H, device, split_tiles)
@@ -295,7 +311,7 @@ def decode_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | 
     _full_partial_kernel[(B * H,)](
         q, sink_k, sink_v, window_k, window_v, mask_arg, m, l, acc,
         *sink_k.stride()[:3], *sink_v.stride()[:3], *window_k.stride()[:3], *window_v.stride()[:3], mask_sb,
-        H, n_sinks, n_window, n_sinks + n_compressed, n_slots, HAS_MASK=has_mask, **sizes)
+        H, n_sinks, n_window, n_sinks + n_compressed, n_slots, HAS_MASK=has_mask, num_warps=NUM_WARPS, **sizes)
     if n_splits:
         keys, values = _stored(layer.stored_keys), _stored(layer.stored_values)
         _codes_partial_kernel[(B * H, n_splits)](
@@ -303,7 +319,7 @@ def decode_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | 
             mask_arg, m, l, acc,
             *keys["codes"].stride()[:3], *keys["scale"].stride()[:3],
             *values["codes"].stride()[:3], *values["scale"].stride()[:3], mask_sb,
-            H, n_compressed, n_sinks, tiles_per_split, n_slots, HAS_MASK=has_mask,
+            H, n_compressed, n_sinks, tiles_per_split, n_slots, HAS_MASK=has_mask, num_warps=NUM_WARPS,
             **_codec_constants(layer.key_codec, "K"), **_codec_constants(layer.value_codec, "V"), **sizes)
     out = torch.empty(B * H * rep, DV, dtype=torch.float32, device=device)
     _combine_kernel[(B * H,)](m, l, acc, out, n_slots, REP=rep, DV=DV, REP_P=sizes["REP_P"], DV_P=sizes["DV_P"])
