@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -281,11 +282,10 @@ def main() -> None:
 
 
 def _triton_version() -> str | None:
-    if not kernels.triton_installed():
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         return None
-    import triton
-
-    return triton.__version__
 
 
 if __name__ == "__main__":

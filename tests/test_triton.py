@@ -9,6 +9,7 @@ Skipped when Triton is not installed (`pip install 'kvcompress[gpu]'`).
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from kvcompress.cache.attention import attend_compressed  # noqa: E402
 from kvcompress.cache import CompressedLayer  # noqa: E402
 from kvcompress.codecs import QuantCodec, packing  # noqa: E402
 from kvcompress.codecs.quant import TOKEN_AXIS_ROW_TOKENS  # noqa: E402
+from kvcompress.extras import MissingExtraError  # noqa: E402
 from kvcompress.kernels.fields import TOKEN_ROW_TOKENS, field_widths  # noqa: E402
 from kvcompress.kernels.triton_decode import decode_attention  # noqa: E402
 from kvcompress.kernels.triton_pack import quantize_pack  # noqa: E402
@@ -219,3 +221,8 @@ def test_kernel_choice_follows_the_environment(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"):
         kernels.use_triton(cpu)
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if Triton were not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'kvcompress\[gpu\]'"):
+        kernels.use_triton(cpu)
+    with pytest.raises(MissingExtraError, match=r"pip install 'kvcompress\[gpu\]'"):
+        kernels.quantize_pack(cpu.reshape(1, 1, 1, 1), 4, "token", 1)

@@ -19,19 +19,18 @@ The choice is made per call from the tensor's device and the environment variabl
            is first imported, which importing transformers does when Triton is installed
            (Triton's interpreter, slow: for tests only).
 
-This package does not import Triton until a kernel is used, and its Triton modules do not know
+This package does not import Triton until a kernel is used (`backend`), and its Triton modules do not know
 codecs or caches: callers (`codecs.quant`, `cache.attention`) decide which codecs a kernel can
 read and pass their parameters (a layer is read only through its attributes).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
 
+from .backend import load_triton, triton_installed
 from .fields import PACK_BITS
 
 ENV = "KVCOMPRESS_KERNELS"
@@ -46,12 +45,6 @@ def mode() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=1)
-def triton_installed() -> bool:
-    """Whether the `triton` package can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether the hot path for `tensor` runs a Triton kernel (see the module docstring)."""
     chosen = mode()
@@ -59,8 +52,7 @@ def use_triton(tensor: torch.Tensor) -> bool:
         return False
     if chosen == "auto":
         return tensor.device.type == "cuda" and triton_installed()
-    if not triton_installed():
-        raise ModuleNotFoundError(f"{ENV}=triton needs Triton: pip install 'kvcompress[gpu]'")
+    load_triton()  # MissingExtraError naming kvcompress[gpu] when Triton is not installed
     if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"{ENV}=triton on {tensor.device.type} tensors needs TRITON_INTERPRET=1 "
                          "(Triton's interpreter); unset it or use a CUDA device")
@@ -80,7 +72,8 @@ def can_pack(head_dim: int, bits: int, axis: str, group_size: int) -> bool:
 
 def quantize_pack(x: torch.Tensor, bits: int, axis: str, group_size: int) -> dict[str, torch.Tensor]:
     """`QuantCodec(bits, axis, group_size).encode(x)` in one Triton kernel (see `triton_pack`)."""
-    from .triton_pack import quantize_pack as impl  # Triton is an optional extra: imported on first use
+    load_triton()
+    from .triton_pack import quantize_pack as impl  # imported on first use: Triton loads with it
 
     return impl(x, bits, axis, group_size)
 
@@ -88,6 +81,7 @@ def quantize_pack(x: torch.Tensor, bits: int, axis: str, group_size: int) -> dic
 def decode_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
                      ) -> torch.Tensor:
     """`cache.attention.attend_compressed(layer, query, attention_mask, scaling)` in Triton (see `triton_decode`)."""
-    from .triton_decode import decode_attention as impl  # Triton is an optional extra: imported on first use
+    load_triton()
+    from .triton_decode import decode_attention as impl  # imported on first use: Triton loads with it
 
     return impl(layer, query, attention_mask, scaling)

@@ -23,11 +23,9 @@ import subprocess
 import sys
 import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+from ..extras import require_extra
 from . import triton_decode, triton_pack
+from .backend import FEATURE, load_triton
 from .fields import TOKEN_ROW_TOKENS, field_widths
 
 STATS = {"scale_ptr": "*fp16", "zero_ptr": "*fp16", "codes_ptr": "*u8"}
@@ -40,15 +38,17 @@ PARTIALS = {"mask_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": 
 def compile_kernel(kernel, pointers: dict[str, str], constexprs: dict, arch: int, num_warps: int = 4):
     """Compile `kernel` with the given pointer types ("*fp32", ...), int32 for every other
     runtime argument, and the given constexprs, for sm_`arch`."""
+    triton = load_triton()
+    source = require_extra("gpu", "triton.compiler", FEATURE).ASTSource
+    target = require_extra("gpu", "triton.backends.compiler", FEATURE).GPUTarget("cuda", arch, 32)
     signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in kernel.params}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(source(fn=kernel, signature=signature, constexprs=constexprs), target=target,
+                          options={"num_warps": num_warps})
 
 
 def registers(compiled, arch: int) -> tuple[int, int]:
     """(registers per thread, spill store bytes) of a compiled kernel, from `ptxas -v`."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
+    get_ptxas = require_extra("gpu", "triton.backends.nvidia.compiler", FEATURE).get_ptxas
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.ptx")
         with open(path, "w") as handle:
@@ -76,7 +76,7 @@ def decode_cases(key_bits: int, value_bits: int, rep: int, head_dim: int, dtype:
     """The three decode kernels as `triton_decode.decode_attention` launches them (per-channel
     keys and per-token values in groups of 32)."""
     block = triton_decode.block_tokens_for(rep, head_dim, head_dim)
-    sizes = {"REP": rep, "D": head_dim, "DV": head_dim, "REP_P": triton.next_power_of_2(rep), "D_P": head_dim,
+    sizes = {"REP": rep, "D": head_dim, "DV": head_dim, "REP_P": 1 << (rep - 1).bit_length(), "D_P": head_dim,
              "DV_P": head_dim}
     kw1, kw2 = field_widths(key_bits)
     vw1, vw2 = field_widths(value_bits)

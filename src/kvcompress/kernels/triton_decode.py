@@ -29,10 +29,11 @@ path for those.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from .backend import triton_or_none
 from .fields import TOKEN_ROW_TOKENS, field_widths
+
+triton, tl, jit = triton_or_none()  # without Triton (an optional extra) this module imports, unusable
 
 PROGRAMS_PER_SM = 4  # splits are chosen so that about this many programs run per streaming multiprocessor
 NUM_WARPS = 8  # warps per program of the two partial kernels
@@ -44,7 +45,7 @@ TILE_ELEMENTS = 8192
 MAX_BLOCK_T = 64
 
 
-@triton.jit
+@jit
 def _decode_tile(codes_ptr, row_stride, scale_ptr, zero_ptr, stat_stride, t, d, valid,
                  D: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ROW: tl.constexpr,
                  GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr):
@@ -66,7 +67,7 @@ def _decode_tile(codes_ptr, row_stride, scale_ptr, zero_ptr, stat_stride, t, d, 
     return code.to(tl.float32) * scale + zero
 
 
-@triton.jit
+@jit
 def _online_step(q, k, v, bias, m_i, l_i, acc):
     """Fold one tile into the running softmax state.
 
@@ -83,7 +84,7 @@ def _online_step(q, k, v, bias, m_i, l_i, acc):
     return m_new, l_i, acc
 
 
-@triton.jit
+@jit
 def _bias(mask_ptr, mask_stride_b, b, pos, valid, HAS_MASK: tl.constexpr):
     """Additive bias (len(pos),): the mask row at positions `pos`, -inf where not `valid`."""
     if HAS_MASK:
@@ -93,7 +94,7 @@ def _bias(mask_ptr, mask_stride_b, b, pos, valid, HAS_MASK: tl.constexpr):
     return tl.where(valid, bias, float("-inf"))
 
 
-@triton.jit
+@jit
 def _load_queries(q_ptr, bh, REP: tl.constexpr, D: tl.constexpr, REP_P: tl.constexpr, D_P: tl.constexpr):
     r = tl.arange(0, REP_P)
     d = tl.arange(0, D_P)
@@ -101,7 +102,7 @@ def _load_queries(q_ptr, bh, REP: tl.constexpr, D: tl.constexpr, REP_P: tl.const
                    other=0.0)
 
 
-@triton.jit
+@jit
 def _store_partial(m_ptr, l_ptr, acc_ptr, bh, slot, n_slots, m_i, l_i, acc,
                    REP_P: tl.constexpr, DV_P: tl.constexpr):
     r = tl.arange(0, REP_P)
@@ -112,7 +113,7 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, bh, slot, n_slots, m_i, l_i, acc,
     tl.store(acc_ptr + at[:, None] * DV_P + dv[None, :], acc)
 
 
-@triton.jit
+@jit
 def _codes_partial_kernel(
         q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
         kc_sb, kc_sh, kc_st, ks_sb, ks_sh, ks_st, vc_sb, vc_sh, vc_st, vs_sb, vs_sh, vs_st, mask_sb,
@@ -150,7 +151,7 @@ def _codes_partial_kernel(
     _store_partial(m_ptr, l_ptr, acc_ptr, bh, split + 1, n_slots, m_i, l_i, acc, REP_P, DV_P)
 
 
-@triton.jit
+@jit
 def _full_partial_kernel(
         q_ptr, sk_ptr, sv_ptr, wk_ptr, wv_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
         sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st, wk_sb, wk_sh, wk_st, wv_sb, wv_sh, wv_st, mask_sb,
@@ -187,7 +188,7 @@ def _full_partial_kernel(
     _store_partial(m_ptr, l_ptr, acc_ptr, bh, 0, n_slots, m_i, l_i, acc, REP_P, DV_P)
 
 
-@triton.jit
+@jit
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_slots,
                     REP: tl.constexpr, DV: tl.constexpr, REP_P: tl.constexpr, DV_P: tl.constexpr):
     bh = tl.program_id(0)

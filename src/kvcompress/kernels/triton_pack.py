@@ -23,15 +23,16 @@ falls back to torch, see `kernels.can_pack`).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from .backend import triton_or_none
 from .fields import TOKEN_ROW_TOKENS, field_widths
 
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds a float32 half to even
+triton, tl, jit = triton_or_none()  # without Triton (an optional extra) this module imports, unusable
+# 1.5 * 2**23: adding and subtracting it rounds a float32 half to even
+_ROUND_MAGIC = tl.constexpr(12582912.0) if tl is not None else None
 
 
-@triton.jit
+@jit
 def _codes(x, zero, scale, LEVELS: tl.constexpr):
     """Integer codes (int32) of float32 `x` with its broadcast float32 `zero` and `scale`."""
     safe = tl.where(scale > 0, scale, 1.0)
@@ -42,7 +43,7 @@ def _codes(x, zero, scale, LEVELS: tl.constexpr):
     return v.to(tl.int32)
 
 
-@triton.jit
+@jit
 def _store_field(out_ptr, values, N: tl.constexpr, W: tl.constexpr):
     """Pack `values` (N,) of width W byte-planar: byte j = sum_h values[j + h*m] << h*W, m = N*W/8."""
     M: tl.constexpr = N * W // 8
@@ -52,7 +53,7 @@ def _store_field(out_ptr, values, N: tl.constexpr, W: tl.constexpr):
     tl.store(out_ptr + tl.arange(0, M), byte.to(tl.uint8))
 
 
-@triton.jit
+@jit
 def _store_row(out_ptr, codes, N: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr):
     """Pack one row of N int32 codes (any shape with N elements, row-major) into out_ptr."""
     flat = tl.reshape(codes, (N,))
@@ -61,7 +62,7 @@ def _store_row(out_ptr, codes, N: tl.constexpr, W1: tl.constexpr, W2: tl.constex
         _store_field(out_ptr + N * W1 // 8, (flat >> W1) & ((1 << W2) - 1), N, W2)
 
 
-@triton.jit
+@jit
 def _pack_channel_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, stride_b, stride_h, stride_t, H, n_groups,
                          D: tl.constexpr, GROUP: tl.constexpr, LEVELS: tl.constexpr,
                          W1: tl.constexpr, W2: tl.constexpr, ROW_BYTES: tl.constexpr):
@@ -83,7 +84,7 @@ def _pack_channel_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, stride_b, stride
     _store_row(codes_ptr + pid.to(tl.int64) * ROW_BYTES, codes, GROUP * D, W1, W2)
 
 
-@triton.jit
+@jit
 def _pack_token_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, stride_b, stride_h, stride_t, H, n_rows,
                        D: tl.constexpr, GROUP: tl.constexpr, LEVELS: tl.constexpr, ROW: tl.constexpr,
                        W1: tl.constexpr, W2: tl.constexpr, ROW_BYTES: tl.constexpr):
