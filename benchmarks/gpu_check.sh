@@ -7,7 +7,7 @@
 # the CPU build):
 #   python3.11 -m venv .venv
 #   .venv/bin/python -m pip install torch --index-url https://download.pytorch.org/whl/cu128   # your CUDA
-#   KVCOMPRESS_SKIP_TORCH=1 make setup      # kvcompress + its dev and gpu extras, keeps that torch
+#   KVCOMPRESS_SKIP_TORCH=1 make setup      # kvcompress with every extra (gpu = Triton) and dev, keeps that torch
 #
 # Run:
 #   bash benchmarks/gpu_check.sh [OUT_DIR]   (default runs/gpu-check)
@@ -28,7 +28,7 @@ if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() el
     exit 2
 fi
 if ! "$PYTHON" -c 'import triton' 2>/dev/null; then
-    echo "gpu_check: Triton is not importable; run 'KVCOMPRESS_SKIP_TORCH=1 make setup' (installs kvcompress[gpu])" >&2
+    echo "gpu_check: Triton is not importable; run 'KVCOMPRESS_SKIP_TORCH=1 make setup' (installs kvcompress[all], gpu included)" >&2
     exit 2
 fi
 "$PYTHON" -c 'import torch, triton; print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, Triton {triton.__version__}")'
