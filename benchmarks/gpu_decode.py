@@ -16,9 +16,9 @@ downloaded, and decode speed does not depend on the weights. For every (context,
    `decode_peak_extra_bytes` = `torch.cuda.max_memory_allocated` during that cache's decode
    steps above the allocation when they started (activations and temporaries of a step).
 
-`CompressedCache` switches the model to kvcompress's attention function (its `fast_attention`),
-which is transformers' sdpa for every call except a decode step on a compressed layer, so
-DynamicCache keeps running sdpa after that switch.
+The model runs kvcompress's attention function (`enable_fast_attention`), which is transformers'
+sdpa for every call except a decode step on a compressed layer, where it reads the codes (the
+Triton kernel on CUDA): DynamicCache runs sdpa, the kvcompress caches attention over the codes.
 
 Caches: `dynamic`, a preset name (`int4`, `int2`, ... kvcompress's `CompressedCache`, Triton
 kernels on CUDA when Triton is importable) or `PRESET:torch` (the same cache with
@@ -50,7 +50,7 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvcompress import CompressedCache, kernels
+from kvcompress import CompressedCache, enable_fast_attention, kernels
 
 log = logging.getLogger("gpu_decode")
 
@@ -259,6 +259,7 @@ def main() -> None:
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
     model.set_attn_implementation("sdpa")
+    enable_fast_attention(model)
     points = [run_point(model, names, context, batch, args, device, dtype)
               for context in csv_ints(args.contexts) for batch in csv_ints(args.batches)]
     probe = torch.empty(1, device=device)

@@ -4,7 +4,7 @@ over the codes) never synchronises with the host. Skipped without CUDA."""
 import pytest
 import torch
 
-from kvcompress import CompressedCache
+from kvcompress import CompressedCache, enable_fast_attention
 from kvcompress.codecs import QuantCodec
 from kvcompress.codecs.hadamard import HadamardRotation
 from tiny_models import ARCHITECTURES, SEEDS, prompt
@@ -30,12 +30,13 @@ class sync_forbidden:
 def test_decode_steps_do_not_synchronise():
     model = ARCHITECTURES["llama"](seed=SEEDS["llama"]).to("cuda")
     cache = CompressedCache(model, SPEC)
-    model(prompt(81).to("cuda"), cache=cache)  # 4 sinks, 32 tokens compressed, 45 in the window
-    tokens = [torch.full((1, 1), 5 + step, device="cuda") for step in range(4)]
-    model(tokens[0], cache=cache)  # a first decode step outside: the kernels compile
-    with sync_forbidden():  # the window reaches 16 + 32 tokens at the second of these steps: a flush
-        for token in tokens[1:]:
-            logits = model(token, cache=cache).logits
+    with enable_fast_attention(model):  # decode steps read the codes (the Triton kernel when importable)
+        model(prompt(81).to("cuda"), cache=cache)  # 4 sinks, 32 tokens compressed, 45 in the window
+        tokens = [torch.full((1, 1), 5 + step, device="cuda") for step in range(4)]
+        model(tokens[0], cache=cache)  # a first decode step outside: the kernels compile
+        with sync_forbidden():  # the window reaches 16 + 32 tokens at the second of these steps: a flush
+            for token in tokens[1:]:
+                logits = model(token, cache=cache).logits
     assert all(layer.n_compressed == 64 for layer in cache.layers)
     assert torch.isfinite(logits).all()
 

@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="Triton is an optional extra: pip install '
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before Triton's import
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton cannot run here", allow_module_level=True)
 
-from kvcompress import CompressedCache, kernels  # noqa: E402
+from kvcompress import CompressedCache, enable_fast_attention, kernels  # noqa: E402
 from kvcompress.cache.attention import attend_compressed  # noqa: E402
 from kvcompress.cache import CompressedLayer  # noqa: E402
 from kvcompress.codecs import QuantCodec, packing  # noqa: E402
@@ -191,7 +191,8 @@ def test_model_decode_steps_run_both_kernels_and_match_the_torch_path(monkeypatc
         return torch.stack(logits)
 
     monkeypatch.setenv(kernels.ENV, "torch")
-    expected = run()
+    with enable_fast_attention(model):  # decode steps read the codes: attend_compressed
+        expected = run()
     calls = {"decode_attention": 0, "quantize_pack": 0}
     for name in calls:
         original = getattr(kernels, name)
@@ -202,7 +203,8 @@ def test_model_decode_steps_run_both_kernels_and_match_the_torch_path(monkeypatc
 
         monkeypatch.setattr(kernels, name, counted)
     monkeypatch.setenv(kernels.ENV, "triton")
-    got = run()
+    with enable_fast_attention(model):  # the same steps through the Triton kernel
+        got = run()
     assert calls["decode_attention"] == 3 * model.config.num_hidden_layers
     assert calls["quantize_pack"] > 0
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
