@@ -268,7 +268,8 @@ def main() -> None:
         "config": shape, "dtype": str(dtype).removeprefix("torch."), "attention": "sdpa",
         "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "caches": names, "smoke": args.smoke,
         "environment": {
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else platform.processor() or "cpu"),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "triton": _triton_version(), "triton_kernels": kernels.use_triton(probe),
             "kernels_env": os.environ.get(kernels.ENV, "auto"),

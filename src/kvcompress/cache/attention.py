@@ -270,13 +270,15 @@ def _check_rope(layer, config) -> None:
 
 
 def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """The decode step over `layer`: on CUDA the Triton kernel where it applies (`kernels.decode_attention`,
-    see `_triton_reads`); on CPU the compiled CPU kernel where it applies (`kvcompress.kernels.cpu`:
-    CPU tensors, plain `QuantCodec` keys and values stored post-RoPE, `layer.use_kernel`; not with
-    KVCOMPRESS_KERNELS=torch); else `attend_compressed`. Same arguments and result as `attend_compressed`."""
+    """The decode step over `layer`: on CUDA the Triton kernel where it applies
+    (`kernels.decode_attention`, see `_triton_reads`); on CPU the compiled CPU kernel where it
+    applies (`kvcompress.kernels.cpu`: CPU tensors, plain `QuantCodec` keys and values stored
+    post-RoPE, `layer.use_kernel`; not with KVCOMPRESS_KERNELS=torch); else `attend_compressed`.
+    Same arguments and result as `attend_compressed`."""
     if _triton_reads(layer, query, attention_mask):
         return kernels.decode_attention(layer, query, attention_mask, scaling)
-    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if layer.use_kernel and kernels.mode() != "torch" else None
+    use_cpu_kernel = layer.use_kernel and kernels.mode() != "torch"
+    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if use_cpu_kernel else None
     return out if out is not None else attend_compressed(layer, query, attention_mask, scaling)
 
 

@@ -57,7 +57,8 @@ def registers(compiled, arch: int) -> tuple[int, int]:
         done = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.devnull],
                               capture_output=True, text=True, check=True)
     text = done.stdout + done.stderr
-    return int(re.search(r"Used (\d+) registers", text).group(1)), int(re.search(r"(\d+) bytes spill stores", text).group(1))
+    used = int(re.search(r"Used (\d+) registers", text).group(1))
+    return used, int(re.search(r"(\d+) bytes spill stores", text).group(1))
 
 
 def pack_case(bits: int, axis: str, head_dim: int, group: int, dtype: str) -> tuple:
