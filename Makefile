@@ -1,4 +1,5 @@
 # make setup  - create .venv (python3.11) and install kvcompress with every extra and the dev tools.
+#               (`all` includes gpu = Triton, whose interpreter runs the kernel tests on CPU too).
 #               Fast when nothing changed (stamp file .venv/.setup-done).
 #               GPU users: install your own torch into .venv and set KVCOMPRESS_SKIP_TORCH=1
 #               so the CPU build of torch is not installed (see scripts/setup.sh).

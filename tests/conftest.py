@@ -6,9 +6,17 @@ fixture (restored when the test ends), and `_session_models_stay_on_sdpa` fails 
 leaves a session-scoped model on another implementation.
 """
 
+import os
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+# Without a GPU, Triton's interpreter runs the Triton kernels on CPU tensors (tests/test_triton.py).
+# Triton reads this when it is first imported, and transformers imports it when it is installed.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kvcompress import enable_fast_attention
 

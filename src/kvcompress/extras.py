@@ -9,7 +9,8 @@ extra, `pip install 'kvcompress[NAME]'` (pyproject.toml lists them):
     bench    optimum-quanto, hqq   transformers' QuantizedCache baselines in `bench`
                                    (`baselines` is the old name of the same extra)
     ray      ray[data]             `--ray` of sweep, analyze, generate, measure-presets
-    all      every extra above (and any runtime extra added later, such as Triton)
+    gpu      triton                the Triton kernels used on CUDA (`kernels`)
+    all      every extra above
 
 Every import of an optional package in kvcompress goes through `require_extra`, so a
 missing one raises MissingExtraError naming the extra (the CLI prints it as one line,

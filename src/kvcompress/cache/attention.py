@@ -41,6 +41,9 @@ shape, so an attention that is not this function fails at the step instead of at
 window alone (which for batch 1, where the mask is None, nothing else would notice); and a
 layer whose window no kvcompress attention consumed refuses its next `update`.
 
+On CUDA with Triton installed, the decode step runs the split-K Triton kernel over the codes
+instead (`kernels.decode_attention`, same result) where the layer's codecs allow it.
+
 This module does not handle prefill (several query tokens), sliding-window layers, dropout,
 logit soft-capping or learned attention-sink logits: for those the cache hands attention a
 full reconstruction (or this function refuses with an error), never a partial one. It does not
@@ -54,8 +57,9 @@ import logging
 import torch
 from transformers import PreTrainedModel
 
+from .. import kernels
 from ..calibration import config_fields
-from ..codecs import token_slice
+from ..codecs import QuantCodec, token_slice
 from ..compat import register_attention_function, sdpa_attention
 from ..kernels import cpu as cpu_kernel
 
@@ -266,11 +270,24 @@ def _check_rope(layer, config) -> None:
 
 
 def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """The decode step over `layer`: the compiled CPU kernel where it applies (`kvcompress.kernels.cpu`:
-    CPU tensors, plain `QuantCodec` keys and values stored post-RoPE, `layer.use_kernel`), else
-    `attend_compressed`. Same arguments and result as `attend_compressed`."""
-    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if layer.use_kernel else None
+    """The decode step over `layer`: on CUDA the Triton kernel where it applies
+    (`kernels.decode_attention`, see `_triton_reads`); on CPU the compiled CPU kernel where it
+    applies (`kvcompress.kernels.cpu`: CPU tensors, plain `QuantCodec` keys and values stored
+    post-RoPE, `layer.use_kernel`; not with KVCOMPRESS_KERNELS=torch); else `attend_compressed`.
+    Same arguments and result as `attend_compressed`."""
+    if _triton_reads(layer, query, attention_mask):
+        return kernels.decode_attention(layer, query, attention_mask, scaling)
+    use_cpu_kernel = layer.use_kernel and kernels.mode() != "torch"
+    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if use_cpu_kernel else None
     return out if out is not None else attend_compressed(layer, query, attention_mask, scaling)
+
+
+def _triton_reads(layer, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+    """Whether `kernels.decode_attention` reads this step: Triton chosen for the query's device
+    (`kernels.use_triton`), uniform quantizers, post-RoPE keys and a (B, 1, Q, seq) mask or none."""
+    return (kernels.use_triton(query) and layer.key_space is None
+            and isinstance(layer.key_codec, QuantCodec) and isinstance(layer.value_codec, QuantCodec)
+            and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)))
 
 
 def _chunks(layer, kind: str):

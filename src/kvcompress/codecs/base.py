@@ -69,7 +69,16 @@ def stored_nbytes(stored: Stored) -> int:
 
 
 def check_finite(x: torch.Tensor, what: str = "KV states") -> None:
-    """Raise a ValueError if `x` holds NaN or inf; compressing them would hide the fault."""
+    """Raise a ValueError if `x` holds NaN or inf; compressing them would hide the fault.
+
+    On CUDA the check stays on the device (no host synchronisation on the hot path): a NaN or
+    inf trips a device-side assertion, which surfaces as a CUDA error ("device-side assert
+    triggered") at the next synchronisation, and the CUDA context cannot be used afterwards.
+    Run on CPU (or with CUDA_LAUNCH_BLOCKING=1) to see where it happened.
+    """
+    if x.device.type == "cuda":
+        torch._assert_async(torch.isfinite(x).all(), f"{what} contain NaN or inf values; they cannot be compressed")
+        return
     if not torch.isfinite(x).all():
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())

@@ -31,17 +31,23 @@ def hadamard_matrix(dim: int) -> torch.Tensor:
     return (h / dim ** 0.5).float()
 
 
+@functools.lru_cache(maxsize=16)
+def _hadamard_on(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`hadamard_matrix(dim)` on `device` in `dtype`, built and copied once per (dim, device, dtype)."""
+    return hadamard_matrix(dim).to(device=device, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class HadamardRotation(Transform):
     """x (B, H, T, D) -> x @ Hd with Hd = Hadamard(D) / sqrt(D); its own inverse."""
 
     def _matrix(self, x: torch.Tensor) -> torch.Tensor:
-        return hadamard_matrix(x.shape[-1]).to(x.device)
+        return self.matrix(x.shape[-1], x.device, x.dtype)
 
     def matrix(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                ) -> torch.Tensor:
-        """Hd (dim, dim), symmetric and orthogonal."""
-        return hadamard_matrix(dim).to(device=device, dtype=dtype)
+        """Hd (dim, dim), symmetric and orthogonal; built once per (dim, device, dtype), so shared: do not modify."""
+        return _hadamard_on(dim, torch.device(device), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self._matrix(x)  # (B, H, T, D)

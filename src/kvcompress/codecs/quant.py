@@ -11,7 +11,8 @@ Grouping follows KIVI (Liu et al., 2024, arXiv:2402.02750):
   consecutive tokens (keys have outlier channels, so per-channel groups suit them);
 - axis="token": every token has its own statistics over groups of `group_size` channels
   (values suit this).
-Departure from KIVI: no dedicated kernels; decoding is plain tensor arithmetic.
+Departure from KIVI: on CPU, encoding and decoding are plain tensor arithmetic; on CUDA with
+Triton, encoding runs one fused kernel (`kernels.quantize_pack`, byte-identical output).
 
 This module does not choose which tokens are compressed, nor keep a full-precision window.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from .base import Codec, Stored, check_finite
 from .packing import pack, unpack
 
@@ -30,6 +32,25 @@ ALLOWED_BITS = (2, 3, 4, 8)
 TOKEN_AXIS_ROW_TOKENS = 8
 ALLOWED_AXES = ("channel", "token")
 _FP16_MAX = 65504.0
+
+
+def _check_fp16_range(lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """Raise a ValueError if a group minimum `lo` or maximum `hi` lies outside the fp16 range.
+
+    On CUDA the check stays on the device (no host synchronisation on the hot path): a value
+    out of range trips a device-side assertion, reported as a CUDA error at the next
+    synchronisation (see `base.check_finite`).
+    """
+    if lo.device.type == "cuda":
+        largest = torch.maximum(hi.abs().amax(), lo.abs().amax())
+        torch._assert_async(largest <= _FP16_MAX, "KV states exceed the fp16 range of scales and zero points")
+        return
+    if max(hi.abs().max().item(), lo.abs().max().item()) > _FP16_MAX:
+        raise ValueError(
+            "KV states exceed the fp16 range in which scales and zero points are stored "
+            f"(|x| up to {max(hi.abs().max().item(), lo.abs().max().item()):.3g}); "
+            "this codec cannot represent them."
+        )
 
 
 @dataclass(frozen=True)
@@ -80,18 +101,20 @@ class QuantCodec(Codec):
         return x.reshape(B, H, T // self.group_size, self.group_size, D)  # (B,H,T/g,g,D)
 
     def encode(self, x: torch.Tensor) -> Stored:
+        """Codes, scales and zero points of `x` (B, H, T, D); on CUDA with Triton, one fused kernel
+        (`kernels.quantize_pack`, byte-identical output)."""
         check_finite(x)
         if x.shape[-1] % 8:
             raise ValueError(f"head_dim must be a multiple of 8 for bit packing, got {x.shape[-1]}")
+        if kernels.use_triton(x) and kernels.can_pack(x.shape[-1], self.bits, self.axis, self.group_size):
+            self._grouped(x)  # the same errors as the torch path for groups that do not fit
+            _check_fp16_range(x, x)
+            self._check_rows(x.shape[2])
+            return kernels.quantize_pack(x, self.bits, self.axis, self.group_size)
         groups = self._grouped(x.float())
         lo = groups.amin(dim=-2, keepdim=True)
         hi = groups.amax(dim=-2, keepdim=True)
-        if max(hi.abs().max().item(), lo.abs().max().item()) > _FP16_MAX:
-            raise ValueError(
-                "KV states exceed the fp16 range in which scales and zero points are stored "
-                f"(|x| up to {max(hi.abs().max().item(), lo.abs().max().item()):.3g}); "
-                "this codec cannot represent them."
-            )
+        _check_fp16_range(lo, hi)
         zero = lo.half()
         scale = ((hi - zero.float()) / self.levels).half()
         # A constant group has scale 0: any positive scale gives code 0 and exact decoding.
@@ -99,14 +122,18 @@ class QuantCodec(Codec):
         codes = torch.round((groups - zero.float()) / safe_scale).clamp_(0, self.levels).to(torch.uint8)
         B, H, T, D = x.shape
         r = self.row_tokens
-        if T % r:
-            raise ValueError(f"{self} packs {r} tokens per row and needs a multiple of {r} tokens, got {T}")
+        self._check_rows(T)
         codes = self._ungrouped(codes, x.shape).reshape(B, H, T // r, r * D)  # r tokens' codes per row
         return {
             "codes": pack(codes, self.bits),  # (B, H, T/r, r*D*bits/8) uint8
             "scale": scale.squeeze(-2),  # token: (B, H, T, D/g); channel: (B, H, T/g, D)
             "zero": zero.squeeze(-2),
         }
+
+    def _check_rows(self, tokens: int) -> None:
+        r = self.row_tokens
+        if tokens % r:
+            raise ValueError(f"{self} packs {r} tokens per row and needs a multiple of {r} tokens, got {tokens}")
 
     def _ungrouped(self, groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         B, H, T, D = shape
