@@ -41,3 +41,12 @@ def test_mismatch_names_what_changed():
     assert fp.mismatch(old, new) == "environment.torch 2.12.0 -> 2.13.0; model.weights aaaa -> bbbb"
     assert fp.mismatch(new, new) == ""
     assert "older record" in fp.mismatch(None, new)
+
+
+def test_weights_hash_of_a_tensor_past_float32_index_precision():
+    # 2**24 + 4 elements: float32 rounds the last index, 2**24 + 3, up to 2**24 + 4 (out of bounds).
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.zeros(2**24 + 4), requires_grad=False)
+    before = fp.weights_hash(model)
+    model.weight[-1] = 1.0  # the last element is sampled (and summed)
+    assert fp.weights_hash(model) != before

@@ -57,7 +57,8 @@ def weights_hash(model, samples: int = SAMPLES_PER_TENSOR) -> str:
             total = flat.sum(dtype=torch.float64)
         else:
             total = flat.sum(dtype=torch.int64)
-        idx = torch.linspace(0, n - 1, min(samples, n), device=flat.device).round().long()
+        # float32 linspace rounds n - 1 up to n past 2**24 elements (an embedding of 28M): clamp it
+        idx = torch.linspace(0, n - 1, min(samples, n), device=flat.device).round().long().clamp_(max=n - 1)
         digest.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
         digest.update(total.to(torch.float64).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
