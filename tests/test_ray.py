@@ -185,6 +185,46 @@ def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_the
                                    OPTIONS, tiny_llama_loader, None, 96, 0, None) == 0
 
 
+def test_tune_on_ray_saves_the_sensitivity_a_serial_tune_measures(tmp_path, ray):
+    import torch
+
+    from kvcompress.spec import CacheSpec
+    from kvcompress.tuning.state import TuneState
+    from kvcompress.tuning.tune import tune
+
+    model, _ = tiny_llama_loader(None)
+    gen = torch.Generator().manual_seed(0)
+    tune_ids = torch.randint(3, 128, (1, 96), generator=gen)
+    verify_ids = torch.randint(3, 128, (1, 96), generator=gen)
+    base = CacheSpec(window=16, sinks=2, block_size=32)
+    serial = TuneState(tmp_path / "serial.json")
+    expected = tune(model, tune_ids, verify_ids, 0.01, base=base, state=serial)
+    spread = TuneState(tmp_path / "ray.json")
+    result = tune(model, tune_ids, verify_ids, 0.01, base=base, state=spread, ray=OPTIONS, loader=tiny_llama_loader)
+    assert set(spread.entries) == set(serial.entries)  # same kinds, fingerprints and specs
+    kinds = {entry["kind"] for entry in spread.entries.values()}
+    assert kinds == {"probe", "tune-eval", "verify-eval"}
+    probes = [e for e in serial.entries.values() if e["kind"] == "probe"]
+    assert len(probes) == max(len(expected.sens.settings[t]) for t in ("key", "value"))
+    # The probes and the two weight evaluations were saved before the serial code looked them up.
+    assert spread.hits == serial.hits + len(probes) + 2
+    for key, entry in serial.entries.items():
+        mine, theirs = entry["result"], spread.entries[key]["result"]
+        names = [n for n in mine if n.endswith(("_cost", "_bytes"))] or ["kl", "ppl_change", "ratio", "stored_bytes"]
+        for name in names:
+            a, b = torch.tensor(mine[name], dtype=torch.float64), torch.tensor(theirs[name], dtype=torch.float64)
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), f"{entry['kind']} {entry['spec']} {name}: {a} vs {b}"
+    for tensor in ("key", "value"):
+        assert torch.allclose(result.sens.cost[tensor], expected.sens.cost[tensor], rtol=0, atol=1e-6)
+        assert torch.equal(result.sens.nbytes[tensor], expected.sens.nbytes[tensor])
+    costs = expected.sens.cost["key"]
+    assert costs.max() > costs.min()  # real measurements: settings differ
+    for tensor, info in expected.tensor_weights.items():
+        assert result.tensor_weights[tensor]["setting"] == info["setting"]
+        assert result.tensor_weights[tensor]["weight"] == pytest.approx(info["weight"], rel=1e-3)
+    assert result.spec == expected.spec
+
+
 def _write_prompts(path: Path) -> None:
     lines = [json.dumps({"id": "p1", "prompt": "the quick brown fox jumps over"}),
              json.dumps({"id": "p2", "prompt": "a different prompt about lazy dogs and"}),
@@ -248,3 +288,7 @@ def test_missing_ray_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys)
     assert code == 2 and "kvcompress[ray]" in capsys.readouterr().err
     code = main(["measure-presets", "--file", str(tmp_path / "presets.json"), "--ray"])
     assert code == 2 and "kvcompress[ray]" in capsys.readouterr().err and not (tmp_path / "presets.json").exists()
+    code = main(["tune", "--max-kl", "0.01", "--out", str(tmp_path / "tuned.json"), "--ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and "kvcompress[ray]" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "tuned.json").exists()

@@ -8,7 +8,7 @@ extra, `pip install 'kvcompress[NAME]'` (pyproject.toml lists them):
     yaml     pyyaml                .yaml/.yml spec files and sweep grids
     bench    optimum-quanto, hqq   transformers' QuantizedCache baselines in `bench`
                                    (`baselines` is the old name of the same extra)
-    ray      ray[data]             `--ray` of sweep, analyze, generate, measure-presets
+    ray      ray[data]             `--ray` of sweep, analyze, generate, measure-presets, tune
     gpu      triton                the Triton kernels used on CUDA (`kernels`)
     all      every extra above
 

@@ -6,6 +6,11 @@ and the verification text, which chooses between retries, is the first `--verify
 selection part. `--corpus FILE` is split like the embedded corpus (calibration = its first 30%
 of characters, selection = 30% to 40%). The report part (what `kvcompress eval` reads) is never
 read here, so `kvcompress eval --spec OUT` reports on text the tune never saw.
+
+With `--ray [ADDRESS]` the sensitivity probes and the two tensor-weight evaluations run on
+Ray actors that load the model themselves from `--model/--dtype/--device` (see
+`kvcompress.tuning.distributed_tune`); they are saved in the state file as a serial tune saves
+them, so either kind of run resumes the other. The search and the verification run here.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import time
 from pathlib import Path
 
 from ..calibration import artifact_for
-from .common import (UserError, add_model_arguments, check_artifact_dir, check_corpus, check_eval_tokens,
-                     check_model_args, check_output_file, check_positive, check_tokens, load_model_from_args,
-                     write_json)
+from .common import (UserError, add_model_arguments, add_ray_arguments, check_artifact_dir, check_corpus,
+                     check_eval_tokens, check_model_args, check_output_file, check_positive, check_tokens,
+                     load_model_from_args, ray_options_from_args, write_json)
 
 NAME = "tune"
 HELP = "find per-layer K/V settings with the highest compression ratio that meet a quality target"
@@ -63,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "embedded corpus)")
     parser.add_argument("--json", default=None, help="write the full report (all measurements) to this file")
     add_model_arguments(parser)
+    add_ray_arguments(parser, unit="sensitivity probe (or tensor-weight evaluation)")
 
 
 def interrupted(args: argparse.Namespace) -> str:
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     check_artifact_dir(args.artifact)
     check_corpus(args.corpus)
     check_model_args(args)
+    ray = ray_options_from_args(args)
     started = time.perf_counter()
     model, tokenizer = load_model_from_args(args)
     offset = args.tune_offset if args.tune_offset is not None else (0 if args.corpus else DEFAULT_TUNE_OFFSET)
@@ -122,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = tune(model, tune_ids, verify_ids, target, metric=metric, base=base, settings=settings,
                       state=state, tune_text=tune_text.record, verify_text=verify_text.record, artifact=artifact,
-                      max_tries=args.max_tries, verify=verify, weight_tensors=not args.no_tensor_weights)
+                      max_tries=args.max_tries, verify=verify, weight_tensors=not args.no_tensor_weights,
+                      ray=ray, load_args=(args.model, args.dtype, str(args.device)))
     except TuneError as err:
         print(f"kvcompress tune: failed: {err}", file=sys.stderr)
         return 1

@@ -22,9 +22,10 @@ from .state import TuneState, measurement_fingerprint, model_fingerprint, text_f
 logger = logging.getLogger(__name__)
 
 TENSORS = ("key", "value")
+COST_POWER = 2.0  # the proxy cost is the attention-output relative error to this power
 Evaluator = Callable[[CacheSpec], dict]  # spec -> decode-faithful figures ("kl", "ppl_change", "ratio", ...)
 
-def _probe_specs(settings: dict[str, list[TensorSpec]], base: CacheSpec) -> list[CacheSpec]:
+def probe_specs(settings: dict[str, list[TensorSpec]], base: CacheSpec) -> list[CacheSpec]:
     """Uniform specs that between them apply every candidate to K and to V (K[i] with V[i])."""
     n = max(len(settings["key"]), len(settings["value"]))
     none = TensorSpec(method="none")
@@ -73,9 +74,24 @@ def _probe_result(memory: dict, metrics: dict, power: float) -> dict:
     return out
 
 
+def probe_fingerprint(model_fp: dict, text_fp: dict, cost_power: float) -> dict:
+    """The fingerprint a probe's result is saved under (model, tuning text, versions and the cost power)."""
+    return {**measurement_fingerprint(model_fp, text_fp), "cost_power": cost_power}
+
+
+def measure_probe(model, probe: CacheSpec, capture, *, artifact=None, cost_power: float = COST_POWER) -> dict:
+    """One probe's per-layer costs and bytes (see `_probe_result`) from captured Q, K, V
+    (`reconstruction.capture_states`); what the serial loop and a Ray worker both run."""
+    from ..measure.reconstruction import reconstruct, reconstruction_metrics
+
+    pairs, memory = reconstruct(model, probe, capture, artifact=artifact)
+    metrics = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
+    return _probe_result(memory, metrics, cost_power)
+
+
 def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list[TensorSpec]], base: CacheSpec,
                         *, state: TuneState | None = None, text_fp: dict | None = None, artifact=None,
-                        cost_power: float = 2.0) -> Sensitivity:
+                        cost_power: float = COST_POWER) -> Sensitivity:
     """Proxy cost and real bytes of every candidate on every layer (see module doc, step 1).
 
     Args:
@@ -83,16 +99,11 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
         settings: candidates per tensor (see `candidate_settings`).
         base: supplies sinks and block_size (the window is set to 0 for the probes).
     """
-    from ..measure.reconstruction import (
-        capture_states,
-        reconstruct,
-        reconstruction_metrics,
-    )
+    from ..measure.reconstruction import capture_states
 
     state = state or TuneState(None)
-    fingerprint = {**measurement_fingerprint(model_fingerprint(model), text_fp or text_fingerprint(input_ids)),
-                   "cost_power": cost_power}
-    probes = _probe_specs(settings, base)
+    fingerprint = probe_fingerprint(model_fingerprint(model), text_fp or text_fingerprint(input_ids), cost_power)
+    probes = probe_specs(settings, base)
     capture = None
     results = []
     for i, probe in enumerate(probes):
@@ -104,9 +115,7 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
                 capture = capture_states(model, input_ids)
                 logger.info(f"captured Q, K, V of {input_ids.shape[1]} tokens ({time.perf_counter() - start:.1f} s)")
             start = time.perf_counter()
-            pairs, memory = reconstruct(model, probe, capture, artifact=artifact)
-            metrics = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
-            result = _probe_result(memory, metrics, cost_power)
+            result = measure_probe(model, probe, capture, artifact=artifact, cost_power=cost_power)
             state.store("probe", spec_dict, fingerprint, result)
             took = f"{time.perf_counter() - start:.1f} s"
         else:
@@ -121,6 +130,25 @@ def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list
     return Sensitivity(settings, cost, nbytes)
 
 
+def weight_specs(sens: Sensitivity, base: CacheSpec) -> dict[str, tuple[int, CacheSpec]]:
+    """{"key"|"value": (setting index, uniform spec coding only that tensor with it)}: the two
+    decode-faithful evaluations `calibrate_tensor_weights` needs (a tensor without a lossy
+    candidate is left out). The setting is the tensor's second-cheapest lossy candidate by bytes."""
+    none = TensorSpec(method="none")
+    out = {}
+    for tensor in TENSORS:
+        lossy = [i for i, s in enumerate(sens.settings[tensor]) if s.method != "none"]
+        if not lossy:
+            continue
+        by_bytes = sorted(lossy, key=lambda i: sens.nbytes[tensor][:, i].sum().item())
+        pick = by_bytes[1] if len(by_bytes) > 1 else by_bytes[0]
+        setting = sens.settings[tensor][pick]
+        out[tensor] = (pick, dataclasses.replace(base, key=setting if tensor == "key" else none,
+                                                 value=setting if tensor == "value" else none, layers={},
+                                                 name=f"{tensor}-only"))
+    return out
+
+
 def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate: Evaluator) -> tuple[Sensitivity, dict]:
     """Scale the proxy costs of K and of V so that each predicts the measured KL (see module doc, step 1b).
 
@@ -131,18 +159,14 @@ def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate: Evalu
     tensor's weight. Returns the reweighted sensitivities and {"key"|"value": {"setting", "kl",
     "proxy", "weight"}}.
     """
-    none = TensorSpec(method="none")
     cost, info = {}, {}
+    specs = weight_specs(sens, base)
     for tensor in TENSORS:
-        lossy = [i for i, s in enumerate(sens.settings[tensor]) if s.method != "none"]
-        if not lossy:
+        if tensor not in specs:
             cost[tensor] = sens.cost[tensor]
             continue
-        by_bytes = sorted(lossy, key=lambda i: sens.nbytes[tensor][:, i].sum().item())
-        pick = by_bytes[1] if len(by_bytes) > 1 else by_bytes[0]
+        pick, spec = specs[tensor]
         setting = sens.settings[tensor][pick]
-        spec = dataclasses.replace(base, key=setting if tensor == "key" else none,
-                                   value=setting if tensor == "value" else none, layers={}, name=f"{tensor}-only")
         kl = evaluate(spec)["kl"]
         proxy = sens.cost[tensor][:, pick].sum().item()
         weight = kl / proxy if kl > 0 and proxy > 0 else 1.0

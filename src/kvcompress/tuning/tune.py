@@ -40,7 +40,9 @@ proxy is the measured attention-output error with real queries, and the final de
 rests on the decode-faithful measurement, not on the proxy.
 
 Steps 1 and 2 live in `sensitivity` and `allocation`, the saved measurements in `state`; this
-module runs steps 3 and 4. It does not define codecs or metrics (see `codecs`,
+module runs steps 3 and 4. With `ray=RayOptions(...)` the measurements of step 1 (the probes,
+then the two weight evaluations) run on a Ray cluster first and are saved in the state as this
+process would save them (see `distributed_tune`); everything else runs here. It does not define codecs or metrics (see `codecs`,
 `measure.reconstruction`, `measure.evaluate`), does not pick text (the caller passes token ids;
 see `cli.tune`) and does not choose the named presets (see `preset_selection`).
 """
@@ -56,16 +58,21 @@ from dataclasses import dataclass, field
 import torch
 
 from ..calibration import artifact_for
+from ..distributed import RayOptions
 from ..io import parse_list
 from ..spec import CacheSpec, TensorSpec
 from .allocation import PathPoint, lagrangian_path, spec_from_choice
 from .candidates import candidate_settings
 from .sensitivity import (
+    COST_POWER,
     TENSORS,
     Evaluator,
     Sensitivity,
     calibrate_tensor_weights,
     measure_sensitivity,
+    probe_fingerprint,
+    probe_specs,
+    weight_specs,
 )
 from ..corpus import require_selection_text
 from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
@@ -240,7 +247,8 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
          base: CacheSpec | None = None, settings: dict[str, list[TensorSpec]] | None = None,
          state: TuneState | str | os.PathLike | None = None, tune_text: dict | None = None,
          verify_text: dict | None = None, artifact=None, max_tries: int = DEFAULT_MAX_TRIES,
-         verify: Evaluator | None = None, weight_tensors: bool = True) -> TuneResult:
+         verify: Evaluator | None = None, weight_tensors: bool = True, ray: RayOptions | None = None,
+         loader: Callable | None = None, load_args=None) -> TuneResult:
     """Tune a per-layer spec so that `metric` <= `target` on `verify_ids` (see module doc).
 
     Args:
@@ -255,6 +263,10 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
         artifact: calibration artifact for low-rank candidates.
         verify: replaces the held-out evaluation (spec -> figures), e.g. in tests.
         weight_tensors: scale K and V proxy costs by measured KL (`calibrate_tensor_weights`).
+        ray: run the sensitivity probes and the two weight evaluations on a Ray cluster first
+            (see `distributed_tune`; saved in `state` as this process would save them);
+            `loader(load_args)` loads the model on each worker (None: `load_named_model` of
+            (model name, dtype name, device)). The search and verification run here.
     """
     if verify_text is not None:
         require_selection_text(verify_text, "tune's verification")
@@ -264,16 +276,60 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
     state = state if isinstance(state, TuneState) else TuneState(state)
     tune_fp = text_fingerprint(tune_ids, tune_text)
     verify_fp = text_fingerprint(verify_ids, verify_text)
+    on_ray = None
+    if ray is not None:
+        if loader is None and load_args is None:
+            raise ValueError("tune with ray needs loader or load_args (model name, dtype name, device) for "
+                             "the workers")
+        on_ray = _RayMeasurements(model, tune_ids, tune_fp, state, artifact, ray, loader, load_args)
+        on_ray.probes(probe_specs(settings, base))
     sens = measure_sensitivity(model, tune_ids, settings, base, state=state, text_fp=tune_fp, artifact=artifact)
     evaluate = make_evaluator(model, tune_ids, "tune-eval", tune_fp, state, artifact=artifact)
     verify = verify or make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
     weights = None
     if weight_tensors:
+        if on_ray is not None:
+            on_ray.evaluations([spec for _, spec in weight_specs(sens, base).values()])
         sens, weights = calibrate_tensor_weights(sens, base, evaluate)
     result = tune_allocation(sens, base, target, metric=metric, evaluate=evaluate, verify=verify,
                              max_tries=max_tries)
     result.tensor_weights = weights
     return result
+
+
+@dataclass
+class _RayMeasurements:
+    """The independent measurements of `tune` sent to Ray (see `distributed_tune`), keyed as the serial code keys them."""
+
+    model: torch.nn.Module
+    tune_ids: torch.Tensor
+    tune_fp: dict
+    state: TuneState
+    artifact: object
+    options: RayOptions
+    loader: Callable | None
+    load_args: object
+
+    def _args(self) -> tuple:
+        path = getattr(self.artifact, "path", None)
+        return self.options, self.loader, self.load_args, self.tune_ids, None if path is None else str(path)
+
+    def probes(self, probes: list[CacheSpec]) -> None:
+        from .distributed_tune import probes_on_ray
+
+        fingerprint = probe_fingerprint(model_fingerprint(self.model), self.tune_fp, COST_POWER)
+        n = probes_on_ray(probes, self.state, fingerprint, *self._args(), cost_power=COST_POWER,
+                          on_result=lambda spec, _: logger.info(f"sensitivity (Ray): K {spec.key.describe()}, "
+                                                                f"V {spec.value.describe()}"))
+        logger.info(f"{n} sensitivity probe(s) measured on Ray")
+
+    def evaluations(self, specs: list[CacheSpec]) -> None:
+        from .distributed_tune import weight_evals_on_ray
+
+        fingerprint = measurement_fingerprint(model_fingerprint(self.model), self.tune_fp)
+        n = weight_evals_on_ray(specs, self.state, fingerprint, *self._args(),
+                                on_result=lambda spec, f: logger.info(f"{spec.name} (Ray): KL {f['kl']:.4f}"))
+        logger.info(f"{n} tensor-weight evaluation(s) measured on Ray")
 
 
 def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target: float, evaluate: Evaluator, *,
