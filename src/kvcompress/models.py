@@ -319,6 +319,13 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: torch.dtype = to
     return model, tokenizer
 
 
+def load_named_model(load_args: tuple[str | None, str, str]):
+    """(model, tokenizer) from (model name or None, dtype name, device): the CLI's --model/--dtype/--device,
+    as picklable strings (what a Ray worker is given to load its own copy)."""
+    name, dtype, device = load_args
+    return load_model(name, dtype=DTYPES[dtype], device=device)
+
+
 def _load_from_hub(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

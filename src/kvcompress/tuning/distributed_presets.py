@@ -19,18 +19,11 @@ import uuid
 from collections.abc import Callable
 
 from ..distributed import RayOptions, WorkersLostError, actor_threads, run_on_actors
+from ..models import load_named_model
 from ..spec import CacheSpec
 from .state import TuneState
 
 SWEEP_KIND = "sweep-eval"  # the state kind of a candidate's sweep figures (as `select_presets` names them)
-
-
-def load_named_model(load_args: tuple[str | None, str, str]):
-    """(model, tokenizer) from (model name or None, dtype name, device): the CLI's --model/--dtype/--device."""
-    from ..models import DTYPES, load_model
-
-    name, dtype, device = load_args
-    return load_model(name, dtype=DTYPES[dtype], device=device)
 
 
 class CandidateWorker:
@@ -57,7 +50,7 @@ class CandidateWorker:
     def evaluate(self, spec: CacheSpec) -> dict:
         from ..calibration import artifact_for
         from ..measure.evaluate import decode_faithful_eval
-        from .tune import eval_figures
+        from .evaluators import eval_figures
 
         artifact = artifact_for(self.model, spec, self.artifact)
         return eval_figures(decode_faithful_eval(self.model, self.ids, spec, progress=False, artifact=artifact,

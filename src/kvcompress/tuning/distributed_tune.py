@@ -4,7 +4,7 @@ evaluations that calibrate the K and V weights.
 `tune(..., ray=RayOptions(...))` calls `probes_on_ray` before `measure_sensitivity` and, when
 the tensor weights are calibrated, `weight_evals_on_ray` before `calibrate_tensor_weights`.
 Each actor (`TuneWorker`) loads the model itself (with the loader it is given, by default
-`load_named_model` of the CLI's `--model/--dtype/--device`), receives the tuning text's token
+`models.load_named_model` of the CLI's `--model/--dtype/--device`), receives the tuning text's token
 ids and measures one unit at a time: a probe (from Q, K, V it captures once) or a
 decode-faithful evaluation (sharing its uncompressed logits across evaluations). The driver
 saves each result in the tune state, under the same kind, fingerprint and spec as the serial
@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..distributed import RayOptions, WorkersLostError, actor_threads, run_on_actors
+from ..models import load_named_model
 from ..spec import CacheSpec
-from .distributed_presets import load_named_model
 from .sensitivity import COST_POWER
 from .state import TuneState
 
@@ -77,7 +77,7 @@ class TuneWorker:
     def evaluate(self, spec: CacheSpec) -> tuple[dict, dict]:
         """(model fingerprint, `eval_figures` of a decode-faithful evaluation on the tuning text)."""
         from ..measure.evaluate import decode_faithful_eval
-        from .tune import eval_figures
+        from .evaluators import eval_figures
 
         return self.model_fp, eval_figures(decode_faithful_eval(self.model, self.ids, spec, progress=False,
                                                                 artifact=self._artifact(spec),
@@ -124,7 +124,7 @@ def probes_on_ray(probes: Sequence[CacheSpec], state: TuneState, fingerprint: di
         probes: `sensitivity.probe_specs(settings, base)`.
         fingerprint: `sensitivity.probe_fingerprint` of the driver's model, the tuning text and
             `cost_power`: the key `measure_sensitivity` looks the probes up by.
-        loader: `loader(load_args) -> (model, tokenizer)`, run on every worker (None: `load_named_model`).
+        loader: `loader(load_args) -> (model, tokenizer)`, run on every worker (None: `models.load_named_model`).
         input_ids: (1, T) the tuning text.
         artifact: folder of the calibration artifact (None: none, or the embedded model's built on use).
 

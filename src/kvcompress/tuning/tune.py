@@ -42,8 +42,9 @@ rests on the decode-faithful measurement, not on the proxy.
 Steps 1 and 2 live in `sensitivity` and `allocation`, the saved measurements in `state`; this
 module runs steps 3 and 4. With `ray=RayOptions(...)` the measurements of step 1 (the probes,
 then the two weight evaluations) run on a Ray cluster first and are saved in the state as this
-process would save them (see `distributed_tune`); everything else runs here. It does not define codecs or metrics (see `codecs`,
-`measure.reconstruction`, `measure.evaluate`), does not pick text (the caller passes token ids;
+process would save them (see `distributed_tune`); everything else runs here. It does not
+define codecs or metrics (see `codecs`, `measure.reconstruction`, `measure.evaluate`), nor
+the saved evaluations (`evaluators`), does not pick text (the caller passes token ids;
 see `cli.tune`) and does not choose the named presets (see `preset_selection`).
 """
 
@@ -63,6 +64,7 @@ from ..io import parse_list
 from ..spec import CacheSpec, TensorSpec
 from .allocation import PathPoint, lagrangian_path, spec_from_choice
 from .candidates import candidate_settings
+from .evaluators import eval_figures, make_evaluator  # noqa: F401 (eval_figures is re-exported)
 from .sensitivity import (
     COST_POWER,
     TENSORS,
@@ -101,37 +103,6 @@ def parse_candidates(text: str) -> dict[str, list[TensorSpec]]:
 # --------------------------------------------------------------------------- search and verification
 
 
-
-
-def eval_figures(result) -> dict:
-    """The figures of an `EvalResult` that a tune keeps."""
-    return {"kl": result.kl, "ppl_change": result.ppl_change, "top1": result.top1,
-            "ratio": result.compression_ratio, "stored_bytes": result.stored_bytes, "fp16_bytes": result.fp16_bytes,
-            "tokens": result.tokens, "ppl_change_ci95": list(result.ppl_change_ci95),
-            "kl_ci95": list(result.kl_ci95), "interval": result.interval, "seconds": result.seconds}
-
-
-def make_evaluator(model, input_ids: torch.Tensor, kind: str, text_fp: dict, state: TuneState, *, artifact=None,
-                   progress: bool = False) -> Evaluator:
-    """spec -> eval figures on `input_ids`, measured once by decode-faithful evaluation and saved in `state`.
-
-    The uncompressed logits are computed once and shared by every call (`baseline_store`).
-    """
-    from ..measure.evaluate import decode_faithful_eval
-
-    fingerprint = measurement_fingerprint(model_fingerprint(model), text_fp)
-    store: dict = {}
-
-    def evaluate(spec: CacheSpec) -> dict:
-        spec_dict = {k: v for k, v in spec.to_dict().items() if k != "name"}
-        result = state.lookup(kind, spec_dict, fingerprint)
-        if result is None:
-            result = eval_figures(decode_faithful_eval(model, input_ids, spec, progress=progress, artifact=artifact,
-                                                       baseline_store=store))
-            state.store(kind, spec_dict, fingerprint, result)
-        return result
-
-    return evaluate
 
 
 def search_path(path: list[PathPoint], meets: Callable[[int], bool], tolerance: float = 0.005) -> int:
@@ -265,7 +236,7 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
         weight_tensors: scale K and V proxy costs by measured KL (`calibrate_tensor_weights`).
         ray: run the sensitivity probes and the two weight evaluations on a Ray cluster first
             (see `distributed_tune`; saved in `state` as this process would save them);
-            `loader(load_args)` loads the model on each worker (None: `load_named_model` of
+            `loader(load_args)` loads the model on each worker (None: `models.load_named_model` of
             (model name, dtype name, device)). The search and verification run here.
     """
     if verify_text is not None:
@@ -299,7 +270,8 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
 
 @dataclass
 class _RayMeasurements:
-    """The independent measurements of `tune` sent to Ray (see `distributed_tune`), keyed as the serial code keys them."""
+    """The independent measurements of `tune` sent to Ray (see `distributed_tune`), keyed as the
+    serial code keys them."""
 
     model: torch.nn.Module
     tune_ids: torch.Tensor
