@@ -1,6 +1,6 @@
 """Quality per stored bit: KIVI-style int4/int3/int2 beside the rotated-codebook bits4/bits3/bits2.
 
-For every spec, runs decode-faithful evaluation (`kvcompress.evaluate.decode_faithful_eval`, the
+For every spec, runs decode-faithful evaluation (`kvcompress.measure.evaluate.decode_faithful_eval`, the
 same code as `kvcompress eval`, the uncompressed baseline in the same run) and prints a markdown
 table of bits per compressed value (8 x stored bytes of compressed tokens / their K and V
 values, from the cache's memory report; window and sinks apart), KL, perplexity change and
@@ -22,7 +22,7 @@ from pathlib import Path
 DEFAULT_SPECS = "int4,int3,int2,bits4,bits3,bits2"
 
 
-def measure(specs: list, *, tokens: int, dtype: str, part: str = "evaluation", offset: int = 0,
+def measure(specs: list, *, tokens: int, dtype: str, part: str = "report", offset: int = 0,
             labels: list[str] | None = None) -> list[dict]:
     """One row per spec: label, spec description, bits per value, KL, PPL change, top-1."""
     import torch
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     rows = measure([s.strip() for s in args.specs.split(",") if s.strip()], tokens=args.tokens, dtype=args.dtype)
-    print(f"Embedded model, {args.dtype}, {args.tokens} tokens of the evaluation text, decode-faithful chunks:\n")
+    print(f"Embedded model, {args.dtype}, {args.tokens} tokens of the report part (text no calibration or selection read), decode-faithful chunks:\n")
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -4,7 +4,7 @@ Evaluates candidate specs (each at or under its bits-per-value budget, checked f
 bytes) with the same decode-faithful evaluation as `kvcompress eval`, on a stretch of the
 embedded corpus's calibration part (tokens from --offset on) that neither calibration nor the
 reported figures read, and prints a table per budget. The figures the README reports come from
-bits_table.py on the evaluation part; this script's text is disjoint from it.
+bits_table.py on the report part; this script's text is disjoint from it.
 
     OMP_NUM_THREADS=1 python benchmarks/select_bits_presets.py --tokens 2048 --dtype bfloat16
 
