@@ -15,7 +15,7 @@ from ._version import __version__
 from .cache import CompressedCache, CompressedLayer, MemoryReport, enable_fast_attention
 from .cache import QualityMonitor
 from .presets import PRESETS
-from .spec import CacheSpec, TensorSpec
+from .spec import CacheSpec, EvictionSpec, TensorSpec
 from .presets import load_spec
 
 
@@ -27,5 +27,5 @@ def load_model(name=None, **kwargs):
     return _load_model(name, **kwargs)
 
 
-__all__ = ["CompressedCache", "CompressedLayer", "MemoryReport", "QualityMonitor", "CacheSpec", "TensorSpec",
+__all__ = ["CompressedCache", "CompressedLayer", "MemoryReport", "QualityMonitor", "CacheSpec", "EvictionSpec", "TensorSpec",
            "enable_fast_attention", "load_spec", "PRESETS", "load_model", "__version__"]

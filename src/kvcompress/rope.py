@@ -54,7 +54,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(eq=False)
 class RopeInverter:
-    """Rotates and un-rotates (B, H, T, D) keys at consecutive absolute positions.
+    """Rotates and un-rotates (B, H, T, D) keys at consecutive absolute positions, or at given ones.
 
     Attributes:
         rotary_emb: the model's rotary embedding module.
@@ -69,20 +69,36 @@ class RopeInverter:
     def tables(self, start: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (n, D) float32 for positions start .. start + n - 1."""
         need = start + n
+        self._ensure(need, device)
+        return self._cos[start:need], self._sin[start:need]
+
+    def _ensure(self, need: int, device: torch.device) -> None:
         if self._cos is None or self._cos.shape[0] < need or self._cos.device != torch.device(device):
             size = max(need, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
             self._cos, self._sin = rope_tables(self.rotary_emb, size, device, self.layer_type)
-        return self._cos[start:need], self._sin[start:need]
 
-    def rotate(self, k: torch.Tensor, start: int) -> torch.Tensor:
-        """Pre-RoPE (B, H, T, D) keys at positions start.. -> post-RoPE keys (computed in float32)."""
-        cos, sin = self.tables(start, k.shape[2], k.device)
+    def _tables_at(self, positions: int | torch.Tensor, n: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `n` tokens: (n, D) for consecutive positions from an int, or (B, H, n, D)
+        for a (B, H, n) tensor of absolute positions (tokens kept after eviction)."""
+        if isinstance(positions, int):
+            return self.tables(positions, n, device)
+        if positions.shape[-1] != n:
+            raise ValueError(f"{positions.shape[-1]} positions for {n} tokens")
+        self._ensure(int(positions.max()) + 1 if positions.numel() else 1, device)
+        index = positions.to(device=device, dtype=torch.long)
+        return self._cos[index], self._sin[index]
+
+    def rotate(self, k: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE (B, H, T, D) keys -> post-RoPE keys (computed in float32), at positions
+        start .. start + T - 1 (an int) or at the (B, H, T) positions given (a tensor)."""
+        cos, sin = self._tables_at(start, k.shape[2], k.device)
         x = k.float()
         return (x * cos + rotate_half(x) * sin).to(k.dtype)
 
-    def unrotate(self, k: torch.Tensor, start: int) -> torch.Tensor:
-        """Post-RoPE (B, H, T, D) keys at positions start.. -> pre-RoPE keys (computed in float32)."""
-        cos, sin = self.tables(start, k.shape[2], k.device)
+    def unrotate(self, k: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Post-RoPE (B, H, T, D) keys -> pre-RoPE keys (computed in float32), positions as in `rotate`."""
+        cos, sin = self._tables_at(start, k.shape[2], k.device)
         x = k.float()
         return ((x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)).to(k.dtype)
 

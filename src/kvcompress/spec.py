@@ -8,7 +8,8 @@ overrides. It round-trips through JSON or YAML:
     {"key":   {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32},
      "value": {"method": "quant", "bits": 4, "axis": "token",   "group_size": 32},
      "window": 128, "sinks": 4, "block_size": 32,
-     "layers": {"0-1": {"value": {"bits": 8}}}}
+     "layers": {"0-1": {"value": {"bits": 8}}},
+     "eviction": {"policy": "snapkv", "keep": 0.5}}     # optional: drop half the prompt's tokens
 
 This module does not build codecs for a model (see `cache.build`), nor hold the named presets
 or resolve a preset name (see `presets.load_spec`); it only describes, validates and reads spec files.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,11 @@ KEY_SPACES = ("post_rope", "pre_rope")
 _QUANT_METHODS = ("quant", "lowrank+quant", "hadamard+quant")
 _LOWRANK_METHODS = ("lowrank", "lowrank+quant")
 _TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space", "seed", "center")
-_SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers")
+_SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers", "eviction")
+# Token eviction (see `kvcompress.cache.eviction`, which scores tokens for each policy).
+EVICTION_POLICIES = ("snapkv", "tova", "expected", "streaming", "knorm")
+EVICTION_APPLIES = ("prompt",)
+_EVICTION_FIELDS = ("policy", "keep", "keep_tokens", "applies", "observation", "pooling")
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,94 @@ class TensorSpec:
         return text + (" pre-RoPE" if self.key_space == "pre_rope" else "")
 
 
+@dataclass(frozen=True)
+class EvictionSpec:
+    """Which prompt tokens a full-attention layer drops before compressing the rest.
+
+    At the end of the first forward pass on an empty cache (the prompt), each layer scores its
+    prompt tokens with `policy`, keeps the best ones per KV head and drops the others (they
+    cost no bytes and no later query reads them); the kept tokens are then stored like any
+    others (sinks, codec-compressed blocks, full-precision window). The `sinks` first tokens
+    and the last `window` tokens of the prompt are always kept and count towards the budget.
+
+    Attributes:
+        policy: one of EVICTION_POLICIES: "snapkv" (attention of the prompt's last
+            `observation` queries, max-pooled over `pooling` neighbouring tokens), "tova"
+            (attention of the last query), "expected" (expected attention of queries drawn from
+            a Gaussian fitted to the last `observation` queries, weighted by the value's norm),
+            "streaming" (sinks and the most recent tokens: StreamingLLM), "knorm" (smallest key
+            norm first).
+        keep: fraction of the prompt's tokens each KV head keeps, in (0, 1]; or None when
+            `keep_tokens` is given.
+        keep_tokens: tokens each KV head keeps (>= 1), instead of a fraction.
+        applies: where eviction runs, one of EVICTION_APPLIES ("prompt": once, at the end of the prompt).
+        observation: prompt queries (the last ones) whose attention scores tokens (snapkv, expected).
+        pooling: odd width of the max-pooling of snapkv's scores over neighbouring tokens (1 = none).
+    """
+
+    policy: str = "snapkv"
+    keep: float | None = None
+    keep_tokens: int | None = None
+    applies: str = "prompt"
+    observation: int = 32
+    pooling: int = 7
+
+    def __post_init__(self):
+        if self.policy not in EVICTION_POLICIES:
+            raise ValueError(f"eviction policy {self.policy!r} does not exist; allowed: {list(EVICTION_POLICIES)}")
+        if self.applies not in EVICTION_APPLIES:
+            raise ValueError(f"eviction applies {self.applies!r} is not supported; allowed: {list(EVICTION_APPLIES)}")
+        if (self.keep is None) == (self.keep_tokens is None):
+            raise ValueError("eviction needs exactly one of keep (a fraction in (0, 1]) and keep_tokens (an integer "
+                             f">= 1), got keep={self.keep!r}, keep_tokens={self.keep_tokens!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
+                                      or not 0 < self.keep <= 1):
+            raise ValueError(f"eviction keep must be a fraction in (0, 1], got {self.keep!r}")
+        if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or isinstance(self.keep_tokens, bool)
+                                             or self.keep_tokens < 1):
+            raise ValueError(f"eviction keep_tokens must be an integer >= 1, got {self.keep_tokens!r}")
+        for attr in ("observation", "pooling"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"eviction {attr} must be an integer >= 1, got {value!r}")
+        if self.pooling % 2 == 0:
+            raise ValueError(f"eviction pooling must be odd (a centred window), got {self.pooling}")
+
+    def budget(self, n_tokens: int) -> int:
+        """Tokens each KV head keeps of an `n_tokens`-token prompt (before the cache's own rounding)."""
+        if self.keep_tokens is not None:
+            return min(self.keep_tokens, n_tokens)
+        return min(n_tokens, max(1, math.ceil(self.keep * n_tokens - 1e-9)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvictionSpec:
+        if not isinstance(data, dict):
+            raise ValueError(f"eviction must be a mapping such as {{\"policy\": \"snapkv\", \"keep\": 0.5}}, "
+                             f"got {data!r}")
+        unknown = set(data) - set(_EVICTION_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)} in eviction; allowed: {list(_EVICTION_FIELDS)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"policy": self.policy}
+        if self.keep_tokens is not None:
+            out["keep_tokens"] = self.keep_tokens
+        else:
+            out["keep"] = self.keep
+        out["applies"] = self.applies
+        if self.policy in ("snapkv", "expected"):
+            out["observation"] = self.observation
+        if self.policy == "snapkv":
+            out["pooling"] = self.pooling
+        return out
+
+    def describe(self) -> str:
+        """'evict snapkv keep 50%' or 'evict tova keep 256 tokens'."""
+        kept = f"{self.keep_tokens} tokens" if self.keep_tokens is not None else f"{100 * self.keep:g}%"
+        return f"evict {self.policy} keep {kept}"
+
+
 def _parse_layer_range(text: str) -> range:
     """'3' -> range(3, 4); '2-5' -> range(2, 6)."""
     try:
@@ -207,6 +301,7 @@ class CacheSpec:
         layers: overrides, {"3": {"key": {...}}, "0-1": {"value": {...}}}; fields not given
             fall back to `key`/`value`.
         name: a label (the preset name, or None).
+        eviction: an `EvictionSpec` (prompt tokens dropped before compression), or None (keep every token).
     """
 
     key: TensorSpec = field(default_factory=lambda: TensorSpec(axis="channel"))
@@ -216,8 +311,13 @@ class CacheSpec:
     block_size: int = 32
     layers: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     name: str | None = None
+    eviction: EvictionSpec | None = None
 
     def __post_init__(self):
+        if isinstance(self.eviction, dict):
+            object.__setattr__(self, "eviction", EvictionSpec.from_dict(self.eviction))
+        if self.eviction is not None and not isinstance(self.eviction, EvictionSpec):
+            raise ValueError(f"eviction must be a mapping or an EvictionSpec, got {self.eviction!r}")
         for attr, minimum in (("window", 0), ("sinks", 0), ("block_size", 1)):
             value = getattr(self, attr)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -315,6 +415,7 @@ class CacheSpec:
             "sinks": self.sinks,
             "block_size": self.block_size,
             "layers": {str(k): v for k, v in self.layers.items()},
+            **({"eviction": self.eviction.to_dict()} if self.eviction is not None else {}),
         }
 
     @classmethod
@@ -336,6 +437,11 @@ class CacheSpec:
             raise ValueError(f"layers must be a mapping of layer ranges to overrides, e.g. "
                              f"{{\"0-1\": {{\"value\": {{\"bits\": 8}}}}}}, got {layers!r}")
         kwargs["layers"] = {str(k): v for k, v in layers.items()}
+        if data.get("eviction") is not None:
+            try:
+                kwargs["eviction"] = EvictionSpec.from_dict(data["eviction"])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"eviction: {err}") from None
         return cls(**kwargs)
 
     def to_json(self) -> str:
@@ -353,6 +459,8 @@ class CacheSpec:
     def describe(self) -> str:
         """One line: 'K int4/channel32, V int4/token32, window 128, sinks 4'."""
         extra = f", {len(self.layers)} layer override(s)" if self.layers else ""
+        if self.eviction is not None:
+            extra += f", {self.eviction.describe()}"
         return (
             f"K {self.key.describe()}, V {self.value.describe()}, window {self.window}, "
             f"sinks {self.sinks}, block {self.block_size}{extra}"

@@ -36,6 +36,13 @@ transformers' own sdpa attention function for every call except a decode step on
 tagged with the layer itself (attribute `LAYER_ATTRIBUTE`), and this function reads the layer
 and marks it consumed (`CompressedLayer.mark_consumed`).
 
+Eviction: a layer with an eviction spec hands back the prompt's keys (a plain tensor, attention
+reads it as usual) tagged with the layer under `PROMPT_ATTRIBUTE`; this function computes the
+prompt's attention with sdpa over every prompt token, then gives the layer the prompt's queries
+(`CompressedLayer.evict_prompt`), which scores, drops and compresses. The prompt's own outputs
+therefore read the uncompressed prompt (as in every prefill-time eviction method); every later
+token reads only what the layer kept.
+
 The guard: the handed window is a `HandedWindow`, a tensor that raises on any read but its
 shape, so an attention that is not this function fails at the step instead of attending to the
 window alone (which for batch 1, where the mask is None, nothing else would notice); and a
@@ -68,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "kvcompress"
 LAYER_ATTRIBUTE = "_kvcompress_layer"
+PROMPT_ATTRIBUTE = "_kvcompress_prompt_layer"
 CHUNK_TOKENS = 4096
 # Model types whose attention passes the tensors `Cache.update` returns straight to the
 # attention function (checked by tests/test_attention.py for each).
@@ -226,6 +234,25 @@ def hand_window(keys: torch.Tensor, layer) -> HandedWindow:
     return window
 
 
+def hand_prompt(keys: torch.Tensor, layer) -> torch.Tensor:
+    """`keys` (B, H, n, D) of a prompt held for eviction, as a view tagged with `layer` (readable)."""
+    tagged = keys.view_as(keys)
+    setattr(tagged, PROMPT_ATTRIBUTE, layer)
+    return tagged
+
+
+def _check_unpadded(attention_mask: torch.Tensor | None, layer) -> None:
+    """Refuse a prompt whose last query does not see every token (padding): eviction would score pads."""
+    if attention_mask is None:
+        return
+    last = attention_mask[..., -1, :]
+    sees_all = bool(last.all()) if last.dtype == torch.bool else bool((last == 0).all())
+    if not sees_all:
+        raise ValueError(f"layer {layer.layer_idx}: eviction ({layer.eviction.describe()}) needs prompts without "
+                         "padding (the last prompt token must see every prompt token); run padded prompts one at a "
+                         "time, or use a spec without eviction")
+
+
 def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: SDPA, except for a decode step on a compressed layer.
 
@@ -236,6 +263,12 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     Returns:
         (attn_output of shape (B, Q, H_q, D), None).
     """
+    prompt_layer = getattr(key, PROMPT_ATTRIBUTE, None)
+    if prompt_layer is not None:  # a prompt held for eviction: attend to all of it, then let the layer evict
+        _check_unpadded(attention_mask, prompt_layer)
+        out = sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        prompt_layer.evict_prompt(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        return out
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is None:
         return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -321,7 +354,7 @@ def _chunk_scores(layer, part: dict, start: int, q: torch.Tensor, rotated: bool)
         return q @ layer.key_codec.decode_rotated(part, torch.float32).transpose(-1, -2)
     keys = layer.key_codec.decode(part, torch.float32)  # (B, H, T, D)
     if layer.key_space is not None:  # keys were coded pre-RoPE: rotate them to their positions
-        keys = layer.key_space.rotate(keys, start=layer.sink_keys.shape[2] + start)
+        keys = layer.key_space.rotate(keys, start=layer.key_positions(start, start + keys.shape[2]))
     return q @ keys.transpose(-1, -2)
 
 

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.configuration_utils import PretrainedConfig
 
-from .attention import hint_fast_attention
+from .attention import FAST_ATTENTION_MODEL_TYPES, fast_attention_unavailable, hint_fast_attention
 from .build import build_codec
 from .layer import CompressedLayer
 from .memory import MemoryReport
@@ -104,6 +104,23 @@ def _key_spaces(model, spec: CacheSpec, num_layers: int) -> tuple[list, str | No
     return [inv if want else None for inv, want in zip(inverters, wanted)], None
 
 
+def _check_eviction(model, spec: CacheSpec, sliding_windows: list[int | None]) -> None:
+    """Refuse eviction where it cannot run: it needs kvcompress's attention (which hands the cache the
+    prompt's queries) and at least one full-attention layer (sliding layers keep their window anyway)."""
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError("eviction needs the model itself, not only its config: pass the model to CompressedCache")
+    reason = fast_attention_unavailable(model)
+    if reason is not None and model.config._attn_implementation not in ("sdpa", "kvcompress"):
+        reason = None if model.config.model_type in FAST_ATTENTION_MODEL_TYPES else reason
+    if reason is not None:
+        raise ValueError(f"eviction ({spec.eviction.describe()}) is not available for this model: {reason}; use a spec "
+                         "without an eviction section")
+    if all(window is not None for window in sliding_windows):
+        raise ValueError(f"eviction ({spec.eviction.describe()}) applies to full-attention layers and this model has "
+                         "only sliding-window layers (they keep only their window already); use a spec without an "
+                         "eviction section")
+
+
 def _make_monitor(monitor):
     """None, a default QualityMonitor, or the one given."""
     if monitor is False or monitor is None:
@@ -168,11 +185,13 @@ class CompressedCache(Cache):
         self._head_dim = head_dim
         artifact = artifact_for(model, self.spec, artifact)
         key_spaces, self.key_space_fallback = _key_spaces(model, self.spec, num_layers)
+        if self.spec.eviction is not None:
+            _check_eviction(model, self.spec, sliding_windows)
         layers = []
         for idx in range(num_layers):
             key_spec, value_spec = self.spec.for_layer(idx)
             kind = "key_pre" if key_spaces[idx] is not None else "key_post"
-            layer_cls, extra = CompressedLayer, {}
+            layer_cls, extra = CompressedLayer, {"eviction": self.spec.eviction}
             if sliding_windows[idx] is not None:  # keeps only the window, as transformers does
                 layer_cls, extra = CompressedSlidingLayer, {"sliding_window": sliding_windows[idx]}
             layers.append(layer_cls(build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact),
@@ -186,6 +205,7 @@ class CompressedCache(Cache):
             layer.monitor = self.monitor
             layer.model_fields = self.model_fields
             layer.use_kernel = kernel
+            layer.model_config = config
         if fast_attention:  # decode steps read the codes while the model runs kvcompress's attention
             for layer in self.layers:
                 if not layer.is_sliding:

@@ -13,6 +13,16 @@ tagged with the layer instead, and that function decodes the blocks chunk by chu
 marks the layer consumed. Either way attention reads the decoded form of the stored codes, never
 a hidden uncompressed copy.
 
+With an eviction spec (`kvcompress.spec.EvictionSpec`), the first forward pass on an empty layer
+(the prompt) is stored without compression and handed back tagged (attribute `PROMPT_ATTRIBUTE`);
+kvcompress's attention computes the prompt's attention over all of it, then hands the layer the
+prompt's queries (`evict_prompt`), and the layer keeps the tokens `eviction.choose_kept` picks
+per KV head, drops the others and compresses the kept ones as usual. The layer then holds fewer
+tokens than it has seen: `get_seq_length` counts tokens seen (the next token's position) and
+`get_mask_sizes` gives transformers the offset (tokens dropped) so that new tokens keep their
+true positions and see every kept token. Pre-RoPE keys are un-rotated and re-rotated at each
+kept token's own position (`token_positions`, stored and counted in `memory()`).
+
 The guard, twice: the window handed out is a `HandedWindow`, which raises on any read but its
 shape (so an attention that does not know the tag fails at that step, see `attention`); and if
 no kvcompress attention consumed it, the layer's next `update` raises a RuntimeError saying so
@@ -30,7 +40,9 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..codecs import Codec, Stored, stored_nbytes, token_slice
-from .attention import ATTENTION_NAME, hand_window
+from ..spec import EvictionSpec
+from .attention import ATTENTION_NAME, hand_prompt, hand_window
+from .eviction import choose_kept
 from .memory import FP16_BYTES, LayerMemory
 
 
@@ -58,6 +70,8 @@ class CompressedLayer(CacheLayerMixin):
         key_space: a `kvcompress.rope.RopeInverter` to compress keys pre-RoPE (it un-rotates the
             tokens being compressed at their positions and re-rotates them after decoding;
             sinks and window stay post-RoPE), or None to compress keys as attention gives them.
+        eviction: an `EvictionSpec` to drop prompt tokens before compression (needs kvcompress's
+            attention during the prompt's forward pass), or None.
     """
 
     is_compileable = False
@@ -65,7 +79,7 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, key_codec: Codec, value_codec: Codec, window: int, sinks: int, block_size: int,
-                 layer_idx: int = 0, key_space=None):
+                 layer_idx: int = 0, key_space=None, eviction: EvictionSpec | None = None):
         super().__init__()
         for codec in (key_codec, value_codec):
             if block_size % codec.token_multiple:
@@ -78,6 +92,7 @@ class CompressedLayer(CacheLayerMixin):
         self.block_size = block_size
         self.layer_idx = layer_idx
         self.key_space = key_space
+        self.eviction = eviction
         self.monitor = None  # a kvcompress.cache.monitor.QualityMonitor when the cache is monitored
         # The model config whose attention implementation says whether decode steps may hand
         # attention the codes (kvcompress.cache.attention) instead of a full reconstruction; or None
@@ -89,6 +104,8 @@ class CompressedLayer(CacheLayerMixin):
         self.checked_config = None
         # Whether decode steps may use the compiled CPU kernel (kvcompress.kernels.cpu) where it applies.
         self.use_kernel = True
+        # The model config, for eviction to check that the prompt runs kvcompress's attention (set by the cache).
+        self.model_config = None
         self._clear()
 
     def _clear(self) -> None:
@@ -98,6 +115,13 @@ class CompressedLayer(CacheLayerMixin):
         self.stored_keys: Stored | None = None
         self.stored_values: Stored | None = None
         self.n_compressed = 0
+        self.seen_tokens = 0
+        # (B, H, held) int32 absolute positions of the held tokens [sinks | compressed | window],
+        # kept only for pre-RoPE keys once eviction made them non-consecutive; else None (token i of
+        # the layer sits at position i).
+        self.token_positions: torch.Tensor | None = None
+        self._awaiting_prompt = self.eviction is not None  # the next multi-token update is the prompt
+        self._prompt_unscored = False  # the prompt was handed out and no attention scored it yet
         self.is_initialized = False
 
     # ---- transformers CacheLayerMixin API -------------------------------------------------
@@ -127,12 +151,25 @@ class CompressedLayer(CacheLayerMixin):
         """
         if self._window_unconsumed:
             self._refuse_unconsumed_window()
+        if self._prompt_unscored:
+            self._refuse_unscored_prompt()
         # The cache is for inference: what it stores carries no autograd history, so a cache filled
         # with gradients enabled can still be copied (`CompressedCache.copy`) and holds no graph.
         key_states, value_states = key_states.detach(), value_states.detach()
         decode_step = key_states.shape[2] == 1
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        n_new = key_states.shape[2]
+        if self._awaiting_prompt:
+            self._awaiting_prompt = False
+            if n_new > 1 and self.held_tokens() == 0:
+                return self._hold_prompt(key_states, value_states)
+        self.seen_tokens += n_new
+        if self.token_positions is not None:
+            new_positions = torch.arange(self.seen_tokens - n_new, self.seen_tokens, dtype=torch.int32,
+                                         device=self.token_positions.device)
+            self.token_positions = torch.cat(
+                [self.token_positions, new_positions.expand(*self.token_positions.shape[:2], n_new)], dim=2)
         missing_sinks = self.sinks - self.sink_keys.shape[2]
         if missing_sinks > 0 and self.n_compressed == 0 and self.window_keys.shape[2] == 0:
             take = min(missing_sinks, key_states.shape[2])
@@ -146,6 +183,63 @@ class CompressedLayer(CacheLayerMixin):
             self._window_unconsumed = True
             return hand_window(self.window_keys, self), self.window_values.view_as(self.window_values)
         return self.reconstruct()
+
+    # ---- eviction ---------------------------------------------------------------------------
+
+    def _hold_prompt(self, key_states: torch.Tensor, value_states: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the (B, H, n, D) prompt uncompressed until `evict_prompt`; hand it back tagged."""
+        implementation = getattr(self.model_config, "_attn_implementation", None)
+        if implementation != ATTENTION_NAME:
+            raise ValueError(
+                f"eviction ({self.eviction.describe()}) scores the prompt's tokens with the prompt's queries, which only "
+                f"kvcompress's attention passes to the cache, but the model runs attention {implementation!r}. Fix: run "
+                "the prompt inside `with kvcompress.enable_fast_attention(model):` (e.g. around model.generate)")
+        self.window_keys, self.window_values = key_states, value_states
+        self.seen_tokens += key_states.shape[2]
+        self._prompt_unscored = True
+        return hand_prompt(key_states, self), value_states
+
+    def evict_prompt(self, query: torch.Tensor, scaling: float) -> None:
+        """Keep the prompt tokens the eviction policy picks, drop the rest, compress the kept ones.
+
+        Args:
+            query: (B, H_q, n, D) post-RoPE queries of the n prompt tokens the layer holds.
+            scaling: the attention's q.k factor.
+        """
+        self._prompt_unscored = False
+        keys, values = self.window_keys, self.window_values  # (B, H, n, D): the whole prompt
+        kept = choose_kept(self.eviction, query, keys, values, scaling, sinks=self.sinks, protected=self.window,
+                           block_size=self.block_size)  # (B, H, n_kept) sorted positions
+        n, n_kept = keys.shape[2], kept.shape[2]
+        if n_kept < n:
+            index = kept[..., None]
+            keys = keys.gather(2, index.expand(-1, -1, -1, keys.shape[3]))
+            values = values.gather(2, index.expand(-1, -1, -1, values.shape[3]))
+            if self.key_space is not None:
+                self.token_positions = kept.to(torch.int32)
+        n_sinks = min(self.sinks, n_kept)
+        self.sink_keys, self.sink_values = keys[:, :, :n_sinks].clone(), values[:, :, :n_sinks].clone()
+        self.window_keys, self.window_values = keys[:, :, n_sinks:].clone(), values[:, :, n_sinks:].clone()
+        self._flush()
+
+    def _refuse_unscored_prompt(self) -> None:
+        raise RuntimeError(
+            f"kvcompress: layer {self.layer_idx} held the prompt for eviction ({self.eviction.describe()}), but the "
+            "attention that ran did not hand it the prompt's queries (it is not kvcompress's attention), so nothing "
+            "was evicted. Fix: run the prompt inside `with kvcompress.enable_fast_attention(model):`")
+
+    def key_positions(self, start: int, stop: int) -> int | torch.Tensor:
+        """Positions of compressed tokens [start, stop): the first one (an int) when consecutive,
+        else a (B, H, stop - start) tensor (after eviction with pre-RoPE keys)."""
+        n_sinks = self.sink_keys.shape[2]
+        if self.token_positions is None:
+            return n_sinks + start
+        return self.token_positions[:, :, n_sinks + start:n_sinks + stop]
+
+    def evicted_tokens(self) -> int:
+        """Tokens seen that this layer no longer holds (dropped by eviction)."""
+        return self.seen_tokens - self.held_tokens() if self.is_initialized else 0
 
     def mark_consumed(self) -> None:
         """Called by kvcompress's attention when it reads this layer for the window it was handed."""
@@ -177,7 +271,8 @@ class CompressedLayer(CacheLayerMixin):
             return
         keys = self.window_keys[:, :, :n_tokens]
         if self.key_space is not None:  # positions of these tokens: after sinks and earlier blocks
-            keys = self.key_space.unrotate(keys, start=self.sink_keys.shape[2] + self.n_compressed)
+            keys = self.key_space.unrotate(keys, start=self.key_positions(self.n_compressed,
+                                                                          self.n_compressed + n_tokens))
         values = self.window_values[:, :, :n_tokens]
         new_keys, new_values = self.key_codec.encode(keys), self.value_codec.encode(values)
         if self.monitor is not None:
@@ -205,7 +300,7 @@ class CompressedLayer(CacheLayerMixin):
                 self.key_codec.decode_into(self.stored_keys, keys[:, :, blocks])
             else:  # decode and re-rotate in float32, then cast once
                 decoded = self.key_codec.decode(self.stored_keys, torch.float32)
-                keys[:, :, blocks] = self.key_space.rotate(decoded, start=n_sinks)
+                keys[:, :, blocks] = self.key_space.rotate(decoded, start=self.key_positions(0, self.n_compressed))
             self.value_codec.decode_into(self.stored_values, values[:, :, blocks])
         keys[:, :, blocks.stop:], values[:, :, blocks.stop:] = self.window_keys, self.window_values
         return keys, values
@@ -217,11 +312,13 @@ class CompressedLayer(CacheLayerMixin):
         return self.sink_keys.shape[2] + self.n_compressed + self.window_keys.shape[2]
 
     def get_seq_length(self) -> int:
-        """Tokens seen so far; a full-attention layer holds all of them."""
-        return self.held_tokens()
+        """Tokens seen so far (the position of the next token); without eviction the layer holds all of them."""
+        return self.seen_tokens if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        """(keys attention reads, offset): the held tokens plus the new ones; the offset (tokens
+        evicted) gives the new tokens their true positions in transformers' mask."""
+        return self.held_tokens() + query_length, self.evicted_tokens()
 
     def get_max_length(self) -> int:
         return -1
@@ -242,6 +339,12 @@ class CompressedLayer(CacheLayerMixin):
             return
         new_length = max(self.held_tokens() + tokens_to_remove, 0)
         n_sinks = self.sink_keys.shape[2]
+        if self.evicted_tokens() and new_length < n_sinks + self.n_compressed:
+            raise ValueError(f"layer {self.layer_idx}: cannot crop into the prompt after eviction dropped tokens from "
+                             f"it; crop at most the {self.window_keys.shape[2]} tokens of the full-precision window")
+        self.seen_tokens -= self.held_tokens() - new_length
+        if self.token_positions is not None:
+            self.token_positions = self.token_positions[:, :, :new_length]
         if new_length >= n_sinks + self.n_compressed:
             keep = new_length - n_sinks - self.n_compressed
             self.window_keys = self.window_keys[:, :, :keep]
@@ -273,6 +376,8 @@ class CompressedLayer(CacheLayerMixin):
             return
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.window_keys, self.window_values = fn(self.window_keys), fn(self.window_values)
+        if self.token_positions is not None:
+            self.token_positions = fn(self.token_positions)
         if self.stored_keys is not None:
             self.stored_keys = {name: fn(t) for name, t in self.stored_keys.items()}
             self.stored_values = {name: fn(t) for name, t in self.stored_values.items()}
@@ -300,8 +405,13 @@ class CompressedLayer(CacheLayerMixin):
 
     # ---- memory ---------------------------------------------------------------------------
 
+    def baseline_tokens(self) -> int:
+        """Tokens an uncompressed cache would hold in this layer's place: every token seen."""
+        return self.get_seq_length()
+
     def memory(self) -> LayerMemory:
-        """Bytes of every stored tensor, by part; fp16 bytes of the same K and V."""
+        """Bytes of every stored tensor, by part; fp16 bytes of the K and V of `baseline_tokens()`
+        (all tokens seen: evicted tokens cost fp16 bytes in the baseline and none here)."""
         parts = {}
         if self.is_initialized:
             parts["sinks"] = stored_nbytes({"k": self.sink_keys, "v": self.sink_values})
@@ -309,8 +419,11 @@ class CompressedLayer(CacheLayerMixin):
             for prefix, stored in (("key", self.stored_keys), ("value", self.stored_values)):
                 for name, tensor in (stored or {}).items():
                     parts[f"{prefix}_{name}"] = tensor.numel() * tensor.element_size()
+            if self.token_positions is not None:
+                parts["positions"] = self.token_positions.numel() * self.token_positions.element_size()
             B, H, _, D = self.sink_keys.shape
-            fp16 = 2 * B * H * self.held_tokens() * D * FP16_BYTES
+            fp16 = 2 * B * H * self.baseline_tokens() * D * FP16_BYTES
         else:
             fp16 = 0
-        return LayerMemory(self.layer_idx, self.held_tokens(), self.n_compressed, parts, fp16)
+        return LayerMemory(self.layer_idx, self.held_tokens(), self.n_compressed, parts, fp16,
+                           seen_tokens=self.get_seq_length())

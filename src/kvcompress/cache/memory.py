@@ -20,6 +20,11 @@ class LayerMemory:
     compressed_tokens: int
     parts: dict[str, int]
     fp16_bytes: int
+    seen_tokens: int = -1  # tokens the layer has seen (>= tokens after eviction); -1: same as tokens
+
+    def __post_init__(self):
+        if self.seen_tokens < 0:
+            self.seen_tokens = self.tokens
 
     @property
     def stored_bytes(self) -> int:
@@ -54,6 +59,7 @@ class MemoryReport:
                 {
                     "layer": m.layer,
                     "tokens": m.tokens,
+                    "seen_tokens": m.seen_tokens,
                     "compressed_tokens": m.compressed_tokens,
                     "stored_bytes": m.stored_bytes,
                     "fp16_bytes": m.fp16_bytes,

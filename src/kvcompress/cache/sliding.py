@@ -199,6 +199,10 @@ class CompressedSlidingLayer(CompressedLayer):
 
     # ---- memory ---------------------------------------------------------------------------
 
+    def baseline_tokens(self) -> int:
+        """An uncompressed sliding layer holds the tokens this one holds (the window), not all seen."""
+        return self.held_tokens()
+
     def memory(self) -> LayerMemory:
         """As `CompressedLayer.memory`, for the tokens held; the sink slot is reported as "head"."""
         report = super().memory()
