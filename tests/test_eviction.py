@@ -198,9 +198,9 @@ def test_knorm_keeps_small_norm_keys():
     assert kept[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 60, 61, 62, 63]
 
 
-def test_kept_count_rounds_the_scored_part_to_blocks():
+def test_kept_count_is_the_budget_with_sinks_and_window_always_in():
     spec = EvictionSpec("tova", keep=0.2)
-    assert kept_count(spec, 1536, sinks=4, protected=128, block_size=32) == 4 + 128 + 160  # ceil(307.2)=308 -> 176 -> 160
+    assert kept_count(spec, 1536, sinks=4, protected=128, block_size=32) == 308  # ceil(0.2 * 1536)
     assert kept_count(EvictionSpec("tova", keep=0.01), 1536, sinks=4, protected=128, block_size=32) == 132
     assert kept_count(EvictionSpec("tova", keep=1.0), 100, sinks=4, protected=16, block_size=16) == 100
 

@@ -14,8 +14,7 @@ prompt token per KV head with the spec's policy and returns the positions each h
     knorm      the smallest key norms (keys with a small norm tend to draw attention)
 
 The `sinks` first tokens and the last `protected` tokens (the cache's full-precision window)
-are always kept; the rest of each head's budget goes to the best-scoring tokens, rounded down
-to whole compression blocks so that no kept token waits in the window half-compressed.
+are always kept; the rest of each head's budget goes to the best-scoring tokens.
 
 Every KV head of a layer keeps the same number of tokens (each its own tokens): storage stays
 one (B, H, n, D) tensor per layer and transformers' one mask per layer stays right. This module
@@ -91,12 +90,9 @@ assert tuple(SCORERS) == EVICTION_POLICIES, "every policy the spec allows has a 
 
 
 def kept_count(spec: EvictionSpec, n_tokens: int, sinks: int, protected: int, block_size: int) -> int:
-    """Tokens each KV head keeps of an `n_tokens`-token prompt: the spec's budget with the sinks
-    and the last `protected` tokens always in, the rest rounded down to whole `block_size` blocks."""
-    always = min(n_tokens, sinks + protected)
-    middle = max(0, min(spec.budget(n_tokens), n_tokens) - always)
-    middle = (middle // block_size) * block_size
-    return always + min(middle, n_tokens - always)
+    """Tokens each KV head keeps of an `n_tokens`-token prompt: the spec's budget, and never fewer
+    than the sinks and the last `protected` tokens (always kept)."""
+    return max(min(n_tokens, sinks + protected), spec.budget(n_tokens))
 
 
 @torch.no_grad()
