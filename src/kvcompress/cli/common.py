@@ -248,6 +248,20 @@ def check_eval_tokens(spec, n_tokens: int, option: str = "--tokens", label: str 
                         f"{need} or more")
 
 
+def check_context_tokens(spec, context: int, option: str = "--context", label: str | None = None) -> None:
+    """A prompt of `context` tokens must let a lossy `spec` compress a block that the continuation
+    reads (see `measure.prompt.min_context_tokens`)."""
+    from ..measure.evaluate import is_lossy
+    from ..measure.prompt import min_context_tokens
+
+    need = min_context_tokens(spec) if is_lossy(spec) else 1
+    if context < need:
+        name = label or spec.name or "the spec"
+        why = (f": it keeps sinks {spec.sinks} + window {spec.window} tokens in full precision and compresses "
+               f"{spec.block_size} at a time, so nothing of the context would be compressed" if is_lossy(spec) else "")
+        raise UserError(f"{option} {context} is too few for {name}{why}; pass {option} {need} or more")
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser, unit: str = "spec") -> None:
     """`--ray [ADDRESS]` and the per-worker resources (see `kvcompress.distributed.RayOptions`)."""
     parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",

@@ -11,8 +11,8 @@ from ..experiments.grid import parse_specs
 from ..experiments.sweep import TASKS, SweepSettings, run_sweep
 from ..io import parse_list
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_ray_arguments, check_artifact_dir,
-                     check_corpus, check_eval_tokens, check_model_args, check_output_dir, check_tokens,
-                     ray_options_from_args)
+                     check_context_tokens, check_corpus, check_eval_tokens, check_model_args, check_output_dir,
+                     check_tokens, ray_options_from_args)
 
 NAME = "sweep"
 HELP = "direct reconstruction, decode-faithful quality and tasks for many specs (one JSON record per spec)"
@@ -41,7 +41,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, defaults: SweepSettings
     parser.add_argument("--out", required=out_default is None, default=out_default,
                         help="sweep folder: records/, config.json, baseline.json, report")
     parser.add_argument("--tokens", type=int, default=defaults.eval_tokens,
-                        help="tokens of decode-faithful evaluation per spec")
+                        help="tokens of decode-faithful evaluation per spec (with --context: continuation tokens)")
+    parser.add_argument("--context", type=int, default=defaults.context_tokens, metavar="N",
+                        help="prompt compression instead of decode-faithful evaluation, as `kvcompress eval "
+                             "--context N`: N tokens prefilled at once, then --tokens teacher-forced and scored")
     parser.add_argument("--recon-tokens", type=int, default=defaults.recon_tokens,
                         help="tokens captured for direct reconstruction")
     parser.add_argument("--tasks", type=_tasks, default=defaults.tasks,
@@ -81,15 +84,19 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
                          agreement_prompts=args.agreement_prompts,
                          agreement_prompt_tokens=args.agreement_prompt_tokens,
                          agreement_new_tokens=args.agreement_new_tokens, agreement_dataset=args.agreement_dataset,
-                         artifact=args.artifact)
+                         artifact=args.artifact, context_tokens=args.context)
 
 
 def check_sweep_args(args: argparse.Namespace, entries) -> None:
     """Everything `sweep` and `analyze` can check before loading the model."""
     check_output_dir(args.out, "--out")
     for entry in entries:
-        if entry.eval:
+        if entry.eval and args.context is not None:
+            check_context_tokens(entry.spec, args.context, label=f"spec {entry.label}")
+        elif entry.eval:
             check_eval_tokens(entry.spec, args.tokens, label=f"spec {entry.label}")
+    if args.context is not None:
+        check_tokens(args.tokens, "--tokens", 1, " (continuation tokens after --context)")
     check_tokens(args.recon_tokens, "--recon-tokens", 2)
     if args.tasks and "agreement" in args.tasks:
         check_tokens(args.agreement_prompts, "--agreement-prompts", 2)

@@ -75,11 +75,15 @@ def _environment(model) -> dict:
 
 
 def sweep_texts(tokenizer, settings: SweepSettings) -> dict:
-    """The texts a sweep reads, as `corpus.CorpusSlice`s: "eval" (decode-faithful evaluation) and
-    "recon" (captured for direct reconstruction), both from the start of the report part."""
+    """The texts a sweep reads, as `corpus.CorpusSlice`s: "eval" (decode-faithful evaluation, or with
+    `context_tokens` the prompt protocol's context + continuation + last target) and "recon" (captured
+    for direct reconstruction), both from the start of the report part."""
     from ..corpus import corpus_slice
 
-    return {"eval": corpus_slice(tokenizer, "report", n_tokens=settings.eval_tokens, path=settings.corpus),
+    n_eval = settings.eval_tokens
+    if settings.context_tokens is not None:
+        n_eval = settings.context_tokens + settings.eval_tokens + 1
+    return {"eval": corpus_slice(tokenizer, "report", n_tokens=n_eval, path=settings.corpus),
             "recon": corpus_slice(tokenizer, "report", n_tokens=settings.recon_tokens, path=settings.corpus)}
 
 
@@ -156,6 +160,7 @@ def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dic
     """Reconstruction, decode-faithful evaluation and (if enabled) tasks of one spec: the record body."""
     from ..cache.cache import CompressedCache
     from ..measure.evaluate import decode_faithful_eval
+    from ..measure.prompt import prompt_eval
     from ..measure.reconstruction import direct_reconstruction
     from ..measure.tasks import generation_agreement, greedy_continuations, run_passkey
 
@@ -167,8 +172,13 @@ def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dic
         body["reconstruction"] = direct_reconstruction(model, entry.spec, ctx.capture, artifact=artifact)
     if entry.eval:
         with timer("eval"):
-            body["eval"] = decode_faithful_eval(model, ctx.eval_ids, entry.spec, progress=progress,
-                                                artifact=artifact, baseline_store=ctx.baseline_logits).to_dict()
+            if s.context_tokens is None:
+                result = decode_faithful_eval(model, ctx.eval_ids, entry.spec, progress=progress, artifact=artifact,
+                                              baseline_store=ctx.baseline_logits)
+            else:
+                result = prompt_eval(model, ctx.eval_ids, entry.spec, s.context_tokens, progress=progress,
+                                     artifact=artifact, baseline_store=ctx.baseline_logits)
+            body["eval"] = result.to_dict()
     tasks: dict[str, Any] = {}
     if entry.tasks:
         def factory():

@@ -205,8 +205,12 @@ def _settings_lines(config: dict | None, baseline: dict | None, records: list[di
         s = config.get("settings", {})
         lines.append(f"- model: {records[0].get('model') if records else s.get('model')}; dtype {s.get('dtype')}; "
                      f"corpus: {s.get('corpus') or 'held-out part of the embedded corpus'}")
-        lines.append(f"- direct reconstruction: {s.get('recon_tokens')} tokens captured; decode-faithful evaluation: "
-                     f"{s.get('eval_tokens')} tokens")
+        if s.get("context_tokens"):
+            evaluation = (f"prompt compression: {s['context_tokens']} context tokens prefilled at once, then "
+                          f"{s.get('eval_tokens')} teacher-forced and scored (ratios at the end of the context)")
+        else:
+            evaluation = f"decode-faithful evaluation: {s.get('eval_tokens')} tokens"
+        lines.append(f"- direct reconstruction: {s.get('recon_tokens')} tokens captured; {evaluation}")
         if s.get("tasks"):
             lines.append(f"- tasks: {', '.join(s['tasks'])}; passkey lengths {s.get('passkey_lengths')}, depths "
                          f"{s.get('passkey_depths')}, format {s.get('passkey_format')!r}; agreement "

@@ -27,7 +27,11 @@ class SweepSettings:
         dtype, device: how the model is loaded.
         corpus: a UTF-8 text file whose report part (split like the embedded corpus, see `corpus`)
             is evaluated on (None: the report part of the embedded corpus).
-        eval_tokens: tokens of decode-faithful evaluation.
+        eval_tokens: tokens of decode-faithful evaluation (with `context_tokens`: continuation tokens).
+        context_tokens: None (decode-faithful evaluation of `eval_tokens` tokens) or N: prompt
+            compression instead (`measure.prompt`: N tokens prefilled at once, then `eval_tokens`
+            teacher-forced and scored). Left out of `to_dict` when None, so records of sweeps
+            without it keep their keys.
         recon_tokens: tokens captured for direct reconstruction.
         tasks: names from TASKS to run (on the entries whose `tasks` flag is set).
         passkey_lengths, passkey_depths, passkey_format, seed: see `tasks.passkey_cases`.
@@ -53,6 +57,7 @@ class SweepSettings:
     agreement_new_tokens: int = 32
     agreement_dataset: str | None = None
     artifact: str | None = None
+    context_tokens: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -67,11 +72,15 @@ class SweepSettings:
                      "agreement_new_tokens"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be at least 2, got {getattr(self, name)}")
+        if self.context_tokens is not None and self.context_tokens < 1:
+            raise ValueError(f"context_tokens must be None or at least 1, got {self.context_tokens}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         for name in ("tasks", "passkey_lengths", "passkey_depths"):
             out[name] = list(out[name])
+        if out["context_tokens"] is None:
+            del out["context_tokens"]
         return out
 
     def baseline_dict(self) -> dict:
@@ -90,6 +99,7 @@ def record_key(entry: SpecEntry, settings: SweepSettings, fingerprint: dict | No
         shaping = {k: v for k, v in shaping.items() if k not in _TASK_SETTINGS}
     if not entry.eval:
         shaping.pop("eval_tokens")
+        shaping.pop("context_tokens", None)
     payload = {"format": RECORD_FORMAT, "spec": entry.spec.to_dict(), "settings": shaping,
                "tasks": list(settings.tasks) if entry.tasks else [], "eval": entry.eval, "fingerprint": fingerprint}
     return content_hash(payload)

@@ -8,7 +8,7 @@ For every spec the sweep writes `OUT/records/<label>.json` as soon as that spec 
 
     {"label", "key", "status": "ok" | "error", "spec", "describe", "settings", "model",
      "reconstruction": {...}  (see `reconstruction.direct_reconstruction`),
-     "eval": {...}            (see `evaluate.EvalResult`),
+     "eval": {...}            (see `evaluate.EvalResult`; with `context_tokens`, `prompt.PromptEvalResult`),
      "tasks": {"passkey": {..., "uncompressed": {...}}, "agreement": {...}},
      "error", "traceback"     (only when status is "error"),
      "timing": {phase: {"wall_s", "cpu_s"}}}

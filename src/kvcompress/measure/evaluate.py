@@ -136,6 +136,70 @@ def bootstrap_intervals(nll_base: torch.Tensor, nll_comp: torch.Tensor, kl: torc
     return intervals["ppl_change"], intervals["kl"], method
 
 
+class TokenScores:
+    """Per-position figures of the compressed vs the uncompressed next-token distributions, added
+    chunk by chunk, and their summary (PPL of both, PPL change, mean KL(baseline || compressed),
+    top-1 agreement, bootstrap intervals). Shared by every evaluation protocol."""
+
+    def __init__(self):
+        self.nll_base: list[torch.Tensor] = []
+        self.nll_comp: list[torch.Tensor] = []
+        self.kl: list[torch.Tensor] = []
+        self.agree: list[torch.Tensor] = []
+        self.max_diff = 0.0
+
+    def add(self, logits_b: torch.Tensor, logits_c: torch.Tensor, targets: torch.Tensor) -> None:
+        """Score one chunk: logits (T, vocab) float of the baseline and the compressed cache at T
+        positions, targets (U,) with U <= T the next tokens of the first U of them (positions
+        without a target count only in `max_diff`, the largest |logit difference| seen)."""
+        self.max_diff = max(self.max_diff, (logits_b - logits_c).abs().max().item())
+        usable = targets.shape[0]
+        logp_b = F.log_softmax(logits_b[:usable], dim=-1)
+        logp_c = F.log_softmax(logits_c[:usable], dim=-1)
+        self.nll_base.append(-logp_b.gather(1, targets[:, None])[:, 0])
+        self.nll_comp.append(-logp_c.gather(1, targets[:, None])[:, 0])
+        self.kl.append((logp_b.exp() * (logp_b - logp_c)).sum(-1))
+        self.agree.append(logp_b.argmax(-1) == logp_c.argmax(-1))
+
+    def figures(self) -> dict:
+        """{ppl_baseline, ppl, ppl_change, ppl_change_ci95, kl, kl_ci95, top1, interval} over the
+        scored positions (see `bootstrap_intervals`)."""
+        nll_b, nll_c = torch.cat(self.nll_base).cpu(), torch.cat(self.nll_comp).cpu()
+        kl_all = torch.cat(self.kl).cpu()
+        ppl_ci, kl_ci, interval = bootstrap_intervals(nll_b, nll_c, kl_all)
+        ppl_b = math.exp(nll_b.double().mean().item())
+        ppl_c = math.exp(nll_c.double().mean().item())
+        return {"ppl_baseline": ppl_b, "ppl": ppl_c, "ppl_change": ppl_c / ppl_b - 1.0, "ppl_change_ci95": ppl_ci,
+                "kl": kl_all.double().mean().item(), "kl_ci95": kl_ci,
+                "top1": torch.cat(self.agree).double().mean().item(), "interval": interval}
+
+
+def check_read_path(spec: CacheSpec, changed_tokens: int, max_diff: float, text: str,
+                    changed: str = "compressed", lossy: bool | None = None) -> None:
+    """The guards of every evaluation, once its forwards ran (`text` names what was read).
+
+    `changed_tokens`: tokens the cache compressed (or dropped: say so in `changed`), the most of
+    any layer. `lossy`: whether those tokens lost anything (default: `is_lossy(spec)`).
+
+    Raises:
+        NothingCompressedError: a lossy spec changed no token and no logit (its figures would be
+            the baseline's).
+        RuntimeError: tokens were changed, yet the logits equal the baseline's exactly, i.e.
+            attention did not read the compressed cache.
+    """
+    lossy = is_lossy(spec) if lossy is None else lossy
+    if lossy and changed_tokens == 0 and max_diff == 0.0:
+        raise NothingCompressedError(
+            f"spec {spec.name or spec.describe()!r} {changed} no token of {text}, so its figures would "
+            "equal the uncompressed baseline's; evaluate on a longer text")
+    if lossy and changed_tokens > 0 and max_diff == 0.0:
+        raise RuntimeError(
+            f"{changed_tokens} tokens were {changed} with a lossy spec ({spec.describe()}), yet the "
+            "logits equal the uncompressed baseline's exactly: attention is not reading the compressed "
+            "cache. This is the read-path bug kvcompress exists to prevent; please report it."
+        )
+
+
 @torch.no_grad()
 def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | CacheSpec, *,
                          mode: str = "chunked", progress: bool = True,
@@ -175,8 +239,7 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
     with enable_fast_attention(model, strict=False):
         cache = cache_factory(model, spec) if cache_factory else CompressedCache(model, spec, artifact=artifact)
         baseline = DynamicCache(config=model.config)
-        nll_base, nll_comp, kls, agree = [], [], [], []
-        max_diff = 0.0
+        scores = TokenScores()
         start_time = time.perf_counter()
         bounds = chunk_boundaries(n, spec, mode)
         store_key = (id(model), tuple(input_ids[0].tolist()), tuple(bounds))
@@ -191,54 +254,25 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
                 logits_b = model(input_ids=chunk, **{CACHE_KWARG: baseline}, use_cache=True).logits[0].float()
                 new_logits.append(logits_b)
             logits_c = model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0].float()
-            max_diff = max(max_diff, (logits_b - logits_c).abs().max().item())
-            targets = input_ids[0, start + 1:stop + 1]
-            usable = targets.shape[0]  # the last position of the text has no next token
-            logp_b = F.log_softmax(logits_b[:usable], dim=-1)
-            logp_c = F.log_softmax(logits_c[:usable], dim=-1)
-            nll_base.append(-logp_b.gather(1, targets[:, None])[:, 0])
-            nll_comp.append(-logp_c.gather(1, targets[:, None])[:, 0])
-            kls.append((logp_b.exp() * (logp_b - logp_c)).sum(-1))
-            agree.append(logp_b.argmax(-1) == logp_c.argmax(-1))
+            scores.add(logits_b, logits_c, input_ids[0, start + 1:stop + 1])  # the last position has no target
     seconds = time.perf_counter() - start_time
     if baseline_store is not None and stored_logits is None:
         baseline_store[store_key] = new_logits
-    nll_b, nll_c = torch.cat(nll_base).cpu(), torch.cat(nll_comp).cpu()
     report = cache.memory_report()
     compressed_tokens = max((m.compressed_tokens for m in report.layers), default=0)
-    lossy = is_lossy(spec)
-    if lossy and compressed_tokens == 0 and max_diff == 0.0:
-        raise NothingCompressedError(
-            f"spec {spec.name or spec.describe()!r} compressed no token of the {n}-token text, so its figures would "
-            "equal the uncompressed baseline's; evaluate on a longer text")
-    if lossy and compressed_tokens > 0 and max_diff == 0.0:
-        raise RuntimeError(
-            f"{compressed_tokens} tokens were compressed with a lossy spec ({spec.describe()}), yet the "
-            "logits equal the uncompressed baseline's exactly: attention is not reading the compressed "
-            "cache. This is the read-path bug kvcompress exists to prevent; please report it."
-        )
-    kl_all = torch.cat(kls).cpu()
-    ppl_ci, kl_ci, interval = bootstrap_intervals(nll_b, nll_c, kl_all)
-    ppl_b = math.exp(nll_b.double().mean().item())
-    ppl_c = math.exp(nll_c.double().mean().item())
+    check_read_path(spec, compressed_tokens, scores.max_diff, f"the {n}-token text")
+    figures = scores.figures()
     return EvalResult(
-        ppl_baseline=ppl_b,
-        ppl=ppl_c,
-        ppl_change=ppl_c / ppl_b - 1.0,
-        ppl_change_ci95=ppl_ci,
-        kl=kl_all.double().mean().item(),
-        top1=torch.cat(agree).double().mean().item(),
+        **figures,
         compression_ratio=report.ratio,
         stored_bytes=report.stored_bytes,
         fp16_bytes=report.fp16_bytes,
         tokens=n,
         compressed_tokens=compressed_tokens,
         chunks=len(bounds),
-        max_logit_diff=max_diff,
+        max_logit_diff=scores.max_diff,
         seconds=seconds,
         bits_per_value=report_bits_per_value(report),
         spec=spec.to_dict(),
         memory={k: v for k, v in report.to_dict().items() if k != "layers"},
-        kl_ci95=kl_ci,
-        interval=interval,
     )

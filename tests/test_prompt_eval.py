@@ -1,0 +1,169 @@
+"""Prompt-compression evaluation (`kvcompress eval --context N`): its figures come from reading the
+compressed cache, its ratios from the bytes the cache holds, and its command line refuses bad
+counts in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from kvcompress import CompressedCache, enable_fast_attention
+from kvcompress.cli import eval as eval_cli
+from kvcompress.cli.main import main
+from kvcompress.experiments.sweep import SweepSettings, run_sweep
+from kvcompress.experiments.grid import load_grid
+from kvcompress.measure.evaluate import NothingCompressedError
+from kvcompress.measure.prompt import min_context_tokens, prompt_eval
+from kvcompress.presets import load_spec
+from test_eval_modes import bypass_cache
+from tiny_text import CharTokenizer
+
+SPEC = {"key": {"bits": 2, "axis": "channel", "group_size": 32},
+        "value": {"bits": 2, "axis": "token", "group_size": 32}, "window": 16, "sinks": 4, "block_size": 32}
+CONTEXT, TOKENS = 100, 45  # 45: a last chunk of 13 after one of 32
+
+
+def text_ids(n: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def hand_loop(model, ids, cache, context, tokens, chunk=32):
+    """The protocol written out: prefill, then chunks with explicit true positions; logits of the continuation."""
+    out = []
+    with torch.no_grad(), enable_fast_attention(model, strict=False):
+        model(input_ids=ids[:, :context], cache=cache, position_ids=torch.arange(context)[None])
+        for start in range(context, context + tokens, chunk):
+            stop = min(start + chunk, context + tokens)
+            out.append(model(input_ids=ids[:, start:stop], cache=cache,
+                             position_ids=torch.arange(start, stop)[None]).logits[0].float())
+    return torch.cat(out)
+
+
+def test_figures_are_those_of_a_hand_written_loop_over_the_compressed_cache(tiny_llama):
+    ids = text_ids(CONTEXT + TOKENS + 1)
+    result = prompt_eval(tiny_llama, ids, SPEC, CONTEXT, progress=False)
+    base = F.log_softmax(hand_loop(tiny_llama, ids, DynamicCache(config=tiny_llama.config), CONTEXT, TOKENS), -1)
+    comp = F.log_softmax(hand_loop(tiny_llama, ids, CompressedCache(tiny_llama, SPEC), CONTEXT, TOKENS), -1)
+    targets = ids[0, CONTEXT + 1:]
+    kl = (base.exp() * (base - comp)).sum(-1).double().mean().item()
+    nll_b = -base.gather(1, targets[:, None]).double().mean().item()
+    nll_c = -comp.gather(1, targets[:, None]).double().mean().item()
+    assert kl > 1e-5, "the hand loop must read a lossy cache"
+    assert result.kl == pytest.approx(kl, rel=1e-5, abs=1e-9)
+    assert result.ppl_change == pytest.approx(torch.tensor(nll_c - nll_b).exp().item() - 1, rel=1e-5, abs=1e-9)
+    assert result.top1 == pytest.approx((base.argmax(-1) == comp.argmax(-1)).double().mean().item())
+    assert (result.context_tokens, result.tokens, result.chunks) == (CONTEXT, TOKENS, 2)
+    # another context changes the figures: they depend on what the cache stored, not only on the continuation
+    other = ids.clone()
+    other[0, 10:60] = text_ids(50, seed=9)[0]
+    assert prompt_eval(tiny_llama, other, SPEC, CONTEXT, progress=False).kl != result.kl
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor held by `obj`'s attributes (tensors and dicts of tensors)."""
+    total = 0
+    for value in vars(obj).values():
+        tensors = value.values() if isinstance(value, dict) else [value]
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+def test_ratios_are_fp16_bytes_over_the_bytes_the_cache_holds_after_the_prefill(tiny_llama):
+    ids = text_ids(CONTEXT + TOKENS + 1)
+    result = prompt_eval(tiny_llama, ids, SPEC, CONTEXT, progress=False)
+    cache = CompressedCache(tiny_llama, SPEC)
+    with torch.no_grad():
+        tiny_llama(input_ids=ids[:, :CONTEXT], cache=cache)
+    config = tiny_llama.config
+    layers, heads, dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    fp16 = 2 * layers * heads * CONTEXT * dim * 2  # K and V, 2 bytes each
+    stored = sum(_tensor_bytes(layer) for layer in cache.layers)
+    assert (result.fp16_bytes, result.stored_bytes) == (fp16, stored)
+    assert result.whole_cache_ratio == pytest.approx(fp16 / stored)
+    compressed = (CONTEXT - 4 - 16) // 32 * 32  # whole blocks past the sinks and the window
+    code_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
+                     for t in [*layer.stored_keys.values(), *layer.stored_values.values()])
+    bits = 8 * code_bytes / (2 * layers * heads * compressed * dim)
+    assert result.bits_per_value == pytest.approx(bits)
+    assert result.context_compression == pytest.approx(16 / bits)  # plain quantization: the codec's ratio
+    assert result.kept_fraction == 1.0 and result.evicted_tokens == 0
+    assert result.layers == [{"layer": i, "seen": CONTEXT, "held": CONTEXT, "compressed": compressed}
+                             for i in range(layers)]
+
+
+def test_guards_refuse_a_cache_that_is_not_read_and_a_context_that_compresses_nothing(tiny_llama):
+    ids = text_ids(CONTEXT + TOKENS + 1)
+    with pytest.raises(RuntimeError, match="not reading the compressed cache"):
+        prompt_eval(tiny_llama, ids, SPEC, CONTEXT, progress=False, cache_factory=bypass_cache)
+    need = min_context_tokens(load_spec(SPEC))
+    with pytest.raises(NothingCompressedError, match=f"at least {need} tokens"):
+        prompt_eval(tiny_llama, ids, SPEC, need - 1, progress=False)
+
+
+def test_baseline_store_reuses_the_uncompressed_run(tiny_llama):
+    ids = text_ids(CONTEXT + TOKENS + 1)
+    store = {}
+    first = prompt_eval(tiny_llama, ids, SPEC, CONTEXT, progress=False, baseline_store=store)
+    again = prompt_eval(tiny_llama, ids, SPEC, CONTEXT, progress=False, baseline_store=store)
+    assert len(store) == 1
+    assert (again.kl, again.ppl, again.ppl_baseline) == (first.kl, first.ppl, first.ppl_baseline)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def tiny_cli(tiny_llama, tmp_path, monkeypatch):
+    """`kvcompress eval` on the tiny model and a character tokenizer, reading a small text file."""
+    monkeypatch.setattr(eval_cli, "load_model_from_args", lambda args: (tiny_llama, CharTokenizer()))
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("".join(chr(32 + (i * 7919) % 90) for i in range(1000)))  # report part: ~600 tokens
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    return tmp_path, ["eval", "--spec", str(spec), "--corpus", str(corpus), "--no-progress"]
+
+
+def test_cli_json_records_the_protocol_the_text_and_the_token_ranges(tiny_cli, capsys):
+    folder, argv = tiny_cli
+    out = folder / "r.json"
+    assert main([*argv, "--context", "100", "--tokens", "45", "--offset", "7", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "whole cache" in printed and "kvpress-style" in printed
+    record = json.loads(out.read_text())
+    assert record["protocol"]["name"] == "prompt"
+    assert (record["protocol"]["context_tokens"], record["protocol"]["continuation_tokens"]) == (100, 45)
+    assert record["text"]["part"] == "report" and record["text"]["tokens"] == [7, 7 + 146]
+    assert record["ranges"] == {"context": [7, 107], "continuation": [107, 152], "targets": [108, 153]}
+    for field in ("kl", "kl_ci95", "ppl_change", "top1", "whole_cache_ratio", "context_compression",
+                  "bits_per_value", "layers", "compressed_tokens", "evicted_tokens"):
+        assert field in record, field
+    assert record["layers"][0]["seen"] == 100
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--context", "20"], ["--context 20", "--context 52"]),  # sinks 4 + window 16 + block 32
+    (["--context", "100", "--tokens", "0"], ["--tokens 0"]),
+    (["--context", "100", "--mode", "token"], ["--mode token", "--context"]),
+    (["--context", "100", "--tokens", "5000"], ["--context 100 --tokens 5000", "5101"]),
+])
+def test_cli_errors_exit_2_with_one_line(tiny_cli, capsys, extra, words):
+    _, argv = tiny_cli
+    assert main([*argv, *extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvcompress eval: error: "), lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_sweep_runs_the_same_protocol_and_says_so_in_its_settings(tiny_llama, tmp_path):
+    entries = load_grid({"specs": [dict(SPEC, name="q2")]})
+    settings = SweepSettings(eval_tokens=TOKENS, recon_tokens=72, context_tokens=CONTEXT)
+    record, = run_sweep(entries, tmp_path, settings, model=tiny_llama, tokenizer=CharTokenizer())
+    assert record["status"] == "ok", record.get("error")
+    assert record["eval"]["protocol"]["name"] == "prompt" and record["settings"]["context_tokens"] == CONTEXT
+    assert record["texts"]["eval"]["tokens"] == [0, CONTEXT + TOKENS + 1]
+    assert "context_tokens" not in SweepSettings().to_dict()  # sweeps without it keep their record keys
