@@ -167,3 +167,10 @@ def test_sweep_runs_the_same_protocol_and_says_so_in_its_settings(tiny_llama, tm
     assert record["eval"]["protocol"]["name"] == "prompt" and record["settings"]["context_tokens"] == CONTEXT
     assert record["texts"]["eval"]["tokens"] == [0, CONTEXT + TOKENS + 1]
     assert "context_tokens" not in SweepSettings().to_dict()  # sweeps without it keep their record keys
+
+
+def test_sweep_cli_refuses_a_context_too_short_for_a_spec_before_loading_a_model(tmp_path, capsys):
+    assert main(["sweep", "--specs", "int4", "--out", str(tmp_path / "s"), "--context", "100"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvcompress sweep: error: --context 100 is too few"), lines
+    assert "--context 164" in lines[0]  # int4: sinks 4 + window 128 + block 32
