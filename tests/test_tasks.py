@@ -82,3 +82,24 @@ def test_named_dataset_offline_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake)
     with pytest.raises(TaskDataError, match="hub access"):
         dataset_texts("wikitext")
+
+
+def test_passkey_reports_whether_eviction_kept_the_needle(tiny_llama, fast_attention):
+    """Streaming (sinks + recent) at a quarter of the prompt drops a needle at depth 0.5; keeping all keeps it."""
+    tok = CharTokenizer()
+    case = passkey_cases(tok, lengths=(400,), depths=(0.5,), seed=2, filler_text="Lorem ipsum dolor sit amet. " * 40)[0]
+    start, stop = case.needle
+    needle_text = f" The pass key is {case.key}. Remember it. {case.key} is the pass key. "
+    assert case.input_ids[0, start:stop].tolist() == tok(needle_text)["input_ids"]
+    model = fast_attention(tiny_llama)
+
+    def spec(keep):
+        return {"window": 16, "sinks": 4, "block_size": 32, "eviction": {"policy": "streaming", "keep": keep}}
+
+    assert stop < 400 - 100  # the needle lies before the last quarter of the prompt, which streaming keeps
+    dropped = run_passkey(model, tok, [case], lambda: CompressedCache(model, spec(0.25)), max_new_tokens=2)
+    kept = run_passkey(model, tok, [case], lambda: CompressedCache(model, spec(1.0)), max_new_tokens=2)
+    assert dropped["needle_kept"] == 0.0 and dropped["cases"][0]["needle_kept"] == 0.0
+    assert kept["needle_kept"] == 1.0
+    assert "needle_kept" not in run_passkey(model, tok, [case], lambda: CompressedCache(model, "int4"),
+                                            max_new_tokens=2)

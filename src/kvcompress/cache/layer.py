@@ -104,6 +104,9 @@ class CompressedLayer(CacheLayerMixin):
         self.checked_config = None
         # Whether decode steps may use the compiled CPU kernel (kvcompress.kernels.cpu) where it applies.
         self.use_kernel = True
+        # Diagnostics (tasks): when True, eviction keeps the (B, H, n_kept) prompt positions it kept in
+        # `kept_positions` (not counted in memory(): a measurement aid, off by default).
+        self.record_kept = False
         # The model config, for eviction to check that the prompt runs kvcompress's attention (set by the cache).
         self.model_config = None
         self._clear()
@@ -122,6 +125,7 @@ class CompressedLayer(CacheLayerMixin):
         self.token_positions: torch.Tensor | None = None
         self._awaiting_prompt = self.eviction is not None  # the next multi-token update is the prompt
         self._prompt_unscored = False  # the prompt was handed out and no attention scored it yet
+        self.kept_positions: torch.Tensor | None = None  # see record_kept
         self.is_initialized = False
 
     # ---- transformers CacheLayerMixin API -------------------------------------------------
@@ -212,6 +216,8 @@ class CompressedLayer(CacheLayerMixin):
         kept = choose_kept(self.eviction, query, keys, values, scaling, sinks=self.sinks, protected=self.window,
                            block_size=self.block_size)  # (B, H, n_kept) sorted positions
         n, n_kept = keys.shape[2], kept.shape[2]
+        if self.record_kept:
+            self.kept_positions = kept
         if n_kept < n:
             index = kept[..., None]
             keys = keys.gather(2, index.expand(-1, -1, -1, keys.shape[3]))

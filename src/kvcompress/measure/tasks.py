@@ -65,12 +65,14 @@ class PasskeyCase:
         depth: relative position of the needle in the filler, 0..1.
         key: the 5-digit number, as text.
         input_ids: (1, length) token ids.
+        needle: [start, stop) positions of the needle sentence in the prompt.
     """
 
     length: int
     depth: float
     key: str
     input_ids: torch.Tensor
+    needle: tuple[int, int] = (0, 0)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -137,8 +139,23 @@ def passkey_cases(tokenizer, lengths: Sequence[int] = PASSKEY_LENGTHS, depths: S
             filler = filler_all[start:start + n_filler]
             pos = _snap_to_sentence(filler, int(round(depth * n_filler)), tokenizer)
             ids = before + instruction + filler[:pos] + needle + filler[pos:] + question + after
-            cases.append(PasskeyCase(int(length), float(depth), key, torch.tensor([ids], dtype=torch.long)))
+            start_needle = len(before) + len(instruction) + pos
+            cases.append(PasskeyCase(int(length), float(depth), key, torch.tensor([ids], dtype=torch.long),
+                                     (start_needle, start_needle + len(needle))))
     return cases
+
+
+def needle_kept(cache, needle: tuple[int, int]) -> float | None:
+    """Fraction of the needle's tokens that the cache's eviction kept, over full-attention layers
+    and KV heads; None when the cache evicted nothing (no eviction spec). Reads the positions the
+    layers recorded (`CompressedLayer.record_kept`)."""
+    kept = [layer.kept_positions for layer in getattr(cache, "layers", [])
+            if getattr(layer, "kept_positions", None) is not None]
+    if not kept:
+        return None
+    start, stop = needle
+    hits = [((positions >= start) & (positions < stop)).sum(-1).float() / (stop - start) for positions in kept]
+    return torch.stack([h.mean() for h in hits]).mean().item()
 
 
 def _first_number(text: str) -> str | None:
@@ -156,26 +173,40 @@ def run_passkey(model, tokenizer, cases: Sequence[PasskeyCase], cache_factory: C
             `CompressedCache`); None for the uncompressed model.
 
     Returns:
-        {"cases": [{"length", "depth", "key", "answer", "correct"}], "by_length": {length: accuracy},
-         "accuracy": overall accuracy}
+        {"cases": [{"length", "depth", "key", "answer", "correct"[, "needle_kept"]}],
+         "by_length": {length: accuracy}, "accuracy": overall accuracy[, "needle_kept": mean fraction]}
+        "needle_kept" (caches with eviction): fraction of the needle's tokens the eviction kept,
+        averaged over full-attention layers and KV heads.
     """
     device = next(model.parameters()).device
     rows = []
     with enable_fast_attention(model, strict=False):  # restored as it was afterwards
         for case in cases:
-            kwargs = {CACHE_KWARG: cache_factory()} if cache_factory is not None else {}
+            cache = cache_factory() if cache_factory is not None else None
+            for layer in getattr(cache, "layers", []):
+                if getattr(layer, "eviction", None) is not None:
+                    layer.record_kept = True  # to tell whether eviction kept the needle
+            kwargs = {CACHE_KWARG: cache} if cache is not None else {}
             ids = case.input_ids.to(device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs)
             answer = tokenizer.decode(out[0, case.input_ids.shape[1]:], skip_special_tokens=True)
-            rows.append({"length": case.length, "depth": case.depth, "key": case.key, "answer": answer,
-                         "correct": _first_number(answer) == case.key})
+            row = {"length": case.length, "depth": case.depth, "key": case.key, "answer": answer,
+                   "correct": _first_number(answer) == case.key}
+            kept = needle_kept(cache, case.needle)
+            if kept is not None:
+                row["needle_kept"] = kept
+            rows.append(row)
     by_length: dict[str, float] = {}
     for length in dict.fromkeys(r["length"] for r in rows):
         hits = [r["correct"] for r in rows if r["length"] == length]
         by_length[str(length)] = sum(hits) / len(hits)
     accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")
-    return {"cases": rows, "by_length": by_length, "accuracy": accuracy}
+    result = {"cases": rows, "by_length": by_length, "accuracy": accuracy}
+    kept = [r["needle_kept"] for r in rows if "needle_kept" in r]
+    if kept:
+        result["needle_kept"] = sum(kept) / len(kept)
+    return result
 
 
 # --------------------------------------------------------------------------- generation agreement
