@@ -212,7 +212,7 @@ def test_kept_count_is_the_budget_with_sinks_and_window_always_in():
     ({"policy": "tova", "keep": 0.0}, "fraction in (0, 1]"),
     ({"policy": "tova", "keep": 1.5}, "fraction in (0, 1]"),
     ({"policy": "tova", "keep": 0.5, "keep_tokens": 100}, "exactly one of keep"),
-    ({"policy": "tova", "keep": 0.5, "applies": "always"}, "allowed: ['prompt']"),
+    ({"policy": "tova", "keep": 0.5, "applies": "always"}, "allowed: ['prompt', 'generation']"),
     ({"policy": "snapkv", "keep": 0.5, "pooling": 4}, "pooling must be odd"),
     ({"policy": "tova", "fraction": 0.5}, "allowed: ['policy', 'keep'"),
 ])
@@ -253,3 +253,54 @@ def test_gemma3_evicts_full_layers_only(fast_attention):
             assert layer.eviction is None and layer.held_tokens() == min(N_PROMPT + 4, layer.sliding_window - 1)
         else:
             assert layer.held_tokens() < layer.get_seq_length() == N_PROMPT + 4
+
+
+# ---- eviction during generation ----------------------------------------------------------
+
+@pytest.mark.parametrize("key", [FULL, {"method": "quant", "bits": 8, "axis": "channel", "group_size": 16,
+                                        "key_space": "pre_rope"}])
+def test_generation_eviction_keeps_a_fraction_and_attention_reads_exactly_it(tiny_llama, fast_attention, key):
+    model = fast_attention(tiny_llama)
+    n_decode = 96
+    ids = _ids(N_PROMPT + n_decode + 2)
+    spec = _spec("tova", keep=0.5, key=key, applies="generation")
+    cache = _prefill(model, spec, ids)
+    held_after_prompt = cache.layers[0].held_tokens()
+    with torch.no_grad():
+        for j in range(N_PROMPT, N_PROMPT + n_decode):  # one token at a time, as generation does
+            model(ids[:, j:j + 1], cache=cache)
+    for layer in cache.layers:
+        assert layer.get_seq_length() == N_PROMPT + n_decode
+        # Of 96 generated tokens, 80 left the 16-token window: two whole 32-token spans, each keeping 16.
+        assert layer.held_tokens() == held_after_prompt + n_decode - 2 * 16
+    reference = DynamicCache(config=model.config)
+    for idx, layer in enumerate(cache.layers):
+        reference.update(*layer.reconstruct(), idx)
+    with torch.no_grad():
+        for j in range(N_PROMPT + n_decode, N_PROMPT + n_decode + 2):
+            ours = model(ids[:, j:j + 1], cache=cache).logits
+            theirs = model(ids[:, j:j + 1], cache=reference, position_ids=torch.tensor([[j]])).logits
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_eviction_with_streaming_keeps_the_most_recent_of_each_span(tiny_llama, fast_attention):
+    model = fast_attention(tiny_llama)
+    ids = _ids(N_PROMPT + 64)
+    cache = _prefill(model, _spec("streaming", keep=0.5, applies="generation"), ids)
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=full)
+        model(ids[:, N_PROMPT:], cache=cache)  # 64 new tokens in one forward: one 32-token span leaves the window
+    layer = cache.layers[0]
+    keys, _ = layer.reconstruct()
+    positions = _kept_positions(keys, full.layers[0].keys)[0, 0].tolist()
+    prompt_kept = [p for p in positions if p < N_PROMPT]
+    assert prompt_kept == [0, 1, 2, 3] + list(range(N_PROMPT - 44, N_PROMPT))  # streaming kept 48 of the prompt
+    new = [p for p in positions if p >= N_PROMPT]
+    # The 48 new tokens before the window form one span (32) + 16 waiting; of the span the last 16 stay.
+    assert new == list(range(N_PROMPT + 16, N_PROMPT + 64))
+
+
+def test_generation_eviction_needs_a_fraction():
+    with pytest.raises(ValueError, match="give keep"):
+        EvictionSpec("tova", keep_tokens=100, applies="generation")

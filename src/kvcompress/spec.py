@@ -39,7 +39,7 @@ _TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space", "
 _SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers", "eviction")
 # Token eviction (see `kvcompress.cache.eviction`, which scores tokens for each policy).
 EVICTION_POLICIES = ("snapkv", "tova", "expected", "streaming", "knorm")
-EVICTION_APPLIES = ("prompt",)
+EVICTION_APPLIES = ("prompt", "generation")
 _EVICTION_FIELDS = ("policy", "keep", "keep_tokens", "applies", "observation", "pooling")
 
 
@@ -206,7 +206,10 @@ class EvictionSpec:
         keep: fraction of the prompt's tokens each KV head keeps, in (0, 1]; or None when
             `keep_tokens` is given.
         keep_tokens: tokens each KV head keeps (>= 1), instead of a fraction.
-        applies: where eviction runs, one of EVICTION_APPLIES ("prompt": once, at the end of the prompt).
+        applies: where eviction runs, one of EVICTION_APPLIES: "prompt" (once, at the end of the
+            prompt) or "generation" (the prompt, and then every `ceil(block_size / keep)` tokens that
+            leave the full-precision window keep `block_size` of them per KV head, scored with the
+            latest query: so the cache keeps about `keep` of the generated tokens too; needs `keep`).
         observation: prompt queries (the last ones) whose attention scores tokens (snapkv, expected).
         pooling: odd width of the max-pooling of snapkv's scores over neighbouring tokens (1 = none).
     """
@@ -229,6 +232,9 @@ class EvictionSpec:
         if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
                                       or not 0 < self.keep <= 1):
             raise ValueError(f"eviction keep must be a fraction in (0, 1], got {self.keep!r}")
+        if self.applies == "generation" and self.keep is None:
+            raise ValueError("eviction applies 'generation' keeps a fraction of the tokens that leave the window: "
+                             "give keep (a fraction in (0, 1]) instead of keep_tokens")
         if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or isinstance(self.keep_tokens, bool)
                                              or self.keep_tokens < 1):
             raise ValueError(f"eviction keep_tokens must be an integer >= 1, got {self.keep_tokens!r}")
@@ -238,6 +244,10 @@ class EvictionSpec:
                 raise ValueError(f"eviction {attr} must be an integer >= 1, got {value!r}")
         if self.pooling % 2 == 0:
             raise ValueError(f"eviction pooling must be odd (a centred window), got {self.pooling}")
+
+    def generation_span(self, block_size: int) -> int:
+        """Tokens leaving the window from which generation-time eviction keeps one block of `block_size`."""
+        return max(block_size, math.ceil(block_size / self.keep - 1e-9))
 
     def budget(self, n_tokens: int) -> int:
         """Tokens each KV head keeps of an `n_tokens`-token prompt (before the cache's own rounding)."""

@@ -76,6 +76,7 @@ logger = logging.getLogger(__name__)
 ATTENTION_NAME = "kvcompress"
 LAYER_ATTRIBUTE = "_kvcompress_layer"
 PROMPT_ATTRIBUTE = "_kvcompress_prompt_layer"
+OBSERVED_ATTRIBUTE = "_kvcompress_observed_layer"
 CHUNK_TOKENS = 4096
 # Model types whose attention passes the tensors `Cache.update` returns straight to the
 # attention function (checked by tests/test_attention.py for each).
@@ -241,6 +242,14 @@ def hand_prompt(keys: torch.Tensor, layer) -> torch.Tensor:
     return tagged
 
 
+def hand_observed(keys: torch.Tensor, layer) -> torch.Tensor:
+    """`keys` (B, H, seq, D) as a view tagged with `layer`, which wants this step's query after
+    attention (generation-time eviction scores the tokens that left the window with it)."""
+    tagged = keys.view_as(keys)
+    setattr(tagged, OBSERVED_ATTRIBUTE, layer)
+    return tagged
+
+
 def _check_unpadded(attention_mask: torch.Tensor | None, layer) -> None:
     """Refuse a prompt whose last query does not see every token (padding): eviction would score pads."""
     if attention_mask is None:
@@ -269,6 +278,11 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         out = sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         prompt_layer.evict_prompt(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
         return out
+    observer = getattr(key, OBSERVED_ATTRIBUTE, None)
+    if observer is not None:  # attend first, then let the layer evict with this step's query
+        out = sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        observer.after_attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        return out
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is None:
         return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -286,6 +300,8 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         _check_rope(layer, config)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend(layer, query, attention_mask, scale)  # (B, H_q, Q, D)
+    if layer.evicts_during_generation():
+        layer.after_attention(query, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

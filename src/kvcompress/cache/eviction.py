@@ -16,6 +16,11 @@ prompt token per KV head with the spec's policy and returns the positions each h
 The `sinks` first tokens and the last `protected` tokens (the cache's full-precision window)
 are always kept; the rest of each head's budget goes to the best-scoring tokens.
 
+With `applies: "generation"`, every `ceil(block_size / keep)` tokens that leave the window later
+keep `block_size` per KV head (`choose_in_segment`): the attention policies score them with the
+latest query attention saw (TOVA-style: no later query exists yet), streaming keeps the most
+recent, knorm the smallest key norms.
+
 Every KV head of a layer keeps the same number of tokens (each its own tokens): storage stays
 one (B, H, n, D) tensor per layer and transformers' one mask per layer stays right. This module
 does not store or drop anything (the layer does) and does not run attention.
@@ -93,6 +98,28 @@ def kept_count(spec: EvictionSpec, n_tokens: int, sinks: int, protected: int, bl
     """Tokens each KV head keeps of an `n_tokens`-token prompt: the spec's budget, and never fewer
     than the sinks and the last `protected` tokens (always kept)."""
     return max(min(n_tokens, sinks + protected), spec.budget(n_tokens))
+
+
+@torch.no_grad()
+def choose_in_segment(spec: EvictionSpec, query: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+                      scaling: float, n_keep: int) -> torch.Tensor:
+    """Positions (within the segment, sorted) each KV head keeps of a segment of tokens leaving the
+    window: a (B, H_kv, n_keep) long tensor.
+
+    Args:
+        query: (B, H_q, 1, D) the latest query attention saw (needed by snapkv, tova, expected).
+        keys, values: (B, H_kv, n, D) the segment's post-RoPE keys and values, n >= n_keep.
+    """
+    if spec.policy in ("streaming", "knorm"):
+        scores = SCORERS[spec.policy](query, keys, values, scaling, spec)
+    else:
+        B, H, n, D = keys.shape
+        q = query[:, :, -1:].float().reshape(B, H, query.shape[1] // H, 1, D)
+        attention = torch.softmax((q @ keys.float()[:, :, None].transpose(-1, -2)) * scaling, dim=-1)
+        scores = attention.sum((2, 3))  # (B, H, n)
+        if spec.policy == "expected":
+            scores = scores * values.float().norm(dim=-1)
+    return scores.float().topk(n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
 @torch.no_grad()

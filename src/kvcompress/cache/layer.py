@@ -41,8 +41,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..codecs import Codec, Stored, stored_nbytes, token_slice
 from ..spec import EvictionSpec
-from .attention import ATTENTION_NAME, hand_prompt, hand_window
-from .eviction import choose_kept
+from .attention import ATTENTION_NAME, hand_observed, hand_prompt, hand_window
+from .eviction import choose_in_segment, choose_kept
 from .memory import FP16_BYTES, LayerMemory
 
 
@@ -126,6 +126,10 @@ class CompressedLayer(CacheLayerMixin):
         self._awaiting_prompt = self.eviction is not None  # the next multi-token update is the prompt
         self._prompt_unscored = False  # the prompt was handed out and no attention scored it yet
         self.kept_positions: torch.Tensor | None = None  # see record_kept
+        # Generation-time eviction: tokens at the window's start already chosen (compressed next), and
+        # whether keys were handed out whose attention has not called `after_attention` yet.
+        self._selected = 0
+        self._query_pending = False
         self.is_initialized = False
 
     # ---- transformers CacheLayerMixin API -------------------------------------------------
@@ -157,6 +161,12 @@ class CompressedLayer(CacheLayerMixin):
             self._refuse_unconsumed_window()
         if self._prompt_unscored:
             self._refuse_unscored_prompt()
+        if self._query_pending:
+            raise RuntimeError(
+                f"kvcompress: layer {self.layer_idx} evicts during generation ({self.eviction.describe()}) with each "
+                "step's query, but the attention that ran did not hand it one (it is not kvcompress's attention), so "
+                "tokens would pile up uncompressed. Fix: run the model inside "
+                "`with kvcompress.enable_fast_attention(model):`")
         # The cache is for inference: what it stores carries no autograd history, so a cache filled
         # with gradients enabled can still be copied (`CompressedCache.copy`) and holds no graph.
         key_states, value_states = key_states.detach(), value_states.detach()
@@ -183,10 +193,14 @@ class CompressedLayer(CacheLayerMixin):
         self.window_keys = torch.cat([self.window_keys, key_states], dim=2)
         self.window_values = torch.cat([self.window_values, value_states], dim=2)
         self._flush()
+        self._query_pending = self.evicts_during_generation()
         if decode_step and self._attention_reads_codes():
             self._window_unconsumed = True
             return hand_window(self.window_keys, self), self.window_values.view_as(self.window_values)
-        return self.reconstruct()
+        keys, values = self.reconstruct()
+        if self.evicts_during_generation():
+            keys = hand_observed(keys, self)
+        return keys, values
 
     # ---- eviction ---------------------------------------------------------------------------
 
@@ -227,7 +241,44 @@ class CompressedLayer(CacheLayerMixin):
         n_sinks = min(self.sinks, n_kept)
         self.sink_keys, self.sink_values = keys[:, :, :n_sinks].clone(), values[:, :, :n_sinks].clone()
         self.window_keys, self.window_values = keys[:, :, n_sinks:].clone(), values[:, :, n_sinks:].clone()
+        self._selected = self.window_keys.shape[2]  # every prompt token went through eviction once
         self._flush()
+
+    def evicts_during_generation(self) -> bool:
+        """Whether tokens leaving the window are evicted too (eviction `applies: "generation"`)."""
+        return self.eviction is not None and self.eviction.applies == "generation"
+
+    def after_attention(self, query: torch.Tensor, scaling: float) -> None:
+        """Generation-time eviction, called by kvcompress's attention once this step's attention has
+        read the layer: select among the tokens that left the window with the step's (B, H_q, Q, D)
+        queries, then compress the selected blocks."""
+        self._query_pending = False
+        self._select_leaving(query[:, :, -1:], scaling)
+        self._flush()
+
+    def _select_leaving(self, query: torch.Tensor, scaling: float) -> None:
+        """While a whole span of unselected tokens has left the window, keep `block_size` of them
+        per KV head (scored with the (B, H_q, 1, D) query) and drop the rest."""
+        span = self.eviction.generation_span(self.block_size)
+        while self.window_keys.shape[2] - self.window - self._selected >= span:
+            start, stop = self._selected, self._selected + span
+            segment_k, segment_v = self.window_keys[:, :, start:stop], self.window_values[:, :, start:stop]
+            kept = choose_in_segment(self.eviction, query, segment_k, segment_v, scaling,
+                                     self.block_size) + start  # (B, H, block_size) window indices
+            if self.key_space is not None and self.token_positions is None:  # positions until now: consecutive
+                B, H = segment_k.shape[:2]
+                held = torch.arange(self.held_tokens(), dtype=torch.int32, device=segment_k.device)
+                self.token_positions = held.expand(B, H, -1).clone()
+            keep = torch.cat([torch.arange(start, device=kept.device).expand(*kept.shape[:2], start), kept,
+                              torch.arange(stop, self.window_keys.shape[2], device=kept.device).expand(
+                                  *kept.shape[:2], -1)], dim=2)
+            self.window_keys = self.window_keys.gather(2, keep[..., None].expand(-1, -1, -1, segment_k.shape[3]))
+            self.window_values = self.window_values.gather(2, keep[..., None].expand(-1, -1, -1, segment_v.shape[3]))
+            if self.token_positions is not None:
+                offset = self.sink_keys.shape[2] + self.n_compressed
+                window_positions = self.token_positions[:, :, offset:].gather(2, keep.to(torch.long))
+                self.token_positions = torch.cat([self.token_positions[:, :, :offset], window_positions], dim=2)
+            self._selected += self.block_size
 
     def _refuse_unscored_prompt(self) -> None:
         raise RuntimeError(
@@ -270,8 +321,12 @@ class CompressedLayer(CacheLayerMixin):
                 and not torch.is_grad_enabled())
 
     def _flush(self) -> None:
-        """Compress every whole block that lies before the last `window` tokens."""
+        """Compress every whole block that lies before the last `window` tokens (with generation-time
+        eviction: every whole block of the tokens it selected)."""
         overflow = self.window_keys.shape[2] - self.window
+        self._selected = min(self._selected, self.window_keys.shape[2])  # a crop may have cut selected tokens
+        if self.evicts_during_generation():  # only tokens eviction selected (`after_attention`) are compressed
+            overflow = min(overflow, self._selected)
         n_tokens = (overflow // self.block_size) * self.block_size
         if n_tokens <= 0:
             return
@@ -289,6 +344,7 @@ class CompressedLayer(CacheLayerMixin):
         self.window_keys = self.window_keys[:, :, n_tokens:].clone()
         self.window_values = self.window_values[:, :, n_tokens:].clone()
         self.n_compressed += n_tokens
+        self._selected = max(0, self._selected - n_tokens)
 
     def reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of shape (B, H, seq, D) in the model dtype: what attention reads."""
