@@ -20,6 +20,7 @@ from kvcompress.measure.evaluate import NothingCompressedError
 from kvcompress.measure.prompt import min_context_tokens, prompt_eval
 from kvcompress.presets import load_spec
 from test_eval_modes import bypass_cache
+from tiny_models import tiny_gemma3
 from tiny_text import CharTokenizer
 
 SPEC = {"key": {"bits": 2, "axis": "channel", "group_size": 32},
@@ -91,8 +92,8 @@ def test_ratios_are_fp16_bytes_over_the_bytes_the_cache_holds_after_the_prefill(
     assert result.bits_per_value == pytest.approx(bits)
     assert result.context_compression == pytest.approx(16 / bits)  # plain quantization: the codec's ratio
     assert result.kept_fraction == 1.0 and result.evicted_tokens == 0
-    assert result.layers == [{"layer": i, "seen": CONTEXT, "held": CONTEXT, "compressed": compressed}
-                             for i in range(layers)]
+    assert result.layers == [{"layer": i, "seen": CONTEXT, "held": CONTEXT, "compressed": compressed,
+                              "sliding": False} for i in range(layers)]
 
 
 def test_guards_refuse_a_cache_that_is_not_read_and_a_context_that_compresses_nothing(tiny_llama):
@@ -102,6 +103,17 @@ def test_guards_refuse_a_cache_that_is_not_read_and_a_context_that_compresses_no
     need = min_context_tokens(load_spec(SPEC))
     with pytest.raises(NothingCompressedError, match=f"at least {need} tokens"):
         prompt_eval(tiny_llama, ids, SPEC, need - 1, progress=False)
+
+
+def test_sliding_layers_dropping_their_window_count_as_neither_eviction_nor_loss():
+    model = tiny_gemma3()  # interleaved sliding (window 80) and full-attention layers
+    ids = text_ids(CONTEXT + TOKENS + 1)
+    lossless = prompt_eval(model, ids, "none", CONTEXT, progress=False)  # no guard mistakes drops for loss
+    assert lossless.kl == 0.0 and lossless.kept_fraction == 1.0 and lossless.evicted_tokens == 0
+    sliding = [x for x in lossless.layers if x["sliding"]]
+    assert sliding and all(x["held"] < x["seen"] == CONTEXT for x in sliding)
+    lossy = prompt_eval(model, ids, SPEC, CONTEXT, progress=False)
+    assert lossy.kl > 0 and lossy.kept_fraction == 1.0
 
 
 def test_baseline_store_reuses_the_uncompressed_run(tiny_llama):

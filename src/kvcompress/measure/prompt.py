@@ -23,7 +23,7 @@ Sizes, taken from `memory_report()` right after the prefill (the end of the cont
   layer (what a `DynamicCache` holding the same tokens in fp16 stores) / bytes the cache stores:
   codes, scales, zero points, the full-precision window and sinks, everything.
 - `context_compression` (how kvpress counts: context tokens / tokens kept) =
-  (tokens seen / tokens held, summed over layers) x codec ratio, where the codec ratio is
+  (tokens seen / tokens held, summed over full-attention layers) x codec ratio, where the codec ratio is
   16 / bits per compressed value (fp16 bytes of the compressed tokens / bytes of their codes; 1
   when nothing is compressed). For a plain quantization spec it is the codec ratio alone: the
   window and sinks, held in full precision, are not counted (so it is generous, and
@@ -60,7 +60,8 @@ PROTOCOL = "prompt"
 class PromptEvalResult:
     """Figures of one prompt-compression evaluation (see module docstring).
 
-    `layers`: per layer at the end of the context, {"layer", "seen", "held", "compressed"} tokens.
+    `layers`: per layer at the end of the context, {"layer", "seen", "held", "compressed"} tokens and
+    "sliding" (a sliding layer drops what leaves its window, as an uncompressed one does).
     `compression_ratio`, `stored_bytes`, `fp16_bytes`: the whole cache at the end of the context
     (`compression_ratio` is `whole_cache_ratio`, under the name sweep reports read).
     `memory_end`: the memory report's totals after the last continuation token.
@@ -121,17 +122,21 @@ def check_context_tokens(spec: CacheSpec, context: int, tokens: int) -> None:
             f"{spec.block_size} at a time, so the context needs at least {need} tokens")
 
 
-def layer_tokens(cache) -> list[dict]:
-    """Per layer: tokens seen (the layer's sequence length), held and compressed (its memory report)."""
-    report = cache.memory_report()
+def layer_tokens(cache, report) -> list[dict]:
+    """Per layer of `cache`: tokens seen (the layer's sequence length), held and compressed (from
+    `report`, its memory report), and whether the layer slides (it drops what leaves its window,
+    as an uncompressed sliding layer does: not counted as eviction)."""
     return [{"layer": m.layer, "seen": int(layer.get_seq_length()), "held": m.tokens,
-             "compressed": m.compressed_tokens} for layer, m in zip(cache.layers, report.layers, strict=True)]
+             "compressed": m.compressed_tokens, "sliding": bool(getattr(layer, "is_sliding", False))}
+            for layer, m in zip(cache.layers, report.layers, strict=True)]
 
 
 def context_sizes(report, layers: list[dict]) -> dict:
-    """The size figures of the module docstring from a memory report and `layer_tokens`."""
-    seen = sum(x["seen"] for x in layers)
-    held = sum(x["held"] for x in layers)
+    """The size figures of the module docstring from a memory report and `layer_tokens` (the kept
+    fraction over full-attention layers only)."""
+    full = [x for x in layers if not x["sliding"]]
+    seen = sum(x["seen"] for x in full)
+    held = sum(x["held"] for x in full)
     bits = report_bits_per_value(report)
     codec_ratio = 16.0 / bits if bits else 1.0
     kept = held / seen if seen else 1.0
@@ -208,7 +213,7 @@ def prompt_eval(model, input_ids: torch.Tensor, spec: str | dict | CacheSpec, co
         if stored_logits is None:
             prefill(model, baseline, input_ids, context)
         after_prefill = cache.memory_report()
-        layers = layer_tokens(cache)
+        layers = layer_tokens(cache, after_prefill)
         scores = TokenScores()
         for i, (start, stop) in enumerate(tqdm(bounds, desc=f"prompt {spec.name or 'spec'}", disable=not progress,
                                                leave=False)):
@@ -223,8 +228,9 @@ def prompt_eval(model, input_ids: torch.Tensor, spec: str | dict | CacheSpec, co
     if baseline_store is not None and stored_logits is None:
         baseline_store[store_key] = new_logits
     compressed = max((x["compressed"] for x in layers), default=0)
-    evicted = max((x["seen"] - x["held"] for x in layers), default=0)
-    changed = max((x["compressed"] * is_lossy(spec) + x["seen"] - x["held"] for x in layers), default=0)
+    evicted = max((x["seen"] - x["held"] for x in layers if not x["sliding"]), default=0)
+    changed = max((x["compressed"] * is_lossy(spec) + (0 if x["sliding"] else x["seen"] - x["held"])
+                   for x in layers), default=0)
     check_read_path(spec, changed, scores.max_diff, f"the {context}-token context", changed="compressed or dropped",
                     lossy=is_lossy(spec) or evicted > 0)
     sizes = context_sizes(after_prefill, layers)
