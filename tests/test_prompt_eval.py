@@ -5,6 +5,7 @@ counts in one line."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from tiny_text import CharTokenizer
 SPEC = {"key": {"bits": 2, "axis": "channel", "group_size": 32},
         "value": {"bits": 2, "axis": "token", "group_size": 32}, "window": 16, "sinks": 4, "block_size": 32}
 CONTEXT, TOKENS = 100, 45  # 45: a last chunk of 13 after one of 32
+EVICT = dict(SPEC, eviction={"policy": "snapkv", "keep": 0.6})  # keeps 60 of the 100 context tokens, 32 compressed
 
 
 def text_ids(n: int, seed: int = 3) -> torch.Tensor:
@@ -44,24 +46,25 @@ def hand_loop(model, ids, cache, context, tokens, chunk=32):
     return torch.cat(out)
 
 
-def test_figures_are_those_of_a_hand_written_loop_over_the_compressed_cache(tiny_llama):
+@pytest.mark.parametrize("spec", [SPEC, EVICT], ids=["int2", "int2+evict"])
+def test_figures_are_those_of_a_hand_written_loop_over_the_compressed_cache(tiny_llama, spec):
     ids = text_ids(CONTEXT + TOKENS + 1)
-    result = prompt_eval(tiny_llama, ids, SPEC, CONTEXT, progress=False)
+    result = prompt_eval(tiny_llama, ids, spec, CONTEXT, progress=False)
     base = F.log_softmax(hand_loop(tiny_llama, ids, DynamicCache(config=tiny_llama.config), CONTEXT, TOKENS), -1)
-    comp = F.log_softmax(hand_loop(tiny_llama, ids, CompressedCache(tiny_llama, SPEC), CONTEXT, TOKENS), -1)
+    comp = F.log_softmax(hand_loop(tiny_llama, ids, CompressedCache(tiny_llama, spec), CONTEXT, TOKENS), -1)
     targets = ids[0, CONTEXT + 1:]
     kl = (base.exp() * (base - comp)).sum(-1).double().mean().item()
     nll_b = -base.gather(1, targets[:, None]).double().mean().item()
     nll_c = -comp.gather(1, targets[:, None]).double().mean().item()
     assert kl > 1e-5, "the hand loop must read a lossy cache"
     assert result.kl == pytest.approx(kl, rel=1e-5, abs=1e-9)
-    assert result.ppl_change == pytest.approx(torch.tensor(nll_c - nll_b).exp().item() - 1, rel=1e-5, abs=1e-9)
+    assert result.ppl_change == pytest.approx(math.exp(nll_c - nll_b) - 1, rel=1e-5, abs=1e-9)
     assert result.top1 == pytest.approx((base.argmax(-1) == comp.argmax(-1)).double().mean().item())
     assert (result.context_tokens, result.tokens, result.chunks) == (CONTEXT, TOKENS, 2)
     # another context changes the figures: they depend on what the cache stored, not only on the continuation
     other = ids.clone()
     other[0, 10:60] = text_ids(50, seed=9)[0]
-    assert prompt_eval(tiny_llama, other, SPEC, CONTEXT, progress=False).kl != result.kl
+    assert prompt_eval(tiny_llama, other, spec, CONTEXT, progress=False).kl != result.kl
 
 
 def _tensor_bytes(obj) -> int:
@@ -73,26 +76,27 @@ def _tensor_bytes(obj) -> int:
     return total
 
 
-def test_ratios_are_fp16_bytes_over_the_bytes_the_cache_holds_after_the_prefill(tiny_llama):
+@pytest.mark.parametrize("spec, kept", [(SPEC, CONTEXT), (EVICT, 60)], ids=["int2", "int2+evict"])
+def test_ratios_are_fp16_bytes_over_the_bytes_the_cache_holds_after_the_prefill(tiny_llama, spec, kept):
     ids = text_ids(CONTEXT + TOKENS + 1)
-    result = prompt_eval(tiny_llama, ids, SPEC, CONTEXT, progress=False)
-    cache = CompressedCache(tiny_llama, SPEC)
-    with torch.no_grad():
+    result = prompt_eval(tiny_llama, ids, spec, CONTEXT, progress=False)
+    cache = CompressedCache(tiny_llama, spec)
+    with torch.no_grad(), enable_fast_attention(tiny_llama, strict=False):
         tiny_llama(input_ids=ids[:, :CONTEXT], cache=cache)
     config = tiny_llama.config
     layers, heads, dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    fp16 = 2 * layers * heads * CONTEXT * dim * 2  # K and V, 2 bytes each
-    stored = sum(_tensor_bytes(layer) for layer in cache.layers)
+    fp16 = 2 * layers * heads * CONTEXT * dim * 2  # K and V of every context token, 2 bytes each
+    stored = sum(_tensor_bytes(layer) for layer in cache.layers)  # evicted tokens cost nothing
     assert (result.fp16_bytes, result.stored_bytes) == (fp16, stored)
     assert result.whole_cache_ratio == pytest.approx(fp16 / stored)
-    compressed = (CONTEXT - 4 - 16) // 32 * 32  # whole blocks past the sinks and the window
+    compressed = (kept - 4 - 16) // 32 * 32  # whole blocks past the sinks and the window
     code_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
                      for t in [*layer.stored_keys.values(), *layer.stored_values.values()])
     bits = 8 * code_bytes / (2 * layers * heads * compressed * dim)
     assert result.bits_per_value == pytest.approx(bits)
-    assert result.context_compression == pytest.approx(16 / bits)  # plain quantization: the codec's ratio
-    assert result.kept_fraction == 1.0 and result.evicted_tokens == 0
-    assert result.layers == [{"layer": i, "seen": CONTEXT, "held": CONTEXT, "compressed": compressed,
+    assert result.kept_fraction == kept / CONTEXT and result.evicted_tokens == CONTEXT - kept
+    assert result.context_compression == pytest.approx(16 / bits * CONTEXT / kept)  # codec ratio x eviction
+    assert result.layers == [{"layer": i, "seen": CONTEXT, "held": kept, "compressed": compressed,
                               "sliding": False} for i in range(layers)]
 
 
@@ -103,6 +107,16 @@ def test_guards_refuse_a_cache_that_is_not_read_and_a_context_that_compresses_no
     need = min_context_tokens(load_spec(SPEC))
     with pytest.raises(NothingCompressedError, match=f"at least {need} tokens"):
         prompt_eval(tiny_llama, ids, SPEC, need - 1, progress=False)
+
+
+def test_a_cache_that_counts_held_tokens_as_its_length_is_refused_for_wrong_positions(tiny_llama):
+    class HeldLength(CompressedCache):  # what a pruned DynamicCache reports: the continuation would be misplaced
+        def get_seq_length(self, layer_idx=0):
+            return self.layers[layer_idx].held_tokens()
+
+    with pytest.raises(RuntimeError, match="wrong positions"):
+        prompt_eval(tiny_llama, text_ids(CONTEXT + TOKENS + 1), EVICT, CONTEXT, progress=False,
+                    cache_factory=lambda model, spec: HeldLength(model, spec))
 
 
 def test_sliding_layers_dropping_their_window_count_as_neither_eviction_nor_loss():

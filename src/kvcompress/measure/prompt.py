@@ -23,12 +23,15 @@ Sizes, taken from `memory_report()` right after the prefill (the end of the cont
   layer (what a `DynamicCache` holding the same tokens in fp16 stores) / bytes the cache stores:
   codes, scales, zero points, the full-precision window and sinks, everything.
 - `context_compression` (how kvpress counts: context tokens / tokens kept) =
-  (tokens seen / tokens held, summed over full-attention layers) x codec ratio, where the codec ratio is
-  16 / bits per compressed value (fp16 bytes of the compressed tokens / bytes of their codes; 1
-  when nothing is compressed). For a plain quantization spec it is the codec ratio alone: the
-  window and sinks, held in full precision, are not counted (so it is generous, and
-  `whole_cache_ratio` is the honest figure); for eviction alone, context tokens / tokens kept
-  (kept tokens counted as fp16, as kvpress does); composed, the product of the two.
+  (tokens seen / tokens held, summed over full-attention layers) x codec ratio, where the codec
+  ratio is 16 / bits per compressed value (fp16 bytes of the compressed tokens / bytes of their
+  codes), or 1 for a spec whose codecs store tokens as they are (whatever the model's dtype). For
+  a plain quantization spec it is the codec ratio alone: the window and sinks, held in full
+  precision, are not counted (so it is generous, and `whole_cache_ratio` is the honest figure);
+  for eviction alone, context tokens / tokens kept (kept tokens counted as fp16, as kvpress
+  does); composed, the product of the two.
+- `bits_per_value`: 8 x bytes of the codes of compressed tokens / their K and V values
+  (`cache.bits.report_bits_per_value`, with evicted tokens not counted as compressed values).
 
 The model runs kvcompress's attention during the evaluation (`enable_fast_attention`, which a
 spec that evicts needs during the prefill) and is restored to its own implementation afterwards.
@@ -131,14 +134,15 @@ def layer_tokens(cache, report) -> list[dict]:
             for layer, m in zip(cache.layers, report.layers, strict=True)]
 
 
-def context_sizes(report, layers: list[dict]) -> dict:
+def context_sizes(report, layers: list[dict], lossy: bool = True) -> dict:
     """The size figures of the module docstring from a memory report and `layer_tokens` (the kept
-    fraction over full-attention layers only)."""
+    fraction over full-attention layers only; `lossy`: whether the spec's codecs compress, else the
+    codec ratio is 1, kept tokens counted as fp16 whatever the model's dtype)."""
     full = [x for x in layers if not x["sliding"]]
     seen = sum(x["seen"] for x in full)
     held = sum(x["held"] for x in full)
-    bits = report_bits_per_value(report)
-    codec_ratio = 16.0 / bits if bits else 1.0
+    bits = report_bits_per_value(report, [x["held"] if x["sliding"] else x["seen"] for x in layers])
+    codec_ratio = 16.0 / bits if bits and lossy else 1.0
     kept = held / seen if seen else 1.0
     return {"whole_cache_ratio": report.ratio, "kept_fraction": kept, "codec_ratio": codec_ratio,
             "context_compression": codec_ratio / kept if kept else 0.0, "bits_per_value": bits,
@@ -233,7 +237,7 @@ def prompt_eval(model, input_ids: torch.Tensor, spec: str | dict | CacheSpec, co
                    for x in layers), default=0)
     check_read_path(spec, changed, scores.max_diff, f"the {context}-token context", changed="compressed or dropped",
                     lossy=is_lossy(spec) or evicted > 0)
-    sizes = context_sizes(after_prefill, layers)
+    sizes = context_sizes(after_prefill, layers, lossy=is_lossy(spec))
     end = cache.memory_report()
     return PromptEvalResult(
         protocol=protocol_record(context, n_tokens, chunk),
