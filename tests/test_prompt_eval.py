@@ -200,4 +200,3 @@ def test_sweep_cli_refuses_a_context_too_short_for_a_spec_before_loading_a_model
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvcompress sweep: error: --context 100 is too few"), lines
     assert "--context 164" in lines[0]  # int4: sinks 4 + window 128 + block 32
-
