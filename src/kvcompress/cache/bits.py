@@ -27,18 +27,12 @@ FP16_BYTES = 2
 _COMPRESSED_PARTS = ("key_", "value_")
 
 
-def report_bits_per_value(report, baseline_tokens: list[int] | None = None) -> float:
-    """Bits per compressed K/V value of a `MemoryReport` (0.0 if nothing is compressed).
-
-    `baseline_tokens`: per layer, the tokens whose fp16 bytes the layer's `fp16_bytes` counts
-    (every token seen by a full-attention layer, also those it evicted; the held window of a
-    sliding layer). Default: the tokens each layer holds, right for a cache that evicts nothing.
-    """
+def report_bits_per_value(report) -> float:
+    """Bits per compressed K/V value of a `MemoryReport` (0.0 if nothing is compressed)."""
     stored = sum(v for m in report.layers for k, v in m.parts.items() if k.startswith(_COMPRESSED_PARTS))
-    counts = baseline_tokens if baseline_tokens is not None else [m.tokens for m in report.layers]
-    # fp16_bytes / 2 is the number of K and V values of the counted tokens; compressed ones are a share.
-    values = sum(m.fp16_bytes // FP16_BYTES * m.compressed_tokens // n
-                 for m, n in zip(report.layers, counts, strict=True) if n)
+    # fp16_bytes / 2 is the number of K and V values of the `fp16_tokens` it counts; compressed ones are a share.
+    values = sum(m.fp16_bytes // FP16_BYTES * m.compressed_tokens // m.fp16_tokens
+                 for m in report.layers if m.fp16_tokens)
     return 8.0 * stored / values if values else 0.0
 
 

@@ -488,4 +488,4 @@ class CompressedLayer(CacheLayerMixin):
         else:
             fp16 = 0
         return LayerMemory(self.layer_idx, self.held_tokens(), self.n_compressed, parts, fp16,
-                           seen_tokens=self.get_seq_length())
+                           seen_tokens=self.get_seq_length(), fp16_tokens=self.baseline_tokens())

@@ -21,10 +21,15 @@ class LayerMemory:
     parts: dict[str, int]
     fp16_bytes: int
     seen_tokens: int = -1  # tokens the layer has seen (>= tokens after eviction); -1: same as tokens
+    # Tokens whose K and V `fp16_bytes` counts (an uncompressed layer's: every token seen by a
+    # full-attention layer, evicted ones included; the window a sliding layer holds); -1: tokens.
+    fp16_tokens: int = -1
 
     def __post_init__(self):
         if self.seen_tokens < 0:
             self.seen_tokens = self.tokens
+        if self.fp16_tokens < 0:
+            self.fp16_tokens = self.tokens
 
     @property
     def stored_bytes(self) -> int:

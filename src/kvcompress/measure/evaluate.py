@@ -174,14 +174,6 @@ class TokenScores:
                 "top1": torch.cat(self.agree).double().mean().item(), "interval": interval}
 
 
-def bits_per_value(report, sliding: list[bool]) -> float:
-    """Bits per compressed K/V value of a memory report (`cache.bits.report_bits_per_value`), given
-    which layers slide: a full-attention layer's fp16 bytes count every token it has seen (also
-    those it evicted), a sliding layer's the window it holds."""
-    return report_bits_per_value(report, [m.tokens if slides else m.seen_tokens
-                                          for m, slides in zip(report.layers, sliding, strict=True)])
-
-
 def check_read_path(spec: CacheSpec, changed_tokens: int, max_diff: float, text: str,
                     changed: str = "compressed", lossy: bool | None = None) -> None:
     """The guards of every evaluation, once its forwards ran (`text` names what was read).
@@ -280,7 +272,7 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
         chunks=len(bounds),
         max_logit_diff=scores.max_diff,
         seconds=seconds,
-        bits_per_value=bits_per_value(report, [getattr(layer, "is_sliding", False) for layer in cache.layers]),
+        bits_per_value=report_bits_per_value(report),
         spec=spec.to_dict(),
         memory={k: v for k, v in report.to_dict().items() if k != "layers"},
     )

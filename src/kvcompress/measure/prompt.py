@@ -31,7 +31,7 @@ Sizes, taken from `memory_report()` right after the prefill (the end of the cont
   for eviction alone, context tokens / tokens kept (kept tokens counted as fp16, as kvpress
   does); composed, the product of the two.
 - `bits_per_value`: 8 x bytes of the codes of compressed tokens / their K and V values
-  (`evaluate.bits_per_value`: evicted tokens are not compressed values).
+  (`cache.bits.report_bits_per_value`: evicted tokens are not compressed values).
 
 The model runs kvcompress's attention during the evaluation (`enable_fast_attention`, which a
 spec that evicts needs during the prefill) and is restored to its own implementation afterwards.
@@ -48,11 +48,12 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..cache.attention import enable_fast_attention
+from ..cache.bits import report_bits_per_value
 from ..cache.cache import CompressedCache
 from ..compat import CACHE_KWARG
 from ..presets import load_spec
 from ..spec import CacheSpec
-from .evaluate import NothingCompressedError, TokenScores, bits_per_value, check_read_path, is_lossy
+from .evaluate import NothingCompressedError, TokenScores, check_read_path, is_lossy
 
 CHUNK = 32
 PROTOCOL = "prompt"
@@ -140,7 +141,7 @@ def context_sizes(report, layers: list[dict], lossy: bool = True) -> dict:
     full = [x for x in layers if not x["sliding"]]
     seen = sum(x["seen"] for x in full)
     held = sum(x["held"] for x in full)
-    bits = bits_per_value(report, [x["sliding"] for x in layers])
+    bits = report_bits_per_value(report)
     codec_ratio = 16.0 / bits if bits and lossy else 1.0
     kept = held / seen if seen else 1.0
     return {"whole_cache_ratio": report.ratio, "kept_fraction": kept, "codec_ratio": codec_ratio,
