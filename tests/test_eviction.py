@@ -304,3 +304,17 @@ def test_generation_eviction_with_streaming_keeps_the_most_recent_of_each_span(t
 def test_generation_eviction_needs_a_fraction():
     with pytest.raises(ValueError, match="give keep"):
         EvictionSpec("tova", keep_tokens=100, applies="generation")
+
+
+def test_spec_names_with_eviction():
+    from kvcompress import load_spec
+
+    spec = load_spec("int4@snapkv:0.5")
+    assert spec.key == load_spec("int4").key and spec.eviction == EvictionSpec("snapkv", keep=0.5)
+    assert load_spec("none@tova:300").eviction == EvictionSpec("tova", keep_tokens=300)
+    with pytest.raises(ValueError, match="allowed: \\['snapkv'"):
+        load_spec("int4@h2o:0.5")
+    with pytest.raises(ValueError, match="POLICY:KEEP"):
+        load_spec("int4@snapkv")
+    with pytest.raises(ValueError, match="POLICY:KEEP"):
+        load_spec("int4@snapkv:2.5")

@@ -121,7 +121,12 @@ PRESETS.add_source(lambda registry: register_measured(registry, load_measured())
 
 
 def load_spec(spec: str | Path | dict | CacheSpec) -> CacheSpec:
-    """Resolve a spec from a preset name, a JSON/YAML file path, a dict, or a CacheSpec."""
+    """Resolve a spec from a preset name, a JSON/YAML file path, a dict, or a CacheSpec.
+
+    A name `BASE@POLICY:KEEP` is the spec BASE (a preset name or spec file) with an eviction
+    section added: e.g. `int4@snapkv:0.5` (int4 codecs, SnapKV keeping half the prompt),
+    `none@tova:0.25`, `bits3@expected:600` (KEEP > 1: tokens kept per KV head).
+    """
     if isinstance(spec, CacheSpec):
         return spec
     if isinstance(spec, dict):
@@ -129,4 +134,28 @@ def load_spec(spec: str | Path | dict | CacheSpec) -> CacheSpec:
     text = str(spec)
     if looks_like_spec_file(text):
         return read_spec_file(text)
+    if "@" in text:
+        return _with_eviction(text)
     return PRESETS.get(text)
+
+
+def _with_eviction(text: str) -> CacheSpec:
+    """`BASE@POLICY:KEEP` -> the spec BASE with eviction {policy, keep (fraction) or keep_tokens}."""
+    base, _, eviction = text.partition("@")
+    policy, colon, keep_text = eviction.partition(":")
+    try:
+        keep = float(keep_text)
+    except ValueError:
+        keep = None
+    if not colon or keep is None or keep <= 0 or (keep > 1 and keep != int(keep)):
+        raise ValueError(f"spec {text!r}: after '@' write POLICY:KEEP, KEEP a fraction in (0, 1] or a number of "
+                         f"tokens, e.g. {base or 'int4'}@snapkv:0.5")
+    fields = {"policy": policy, "keep": keep} if keep <= 1 else {"policy": policy, "keep_tokens": int(keep)}
+    data = load_spec(base).to_dict()
+    if data.get("eviction"):
+        raise ValueError(f"spec {text!r}: {base!r} already has an eviction section; use one '@'")
+    data.update(name=text, eviction=fields)
+    try:
+        return CacheSpec.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"spec {text!r}: {err}") from None
