@@ -72,27 +72,65 @@ def export_ids(path: str, *, context: int, tokens: int, offset: int, model_name:
     return data
 
 
-def kvcompress_rows(ids_file: dict, specs: list[str], dtype: str) -> list[dict]:
-    """One row per spec, measured with `measure.prompt.prompt_eval` on the exported ids."""
+def family(spec_name: str) -> str:
+    """'quantization', 'eviction' or 'eviction + quantization': what a kvcompress spec does to a prompt."""
+    from kvcompress import load_spec
+    from kvcompress.measure.evaluate import is_lossy
+
+    spec = load_spec(spec_name)
+    if spec.eviction is None:
+        return "kvcompress quantization"
+    return "kvcompress eviction + quantization" if is_lossy(spec) else "kvcompress eviction"
+
+
+def kvcompress_rows(ids_file: dict, specs: list[str], dtype: str, done_path: Path | None = None) -> list[dict]:
+    """One row per spec, measured with `measure.prompt.prompt_eval` on the exported ids.
+
+    With `done_path` (a JSON-lines file), each row is appended there as soon as it is measured and
+    rows already there (same spec, ids and dtype) are reused: an interrupted run resumes."""
     import torch
 
     from kvcompress.measure.prompt import prompt_eval
     from kvcompress.models import DTYPES, load_model
 
-    model, _ = load_model(ids_file["model"]["folder"] if ids_file["model"]["folder"] else None, dtype=DTYPES[dtype])
-    ids = torch.tensor([ids_file["ids"]], dtype=torch.long)
+    done = {}
+    if done_path is not None and done_path.is_file():
+        for line in done_path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else None
+            if row and row.get("ids_sha256") == ids_file["ids_sha256"] and row.get("dtype") == dtype:
+                done[row["spec"]] = row
+    todo = [spec for spec in specs if spec not in done]
+    if todo:
+        model, _ = load_model(ids_file["model"]["folder"] if ids_file["model"]["folder"] else None,
+                              dtype=DTYPES[dtype])
+        ids = torch.tensor([ids_file["ids"]], dtype=torch.long)
     store: dict = {}
-    rows = []
-    for spec in specs:
+    for spec in todo:
         result = prompt_eval(model, ids, spec, ids_file["protocol"]["context_tokens"], progress=False,
                              baseline_store=store)
-        rows.append({"library": "kvcompress", "method": f"kvcompress {spec}", "keep": result.kept_fraction,
-                     "context_compression": result.context_compression,
-                     "whole_cache_ratio": result.whole_cache_ratio, "kl": result.kl, "kl_ci95": list(result.kl_ci95),
-                     "ppl_change": result.ppl_change, "top1": result.top1, "ppl_baseline": result.ppl_baseline})
-        print(f"  {rows[-1]['method']}: context {result.context_compression:.2f}x, KL {result.kl:.4f}", file=sys.stderr,
+        row = {"library": "kvcompress", "method": f"kvcompress {spec}", "spec": spec, "family": family(spec),
+               "keep": result.kept_fraction, "context_compression": result.context_compression,
+               "whole_cache_ratio": result.whole_cache_ratio, "kl": result.kl, "kl_ci95": list(result.kl_ci95),
+               "ppl_change": result.ppl_change, "top1": result.top1, "ppl_baseline": result.ppl_baseline,
+               "ids_sha256": ids_file["ids_sha256"], "dtype": dtype}
+        done[spec] = row
+        if done_path is not None:
+            with done_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        print(f"  {row['method']}: context {result.context_compression:.2f}x, KL {result.kl:.4f}", file=sys.stderr,
               flush=True)
-    return rows
+    return [done[spec] for spec in specs]
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """KL vs context compression, one line per family (kvpress presses as one family each)."""
+    from kvcompress.experiments.plots import plot_kl_vs_compression
+
+    points = [{"family": r.get("family") or f"kvpress {r['method'].split(',')[0]}", "x": r["context_compression"],
+               "kl": r["kl"], "label": r["method"].replace("kvcompress ", "")}
+              for r in rows]
+    return plot_kl_vs_compression(points, path, "context compression (kvpress's count: context tokens / kept, "
+                                                "x codec ratio; window and sinks not counted)")
 
 
 def kvpress_rows(path: str, ids_file: dict) -> list[dict]:
@@ -145,7 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--specs", default=DEFAULT_SPECS, help="comma list of kvcompress specs ('' for none)")
     parser.add_argument("--kvpress", metavar="FILE", help="JSON lines written by benchmarks/kvpress/run_kvpress.py")
-    parser.add_argument("--out", help="folder for side_by_side.json and side_by_side.md")
+    parser.add_argument("--out", help="folder for side_by_side.json, .md and .png (KL vs context compression); "
+                        "kvcompress rows are kept in kvcompress_rows.jsonl there as they finish, and reused")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     args = parser.parse_args(argv)
     try:
@@ -180,7 +219,11 @@ def run(args: argparse.Namespace) -> int:
     ids_file = json.loads(Path(args.ids).read_text())
     rows = kvpress_rows(args.kvpress, ids_file) if args.kvpress else []
     specs = [s for s in args.specs.split(",") if s.strip()]
-    rows = kvcompress_rows(ids_file, specs, args.dtype) + rows
+    done_path = None
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        done_path = Path(args.out) / "kvcompress_rows.jsonl"
+    rows = kvcompress_rows(ids_file, specs, args.dtype, done_path) + rows
     table = markdown(rows)
     print(table)
     if args.out:
@@ -191,6 +234,9 @@ def run(args: argparse.Namespace) -> int:
         write_json_atomic(out / "side_by_side.json", {"protocol": ids_file["protocol"], "text": ids_file["text"],
                                                       "dtype": args.dtype, "rows": rows})
         (out / "side_by_side.md").write_text(table + "\n")
+        picture = plot(rows, out / "side_by_side.png")
+        if picture is not None:
+            print(f"wrote {out / 'side_by_side.json'}, {out / 'side_by_side.md'} and {picture}")
     return 0
 
 

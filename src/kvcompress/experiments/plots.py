@@ -152,3 +152,28 @@ def plot_quality_vs_bits(points: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def plot_kl_vs_compression(points: list[dict], path: Path, xlabel: str) -> Path | None:
+    """KL vs a compression ratio, one line per family (points: {"family", "x", "kl", "label"},
+    joined in order of x); None if empty."""
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for family in dict.fromkeys(p["family"] for p in points):
+        pts = sorted((p for p in points if p["family"] == family), key=lambda p: p["x"])
+        ax.plot([p["x"] for p in pts], [max(p["kl"], 1e-6) for p in pts], "-o", label=family, markersize=4)
+        for p in pts:
+            ax.annotate(p["label"], (p["x"], max(p["kl"], 1e-6)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean KL(uncompressed || compressed)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("Prompt compression: quality vs compression (lower right is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
