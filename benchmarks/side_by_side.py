@@ -66,7 +66,7 @@ def export_ids(path: str, *, context: int, tokens: int, offset: int, model_name:
                                                              else None)
     data = {"protocol": protocol_record(context, tokens), "text": text.record, "ids": ids[0].tolist(),
             "ids_sha256": content_hash(ids[0].tolist()), "dtype": dtype,
-            "model": {"name": model_id(model), "folder": folder},
+            "model": {"name": model_id(model), "folder": folder, "argument": model_name},
             "baseline": {"ppl": torch.cat(nll).double().mean().exp().item(), "library": "kvcompress"}}
     write_json_atomic(path, data)
     return data
@@ -101,8 +101,9 @@ def kvcompress_rows(ids_file: dict, specs: list[str], dtype: str, done_path: Pat
                 done[row["spec"]] = row
     todo = [spec for spec in specs if spec not in done]
     if todo:
-        model, _ = load_model(ids_file["model"]["folder"] if ids_file["model"]["folder"] else None,
-                              dtype=DTYPES[dtype])
+        # The --model the ids were exported with (None: the embedded model, whose calibration artifact
+        # kvcompress builds itself); kvpress reads the same weights from `folder`.
+        model, _ = load_model(ids_file["model"]["argument"], dtype=DTYPES[dtype])
         ids = torch.tensor([ids_file["ids"]], dtype=torch.long)
     store: dict = {}
     for spec in todo:
