@@ -124,11 +124,11 @@ def kvcompress_rows(ids_file: dict, specs: list[str], dtype: str, done_path: Pat
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
-    """KL vs context compression, one line per family (kvpress presses as one family each)."""
+    """KL vs context compression: kvcompress's quantization, eviction and both, and kvpress's presses."""
     from kvcompress.experiments.plots import plot_kl_vs_compression
 
-    points = [{"family": r.get("family") or f"kvpress {r['method'].split(',')[0]}", "x": r["context_compression"],
-               "kl": r["kl"], "label": r["method"].replace("kvcompress ", "")}
+    points = [{"family": r.get("family") or "kvpress eviction (its presses)", "x": r["context_compression"],
+               "kl": r["kl"], "label": r["method"].replace("kvcompress ", "").replace("kvpress ", "")}
               for r in rows]
     return plot_kl_vs_compression(points, path, "context compression (kvpress's count: context tokens / kept, "
                                                 "x codec ratio; window and sinks not counted)")

@@ -179,3 +179,15 @@ def test_report_has_a_quality_per_bit_table(tmp_path, tiny_llama):
     # scale per vector of 32 (2.5)
     assert rows["int2"]["bits/value"] == "3.00" and rows["cb2"]["bits/value"] == "2.50"
     assert (tmp_path / "quality_vs_bits.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_kl_vs_compression_plot_draws_each_familys_frontier(tmp_path):
+    from kvcompress.experiments.plots import _frontier, plot_kl_vs_compression
+
+    points = [{"family": "a", "x": 2.0, "kl": 0.002, "label": "p"}, {"family": "a", "x": 3.0, "kl": 0.004, "label": "q"},
+              {"family": "a", "x": 2.5, "kl": 0.005, "label": "beaten by q"},
+              {"family": "a", "x": 5.0, "kl": 0.003, "label": "r"}]
+    assert [p["label"] for p in _frontier(points)] == ["p", "r"]  # q: r compresses more with lower KL
+    out = plot_kl_vs_compression(points, tmp_path / "kl.png", "ratio")
+    assert out.is_file() and out.stat().st_size > 1000
+    assert plot_kl_vs_compression([], tmp_path / "none.png", "ratio") is None

@@ -154,17 +154,30 @@ def plot_quality_vs_bits(points: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _frontier(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both axes (more compression and lower KL), by x."""
+    best, kept = float("inf"), []
+    for p in sorted(points, key=lambda p: (-p["x"], p["kl"])):
+        if p["kl"] < best:
+            best = p["kl"]
+            kept.append(p)
+    return kept[::-1]
+
+
 def plot_kl_vs_compression(points: list[dict], path: Path, xlabel: str) -> Path | None:
-    """KL vs a compression ratio, one line per family (points: {"family", "x", "kl", "label"},
-    joined in order of x); None if empty."""
+    """KL vs a compression ratio: every point as a marker, one colour per family (points:
+    {"family", "x", "kl", "label"}), and a line through each family's frontier (the points no
+    other point of the family beats on both axes), labelled; None if empty."""
     if not points:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for family in dict.fromkeys(p["family"] for p in points):
-        pts = sorted((p for p in points if p["family"] == family), key=lambda p: p["x"])
-        ax.plot([p["x"] for p in pts], [max(p["kl"], 1e-6) for p in pts], "-o", label=family, markersize=4)
-        for p in pts:
+        pts = [p for p in points if p["family"] == family]
+        front = _frontier(pts)
+        line, = ax.plot([p["x"] for p in front], [max(p["kl"], 1e-6) for p in front], "-", label=family)
+        ax.plot([p["x"] for p in pts], [max(p["kl"], 1e-6) for p in pts], "o", color=line.get_color(), markersize=4)
+        for p in front:
             ax.annotate(p["label"], (p["x"], max(p["kl"], 1e-6)), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -172,7 +185,8 @@ def plot_kl_vs_compression(points: list[dict], path: Path, xlabel: str) -> Path 
     ax.set_ylabel("mean KL(uncompressed || compressed)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title("Prompt compression: quality vs compression (lower right is better)", fontsize=10)
+    ax.set_title("Prompt compression: quality vs compression (lower right is better; lines join each "
+                 "family's best points)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
