@@ -92,6 +92,11 @@ class AllocatedCodebookCodec(Codec):
     def token_multiple(self) -> int:
         return ROW_TOKENS
 
+    def code_groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """(width w, coordinate indices js (n_w,), mixer M (n_w, n_w) or None) per stored tensor
+        `codes{w}`, in storage order: the decoded coefficients are y[js] = book_w[codes] @ M^T."""
+        return [(w, js, self._mixers.get(w)) for w, js in self._groups.items()]
+
     def _check(self, shape) -> None:
         if shape[1] != self.std.shape[0] or shape[-1] != len(self.widths):
             raise ValueError(f"states (B, H, T, D) = {tuple(shape)} do not match the calibrated statistics "

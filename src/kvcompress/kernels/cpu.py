@@ -1,13 +1,21 @@
-"""Build, load and call the CPU decode kernel (`cpu_decode.cpp`) for a `CompressedLayer`.
+"""Build, load and call the CPU decode kernel (`cpu_decode.cpp`, `cpu_codebook.cpp`) for a `CompressedLayer`.
 
 `attend(layer, query, mask, scaling)` computes what `kvcompress.cache.attention.attend_compressed`
-computes (one decode step over sinks, compressed blocks and window), from the packed codes,
-or returns None when the kernel does not apply:
+computes (one decode step over sinks, compressed blocks and window), from the stored codes.
+Two paths of one extension:
+
+- uniform codes (`cpu_decode.cpp`): keys and values plain `QuantCodec`s, keys post-RoPE;
+- codebook codes (`cpu_codebook.cpp`, see `kernels.cpu_codebook`): keys and values rotated,
+  centred or principal-basis codebook codecs (`CodebookCodec`, `AllocatedCodebookCodec`, the
+  `bitsN` presets), keys pre- or post-RoPE.
+
+It returns None (the caller runs `attend_compressed`) when the kernel does not apply:
 
 - the kernel is disabled (environment variable `KVCOMPRESS_NO_KERNEL=1`) or could not be built
   (no compiler, no ninja, a build error): then ONE warning per process says why;
-- the tensors are not on the CPU, or keys are stored pre-RoPE (`layer.key_space`);
-- a codec is not a plain `QuantCodec` (low-rank, Hadamard, fp16, ... run the torch path);
+- the tensors are not on the CPU;
+- the codecs fit neither path (low-rank fp16, Hadamard + uniform, a mix of the two families, pre-RoPE
+  uniform keys, ... run the torch path), or `kernels.cpu_codebook.supports` refuses the layer;
 - the mask is not (B or 1, 1, 1, seq).
 
 The extension is built on first use (about a minute) with torch's `cpp_extension.load` into
@@ -35,9 +43,12 @@ from pathlib import Path
 import torch
 
 from ..codecs.quant import QuantCodec
+from . import cpu_codebook
 
 ENV_DISABLE = "KVCOMPRESS_NO_KERNEL"
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")  # defines the module; the files below are compiled with it
+EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"),)
+HEADERS = (Path(__file__).with_name("cpu_common.h"),)
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 # Compressed tokens per task of the kernel (a multiple of both codecs' rows): small enough to
@@ -66,7 +77,8 @@ def _cpu_signature() -> str:
 def build_key() -> str:
     """Hash of everything the compiled extension depends on."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+    for part in (SOURCE.read_bytes(), *(path.read_bytes() for path in EXTRA_SOURCES + HEADERS),
+                 torch.__version__.encode(), sys.version.encode(),
                  platform.machine().encode(), " ".join(CFLAGS + LDFLAGS).encode(), _cpu_signature().encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -109,7 +121,8 @@ def _build():
 
     directory.mkdir(parents=True, exist_ok=True)
     log.info("building the kvcompress CPU decode kernel into %s (once; about a minute)", directory)
-    return cpp_extension.load(name=name, sources=[str(SOURCE)],
+    return cpp_extension.load(name=name, sources=[str(SOURCE), *(str(path) for path in EXTRA_SOURCES)],
+                              extra_include_paths=[str(path.parent) for path in HEADERS],
                               extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(directory),
                               verbose=False)
 
@@ -183,7 +196,10 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
     Args and result as `kvcompress.cache.attention.attend_compressed`: query (B, H_q, 1, D),
     attention_mask None / bool / additive (B or 1, 1, 1, seq); returns (B, H_q, 1, D_v).
     """
-    if query.shape[2] != 1 or layer.n_compressed == 0 or query.device.type != "cpu" or not supports(layer):
+    if query.shape[2] != 1 or layer.n_compressed == 0 or query.device.type != "cpu":
+        return None
+    uniform = supports(layer)
+    if not uniform and not cpu_codebook.supports(layer):
         return None
     module = load()
     if module is None:
@@ -195,6 +211,8 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
     mask = _mask_rows(attention_mask, seq)
     if mask is False:
         return None
+    if not uniform:
+        return cpu_codebook.attend(module, layer, query, mask, scaling, BLOCK_TOKENS)
     kc, vc = layer.key_codec, layer.value_codec
     ks, vs = layer.stored_keys, layer.stored_values
     block = lcm(kc.row_tokens, vc.row_tokens)

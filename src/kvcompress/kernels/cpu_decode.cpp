@@ -32,70 +32,9 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define KVC_AVX2 1
-#endif
+#include "cpu_common.h"
 
 namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kMaxDim = 1024;  // head_dim limit of the stack buffer of one decoded token
-
-// exp(x) for x <= 0 (scores minus their max), vectorisable; exact 0 below -87.
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
-// s[j] = exp(s[j] - m) in place (s[j] <= m, s[j] may be -inf); returns the sum.
-inline float exp_shifted_sum(float* s, int64_t n, float m) {
-  int64_t j = 0;
-  float total = 0.0f;
-#ifdef KVC_AVX2
-  const __m256 mv = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.0f);
-  __m256 sum = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) {
-    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + j), mv);
-    const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // exp is 0 below -87 (and for -inf)
-    const __m256 xc = _mm256_max_ps(x, lo);
-    const __m256 n8 = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fnmadd_ps(n8, _mm256_set1_ps(0.693359375f), xc);
-    r = _mm256_fmadd_ps(n8, _mm256_set1_ps(2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n8), _mm256_set1_epi32(127)), 23);
-    const __m256 y = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-    _mm256_storeu_ps(s + j, y);
-    sum = _mm256_add_ps(sum, y);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, sum);
-  total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-#endif
-  for (; j < n; ++j) {
-    s[j] = exp_nonpositive(s[j] - m);
-    total += s[j];
-  }
-  return total;
-}
 
 // One QuantCodec's stored tensors, positioned at one (batch, KV head).
 struct Packed {
@@ -643,6 +582,18 @@ at::Tensor attend(const at::Tensor& query, const at::Tensor& sink_k, const at::T
 
 }  // namespace
 
+// cpu_codebook.cpp: the same step over codebook codes (codecs.codebook, codecs.allocated).
+at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                           const at::Tensor& win_k, const at::Tensor& win_v, const std::vector<at::Tensor>& k_codes,
+                           const std::vector<int64_t>& k_bits, const std::vector<at::Tensor>& k_books,
+                           const at::Tensor& k_scale, const at::Tensor& k_rows, const at::Tensor& k_offset,
+                           const at::Tensor& rope_cos, const at::Tensor& rope_sin,
+                           const std::vector<at::Tensor>& v_codes, const std::vector<int64_t>& v_bits,
+                           const std::vector<at::Tensor>& v_books, const at::Tensor& v_scale,
+                           const at::Tensor& v_rows, const at::Tensor& v_offset, int64_t n_compressed,
+                           const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "Decode-step attention over packed KV codes (see cpu_decode.cpp)");
+  m.def("attend_codebook", &attend_codebook, "Decode-step attention over codebook codes (see cpu_codebook.cpp)");
 }

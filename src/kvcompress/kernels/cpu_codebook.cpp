@@ -1,0 +1,641 @@
+// Decode-step attention over a CompressedLayer whose keys and values are codebook codes (CPU).
+//
+// A codebook-coded tensor (kvcompress.kernels.cpu_codebook describes one) stores, per token
+// and KV head, n integer codes split into groups of equal width w (one packed tensor per
+// group, 8 tokens per row, byte-planar as kvcompress.codecs.packing), and one fp16 scale s.
+// The state it decodes to is linear in the codebook values c_j = book_w[code_j]:
+//     x = offset + s * sum_j c_j rows[j]          rows (n, D) per head, offset (D,) or none
+// (rotations, principal bases, per-coordinate deviations and mixers are folded into `rows`
+// once per layer on the Python side).
+//
+// One query token per sequence. For every (batch, KV head) the scores of each query head of
+// its grouped-query group are taken against
+//     [ sinks (full precision) | compressed tokens (codes) | window (full precision) ]
+// then one softmax (float32) and p.v:
+//   keys, post-RoPE:  q.x_t = q.offset + s_t * sum_j c_tj (rows[j].q): the projected query
+//                     rows.q (n) is formed once per step, each token costs n multiply-adds;
+//   keys, pre-RoPE:   x_t is decoded 8 tokens at a time into a stack buffer (an 8 x n by n x D
+//                     product), rotated to its position p_t with the cos/sin rows given
+//                     (x cos + rotate_half(x) sin, transformers' convention), then dotted;
+//   values:           sum_t p_t s_t c_t is accumulated in code space (n) and mapped back once
+//                     per step: out = (sum_t p_t s_t c_t) . rows + (sum_t p_t) offset.
+// No decoded copy of the cache is built; codes are read where they are stored.
+//
+// Work is split into tasks (batch, KV head, token block) that compute partial softmaxes,
+// merged at the end (split-K "flash decoding"), as in cpu_decode.cpp.
+//
+// This file does not know codecs or transformers: the Python side decides when it applies
+// and hands it plain tensors.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_common.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---- a few vector operations, on the widest registers the build targets
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+constexpr int kChunkVecs = 4;  // vectors of D per micro-tile of the key decode
+using vec = __m512;
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vset1(float x) { return _mm512_set1_ps(x); }
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(KVC_AVX2)
+constexpr int64_t kLanes = 8;
+constexpr int kChunkVecs = 2;
+using vec = __m256;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vset1(float x) { return _mm256_set1_ps(x); }
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vec a) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, a);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+#else
+constexpr int64_t kLanes = 8;
+constexpr int kChunkVecs = 1;
+struct vec {
+  float x[8];
+};
+inline vec vload(const float* p) {
+  vec v;
+  std::memcpy(v.x, p, sizeof(v.x));
+  return v;
+}
+inline void vstore(float* p, vec v) { std::memcpy(p, v.x, sizeof(v.x)); }
+inline vec vset1(float x) {
+  vec v;
+  for (float& e : v.x) e = x;
+  return v;
+}
+inline vec vzero() { return vset1(0.0f); }
+inline vec vfma(vec a, vec b, vec c) {
+  for (int i = 0; i < 8; ++i) c.x[i] += a.x[i] * b.x[i];
+  return c;
+}
+inline float vsum(vec a) {
+  float s = 0.0f;
+  for (float e : a.x) s += e;
+  return s;
+}
+#endif
+
+constexpr int64_t kRow = 8;        // tokens per packed row
+constexpr int64_t kBookSize = 64;  // codebooks padded to 64 entries (widths up to 6 bits)
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+inline float dot(const float* a, const float* b, int64_t n) {  // n % kLanes == 0
+  vec acc = vzero();
+  for (int64_t i = 0; i < n; i += kLanes) acc = vfma(vload(a + i), vload(b + i), acc);
+  return vsum(acc);
+}
+
+template <typename T>
+inline float dot_t(const float* a, const T* b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * static_cast<float>(b[i]);
+  return acc;
+}
+
+// The n codes (n % 8 == 0) of one packed row of `bits`-bit codes, one byte each, in code order.
+// Layout (kvcompress.codecs.packing): fields of widths 8/4/2/1 (binary expansion of bits,
+// widest first, at increasing bit offsets), each byte-planar: a field of width w takes
+// m = n*w/8 bytes, byte j holding codes j + h*m at bits [h*w, (h+1)*w).
+inline void unpack_row(const uint8_t* row, int bits, int64_t n, uint8_t* out) {
+  int64_t start = 0;
+  int offset = 0;
+  for (int width = 8; width >= 1; width /= 2) {
+    if (bits - offset < width) continue;
+    const int64_t m = n * width / 8;
+    const uint8_t* src = row + start;
+    const int mask = (1 << width) - 1;
+    for (int h = 0; h < 8 / width; ++h) {
+      uint8_t* dst = out + h * m;
+      const int sh = h * width;
+#if defined(__AVX512BW__)
+      // 64 bytes at a time, the tail masked (fields of a few codes are common: no scalar loop)
+      const __m512i keep = _mm512_set1_epi8(static_cast<char>(mask));
+      const __m128i right = _mm_cvtsi32_si128(sh), left = _mm_cvtsi32_si128(offset);
+      for (int64_t j = 0; j < m; j += 64) {
+        const __mmask64 lanes = m - j >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (m - j)) - 1);
+        __m512i v = _mm512_and_si512(_mm512_srl_epi16(_mm512_maskz_loadu_epi8(lanes, src + j), right), keep);
+        if (offset != 0) v = _mm512_or_si512(_mm512_sll_epi16(v, left), _mm512_maskz_loadu_epi8(lanes, dst + j));
+        _mm512_mask_storeu_epi8(dst + j, lanes, v);
+      }
+#else
+      if (offset == 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<uint8_t>((src[j] >> sh) & mask);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<uint8_t>(dst[j] | (((src[j] >> sh) & mask) << offset));
+      }
+#endif
+    }
+    start += m;
+    offset += width;
+  }
+}
+
+// out[i] = book[idx[i]] for i < n. `book` holds kBookSize floats; idx and out may be read and
+// written up to round_up(n, 16) (their buffers are padded).
+inline void lookup(const float* book, int bits, const uint8_t* idx, int64_t n, float* out) {
+#if defined(__AVX512F__)
+  const __m512 b0 = _mm512_loadu_ps(book), b1 = _mm512_loadu_ps(book + 16);
+  const __m512 b2 = _mm512_loadu_ps(book + 32), b3 = _mm512_loadu_ps(book + 48);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512i id = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + i)));
+    __m512 v;
+    if (bits <= 4) {
+      v = _mm512_permutexvar_ps(id, b0);
+    } else {
+      v = _mm512_permutex2var_ps(b0, id, b1);
+      if (bits > 5) {
+        const __mmask16 high = _mm512_test_epi32_mask(id, _mm512_set1_epi32(32));
+        v = _mm512_mask_blend_ps(high, v, _mm512_permutex2var_ps(b2, id, b3));
+      }
+    }
+    _mm512_storeu_ps(out + i, v);
+  }
+#else
+#if defined(KVC_AVX2)
+  if (bits <= 3) {
+    const __m256 b0 = _mm256_loadu_ps(book);
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256i id = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + i)));
+      _mm256_storeu_ps(out + i, _mm256_permutevar8x32_ps(b0, id));
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = book[idx[i]];
+#endif
+}
+
+// One code group of a coded tensor: its packed tensor (B, H, rows, bytes) and codebook.
+struct Group {
+  const uint8_t* codes;
+  int64_t stride_b, stride_h, stride_row;
+  int bits;
+  int64_t count;  // codes per token
+  int64_t first;  // index of its first code among the tensor's n
+  const float* book;
+};
+
+// A codebook-coded tensor as the kernel reads it.
+struct Coded {
+  std::vector<Group> groups;
+  std::vector<float> books;  // kBookSize per group
+  const at::Half* scale;     // (B, H, T, 1)
+  int64_t scale_b, scale_h, scale_t;
+  const float* rows;  // (H, n, D): x = offset + s * sum_j c_j rows[j]
+  int64_t rows_h;
+  const float* offset;  // (H, D) or nullptr
+  int64_t n, np, dim;   // codes per token, n rounded up to kLanes, D
+  int64_t max_group;    // largest count * kRow over groups
+};
+
+Coded describe(const std::vector<at::Tensor>& codes, const std::vector<int64_t>& bits,
+               const std::vector<at::Tensor>& books, const at::Tensor& scale, const at::Tensor& rows,
+               const at::Tensor& offset, int64_t n_compressed, int64_t heads, int64_t batch, const char* what) {
+  TORCH_CHECK(!codes.empty() && codes.size() == bits.size() && codes.size() == books.size(),
+              what, ": one bit width and one codebook per code tensor");
+  Coded c;
+  c.books.assign(codes.size() * kBookSize, 0.0f);
+  int64_t n = 0;
+  c.max_group = 0;
+  for (size_t g = 0; g < codes.size(); ++g) {
+    const at::Tensor& t = codes[g];
+    TORCH_CHECK(bits[g] >= 1 && bits[g] <= 6, what, ": code widths must be 1..6 bits");
+    TORCH_CHECK(t.scalar_type() == at::kByte && t.dim() == 4 && t.stride(3) == 1 && t.size(0) == batch &&
+                    t.size(1) == heads && t.size(2) * kRow == n_compressed && t.size(3) % bits[g] == 0,
+                what, ": codes must be (B, H, tokens/8, count*bits) uint8 with contiguous rows");
+    const at::Tensor& book = books[g];
+    TORCH_CHECK(book.scalar_type() == at::kFloat && book.dim() == 1 && book.size(0) == (int64_t{1} << bits[g]) &&
+                    book.is_contiguous(), what, ": codebooks must be float32 (2**bits,)");
+    std::copy(book.data_ptr<float>(), book.data_ptr<float>() + book.size(0), c.books.begin() + g * kBookSize);
+    Group gr;
+    gr.codes = t.data_ptr<uint8_t>();
+    gr.stride_b = t.stride(0);
+    gr.stride_h = t.stride(1);
+    gr.stride_row = t.stride(2);
+    gr.bits = static_cast<int>(bits[g]);
+    gr.count = t.size(3) / bits[g];
+    gr.first = n;
+    n += gr.count;
+    c.max_group = std::max(c.max_group, gr.count * kRow);
+    c.groups.push_back(gr);
+  }
+  for (size_t g = 0; g < c.groups.size(); ++g) c.groups[g].book = c.books.data() + g * kBookSize;
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.dim() == 4 && scale.size(0) == batch &&
+                  scale.size(1) == heads && scale.size(2) == n_compressed && scale.size(3) == 1,
+              what, ": scale must be (B, H, tokens, 1) float16");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 3 && (rows.size(0) == heads) &&
+                  rows.size(1) == n && rows.stride(2) == 1 && rows.stride(1) == rows.size(2),
+              what, ": rows must be float32 (H, n, D) with contiguous (n, D) planes, n = ", n);
+  c.scale = scale.data_ptr<at::Half>();
+  c.scale_b = scale.stride(0);
+  c.scale_h = scale.stride(1);
+  c.scale_t = scale.stride(2);
+  c.rows = rows.data_ptr<float>();
+  c.rows_h = rows.stride(0);
+  c.dim = rows.size(2);
+  TORCH_CHECK(c.dim % kLanes == 0 && c.dim <= kMaxDim, what, ": head_dim must be a multiple of ", kLanes,
+              " and at most ", kMaxDim);
+  c.offset = nullptr;
+  if (offset.numel() > 0) {
+    TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.dim() == 2 && offset.size(0) == heads &&
+                    offset.size(1) == c.dim && offset.is_contiguous(), what, ": offset must be float32 (H, D)");
+    c.offset = offset.data_ptr<float>();
+  }
+  c.n = n;
+  c.np = round_up(n, kLanes);
+  return c;
+}
+
+// Scratch of one thread for decoding rows.
+struct Scratch {
+  std::vector<uint8_t> codes;
+  std::vector<float> values;  // kRow * n + 16: a row's values group by group
+  std::vector<float> cval;    // kRow x np token-major, padding zero
+  void fit(const Coded& c) {
+    codes.assign(round_up(c.max_group, 64) + 64, 0);
+    values.assign(kRow * c.n + 16, 0.0f);
+    cval.assign(kRow * c.np + 16, 0.0f);
+  }
+};
+
+// Codebook values of packed row `row` at (b, h), group by group: group g's kRow x count values
+// (token-major) at out + kRow * first; `out` holds kRow * n + 16 floats.
+inline void decode_row_grouped(const Coded& c, int64_t b, int64_t h, int64_t row, Scratch& s, float* out) {
+  for (const Group& g : c.groups) {  // in order: a lookup's padding is overwritten by the next group
+    const uint8_t* bytes = g.codes + b * g.stride_b + h * g.stride_h + row * g.stride_row;
+    unpack_row(bytes, g.bits, g.count * kRow, s.codes.data());
+    lookup(g.book, g.bits, s.codes.data(), g.count * kRow, out + kRow * g.first);
+  }
+}
+
+// cval[t * np + j] = codebook value of code j of token t of packed row `row` at (b, h).
+inline void decode_row(const Coded& c, int64_t b, int64_t h, int64_t row, Scratch& s) {
+  if (c.groups.size() == 1 && c.groups[0].count == c.np) {  // one group filling the row: already token-major
+    decode_row_grouped(c, b, h, row, s, s.cval.data());
+    return;
+  }
+  decode_row_grouped(c, b, h, row, s, s.values.data());
+  for (const Group& g : c.groups)
+    for (int64_t t = 0; t < kRow; ++t)
+      std::memcpy(s.cval.data() + t * c.np + g.first, s.values.data() + kRow * g.first + t * g.count,
+                  g.count * sizeof(float));
+}
+
+inline void row_scales(const Coded& c, int64_t b, int64_t h, int64_t row, float* out) {
+  const at::Half* s = c.scale + b * c.scale_b + h * c.scale_h + row * kRow * c.scale_t;
+  for (int64_t t = 0; t < kRow; ++t) out[t] = static_cast<float>(s[t * c.scale_t]);
+}
+
+// x[t * D + d] = sum_j c_tj * rows[j * D + d] for the kRow tokens of a row, from its values
+// group by group (`decode_row_grouped`).
+template <int TT, int VPC>
+inline void decode_tile(const Coded& c, const float* grouped, const float* rows, float* x) {
+  const int64_t D = c.dim;
+  for (int64_t t0 = 0; t0 < kRow; t0 += TT) {
+    for (int64_t d0 = 0; d0 < D; d0 += VPC * kLanes) {
+      vec acc[TT][VPC];
+      for (int t = 0; t < TT; ++t)
+        for (int v = 0; v < VPC; ++v) acc[t][v] = vzero();
+      for (const Group& g : c.groups) {
+        const float* cg = grouped + kRow * g.first + t0 * g.count;
+        const float* fg = rows + g.first * D + d0;
+        for (int64_t k = 0; k < g.count; ++k) {
+          vec f[VPC];
+          for (int v = 0; v < VPC; ++v) f[v] = vload(fg + k * D + v * kLanes);
+          for (int t = 0; t < TT; ++t) {
+            const vec w = vset1(cg[t * g.count + k]);
+            for (int v = 0; v < VPC; ++v) acc[t][v] = vfma(w, f[v], acc[t][v]);
+          }
+        }
+      }
+      for (int t = 0; t < TT; ++t)
+        for (int v = 0; v < VPC; ++v) vstore(x + (t0 + t) * D + d0 + v * kLanes, acc[t][v]);
+    }
+  }
+}
+
+inline void decode_keys(const Coded& c, const float* grouped, const float* rows, float* x) {
+  if (c.dim % (kChunkVecs * kLanes) == 0) return decode_tile<4, kChunkVecs>(c, grouped, rows, x);
+  return decode_tile<8, 1>(c, grouped, rows, x);
+}
+
+// Scores of compressed tokens [t0, t1) into sc[i * ld + (t - t0)] for the rep query heads.
+//  cos == nullptr: q_proj (rep x np) = rows . q, q_off (rep) = q . offset; score = q_off + s * (q_proj . c)
+//  cos != nullptr: keys decoded, offset added, rotated to their position, dotted with q (rep x D).
+void key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* q, const float* q_proj,
+                const float* q_off, const float* cos, const float* sin, int rep, float* sc, int64_t ld, Scratch& s,
+                std::vector<float>& work) {
+  const int64_t D = c.dim, np = c.np, half = D / 2;
+  float scales[kRow];
+  if (cos == nullptr) {
+    for (int64_t row = t0 / kRow; row < t1 / kRow; ++row) {
+      decode_row(c, b, h, row, s);
+      row_scales(c, b, h, row, scales);
+      const int64_t col = row * kRow - t0;
+      for (int i = 0; i < rep; ++i)
+        for (int64_t t = 0; t < kRow; ++t)
+          sc[i * ld + col + t] = q_off[i] + scales[t] * dot(q_proj + i * np, s.cval.data() + t * np, np);
+    }
+    return;
+  }
+  work.resize(static_cast<size_t>(2 * kRow * D));
+  float* x = work.data();         // kRow x D decoded (pre-RoPE, without offset and scale)
+  float* k = x + kRow * D;        // kRow x D rotated keys
+  const float* rows = c.rows + h * c.rows_h;
+  const float* off = c.offset != nullptr ? c.offset + h * D : nullptr;
+  for (int64_t row = t0 / kRow; row < t1 / kRow; ++row) {
+    decode_row_grouped(c, b, h, row, s, s.values.data());
+    row_scales(c, b, h, row, scales);
+    decode_keys(c, s.values.data(), rows, x);
+    for (int64_t t = 0; t < kRow; ++t) {
+      const int64_t token = row * kRow + t;
+      const float* cs = cos + token * D;
+      const float* sn = sin + token * D;
+      float* xt = x + t * D;
+      const float st = scales[t];
+      if (off != nullptr) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) xt[d] = off[d] + st * xt[d];
+      } else {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) xt[d] = st * xt[d];
+      }
+      float* kt = k + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < half; ++d) {
+        kt[d] = xt[d] * cs[d] - xt[d + half] * sn[d];
+        kt[d + half] = xt[d + half] * cs[d + half] + xt[d] * sn[d + half];
+      }
+    }
+    const int64_t col = row * kRow - t0;
+    for (int i = 0; i < rep; ++i)
+      for (int64_t t = 0; t < kRow; ++t) sc[i * ld + col + t] = dot(q + i * D, k + t * D, D);
+  }
+}
+
+// acc[i * acc_stride + j] += sum over compressed tokens [t0, t1) of p[i * ld + (t - t0)] * s_t * c_tj.
+void value_mix(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld,
+               float* acc, int64_t acc_stride, Scratch& s) {
+  const int64_t np = c.np;
+  float scales[kRow], w[kRow];
+  for (int64_t row = t0 / kRow; row < t1 / kRow; ++row) {
+    decode_row(c, b, h, row, s);
+    row_scales(c, b, h, row, scales);
+    const int64_t col = row * kRow - t0;
+    for (int i = 0; i < rep; ++i) {
+      for (int64_t t = 0; t < kRow; ++t) w[t] = p[i * ld + col + t] * scales[t];
+      float* a = acc + i * acc_stride;
+      for (int64_t j = 0; j < np; j += kLanes) {
+        vec v = vload(a + j);
+        for (int64_t t = 0; t < kRow; ++t) v = vfma(vset1(w[t]), vload(s.cval.data() + t * np + j), v);
+        vstore(a + j, v);
+      }
+    }
+  }
+}
+
+template <typename T>
+at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                       const at::Tensor& win_k, const at::Tensor& win_v, const Coded& kc, const Coded& vc,
+                       const float* cos, const float* sin, int64_t n_compressed,
+                       const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens) {
+  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
+  const int64_t H = win_k.size(1), Dv = win_v.size(3);
+  const int64_t n_sinks = sink_k.size(2), n_window = win_k.size(2);
+  TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of KV heads");
+  const int rep = static_cast<int>(Hq / H);
+  const int64_t n_blocks = (n_compressed + block_tokens - 1) / block_tokens;
+  const int64_t tasks_per_head = 1 + n_blocks;  // task 0: sinks and window
+  const int64_t width = std::max(Dv, vc.np);
+  const int64_t stride_partial = 2 + width;  // max, sum, acc (Dv for task 0, the value codes' np for the others)
+  std::vector<float> partial(static_cast<size_t>(B * H * tasks_per_head * rep * stride_partial));
+  const float fscale = static_cast<float>(scaling);
+  const T* qp = query.data_ptr<T>();
+
+  // The scaled query of every (batch, query head), and for post-RoPE keys its projection on the rows.
+  std::vector<float> q_all(static_cast<size_t>(B * Hq * D));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < Hq; ++i)
+      for (int64_t d = 0; d < D; ++d)
+        q_all[(b * Hq + i) * D + d] = static_cast<float>(qp[b * query.stride(0) + i * query.stride(1) + d]) * fscale;
+  std::vector<float> q_proj, q_off(static_cast<size_t>(B * Hq), 0.0f);
+  if (cos == nullptr) {
+    q_proj.assign(static_cast<size_t>(B * Hq * kc.np), 0.0f);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < Hq; ++i) {
+        const int64_t h = i / rep;
+        const float* qi = q_all.data() + (b * Hq + i) * D;
+        for (int64_t j = 0; j < kc.n; ++j)
+          q_proj[(b * Hq + i) * kc.np + j] = dot(qi, kc.rows + h * kc.rows_h + j * D, D);
+        if (kc.offset != nullptr) q_off[b * Hq + i] = dot(qi, kc.offset + h * D, D);
+      }
+  }
+
+  const bool mask_bool = mask.has_value() && mask->scalar_type() == at::kBool;
+  const bool* mb = mask_bool ? mask->data_ptr<bool>() : nullptr;
+  const float* mf = (mask.has_value() && !mask_bool) ? mask->data_ptr<float>() : nullptr;
+  const int64_t mask_bstride = mask.has_value() ? (mask->size(0) == 1 ? 0 : mask->stride(0)) : 0;
+  const int64_t max_len = std::max(n_sinks + n_window, std::min(block_tokens, n_compressed));
+
+  at::parallel_for(0, B * H * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sc(static_cast<size_t>(rep) * std::max<int64_t>(max_len, 1));
+    std::vector<float> acc(static_cast<size_t>(rep) * width), work;
+    Scratch key_scratch, value_scratch;
+    key_scratch.fit(kc);
+    value_scratch.fit(vc);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / tasks_per_head, blk = task % tasks_per_head;
+      const int64_t b = bh / H, h = bh % H;
+      const float* q = q_all.data() + (b * Hq + h * rep) * D;
+      int64_t len, pos0, t0 = 0, t1 = 0;
+      if (blk == 0) {
+        len = n_sinks + n_window;
+        const T* sk = sink_k.data_ptr<T>() + b * sink_k.stride(0) + h * sink_k.stride(1);
+        const T* wk = win_k.data_ptr<T>() + b * win_k.stride(0) + h * win_k.stride(1);
+        for (int64_t j = 0; j < len; ++j) {
+          const T* row = j < n_sinks ? sk + j * sink_k.stride(2) : wk + (j - n_sinks) * win_k.stride(2);
+          for (int i = 0; i < rep; ++i) sc[i * len + j] = dot_t(q + i * D, row, D);
+        }
+        pos0 = 0;
+      } else {
+        t0 = (blk - 1) * block_tokens;
+        t1 = std::min(t0 + block_tokens, n_compressed);
+        len = t1 - t0;
+        const float* qp_bh = cos == nullptr ? q_proj.data() + (b * Hq + h * rep) * kc.np : nullptr;
+        key_scores(kc, b, h, t0, t1, q, qp_bh, q_off.data() + b * Hq + h * rep, cos, sin, rep, sc.data(), len,
+                   key_scratch, work);
+        pos0 = n_sinks + t0;
+      }
+      if (mask.has_value()) {
+        for (int64_t j = 0; j < len; ++j) {
+          int64_t pos = pos0 + j;
+          if (blk == 0 && j >= n_sinks) pos = n_sinks + n_compressed + (j - n_sinks);
+          if (mb) {
+            if (!mb[b * mask_bstride + pos])
+              for (int i = 0; i < rep; ++i) sc[i * len + j] = kNegInf;
+          } else {
+            const float add = mf[b * mask_bstride + pos];
+            for (int i = 0; i < rep; ++i) sc[i * len + j] += add;
+          }
+        }
+      }
+      float* part = partial.data() + (bh * tasks_per_head + blk) * rep * stride_partial;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int i = 0; i < rep; ++i) {
+        float* s = sc.data() + i * len;
+        float m = kNegInf;
+        for (int64_t j = 0; j < len; ++j) m = s[j] > m ? s[j] : m;
+        float l = 0.0f;
+        if (m == kNegInf) {
+          std::fill(s, s + len, 0.0f);
+        } else {
+          l = exp_shifted_sum(s, len, m);
+        }
+        part[i * stride_partial] = m;
+        part[i * stride_partial + 1] = l;
+      }
+      if (blk == 0) {
+        const T* sv = sink_v.data_ptr<T>() + b * sink_v.stride(0) + h * sink_v.stride(1);
+        const T* wv = win_v.data_ptr<T>() + b * win_v.stride(0) + h * win_v.stride(1);
+        for (int64_t j = 0; j < len; ++j) {
+          const T* row = j < n_sinks ? sv + j * sink_v.stride(2) : wv + (j - n_sinks) * win_v.stride(2);
+          for (int i = 0; i < rep; ++i) {
+            const float w = sc[i * len + j];
+            float* a = acc.data() + i * width;
+#pragma omp simd
+            for (int64_t d = 0; d < Dv; ++d) a[d] += w * static_cast<float>(row[d]);
+          }
+        }
+      } else {
+        value_mix(vc, b, h, t0, t1, sc.data(), rep, len, acc.data(), width, value_scratch);
+      }
+      for (int i = 0; i < rep; ++i)
+        std::copy(acc.begin() + i * width, acc.begin() + (i + 1) * width, part + i * stride_partial + 2);
+    }
+  });
+
+  // ---- merge the partial softmaxes of every (batch, query head), then map the value codes back
+  at::Tensor out = at::empty({B, Hq, Dv}, query.options());
+  T* op = out.data_ptr<T>();
+  std::vector<float> full(Dv), coded(vc.np);
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t h = bh % H;
+    for (int i = 0; i < rep; ++i) {
+      float m = kNegInf;
+      for (int64_t blk = 0; blk < tasks_per_head; ++blk)
+        m = std::max(m, partial[((bh * tasks_per_head + blk) * rep + i) * stride_partial]);
+      std::fill(full.begin(), full.end(), 0.0f);
+      std::fill(coded.begin(), coded.end(), 0.0f);
+      float l = 0.0f, l_coded = 0.0f;
+      for (int64_t blk = 0; blk < tasks_per_head; ++blk) {
+        const float* part = partial.data() + ((bh * tasks_per_head + blk) * rep + i) * stride_partial;
+        if (part[0] == kNegInf) continue;
+        const float w = std::exp(part[0] - m);
+        l += w * part[1];
+        if (blk == 0) {
+          for (int64_t d = 0; d < Dv; ++d) full[d] += w * part[2 + d];
+        } else {
+          l_coded += w * part[1];
+          for (int64_t j = 0; j < vc.np; ++j) coded[j] += w * part[2 + j];
+        }
+      }
+      const float* rows = vc.rows + h * vc.rows_h;
+      for (int64_t j = 0; j < vc.n; ++j) {
+        const float cj = coded[j];
+#pragma omp simd
+        for (int64_t d = 0; d < Dv; ++d) full[d] += cj * rows[j * Dv + d];
+      }
+      if (vc.offset != nullptr)
+        for (int64_t d = 0; d < Dv; ++d) full[d] += l_coded * vc.offset[h * Dv + d];
+      const float inv = 1.0f / l;  // all positions masked: 0 / 0 = NaN, as torch's softmax gives
+      T* o = op + ((bh / H) * Hq + h * rep + i) * Dv;
+      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(full[d] * inv);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                           const at::Tensor& win_k, const at::Tensor& win_v, const std::vector<at::Tensor>& k_codes,
+                           const std::vector<int64_t>& k_bits, const std::vector<at::Tensor>& k_books,
+                           const at::Tensor& k_scale, const at::Tensor& k_rows, const at::Tensor& k_offset,
+                           const at::Tensor& rope_cos, const at::Tensor& rope_sin,
+                           const std::vector<at::Tensor>& v_codes, const std::vector<int64_t>& v_bits,
+                           const std::vector<at::Tensor>& v_books, const at::Tensor& v_scale,
+                           const at::Tensor& v_rows, const at::Tensor& v_offset, int64_t n_compressed,
+                           const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens) {
+  TORCH_CHECK(query.device().is_cpu(), "kvcompress cpu kernel: tensors must be on the CPU");
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be (B, Hq, D) with contiguous rows");
+  const int64_t B = query.size(0), D = query.size(2), H = win_k.size(1), Dv = win_v.size(3);
+  for (const at::Tensor* t : {&sink_k, &sink_v, &win_k, &win_v}) {
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1 && t->scalar_type() == query.scalar_type() && t->size(0) == B &&
+                    t->size(1) == H,
+                "sinks and window must be (B, H, n, D) in the query's dtype with contiguous rows");
+  }
+  TORCH_CHECK(win_k.size(3) == D && sink_k.size(3) == D && sink_v.size(3) == Dv, "head_dim mismatch");
+  TORCH_CHECK(n_compressed > 0 && n_compressed % kRow == 0, "compressed tokens must be a positive multiple of 8");
+  TORCH_CHECK(block_tokens > 0 && block_tokens % kRow == 0, "block_tokens must be a multiple of 8");
+  const Coded kc = describe(k_codes, k_bits, k_books, k_scale, k_rows, k_offset, n_compressed, H, B, "keys");
+  const Coded vc = describe(v_codes, v_bits, v_books, v_scale, v_rows, v_offset, n_compressed, H, B, "values");
+  TORCH_CHECK(kc.dim == D && vc.dim == Dv, "rows must map codes to head_dim");
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  if (rope_cos.numel() > 0) {
+    TORCH_CHECK(rope_cos.scalar_type() == at::kFloat && rope_sin.scalar_type() == at::kFloat &&
+                    rope_cos.is_contiguous() && rope_sin.is_contiguous() && rope_cos.dim() == 2 &&
+                    rope_cos.size(0) == n_compressed && rope_cos.size(1) == D && rope_sin.sizes() == rope_cos.sizes(),
+                "rope cos/sin must be float32 (n_compressed, D), contiguous");
+    TORCH_CHECK(D % 2 == 0, "rotary keys need an even head_dim");
+    cos = rope_cos.data_ptr<float>();
+    sin = rope_sin.data_ptr<float>();
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dim() == 2 && mask->stride(1) == 1 &&
+                    (mask->scalar_type() == at::kBool || mask->scalar_type() == at::kFloat),
+                "mask must be (B or 1, seq) bool or float32 with contiguous rows");
+    TORCH_CHECK(mask->size(1) == sink_k.size(2) + n_compressed + win_k.size(2), "mask length != cached tokens");
+    TORCH_CHECK(mask->size(0) == 1 || mask->size(0) == B, "mask batch mismatch");
+  }
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      return attend_impl<float>(query, sink_k, sink_v, win_k, win_v, kc, vc, cos, sin, n_compressed, mask, scaling,
+                                block_tokens);
+    case at::kBFloat16:
+      return attend_impl<at::BFloat16>(query, sink_k, sink_v, win_k, win_v, kc, vc, cos, sin, n_compressed, mask,
+                                       scaling, block_tokens);
+    case at::kHalf:
+      return attend_impl<at::Half>(query, sink_k, sink_v, win_k, win_v, kc, vc, cos, sin, n_compressed, mask,
+                                   scaling, block_tokens);
+    default:
+      TORCH_CHECK(false, "kvcompress cpu kernel: query dtype must be float32, bfloat16 or float16");
+  }
+}

@@ -1,0 +1,314 @@
+"""The CPU decode kernel's codebook path (kvcompress.kernels.cpu_codebook, cpu_codebook.cpp):
+equals the pure-torch `attend_compressed` for the codecs of the bitsN presets (pre-RoPE keys on
+calibrated principal directions with bits allocated by variance, rotated codebook values) at 2, 3
+and 4 bits, for every GQA ratio, head_dim, dtype and mask; reads the stored codes (tampering with
+any code group or scale changes the output); a decode step of a model through it never decodes a
+tensor; layers it does not handle fall back to the torch path; a failed build falls back with one
+warning.
+
+The extension is built once per machine into the user's cache (a minute or two cold)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from kvcompress import CompressedCache
+from kvcompress.cache import attention as attention_module
+from kvcompress.cache.attention import attend, attend_compressed
+from kvcompress.cache.build import pca_codebook
+from kvcompress.cache.layer import CompressedLayer
+from kvcompress.codecs import ComposedCodec, QuantCodec
+from kvcompress.codecs.allocated import AllocatedCodebookCodec, allocate_bits
+from kvcompress.codecs.centering import Centered
+from kvcompress.codecs.codebook import CodebookCodec
+from kvcompress.codecs.lowrank import LowRankProjection
+from kvcompress.codecs.packing import unpack_reference
+from kvcompress.codecs.rotation import RandomizedHadamard
+from kvcompress.kernels import cpu, cpu_codebook
+from kvcompress.rope import RopeInverter
+from tiny_models import prompt, tiny_llama
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    if cpu.disabled_by_env():
+        pytest.skip(f"{cpu.ENV_DISABLE} is set: the kernel is disabled")
+    module = cpu.load()
+    assert module is not None, f"the CPU kernel did not build: {cpu.unavailable_reason()}"
+    return module
+
+
+def tolerance(dtype: torch.dtype, largest_score: float = 1.0) -> dict:
+    """fp32 accumulation in a different order (64 ulp of fp32, of the largest |score| where that
+    is above 1: pre-RoPE keys are decoded, rotated and dotted in another order than the torch
+    path's, and a score error d moves the softmax output by about d), plus one rounding of the
+    output to `dtype`."""
+    fp32 = 64 * torch.finfo(torch.float32).eps * max(1.0, largest_score)
+    tol = fp32 + (torch.finfo(dtype).eps if dtype != torch.float32 else 0.0)
+    return {"atol": tol, "rtol": tol}
+
+
+def largest_score(layer, query, scale: float) -> float:
+    """max |q.k| * scale over every token the layer holds (keys from the full reconstruction)."""
+    keys, _ = layer.reconstruct()  # (B, H, seq, D)
+    B, Hq, _, D = query.shape
+    q = query.float().reshape(B, keys.shape[1], Hq // keys.shape[1], D) * scale
+    return (q @ keys.float().transpose(-1, -2)).abs().max().item()
+
+
+class Rotary(nn.Module):
+    """A rotary embedding in transformers' convention: cos, sin (1, n, D) = cos/sin of [f, f] * factor."""
+
+    def __init__(self, dim: int, base: float = 10000.0, factor: float = 1.0):
+        super().__init__()
+        self.inv_freq = 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
+        self.factor = factor
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq  # (1, n, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos() * self.factor, emb.sin() * self.factor
+
+
+def statistics(H: int, D: int, gen: torch.Generator):
+    """A calibrated-looking (basis (H, D, D), spectrum (H, D) falling steeply, mean (H, D))."""
+    basis = torch.linalg.qr(torch.randn(H, D, D, generator=gen))[0]
+    spectrum = torch.logspace(1, -3, D)[None].expand(H, D).contiguous()
+    return basis, spectrum, torch.randn(H, D, generator=gen)
+
+
+def make_codec(kind: str, bits: int, H: int, D: int, gen: torch.Generator):
+    """`pca`: the bitsN keys' codec; `rotated` / `centred`: the bitsN values' codec without / with
+    a mean; `lowrank`: principal directions of rank 3D/4 with bits allocated by variance."""
+    if kind == "pca":
+        return pca_codebook(bits, *statistics(H, D, gen))
+    if kind == "rotated":
+        return ComposedCodec(RandomizedHadamard(seed=7), CodebookCodec(bits))
+    if kind == "centred":
+        return ComposedCodec(Centered(torch.randn(H, D, generator=gen) * 0.5, RandomizedHadamard(seed=11)),
+                             CodebookCodec(bits))
+    if kind == "lowrank":
+        basis, spectrum, _ = statistics(H, D, gen)
+        rank = 3 * D // 4
+        widths = allocate_bits(spectrum[0, :rank], bits * rank)
+        return ComposedCodec(LowRankProjection(basis[:, :, :rank]),
+                             AllocatedCodebookCodec(widths=widths, std=spectrum[:, :rank].sqrt()))
+    raise ValueError(kind)
+
+
+def filled_layer(bits: int, D: int, dtype=torch.float32, B: int = 2, H: int = 2, tokens: int = 1200,
+                 key: str = "pca", value: str = "centred", pre_rope: bool = True, sinks: int = 4,
+                 window: int = 40, factor: float = 1.0, seed: int = 0) -> CompressedLayer:
+    """A layer holding `tokens` random tokens: sinks, several kernel blocks of codes, a window."""
+    gen = torch.Generator().manual_seed(seed)
+    key_space = RopeInverter(Rotary(D, factor=factor)) if pre_rope else None
+    layer = CompressedLayer(make_codec(key, bits, H, D, gen), make_codec(value, bits, H, D, gen),
+                            window=window, sinks=sinks, block_size=64, key_space=key_space)
+    keys = torch.randn(B, H, tokens, D, generator=gen) * 2 + torch.randn(1, H, 1, D, generator=gen)
+    values = torch.randn(B, H, tokens, D, generator=gen)
+    layer.update(keys.to(dtype), values.to(dtype))
+    assert layer.n_compressed > 2 * cpu.BLOCK_TOKENS  # several blocks, and the last one partial
+    return layer
+
+
+def query_for(layer, rep: int, seed: int = 1) -> torch.Tensor:
+    B, H, _, D = layer.window_keys.shape
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H * rep, 1, D, generator=gen) * 2).to(layer.window_keys.dtype)
+
+
+def left_padding_mask(layer, padded: int, additive: bool) -> torch.Tensor:
+    """(B, 1, 1, seq): the second row has `padded` left-padding positions."""
+    B, seq = layer.window_keys.shape[0], layer.held_tokens()
+    keep = torch.ones(B, 1, 1, seq, dtype=torch.bool)
+    keep[1, ..., :padded] = False
+    if not additive:
+        return keep
+    return torch.zeros(B, 1, 1, seq).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+def check_equal(layer, query, mask=None, scale=None):
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    ref = attend_compressed(layer, query, mask, scale)
+    out = cpu.attend(layer, query, mask, scale)
+    assert out is not None, "the codebook path did not take this layer"
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **tolerance(query.dtype, largest_score(layer, query, scale)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bits_preset_codecs_equal_the_torch_path(bits, D, dtype):
+    layer = filled_layer(bits, D, dtype)
+    check_equal(layer, query_for(layer, 3), left_padding_mask(layer, 700, additive=False))
+
+
+@pytest.mark.parametrize("rep", [1, 2, 4, 8])
+def test_every_gqa_ratio(rep):
+    layer = filled_layer(3, 64)
+    check_equal(layer, query_for(layer, rep), left_padding_mask(layer, 100, additive=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D, value", [(96, "pca"), (256, "centred")])  # Hadamard sizes are powers of two
+def test_other_head_dims_and_float16(D, value, dtype):
+    layer = filled_layer(4, D, dtype, tokens=1200, value=value)
+    check_equal(layer, query_for(layer, 2), None)
+
+
+@pytest.mark.parametrize("key, value, pre_rope", [
+    ("pca", "rotated", True), ("pca", "pca", True), ("pca", "centred", False), ("rotated", "centred", False),
+    ("centred", "rotated", True), ("centred", "rotated", False), ("lowrank", "lowrank", True),
+    ("lowrank", "centred", False)])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_every_codebook_codec_pairing_and_key_space(key, value, pre_rope, bits):
+    layer = filled_layer(bits, 64, key=key, value=value, pre_rope=pre_rope, sinks=0)
+    check_equal(layer, query_for(layer, 2), left_padding_mask(layer, 300, additive=True), scale=0.3)
+
+
+def test_scaled_rope_tables_and_masks_bool_and_additive():
+    layer = filled_layer(2, 64, factor=1.25)  # a rope with an attention factor (yarn-like)
+    query = query_for(layer, 4)
+    for padded in (0, 5, 600, 1100):
+        bool_out = check_equal(layer, query, left_padding_mask(layer, padded, additive=False))
+        add_out = check_equal(layer, query, left_padding_mask(layer, padded, additive=True))
+        torch.testing.assert_close(add_out, bool_out, **tolerance(torch.float32))
+
+
+def test_folded_rows_reproduce_the_codec_decode():
+    """x = offset + s * sum_j book[code_j] rows[j], from the codes unpacked by the reference unpacker,
+    is what each codec decodes to: the form the kernel reads is the codec's own."""
+    gen = torch.Generator().manual_seed(3)
+    for kind in ("pca", "centred", "lowrank"):
+        codec = make_codec(kind, 3, 2, 64, gen)
+        stored = codec.encode(torch.randn(1, 2, 16, 64, generator=gen) * 3)
+        form = cpu_codebook.describe(codec, 64)
+        values = []
+        for name, bits, book in zip(form.names, form.bits, form.books):
+            codes = unpack_reference(stored[name], bits).long()  # (1, H, rows, 8 * count)
+            values.append(book[codes].reshape(1, 2, 16, -1))  # (1, H, T, count)
+        c = torch.cat(values, dim=-1).double()
+        offset = form.offset.double()[None, :, None, :] if form.offset.numel() else 0.0
+        rebuilt = offset + stored["scale"].double() * (c @ form.rows.double().expand(2, -1, -1)[None])
+        torch.testing.assert_close(rebuilt.float(), codec.decode(stored, torch.float32), atol=2e-5, rtol=2e-5)
+
+
+def test_result_does_not_depend_on_the_thread_count():
+    layer = filled_layer(4, 64)
+    query = query_for(layer, 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.attend(layer, query, None, 0.125)
+        torch.set_num_threads(2)
+        two = cpu.attend(layer, query, None, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # the split into tasks is fixed; threads only run them
+
+
+@pytest.mark.parametrize("kind, name", [("key", "codes4"), ("key", "codes2"), ("key", "scale"),
+                                        ("value", "codes"), ("value", "scale")])
+def test_tampered_codes_change_the_output(kind, name):
+    layer = filled_layer(4, 64)
+    query = query_for(layer, 3)
+    before = cpu.attend(layer, query, None, 0.125)
+    stored = layer.stored_keys if kind == "key" else layer.stored_values
+    assert name in stored, f"{name} not among the stored tensors {sorted(stored)}"
+    tensor = stored[name]
+    if name == "scale":
+        tensor[:, :, 10:20] *= -1.5
+    else:
+        tensor[:, :, 3:9].copy_(255 - tensor[:, :, 3:9])  # a few rows of one block
+    after = cpu.attend(layer, query, None, 0.125)
+    assert (after - before).abs().max() > 1e-3, f"tampering with the {kind} {name} did not change the output"
+    torch.testing.assert_close(after, attend_compressed(layer, query, None, 0.125), **tolerance(torch.float32))
+
+
+def test_layers_the_path_does_not_read_fall_back_to_the_torch_path():
+    layer = filled_layer(4, 64)
+    query = query_for(layer, 2)
+    assert cpu.attend(layer, query, None, 0.125) is not None
+    layer.positions = torch.zeros(2, 2, layer.n_compressed, dtype=torch.long)  # tokens moved by eviction
+    assert cpu.attend(layer, query, None, 0.125) is None
+    layer.positions = None
+    saved, layer.key_space = layer.key_space, object()  # a key space without cos/sin tables
+    assert cpu.attend(layer, query, None, 0.125) is None
+    layer.key_space = saved
+    mixed = CompressedLayer(QuantCodec(4, "channel", 32), make_codec("rotated", 4, 2, 64, torch.Generator()),
+                            window=40, sinks=4, block_size=64)
+    mixed.update(torch.randn(2, 2, 400, 64), torch.randn(2, 2, 400, 64))
+    assert cpu.attend(mixed, query, None, 0.125) is None  # uniform keys, codebook values: neither path
+    odd = CompressedLayer(make_codec("pca", 4, 2, 40, torch.Generator()),
+                          make_codec("pca", 4, 2, 40, torch.Generator()), window=40, sinks=4, block_size=64)
+    odd.update(torch.randn(2, 2, 400, 40), torch.randn(2, 2, 400, 40))
+    assert cpu.attend(odd, torch.randn(2, 4, 1, 40), None, 0.125) is None  # head_dim not a multiple of 16
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_step_of_a_model_never_decodes_or_reconstructs(bits, monkeypatch, fast_attention, tiny_artifact):
+    """The bitsN form (pre-RoPE pca+codebook keys, rotated codebook values) on a tiny Llama: the
+    decode step reads the codes through the kernel, and its logits equal the torch path's."""
+    model = fast_attention(tiny_llama(seed=2, head_dim=64))
+    spec = {"key": {"method": "pca+codebook", "bits": bits, "key_space": "pre_rope"},
+            "value": {"method": "rotated+codebook", "bits": bits}, "window": 16, "sinks": 4, "block_size": 32}
+    ids = prompt(150)
+    cache = CompressedCache(model, spec, artifact=tiny_artifact)
+    model(ids, cache=cache)
+    torch_cache = cache.copy()
+    for layer in torch_cache.layers:
+        layer.use_kernel = False
+    expected = model(torch.tensor([[7]]), cache=torch_cache).logits
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a decode step with the kernel decoded the codes into a tensor")
+
+    for target, name in ((CodebookCodec, "decode"), (AllocatedCodebookCodec, "decode"),
+                         (CompressedLayer, "reconstruct"), (attention_module, "attend_compressed")):
+        monkeypatch.setattr(target, name, refuse)
+    got = model(torch.tensor([[7]]), cache=cache).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact():
+    from kvcompress.calibration import calibrate
+
+    return calibrate(tiny_llama(seed=2, head_dim=64), prompt(256, seed=9), seq_len=128, progress=False)
+
+
+def test_disabled_by_environment_gives_the_torch_result_without_warning(monkeypatch):
+    layer = filled_layer(3, 64)
+    query = query_for(layer, 4)
+    monkeypatch.setenv(cpu.ENV_DISABLE, "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu.attend(layer, query, None, 0.125) is None
+        without = attend(layer, query, None, 0.125)
+    assert torch.equal(without, attend_compressed(layer, query, None, 0.125))
+
+
+def test_failed_build_warns_once_and_gives_the_same_result(monkeypatch):
+    layer = filled_layer(4, 64)
+    query = query_for(layer, 3)
+    with_kernel = attend(layer, query, None, 0.125)
+
+    def failing_build():
+        raise RuntimeError("Error building extension 'kvcompress_cpu_decode':\n"
+                           "cpu_codebook.cpp:1:10: fatal error: cpu_common.h: No such file or directory")
+
+    monkeypatch.setattr(cpu, "_build", failing_build)
+    monkeypatch.setattr(cpu, "_state", {"tried": False, "module": None, "reason": None})
+    with pytest.warns(RuntimeWarning) as caught:
+        outs = [attend(layer, query, None, 0.125) for _ in range(3)]
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "could not be built" in message and "cpu_common.h" in message and cpu.ENV_DISABLE in message
+    for out in outs:
+        assert torch.equal(out, attend_compressed(layer, query, None, 0.125))
+        torch.testing.assert_close(out, with_kernel, **tolerance(torch.float32))
