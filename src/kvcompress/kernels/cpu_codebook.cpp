@@ -100,6 +100,7 @@ inline float vsum(vec a) {
 
 constexpr int64_t kRow = 8;        // tokens per packed row
 constexpr int64_t kBookSize = 64;  // codebooks padded to 64 entries (widths up to 6 bits)
+constexpr int64_t kPrefetchRows = 8;  // rows of codes fetched ahead of the one decoded
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -117,62 +118,66 @@ inline float dot_t(const float* a, const T* b, int64_t n) {
   return acc;
 }
 
-// The n codes (n % 8 == 0) of one packed row of `bits`-bit codes, one byte each, in code order.
-// Layout (kvcompress.codecs.packing): fields of widths 8/4/2/1 (binary expansion of bits,
-// widest first, at increasing bit offsets), each byte-planar: a field of width w takes
-// m = n*w/8 bytes, byte j holding codes j + h*m at bits [h*w, (h+1)*w).
-inline void unpack_row(const uint8_t* row, int bits, int64_t n, uint8_t* out) {
-  int64_t start = 0;
-  int offset = 0;
-  for (int width = 8; width >= 1; width /= 2) {
-    if (bits - offset < width) continue;
-    const int64_t m = n * width / 8;
-    const uint8_t* src = row + start;
-    const int mask = (1 << width) - 1;
-    for (int h = 0; h < 8 / width; ++h) {
-      uint8_t* dst = out + h * m;
-      const int sh = h * width;
+// One field (width `width`) of a packed row, byte-planar: its m = n*width/8 bytes at `src`
+// hold codes j + h*m at bits [h*width, (h+1)*width) of byte j. Writes the n field values, one
+// byte each, to out[0, n); `out` may be written up to n + 64 (padding).
+inline void unpack_field(const uint8_t* src, int width, int64_t n, uint8_t* out) {
+  const int64_t m = n * width / 8;
+  const int mask = (1 << width) - 1;
+  for (int h = 0; h < 8 / width; ++h) {  // in order: a plane's padding is overwritten by the next plane
+    uint8_t* dst = out + h * m;
+    const int sh = h * width;
 #if defined(__AVX512BW__)
-      // 64 bytes at a time, the tail masked (fields of a few codes are common: no scalar loop)
-      const __m512i keep = _mm512_set1_epi8(static_cast<char>(mask));
-      const __m128i right = _mm_cvtsi32_si128(sh), left = _mm_cvtsi32_si128(offset);
-      for (int64_t j = 0; j < m; j += 64) {
-        const __mmask64 lanes = m - j >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (m - j)) - 1);
-        __m512i v = _mm512_and_si512(_mm512_srl_epi16(_mm512_maskz_loadu_epi8(lanes, src + j), right), keep);
-        if (offset != 0) v = _mm512_or_si512(_mm512_sll_epi16(v, left), _mm512_maskz_loadu_epi8(lanes, dst + j));
-        _mm512_mask_storeu_epi8(dst + j, lanes, v);
-      }
-#else
-      if (offset == 0) {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<uint8_t>((src[j] >> sh) & mask);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<uint8_t>(dst[j] | (((src[j] >> sh) & mask) << offset));
-      }
-#endif
+    const __m512i keep = _mm512_set1_epi8(static_cast<char>(mask));
+    const __m128i right = _mm_cvtsi32_si128(sh);
+    for (int64_t j = 0; j < m; j += 64) {  // loads masked to the field (the row may end the tensor)
+      const __mmask64 lanes = m - j >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (m - j)) - 1);
+      const __m512i v = _mm512_maskz_loadu_epi8(lanes, src + j);
+      _mm512_storeu_si512(dst + j, _mm512_and_si512(_mm512_srl_epi16(v, right), keep));
     }
-    start += m;
-    offset += width;
+#else
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<uint8_t>((src[j] >> sh) & mask);
+#endif
   }
 }
 
-// out[i] = book[idx[i]] for i < n. `book` holds kBookSize floats; idx and out may be read and
-// written up to round_up(n, 16) (their buffers are padded).
-inline void lookup(const float* book, int bits, const uint8_t* idx, int64_t n, float* out) {
+// The n codes (n % 8 == 0) of one packed row of `bits`-bit codes (1..6), one byte each, in code
+// order, as two fields (kvcompress.codecs.packing: widths 8/4/2/1 of the binary expansion of
+// bits, widest first at increasing bit offsets; at most two for 6 bits): code = low | high << shift.
+// Returns the second field's shift, 0 when there is none.
+inline int unpack_row(const uint8_t* row, int bits, int64_t n, uint8_t* low, uint8_t* high) {
+  int first = 8;
+  while (first > bits) first /= 2;
+  unpack_field(row, first, n, low);
+  const int rest = bits - first;
+  if (rest == 0) return 0;
+  unpack_field(row + n * first / 8, rest, n, high);  // rest is 1 or 2 (bits <= 6): a single field
+  return first;
+}
+
+// out[i] = book[low[i] | high[i] << shift] for i < n (no `high` when shift == 0). `book` holds
+// kBookSize floats; low, high and out may be read and written up to round_up(n, 16).
+inline void lookup(const float* book, int bits, const uint8_t* low, const uint8_t* high, int shift, int64_t n,
+                   float* out) {
 #if defined(__AVX512F__)
   const __m512 b0 = _mm512_loadu_ps(book), b1 = _mm512_loadu_ps(book + 16);
   const __m512 b2 = _mm512_loadu_ps(book + 32), b3 = _mm512_loadu_ps(book + 48);
+  const __m128i left = _mm_cvtsi32_si128(shift);
   for (int64_t i = 0; i < n; i += 16) {
-    const __m512i id = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + i)));
+    __m512i id = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low + i)));
+    if (shift != 0)
+      id = _mm512_or_si512(id, _mm512_sll_epi32(
+                                   _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(high + i))),
+                                   left));
     __m512 v;
     if (bits <= 4) {
       v = _mm512_permutexvar_ps(id, b0);
     } else {
       v = _mm512_permutex2var_ps(b0, id, b1);
       if (bits > 5) {
-        const __mmask16 high = _mm512_test_epi32_mask(id, _mm512_set1_epi32(32));
-        v = _mm512_mask_blend_ps(high, v, _mm512_permutex2var_ps(b2, id, b3));
+        const __mmask16 top = _mm512_test_epi32_mask(id, _mm512_set1_epi32(32));
+        v = _mm512_mask_blend_ps(top, v, _mm512_permutex2var_ps(b2, id, b3));
       }
     }
     _mm512_storeu_ps(out + i, v);
@@ -181,14 +186,19 @@ inline void lookup(const float* book, int bits, const uint8_t* idx, int64_t n, f
 #if defined(KVC_AVX2)
   if (bits <= 3) {
     const __m256 b0 = _mm256_loadu_ps(book);
+    const __m128i left = _mm_cvtsi32_si128(shift);
     for (int64_t i = 0; i < n; i += 8) {
-      const __m256i id = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + i)));
+      __m256i id = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(low + i)));
+      if (shift != 0)
+        id = _mm256_or_si256(id, _mm256_sll_epi32(
+                                     _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(high + i))),
+                                     left));
       _mm256_storeu_ps(out + i, _mm256_permutevar8x32_ps(b0, id));
     }
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) out[i] = book[idx[i]];
+  for (int64_t i = 0; i < n; ++i) out[i] = book[shift != 0 ? (low[i] | (high[i] << shift)) : low[i]];
 #endif
 }
 
@@ -275,11 +285,12 @@ Coded describe(const std::vector<at::Tensor>& codes, const std::vector<int64_t>&
 
 // Scratch of one thread for decoding rows.
 struct Scratch {
-  std::vector<uint8_t> codes;
+  std::vector<uint8_t> low, high;  // a group's codes split in their two bit fields
   std::vector<float> values;  // kRow * n + 16: a row's values group by group
   std::vector<float> cval;    // kRow x np token-major, padding zero
   void fit(const Coded& c) {
-    codes.assign(round_up(c.max_group, 64) + 64, 0);
+    low.assign(round_up(c.max_group, 64) + 64, 0);
+    high.assign(round_up(c.max_group, 64) + 64, 0);
     values.assign(kRow * c.n + 16, 0.0f);
     cval.assign(kRow * c.np + 16, 0.0f);
   }
@@ -290,8 +301,11 @@ struct Scratch {
 inline void decode_row_grouped(const Coded& c, int64_t b, int64_t h, int64_t row, Scratch& s, float* out) {
   for (const Group& g : c.groups) {  // in order: a lookup's padding is overwritten by the next group
     const uint8_t* bytes = g.codes + b * g.stride_b + h * g.stride_h + row * g.stride_row;
-    unpack_row(bytes, g.bits, g.count * kRow, s.codes.data());
-    lookup(g.book, g.bits, s.codes.data(), g.count * kRow, out + kRow * g.first);
+    // the groups are separate streams, each too thin for the hardware prefetcher: fetch ahead
+    const uint8_t* ahead = bytes + kPrefetchRows * g.stride_row;
+    for (int64_t line = 0; line < g.count * g.bits; line += 64) __builtin_prefetch(ahead + line);
+    const int shift = unpack_row(bytes, g.bits, g.count * kRow, s.low.data(), s.high.data());
+    lookup(g.book, g.bits, s.low.data(), s.high.data(), shift, g.count * kRow, out + kRow * g.first);
   }
 }
 
@@ -310,6 +324,7 @@ inline void decode_row(const Coded& c, int64_t b, int64_t h, int64_t row, Scratc
 
 inline void row_scales(const Coded& c, int64_t b, int64_t h, int64_t row, float* out) {
   const at::Half* s = c.scale + b * c.scale_b + h * c.scale_h + row * kRow * c.scale_t;
+  __builtin_prefetch(s + kPrefetchRows * kRow * c.scale_t);
   for (int64_t t = 0; t < kRow; ++t) out[t] = static_cast<float>(s[t * c.scale_t]);
 }
 
@@ -471,8 +486,9 @@ at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const 
     key_scratch.fit(kc);
     value_scratch.fit(vc);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / tasks_per_head, blk = task % tasks_per_head;
-      const int64_t b = bh / H, h = bh % H;
+      // tasks run block by block, the KV heads of a block together: they share its cos/sin rows
+      const int64_t b = task / (tasks_per_head * H), blk = task / H % tasks_per_head, h = task % H;
+      const int64_t bh = b * H + h;
       const float* q = q_all.data() + (b * Hq + h * rep) * D;
       int64_t len, pos0, t0 = 0, t1 = 0;
       if (blk == 0) {
