@@ -23,8 +23,10 @@ reconstruct-then-SDPA path), the window and sinks are read where they lie, and n
 
 `attend_compressed` is the pure-torch reference. On CPU the decode step runs the compiled kernel
 of `kvcompress.kernels.cpu` instead where it applies (`attend`), which computes the same from the
-packed codes without decoding them into tensors; `attend_compressed` runs where it does not
-(pre-RoPE keys, low-rank or rotated codecs, GPU tensors, no compiler).
+stored codes without decoding them into tensors: uniform `QuantCodec` codes with post-RoPE keys,
+and the codebook codecs of the `bitsN` presets (rotated, centred or principal-basis codebooks;
+keys pre- or post-RoPE). `attend_compressed` runs where it does not (low-rank fp16, Hadamard +
+uniform, pre-RoPE uniform keys, a mix of the two families, GPU tensors, no compiler).
 
 Wiring, through transformers' public `AttentionInterface` (the details are in `compat`):
 `enable_fast_attention(model)` registers the attention function "kvcompress" (and sdpa's mask
@@ -322,7 +324,8 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
     """The decode step over `layer`: on CUDA the Triton kernel where it applies
     (`kernels.decode_attention`, see `_triton_reads`); on CPU the compiled CPU kernel where it
     applies (`kvcompress.kernels.cpu`: CPU tensors, plain `QuantCodec` keys and values stored
-    post-RoPE, `layer.use_kernel`; not with KVCOMPRESS_KERNELS=torch); else `attend_compressed`.
+    post-RoPE or codebook keys and values, `layer.use_kernel`; not with KVCOMPRESS_KERNELS=torch);
+    else `attend_compressed`.
     Same arguments and result as `attend_compressed`."""
     if _triton_reads(layer, query, attention_mask):
         return kernels.decode_attention(layer, query, attention_mask, scaling)

@@ -1,7 +1,8 @@
 """Compiled kernels (optional: every one has a pure-torch fallback), and the switch for Triton's.
 
-`cpu` builds `cpu_decode.cpp` through torch's C++ extension mechanism on first use (the decode
-step on CPU; see `kvcompress.cache.attention`). On CUDA, when Triton is importable (the
+`cpu` builds `cpu_decode.cpp` (uniform codes) and `cpu_codebook.cpp` (codebook codes, described
+by `cpu_codebook`) into one extension through torch's C++ extension mechanism on first use (the
+decode step on CPU; see `kvcompress.cache.attention`). On CUDA, when Triton is importable (the
 optional extra `kvcompress[gpu]`), two Triton kernels replace torch code:
 
 - `quantize_pack` (`triton_pack`): uniform quantization of one block of K or V states and

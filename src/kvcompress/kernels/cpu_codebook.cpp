@@ -393,20 +393,23 @@ void key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, co
       const int64_t token = row * kRow + t;
       const float* cs = cos + token * D;
       const float* sn = sin + token * D;
-      float* xt = x + t * D;
+      const float* xt = x + t * D;
       const float st = scales[t];
-      if (off != nullptr) {
+      float* kt = k + t * D;
+      if (off != nullptr) {  // k = R(p) (offset + s x), R(p) x = x cos + rotate_half(x) sin
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) xt[d] = off[d] + st * xt[d];
+        for (int64_t d = 0; d < half; ++d) {
+          const float lo = off[d] + st * xt[d], hi = off[d + half] + st * xt[d + half];
+          kt[d] = lo * cs[d] - hi * sn[d];
+          kt[d + half] = hi * cs[d + half] + lo * sn[d + half];
+        }
       } else {
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) xt[d] = st * xt[d];
-      }
-      float* kt = k + t * D;
-#pragma omp simd
-      for (int64_t d = 0; d < half; ++d) {
-        kt[d] = xt[d] * cs[d] - xt[d + half] * sn[d];
-        kt[d + half] = xt[d + half] * cs[d + half] + xt[d] * sn[d + half];
+        for (int64_t d = 0; d < half; ++d) {
+          const float lo = st * xt[d], hi = st * xt[d + half];
+          kt[d] = lo * cs[d] - hi * sn[d];
+          kt[d + half] = hi * cs[d + half] + lo * sn[d + half];
+        }
       }
     }
     const int64_t col = row * kRow - t0;
