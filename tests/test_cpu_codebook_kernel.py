@@ -233,9 +233,11 @@ def test_layers_the_path_does_not_read_fall_back_to_the_torch_path():
     layer = filled_layer(4, 64)
     query = query_for(layer, 2)
     assert cpu.attend(layer, query, None, 0.125) is not None
-    layer.positions = torch.zeros(2, 2, layer.n_compressed, dtype=torch.long)  # tokens moved by eviction
+    held = torch.arange(layer.held_tokens(), dtype=torch.int32)
+    layer.token_positions = (held * 2).expand(2, 2, -1).clone()  # pre-RoPE keys at other positions (eviction)
     assert cpu.attend(layer, query, None, 0.125) is None
-    layer.positions = None
+    torch.testing.assert_close(attend(layer, query, None, 0.125), attend_compressed(layer, query, None, 0.125))
+    layer.token_positions = None
     saved, layer.key_space = layer.key_space, object()  # a key space without cos/sin tables
     assert cpu.attend(layer, query, None, 0.125) is None
     layer.key_space = saved
@@ -247,6 +249,13 @@ def test_layers_the_path_does_not_read_fall_back_to_the_torch_path():
                           make_codec("pca", 4, 2, 40, torch.Generator()), window=40, sinks=4, block_size=64)
     odd.update(torch.randn(2, 2, 400, 40), torch.randn(2, 2, 400, 40))
     assert cpu.attend(odd, torch.randn(2, 4, 1, 40), None, 0.125) is None  # head_dim not a multiple of 16
+
+
+def test_post_rope_keys_are_read_whatever_their_positions():
+    layer = filled_layer(3, 64, pre_rope=False)
+    held = torch.arange(layer.held_tokens(), dtype=torch.int32)
+    layer.token_positions = (held * 2).expand(2, 2, -1).clone()  # positions matter only to pre-RoPE keys
+    check_equal(layer, query_for(layer, 3), left_padding_mask(layer, 50, additive=False))
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ time into a stack buffer and rotated to their positions with the model's cos/sin
 
 `attend` returns None (so `attend_compressed` runs) where this path does not apply: a codec
 it does not describe, head_dim not a multiple of 16, a key space without cos/sin tables,
-tokens at positions other than n_sinks + i (`layer.positions` set, after eviction).
+pre-RoPE keys at positions other than n_sinks + i (`layer.token_positions` set, after eviction;
+post-RoPE keys carry their positions already and are read whatever they are).
 
 This module does not build or load the extension (`kernels.cpu` does) and does not
 implement attention itself.
@@ -131,13 +132,14 @@ def _heads_match(form: CodedForm, heads: int, dim: int) -> bool:
 def supports(layer) -> bool:
     """Whether this path can run the layer's decode step (independent of the build)."""
     window_k, window_v = layer.window_keys, layer.window_values
-    if window_k is None or window_k.device.type != "cpu" or getattr(layer, "positions", None) is not None:
+    if window_k is None or window_k.device.type != "cpu":
         return False
     heads, dim, dim_v = window_k.shape[1], window_k.shape[-1], window_v.shape[-1]
     if dim % DIM_MULTIPLE or dim_v % DIM_MULTIPLE:
         return False
-    if layer.key_space is not None and not callable(getattr(layer.key_space, "tables", None)):
-        return False
+    if layer.key_space is not None:  # pre-RoPE keys: rotated at positions n_sinks + i, from the model's tables
+        if not callable(getattr(layer.key_space, "tables", None)) or layer.token_positions is not None:
+            return False
     keys, values = describe(layer.key_codec, dim), describe(layer.value_codec, dim_v)
     return (keys is not None and values is not None and _heads_match(keys, heads, dim)
             and _heads_match(values, heads, dim_v))
@@ -165,10 +167,10 @@ def attend(module, layer, query: torch.Tensor, mask: torch.Tensor | None, scalin
     heads, dim, dim_v = layer.window_keys.shape[1], layer.window_keys.shape[-1], layer.window_values.shape[-1]
     keys, values = describe(layer.key_codec, dim), describe(layer.value_codec, dim_v)
     ks, vs = layer.stored_keys, layer.stored_values
-    n_sinks, n_compressed = layer.sink_keys.shape[2], layer.n_compressed
+    n_compressed = layer.n_compressed
     cos = sin = _EMPTY
     if layer.key_space is not None:  # pre-RoPE keys: compressed token i sits at position n_sinks + i
-        cos, sin = layer.key_space.tables(n_sinks, n_compressed, query.device)
+        cos, sin = layer.key_space.tables(layer.key_positions(0, n_compressed), n_compressed, query.device)
         cos, sin = cos.contiguous(), sin.contiguous()
     B, Hq, _, D = query.shape
     out = module.attend_codebook(
