@@ -61,14 +61,15 @@ def largest_score(layer, query, scale: float) -> float:
 class Rotary(nn.Module):
     """A rotary embedding in transformers' convention: cos, sin (1, n, D) = cos/sin of [f, f] * factor."""
 
-    def __init__(self, dim: int, base: float = 10000.0, factor: float = 1.0):
+    def __init__(self, dim: int, base: float = 10000.0, factor: float = 1.0, equal_halves: bool = True):
         super().__init__()
         self.inv_freq = 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
         self.factor = factor
+        self.equal_halves = equal_halves  # False: a table whose halves differ (the kernel reads both)
 
     def forward(self, x, position_ids):
         freqs = position_ids[..., None].float() * self.inv_freq  # (1, n, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)
+        emb = torch.cat([freqs, freqs if self.equal_halves else freqs * 1.5], dim=-1)
         return emb.cos() * self.factor, emb.sin() * self.factor
 
 
@@ -100,10 +101,11 @@ def make_codec(kind: str, bits: int, H: int, D: int, gen: torch.Generator):
 
 def filled_layer(bits: int, D: int, dtype=torch.float32, B: int = 2, H: int = 2, tokens: int = 1200,
                  key: str = "pca", value: str = "centred", pre_rope: bool = True, sinks: int = 4,
-                 window: int = 40, factor: float = 1.0, seed: int = 0) -> CompressedLayer:
+                 window: int = 40, factor: float = 1.0, equal_halves: bool = True, seed: int = 0
+                 ) -> CompressedLayer:
     """A layer holding `tokens` random tokens: sinks, several kernel blocks of codes, a window."""
     gen = torch.Generator().manual_seed(seed)
-    key_space = RopeInverter(Rotary(D, factor=factor)) if pre_rope else None
+    key_space = RopeInverter(Rotary(D, factor=factor, equal_halves=equal_halves)) if pre_rope else None
     layer = CompressedLayer(make_codec(key, bits, H, D, gen), make_codec(value, bits, H, D, gen),
                             window=window, sinks=sinks, block_size=64, key_space=key_space)
     keys = torch.randn(B, H, tokens, D, generator=gen) * 2 + torch.randn(1, H, 1, D, generator=gen)
@@ -177,6 +179,14 @@ def test_scaled_rope_tables_and_masks_bool_and_additive():
         bool_out = check_equal(layer, query, left_padding_mask(layer, padded, additive=False))
         add_out = check_equal(layer, query, left_padding_mask(layer, padded, additive=True))
         torch.testing.assert_close(add_out, bool_out, **tolerance(torch.float32))
+
+
+def test_rope_tables_with_unequal_halves_are_read_whole():
+    layer = filled_layer(3, 64, equal_halves=False)
+    assert layer.key_space.half_tables(4, 8, torch.device("cpu")) is None
+    check_equal(layer, query_for(layer, 3), None)
+    halves = filled_layer(3, 64).key_space.half_tables(4, 8, torch.device("cpu"))
+    assert halves is not None and halves[0].shape == (8, 32)  # the usual case: half the bytes
 
 
 def test_folded_rows_reproduce_the_codec_decode():

@@ -65,6 +65,7 @@ class RopeInverter:
     layer_type: str | None = None
     _cos: torch.Tensor | None = field(default=None, repr=False)
     _sin: torch.Tensor | None = field(default=None, repr=False)
+    _half: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def tables(self, start: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (n, D) float32 for positions start .. start + n - 1."""
@@ -76,6 +77,20 @@ class RopeInverter:
         if self._cos is None or self._cos.shape[0] < need or self._cos.device != torch.device(device):
             size = max(need, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
             self._cos, self._sin = rope_tables(self.rotary_emb, size, device, self.layer_type)
+            half = self._cos.shape[-1] // 2
+            equal = torch.equal(self._cos[:, :half], self._cos[:, half:]) and torch.equal(self._sin[:, :half],
+                                                                                          self._sin[:, half:])
+            self._half = (self._cos[:, :half].contiguous(), self._sin[:, :half].contiguous()) if equal else None
+
+    def half_tables(self, start: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin (n, D/2) for positions start .. start + n - 1 when both halves of every row of
+        the tables are equal (the rotate_half convention's cat([f, f]), checked when the tables are
+        built), so a reader may load half the bytes; else None."""
+        need = start + n
+        self._ensure(need, device)
+        if self._half is None:
+            return None
+        return self._half[0][start:need], self._half[1][start:need]
 
     def _tables_at(self, positions: int | torch.Tensor, n: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor]:

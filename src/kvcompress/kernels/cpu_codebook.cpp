@@ -283,6 +283,14 @@ Coded describe(const std::vector<at::Tensor>& codes, const std::vector<int64_t>&
   return c;
 }
 
+// cos/sin rows of the compressed tokens' positions: token t's at cos + t * row; the second half
+// of a row at offset `second` (D/2), or 0 when only the first half is given (both halves equal).
+struct Rope {
+  const float* cos;
+  const float* sin;
+  int64_t row, second;
+};
+
 // Scratch of one thread for decoding rows.
 struct Scratch {
   std::vector<uint8_t> low, high;  // a group's codes split in their two bit fields
@@ -362,14 +370,14 @@ inline void decode_keys(const Coded& c, const float* grouped, const float* rows,
 }
 
 // Scores of compressed tokens [t0, t1) into sc[i * ld + (t - t0)] for the rep query heads.
-//  cos == nullptr: q_proj (rep x np) = rows . q, q_off (rep) = q . offset; score = q_off + s * (q_proj . c)
-//  cos != nullptr: keys decoded, offset added, rotated to their position, dotted with q (rep x D).
+//  rope.cos == nullptr: q_proj (rep x np) = rows . q, q_off (rep) = q . offset; score = q_off + s * (q_proj . c)
+//  rope.cos != nullptr: keys decoded, offset added, rotated to their position, dotted with q (rep x D).
 void key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* q, const float* q_proj,
-                const float* q_off, const float* cos, const float* sin, int rep, float* sc, int64_t ld, Scratch& s,
+                const float* q_off, const Rope& rope, int rep, float* sc, int64_t ld, Scratch& s,
                 std::vector<float>& work) {
   const int64_t D = c.dim, np = c.np, half = D / 2;
   float scales[kRow];
-  if (cos == nullptr) {
+  if (rope.cos == nullptr) {
     for (int64_t row = t0 / kRow; row < t1 / kRow; ++row) {
       decode_row(c, b, h, row, s);
       row_scales(c, b, h, row, scales);
@@ -391,8 +399,10 @@ void key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, co
     decode_keys(c, s.values.data(), rows, x);
     for (int64_t t = 0; t < kRow; ++t) {
       const int64_t token = row * kRow + t;
-      const float* cs = cos + token * D;
-      const float* sn = sin + token * D;
+      const float* cs = rope.cos + token * rope.row;
+      const float* sn = rope.sin + token * rope.row;
+      const float* cs2 = cs + rope.second;
+      const float* sn2 = sn + rope.second;
       const float* xt = x + t * D;
       const float st = scales[t];
       float* kt = k + t * D;
@@ -401,14 +411,14 @@ void key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, co
         for (int64_t d = 0; d < half; ++d) {
           const float lo = off[d] + st * xt[d], hi = off[d + half] + st * xt[d + half];
           kt[d] = lo * cs[d] - hi * sn[d];
-          kt[d + half] = hi * cs[d + half] + lo * sn[d + half];
+          kt[d + half] = hi * cs2[d] + lo * sn2[d];
         }
       } else {
 #pragma omp simd
         for (int64_t d = 0; d < half; ++d) {
           const float lo = st * xt[d], hi = st * xt[d + half];
           kt[d] = lo * cs[d] - hi * sn[d];
-          kt[d + half] = hi * cs[d + half] + lo * sn[d + half];
+          kt[d + half] = hi * cs2[d] + lo * sn2[d];
         }
       }
     }
@@ -442,7 +452,7 @@ void value_mix(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, con
 template <typename T>
 at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
                        const at::Tensor& win_k, const at::Tensor& win_v, const Coded& kc, const Coded& vc,
-                       const float* cos, const float* sin, int64_t n_compressed,
+                       const Rope& rope, int64_t n_compressed,
                        const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens) {
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
   const int64_t H = win_k.size(1), Dv = win_v.size(3);
@@ -464,7 +474,7 @@ at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const 
       for (int64_t d = 0; d < D; ++d)
         q_all[(b * Hq + i) * D + d] = static_cast<float>(qp[b * query.stride(0) + i * query.stride(1) + d]) * fscale;
   std::vector<float> q_proj, q_off(static_cast<size_t>(B * Hq), 0.0f);
-  if (cos == nullptr) {
+  if (rope.cos == nullptr) {
     q_proj.assign(static_cast<size_t>(B * Hq * kc.np), 0.0f);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < Hq; ++i) {
@@ -507,8 +517,8 @@ at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const 
         t0 = (blk - 1) * block_tokens;
         t1 = std::min(t0 + block_tokens, n_compressed);
         len = t1 - t0;
-        const float* qp_bh = cos == nullptr ? q_proj.data() + (b * Hq + h * rep) * kc.np : nullptr;
-        key_scores(kc, b, h, t0, t1, q, qp_bh, q_off.data() + b * Hq + h * rep, cos, sin, rep, sc.data(), len,
+        const float* qp_bh = rope.cos == nullptr ? q_proj.data() + (b * Hq + h * rep) * kc.np : nullptr;
+        key_scores(kc, b, h, t0, t1, q, qp_bh, q_off.data() + b * Hq + h * rep, rope, rep, sc.data(), len,
                    key_scratch, work);
         pos0 = n_sinks + t0;
       }
@@ -626,16 +636,19 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
   const Coded kc = describe(k_codes, k_bits, k_books, k_scale, k_rows, k_offset, n_compressed, H, B, "keys");
   const Coded vc = describe(v_codes, v_bits, v_books, v_scale, v_rows, v_offset, n_compressed, H, B, "values");
   TORCH_CHECK(kc.dim == D && vc.dim == Dv, "rows must map codes to head_dim");
-  const float* cos = nullptr;
-  const float* sin = nullptr;
+  Rope rope{nullptr, nullptr, 0, 0};
   if (rope_cos.numel() > 0) {
     TORCH_CHECK(rope_cos.scalar_type() == at::kFloat && rope_sin.scalar_type() == at::kFloat &&
-                    rope_cos.is_contiguous() && rope_sin.is_contiguous() && rope_cos.dim() == 2 &&
-                    rope_cos.size(0) == n_compressed && rope_cos.size(1) == D && rope_sin.sizes() == rope_cos.sizes(),
-                "rope cos/sin must be float32 (n_compressed, D), contiguous");
+                    rope_cos.dim() == 2 && rope_cos.size(0) == n_compressed &&
+                    (rope_cos.size(1) == D || 2 * rope_cos.size(1) == D) && rope_sin.sizes() == rope_cos.sizes() &&
+                    rope_cos.stride(1) == 1 && rope_sin.stride(1) == 1 && rope_sin.stride(0) == rope_cos.stride(0),
+                "rope cos/sin must be float32 (n_compressed, D) or (n_compressed, D/2) (equal halves) with "
+                "contiguous rows");
     TORCH_CHECK(D % 2 == 0, "rotary keys need an even head_dim");
-    cos = rope_cos.data_ptr<float>();
-    sin = rope_sin.data_ptr<float>();
+    rope.cos = rope_cos.data_ptr<float>();
+    rope.sin = rope_sin.data_ptr<float>();
+    rope.row = rope_cos.stride(0);
+    rope.second = rope_cos.size(1) == D ? D / 2 : 0;
   }
   if (mask.has_value()) {
     TORCH_CHECK(mask->dim() == 2 && mask->stride(1) == 1 &&
@@ -646,13 +659,13 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
   }
   switch (query.scalar_type()) {
     case at::kFloat:
-      return attend_impl<float>(query, sink_k, sink_v, win_k, win_v, kc, vc, cos, sin, n_compressed, mask, scaling,
+      return attend_impl<float>(query, sink_k, sink_v, win_k, win_v, kc, vc, rope, n_compressed, mask, scaling,
                                 block_tokens);
     case at::kBFloat16:
-      return attend_impl<at::BFloat16>(query, sink_k, sink_v, win_k, win_v, kc, vc, cos, sin, n_compressed, mask,
+      return attend_impl<at::BFloat16>(query, sink_k, sink_v, win_k, win_v, kc, vc, rope, n_compressed, mask,
                                        scaling, block_tokens);
     case at::kHalf:
-      return attend_impl<at::Half>(query, sink_k, sink_v, win_k, win_v, kc, vc, cos, sin, n_compressed, mask,
+      return attend_impl<at::Half>(query, sink_k, sink_v, win_k, win_v, kc, vc, rope, n_compressed, mask,
                                    scaling, block_tokens);
     default:
       TORCH_CHECK(false, "kvcompress cpu kernel: query dtype must be float32, bfloat16 or float16");

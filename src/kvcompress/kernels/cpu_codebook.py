@@ -170,8 +170,10 @@ def attend(module, layer, query: torch.Tensor, mask: torch.Tensor | None, scalin
     n_compressed = layer.n_compressed
     cos = sin = _EMPTY
     if layer.key_space is not None:  # pre-RoPE keys: compressed token i sits at position n_sinks + i
-        cos, sin = layer.key_space.tables(layer.key_positions(0, n_compressed), n_compressed, query.device)
-        cos, sin = cos.contiguous(), sin.contiguous()
+        start, space = layer.key_positions(0, n_compressed), layer.key_space
+        halves = space.half_tables(start, n_compressed, query.device) if hasattr(space, "half_tables") else None
+        cos, sin = halves if halves is not None else space.tables(start, n_compressed, query.device)
+        cos, sin = _rows(cos), _rows(sin)  # (n, D) or (n, D/2): the kernel reads the second half from the first
     B, Hq, _, D = query.shape
     out = module.attend_codebook(
         _rows(query.reshape(B, Hq, D)),
