@@ -11,7 +11,9 @@ float32, KIVI-style quantization (keys per channel over 32 tokens, values per to
 channels; --bits 4 is the `int4` preset). With --preset NAME the layer takes instead the codecs,
 window, sinks, block size and key space of layer --layer of a cache with that preset on the
 embedded model (which loads the model and its calibration artifact): e.g. `bits4`, whose keys are
-pre-RoPE and re-rotated to their positions with the model's own cos/sin tables. Each timing is the median over --iters calls, and the
+pre-RoPE and re-rotated to their positions with the model's own cos/sin tables ("kernel GB/s"
+then counts the stored codes and scales, sinks and window, not the cos/sin rows and the folded
+per-layer matrices the kernel also reads). Each timing is the median over --iters calls, and the
 calls of the four ways alternate, so a noisy machine slows them alike. A buffer of --flush-mib
 MiB is rewritten before every call so that, as inside a model (whose weights stream through the
 CPU's caches at every step), the cache is not already in the CPU's caches; make it larger than
