@@ -1,14 +1,16 @@
 """The CPU decode kernel's codebook path (kvcompress.kernels.cpu_codebook, cpu_codebook.cpp):
 equals the pure-torch `attend_compressed` for the codecs of the bitsN presets (pre-RoPE keys on
 calibrated principal directions with bits allocated by variance, rotated codebook values) at 2, 3
-and 4 bits, for every GQA ratio, head_dim, dtype and mask; reads the stored codes (tampering with
+and 4 bits, for every GQA ratio, head_dim, dtype and mask; with pre-RoPE keys at the positions
+eviction kept (each KV head its own) as at consecutive ones; reads the stored codes (tampering with
 any code group or scale changes the output); a decode step of a model through it never decodes a
-tensor; layers it does not handle fall back to the torch path; a failed build falls back with one
-warning.
+tensor, evicted or not; layers it does not handle fall back to the torch path; a failed build falls
+back with one warning.
 
 The extension is built once per machine into the user's cache (a minute or two cold)."""
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ from kvcompress.codecs.packing import unpack_reference
 from kvcompress.codecs.rotation import RandomizedHadamard
 from kvcompress.kernels import cpu, cpu_codebook
 from kvcompress.rope import RopeInverter
+from kvcompress.spec import EvictionSpec
 from tiny_models import prompt, tiny_llama
 
 
@@ -101,17 +104,36 @@ def make_codec(kind: str, bits: int, H: int, D: int, gen: torch.Generator):
 
 def filled_layer(bits: int, D: int, dtype=torch.float32, B: int = 2, H: int = 2, tokens: int = 1200,
                  key: str = "pca", value: str = "centred", pre_rope: bool = True, sinks: int = 4,
-                 window: int = 40, factor: float = 1.0, equal_halves: bool = True, seed: int = 0
-                 ) -> CompressedLayer:
-    """A layer holding `tokens` random tokens: sinks, several kernel blocks of codes, a window."""
+                 window: int = 40, factor: float = 1.0, equal_halves: bool = True, seed: int = 0,
+                 eviction: EvictionSpec | None = None) -> CompressedLayer:
+    """A layer holding `tokens` random tokens: sinks, several kernel blocks of codes, a window.
+
+    With `eviction`, the tokens are a prompt the layer evicts from (scored with random queries,
+    as kvcompress's attention hands them over at prefill) before compressing the kept ones."""
     gen = torch.Generator().manual_seed(seed)
     key_space = RopeInverter(Rotary(D, factor=factor, equal_halves=equal_halves)) if pre_rope else None
     layer = CompressedLayer(make_codec(key, bits, H, D, gen), make_codec(value, bits, H, D, gen),
-                            window=window, sinks=sinks, block_size=64, key_space=key_space)
+                            window=window, sinks=sinks, block_size=64, key_space=key_space, eviction=eviction)
     keys = torch.randn(B, H, tokens, D, generator=gen) * 2 + torch.randn(1, H, 1, D, generator=gen)
     values = torch.randn(B, H, tokens, D, generator=gen)
+    if eviction is not None:
+        layer.model_config = SimpleNamespace(_attn_implementation=attention_module.ATTENTION_NAME)
     layer.update(keys.to(dtype), values.to(dtype))
+    if eviction is not None:
+        queries = torch.randn(B, 2 * H, tokens, D, generator=gen) * 2
+        layer.evict_prompt(queries.to(dtype), D ** -0.5)
     assert layer.n_compressed > 2 * cpu.BLOCK_TOKENS  # several blocks, and the last one partial
+    return layer
+
+
+def evicted_layer(bits: int, D: int, dtype=torch.float32, **kwargs) -> CompressedLayer:
+    """`filled_layer` after snapkv eviction kept half of a 2400-token prompt: each KV head holds its
+    own tokens, so its pre-RoPE compressed keys sit at positions of its own, not n_sinks + i."""
+    layer = filled_layer(bits, D, dtype, tokens=2400, eviction=EvictionSpec("snapkv", keep=0.5), **kwargs)
+    positions = layer.key_positions(0, layer.n_compressed)  # (B, H, n)
+    assert not isinstance(positions, int), "eviction left the compressed keys at consecutive positions"
+    assert (positions.diff(dim=-1) > 1).any(), "no gap among the kept positions"
+    assert not torch.equal(positions[:, 0], positions[:, 1]), "both heads kept the same positions"
     return layer
 
 
@@ -243,11 +265,6 @@ def test_layers_the_path_does_not_read_fall_back_to_the_torch_path():
     layer = filled_layer(4, 64)
     query = query_for(layer, 2)
     assert cpu.attend(layer, query, None, 0.125) is not None
-    held = torch.arange(layer.held_tokens(), dtype=torch.int32)
-    layer.token_positions = (held * 2).expand(2, 2, -1).clone()  # pre-RoPE keys at other positions (eviction)
-    assert cpu.attend(layer, query, None, 0.125) is None
-    torch.testing.assert_close(attend(layer, query, None, 0.125), attend_compressed(layer, query, None, 0.125))
-    layer.token_positions = None
     saved, layer.key_space = layer.key_space, object()  # a key space without cos/sin tables
     assert cpu.attend(layer, query, None, 0.125) is None
     layer.key_space = saved
@@ -259,6 +276,41 @@ def test_layers_the_path_does_not_read_fall_back_to_the_torch_path():
                           make_codec("pca", 4, 2, 40, torch.Generator()), window=40, sinks=4, block_size=64)
     odd.update(torch.randn(2, 2, 400, 40), torch.randn(2, 2, 400, 40))
     assert cpu.attend(odd, torch.randn(2, 4, 1, 40), None, 0.125) is None  # head_dim not a multiple of 16
+
+
+@pytest.mark.parametrize("bits, dtype, key, equal_halves", [
+    (2, torch.float32, "pca", True), (4, torch.float32, "pca", True), (4, torch.bfloat16, "pca", True),
+    (3, torch.float32, "lowrank", True), (3, torch.float32, "pca", False)])
+def test_pre_rope_keys_at_evicted_positions_equal_the_torch_path(bits, dtype, key, equal_halves):
+    """After eviction the kernel rotates each compressed key at its own (batch, head) position
+    (half or whole cos/sin rows), as `attend_compressed` does."""
+    layer = evicted_layer(bits, 64, dtype, key=key, equal_halves=equal_halves)
+    query = query_for(layer, 3)
+    check_equal(layer, query, left_padding_mask(layer, 300, additive=False))
+    check_equal(layer, query, None)
+
+
+def test_evicted_positions_are_read_not_assumed_consecutive():
+    """The kernel's result follows the positions it is handed: the same codes rotated at
+    consecutive positions (what ignoring eviction would do) give another output."""
+    layer = evicted_layer(4, 64)
+    query = query_for(layer, 2)
+    at_kept = check_equal(layer, query)
+    kept = layer.token_positions
+    n_sinks = layer.sink_keys.shape[2]
+    layer.token_positions = torch.arange(layer.held_tokens(), dtype=torch.int32).expand_as(kept).clone()
+    layer.token_positions[:, :, n_sinks + layer.n_compressed:] = kept[:, :, n_sinks + layer.n_compressed:]
+    consecutive = check_equal(layer, query)
+    assert (at_kept - consecutive).abs().max() > 1e-2
+
+
+def test_positions_outside_the_rope_tables_are_refused():
+    """Positions index the cos/sin tables unchecked in the inner loop: the call checks them first."""
+    layer = evicted_layer(2, 64)
+    query = query_for(layer, 2)
+    layer.token_positions[0, 1, layer.sink_keys.shape[2] + 5] = layer.get_seq_length() + 10**6
+    with pytest.raises(RuntimeError, match="rope positions must lie in"):
+        cpu.attend(layer, query, None, 0.125)
 
 
 def test_post_rope_keys_are_read_whatever_their_positions():
@@ -292,6 +344,48 @@ def test_decode_step_of_a_model_never_decodes_or_reconstructs(bits, monkeypatch,
         monkeypatch.setattr(target, name, refuse)
     got = model(torch.tensor([[7]]), cache=cache).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("applies", ["prompt", "generation"])
+def test_evicted_bits_cache_decodes_through_the_kernel(applies, monkeypatch, fast_attention, tiny_artifact):
+    """A bitsN-like spec with snapkv eviction (as `bits4@snapkv:0.5`) on a tiny Llama: prefill
+    evicts (pre-RoPE keys at each head's kept positions; with "generation", later spans leaving
+    the window too), then every decode step runs the kernel, never `attend_compressed`, and its
+    logits equal the torch path's."""
+    model = fast_attention(tiny_llama(seed=2, head_dim=64))
+    spec = {"key": {"method": "pca+codebook", "bits": 4, "key_space": "pre_rope"},
+            "value": {"method": "rotated+codebook", "bits": 4}, "window": 16, "sinks": 4, "block_size": 32,
+            "eviction": {"policy": "snapkv", "keep": 0.5, "applies": applies}}
+    cache = CompressedCache(model, spec, artifact=tiny_artifact)
+    model(prompt(300), cache=cache)
+    torch_cache = CompressedCache(model, spec, artifact=tiny_artifact, kernel=False)
+    model(prompt(300), cache=torch_cache)
+    for layer in cache.layers:
+        assert layer.n_compressed > 0 and layer.token_positions is not None
+        assert layer.held_tokens() < layer.get_seq_length() == 300
+    evicted_after_prompt = [layer.evicted_tokens() for layer in cache.layers]
+
+    calls = []
+    kernel_attend = cpu_codebook.attend
+    monkeypatch.setattr(cpu_codebook, "attend", lambda *args: calls.append(1) or kernel_attend(*args))
+    torch_path = attention_module.attend_compressed
+
+    def only_torch_cache(layer, *args):
+        assert not layer.use_kernel, "a decode step of the kernel cache ran attend_compressed"
+        return torch_path(layer, *args)
+
+    monkeypatch.setattr(attention_module, "attend_compressed", only_torch_cache)
+    steps = 90 if applies == "generation" else 4  # generation: 64-token spans leave the 16-token window
+    for step in range(steps):
+        token = torch.tensor([[5 + step % 60]])
+        got = model(token, cache=cache).logits
+        expected = model(token, cache=torch_cache).logits
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        assert len(calls) == (step + 1) * len(cache.layers)
+    for layer, evicted in zip(cache.layers, evicted_after_prompt):
+        assert layer.held_tokens() + layer.evicted_tokens() == 300 + steps
+        assert (layer.evicted_tokens() > evicted) == (applies == "generation")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The compiled CPU decode kernel (kvcompress.kernels.cpu): equals the pure-torch
 `attend_compressed` for every bit width, GQA ratio, head_dim, dtype and mask; reads the stored
-codes (tampering changes the output); never decodes into tensors; falls back to the torch path,
-with one warning, when it cannot be built.
+codes (tampering changes the output); never decodes into tensors, also after token eviction (fewer
+tokens held than seen); falls back to the torch path, with one warning, when it cannot be built.
 
 The extension is built once per machine into the user's cache (about a minute cold), then
 loaded in milliseconds."""
@@ -177,6 +177,53 @@ def test_decode_step_with_the_kernel_never_decodes_or_reconstructs(monkeypatch, 
         monkeypatch.setattr(target, name, refuse)
     got = model(torch.tensor([[7], [9]]), cache=cache, attention_mask=step_mask).logits
     torch.testing.assert_close(got, expected, **tolerance(torch.float32))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("applies", ["prompt", "generation"])
+def test_evicted_cache_decodes_through_the_kernel(applies, monkeypatch, fast_attention):
+    """Post-RoPE uniform codes after snapkv eviction (at prefill, or also during generation): the
+    layer holds fewer tokens than it has seen, the step's mask covers the held ones, and every
+    decode step runs the kernel (never `attend_compressed`) with the torch path's logits."""
+    model = fast_attention(ARCHITECTURES["mistral"](seed=SEEDS["mistral"]))
+    spec = {"key": {"bits": 4, "axis": "channel", "group_size": 32}, "value": {"bits": 4, "axis": "token", "group_size": 32},
+            "window": 16, "sinks": 4, "block_size": 32, "eviction": {"policy": "snapkv", "keep": 0.5, "applies": applies}}
+    ids = torch.randint(3, 128, (2, 200), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)  # eviction refuses padded prompts
+    cache = CompressedCache(model, spec)
+    model(ids, cache=cache, attention_mask=mask)
+    torch_cache = CompressedCache(model, spec, kernel=False)
+    model(ids, cache=torch_cache, attention_mask=mask)
+    evicted_after_prompt = [layer.evicted_tokens() for layer in cache.layers]
+    assert all(evicted > 0 for evicted in evicted_after_prompt)
+
+    calls = []
+    kernel_attend = cpu.attend
+
+    def spy(layer, *args):
+        out = kernel_attend(layer, *args)
+        calls.append(out is not None and layer.use_kernel)
+        return out
+
+    monkeypatch.setattr(cpu, "attend", spy)
+    torch_path = attention_module.attend_compressed
+
+    def only_torch_cache(layer, *args):
+        assert not layer.use_kernel, "a decode step of the kernel cache ran attend_compressed"
+        return torch_path(layer, *args)
+
+    monkeypatch.setattr(attention_module, "attend_compressed", only_torch_cache)
+    steps = 90 if applies == "generation" else 4  # generation: 64-token spans leave the 16-token window
+    for step in range(steps):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        token = torch.tensor([[7 + step % 50], [9 + step % 50]])
+        got = model(token, cache=cache, attention_mask=mask).logits
+        expected = model(token, cache=torch_cache, attention_mask=mask).logits
+        torch.testing.assert_close(got, expected, **tolerance(torch.float32))
+    assert calls and all(calls) and len(calls) == steps * len(cache.layers)
+    for layer, evicted in zip(cache.layers, evicted_after_prompt):
+        assert layer.held_tokens() + layer.evicted_tokens() == 200 + steps
+        assert (layer.evicted_tokens() > evicted) == (applies == "generation")
 
 
 def test_disabled_by_environment_gives_the_torch_result_without_warning(monkeypatch):

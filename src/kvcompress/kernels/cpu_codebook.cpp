@@ -17,6 +17,10 @@
 //   keys, pre-RoPE:   x_t is decoded 8 tokens at a time into a stack buffer (an 8 x n by n x D
 //                     product), rotated to its position p_t with the cos/sin rows given
 //                     (x cos + rotate_half(x) sin, transformers' convention), then dotted;
+//                     compressed token t reads cos/sin row t (consecutive positions: the rows
+//                     given start at the first token's), or, when a (B, H, n) int32 tensor of
+//                     positions is given (tokens kept by eviction, each head its own), row
+//                     positions[b, h, t] of tables that start at position 0;
 //   values:           sum_t p_t s_t c_t is accumulated in code space (n) and mapped back once
 //                     per step: out = (sum_t p_t s_t c_t) . rows + (sum_t p_t) offset.
 // No decoded copy of the cache is built; codes are read where they are stored.
@@ -283,12 +287,15 @@ Coded describe(const std::vector<at::Tensor>& codes, const std::vector<int64_t>&
   return c;
 }
 
-// cos/sin rows of the compressed tokens' positions: token t's at cos + t * row; the second half
-// of a row at offset `second` (D/2), or 0 when only the first half is given (both halves equal).
+// cos/sin rows of the compressed tokens' positions: token t's at cos + t * row, or, with `pos`,
+// at cos + pos[b * pos_b + h * pos_h + t] * row; the second half of a row at offset `second`
+// (D/2), or 0 when only the first half is given (both halves equal).
 struct Rope {
   const float* cos;
   const float* sin;
   int64_t row, second;
+  const int32_t* pos;  // (B, H, n_compressed) absolute positions, or nullptr (consecutive)
+  int64_t pos_b, pos_h;
 };
 
 // Scratch of one thread for decoding rows.
@@ -393,14 +400,16 @@ void key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, co
   float* k = x + kRow * D;        // kRow x D rotated keys
   const float* rows = c.rows + h * c.rows_h;
   const float* off = c.offset != nullptr ? c.offset + h * D : nullptr;
+  const int32_t* pos = rope.pos != nullptr ? rope.pos + b * rope.pos_b + h * rope.pos_h : nullptr;
   for (int64_t row = t0 / kRow; row < t1 / kRow; ++row) {
     decode_row_grouped(c, b, h, row, s, s.values.data());
     row_scales(c, b, h, row, scales);
     decode_keys(c, s.values.data(), rows, x);
     for (int64_t t = 0; t < kRow; ++t) {
       const int64_t token = row * kRow + t;
-      const float* cs = rope.cos + token * rope.row;
-      const float* sn = rope.sin + token * rope.row;
+      const int64_t table_row = pos != nullptr ? static_cast<int64_t>(pos[token]) : token;
+      const float* cs = rope.cos + table_row * rope.row;
+      const float* sn = rope.sin + table_row * rope.row;
       const float* cs2 = cs + rope.second;
       const float* sn2 = sn + rope.second;
       const float* xt = x + t * D;
@@ -500,6 +509,7 @@ at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const 
     value_scratch.fit(vc);
     for (int64_t task = begin; task < end; ++task) {
       // tasks run block by block, the KV heads of a block together: they share its cos/sin rows
+      // (at consecutive positions; after eviction each head reads its own rows of the tables)
       const int64_t b = task / (tasks_per_head * H), blk = task / H % tasks_per_head, h = task % H;
       const int64_t bh = b * H + h;
       const float* q = q_all.data() + (b * Hq + h * rep) * D;
@@ -618,9 +628,10 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
                            const std::vector<int64_t>& k_bits, const std::vector<at::Tensor>& k_books,
                            const at::Tensor& k_scale, const at::Tensor& k_rows, const at::Tensor& k_offset,
                            const at::Tensor& rope_cos, const at::Tensor& rope_sin,
-                           const std::vector<at::Tensor>& v_codes, const std::vector<int64_t>& v_bits,
-                           const std::vector<at::Tensor>& v_books, const at::Tensor& v_scale,
-                           const at::Tensor& v_rows, const at::Tensor& v_offset, int64_t n_compressed,
+                           const at::Tensor& rope_positions, const std::vector<at::Tensor>& v_codes,
+                           const std::vector<int64_t>& v_bits, const std::vector<at::Tensor>& v_books,
+                           const at::Tensor& v_scale, const at::Tensor& v_rows, const at::Tensor& v_offset,
+                           int64_t n_compressed,
                            const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens) {
   TORCH_CHECK(query.device().is_cpu(), "kvcompress cpu kernel: tensors must be on the CPU");
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be (B, Hq, D) with contiguous rows");
@@ -636,19 +647,39 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
   const Coded kc = describe(k_codes, k_bits, k_books, k_scale, k_rows, k_offset, n_compressed, H, B, "keys");
   const Coded vc = describe(v_codes, v_bits, v_books, v_scale, v_rows, v_offset, n_compressed, H, B, "values");
   TORCH_CHECK(kc.dim == D && vc.dim == Dv, "rows must map codes to head_dim");
-  Rope rope{nullptr, nullptr, 0, 0};
+  Rope rope{nullptr, nullptr, 0, 0, nullptr, 0, 0};
   if (rope_cos.numel() > 0) {
+    const bool positioned = rope_positions.numel() > 0;
     TORCH_CHECK(rope_cos.scalar_type() == at::kFloat && rope_sin.scalar_type() == at::kFloat &&
-                    rope_cos.dim() == 2 && rope_cos.size(0) == n_compressed &&
+                    rope_cos.dim() == 2 && (positioned || rope_cos.size(0) == n_compressed) &&
                     (rope_cos.size(1) == D || 2 * rope_cos.size(1) == D) && rope_sin.sizes() == rope_cos.sizes() &&
                     rope_cos.stride(1) == 1 && rope_sin.stride(1) == 1 && rope_sin.stride(0) == rope_cos.stride(0),
-                "rope cos/sin must be float32 (n_compressed, D) or (n_compressed, D/2) (equal halves) with "
-                "contiguous rows");
+                "rope cos/sin must be float32 (rows, D) or (rows, D/2) (equal halves) with contiguous rows, "
+                "rows = n_compressed without positions");
     TORCH_CHECK(D % 2 == 0, "rotary keys need an even head_dim");
     rope.cos = rope_cos.data_ptr<float>();
     rope.sin = rope_sin.data_ptr<float>();
     rope.row = rope_cos.stride(0);
     rope.second = rope_cos.size(1) == D ? D / 2 : 0;
+    if (positioned) {
+      TORCH_CHECK(rope_positions.scalar_type() == at::kInt && rope_positions.dim() == 3 &&
+                      rope_positions.size(0) == B && rope_positions.size(1) == H &&
+                      rope_positions.size(2) == n_compressed && rope_positions.stride(2) == 1,
+                  "rope positions must be int32 (B, H, n_compressed) with contiguous rows");
+      rope.pos = rope_positions.data_ptr<int32_t>();
+      rope.pos_b = rope_positions.stride(0);
+      rope.pos_h = rope_positions.stride(1);
+      const int64_t limit = rope_cos.size(0);
+      bool inside = true;  // every position must name a row of the tables (they are read unchecked)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const int32_t* p = rope.pos + b * rope.pos_b + h * rope.pos_h;
+          for (int64_t t = 0; t < n_compressed; ++t) inside &= p[t] >= 0 && p[t] < limit;
+        }
+      TORCH_CHECK(inside, "rope positions must lie in [0, ", limit, "), the rows of cos/sin");
+    }
+  } else {
+    TORCH_CHECK(rope_positions.numel() == 0, "rope positions need cos/sin tables");
   }
   if (mask.has_value()) {
     TORCH_CHECK(mask->dim() == 2 && mask->stride(1) == 1 &&

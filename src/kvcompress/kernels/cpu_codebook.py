@@ -18,11 +18,14 @@ computed once per codec in float64 and cached. The kernel then never decodes a t
 tensor: post-RoPE keys score as q.offset + s * (rows.q).c, pre-RoPE keys are decoded 8 at a
 time into a stack buffer and rotated to their positions with the model's cos/sin tables
 (`layer.key_space.tables`), and values are summed in code space and mapped back once per step.
+Pre-RoPE keys at consecutive positions (compressed token i at n_sinks + i) read the table rows
+from n_sinks on; after eviction (`layer.token_positions` set: each KV head holds its own kept
+tokens) the kernel is handed the (B, H, n_compressed) int32 positions and the tables from
+position 0, and reads each token's row at its own position. Post-RoPE keys carry their
+positions already and are read whatever they are.
 
 `attend` returns None (so `attend_compressed` runs) where this path does not apply: a codec
-it does not describe, head_dim not a multiple of 16, a key space without cos/sin tables,
-pre-RoPE keys at positions other than n_sinks + i (`layer.token_positions` set, after eviction;
-post-RoPE keys carry their positions already and are read whatever they are).
+it does not describe, head_dim not a multiple of 16, a key space without cos/sin tables.
 
 This module does not build or load the extension (`kernels.cpu` does) and does not
 implement attention itself.
@@ -137,8 +140,8 @@ def supports(layer) -> bool:
     heads, dim, dim_v = window_k.shape[1], window_k.shape[-1], window_v.shape[-1]
     if dim % DIM_MULTIPLE or dim_v % DIM_MULTIPLE:
         return False
-    if layer.key_space is not None:  # pre-RoPE keys: rotated at positions n_sinks + i, from the model's tables
-        if not callable(getattr(layer.key_space, "tables", None)) or layer.token_positions is not None:
+    if layer.key_space is not None:  # pre-RoPE keys: rotated at their positions, from the model's tables
+        if not callable(getattr(layer.key_space, "tables", None)):
             return False
     keys, values = describe(layer.key_codec, dim), describe(layer.value_codec, dim_v)
     return (keys is not None and values is not None and _heads_match(keys, heads, dim)
@@ -151,6 +154,26 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _per_head(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.expand(heads, -1, -1) if rows.shape[0] != heads else rows  # (H, n, D), no copy
+
+
+def rope_rows(layer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cos, sin, positions) the kernel rotates the layer's pre-RoPE compressed keys with.
+
+    Consecutive positions (compressed token i at n_sinks + i): cos, sin (n, D) or (n, D/2) rows of
+    the tokens' positions in order, positions empty. After eviction (`layer.token_positions`):
+    cos, sin the tables' rows 0 .. seen_tokens - 1 (every held token's position is below the
+    tokens seen), positions int32 (B, H, n) of the compressed tokens, each KV head its own.
+    The (., D/2) form is the first half of rows whose halves are equal (`half_tables`).
+    """
+    space, n_compressed = layer.key_space, layer.n_compressed
+    start = layer.key_positions(0, n_compressed)
+    if isinstance(start, int):
+        first, count, positions = start, n_compressed, _EMPTY
+    else:
+        first, count, positions = 0, layer.get_seq_length(), _rows(start.to(torch.int32))
+    halves = space.half_tables(first, count, device) if hasattr(space, "half_tables") else None
+    cos, sin = halves if halves is not None else space.tables(first, count, device)
+    return _rows(cos), _rows(sin), positions
 
 
 def attend(module, layer, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
@@ -168,18 +191,15 @@ def attend(module, layer, query: torch.Tensor, mask: torch.Tensor | None, scalin
     keys, values = describe(layer.key_codec, dim), describe(layer.value_codec, dim_v)
     ks, vs = layer.stored_keys, layer.stored_values
     n_compressed = layer.n_compressed
-    cos = sin = _EMPTY
-    if layer.key_space is not None:  # pre-RoPE keys: compressed token i sits at position n_sinks + i
-        start, space = layer.key_positions(0, n_compressed), layer.key_space
-        halves = space.half_tables(start, n_compressed, query.device) if hasattr(space, "half_tables") else None
-        cos, sin = halves if halves is not None else space.tables(start, n_compressed, query.device)
-        cos, sin = _rows(cos), _rows(sin)  # (n, D) or (n, D/2): the kernel reads the second half from the first
+    cos = sin = positions = _EMPTY
+    if layer.key_space is not None:  # pre-RoPE keys: rotated at their positions (the kernel checks them)
+        cos, sin, positions = rope_rows(layer, query.device)
     B, Hq, _, D = query.shape
     out = module.attend_codebook(
         _rows(query.reshape(B, Hq, D)),
         _rows(layer.sink_keys), _rows(layer.sink_values), _rows(layer.window_keys), _rows(layer.window_values),
         [_rows(ks[name]) for name in keys.names], list(keys.bits), list(keys.books), ks["scale"],
-        _per_head(keys.rows, heads), keys.offset, cos, sin,
+        _per_head(keys.rows, heads), keys.offset, cos, sin, positions,
         [_rows(vs[name]) for name in values.names], list(values.bits), list(values.books), vs["scale"],
         _per_head(values.rows, heads), values.offset,
         n_compressed, mask, float(scaling), block_tokens)

@@ -588,7 +588,8 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
                            const std::vector<int64_t>& k_bits, const std::vector<at::Tensor>& k_books,
                            const at::Tensor& k_scale, const at::Tensor& k_rows, const at::Tensor& k_offset,
                            const at::Tensor& rope_cos, const at::Tensor& rope_sin,
-                           const std::vector<at::Tensor>& v_codes, const std::vector<int64_t>& v_bits,
+                           const at::Tensor& rope_positions, const std::vector<at::Tensor>& v_codes,
+                           const std::vector<int64_t>& v_bits,
                            const std::vector<at::Tensor>& v_books, const at::Tensor& v_scale,
                            const at::Tensor& v_rows, const at::Tensor& v_offset, int64_t n_compressed,
                            const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens);
