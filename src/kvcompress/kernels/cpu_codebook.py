@@ -140,9 +140,9 @@ def supports(layer) -> bool:
     heads, dim, dim_v = window_k.shape[1], window_k.shape[-1], window_v.shape[-1]
     if dim % DIM_MULTIPLE or dim_v % DIM_MULTIPLE:
         return False
-    if layer.key_space is not None:  # pre-RoPE keys: rotated at their positions, from the model's tables
-        if not callable(getattr(layer.key_space, "tables", None)):
-            return False
+    # pre-RoPE keys are rotated at their positions with the model's tables
+    if layer.key_space is not None and not callable(getattr(layer.key_space, "tables", None)):
+        return False
     keys, values = describe(layer.key_codec, dim), describe(layer.value_codec, dim_v)
     return (keys is not None and values is not None and _heads_match(keys, heads, dim)
             and _heads_match(values, heads, dim_v))
