@@ -262,6 +262,46 @@ def check_context_tokens(spec, context: int, option: str = "--context", label: s
         raise UserError(f"{option} {context} is too few for {name}{why}; pass {option} {need} or more")
 
 
+def add_prompt_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """--context and the grid crossed with the uniform candidates: --windows, --keep, --policies."""
+    from ..spec import EVICTION_POLICIES
+
+    parser.add_argument("--context", type=int, default=None, metavar="N",
+                        help="prompt compression: measure every candidate by prefilling N context tokens at once, "
+                             "then teacher-forcing the token counts given (see `kvcompress eval --context`); the "
+                             "ratio is then the whole cache's at the end of the context")
+    parser.add_argument("--windows", default=None,
+                        help="full-precision windows to cross the candidates with, comma-separated (default: "
+                             "--window)")
+    parser.add_argument("--keep", default=None,
+                        help="fractions of the prompt kept by eviction to cross the candidates with, comma-separated "
+                             "in (0, 1]; 1 = no eviction (needs --context)")
+    parser.add_argument("--policies", default="snapkv",
+                        help=f"eviction policies crossed with --keep, comma-separated among {', '.join(EVICTION_POLICIES)}")
+
+
+def prompt_grid_from_args(args: argparse.Namespace) -> tuple[list[int] | None, list | None]:
+    """(windows, evictions) for `tuning.candidates.uniform_candidates` from `add_prompt_grid_arguments`."""
+    from ..io import parse_list
+    from ..tuning.candidates import eviction_grid
+
+    if args.context is not None:
+        check_tokens(args.context, "--context", 1)
+    windows = parse_list(args.windows, int, "--windows value") if args.windows else None
+    if windows is not None and any(w < 0 for w in windows):
+        raise UserError(f"--windows {args.windows}: windows must be 0 or more tokens")
+    evictions = None
+    if args.keep:
+        if args.context is None:
+            raise UserError("--keep evicts prompt tokens, which only the prompt protocol measures: add --context N")
+        keeps = parse_list(args.keep, float, "--keep value")
+        try:
+            evictions = eviction_grid(parse_list(args.policies), keeps)
+        except ValueError as err:
+            raise UserError(f"--keep {args.keep} / --policies {args.policies}: {err}") from None
+    return windows, evictions
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser, unit: str = "spec") -> None:
     """`--ray [ADDRESS]` and the per-worker resources (see `kvcompress.distributed.RayOptions`)."""
     parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",

@@ -3,6 +3,16 @@
     kvcompress measure-presets                 # sweep, choose, verify; writes runs/measured_presets.json
     kvcompress measure-presets --verify        # re-measure the shipped presets; exit 1 if one misses
     kvcompress measure-presets --table         # print the shipped presets as a markdown table
+    kvcompress measure-presets --context 1536 --verify-tokens 512 --min-ratios prompt-6x=6,prompt-8x=8 \
+        --candidates quant,codebook --uniform k4v4,cb3 --windows 32,64 --keep 0.5,0.7,1 --policies tova
+                                               # prompt presets: lowest selection KL at a whole-cache floor
+
+With `--context N` every measurement runs the prompt protocol (N tokens prefilled at once into
+the compressed cache; `--sweep-tokens`/`--verify-tokens` are then continuation tokens) and the
+ratio is the whole cache's at the end of the context; `--windows`, `--keep` and `--policies`
+cross the candidates with windows and eviction settings. `--min-ratios` chooses presets by a
+compression floor instead of a KL target (see `tuning.preset_selection.select_prompt_presets`):
+the ratio is taken from a `--ratio-dtype` (bfloat16) copy of the model, the KL from `--dtype`.
 
 Texts: the sweep reads the calibration part (from token `--sweep-offset`), the choice is
 verified on the selection part, and the chosen presets are measured on the report part (see
@@ -18,11 +28,13 @@ import sys
 import time
 
 from ..io import parse_list
-from .common import (UserError, add_model_arguments, add_ray_arguments, check_input_file, check_model_args,
-                     check_output_file, load_model_from_args, ray_options_from_args, write_json)
+from .common import (UserError, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments, check_input_file,
+                     check_model_args, check_output_file, load_model_from_args, prompt_grid_from_args,
+                     ray_options_from_args, write_json)
 
 NAME = "measure-presets"
 DEFAULT_OUT = "runs/measured_presets.json"
+DEFAULT_PROMPT_OUT = "runs/prompt_presets.json"
 HELP = "choose the named presets (lossless ... extreme) by measurement, or re-verify them with --verify"
 
 
@@ -40,8 +52,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--table, to read (default: the presets shipped in the package)")
     parser.add_argument("--targets", default=",".join(f"{k}={v:g}" for k, v in DEFAULT_TARGETS.items()),
                         help="preset=max mean KL, comma-separated")
+    parser.add_argument("--min-ratios", default=None,
+                        help="instead of --targets, presets defined by a compression floor, e.g. "
+                             "'prompt-6x=6,prompt-8x=8': the candidate with the lowest KL on selection text among "
+                             "those whose whole cache is at least that many times smaller than fp16 at the end of "
+                             f"the context (needs --context; default file {DEFAULT_PROMPT_OUT})")
+    parser.add_argument("--ratio-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="with --min-ratios: dtype of the model copy whose cache the ratio is measured on")
     parser.add_argument("--candidates", default="quant",
                         help=f"comma-separated candidate families among {', '.join(CANDIDATE_FAMILIES)}")
+    parser.add_argument("--uniform", default=None,
+                        help="keep only these uniform specs of the families, comma-separated (e.g. k4v4,cb3)")
+    parser.add_argument("--window", type=int, default=128, help="full-precision window of the candidates")
+    add_prompt_grid_arguments(parser)
     parser.add_argument("--sweep-tokens", type=int, default=DEFAULT_SWEEP_TOKENS,
                         help="tokens of the sweep text (calibration part of the embedded corpus)")
     parser.add_argument("--sweep-offset", type=int, default=DEFAULT_SWEEP_OFFSET,
@@ -111,11 +134,23 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UserError(f"--targets {args.targets}: {err}") from None
     lengths = parse_list(args.passkey_lengths, int, "--passkey-lengths value")
+    windows, evictions = prompt_grid_from_args(args)
     try:
-        candidates = uniform_candidates(parse_list(args.candidates))
+        candidates = uniform_candidates(parse_list(args.candidates), window=args.window, windows=windows,
+                                        evictions=evictions, only=parse_list(args.uniform) if args.uniform else None)
     except ValueError as err:
-        raise UserError(f"--candidates {args.candidates}: {err}") from None
+        raise UserError(f"--candidates {args.candidates} / --uniform {args.uniform} / --window {args.window}: "
+                        f"{err}") from None
+    if not candidates:
+        raise UserError(f"--candidates {args.candidates}: no candidate compresses anything; add a codec family")
+    if args.context is not None:
+        from .common import check_context_tokens
+
+        for spec in candidates:
+            check_context_tokens(spec, args.context, label=f"candidate {spec.name}")
     check_model_args(args)
+    if args.min_ratios is not None:
+        return _run_floors(args, candidates, started)
     out = args.file or DEFAULT_OUT
     state = args.state or str(out).removesuffix(".json") + ".state.json"
     ray = ray_options_from_args(args)
@@ -124,9 +159,41 @@ def run(args: argparse.Namespace) -> int:
     data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
                           sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
                           passkey_lengths=lengths, command=command, ray=ray,
-                          load_args=(args.model, args.dtype, str(args.device)))
+                          load_args=(args.model, args.dtype, str(args.device)), context=args.context)
     path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def _run_floors(args: argparse.Namespace, candidates: list, started: float) -> int:
+    """--min-ratios: prompt presets chosen by compression floor (see `select_prompt_presets`)."""
+    from ..models import DTYPES, load_model
+    from ..tuning.preset_selection import parse_floors, select_prompt_presets
+
+    if args.context is None:
+        raise UserError("--min-ratios chooses prompt presets by their whole cache at the end of a prompt: add "
+                        "--context N (e.g. --context 1536)")
+    try:
+        floors = parse_floors(args.min_ratios)
+    except ValueError as err:
+        raise UserError(f"--min-ratios {args.min_ratios}: {err}") from None
+    if args.ray is not None:
+        raise UserError("--min-ratios runs here, not on Ray: leave out --ray")
+    out = args.file or DEFAULT_PROMPT_OUT
+    state = args.state or str(out).removesuffix(".json") + ".state.json"
+    model, tokenizer = load_model_from_args(args)
+    ratio_model = model
+    if args.ratio_dtype != args.dtype:
+        ratio_model, _ = load_model(args.model, dtype=DTYPES[args.ratio_dtype], device=args.device)
+    command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
+    data = select_prompt_presets(model, tokenizer, floors, candidates=candidates, context=args.context,
+                                 tokens=args.verify_tokens, ratio_model=ratio_model, state=state, command=command)
+    path = write_json(out, data)
+    print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
+    for entry in data["presets"]:
+        v, r = entry["verified"], entry["report"]
+        print(f"{entry['name']:11s} {entry['candidate']}: whole cache {entry['cache']['ratio']:.2f}x "
+              f"({entry['cache']['dtype']}), selection KL {v['kl']:.4f}, report KL {r['kl']:.4f}")
     return 0
 
 

@@ -7,6 +7,13 @@ selection part. `--corpus FILE` is split like the embedded corpus (calibration =
 of characters, selection = 30% to 40%). The report part (what `kvcompress eval` reads) is never
 read here, so `kvcompress eval --spec OUT` reports on text the tune never saw.
 
+With `--context N` every evaluation runs the prompt protocol (N context tokens prefilled at
+once, then `--tokens` / `--verify-tokens` continuation tokens teacher-forced; each text reads
+N + tokens + 1 tokens) and the ratio is the whole cache's at the end of the context (window and
+sinks included, in `--dtype`). `--windows`, `--keep` and `--policies` then give the windows and
+eviction settings to tune with: one tune per combination, and the verified spec with the
+highest ratio is kept (see `kvcompress.tuning.tune.tune_grid`).
+
 With `--ray [ADDRESS]` the sensitivity probes and the two tensor-weight evaluations run on
 Ray actors that load the model themselves from `--model/--dtype/--device` (see
 `kvcompress.tuning.distributed_tune`); they are saved in the state file as a serial tune saves
@@ -16,14 +23,16 @@ them, so either kind of run resumes the other. The search and the verification r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 from ..calibration import artifact_for
-from .common import (UserError, add_model_arguments, add_ray_arguments, check_artifact_dir, check_corpus,
-                     check_eval_tokens, check_model_args, check_output_file, check_positive, check_tokens,
-                     load_model_from_args, ray_options_from_args, write_json)
+from .common import (UserError, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments, check_artifact_dir,
+                     check_context_tokens, check_corpus, check_eval_tokens, check_model_args, check_output_file,
+                     check_positive, check_tokens, load_model_from_args, prompt_grid_from_args, ray_options_from_args,
+                     write_json)
 
 NAME = "tune"
 HELP = "find per-layer K/V settings with the highest compression ratio that meet a quality target"
@@ -67,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "30%% of characters), verify on its selection part (30%% to 40%%) (default: the "
                              "embedded corpus)")
     parser.add_argument("--json", default=None, help="write the full report (all measurements) to this file")
+    add_prompt_grid_arguments(parser)
     add_model_arguments(parser)
     add_ray_arguments(parser, unit="sensitivity probe (or tensor-weight evaluation)")
 
@@ -82,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models import model_id
     from ..spec import CacheSpec
     from ..tuning.state import TuneState
-    from ..tuning.tune import DEFAULT_TUNE_OFFSET, TuneError, best_uniform, make_evaluator, parse_candidates, tune
+    from ..tuning.tune import (DEFAULT_TUNE_OFFSET, TuneError, best_uniform, make_evaluator, parse_candidates, tune,
+                               tune_grid)
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
     check_positive(target, "--max-kl" if metric == "kl" else "--max-ppl-change")
@@ -99,10 +110,26 @@ def run(args: argparse.Namespace) -> int:
         settings = parse_candidates(args.candidates)
     except ValueError as err:
         raise UserError(f"--candidates {args.candidates}: {err}") from None
+    windows, evictions = prompt_grid_from_args(args)
+    try:
+        bases = [dataclasses.replace(base, window=w, eviction=e) for w in (windows or (args.window,))
+                 for e in (evictions or (None,))]
+    except ValueError as err:
+        raise UserError(f"--windows {args.windows}: {err}") from None
+    if args.context is not None and args.ray is not None:
+        raise UserError("--context runs here, not on Ray: leave out --ray")
+    if args.compare_uniform and len(bases) > 1:
+        raise UserError("--compare-uniform compares with one base spec: give one --windows value and one --keep value")
     for option, value in (("--tokens", args.tokens), ("--verify-tokens", args.verify_tokens)):
-        check_tokens(value, option, 64)
-        check_eval_tokens(base, value, option,
-                          label=f"window {args.window}, sinks {args.sinks}, block {args.block_size}")
+        if args.context is None:
+            check_tokens(value, option, 64)
+            check_eval_tokens(base, value, option,
+                              label=f"window {args.window}, sinks {args.sinks}, block {args.block_size}")
+        else:
+            check_tokens(value, option, 1, " (continuation tokens after --context)")
+    for spec in bases if args.context is not None else ():
+        check_context_tokens(spec, args.context, label=f"window {spec.window}, sinks {spec.sinks}, "
+                                                      f"block {spec.block_size}")
     check_positive(args.max_tries, "--max-tries")
     check_artifact_dir(args.artifact)
     check_corpus(args.corpus)
@@ -111,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, tokenizer = load_model_from_args(args)
     offset = args.tune_offset if args.tune_offset is not None else (0 if args.corpus else DEFAULT_TUNE_OFFSET)
+    read = (lambda n: n) if args.context is None else (lambda n: args.context + n + 1)
     try:
-        tune_text = corpus_slice(tokenizer, "calibration", n_tokens=args.tokens, path=args.corpus, offset=offset)
-        verify_text = corpus_slice(tokenizer, "selection", n_tokens=args.verify_tokens, path=args.corpus)
+        tune_text = corpus_slice(tokenizer, "calibration", n_tokens=read(args.tokens), path=args.corpus, offset=offset)
+        verify_text = corpus_slice(tokenizer, "selection", n_tokens=read(args.verify_tokens), path=args.corpus)
     except CorpusError as err:
         raise UserError(f"--tokens {args.tokens} / --verify-tokens {args.verify_tokens}: {err}") from None
     tune_ids, verify_ids = tune_text.ids, verify_text.ids
@@ -125,12 +153,18 @@ def run(args: argparse.Namespace) -> int:
 
     state = TuneState(state_path)
     verify_fp = text_fingerprint(verify_ids, verify_text.record)
-    verify = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
+    verify = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact,
+                            context=args.context)
+    options = dict(metric=metric, settings=settings, state=state, tune_text=tune_text.record,
+                   verify_text=verify_text.record, artifact=artifact, max_tries=args.max_tries, verify=verify,
+                   weight_tensors=not args.no_tensor_weights, ray=ray,
+                   load_args=(args.model, args.dtype, str(args.device)), context=args.context)
+    grid = None
     try:
-        result = tune(model, tune_ids, verify_ids, target, metric=metric, base=base, settings=settings,
-                      state=state, tune_text=tune_text.record, verify_text=verify_text.record, artifact=artifact,
-                      max_tries=args.max_tries, verify=verify, weight_tensors=not args.no_tensor_weights,
-                      ray=ray, load_args=(args.model, args.dtype, str(args.device)))
+        if len(bases) == 1:
+            result = tune(model, tune_ids, verify_ids, target, base=bases[0], **options)
+        else:
+            result, grid = tune_grid(model, tune_ids, verify_ids, target, bases, **options)
     except TuneError as err:
         print(f"kvcompress tune: failed: {err}", file=sys.stderr)
         return 1
@@ -143,9 +177,11 @@ def run(args: argparse.Namespace) -> int:
     report = {"command": "kvcompress " + " ".join(sys.argv[1:]) if sys.argv else None,
               "model": model_id(model), "metric": metric, "target": target,
               "texts": {"tune": tune_text.record, "verify": verify_text.record},
+              **({} if args.context is None else {"context": args.context}),
+              **({} if grid is None else {"grid": grid}),
               **result.to_dict()}
     if args.compare_uniform:
-        uniform, tried = best_uniform(settings, base, target, verify, metric=metric, sens=result.sens)
+        uniform, tried = best_uniform(settings, bases[0], target, verify, metric=metric, sens=result.sens)
         report["uniform"] = {"best": uniform.to_dict() if uniform else None, "tried": tried}
         if uniform is not None:
             u = next(t for t in tried if t["spec"] == uniform.to_dict())
@@ -162,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"redone      {len(state.redone)} saved measurement(s) whose fingerprint changed "
               f"(first: {state.redone[0]})")
     corpus = f" --corpus {args.corpus}" if args.corpus else ""
-    print(f"report it   kvcompress eval --spec {out} --tokens {args.verify_tokens}{corpus}  (report part: text the "
-          "tune never read)")
+    context = f" --context {args.context}" if args.context is not None else ""
+    print(f"report it   kvcompress eval --spec {out}{context} --tokens {args.verify_tokens}{corpus}  (report part: "
+          "text the tune never read)")
     return 0

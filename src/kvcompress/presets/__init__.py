@@ -1,8 +1,9 @@
 """Named presets: one registry of ready-made specs, and `load_spec`, which resolves any spec.
 
 Every preset is a `CacheSpec`; `PRESETS.get(name)` returns it and an unknown name lists the
-valid ones. The measured presets (lossless ... extreme) are read from `measured_presets.json`
-on the first lookup, not at import (see `presets.measured`).
+valid ones. The measured presets (lossless ... extreme) are read from `measured_presets.json`,
+the prompt presets (prompt-6x, prompt-8x) from `prompt_presets.json`, on the first lookup, not at
+import (see `presets.measured`).
 
 This module does not measure presets: `kvcompress measure-presets` chooses the measured ones
 (see `kvcompress.tuning.preset_selection`), and the README's table of their quality comes from
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..spec import CacheSpec, TensorSpec, looks_like_spec_file, read_spec_file
-from .measured import load_measured, register_measured
+from .measured import PROMPT_DATA_FILE, load_measured, register_measured
 
 
 class Registry:
@@ -118,6 +119,9 @@ for _n in (4, 3, 2):
 
 
 PRESETS.add_source(lambda registry: register_measured(registry, load_measured()))
+# prompt-6x, prompt-8x: whole cache at least 6x / 8x smaller than fp16 at the end of a 1536-token prompt
+# (eviction composed with a codec; see `kvcompress measure-presets --min-ratios` and the README).
+PRESETS.add_source(lambda registry: register_measured(registry, load_measured(PROMPT_DATA_FILE)))
 
 
 def load_spec(spec: str | Path | dict | CacheSpec) -> CacheSpec:

@@ -1,10 +1,18 @@
-"""The measured presets (lossless ... extreme): the data file `kvcompress measure-presets` writes.
+"""The measured presets (lossless ... extreme, and prompt-6x, prompt-8x): the data files
+`kvcompress measure-presets` writes.
 
 Each entry holds the spec that met a KL target on sweep and selection text ("sweep",
 "verified") and, in files written since the corpus has a separate report part, the figures
 measured on report text no step of the choice read ("report"); tables and help show the
-report figures when present. This module only reads the file and registers its presets; it
-does not measure (see `kvcompress.tuning.preset_selection`).
+report figures when present.
+
+The prompt presets (`prompt_presets.json`, written by `measure-presets --context N --min-ratios`)
+are defined by a compression floor instead of a KL target: each entry has "min_ratio" and
+"cache" (the whole-cache ratio at the end of an N-token prompt, from `memory_report()` of a cache
+in "dtype") and its KL figures under the prompt protocol.
+
+This module only reads the files and registers their presets; it does not measure (see
+`kvcompress.tuning.preset_selection`).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from pathlib import Path
 from ..spec import CacheSpec
 
 DATA_FILE = Path(__file__).with_name("measured_presets.json")
+PROMPT_DATA_FILE = Path(__file__).with_name("prompt_presets.json")
+SHIPPED = (DATA_FILE, PROMPT_DATA_FILE)
 DATA_FORMAT = 1
 
 
@@ -22,7 +32,7 @@ def load_measured(path: str | Path | None = None) -> dict:
     """The measured-presets data (the shipped file by default); {} presets if the shipped file is absent."""
     path = Path(path) if path is not None else DATA_FILE
     if not path.exists():
-        if path == DATA_FILE:
+        if path in SHIPPED:
             return {"format": DATA_FORMAT, "presets": []}
         raise ValueError(f"measured presets file {path} does not exist; run `kvcompress measure-presets --file {path}`")
     data = json.loads(path.read_text())
@@ -42,6 +52,11 @@ def reported_figures(entry: dict) -> tuple[dict, str]:
 def preset_help(entry: dict) -> str:
     """One line for the preset registry: target and what was measured (see `reported_figures`)."""
     v, text = reported_figures(entry)
+    if "min_ratio" in entry:
+        cache = entry["cache"]
+        return (f"measured: whole cache >= {entry['min_ratio']:g}x smaller than fp16 at the end of a "
+                f"{cache['context_tokens']}-token prompt in {cache['dtype']} ({entry['describe']}; "
+                f"{cache['ratio']:.2f}x; {text} text, prompt protocol: KL {v['kl']:.4f}, PPL {v['ppl_change']:+.2%})")
     return (f"measured: mean KL <= {entry['target_kl']:g} ({entry['describe']}; {text} text: ratio "
             f"{v['ratio']:.2f}x, KL {v['kl']:.4f}, PPL {v['ppl_change']:+.2%})")
 
@@ -49,13 +64,18 @@ def markdown_table(data: dict) -> str:
     """The presets of measured-presets `data` as a markdown table (figures per `reported_figures`,
     the text named in a column)."""
     base = data.get("baseline_passkey", {}).get("accuracy")
-    lines = ["| preset | target KL | spec | ratio | PPL change | mean KL | top-1 | passkey | text |",
+    target = "target" if any("min_ratio" in e for e in data["presets"]) else "target KL"
+    lines = [f"| preset | {target} | spec | ratio | PPL change | mean KL | top-1 | passkey | text |",
              "|---|---|---|---|---|---|---|---|---|"]
     for e in data["presets"]:
         v, text = reported_figures(e)
-        lines.append(f"| `{e['name']}` | {e['target_kl']:g} | {e['describe']} | {v['ratio']:.2f}x | "
-                     f"{v['ppl_change']:+.2%} | {v['kl']:.4f} | {v['top1']:.3f} | {e['passkey']['accuracy']:.2f} | "
-                     f"{text} |")
+        if "min_ratio" in e:  # a prompt preset: the target is the floor, the ratio the whole cache's
+            target, ratio = f">= {e['min_ratio']:g}x", e["cache"]["ratio"]
+        else:
+            target, ratio = f"{e['target_kl']:g}", v["ratio"]
+        passkey = f"{e['passkey']['accuracy']:.2f}" if "passkey" in e else "-"
+        lines.append(f"| `{e['name']}` | {target} | {e['describe']} | {ratio:.2f}x | "
+                     f"{v['ppl_change']:+.2%} | {v['kl']:.4f} | {v['top1']:.3f} | {passkey} | {text} |")
     if base is not None:
         lines.append(f"| (uncompressed) | | | 1.00x | | | | {base:.2f} | |")
     return "\n".join(lines)

@@ -1,9 +1,15 @@
 """The candidate families, one list: what `tune` may give each layer's K and V, and the
 uniform specs `measure-presets` chooses among.
 
-A family names a kind of codec ("quant", "hadamard", "lowrank", "wide") and lists, for K and
-for V, its settings (most faithful first), and the uniform specs (the same K and V setting on
-every layer) it contributes to preset selection. This module does not measure anything.
+A family names a kind of codec ("quant", "hadamard", "lowrank", "wide", ...) and lists, for K
+and for V, its settings (most faithful first), and the uniform specs (the same K and V setting
+on every layer) it contributes to preset selection. The family "none" contributes K and V in
+full precision: with an eviction grid, eviction alone.
+
+The other dimensions of a prompt-compression spec, the full-precision window and token eviction
+(policy and fraction kept), are crossed with the uniform specs by `uniform_candidates`
+(`windows=`, `evictions=`; `eviction_grid` builds the eviction settings). This module does not
+measure anything.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..spec import CacheSpec, TensorSpec
+from ..spec import CacheSpec, EvictionSpec, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ _HADAMARD = tuple(_per_token(b, method="hadamard+quant") for b in (4, 3, 2))
 _HADAMARD_WIDE = tuple(_per_token(b, 64, method="hadamard+quant") for b in (4, 3, 2))
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("none", "K and V in full precision (with an eviction grid: eviction alone)", key=(), value=(),
+           uniform=(("full", TensorSpec(method="none"), TensorSpec(method="none")),)),
     Family("quant", "K per-channel and V per-token (KIVI layout) at 8, 4, 3, 2 bits",
            key=tuple(_kivi_key(b) for b in (8, 4, 3, 2)), value=tuple(_per_token(b) for b in (8, 4, 3, 2)),
            uniform=tuple((f"k{kb}v{vb}", _kivi_key(kb), _per_token(vb)) for kb in (8, 4, 3, 2) for vb in (8, 4, 3, 2))),
@@ -88,9 +96,63 @@ def candidate_settings(names: Sequence[str] = ("quant",)) -> dict[str, list[Tens
     return out
 
 
+def eviction_grid(policies: Sequence[str], keeps: Sequence[float]) -> list[EvictionSpec | None]:
+    """Every (policy, fraction kept) as an `EvictionSpec`; a fraction of 1 is no eviction (None, once).
+
+    ValueError (from `EvictionSpec`) naming the allowed values for an unknown policy or a fraction
+    outside (0, 1]."""
+    out: list[EvictionSpec | None] = []
+    for keep in keeps:
+        if keep == 1:
+            if None not in out:
+                out.append(None)
+            continue
+        out += [EvictionSpec(policy=policy, keep=float(keep)) for policy in policies]
+    return out
+
+
+def _suffix(window: int | None, eviction: EvictionSpec | None) -> str:
+    """'-w64-tova50' (window, then policy and % kept; '-all' for no eviction) for candidate names."""
+    text = "" if window is None else f"-w{window}"
+    if eviction is not None:
+        return text + f"-{eviction.policy}{100 * eviction.keep:g}"
+    return text + "-all"
+
+
 def uniform_candidates(names: Sequence[str] = ("quant",), *, window: int = 128, sinks: int = 4,
-                       block_size: int = 32) -> list[CacheSpec]:
-    """The named uniform specs of the named families (for `measure-presets`)."""
+                       block_size: int = 32, windows: Sequence[int] | None = None,
+                       evictions: Sequence[EvictionSpec | None] | None = None,
+                       only: Sequence[str] | None = None) -> list[CacheSpec]:
+    """The named uniform specs of the named families (for `measure-presets`).
+
+    Args:
+        windows: full-precision windows to cross them with (default: `window` alone).
+        evictions: eviction settings to cross them with (None in the list: no eviction; see
+            `eviction_grid`); default: no eviction.
+        only: keep only the uniform specs of these names (e.g. "k4v4", "cb3"); ValueError listing
+            the names of the families for a name none of them has.
+
+    Names are the uniform spec's ("k4v4"); with `windows` or `evictions` given, a suffix says the
+    window and the eviction ("k4v4-w64-tova50", see `_suffix`). Specs with no codec and no
+    eviction (family "none" without eviction) are left out: they compress nothing.
+    """
     base = CacheSpec(window=window, sinks=sinks, block_size=block_size)
-    return [dataclasses.replace(base, name=name, key=key, value=value)
-            for family in families(names) for name, key, value in family.uniform]
+    chosen = families(names)
+    uniform = [u for family in chosen for u in family.uniform]
+    if only is not None:
+        unknown = sorted(set(only) - {name for name, _, _ in uniform})
+        if unknown:
+            raise ValueError(f"unknown uniform spec(s) {unknown}; the families {list(names)} have: "
+                             f"{[name for name, _, _ in uniform]}")
+        uniform = [u for u in uniform if u[0] in only]
+    if windows is None and evictions is None:
+        return [dataclasses.replace(base, name=name, key=key, value=value) for name, key, value in uniform]
+    out = []
+    for name, key, value in uniform:
+        for w in (windows if windows is not None else (None,)):
+            for eviction in (evictions if evictions is not None else (None,)):
+                if eviction is None and key.method == "none" and value.method == "none":
+                    continue
+                out.append(dataclasses.replace(base, name=name + _suffix(w, eviction), key=key, value=value,
+                                               window=window if w is None else w, eviction=eviction))
+    return out

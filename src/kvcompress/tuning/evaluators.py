@@ -1,5 +1,12 @@
-"""Decode-faithful evaluations as a tune keeps them: the figures of one, and an evaluator that
-measures each spec once and saves it in a `TuneState`.
+"""Evaluations as a tune keeps them: the figures of one, and an evaluator that measures each
+spec once and saves it in a `TuneState`.
+
+Two protocols: decode-faithful evaluation of a text (`measure.evaluate`), or, with `context=N`,
+prompt compression (`measure.prompt`: N context tokens prefilled at once into the compressed
+cache, the rest of the text teacher-forced in chunks). Under the prompt protocol "ratio" is the
+whole-cache ratio at the end of the context (window, sinks and everything stored included), so
+every choice made on "ratio" counts the whole cache. `make_ratio_evaluator` measures that ratio
+alone, after a prefill (no scores), e.g. on a bfloat16 copy of the model.
 
 Shared by `tune`, `preset_selection` and the Ray workers of `distributed_tune` and
 `distributed_presets`, so a figure measured anywhere is saved with the same content. This
@@ -14,7 +21,7 @@ from ..spec import CacheSpec
 from .sensitivity import Evaluator
 from .state import TuneState, measurement_fingerprint, model_fingerprint
 
-__all__ = ["eval_figures", "make_evaluator"]
+__all__ = ["eval_figures", "make_evaluator", "make_ratio_evaluator", "prompt_figures"]
 
 
 def eval_figures(result) -> dict:
@@ -25,23 +32,80 @@ def eval_figures(result) -> dict:
             "kl_ci95": list(result.kl_ci95), "interval": result.interval, "seconds": result.seconds}
 
 
-def make_evaluator(model, input_ids: torch.Tensor, kind: str, text_fp: dict, state: TuneState, *, artifact=None,
-                   progress: bool = False) -> Evaluator:
-    """spec -> eval figures on `input_ids`, measured once by decode-faithful evaluation and saved in `state`.
+def prompt_figures(result) -> dict:
+    """The figures of a `PromptEvalResult` that a tune keeps ("ratio": the whole-cache ratio)."""
+    return {**eval_figures(result), "whole_cache_ratio": result.whole_cache_ratio,
+            "context_compression": result.context_compression, "kept_fraction": result.kept_fraction,
+            "codec_ratio": result.codec_ratio, "context_tokens": result.context_tokens,
+            "evicted_tokens": result.evicted_tokens}
 
-    The uncompressed logits are computed once and shared by every call (`baseline_store`).
+
+def _fingerprint(model, text_fp: dict, context: int | None) -> dict:
+    """What a measurement is keyed by: model and text, and under the prompt protocol the protocol."""
+    if context is None:
+        return measurement_fingerprint(model_fingerprint(model), text_fp)
+    from ..measure.prompt import CHUNK, PROTOCOL
+
+    return measurement_fingerprint(model_fingerprint(model),
+                                   {**text_fp, "protocol": PROTOCOL, "context": context, "chunk": CHUNK})
+
+
+def make_evaluator(model, input_ids: torch.Tensor, kind: str, text_fp: dict, state: TuneState, *, artifact=None,
+                   progress: bool = False, context: int | None = None) -> Evaluator:
+    """spec -> eval figures on `input_ids`, measured once and saved in `state`.
+
+    Without `context`: decode-faithful evaluation of the text (`eval_figures`). With `context`:
+    the prompt protocol (`measure.prompt.prompt_eval`), the first `context` tokens prefilled
+    at once and the rest of `input_ids` teacher-forced (`prompt_figures`). The uncompressed
+    logits are computed once and shared by every call (`baseline_store`).
     """
     from ..measure.evaluate import decode_faithful_eval
+    from ..measure.prompt import prompt_eval
 
-    fingerprint = measurement_fingerprint(model_fingerprint(model), text_fp)
+    fingerprint = _fingerprint(model, text_fp, context)
     store: dict = {}
 
     def evaluate(spec: CacheSpec) -> dict:
         spec_dict = {k: v for k, v in spec.to_dict().items() if k != "name"}
         result = state.lookup(kind, spec_dict, fingerprint)
         if result is None:
-            result = eval_figures(decode_faithful_eval(model, input_ids, spec, progress=progress, artifact=artifact,
-                                                       baseline_store=store))
+            if context is None:
+                result = eval_figures(decode_faithful_eval(model, input_ids, spec, progress=progress,
+                                                           artifact=artifact, baseline_store=store))
+            else:
+                result = prompt_figures(prompt_eval(model, input_ids, spec, context, progress=progress,
+                                                    artifact=artifact, baseline_store=store))
+            state.store(kind, spec_dict, fingerprint, result)
+        return result
+
+    return evaluate
+
+
+def make_ratio_evaluator(model, input_ids: torch.Tensor, text_fp: dict, state: TuneState, context: int, *,
+                         artifact=None, kind: str = "prompt-ratio") -> Evaluator:
+    """spec -> the sizes of its cache right after a `context`-token prefill of `input_ids` on `model`
+    ("ratio": the whole-cache ratio from `memory_report()`, "stored_bytes", "fp16_bytes",
+    "kept_fraction", ...; see `measure.prompt.context_sizes`), measured once and saved in `state`.
+
+    Nothing is scored: this is what a cache of `model`'s dtype stores, e.g. in bfloat16 while the
+    quality is measured in float32.
+    """
+    from ..cache.attention import enable_fast_attention
+    from ..cache.cache import CompressedCache
+    from ..measure.prompt import context_sizes, layer_tokens, prefill
+
+    fingerprint = _fingerprint(model, text_fp, context)
+
+    @torch.no_grad()
+    def evaluate(spec: CacheSpec) -> dict:
+        spec_dict = {k: v for k, v in spec.to_dict().items() if k != "name"}
+        result = state.lookup(kind, spec_dict, fingerprint)
+        if result is None:
+            with enable_fast_attention(model, strict=False):
+                cache = CompressedCache(model, spec, artifact=artifact)
+                prefill(model, cache, input_ids.to(next(model.parameters()).device), context)
+            sizes = context_sizes(cache.memory_report(), layer_tokens(cache))
+            result = {**sizes, "ratio": sizes["whole_cache_ratio"], "context_tokens": context}
             state.store(kind, spec_dict, fingerprint, result)
         return result
 

@@ -19,6 +19,16 @@ copying that file over `src/kvcompress/presets/measured_presets.json` and commit
 held-out text and reports which no longer meet their target (`kvcompress measure-presets
 --verify` exits non-zero then).
 
+Prompt compression (`context=N`): every evaluation runs the prompt protocol (`measure.prompt`:
+N context tokens prefilled at once, then the sweep/verify/report tokens teacher-forced), and
+"ratio" is the whole-cache ratio at the end of the context, so a candidate may evict tokens
+(`candidates.uniform_candidates(evictions=...)`) and its window counts. `select_prompt_presets`
+chooses presets defined by a compression floor instead of a KL target (`prompt-6x`: whole cache
+at least 6x smaller than fp16): for each floor, among the candidates whose cache, on a model of
+the dtype that will store it (bfloat16 by default, `make_ratio_evaluator`), meets the floor at
+the end of the context, the one with the lowest KL on selection text; then measured on the report
+part. No passkey score is measured for those.
+
 This module does not define the metrics (see `measure.evaluate`, `measure.tasks`), does not read or
 register the shipped presets (see `presets.measured`) and does not tune per-layer specs (see `tune`).
 """
@@ -37,6 +47,7 @@ from ..spec import CacheSpec
 from ..distributed import RayOptions
 from .candidates import uniform_candidates
 from .distributed_presets import SWEEP_KIND, sweep_candidates_on_ray
+from .evaluators import make_evaluator, make_ratio_evaluator
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +129,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
                    passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
                    passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
                    command: str | None = None, ray: RayOptions | None = None, loader: Callable | None = None,
-                   load_args=None) -> dict:
+                   load_args=None, context: int | None = None) -> dict:
     """Sweep, choose and verify the presets (see module doc); returns the data file's content.
 
     `verify_part` must be a part a selection may read (ValueError for "report"); the chosen presets
@@ -126,29 +137,34 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     With `ray`, the candidate sweep runs first on a Ray cluster (see `distributed_presets`;
     `loader(load_args)` loads the model on each worker, by default `load_named_model` of
     (model name, dtype name, device)); the rest runs here.
+    With `context`, every evaluation runs the prompt protocol (see module doc; the token counts
+    are then continuation tokens, each text reads `context` + tokens + 1 tokens); not with `ray`.
     """
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..models import model_id
     from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
-    from .tune import make_evaluator
 
+    if context is not None and ray is not None:
+        raise ValueError("the prompt protocol (context) does not run on Ray yet; leave out one of them")
     targets = targets or dict(DEFAULT_TARGETS)
     candidates = candidates or uniform_candidates()
     by_name = {spec.name: spec for spec in candidates}
     if len(by_name) != len(candidates):
         raise ValueError("candidate specs need distinct names")
-    sweep = corpus_slice(tokenizer, "calibration", n_tokens=sweep_tokens, offset=sweep_offset)
-    verify = corpus_slice(tokenizer, verify_part, n_tokens=verify_tokens)
+    sweep = corpus_slice(tokenizer, "calibration", n_tokens=text_tokens(sweep_tokens, context), offset=sweep_offset)
+    verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(verify_tokens, context))
     require_selection_text(verify.record, "the preset choice")
-    report = corpus_slice(tokenizer, "report", n_tokens=report_tokens or verify_tokens)
+    report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or verify_tokens, context))
     artifact = artifact_for(model, candidates, artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
     sweep_fp = text_fingerprint(sweep.ids, sweep.record)
     verify_fp = text_fingerprint(verify.ids, verify.record)
     report_fp = text_fingerprint(report.ids, report.record)
-    sweep_eval = make_evaluator(model, sweep.ids, SWEEP_KIND, sweep_fp, state, artifact=artifact)
-    verify_eval = make_evaluator(model, verify.ids, "verify-eval", verify_fp, state, artifact=artifact)
-    report_eval = make_evaluator(model, report.ids, "report-eval", report_fp, state, artifact=artifact)
+    sweep_eval = make_evaluator(model, sweep.ids, SWEEP_KIND, sweep_fp, state, artifact=artifact, context=context)
+    verify_eval = make_evaluator(model, verify.ids, "verify-eval", verify_fp, state, artifact=artifact,
+                                 context=context)
+    report_eval = make_evaluator(model, report.ids, "report-eval", report_fp, state, artifact=artifact,
+                                 context=context)
     started = time.perf_counter()
     if ray is not None:
         n = sweep_candidates_on_ray(
@@ -199,10 +215,149 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
         "environment": passkey_fp["environment"],
         "corpus": corpus_fingerprint(),
         "texts": {"sweep": sweep_fp, "verify": verify_fp, "report": report_fp, "passkey": passkey_text},
+        **({} if context is None else {"protocol": protocol_record(context, verify_tokens)}),
         "baseline_passkey": baseline_passkey,
         "presets": presets,
         "candidates": [{"name": n, "describe": by_name[n].describe(), "spec": by_name[n].to_dict(), "sweep": f}
                        for n, f in swept.items()],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def text_tokens(tokens: int, context: int | None) -> int:
+    """Tokens a text must hold: `tokens`, or under the prompt protocol the context, `tokens`
+    continuation tokens and the target of the last one."""
+    return tokens if context is None else context + tokens + 1
+
+
+def parse_floors(text: str) -> dict[str, float]:
+    """"prompt-6x=6,prompt-8x=8" -> {"prompt-6x": 6.0, "prompt-8x": 8.0} (each floor above 1)."""
+    out = {}
+    for item in parse_list(text):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"compression floors look like 'prompt-6x=6,prompt-8x=8', got {item!r}") from None
+        if not name.strip() or not out[name.strip()] > 1:
+            raise ValueError(f"each floor needs a name and a ratio above 1, got {item!r}")
+    if not out:
+        raise ValueError("no floors given; use e.g. 'prompt-6x=6,prompt-8x=8'")
+    return out
+
+
+def choose_by_floor(floors: dict[str, float], ratios: dict[str, dict], measure: Callable[[str], dict]
+                    ) -> dict[str, dict]:
+    """For each floor, the candidate with the lowest KL (`measure(name)` -> figures with "kl")
+    among those whose `ratios[name]["ratio"]` is at least the floor; each candidate that meets a
+    floor is measured once (in order of ratio, highest first). ValueError naming the floor when
+    no candidate meets it.
+
+    Returns preset name -> {"candidate", "min_ratio", "cache": ratios[candidate], "verified": figures,
+    "ranked": [(candidate, KL), ...] of those that met the floor, best first}.
+    """
+    chosen, measured = {}, {}
+    for name, floor in floors.items():
+        meeting = sorted((c for c, r in ratios.items() if r["ratio"] >= floor), key=lambda c: -ratios[c]["ratio"])
+        if not meeting:
+            best = max(ratios.values(), key=lambda r: r["ratio"], default={"ratio": 0.0})["ratio"]
+            raise ValueError(f"no candidate meets preset {name!r} (whole cache >= {floor:g}x; the most compressed "
+                             f"candidate stores {best:.2f}x); add candidates with fewer bits, a smaller window or "
+                             "fewer tokens kept")
+        figures = {c: measured[c] if c in measured else measure(c) for c in meeting}
+        measured.update(figures)
+        ranked = sorted(meeting, key=lambda c: figures[c]["kl"])
+        candidate = ranked[0]
+        chosen[name] = {"candidate": candidate, "min_ratio": floor, "cache": ratios[candidate],
+                        "verified": figures[candidate], "ranked": [[c, figures[c]["kl"]] for c in ranked]}
+        logger.info(f"{name} (whole cache >= {floor:g}x): {candidate}, {ratios[candidate]['ratio']:.2f}x, selection KL "
+                    f"{figures[candidate]['kl']:.4f} (best of {len(ranked)})")
+    return chosen
+
+
+def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candidates: list[CacheSpec],
+                          context: int, tokens: int, ratio_model=None, verify_part: str = "selection",
+                          report_tokens: int | None = None, state=None, artifact=None, ratio_artifact=None,
+                          command: str | None = None) -> dict:
+    """Presets defined by a compression floor, under the prompt protocol (see module doc); returns
+    the data file's content (as `select_presets`, entries with "min_ratio" instead of "target_kl").
+
+    Args:
+        model: the model quality is measured on (float32 in the issue's protocol).
+        floors: preset name -> least whole-cache ratio (fp16 bytes / stored bytes) at the end of
+            the context.
+        candidates: named specs to choose among (e.g. `uniform_candidates(..., evictions=...)`).
+        context, tokens: the prompt protocol's context and continuation tokens.
+        ratio_model: the model whose cache the ratio is taken from (the dtype that stores it;
+            default `model`); its ratio comes from `memory_report()` after a `context`-token prefill.
+        verify_part: the text that chooses ("selection" or "calibration"; ValueError for "report").
+        report_tokens: continuation tokens of the report measurement (default: `tokens`).
+    """
+    from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
+    from ..models import model_id
+    from ..measure.prompt import protocol_record
+    from .state import TuneState, model_fingerprint, text_fingerprint
+
+    ratio_model = ratio_model if ratio_model is not None else model
+    by_name = {spec.name: spec for spec in candidates}
+    if len(by_name) != len(candidates) or not candidates:
+        raise ValueError("candidate specs need distinct names (and at least one)")
+    verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(tokens, context))
+    require_selection_text(verify.record, "the preset choice")
+    report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or tokens, context))
+    artifact = artifact_for(model, candidates, artifact)
+    ratio_artifact = artifact_for(ratio_model, candidates, ratio_artifact if ratio_artifact is not None else artifact)
+    state = state if isinstance(state, TuneState) else TuneState(state)
+    verify_fp = text_fingerprint(verify.ids, verify.record)
+    report_fp = text_fingerprint(report.ids, report.record)
+    ratio_eval = make_ratio_evaluator(ratio_model, verify.ids, verify_fp, state, context, artifact=ratio_artifact)
+    report_ratio = make_ratio_evaluator(ratio_model, report.ids, report_fp, state, context, artifact=ratio_artifact)
+    verify_eval = make_evaluator(model, verify.ids, "verify-eval", verify_fp, state, artifact=artifact,
+                                 context=context)
+    report_eval = make_evaluator(model, report.ids, "report-eval", report_fp, state, artifact=artifact,
+                                 context=context)
+    started = time.perf_counter()
+    ratios = {}
+    for spec in candidates:
+        ratios[spec.name] = ratio_eval(spec)
+        logger.info(f"[{time.perf_counter() - started:5.0f} s] cache size {spec.name}: "
+                    f"{ratios[spec.name]['ratio']:.2f}x")
+
+    measured: dict[str, dict] = {}
+
+    def measure(name: str) -> dict:
+        figures = measured[name] = verify_eval(by_name[name])
+        logger.info(f"[{time.perf_counter() - started:5.0f} s] selection {name}: {ratios[name]['ratio']:.2f}x, "
+                    f"KL {figures['kl']:.4f}, PPL {figures['ppl_change']:+.2%}")
+        return figures
+
+    chosen = choose_by_floor(floors, ratios, measure)
+    presets = []
+    for name, pick in chosen.items():
+        spec = dataclasses.replace(by_name[pick["candidate"]], name=name)
+        reported = report_eval(spec)
+        cache_report = report_ratio(spec)
+        logger.info(f"[{time.perf_counter() - started:5.0f} s] {name} on the report part: {cache_report['ratio']:.2f}x, "
+                    f"KL {reported['kl']:.4f}, PPL {reported['ppl_change']:+.2%}")
+        presets.append({"name": name, "min_ratio": pick["min_ratio"], "candidate": pick["candidate"],
+                        "describe": spec.describe(), "spec": spec.to_dict(),
+                        "cache": {"dtype": str(next(ratio_model.parameters()).dtype).removeprefix("torch."),
+                                  "context_tokens": context, **pick["cache"]},
+                        "cache_report": cache_report, "verified": pick["verified"], "report": reported,
+                        "ranked": pick["ranked"]})
+    return {
+        "format": DATA_FORMAT,
+        "command": command,
+        "model": model_id(model),
+        "model_fingerprint": model_fingerprint(model),
+        "ratio_model_fingerprint": model_fingerprint(ratio_model),
+        "corpus": corpus_fingerprint(),
+        "protocol": protocol_record(context, tokens),
+        "texts": {"verify": verify_fp, "report": report_fp},
+        "presets": presets,
+        "candidates": [{"name": n, "describe": by_name[n].describe(), "spec": by_name[n].to_dict(), "cache": r,
+                        **({"verified": measured[n]} if n in measured else {})}
+                       for n, r in ratios.items()],
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -39,6 +39,16 @@ Hessian/Fisher sensitivity (e.g. KVQuant's per-layer sensitivity, ZipCache's sal
 proxy is the measured attention-output error with real queries, and the final decision always
 rests on the decode-faithful measurement, not on the proxy.
 
+Prompt compression (`context=N`): every decode-faithful evaluation of steps 1b, 3 and 4 is
+replaced by the prompt protocol (`measure.prompt`: the first N tokens of each text prefilled at
+once, the rest teacher-forced), whose "ratio" is the whole cache's at the end of the context
+(window and sinks included, in the measuring model's dtype). The base spec may then evict tokens
+(`base.eviction`): the per-layer codecs are tuned for the tokens it keeps. The sensitivity
+proxy (step 1) and the K/V weights (1b) are measured without eviction (they rank codecs, and
+eviction is the same for every allocation). `tune_grid` tunes several bases (windows, eviction
+settings) and returns the verified spec with the highest ratio: eviction fraction, window and
+bits chosen together.
+
 Steps 1 and 2 live in `sensitivity` and `allocation`, the saved measurements in `state`; this
 module runs steps 3 and 4. With `ray=RayOptions(...)` the measurements of step 1 (the probes,
 then the two weight evaluations) run on a Ray cluster first and are saved in the state as this
@@ -219,7 +229,7 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
          state: TuneState | str | os.PathLike | None = None, tune_text: dict | None = None,
          verify_text: dict | None = None, artifact=None, max_tries: int = DEFAULT_MAX_TRIES,
          verify: Evaluator | None = None, weight_tensors: bool = True, ray: RayOptions | None = None,
-         loader: Callable | None = None, load_args=None) -> TuneResult:
+         loader: Callable | None = None, load_args=None, context: int | None = None) -> TuneResult:
     """Tune a per-layer spec so that `metric` <= `target` on `verify_ids` (see module doc).
 
     Args:
@@ -238,10 +248,17 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
             (see `distributed_tune`; saved in `state` as this process would save them);
             `loader(load_args)` loads the model on each worker (None: `models.load_named_model` of
             (model name, dtype name, device)). The search and verification run here.
+        context: measure under the prompt protocol with this many context tokens (see module doc);
+            `base` may then evict. Not with `ray`.
     """
     if verify_text is not None:
         require_selection_text(verify_text, "tune's verification")
     base = base or CacheSpec()
+    if base.eviction is not None and context is None:
+        raise ValueError("a base spec that evicts tokens is measured under the prompt protocol: pass context")
+    if context is not None and ray is not None:
+        raise ValueError("the prompt protocol (context) does not run on Ray yet; leave out one of them")
+    probe_base = dataclasses.replace(base, eviction=None)  # the proxy and K/V weights rank codecs only
     settings = settings or candidate_settings()
     artifact = artifact_for(model, [s for t in TENSORS for s in settings[t]], artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
@@ -254,18 +271,52 @@ def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float,
                              "the workers")
         on_ray = _RayMeasurements(model, tune_ids, tune_fp, state, artifact, ray, loader, load_args)
         on_ray.probes(probe_specs(settings, base))
-    sens = measure_sensitivity(model, tune_ids, settings, base, state=state, text_fp=tune_fp, artifact=artifact)
-    evaluate = make_evaluator(model, tune_ids, "tune-eval", tune_fp, state, artifact=artifact)
-    verify = verify or make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact)
+    sens = measure_sensitivity(model, tune_ids, settings, probe_base, state=state, text_fp=tune_fp,
+                               artifact=artifact)
+    evaluate = make_evaluator(model, tune_ids, "tune-eval", tune_fp, state, artifact=artifact, context=context)
+    verify = verify or make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact,
+                                      context=context)
     weights = None
     if weight_tensors:
         if on_ray is not None:
             on_ray.evaluations([spec for _, spec in weight_specs(sens, base).values()])
-        sens, weights = calibrate_tensor_weights(sens, base, evaluate)
+        sens, weights = calibrate_tensor_weights(sens, probe_base, evaluate)
     result = tune_allocation(sens, base, target, metric=metric, evaluate=evaluate, verify=verify,
                              max_tries=max_tries)
     result.tensor_weights = weights
     return result
+
+
+def tune_grid(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float, bases: list[CacheSpec],
+              **kwargs) -> tuple[TuneResult, list[dict]]:
+    """`tune` once per base spec (e.g. windows x eviction settings) and the result with the highest
+    verified ratio; every result met the target on the verification text.
+
+    Returns (best result, one row per base: {"base", "ratio", "met", metric figures or "error"}).
+    Raises TuneError when no base meets the target. `kwargs` go to `tune` (a shared `state` is
+    reused by every base, so the sensitivity probes are measured once).
+    """
+    if not bases:
+        raise ValueError("tune_grid needs at least one base spec")
+    if "state" in kwargs and not isinstance(kwargs["state"], TuneState):
+        kwargs["state"] = TuneState(kwargs["state"])
+    best, rows = None, []
+    for base in bases:
+        label = base.describe()
+        logger.info(f"tuning with base {label}")
+        try:
+            result = tune(model, tune_ids, verify_ids, target, base=base, **kwargs)
+        except TuneError as err:
+            rows.append({"base": base.to_dict(), "describe": label, "met": False, "error": str(err)})
+            logger.info(f"base {label}: {err}")
+            continue
+        rows.append({"base": base.to_dict(), "describe": label, "met": True, "ratio": result.verified["ratio"],
+                     "verified": result.verified})
+        if best is None or result.verified["ratio"] > best.verified["ratio"]:
+            best = result
+    if best is None:
+        raise TuneError(f"no base spec of the {len(bases)} tried meets the target (first: {rows[0]['error']})")
+    return best, rows
 
 
 @dataclass
