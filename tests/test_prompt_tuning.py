@@ -265,3 +265,12 @@ def test_prompt_presets_meet_their_ratio_in_a_bfloat16_cache():
         assert report.ratio >= floor, f"{name}: whole cache {report.ratio:.2f}x < {floor}x"
         config = model.config
         assert report.fp16_bytes == 2 * config.num_hidden_layers * config.num_key_value_heads * 1536 * 64 * 2
+
+
+def test_verify_checks_a_prompt_preset_against_its_floor():
+    from kvcompress.tuning.preset_selection import verify_presets
+
+    spec = CacheSpec(name="p")
+    data = {"presets": [{"name": n, "min_ratio": floor, "spec": spec.to_dict()} for n, floor in (("six", 6), ("ten", 10))]}
+    rows = verify_presets(data, lambda s: {"kl": 0.02, "ratio": 7.5, "ppl_change": 0.01})
+    assert [(r["name"], r["met"], r["min_ratio"]) for r in rows] == [("six", True, 6), ("ten", False, 10)]

@@ -2,6 +2,8 @@
 
     kvcompress measure-presets                 # sweep, choose, verify; writes runs/measured_presets.json
     kvcompress measure-presets --verify        # re-measure the shipped presets; exit 1 if one misses
+    kvcompress measure-presets --verify --file src/kvcompress/presets/prompt_presets.json
+                                               # the prompt presets: whole cache still meets its floor
     kvcompress measure-presets --table         # print the shipped presets as a markdown table
     kvcompress measure-presets --context 1536 --verify-tokens 512 --min-ratios prompt-6x=6,prompt-8x=8 \
         --candidates quant,codebook --uniform k4v4,cb3 --windows 32,64 --keep 0.5,0.7,1 --policies tova
@@ -117,8 +119,13 @@ def run(args: argparse.Namespace) -> int:
         store: dict = {}
         print(f"re-measuring {len(data['presets'])} presets on tokens {text.record['tokens']} of the "
               f"{text.record['part']} part (the text their choice was verified on)", flush=True)
-        rows = verify_presets(data, lambda spec: eval_figures(decode_faithful_eval(
-            model, ids, spec, progress=False, baseline_store=store)))
+        protocol = data.get("protocol", {})
+        if protocol.get("name") == "prompt":  # prompt presets: KL under the prompt protocol, ratio in --ratio-dtype
+            measure = _prompt_measure(args, model, text, protocol["context_tokens"], store)
+        else:
+            def measure(spec):
+                return eval_figures(decode_faithful_eval(model, ids, spec, progress=False, baseline_store=store))
+        rows = verify_presets(data, measure)
         failed = [r["name"] for r in rows if not r["met"]]
         if args.json:
             write_json(args.json, {"file": str(args.file or "shipped"), "text": text.record, "rows": rows})
@@ -163,6 +170,26 @@ def run(args: argparse.Namespace) -> int:
     path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def _prompt_measure(args: argparse.Namespace, model, text, context: int, store: dict):
+    """spec -> prompt-protocol figures on `text` whose "ratio" is the whole cache's in --ratio-dtype."""
+    from ..measure.prompt import prompt_eval
+    from ..models import DTYPES, load_model
+    from ..tuning.evaluators import make_ratio_evaluator, prompt_figures
+    from ..tuning.state import TuneState, text_fingerprint
+
+    ratio_model = model
+    if args.ratio_dtype != args.dtype:
+        ratio_model, _ = load_model(args.model, dtype=DTYPES[args.ratio_dtype], device=args.device)
+    ratio = make_ratio_evaluator(ratio_model, text.ids, text_fingerprint(text.ids, text.record), TuneState(None),
+                                 context)
+
+    def measure(spec):
+        figures = prompt_figures(prompt_eval(model, text.ids, spec, context, progress=False, baseline_store=store))
+        return {**figures, "ratio": ratio(spec)["ratio"]}
+
+    return measure
 
 
 def _run_floors(args: argparse.Namespace, candidates: list, started: float) -> int:

@@ -365,13 +365,20 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
 def verify_presets(data: dict, measure: Callable[[CacheSpec], dict]
                    ) -> list[dict]:
     """Re-measure every preset of `data` (`measure(spec)` -> figures with "kl", "ratio", "ppl_change")
-    and compare with its target. Returns one row per preset with "met"."""
+    and compare with its target: a KL target (`target_kl`), or for a prompt preset its compression
+    floor (`min_ratio`: "ratio" must be the whole cache's, in the dtype the floor is defined for).
+    Returns one row per preset with "met"."""
     rows = []
     for entry in data["presets"]:
         spec = CacheSpec.from_dict(entry["spec"])
         figures = measure(spec)
-        met = figures["kl"] <= entry["target_kl"]
-        rows.append({"name": entry["name"], "target_kl": entry["target_kl"], "met": met, **figures})
-        logger.info(f"{entry['name']:11s} target KL <= {entry['target_kl']:g}: KL {figures['kl']:.4f}, ratio "
+        if "min_ratio" in entry:
+            met, target = figures["ratio"] >= entry["min_ratio"], {"min_ratio": entry["min_ratio"]}
+            label = f"whole cache >= {entry['min_ratio']:g}x"
+        else:
+            met, target = figures["kl"] <= entry["target_kl"], {"target_kl": entry["target_kl"]}
+            label = f"target KL <= {entry['target_kl']:g}"
+        rows.append({"name": entry["name"], **target, "met": met, **figures})
+        logger.info(f"{entry['name']:11s} {label}: KL {figures['kl']:.4f}, ratio "
             f"{figures['ratio']:.2f}x, PPL {figures['ppl_change']:+.2%}  {'ok' if met else 'MISSED'}")
     return rows
