@@ -153,6 +153,23 @@ def test_select_prompt_presets_chooses_on_selection_and_reports_on_the_report_pa
                               tokens=TOKENS, verify_part="report")
 
 
+def test_select_presets_with_a_context_runs_the_prompt_protocol(tiny_llama, monkeypatch):
+    import kvcompress.tuning.preset_selection as selection
+
+    monkeypatch.setattr(selection, "passkey_score", lambda *a, **k: {"accuracy": 1.0, "by_length": {}, "cases": 0})
+    candidates = uniform_candidates(["quant"], only=["k4v4", "k2v2"], windows=[16], sinks=2,
+                                    evictions=eviction_grid(["tova"], [0.5]))
+    data = selection.select_presets(tiny_llama, WordIds(), {"loose": 10.0}, candidates=candidates,
+                                    sweep_tokens=TOKENS, sweep_offset=0, verify_tokens=TOKENS, context=CONTEXT)
+    swept = {c["name"]: c["sweep"] for c in data["candidates"]}
+    assert all(f["context_tokens"] == CONTEXT and f["evicted_tokens"] > 0 for f in swept.values())
+    (entry,) = data["presets"]
+    assert entry["candidate"] == max(swept, key=lambda n: swept[n]["ratio"])  # both meet the loose target
+    assert entry["report"]["ratio"] == entry["report"]["whole_cache_ratio"]
+    assert data["protocol"]["context_tokens"] == CONTEXT
+    assert data["texts"]["verify"]["n_tokens"] == CONTEXT + TOKENS + 1
+
+
 # --------------------------------------------------------------------------- tune under the prompt protocol
 
 
@@ -227,7 +244,7 @@ def test_shipped_prompt_presets_are_the_choice_their_own_figures_imply():
     assert data["protocol"]["context_tokens"] == 1536 and data["protocol"]["continuation_tokens"] == 512
     assert data["model_fingerprint"]["dtype"] == "torch.float32"
     assert data["ratio_model_fingerprint"]["dtype"] == "torch.bfloat16"
-    assert data["command"].startswith("kvcompress measure-presets")
+    assert data["command"].startswith("python benchmarks/select_prompt_presets.py")
     for entry in data["presets"]:
         meeting = {c["name"]: c for c in data["candidates"] if c["cache"]["ratio"] >= entry["min_ratio"]}
         assert entry["candidate"] == min(meeting, key=lambda n: meeting[n]["verified"]["kl"]), entry["name"]

@@ -141,6 +141,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     are then continuation tokens, each text reads `context` + tokens + 1 tokens); not with `ray`.
     """
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
+    from ..measure.prompt import protocol_record
     from ..models import model_id
     from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
 

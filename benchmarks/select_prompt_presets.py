@@ -1,0 +1,149 @@
+"""Choose the prompt-6x / prompt-8x presets (issue 18), and measure what they are compared with.
+
+A prompt preset is defined by a compression floor: its whole cache at the end of a 1536-token
+prompt, on the embedded model in bfloat16, stores at least 6x (8x) fewer bytes than the same
+tokens in fp16 (window, sinks, positions, scales: everything `memory_report()` counts, after a
+real prefill). Among the candidates that meet a floor, the preset is the one with the lowest KL
+on selection text under the prompt protocol (fp32 model, 1536-token context prefilled at once,
+512 tokens teacher-forced in chunks of 32; `kvcompress.measure.prompt`). The choice is
+`kvcompress.tuning.preset_selection.select_prompt_presets`; this script only fixes the
+candidates, in the stages they were searched:
+
+1. coarse: K/V codecs int4 (k4v4), int3 (k3v3), k4v2 and the codebooks cb4/cb3/cb2 (the
+   bits4/3/2 codecs) x windows 32, 64 x keep 40-70% or no eviction, policy `expected` (the best
+   eviction-only policy on selection text at keep 50%);
+2. refine: the codebooks (best of stage 1) with windows 64, 96 and keep 35/45/55%;
+3. policies: the best specs of stages 1-2 with the other attention policies (snapkv, tova,
+   streaming).
+
+Every candidate meeting a floor is measured (saved in the --state file, so a rerun measures
+nothing again), and the data file lists them all. Then, with `--compare`, the same protocol on
+the report part for what the presets are compared with: eviction alone (the best policy on
+selection text for each floor, chosen the same way among keep fractions that reach it) and
+int2 (the preset, window 128, and with a 32-token window), printed as a markdown table.
+
+    OMP_NUM_THREADS=1 python benchmarks/select_prompt_presets.py --threads 1 --compare
+    cp runs/prompt_presets.json src/kvcompress/presets/prompt_presets.json   # to ship the choice
+
+This script does not write into the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from kvcompress.corpus import corpus_slice
+from kvcompress.io import write_json_atomic
+from kvcompress.models import load_model
+from kvcompress.presets import load_spec
+from kvcompress.spec import CacheSpec
+from kvcompress.tuning.candidates import eviction_grid, uniform_candidates
+from kvcompress.tuning.evaluators import make_evaluator, make_ratio_evaluator
+from kvcompress.tuning.preset_selection import select_prompt_presets, text_tokens
+from kvcompress.tuning.state import TuneState, text_fingerprint
+
+CONTEXT, TOKENS = 1536, 512
+FLOORS = {"prompt-6x": 6.0, "prompt-8x": 8.0}
+POLICIES = ("snapkv", "tova", "expected", "streaming")
+
+
+def _grid(uniform, windows, keeps, policies) -> list[CacheSpec]:
+    families = ["quant", "codebook"] if any(u.startswith("k") for u in uniform) else ["codebook"]
+    return uniform_candidates(families, windows=windows, evictions=eviction_grid(policies, keeps), only=uniform)
+
+
+def candidates() -> list[CacheSpec]:
+    """The union of the three stages (module doc), each name once."""
+    stages = [
+        _grid(["k4v4", "k3v3", "k4v2", "cb4", "cb3", "cb2"], [32, 64], [0.4, 0.5, 0.6, 0.7, 1], ["expected"]),
+        _grid(["cb4", "cb3", "cb2"], [64, 96], [0.35, 0.45, 0.55], ["expected"]),
+        # stage 3: the specs closest to the best of stages 1-2 for each floor, other policies
+        *[_grid([codec], [window], [keep], ["snapkv", "tova", "streaming"]) for codec, window, keep in FINALISTS],
+    ]
+    out: dict[str, CacheSpec] = {}
+    for spec in (s for stage in stages for s in stage):
+        out.setdefault(spec.name, spec)
+    return list(out.values())
+
+
+# (codec, window, keep) of the best candidates of stages 1-2 (see runs/prompt_presets.json "ranked")
+FINALISTS = [("cb3", 64, 0.55), ("cb3", 64, 0.4)]
+
+
+def eviction_only_candidates() -> list[CacheSpec]:
+    """Eviction alone (no codec), every policy, window 32 and 128, keep fractions around 1/6 and 1/8."""
+    return uniform_candidates(["none"], windows=[32, 128], evictions=eviction_grid(POLICIES, [0.16, 0.12]))
+
+
+def compare(model, ratio_model, tokenizer, state: TuneState, rows: list[tuple[str, CacheSpec]]) -> list[dict]:
+    """Each (label, spec) on the report part under the prompt protocol (KL on `model`, whole-cache
+    ratio on `ratio_model`)."""
+    text = corpus_slice(tokenizer, "report", n_tokens=text_tokens(TOKENS, CONTEXT))
+    fp = text_fingerprint(text.ids, text.record)
+    quality = make_evaluator(model, text.ids, "report-eval", fp, state, context=CONTEXT)
+    size = make_ratio_evaluator(ratio_model, text.ids, fp, state, CONTEXT)
+    out = []
+    for label, spec in rows:
+        q, s = quality(spec), size(spec)
+        out.append({"label": label, "describe": spec.describe(), "spec": spec.to_dict(), "ratio_bf16": s["ratio"],
+                    "context_compression": q["context_compression"], "kl": q["kl"], "kl_ci95": q["kl_ci95"],
+                    "ppl_change": q["ppl_change"], "top1": q["top1"]})
+        logging.info(f"report {label}: {s['ratio']:.2f}x, KL {q['kl']:.4f}")
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| spec | whole cache (bf16) | kvpress-style | KL (95% CI) | PPL change | top-1 |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["kl_ci95"]
+        lines.append(f"| {r['label']} ({r['describe']}) | {r['ratio_bf16']:.2f}x | {r['context_compression']:.2f}x | "
+                     f"{r['kl']:.4f} ({lo:.4f}-{hi:.4f}) | {r['ppl_change']:+.2%} | {r['top1']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/prompt_presets.json", help="data file of the choice")
+    parser.add_argument("--state", default="runs/prompt_presets.state.json",
+                        help="saved measurements (a rerun resumes from them)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also choose eviction alone at the same floors and measure it, int2 and the presets "
+                             "on the report part (written to OUT with .compare.json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model()
+    ratio_model, _ = load_model(dtype=torch.bfloat16)
+    state = TuneState(args.state)
+    command = "python benchmarks/select_prompt_presets.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--state"))
+    data = select_prompt_presets(model, tokenizer, FLOORS, candidates=candidates(), context=CONTEXT, tokens=TOKENS,
+                                 ratio_model=ratio_model, state=state, command=command)
+    print(f"wrote {write_json_atomic(args.out, data)}")
+    for entry in data["presets"]:
+        print(f"{entry['name']}: {entry['candidate']} ({entry['describe']}), whole cache {entry['cache']['ratio']:.2f}x "
+              f"bf16, selection KL {entry['verified']['kl']:.4f}, report KL {entry['report']['kl']:.4f}")
+    if not args.compare:
+        return 0
+    evict = select_prompt_presets(model, tokenizer, {f"evict-{k}": v for k, v in FLOORS.items()},
+                                  candidates=eviction_only_candidates(), context=CONTEXT, tokens=TOKENS,
+                                  ratio_model=ratio_model, state=state, command=command)
+    rows = [(e["name"], CacheSpec.from_dict(e["spec"])) for e in data["presets"]]
+    rows += [(e["name"], CacheSpec.from_dict(e["spec"])) for e in evict["presets"]]
+    rows += [("int2", load_spec("int2")), ("int2, window 32", load_spec({**load_spec("int2").to_dict(), "window": 32}))]
+    table = compare(model, ratio_model, tokenizer, state, rows)
+    path = write_json_atomic(str(args.out).removesuffix(".json") + ".compare.json",
+                             {"command": command, "eviction_only": evict, "report": table})
+    print(f"wrote {path}\n\n{markdown(table)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
