@@ -92,6 +92,7 @@ def make_ratio_evaluator(model, input_ids: torch.Tensor, text_fp: dict, state: T
     """
     from ..cache.attention import enable_fast_attention
     from ..cache.cache import CompressedCache
+    from ..measure.evaluate import is_lossy
     from ..measure.prompt import context_sizes, layer_tokens, prefill
 
     fingerprint = _fingerprint(model, text_fp, context)
@@ -104,7 +105,8 @@ def make_ratio_evaluator(model, input_ids: torch.Tensor, text_fp: dict, state: T
             with enable_fast_attention(model, strict=False):
                 cache = CompressedCache(model, spec, artifact=artifact)
                 prefill(model, cache, input_ids.to(next(model.parameters()).device), context)
-            sizes = context_sizes(cache.memory_report(), layer_tokens(cache))
+            report = cache.memory_report()
+            sizes = context_sizes(report, layer_tokens(cache, report), lossy=is_lossy(spec))
             result = {**sizes, "ratio": sizes["whole_cache_ratio"], "context_tokens": context}
             state.store(kind, spec_dict, fingerprint, result)
         return result
