@@ -123,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--tokens", args.tokens), ("--verify-tokens", args.verify_tokens)):
         if args.context is None:
             check_tokens(value, option, 64)
-            check_eval_tokens(base, value, option,
-                              label=f"window {args.window}, sinks {args.sinks}, block {args.block_size}")
+            for spec in bases:
+                check_eval_tokens(spec, value, option,
+                                  label=f"window {spec.window}, sinks {args.sinks}, block {args.block_size}")
         else:
             check_tokens(value, option, 1, " (continuation tokens after --context)")
     for spec in bases if args.context is not None else ():
