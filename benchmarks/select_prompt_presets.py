@@ -14,7 +14,9 @@ candidates, in the stages they were searched:
    eviction-only policy on selection text at keep 50%);
 2. refine: the codebooks (best of stage 1) with windows 64, 96 and keep 35/45/55%;
 3. policies: the best specs of stages 1-2 with the other attention policies (snapkv, tova,
-   streaming).
+   streaming);
+4. window 128 (the best window of eviction alone; 64 beat 32 on selection text in stage 1)
+   with int4, cb4, cb3 and keep 25/30/40%, policy `expected`.
 
 Every candidate meeting a floor is measured (saved in the --state file, so a rerun measures
 nothing again), and the data file lists them all. Then, with `--compare`, the same protocol on
@@ -63,6 +65,8 @@ def candidates() -> list[CacheSpec]:
         _grid(["cb4", "cb3", "cb2"], [64, 96], [0.35, 0.45, 0.55], ["expected"]),
         # stage 3: the specs closest to the best of stages 1-2 for each floor, other policies
         *[_grid([codec], [window], [keep], ["snapkv", "tova", "streaming"]) for codec, window, keep in FINALISTS],
+        # stage 4: the 128-token window, eviction alone's best (64 beat 32 in stage 1)
+        _grid(["k4v4", "cb4", "cb3"], [128], [0.25, 0.3, 0.4], ["expected"]),
     ]
     out: dict[str, CacheSpec] = {}
     for spec in (s for stage in stages for s in stage):
