@@ -51,6 +51,7 @@ from kvcompress.tuning.state import TuneState, text_fingerprint
 CONTEXT, TOKENS = 1536, 512
 FLOORS = {"prompt-6x": 6.0, "prompt-8x": 8.0}
 POLICIES = ("snapkv", "tova", "expected", "streaming")
+logger = logging.getLogger("select_prompt_presets")
 
 
 def _grid(uniform, windows, keeps, policies) -> list[CacheSpec]:
@@ -96,7 +97,7 @@ def compare(model, ratio_model, tokenizer, state: TuneState, rows: list[tuple[st
         out.append({"label": label, "describe": spec.describe(), "spec": spec.to_dict(), "ratio_bf16": s["ratio"],
                     "context_compression": q["context_compression"], "kl": q["kl"], "kl_ci95": q["kl_ci95"],
                     "ppl_change": q["ppl_change"], "top1": q["top1"]})
-        logging.info(f"report {label}: {s['ratio']:.2f}x, KL {q['kl']:.4f}")
+        logger.info(f"report {label}: {s['ratio']:.2f}x, KL {q['kl']:.4f}")
     return out
 
 

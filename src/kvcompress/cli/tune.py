@@ -156,10 +156,10 @@ def run(args: argparse.Namespace) -> int:
     verify_fp = text_fingerprint(verify_ids, verify_text.record)
     verify = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact,
                             context=args.context)
-    options = dict(metric=metric, settings=settings, state=state, tune_text=tune_text.record,
-                   verify_text=verify_text.record, artifact=artifact, max_tries=args.max_tries, verify=verify,
-                   weight_tensors=not args.no_tensor_weights, ray=ray,
-                   load_args=(args.model, args.dtype, str(args.device)), context=args.context)
+    options = {"metric": metric, "settings": settings, "state": state, "tune_text": tune_text.record,
+               "verify_text": verify_text.record, "artifact": artifact, "max_tries": args.max_tries, "verify": verify,
+               "weight_tensors": not args.no_tensor_weights, "ray": ray,
+               "load_args": (args.model, args.dtype, str(args.device)), "context": args.context}
     grid = None
     try:
         if len(bases) == 1:
