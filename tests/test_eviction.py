@@ -318,3 +318,22 @@ def test_spec_names_with_eviction():
         load_spec("int4@snapkv")
     with pytest.raises(ValueError, match="POLICY:KEEP"):
         load_spec("int4@snapkv:2.5")
+
+
+def test_generate_command_runs_eviction_specs(tmp_path):
+    """`kvcompress generate` runs kvcompress's attention (the prompt's queries reach the cache) and
+    puts the model back as it found it."""
+    import json
+
+    from kvcompress.generate import GenerateSettings, generate_file
+    from tiny_loader import tiny_llama_loader
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "long", "prompt": "Lorem ipsum dolor sit amet. " * 6}) + "\n")
+    model, tokenizer = tiny_llama_loader(None)
+    settings = GenerateSettings(spec="int8@snapkv:0.5", max_new_tokens=4)
+    generate_file(prompts, tmp_path / "out.jsonl", settings, loader=lambda _settings: (model, tokenizer))
+    line = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
+    assert line["status"] == "ok", line
+    assert line["prompt_tokens"] == 168 and line["ratio"] > 0
+    assert model.config._attn_implementation == "sdpa"

@@ -197,6 +197,7 @@ class Generator:
         self.context = getattr(config, "max_position_embeddings", None)
 
     def __call__(self, prompt: Prompt) -> dict:
+        from .cache.attention import enable_fast_attention
         from .cache.cache import CompressedCache
         from .compat import CACHE_KWARG
 
@@ -216,7 +217,9 @@ class Generator:
             if pad is None:
                 pad = self.model.generation_config.eos_token_id
                 pad = pad[0] if isinstance(pad, list) else pad
-            with torch.no_grad():
+            # kvcompress's attention where the model supports it: faster decode steps, and the prompt's
+            # queries for a spec that evicts; the model is restored afterwards.
+            with torch.no_grad(), enable_fast_attention(self.model, strict=False):
                 out = self.model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                           max_new_tokens=self.settings.max_new_tokens, do_sample=False,
                                           pad_token_id=pad, **{CACHE_KWARG: cache})
