@@ -87,20 +87,13 @@ def run(args: argparse.Namespace) -> int:
     result = decode_faithful_eval(model, ids, spec, mode=args.mode, progress=not args.no_progress,
                                   artifact=artifact)
     record = {**head, "mode": args.mode, "dtype": args.dtype, "artifact": artifact_info, **result.to_dict()}
-    lo, hi = result.ppl_change_ci95
-    klo, khi = result.kl_ci95
     first, last = text.record["tokens"]
     print(f"spec        {args.spec}: {spec.describe()}")
     print(f"text        {text.record['part']} part of {args.corpus or 'the embedded corpus'}, tokens [{first}, {last})")
     print(f"tokens      {result.tokens} ({result.compressed_tokens} compressed per layer, {result.chunks} chunks)")
     print(f"ratio       {result.compression_ratio:.2f}x  ({result.stored_bytes:,} stored bytes vs "
           f"{result.fp16_bytes:,} in fp16)")
-    print(f"bits/value  {result.bits_per_value:.3f} per compressed K/V value (window and sinks apart)")
-    print(f"perplexity  {result.ppl_baseline:.3f} -> {result.ppl:.3f}  ({result.ppl_change:+.2%}, "
-          f"95% CI {lo:+.2%} .. {hi:+.2%})")
-    print(f"KL          {result.kl:.4f}  (95% CI {klo:.4f} .. {khi:.4f}; {result.interval['ci_method']}, "
-          f"{result.interval['block_tokens']}-token blocks)")
-    print(f"top-1       {result.top1:.3f}")
+    _print_quality(result)
     if args.json:
         print(f"wrote       {write_json(args.json, record)}")
     return 0
@@ -123,8 +116,6 @@ def absolute_ranges(protocol: dict, text_record: dict) -> dict:
 
 def print_prompt_result(args: argparse.Namespace, spec, text, result) -> None:
     ranges = absolute_ranges(result.protocol, text.record)
-    lo, hi = result.ppl_change_ci95
-    klo, khi = result.kl_ci95
     held = sum(x["held"] for x in result.layers)
     seen = sum(x["seen"] for x in result.layers)
     print(f"spec        {args.spec}: {spec.describe()}")
@@ -137,6 +128,13 @@ def print_prompt_result(args: argparse.Namespace, spec, text, result) -> None:
           f"bytes vs {result.fp16_bytes:,} in fp16; window and sinks included)")
     print(f"context     {result.context_compression:.2f}x kvpress-style (kept {result.kept_fraction:.1%} of the tokens "
           f"x codec {result.codec_ratio:.2f}x; window and sinks not counted)")
+    _print_quality(result)
+
+
+def _print_quality(result) -> None:
+    """The bits, perplexity, KL and top-1 lines both evaluation modes print."""
+    lo, hi = result.ppl_change_ci95
+    klo, khi = result.kl_ci95
     print(f"bits/value  {result.bits_per_value:.3f} per compressed K/V value (window and sinks apart)")
     print(f"perplexity  {result.ppl_baseline:.3f} -> {result.ppl:.3f}  ({result.ppl_change:+.2%}, "
           f"95% CI {lo:+.2%} .. {hi:+.2%})")

@@ -60,20 +60,25 @@ DEFAULT_PASSKEY_LENGTHS = (1024, 2048)
 DEFAULT_PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
 
 
-def parse_targets(text: str) -> dict[str, float]:
-    """"lossless=0.001,safe=0.005" -> {"lossless": 0.001, "safe": 0.005}."""
+def _parse_named_values(text: str, *, minimum: float, what: str, example: str) -> dict[str, float]:
+    """"a=1,b=2" -> {"a": 1.0, "b": 2.0}, each value above `minimum`; ValueError naming `what`."""
     out = {}
     for item in parse_list(text):
         name, _, value = item.partition("=")
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"targets look like 'name=0.01,other=0.05', got {item!r}") from None
-        if not name.strip() or not out[name.strip()] > 0:
-            raise ValueError(f"each target needs a name and a positive KL, got {item!r}")
+            raise ValueError(f"{what} look like '{example}', got {item!r}") from None
+        if not name.strip() or not out[name.strip()] > minimum:
+            raise ValueError(f"each of the {what} needs a name and a value above {minimum:g}, got {item!r}")
     if not out:
-        raise ValueError("no targets given; use e.g. 'safe=0.005,balanced=0.02'")
+        raise ValueError(f"no {what} given; use e.g. '{example}'")
     return out
+
+
+def parse_targets(text: str) -> dict[str, float]:
+    """"lossless=0.001,safe=0.005" -> {"lossless": 0.001, "safe": 0.005} (each KL above 0)."""
+    return _parse_named_values(text, minimum=0, what="targets", example="safe=0.005,balanced=0.02")
 
 
 def passkey_score(model, tokenizer, spec: CacheSpec | None, lengths: Sequence[int], depths: Sequence[float],
@@ -233,18 +238,7 @@ def text_tokens(tokens: int, context: int | None) -> int:
 
 def parse_floors(text: str) -> dict[str, float]:
     """"prompt-6x=6,prompt-8x=8" -> {"prompt-6x": 6.0, "prompt-8x": 8.0} (each floor above 1)."""
-    out = {}
-    for item in parse_list(text):
-        name, _, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"compression floors look like 'prompt-6x=6,prompt-8x=8', got {item!r}") from None
-        if not name.strip() or not out[name.strip()] > 1:
-            raise ValueError(f"each floor needs a name and a ratio above 1, got {item!r}")
-    if not out:
-        raise ValueError("no floors given; use e.g. 'prompt-6x=6,prompt-8x=8'")
-    return out
+    return _parse_named_values(text, minimum=1, what="compression floors", example="prompt-6x=6,prompt-8x=8")
 
 
 def choose_by_floor(floors: dict[str, float], ratios: dict[str, dict], measure: Callable[[str], dict]
