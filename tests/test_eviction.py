@@ -337,3 +337,14 @@ def test_generate_command_runs_eviction_specs(tmp_path):
     assert line["status"] == "ok", line
     assert line["prompt_tokens"] == 168 and line["ratio"] > 0
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_eviction_on_a_model_kvcompress_attention_cannot_run_is_refused():
+    from tiny_models import tiny_llama as build_llama
+
+    model = build_llama()
+    with pytest.raises(ValueError, match="needs the model itself"):
+        CompressedCache(model.config, _spec())
+    model.config.model_type = "someothermodel"  # a type whose attention kvcompress does not know
+    with pytest.raises(ValueError, match="needs kvcompress's attention, which runs on model types"):
+        CompressedCache(model, _spec())

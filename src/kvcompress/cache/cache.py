@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.configuration_utils import PretrainedConfig
 
-from .attention import FAST_ATTENTION_MODEL_TYPES, fast_attention_unavailable, hint_fast_attention
+from .attention import FAST_ATTENTION_MODEL_TYPES, hint_fast_attention
 from .build import build_codec
 from .layer import CompressedLayer
 from .memory import MemoryReport
@@ -109,12 +109,11 @@ def _check_eviction(model, spec: CacheSpec, sliding_windows: list[int | None]) -
     prompt's queries) and at least one full-attention layer (sliding layers keep their window anyway)."""
     if not isinstance(model, PreTrainedModel):
         raise ValueError("eviction needs the model itself, not only its config: pass the model to CompressedCache")
-    reason = fast_attention_unavailable(model)
-    if reason is not None and model.config._attn_implementation not in ("sdpa", "kvcompress"):
-        reason = None if model.config.model_type in FAST_ATTENTION_MODEL_TYPES else reason
-    if reason is not None:
-        raise ValueError(f"eviction ({spec.eviction.describe()}) is not available for this model: {reason}; use a spec "
-                         "without an eviction section")
+    model_type = model.config.model_type
+    if model_type not in FAST_ATTENTION_MODEL_TYPES:  # the attention implementation is checked at the prompt
+        raise ValueError(f"eviction ({spec.eviction.describe()}) needs kvcompress's attention, which runs on model "
+                         f"types {', '.join(FAST_ATTENTION_MODEL_TYPES)}, not {model_type!r}; use a spec without an "
+                         "eviction section")
     if all(window is not None for window in sliding_windows):
         raise ValueError(f"eviction ({spec.eviction.describe()}) applies to full-attention layers and this model has "
                          "only sliding-window layers (they keep only their window already); use a spec without an "
