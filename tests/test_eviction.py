@@ -348,3 +348,17 @@ def test_eviction_on_a_model_kvcompress_attention_cannot_run_is_refused():
     model.config.model_type = "someothermodel"  # a type whose attention kvcompress does not know
     with pytest.raises(ValueError, match="needs kvcompress's attention, which runs on model types"):
         CompressedCache(model, _spec())
+
+
+def test_evaluations_refuse_eviction_figures_that_would_say_nothing(tiny_llama):
+    """Decode-faithful chunks never form a prompt to evict; a context too short to evict anything
+    gives the baseline's figures. Both are refused rather than reported under the spec's name."""
+    from kvcompress.measure.evaluate import NothingCompressedError, decode_faithful_eval
+    from kvcompress.measure.prompt import prompt_eval
+
+    ids = _ids(200)
+    with pytest.raises(ValueError, match="--context N"):
+        decode_faithful_eval(tiny_llama, ids, _spec("tova"), progress=False)
+    short = {**_spec("tova"), "window": 64}  # a 40-token context fits in sinks + window: nothing is dropped
+    with pytest.raises(NothingCompressedError, match="compressed or dropped no token"):
+        prompt_eval(tiny_llama, ids[:, :80], short, 40, progress=False)

@@ -228,6 +228,11 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
             exactly, i.e. attention did not read the compressed cache.
     """
     spec = load_spec(spec)
+    if spec.eviction is not None and spec.eviction.applies == "prompt":
+        raise ValueError(f"spec {spec.name or spec.describe()!r} evicts prompt tokens, but decode-faithful evaluation "
+                         "feeds the text in short chunks, so no prompt would be evicted and its figures would be the "
+                         "codecs' alone; measure it with a prompt: `kvcompress eval --context N --tokens M` "
+                         "(measure.prompt.prompt_eval)")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must have shape (1, n) with n >= 2, got {tuple(input_ids.shape)}")
     device = next(model.parameters()).device

@@ -236,7 +236,7 @@ def prompt_eval(model, input_ids: torch.Tensor, spec: str | dict | CacheSpec, co
     changed = max((x["compressed"] * is_lossy(spec) + (0 if x["sliding"] else x["seen"] - x["held"])
                    for x in layers), default=0)
     check_read_path(spec, changed, scores.max_diff, f"the {context}-token context", changed="compressed or dropped",
-                    lossy=is_lossy(spec) or evicted > 0)
+                    lossy=is_lossy(spec) or spec.eviction is not None)
     sizes = context_sizes(after_prefill, layers, lossy=is_lossy(spec))
     end = cache.memory_report()
     return PromptEvalResult(
