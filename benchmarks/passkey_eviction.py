@@ -22,6 +22,7 @@ import sys
 import torch
 
 from kvcompress import CompressedCache, load_model, load_spec
+from kvcompress.io import parse_list
 from kvcompress.measure.tasks import passkey_cases, run_passkey
 from kvcompress.spec import EVICTION_POLICIES
 
@@ -44,23 +45,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    try:
+        lengths = parse_list(args.lengths, int, "--lengths value")
+        depths = parse_list(args.depths, float, "--depths value")
+        keeps = parse_list(args.keep, float, "--keep value")
+        specs = [_spec(policy, keep, args.codec) for keep in keeps for policy in args.policies.split(",")]
+        for spec in specs:
+            load_spec(spec)  # a bad policy, keep or codec is refused before the model loads
+    except ValueError as err:
+        print(f"passkey_eviction: error: {err}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
-    cases = passkey_cases(tokenizer, [int(x) for x in args.lengths.split(",")],
-                          [float(x) for x in args.depths.split(",")], seed=args.seed)
+    cases = passkey_cases(tokenizer, lengths, depths, seed=args.seed)
     baseline = run_passkey(model, tokenizer, cases)
     rows = [{"spec": "uncompressed", "accuracy": baseline["accuracy"], "needle_kept": 1.0}]
     print(f"{'spec':28s} accuracy  needle kept   ({len(cases)} cases: lengths {args.lengths}, depths {args.depths})")
     print(f"{'uncompressed':28s} {baseline['accuracy']:8.2f}  {1.0:11.2f}", flush=True)
-    for keep in (float(x) for x in args.keep.split(",")):
-        for policy in args.policies.split(","):
-            spec = _spec(policy, keep, args.codec)
-            result = run_passkey(model, tokenizer, cases, lambda spec=spec: CompressedCache(model, spec))
-            rows.append({"spec": spec["name"], "policy": policy, "keep": keep, "codec": args.codec,
-                         "accuracy": result["accuracy"], "needle_kept": result["needle_kept"],
-                         "cases": result["cases"]})
-            print(f"{spec['name']:28s} {result['accuracy']:8.2f}  {result['needle_kept']:11.2f}", flush=True)
+    for spec in specs:
+        policy, keep = spec["eviction"]["policy"], spec["eviction"]["keep"]
+        result = run_passkey(model, tokenizer, cases, lambda spec=spec: CompressedCache(model, spec))
+        rows.append({"spec": spec["name"], "policy": policy, "keep": keep, "codec": args.codec,
+                     "accuracy": result["accuracy"], "needle_kept": result["needle_kept"], "cases": result["cases"]})
+        print(f"{spec['name']:28s} {result['accuracy']:8.2f}  {result['needle_kept']:11.2f}", flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump({"command": " ".join(sys.argv), "lengths": args.lengths, "depths": args.depths,
