@@ -3,6 +3,7 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -74,3 +75,40 @@ inline float exp_shifted_sum(float* s, int64_t n, float m) {
 }
 
 }  // namespace
+
+// One block of a split softmax: for each of the `rep` query rows of `sc` (rep x len scores, in
+// place), the row's max m and sum l of exp(s - m), written to part[i * stride_partial + {0, 1}];
+// sc then holds exp(s - m) (zeros for a fully masked row, whose m stays -inf).
+inline void block_softmax_stats(float* sc, int rep, int64_t len, float* part, int64_t stride_partial) {
+  for (int i = 0; i < rep; ++i) {
+    float* s = sc + i * len;
+    float m = kNegInf;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < len; ++j) m = s[j] > m ? s[j] : m;
+    float l = 0.0f;
+    if (m == kNegInf) {
+      std::fill(s, s + len, 0.0f);
+    } else {
+      l = exp_shifted_sum(s, len, m);
+    }
+    part[i * stride_partial] = m;
+    part[i * stride_partial + 1] = l;
+  }
+}
+
+// acc[i * width + d] += sum_j w[i, j] * row_j[d] over the full-precision tokens of a block: the
+// n_sinks sink rows (sv, rows sv_row apart), then the window rows (wv, wv_row apart); w is the
+// rep x len block of exp-shifted scores.
+template <typename T>
+inline void mix_full_precision(const T* sv, int64_t sv_row, const T* wv, int64_t wv_row, int64_t n_sinks,
+                               const float* w, int rep, int64_t len, float* acc, int64_t width, int64_t Dv) {
+  for (int64_t j = 0; j < len; ++j) {
+    const T* row = j < n_sinks ? sv + j * sv_row : wv + (j - n_sinks) * wv_row;
+    for (int i = 0; i < rep; ++i) {
+      const float wij = w[i * len + j];
+      float* a = acc + i * width;
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) a[d] += wij * static_cast<float>(row[d]);
+    }
+  }
+}

@@ -474,33 +474,13 @@ at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const 
       // ---- partial softmax
       float* part = partial.data() + (bh * tasks_per_head + blk) * rep * stride_partial;
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int i = 0; i < rep; ++i) {
-        float* s = sc.data() + i * len;
-        float m = kNegInf;
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < len; ++j) m = s[j] > m ? s[j] : m;
-        float l = 0.0f;
-        if (m == kNegInf) {
-          std::fill(s, s + len, 0.0f);
-        } else {
-          l = exp_shifted_sum(s, len, m);
-        }
-        part[i * stride_partial] = m;
-        part[i * stride_partial + 1] = l;
-      }
+      block_softmax_stats(sc.data(), rep, len, part, stride_partial);
       // ---- p . v
       if (blk == 0) {
         const T* sv = sink_v.data_ptr<T>() + b * sink_v.stride(0) + h * sink_v.stride(1);
         const T* wv = win_v.data_ptr<T>() + b * win_v.stride(0) + h * win_v.stride(1);
-        for (int64_t j = 0; j < len; ++j) {
-          const T* row = j < n_sinks ? sv + j * sink_v.stride(2) : wv + (j - n_sinks) * win_v.stride(2);
-          for (int i = 0; i < rep; ++i) {
-            const float w = sc[i * len + j];
-            float* a = acc.data() + i * Dv;
-#pragma omp simd
-            for (int64_t d = 0; d < Dv; ++d) a[d] += w * static_cast<float>(row[d]);
-          }
-        }
+        mix_full_precision(sv, sink_v.stride(2), wv, win_v.stride(2), n_sinks, sc.data(), rep, len, acc.data(),
+                           Dv, Dv);
       } else {
         const Packed vc = packed_at(v_codes, v_scale, v_zero, v_bits, v_channel, v_group, Dv, b, h);
         value_mix_any(vc, t0, t1, sc.data(), rep, len, acc.data(), work);
