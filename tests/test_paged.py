@@ -200,3 +200,14 @@ def test_a_request_without_stored_tokens_gets_nothing_from_the_pages():
     c_out, c_lse = chunk_attention(query, k, v, torch.tensor([0, 4]), 0.125)
     assert torch.equal(merge_attention(out, lse, c_out, c_lse), c_out)
     assert torch.allclose(c_out[0], v[0].float().repeat_interleave(3, 0), atol=1e-6)  # the first token sees itself
+
+
+def test_the_paged_presets_are_servable_with_these_slot_sizes():
+    from kvcompress.presets import PRESETS, load_spec
+
+    sizes = {name: PagedLayout.for_spec(load_spec(name), 30, D, torch.bfloat16).slot_bytes
+             for name in PRESETS.names() if name.startswith("paged-")}
+    assert sizes == {"paged-int8": 144, "paged-int4": 80, "paged-int3": 64, "paged-int2": 48,
+                     "paged-hadamard-int4": 80, "paged-bits4": 68, "paged-bits3": 52, "paged-bits2": 36}
+    for name in ("int4", "hadamard-int4", "bits3", "lossless"):
+        assert unservable(load_spec(name)), name
