@@ -23,7 +23,7 @@ LAYERS = [
     # paged (the slot layout of a paged pool) is read by kernels.paged_attention
     {"models", "corpus", "fingerprint", "rope", "codecs", "spec", "kernels", "paged"},
     {"presets", "calibration"},
-    {"cache"},
+    {"cache", "integrations"},  # integrations: engine plugins over spec, codecs, presets and paged
     {"measure"},
     {"experiments", "tuning", "bench", "generate"},
     {"cli"},

@@ -294,6 +294,20 @@ def unservable(spec: CacheSpec) -> list[str]:
     return reasons
 
 
+def slot_bytes(spec: CacheSpec, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of every slot under `spec`: the widest of its default and per-layer (key, value) pairs.
+
+    Needs no layer count (vLLM asks before it says how many layers there are); a default that
+    every layer overrides still counts.
+    """
+    widest = 0
+    for layer in [None, *spec.override_layers()]:
+        key, value = (spec.key, spec.value) if layer is None else spec.for_layer(layer)
+        parts = [PartLayout.from_spec(t, head_dim, layer or 0, dtype) for t in (key, value)]
+        widest = max(widest, _round_up(parts[0].nbytes + parts[1].nbytes, SLOT_ALIGN))
+    return widest
+
+
 @dataclass(frozen=True)
 class PagedLayout:
     """The slot layout of every layer of a model under one spec; all slots have `slot_bytes` bytes.
@@ -328,5 +342,5 @@ class PagedLayout:
             key, value = spec.for_layer(layer)
             parts.append((PartLayout.from_spec(key, head_dim, layer, dtype),
                           PartLayout.from_spec(value, head_dim, layer, dtype)))
-        slot_bytes = max(_round_up(k.nbytes + v.nbytes, SLOT_ALIGN) for k, v in parts)
-        return cls(tuple(SlotLayout(k, v, slot_bytes) for k, v in parts))
+        size = slot_bytes(spec, head_dim, dtype)
+        return cls(tuple(SlotLayout(k, v, size) for k, v in parts))

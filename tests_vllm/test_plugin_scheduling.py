@@ -1,0 +1,21 @@
+"""Requests scheduled together give what each gives alone: a batch of different lengths, and a crowd
+that does not fit the pool (vLLM preempts requests, frees their pages, recomputes them later, and
+hands freed pages to others). paged-int4, greedy decoding, a 20-block pool of 32-token pages.
+"""
+
+from __future__ import annotations
+
+
+def test_a_batch_of_different_lengths_gives_each_request_its_own_tokens(scheduling_run):
+    solo, together = scheduling_run[0], scheduling_run[1]
+    assert together["preemptions"] == 0
+    for i, (alone, batched) in enumerate(zip(solo["results"], together["results"])):
+        assert batched["tokens"] == alone["tokens"], i
+        assert max(abs(a - b) for a, b in zip(alone["logprobs"], batched["logprobs"])) < 1e-3, i
+
+
+def test_preempted_and_recomputed_requests_give_the_tokens_they_give_alone(scheduling_run):
+    solo, crowd = scheduling_run[2], scheduling_run[3]
+    assert solo["preemptions"] == 0 and crowd["preemptions"] > 0
+    for i, (alone, crowded) in enumerate(zip(solo["results"], crowd["results"])):
+        assert crowded["tokens"] == alone["tokens"], i
