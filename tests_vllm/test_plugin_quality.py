@@ -70,9 +70,9 @@ def test_attention_equals_softmax_over_the_page_bytes_decoded_by_hand(lossy_run)
     for name, c in captured.items():
         assert c["stored"] == 100 + 12 - 2, name  # prompt + generated - the token of this step - the unsampled last
         assert c["written_tokens"] == 100 + 11, name  # every token fed to the model got a slot, once
-        assert c["rel_err_codes"] < 0.01, (name, c)  # bf16 output rounding
-        assert c["codes_vs_fp"] > 5 * c["rel_err_codes"], (name, c)  # the codes, not the inputs, were read
-        assert c["rel_err_fp"] > 3 * c["rel_err_codes"], (name, c)
+        assert c["rel_err_codes"] < 1e-4, (name, c)  # float32 rounding (measured: ~3e-7)
+        assert c["codes_vs_fp"] > 0.02, (name, c)  # int4 codes move the output (measured: 8-11%) ...
+        assert c["rel_err_fp"] > 100 * c["rel_err_codes"], (name, c)  # ... and the output follows the codes
 
 
 def test_prefix_cache_hits_read_pages_another_request_wrote(lossy_run):
