@@ -3,7 +3,8 @@
 Run with the vLLM environment's python (make vllm-setup), each engine in a fresh process:
 
     .venv-vllm/bin/python benchmarks/vllm_serving.py capacity --space 1 --out runs/vllm/capacity.json
-    .venv-vllm/bin/python benchmarks/vllm_serving.py quality --tokens 2048 --chunk 32 --out runs/vllm/quality.json
+    .venv-vllm/bin/python benchmarks/vllm_serving.py quality --dtype float32 --tokens 1024 --chunk 32 \
+        --out runs/vllm/quality.json
     .venv-vllm/bin/python benchmarks/vllm_serving.py throughput --requests 64 --prompt 2048 --new 128 \\
         --space 1 --out runs/vllm/throughput.json
 
@@ -53,7 +54,7 @@ def engine(args: argparse.Namespace, **settings):
     from kvcompress.models import embedded_model_folder
 
     kv = {"kv_cache_dtype": args.setting} if args.setting in BASELINES and args.setting != "auto" else {}
-    return LLM(model=str(embedded_model_folder()), dtype="bfloat16", max_model_len=args.max_model_len,
+    return LLM(model=str(embedded_model_folder()), dtype=args.dtype, max_model_len=args.max_model_len,
                enforce_eager=True, seed=0, **kv, **settings)
 
 
@@ -113,7 +114,7 @@ def run_child(args, setting: str, extra: list[str]) -> tuple[dict | None, str]:
         env["KVCOMPRESS_VLLM_SPEC"] = setting
     out = Path(args.out).with_suffix(f".{re.sub(r'[^A-Za-z0-9]+', '-', setting)}.child.json")
     cmd = [sys.executable, __file__, "_child", args.command, "--setting", setting, "--result", str(out),
-           "--max-model-len", str(args.max_model_len), *extra]
+           "--max-model-len", str(args.max_model_len), "--dtype", args.dtype, *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0 or not out.exists():
@@ -141,7 +142,7 @@ def load(path: Path, settings: dict) -> dict:
 
 def cmd_capacity(args) -> None:
     path = Path(args.out)
-    data = load(path, {"space_gib": args.space, "max_model_len": args.max_model_len})
+    data = load(path, {"space_gib": args.space, "max_model_len": args.max_model_len, "dtype": args.dtype})
     for setting in [*BASELINES, *args.specs]:
         if setting in data["results"]:
             continue
@@ -173,7 +174,7 @@ def cmd_quality(args) -> None:
     from kvcompress.integrations.vllm.measure import Position, compare
 
     path = Path(args.out)
-    data = load(path, {"tokens": args.tokens, "chunk": args.chunk, "top_k": TOP_K})
+    data = load(path, {"tokens": args.tokens, "chunk": args.chunk, "top_k": TOP_K, "dtype": args.dtype})
     for setting in ["auto", *args.specs]:
         if setting in data["results"]:
             continue
@@ -196,13 +197,13 @@ def cmd_quality(args) -> None:
     print(f"\n{len(reference)} positions of the report text, prefill chunks of {args.chunk}. The same specs in "
           f"kvcompress's own cache (main environment):")
     for setting in args.specs:
-        print(f"  kvcompress eval --spec {setting} --tokens {args.tokens} --dtype bfloat16 --threads 1")
+        print(f"  kvcompress eval --spec {setting} --tokens {args.tokens} --dtype {args.dtype} --threads 1")
 
 
 def cmd_throughput(args) -> None:
     path = Path(args.out)
     data = load(path, {"requests": args.requests, "prompt": args.prompt, "new": args.new, "space_gib": args.space,
-                       "repeats": args.repeats})
+                       "repeats": args.repeats, "dtype": args.dtype})
     for round_ in range(args.repeats):
         for setting in ["auto", "fp8", *args.specs]:  # interleaved: every setting once per round
             key = f"{setting}#{round_}"
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated kvcompress specs to serve (default: {','.join(SPECS)})")
     common.add_argument("--space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, GiB of KV pool (default 1)")
     common.add_argument("--max-model-len", type=int, default=2048, help="vLLM's max_model_len (default 2048)")
+    common.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="model dtype (default bfloat16; quality: float32 separates the codec from bf16 rounding, "
+                        "in which CPU_ATTN and the plugin's backend already differ with identical K/V)")
     common.add_argument("--out", required=True, help="JSON file of results (rewritten after every engine; resumed)")
     sub.add_parser("capacity", parents=[common], help="pool size vLLM logs, per cache")
     quality = sub.add_parser("quality", parents=[common], help="teacher-forced KL and top-1 against auto")
@@ -241,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--setting", required=True)
     child.add_argument("--result", required=True)
     child.add_argument("--max-model-len", type=int, default=2048)
+    child.add_argument("--dtype", default="bfloat16")
     for flag in ("--tokens", "--chunk", "--requests", "--prompt", "--new"):
         child.add_argument(flag, type=int, default=0)
     args = parser.parse_args(argv)

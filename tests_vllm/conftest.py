@@ -27,7 +27,7 @@ TOP_K = 64
 
 
 def run_engine(tmp: Path, spec: str | None, engine: dict, tasks: list[dict], space_gib: int = 1,
-               timeout: int = 900) -> list:
+               timeout: int = 2400) -> list:
     """Start one engine with KVCOMPRESS_VLLM_SPEC=`spec` (unset if None) in a child process; its task results."""
     env = {k: v for k, v in os.environ.items() if k != "KVCOMPRESS_VLLM_SPEC"}
     env.update(VLLM_CPU_KVCACHE_SPACE=str(space_gib), PYTHONPATH=os.pathsep.join(
@@ -74,18 +74,18 @@ def lossy_run(tmp_path_factory):
     return run_engine(tmp_path_factory.mktemp("lossy"), LOSSY, QUALITY_ENGINE, tasks)
 
 
-SCHEDULING_BLOCKS = 20  # 640 tokens: the 5 requests of the batch fit (18 blocks), the 8 of the preemption run do not
-BATCH = [[20, 0], [45, 700], [77, 1400], [101, 2100], [130, 2800]]  # (prompt tokens, offset in the report text)
-CROWD = [[60, 3500 + 100 * i] for i in range(8)]
+SCHEDULING_BLOCKS = 14  # 448 tokens: the 4 requests of the batch fit (11 blocks), the 6 of the crowd do not (18)
+BATCH = [[20, 0], [45, 700], [77, 1400], [101, 2100]]  # (prompt tokens, offset in the report text)
+CROWD = [[60, 3500 + 100 * i] for i in range(6)]  # 60 + 32 new tokens: 3 blocks each, 2 when admitted
 
 
 @pytest.fixture(scope="session")
 def scheduling_run(tmp_path_factory):
-    """paged-int4 on a 20-block pool: [batch solo, batch together, crowd solo, crowd together (preempts)]."""
+    """paged-int4 on a 14-block pool: [batch solo, batch together, crowd solo, crowd together (preempts)]."""
     engine = {"block_size": BLOCK, "num_gpu_blocks_override": SCHEDULING_BLOCKS, "max_model_len": 512,
               "max_num_batched_tokens": 1024}
-    tasks = [{"name": "generate", "mode": "solo", "prompts": BATCH, "max_tokens": 24},
-             {"name": "generate", "mode": "batch", "prompts": BATCH, "max_tokens": 24},
-             {"name": "generate", "mode": "solo", "prompts": CROWD, "max_tokens": 40},
-             {"name": "generate", "mode": "batch", "prompts": CROWD, "max_tokens": 40}]
+    tasks = [{"name": "generate", "mode": "solo", "prompts": BATCH, "max_tokens": 16},
+             {"name": "generate", "mode": "batch", "prompts": BATCH, "max_tokens": 16},
+             {"name": "generate", "mode": "solo", "prompts": CROWD, "max_tokens": 32},
+             {"name": "generate", "mode": "batch", "prompts": CROWD, "max_tokens": 32}]
     return run_engine(tmp_path_factory.mktemp("scheduling"), LOSSY, engine, tasks)

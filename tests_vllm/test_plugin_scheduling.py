@@ -1,6 +1,6 @@
 """Requests scheduled together give what each gives alone: a batch of different lengths, and a crowd
 that does not fit the pool (vLLM preempts requests, frees their pages, recomputes them later, and
-hands freed pages to others). paged-int4, greedy decoding, a 20-block pool of 32-token pages.
+hands freed pages to others). paged-int4, greedy decoding, a 14-block pool of 32-token pages.
 """
 
 from __future__ import annotations
