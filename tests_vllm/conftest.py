@@ -82,7 +82,7 @@ CROWD = [[60, 3500 + 100 * i] for i in range(6)]  # 60 + 32 new tokens: 3 blocks
 @pytest.fixture(scope="session")
 def scheduling_run(tmp_path_factory):
     """paged-int4 on a 14-block pool: [batch solo, batch together, crowd solo, crowd together (preempts)]."""
-    engine = {"block_size": BLOCK, "num_gpu_blocks_override": SCHEDULING_BLOCKS, "max_model_len": 512,
+    engine = {"block_size": BLOCK, "num_gpu_blocks_override": SCHEDULING_BLOCKS, "max_model_len": 256,
               "max_num_batched_tokens": 1024}
     tasks = [{"name": "generate", "mode": "solo", "prompts": BATCH, "max_tokens": 16},
              {"name": "generate", "mode": "batch", "prompts": BATCH, "max_tokens": 16},
