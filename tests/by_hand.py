@@ -2,6 +2,8 @@
 
 `manual_dequantize`: code * scale + zero, group by group, from the stored tensors.
 `expected_layer_parts`: bytes of each part of a layer, from the spec.
+`manual_slot_part`: one K or V vector from the bytes of a paged slot, read field by field as
+`kvcompress.paged.SlotLayout` documents them (struct for fp16, `unpack_reference` for codes).
 
 For a layer that has seen `tokens` tokens: the first `sinks` and the tokens that have not yet
 filled a whole block past the window stay in the model dtype; the rest, whole blocks of
@@ -12,9 +14,11 @@ fp16 zero point per group of `group_size` values. Only "quant" and "none" tensor
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
-from kvcompress.codecs.packing import unpack
+from kvcompress.codecs.packing import unpack, unpack_reference
 
 FP16 = 2
 
@@ -62,3 +66,30 @@ def manual_dequantize(stored: dict, bits: int, axis: str, group: int) -> torch.T
             rows = slice(g * group, (g + 1) * group)
             out[:, :, rows] = codes[:, :, rows] * scale[:, :, g:g + 1] + zero[:, :, g:g + 1]
     return out
+
+
+def manual_slot_part(part: bytes, method: str, head_dim: int, bits: int = 0, group: int = 0,
+                     rotation: torch.Tensor | None = None, centroids: torch.Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The (D,) float64 vector that the bytes of one slot part hold (layout of `paged.SlotLayout`).
+
+    method "quant"/"hadamard+quant": codes (D*bits/8 bytes) | D/group fp16 scales | D/group fp16 zeros,
+    x[d] = code[d] * scale[d // group] + zero[d // group]; "rotated+codebook": codes | one fp16 scale,
+    x[d] = scale * centroids[code[d]]; "none": D values of `dtype`. Then x @ rotation.T if given.
+    """
+    if method == "none":
+        return torch.frombuffer(bytearray(part[:head_dim * torch.empty(0, dtype=dtype).element_size()]),
+                                dtype=dtype).double()
+    n_codes = head_dim * bits // 8
+    codes = unpack_reference(torch.tensor(list(part[:n_codes]), dtype=torch.uint8), bits).double()
+    n_scales = 1 if method == "rotated+codebook" else head_dim // group
+    halves = struct.unpack(f"<{n_scales}e", part[n_codes:n_codes + 2 * n_scales])
+    out = torch.empty(head_dim, dtype=torch.float64)
+    if method == "rotated+codebook":
+        for d in range(head_dim):
+            out[d] = halves[0] * centroids.double()[int(codes[d])]
+    else:
+        zeros = struct.unpack(f"<{n_scales}e", part[n_codes + 2 * n_scales:n_codes + 4 * n_scales])
+        for d in range(head_dim):
+            out[d] = codes[d] * halves[d // group] + zeros[d // group]
+    return out if rotation is None else out @ rotation.double().T

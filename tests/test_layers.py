@@ -19,10 +19,11 @@ PACKAGE = SRC / "kvcompress"
 # Bottom to top. A module may import modules of its own layer or of lower layers only.
 LAYERS = [
     {"_version", "io", "extras", "compat", "distributed"},
-    # kernels: codecs.quant calls the Triton pack kernel, and kernels.cpu reads QuantCodec: one layer
-    {"models", "corpus", "fingerprint", "rope", "codecs", "spec", "kernels"},
+    # kernels: codecs.quant calls the Triton pack kernel, and kernels.cpu reads QuantCodec: one layer;
+    # paged (the slot layout of a paged pool) is read by kernels.paged_attention
+    {"models", "corpus", "fingerprint", "rope", "codecs", "spec", "kernels", "paged"},
     {"presets", "calibration"},
-    {"cache"},
+    {"cache", "integrations"},  # integrations: engine plugins over spec, codecs, presets and paged
     {"measure"},
     {"experiments", "tuning", "bench", "generate"},
     {"cli"},

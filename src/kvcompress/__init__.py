@@ -8,16 +8,36 @@
     cache.memory_report().ratio
 
 Importing kvcompress changes nothing global: no attention function is registered and no model
-is switched until `enable_fast_attention` is called.
+is switched until `enable_fast_attention` is called. The names below load their module on first
+use, so `kvcompress.spec`, `kvcompress.codecs` or `kvcompress.paged` import without transformers
+(the vLLM plugin relies on it).
 """
 
-from ._version import __version__
-from .cache import CompressedCache, CompressedLayer, MemoryReport, enable_fast_attention
-from .cache import QualityMonitor
-from .presets import PRESETS
-from .spec import CacheSpec, EvictionSpec, TensorSpec
-from .presets import load_spec
+from __future__ import annotations
 
+import importlib
+
+from ._version import __version__
+
+# public name -> the module that defines it (imported on first access)
+_EXPORTS = {
+    "CompressedCache": ".cache", "CompressedLayer": ".cache", "MemoryReport": ".cache",
+    "enable_fast_attention": ".cache", "QualityMonitor": ".cache",
+    "PRESETS": ".presets", "load_spec": ".presets",
+    "CacheSpec": ".spec", "EvictionSpec": ".spec", "TensorSpec": ".spec",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kvcompress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 def load_model(name=None, **kwargs):

@@ -256,6 +256,20 @@ def _load_converted(gguf: Path, *, embedded: bool, rebuild: bool, dtype: torch.d
     return model, tokenizer, display, final, converted
 
 
+def embedded_model_folder() -> Path:
+    """The embedded model as a transformers folder (safetensors + tokenizer), converted on first use.
+
+    What other engines load (e.g. vLLM: `LLM(model=str(embedded_model_folder()))`); converting needs
+    the `gguf` extra, reading a copy converted earlier does not.
+    """
+    gguf = embedded_gguf_path()
+    final = _converted_dir(gguf, embedded=True)
+    if not final.exists():
+        _convert_gguf(gguf, final, EMBEDDED_DISPLAY_NAME)
+    _check_manifest(final)
+    return final
+
+
 def _looks_like_path(name: str) -> bool:
     return (name.lower().endswith(".gguf") or name.startswith(("/", ".", "~")) or name.count("/") > 1
             or os.sep != "/" and os.sep in name)

@@ -351,6 +351,10 @@ class CacheSpec:
     def _override_layers(self) -> list[int]:
         return sorted({i for k in self.layers for i in _parse_layer_range(str(k))})
 
+    def override_layers(self) -> list[int]:
+        """The layers that some entry of `layers` names, ascending."""
+        return self._override_layers()
+
     def _all_tensor_specs(self):
         yield "key", self.key
         yield "value", self.value

@@ -18,15 +18,10 @@ from ..codecs.hadamard import HadamardRotation
 from ..codecs.identity import IdentityCodec
 from ..codecs.lowrank import LowRankProjection
 from ..codecs.quant import QuantCodec
-from ..codecs.rotation import RandomizedHadamard
+from ..codecs.rotation import RandomizedHadamard, layer_seed
 from ..spec import TensorSpec
 
 KINDS = ("key_post", "key_pre", "value")
-
-
-def layer_seed(seed: int, layer_idx: int) -> int:
-    """The rotation seed of one layer: each layer draws its own signs from the spec's seed."""
-    return seed * 1_000_003 + layer_idx
 
 
 def pca_codebook(bits: int, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor) -> Codec:

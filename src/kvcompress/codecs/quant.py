@@ -111,6 +111,23 @@ class QuantCodec(Codec):
             _check_fp16_range(x, x)
             self._check_rows(x.shape[2])
             return kernels.quantize_pack(x, self.bits, self.axis, self.group_size)
+        codes, scale, zero = self.quantize(x)
+        B, H, T, D = x.shape
+        r = self.row_tokens
+        self._check_rows(T)
+        codes = codes.reshape(B, H, T // r, r * D)  # r tokens' codes per row
+        return {
+            "codes": pack(codes, self.bits),  # (B, H, T/r, r*D*bits/8) uint8
+            "scale": scale,  # token: (B, H, T, D/g); channel: (B, H, T/g, D)
+            "zero": zero,
+        }
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unpacked codes (B, H, T, D) uint8 and fp16 scales and zero points of `x` (B, H, T, D).
+
+        Scales and zero points are (B, H, T, D/g) for axis "token", (B, H, T/g, D) for axis
+        "channel". Any number of tokens for axis "token" (no rows are packed here).
+        """
         groups = self._grouped(x.float())
         lo = groups.amin(dim=-2, keepdim=True)
         hi = groups.amax(dim=-2, keepdim=True)
@@ -120,15 +137,7 @@ class QuantCodec(Codec):
         # A constant group has scale 0: any positive scale gives code 0 and exact decoding.
         safe_scale = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
         codes = torch.round((groups - zero.float()) / safe_scale).clamp_(0, self.levels).to(torch.uint8)
-        B, H, T, D = x.shape
-        r = self.row_tokens
-        self._check_rows(T)
-        codes = self._ungrouped(codes, x.shape).reshape(B, H, T // r, r * D)  # r tokens' codes per row
-        return {
-            "codes": pack(codes, self.bits),  # (B, H, T/r, r*D*bits/8) uint8
-            "scale": scale.squeeze(-2),  # token: (B, H, T, D/g); channel: (B, H, T/g, D)
-            "zero": zero.squeeze(-2),
-        }
+        return self._ungrouped(codes, x.shape), scale.squeeze(-2), zero.squeeze(-2)
 
     def _check_rows(self, tokens: int) -> None:
         r = self.row_tokens

@@ -23,6 +23,11 @@ from .composed import Transform
 from .hadamard import hadamard_matrix
 
 
+def layer_seed(seed: int, layer_idx: int) -> int:
+    """The rotation seed of one layer: each layer draws its own signs from the spec's seed."""
+    return seed * 1_000_003 + layer_idx
+
+
 @functools.lru_cache(maxsize=512)
 def randomized_hadamard_matrix(dim: int, seed: int, device: torch.device | str = "cpu",
                                dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -118,6 +118,26 @@ for _n in (4, 3, 2):
                      "one fp16 scale per vector (needs a calibration artifact)", _bits(f"bits{_n}", _n))
 
 
+def _paged(name: str, tensor: TensorSpec) -> Callable[[], CacheSpec]:
+    """The same token-wise codec for K and V, no window, no sinks: every token's bytes complete on their own."""
+    return lambda: CacheSpec(key=tensor, value=tensor, window=0, sinks=0, name=name)
+
+
+# The paged-* presets: what a paged KV pool (vLLM, see kvcompress.paged) can store, each token written once
+# into its own slot; keys post-RoPE, as serving engines hand them over.
+for _n in (8, 4, 3, 2):
+    PRESETS.register(f"paged-int{_n}", f"{_n}-bit K and V per token (groups of 32 channels), no window or sinks "
+                     "(servable from a paged pool, e.g. the vLLM plugin)",
+                     _paged(f"paged-int{_n}", TensorSpec(method="quant", bits=_n, axis="token", group_size=32)))
+PRESETS.register("paged-hadamard-int4", "Hadamard-rotated 4-bit K and V per token (groups of 32), no window or sinks "
+                 "(servable from a paged pool)",
+                 _paged("paged-hadamard-int4", TensorSpec(method="hadamard+quant", bits=4, axis="token", group_size=32)))
+for _n in (4, 3, 2):
+    PRESETS.register(f"paged-bits{_n}", f"randomized-Hadamard-rotated {_n}-bit Lloyd-Max codebook for K (post-RoPE) "
+                     "and V, one fp16 scale per vector, no window or sinks (servable from a paged pool)",
+                     _paged(f"paged-bits{_n}", TensorSpec(method="rotated+codebook", bits=_n)))
+
+
 PRESETS.add_source(lambda registry: register_measured(registry, load_measured()))
 # prompt-6x, prompt-8x: whole cache at least 6x / 8x smaller than fp16 at the end of a 1536-token prompt
 # (eviction composed with a codec; see `kvcompress measure-presets --min-ratios` and the README).

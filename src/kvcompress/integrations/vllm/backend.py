@@ -1,0 +1,191 @@
+"""The vLLM attention backend that stores K/V as kvcompress codes in packed pages and attends from them.
+
+Pages: each layer's KV tensor is (num_blocks, kv_heads, block_size, slot_bytes) bytes (vLLM's LBHNC),
+one `paged.SlotLayout` slot per token and KV head; `customize_spec` publishes slot_bytes, so vLLM's
+pool accounting counts the packed size. `do_kv_cache_update` encodes each new token once into its
+slot (`slot_mapping`). `forward`: every query attends to its request's earlier tokens through their
+codes (`kernels.paged_attention`, block table, context lengths) and to its own chunk in full
+precision, causally (prefill, chunked prefill, prefix-cache hits and decode alike). Decoder-only
+full attention without ALiBi, soft-capping, sinks or sliding windows; kv_cache_dtype "auto".
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.platforms import current_platform
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from ...kernels.paged_attention import chunk_attention, merge_attention, paged_attention
+from ...paged import PagedLayout, SlotLayout
+from .config import ENV, PREFIX, ServingSpecError, configured_text, serving_layout, serving_slot_bytes
+
+logger = logging.getLogger("vllm.kvcompress")
+
+
+def _num_layers() -> int:
+    """Decoder layers of the model vLLM is building (its current config)."""
+    return get_current_vllm_config().model_config.get_total_num_hidden_layers()
+
+
+@functools.lru_cache(maxsize=4)
+def _announce(layout: PagedLayout, full_bytes: int) -> None:
+    """Log once per layout what a slot holds and, for a per-layer spec, what the widest layer costs."""
+    logger.info("kvcompress: %s=%s stores %d bytes per token and KV head (K and V) in every layer, "
+                "%.2fx fewer than the model dtype's %d", ENV, configured_text(), layout.slot_bytes,
+                full_bytes / layout.slot_bytes, full_bytes)
+    if layout.narrowest_bytes < layout.slot_bytes:
+        logger.warning("kvcompress: the per-layer spec gives every layer the widest layer's %d-byte slot (vLLM sizes "
+                       "one page for all layers); its narrowest layers need only %d", layout.slot_bytes,
+                       layout.narrowest_bytes)
+
+
+class KvcompressAttentionBackend(AttentionBackend):
+    """Paged attention over kvcompress codes (see the module docstring)."""
+
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        """The registry entry it takes (vLLM looks the name up there): CPU_ATTN on CPU, CUSTOM elsewhere."""
+        return "CPU_ATTN" if current_platform.is_cpu() else "CUSTOM"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBHNC,)  # a page is [kv_heads][block_size][slot_bytes]
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """The spec with `state_content_bytes` = the packed slot size (bytes per token and KV head, K and V)."""
+        if spec.head_size_v != spec.head_size:
+            raise ServingSpecError(f"{PREFIX}: keys and values of different head sizes ({spec.head_size}, "
+                                   f"{spec.head_size_v}) are not served; unset {ENV}")
+        return replace(spec, state_content_bytes=serving_slot_bytes(spec.head_size, spec.dtype))
+
+    @staticmethod
+    def get_impl_cls() -> type[KvcompressAttentionImpl]:
+        return KvcompressAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KvcompressMetadataBuilder]:
+        return KvcompressMetadataBuilder
+
+
+@dataclass
+class KvcompressMetadata:
+    """What one forward step tells every layer (R requests, N scheduled tokens).
+
+    Attributes:
+        num_actual_tokens: N (query/key/value may carry padding rows after them).
+        query_start_loc: (R + 1,) int32 on CPU; request r's tokens are rows [qsl[r], qsl[r + 1]).
+        context_lens: (R,) int on CPU: tokens of request r stored before this step (read from codes).
+        block_table: (R, max_blocks) int32: request r's token t is in block block_table[r, t // block_size].
+        slot_mapping: (N,) int64: the slot of each scheduled token (-1: padding).
+    """
+
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor
+    context_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+class KvcompressMetadataBuilder(AttentionMetadataBuilder[KvcompressMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> KvcompressMetadata:
+        cam = common_attn_metadata
+        query_start_loc = cam.query_start_loc_cpu
+        query_lens = query_start_loc[1:] - query_start_loc[:-1]
+        return KvcompressMetadata(num_actual_tokens=cam.num_actual_tokens, query_start_loc=query_start_loc,
+                                  context_lens=cam.seq_lens.cpu() - query_lens,
+                                  block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping)
+
+
+class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
+    """One layer: writes new tokens' codes into their slots, attends from the codes of earlier tokens."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None, **extra) -> None:
+        unsupported = [what for what, present in (
+            ("ALiBi", alibi_slopes is not None), ("sliding-window attention", sliding_window is not None),
+            ("logit soft-capping", bool(logits_soft_cap)), ("attention sinks", sinks is not None),
+            (f"{attn_type} attention", attn_type != AttentionType.DECODER),
+            (f"kv_cache_dtype {kv_cache_dtype!r}", kv_cache_dtype != "auto"),
+            ("KV sharing between layers", kv_sharing_target_layer_name is not None),
+            (f"options {sorted(extra)}", bool(extra))) if present]
+        if unsupported:
+            raise ServingSpecError(f"{PREFIX}: this model needs {', '.join(unsupported)}, which the kvcompress backend "
+                                   f"does not serve; unset {ENV} (and leave kv_cache_dtype at 'auto')")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        dtype = get_current_vllm_config().model_config.dtype
+        self.model_layout = serving_layout(_num_layers(), head_size, dtype)
+        _announce(self.model_layout, 2 * head_size * dtype.itemsize)
+        self._slot_layout: SlotLayout | None = None
+
+    def slot_layout(self, layer: torch.nn.Module) -> SlotLayout:
+        """This layer's slot layout (its index read from vLLM's layer name on the first call)."""
+        if self._slot_layout is None:
+            self._slot_layout = self.model_layout.layers[extract_layer_index(layer.layer_name)]
+        return self._slot_layout
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Encode the scheduled tokens' keys and values (N, Hkv, D) into their slots, once."""
+        if kv_cache.numel() == 0:
+            return
+        pages = kv_cache.view(torch.uint8)
+        layout = self.slot_layout(layer)
+        if pages.shape[-1] != layout.slot_bytes:
+            raise RuntimeError(f"{PREFIX}: vLLM's page slot holds {pages.shape[-1]} bytes, the layout {layout.slot_bytes}")
+        n = slot_mapping.shape[0]
+        layout.write(pages, key[:n], value[:n], slot_mapping)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: KvcompressMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """output (T, Hq, D) = attention over earlier tokens' codes merged with the chunk's own full precision."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(f"{PREFIX}: fused output quantization is not supported")
+        if attn_metadata is None:  # a profiling run: nothing is stored
+            return output
+        md = attn_metadata
+        n = md.num_actual_tokens
+        q = query[:n]
+        stored, stored_lse = paged_attention(q, kv_cache.view(torch.uint8), md.block_table, md.context_lens,
+                                             md.query_start_loc, self.slot_layout(layer), self.scale)
+        own, own_lse = chunk_attention(q, key[:n], value[:n], md.query_start_loc, self.scale)
+        output[:n] = merge_attention(stored, stored_lse, own, own_lse).to(output.dtype)
+        return output
