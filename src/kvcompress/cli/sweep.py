@@ -11,7 +11,7 @@ from ..experiments.grid import parse_specs
 from ..experiments.sweep import TASKS, SweepSettings, run_sweep
 from ..io import parse_list
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_ray_arguments, check_artifact_dir,
-                     check_context_tokens, check_corpus, check_eval_tokens, check_model_args, check_output_dir,
+                     check_context_tokens, check_eval_tokens, check_model_args, check_output_dir, check_text,
                      check_tokens, ray_options_from_args)
 
 NAME = "sweep"
@@ -77,7 +77,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, defaults: SweepSettings
 
 
 def settings_from_args(args: argparse.Namespace) -> SweepSettings:
-    return SweepSettings(model=args.model, dtype=args.dtype, device=str(args.device), corpus=args.corpus,
+    return SweepSettings(model=args.model, dtype=args.dtype, device=str(args.device), corpus=args.corpus, text=args.text,
                          eval_tokens=args.tokens, recon_tokens=args.recon_tokens, tasks=args.tasks,
                          passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
                          passkey_format=args.passkey_format, seed=args.seed,
@@ -107,7 +107,7 @@ def check_sweep_args(args: argparse.Namespace, entries) -> None:
     if args.threads is not None:
         check_tokens(args.threads, "--threads", 1)
     check_artifact_dir(args.artifact)
-    check_corpus(args.corpus)
+    check_text(args)
     check_model_args(args)
 
 

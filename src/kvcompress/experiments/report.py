@@ -199,12 +199,25 @@ def findings(records: list[dict], all_curves: list[Curve]) -> list[str]:
     return lines
 
 
+def _text_line(settings: dict, records: list[dict]) -> str:
+    """The text a sweep read: the report part of a file or of a kind of text, with its source and hash."""
+    read = next((r["texts"]["eval"] for r in records if isinstance(r.get("texts"), dict) and "eval" in r["texts"]),
+                None)
+    if settings.get("corpus"):
+        where = f"report part of the file {settings['corpus']}"
+    else:
+        where = f"report part of the kind {settings.get('text') or 'docs'!r}"
+    if read and read.get("source"):
+        where += f" ({read['source']}, text sha256 {read.get('text_sha256')})"
+    return where
+
+
 def _settings_lines(config: dict | None, baseline: dict | None, records: list[dict]) -> list[str]:
     lines = []
     if config:
         s = config.get("settings", {})
         lines.append(f"- model: {records[0].get('model') if records else s.get('model')}; dtype {s.get('dtype')}; "
-                     f"corpus: {s.get('corpus') or 'held-out part of the embedded corpus'}")
+                     f"text: {_text_line(s, records)}")
         if s.get("context_tokens"):
             evaluation = (f"prompt compression: {s['context_tokens']} context tokens prefilled at once, then "
                           f"{s.get('eval_tokens')} teacher-forced and scored (ratios at the end of the context)")
