@@ -173,16 +173,20 @@ def reads(monkeypatch):
     return calls
 
 
-def test_eval_reads_the_report_part_of_the_kind_it_is_given(tiny_llama, monkeypatch, tmp_path, reads):
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_reads_the_report_part_of_the_kind_it_is_given(tiny_llama, monkeypatch, tmp_path, reads, kind):
     import kvcompress.cli.eval as command
     from kvcompress.cli.main import main
 
     monkeypatch.setattr(command, "load_model_from_args", lambda args: (tiny_llama, WordIds()))
     out = tmp_path / "e.json"
-    assert main(["eval", "--spec", "int4", "--tokens", "200", "--text", "code", "--json", str(out),
+    assert main(["eval", "--spec", "int4", "--tokens", "200", "--text", kind, "--json", str(out),
                  "--no-progress"]) == 0
     record = json.loads(out.read_text())["text"]
-    assert (record["kind"], record["part"]) == ("code", "report") and reads == [("code", "report")]
+    assert (record["kind"], record["part"]) == (kind, "report") and reads == [(kind, "report")]
+    with pytest.raises(SystemExit) as exit_:  # a report reads one kind at a time
+        main(["eval", "--text", "all"])
+    assert exit_.value.code == 2
 
 
 def test_sweep_records_its_kind_and_reads_only_report_text(tiny_llama, tmp_path, reads):

@@ -67,7 +67,7 @@ def text_label(args: argparse.Namespace) -> str:
     if args.corpus is not None:
         return str(args.corpus)
     kind = args.text or DEFAULT_KIND
-    return "the embedded corpus (docs)" if kind == DEFAULT_KIND else f"text {kind!r}"
+    return "the embedded corpus" if kind == DEFAULT_KIND else f"text {kind!r}"
 
 
 def load_model_from_args(args):
