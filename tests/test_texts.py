@@ -249,3 +249,30 @@ def test_preset_choice_on_all_kinds_reads_selection_parts_and_reports_on_report_
     assert data["corpus"]["kind"] == "all"
     # the choice (sweep, verification) came before the report part was read
     assert [part for kind, part in reads if kind == "all"] == ["calibration", "selection", "report"]
+
+
+def test_analysis_on_every_kind_reports_them_side_by_side(tiny_llama, tmp_path, monkeypatch):
+    import kvcompress.experiments.analysis as analysis
+    from kvcompress.cli.main import build_parser
+    from kvcompress.experiments.grid import parse_specs
+    from kvcompress.experiments.sweep import SweepSettings, run_sweep
+
+    monkeypatch.setattr(corpus, "KINDS", ("docs", "code"))
+    measured = []
+
+    def sweep_and_report(out, settings, **options):  # `analyze` without its plots: the sweep of two specs
+        measured.append(settings.text)
+        run_sweep(parse_specs("int4,int2"), out, settings, model=tiny_llama, tokenizer=WordIds(), progress=False)
+
+    monkeypatch.setattr(analysis, "analyze", sweep_and_report)
+    path = analysis.analyze_kinds(tmp_path, SweepSettings(eval_tokens=200, recon_tokens=64), ["docs", "code"])
+    assert measured == ["docs", "code"]
+    lines = path.read_text().splitlines()
+    assert "| spec | KL on docs | KL on code | PPL change on docs | PPL change on code |" in lines
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| int")}
+    assert rows.keys() == {"int4", "int2"}
+    int2 = [json.loads((tmp_path / k / "records" / "int2.json").read_text())["eval"]["kl"] for k in ("docs", "code")]
+    assert f"{int2[0]:.4f}" in rows["int2"] and f"{int2[1]:.4f}" in rows["int2"] and int2[0] != int2[1]
+    assert build_parser().parse_args(["analyze", "--text", "all"]).text == "all"
+    with pytest.raises(SystemExit):  # one sweep folder holds one kind
+        build_parser().parse_args(["sweep", "--specs", "int4", "--out", str(tmp_path), "--text", "all"])

@@ -34,19 +34,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch device: cpu, cuda, cuda:N or mps")
 
 
-def add_corpus_arguments(parser: argparse.ArgumentParser, selection: bool = False) -> None:
+def add_corpus_arguments(parser: argparse.ArgumentParser, selection: bool = False, each: bool = False) -> None:
     """`--text KIND` (a kind of text kvcompress ships; see `corpus.KINDS`) or `--corpus FILE` (your
     own text), never both. Report commands read the report part; with `selection`, the command
-    reads the calibration and selection parts and `--text all` joins equal shares of every kind."""
+    reads the calibration and selection parts and `--text all` joins equal shares of every kind;
+    with `each`, `--text all` measures every kind in turn."""
     from ..corpus import ALL_KINDS, DEFAULT_KIND, KINDS
 
-    kinds = KINDS + ((ALL_KINDS,) if selection else ())
+    kinds = KINDS + ((ALL_KINDS,) if selection or each else ())
     parts = "calibration and selection parts" if selection else "report part"
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--text", default=None, choices=kinds, metavar="KIND",
                        help=f"kind of text whose {parts} are read: {', '.join(kinds)} (default {DEFAULT_KIND}: "
                             "CPython's pydoc topics; code: Python standard-library modules; plays: Shakespeare, "
-                            "extra texts" + ("; all: equal token shares of every kind" if selection else "") + ")")
+                            "extra texts" + ("; all: equal token shares of every kind" if selection else "")
+                            + ("; all: every kind in turn, OUT/KIND each, and a report across them" if each else "")
+                            + ")")
     group.add_argument("--corpus", default=None, metavar="FILE",
                        help=f"instead of --text, a UTF-8 text file split like the shipped texts (calibration 0-30%%, "
                             f"selection 30-40%%, report 40-100%% of its characters); its {parts} are read")

@@ -348,6 +348,29 @@ def write_report(out_dir: str | os.PathLike, skip_unreadable: bool = False) -> P
     return path
 
 
+def write_kinds_report(out_dir: str | os.PathLike, kinds: list[str]) -> Path:
+    """`OUT/report.md` for sweeps of several kinds of text (`OUT/<kind>/`, each with its own report):
+    per spec, decode-faithful KL and PPL change on every kind side by side, and links to the reports."""
+    out = Path(out_dir)
+    by_kind = {kind: {r["label"]: r for r in ok_records(load_records(out / kind))} for kind in kinds}
+    labels = list(dict.fromkeys(label for records in by_kind.values() for label in records))
+    header = ["spec"] + [f"KL on {k}" for k in kinds] + [f"PPL change on {k}" for k in kinds]
+    rows = []
+    for label in labels:
+        evals = [by_kind[k].get(label, {}).get("eval") for k in kinds]
+        if not any(evals):
+            continue
+        rows.append([label] + [_f(e["kl"]) if e else "n/a" for e in evals]
+                    + [_pct(e["ppl_change"]) if e else "n/a" for e in evals])
+    md = ["# kvcompress analysis on every kind of text", "",
+          "The same sweep on the report part of each kind of text (see `kvcompress.corpus`); each kind's "
+          "full report: " + ", ".join(f"[{k}]({k}/report.md)" for k in kinds) + ".", "",
+          _table(header, rows), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
 def parse_markdown_table(markdown: str, first_header: str, section: str | None = None) -> list[dict[str, str]]:
     """Rows (header -> cell) of the first table in `markdown` (after the heading `## section`, if
     given) whose first header cell is `first_header`."""
