@@ -75,9 +75,10 @@ def markdown(results: dict[str, dict[str, dict]], specs: list[str]) -> str:
     lines = ["| spec | bits per value | " + " | ".join(f"KL on {k} (95% CI)" for k in kinds) + " |",
              "|---|---|" + "---|" * len(kinds)]
     for name in specs:
-        bits = sorted({f"{results[k][name]['bits_per_value']:.2f}" for k in kinds})
-        cells = [f"{r['kl']:.4f} ({r['kl_ci95'][0]:.4f} .. {r['kl_ci95'][1]:.4f})"
-                 for r in (results[k][name] for k in kinds)]
+        got = [results[k].get(name) for k in kinds]
+        bits = sorted({f"{r['bits_per_value']:.2f}" for r in got if r})
+        cells = [f"{r['kl']:.4f} ({r['kl_ci95'][0]:.4f} .. {r['kl_ci95'][1]:.4f})" if r else "not measured"
+                 for r in got]
         lines.append(f"| {name} | {' / '.join(bits)} | " + " | ".join(cells) + " |")
     lines += ["", "| KL ratio | target | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
     for num, den, target in TARGETS:
@@ -85,6 +86,9 @@ def markdown(results: dict[str, dict[str, dict]], specs: list[str]) -> str:
             continue
         cells = []
         for k in kinds:
+            if num not in results[k] or den not in results[k]:
+                cells.append("not measured")
+                continue
             ratio = results[k][num]["kl"] / results[k][den]["kl"]
             cells.append(f"{ratio:.2f}x {'met' if ratio <= target else 'NOT met'}")
         lines.append(f"| {num} / {den} | <= {target:g}x | " + " | ".join(cells) + " |")
