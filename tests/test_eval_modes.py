@@ -42,7 +42,7 @@ def test_chunked_equals_token_by_token_real(real_model):
     from kvcompress.corpus import corpus_tokens
 
     model, tokenizer = real_model
-    assert_modes_agree(model, corpus_tokens(tokenizer, "evaluation", n_tokens=24), REAL_SPEC)
+    assert_modes_agree(model, corpus_tokens(tokenizer, "report", n_tokens=24), REAL_SPEC)
 
 
 def test_baseline_store_reuses_the_uncompressed_run(tiny_llama):

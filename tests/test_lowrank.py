@@ -170,7 +170,7 @@ def test_pre_rope_keys_beat_post_rope_at_rank_32_on_the_embedded_model(real_mode
     from kvcompress.measure.evaluate import decode_faithful_eval
 
     model, tokenizer = real_model
-    tokens = corpus_tokens(tokenizer, "evaluation", n_tokens=256)
+    tokens = corpus_tokens(tokenizer, "report", n_tokens=256)
     results = {}
     for key_space in ("pre_rope", "post_rope"):
         spec = {"key": {"method": "lowrank", "rank": 32, "key_space": key_space}, "value": {"method": "none"},

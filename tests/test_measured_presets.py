@@ -64,7 +64,7 @@ def test_shipped_presets_are_the_choice_their_own_sweep_implies():
     names = [entry["name"] for entry in data["presets"]]
     assert names == list(DEFAULT_TARGETS)
     assert data["texts"]["sweep"]["part"] == "calibration"
-    assert data["texts"]["verify"]["part"] in ("selection", "evaluation")  # "evaluation": files before the split
+    assert data["texts"]["verify"]["part"] == "selection"
     sweep = data["texts"]["sweep"]
     first = sweep["tokens"][0] if isinstance(sweep["tokens"], list) else sweep["offset"]
     assert first >= 4096  # past the tokens calibration artifacts read

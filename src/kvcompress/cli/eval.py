@@ -10,8 +10,8 @@ from ..calibration import artifact_for
 from ..measure.evaluate import decode_faithful_eval
 from ..measure.prompt import prompt_eval
 from .common import (UserError, add_corpus_arguments, add_model_arguments, check_artifact_dir, check_context_tokens,
-                     check_corpus, check_eval_tokens, check_model_args, check_output_file, check_spec, check_tokens,
-                     load_model_from_args, write_json)
+                     check_eval_tokens, check_model_args, check_output_file, check_spec, check_text, check_tokens,
+                     load_model_from_args, text_kind, text_label, write_json)
 
 NAME = "eval"
 HELP = ("decode-faithful perplexity, KL and top-1 agreement of a spec vs the uncompressed cache (--context N: of a "
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         check_eval_tokens(spec, args.tokens, label=f"spec {args.spec}")
     check_output_file(args.json, "--json")
     check_artifact_dir(args.artifact)
-    check_corpus(args.corpus)
+    check_text(args)
     check_model_args(args)
     if args.threads is not None:
         if args.threads < 1:
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     n_read = args.tokens if args.context is None else args.context + args.tokens + 1
     try:
-        text = corpus_slice(tokenizer, part="report", n_tokens=n_read, path=args.corpus, offset=args.offset)
+        text = corpus_slice(tokenizer, part="report", n_tokens=n_read, path=args.corpus, offset=args.offset,
+                            kind=text_kind(args))
     except CorpusError as err:
         option = "--tokens" if args.context is None else f"--context {args.context} --tokens"
         need = "" if args.context is None else f" (this protocol reads context + tokens + 1 = {n_read} tokens)"
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     record = {**head, "mode": args.mode, "dtype": args.dtype, "artifact": artifact_info, **result.to_dict()}
     first, last = text.record["tokens"]
     print(f"spec        {args.spec}: {spec.describe()}")
-    print(f"text        {text.record['part']} part of {args.corpus or 'the embedded corpus'}, tokens [{first}, {last})")
+    print(f"text        {text.record['part']} part of {text_label(args)}, tokens [{first}, {last})")
     print(f"tokens      {result.tokens} ({result.compressed_tokens} compressed per layer, {result.chunks} chunks)")
     print(f"ratio       {result.compression_ratio:.2f}x  ({result.stored_bytes:,} stored bytes vs "
           f"{result.fp16_bytes:,} in fp16)")
@@ -119,7 +120,7 @@ def print_prompt_result(args: argparse.Namespace, spec, text, result) -> None:
     held = sum(x["held"] for x in result.layers)
     seen = sum(x["seen"] for x in result.layers)
     print(f"spec        {args.spec}: {spec.describe()}")
-    print(f"text        {text.record['part']} part of {args.corpus or 'the embedded corpus'}: context "
+    print(f"text        {text.record['part']} part of {text_label(args)}: context "
           f"[{ranges['context'][0]}, {ranges['context'][1]}) prefilled at once, continuation "
           f"[{ranges['continuation'][0]}, {ranges['continuation'][1]}) teacher-forced in chunks of {result.chunk}")
     print(f"tokens      {seen:,} seen, {held:,} held over {len(result.layers)} layers at the end of the context "

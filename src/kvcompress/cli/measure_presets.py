@@ -18,7 +18,8 @@ the ratio is taken from a `--ratio-dtype` (bfloat16) copy of the model, the KL f
 
 Texts: the sweep reads the calibration part (from token `--sweep-offset`), the choice is
 verified on the selection part, and the chosen presets are measured on the report part (see
-`tuning.preset_selection`). The command never writes into the installed package: to ship new
+`tuning.preset_selection`), each of the kind `--text` (default docs; `all`: equal token shares
+of every kind) or of a `--corpus FILE`. The command never writes into the installed package: to ship new
 presets, copy `runs/measured_presets.json` over `src/kvcompress/presets/measured_presets.json`
 in a source checkout and commit it.
 """
@@ -30,9 +31,9 @@ import sys
 import time
 
 from ..io import parse_list
-from .common import (UserError, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments, check_input_file,
-                     check_model_args, check_output_file, load_model_from_args, prompt_grid_from_args,
-                     ray_options_from_args, write_json)
+from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
+                     check_input_file, check_model_args, check_output_file, check_text, check_text_protocol,
+                     load_model_from_args, prompt_grid_from_args, ray_options_from_args, text_kind, write_json)
 
 NAME = "measure-presets"
 DEFAULT_OUT = "runs/measured_presets.json"
@@ -68,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=128, help="full-precision window of the candidates")
     add_prompt_grid_arguments(parser)
     parser.add_argument("--sweep-tokens", type=int, default=DEFAULT_SWEEP_TOKENS,
-                        help="tokens of the sweep text (calibration part of the embedded corpus)")
+                        help="tokens of the sweep text (calibration part of the --text kind)")
     parser.add_argument("--sweep-offset", type=int, default=DEFAULT_SWEEP_OFFSET,
                         help="first token of the sweep text in the calibration part (past calibration artifacts)")
     parser.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS,
@@ -80,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file of saved measurements (default: FILE.state.json beside --file); a rerun "
                              "resumes from it")
     parser.add_argument("--json", default=None, help="with --verify: write the re-measured figures here")
+    add_corpus_arguments(parser, selection=True)
     add_model_arguments(parser)
     add_ray_arguments(parser, unit="candidate")
 
@@ -109,17 +111,23 @@ def run(args: argparse.Namespace) -> int:
         if not data["presets"]:
             raise ValueError(f"{args.file or 'the shipped presets file'} holds no presets; run "
                              "`kvcompress measure-presets` first")
+        verify = data.get("texts", {}).get("verify", {})
+        if args.text is None and args.corpus is None:  # the text the file's choice was verified on
+            args.text = verify.get("kind") or "docs"
+        protocol = data.get("protocol", {})
+        if protocol.get("name") == "prompt" and args.text == "all":
+            raise UserError("--text all with prompt presets: the prompt protocol reads one contiguous text, so every "
+                            "continuation token would be of the last kind; pass one kind")
+        check_text(args)
         check_model_args(args)
         model, tokenizer = load_model_from_args(args)
-        verify = data.get("texts", {}).get("verify", {})
         tokens = verify.get("n_tokens", verify.get("tokens", args.verify_tokens))
         part = verify.get("part", "selection")
-        text = corpus_slice(tokenizer, part, n_tokens=tokens)
+        text = corpus_slice(tokenizer, part, n_tokens=tokens, path=args.corpus, kind=text_kind(args))
         ids = text.ids
         store: dict = {}
         print(f"re-measuring {len(data['presets'])} presets on tokens {text.record['tokens']} of the "
-              f"{text.record['part']} part (the text their choice was verified on)", flush=True)
-        protocol = data.get("protocol", {})
+              f"{text.record['part']} part of {text.record['kind'] or text.record['source']}", flush=True)
         if protocol.get("name") == "prompt":  # prompt presets: KL under the prompt protocol, ratio in --ratio-dtype
             measure = _prompt_measure(args, model, text, protocol["context_tokens"], store)
         else:
@@ -155,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
         for spec in candidates:
             check_context_tokens(spec, args.context, label=f"candidate {spec.name}")
+    check_text(args)
+    check_text_protocol(args)
     check_model_args(args)
     if args.min_ratios is not None:
         return _run_floors(args, candidates, started)
@@ -166,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
                           sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
                           passkey_lengths=lengths, command=command, ray=ray,
-                          load_args=(args.model, args.dtype, str(args.device)), context=args.context)
+                          load_args=(args.model, args.dtype, str(args.device)), context=args.context,
+                          kind=text_kind(args), path=args.corpus)
     path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0
@@ -214,7 +225,8 @@ def _run_floors(args: argparse.Namespace, candidates: list, started: float) -> i
         ratio_model, _ = load_model(args.model, dtype=DTYPES[args.ratio_dtype], device=args.device)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
     data = select_prompt_presets(model, tokenizer, floors, candidates=candidates, context=args.context,
-                                 tokens=args.verify_tokens, ratio_model=ratio_model, state=state, command=command)
+                                 tokens=args.verify_tokens, ratio_model=ratio_model, state=state, command=command,
+                                 kind=text_kind(args), path=args.corpus)
     path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     for entry in data["presets"]:

@@ -11,7 +11,7 @@ from ..experiments.grid import parse_specs
 from ..experiments.sweep import TASKS, SweepSettings, run_sweep
 from ..io import parse_list
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_ray_arguments, check_artifact_dir,
-                     check_context_tokens, check_corpus, check_eval_tokens, check_model_args, check_output_dir,
+                     check_context_tokens, check_eval_tokens, check_model_args, check_output_dir, check_text,
                      check_tokens, ray_options_from_args)
 
 NAME = "sweep"
@@ -34,10 +34,10 @@ def _tasks(text: str) -> tuple[str, ...]:
     return names
 
 
-def add_sweep_arguments(parser: argparse.ArgumentParser, defaults: SweepSettings, out_default: str | None = None
-                        ) -> None:
+def add_sweep_arguments(parser: argparse.ArgumentParser, defaults: SweepSettings, out_default: str | None = None,
+                        each_kind: bool = False) -> None:
     """Flags shared by `sweep` and `analyze`; their defaults come from `defaults` (--out is required
-    unless `out_default` is given)."""
+    unless `out_default` is given; `each_kind`: `--text all` runs every kind in turn)."""
     parser.add_argument("--out", required=out_default is None, default=out_default,
                         help="sweep folder: records/, config.json, baseline.json, report")
     parser.add_argument("--tokens", type=int, default=defaults.eval_tokens,
@@ -72,12 +72,13 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, defaults: SweepSettings
                         help="torch CPU threads for this command (default: torch's own choice)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar per evaluation")
     add_model_arguments(parser)
-    add_corpus_arguments(parser)
+    add_corpus_arguments(parser, each=each_kind)
     add_ray_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> SweepSettings:
     return SweepSettings(model=args.model, dtype=args.dtype, device=str(args.device), corpus=args.corpus,
+                         text=None if args.text == "all" else args.text,
                          eval_tokens=args.tokens, recon_tokens=args.recon_tokens, tasks=args.tasks,
                          passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
                          passkey_format=args.passkey_format, seed=args.seed,
@@ -107,7 +108,7 @@ def check_sweep_args(args: argparse.Namespace, entries) -> None:
     if args.threads is not None:
         check_tokens(args.threads, "--threads", 1)
     check_artifact_dir(args.artifact)
-    check_corpus(args.corpus)
+    check_text(args)
     check_model_args(args)
 
 

@@ -1,11 +1,11 @@
 """`kvcompress tune`: per-layer K/V settings for a quality target, verified on selection text (see `kvcompress.tuning.tune`).
 
 Texts (see `corpus`): the tuning text is the calibration part from token `--tune-offset`
-(default 20000 in the embedded corpus, past the tokens calibration artifacts use; 0 in a file)
+(default 20000 in a shipped kind of text, past the tokens calibration artifacts use; 0 in a file)
 and the verification text, which chooses between retries, is the first `--verify-tokens` of the
-selection part. `--corpus FILE` is split like the embedded corpus (calibration = its first 30%
-of characters, selection = 30% to 40%). The report part (what `kvcompress eval` reads) is never
-read here, so `kvcompress eval --spec OUT` reports on text the tune never saw.
+selection part, of the kind `--text` (default docs; `all`: equal shares of every kind) or of a
+`--corpus FILE` split the same way. The report part (what `kvcompress eval` reads) is never read
+here, so `kvcompress eval --spec OUT` reports on text the tune never saw.
 
 With `--context N` every evaluation runs the prompt protocol (N context tokens prefilled at
 once, then `--tokens` / `--verify-tokens` continuation tokens teacher-forced; each text reads
@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 from ..calibration import artifact_for
-from .common import (UserError, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments, check_artifact_dir,
-                     check_context_tokens, check_corpus, check_eval_tokens, check_model_args, check_output_file,
-                     check_positive, check_tokens, load_model_from_args, prompt_grid_from_args, ray_options_from_args,
-                     write_json)
+from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
+                     check_artifact_dir, check_context_tokens, check_eval_tokens, check_model_args, check_output_file,
+                     check_positive, check_text, check_text_protocol, check_tokens, load_model_from_args,
+                     prompt_grid_from_args, ray_options_from_args, text_kind, text_label, write_json)
 
 NAME = "tune"
 HELP = "find per-layer K/V settings with the highest compression ratio that meet a quality target"
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=DEFAULT_TUNE_TOKENS, help="tuning tokens")
     parser.add_argument("--tune-offset", type=int, default=None,
                         help=f"first token of the tuning text in the calibration part (default: {DEFAULT_TUNE_OFFSET} "
-                             "in the embedded corpus, 0 in a --corpus file)")
+                             "in a --text kind, 0 in a --corpus file)")
     parser.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS,
                         help="verification tokens (the start of the selection part)")
     parser.add_argument("--window", type=int, default=128, help="full-precision window of the tuned spec")
@@ -71,11 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also find the uniform spec (same setting on every layer) with the highest ratio "
                              "that meets the target on the same selection text, and report both")
     parser.add_argument("--artifact", default=None, help="calibration artifact folder (for lowrank candidates)")
-    parser.add_argument("--corpus", default=None,
-                        help="UTF-8 text file, split like the embedded corpus: tune on its calibration part (first "
-                             "30%% of characters), verify on its selection part (30%% to 40%%) (default: the "
-                             "embedded corpus)")
     parser.add_argument("--json", default=None, help="write the full report (all measurements) to this file")
+    add_corpus_arguments(parser, selection=True)
     add_prompt_grid_arguments(parser)
     add_model_arguments(parser)
     add_ray_arguments(parser, unit="sensitivity probe (or tensor-weight evaluation)")
@@ -133,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
                                                       f"block {spec.block_size}")
     check_positive(args.max_tries, "--max-tries")
     check_artifact_dir(args.artifact)
-    check_corpus(args.corpus)
+    check_text(args)
+    check_text_protocol(args)
     check_model_args(args)
     ray = ray_options_from_args(args)
     started = time.perf_counter()
@@ -141,13 +139,15 @@ def run(args: argparse.Namespace) -> int:
     offset = args.tune_offset if args.tune_offset is not None else (0 if args.corpus else DEFAULT_TUNE_OFFSET)
     read = (lambda n: n) if args.context is None else (lambda n: args.context + n + 1)
     try:
-        tune_text = corpus_slice(tokenizer, "calibration", n_tokens=read(args.tokens), path=args.corpus, offset=offset)
-        verify_text = corpus_slice(tokenizer, "selection", n_tokens=read(args.verify_tokens), path=args.corpus)
+        tune_text = corpus_slice(tokenizer, "calibration", n_tokens=read(args.tokens), path=args.corpus, offset=offset,
+                                 kind=text_kind(args))
+        verify_text = corpus_slice(tokenizer, "selection", n_tokens=read(args.verify_tokens), path=args.corpus,
+                                   kind=text_kind(args))
     except CorpusError as err:
         raise UserError(f"--tokens {args.tokens} / --verify-tokens {args.verify_tokens}: {err}") from None
     tune_ids, verify_ids = tune_text.ids, verify_text.ids
     artifact = artifact_for(model, [s for tensor in settings.values() for s in tensor], args.artifact)
-    where = args.corpus or "the embedded corpus"
+    where = text_label(args)
     print(f"tuning {metric} <= {target:g} for {model_id(model)} on {where}: tuning text calibration part tokens "
           f"{tune_text.record['tokens']}, verification text selection part tokens {verify_text.record['tokens']}; "
           f"state {state_path}", flush=True)
@@ -198,8 +198,19 @@ def run(args: argparse.Namespace) -> int:
     if state.redone:
         print(f"redone      {len(state.redone)} saved measurement(s) whose fingerprint changed "
               f"(first: {state.redone[0]})")
-    corpus = f" --corpus {args.corpus}" if args.corpus else ""
     context = f" --context {args.context}" if args.context is not None else ""
-    print(f"report it   kvcompress eval --spec {out}{context} --tokens {args.verify_tokens}{corpus}  (report part: "
-          "text the tune never read)")
+    for text in _report_texts(args):
+        print(f"report it   kvcompress eval --spec {out}{context} --tokens {args.verify_tokens}{text}  (report part: "
+              "text the tune never read)")
     return 0
+
+
+def _report_texts(args: argparse.Namespace) -> list[str]:
+    """The text options of the `kvcompress eval` commands that report on what this tune selected on."""
+    from ..corpus import ALL_KINDS, DEFAULT_KIND, KINDS
+
+    if args.corpus:
+        return [f" --corpus {args.corpus}"]
+    kind = args.text or DEFAULT_KIND
+    kinds = KINDS if kind == ALL_KINDS else (kind,)
+    return ["" if k == DEFAULT_KIND and kind == DEFAULT_KIND else f" --text {k}" for k in kinds]

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..distributed import RayOptions
 from ..extras import require_extra
 from .grid import SpecEntry, load_grid
-from .report import write_report
+from .report import write_kinds_report, write_report
 from .sweep import SweepSettings, run_sweep
 
 _LOWRANK = {"key": {"method": "lowrank", "key_space": "pre_rope"}, "value": {"method": "lowrank"}}
@@ -101,6 +101,14 @@ def analyze(out_dir: str | os.PathLike, settings: SweepSettings | None = None, *
     run_sweep(entries or default_entries(), out_dir, settings, model=model, tokenizer=tokenizer, progress=progress,
               command=command, ray=ray)
     return write_report(out_dir)
+
+
+def analyze_kinds(out_dir: str | os.PathLike, settings: SweepSettings, kinds: list[str], **options) -> Path:
+    """`analyze` once per kind of text, into `OUT/<kind>/` (each resumes on its own), then
+    `OUT/report.md` with every kind side by side (`report.write_kinds_report`)."""
+    for kind in kinds:
+        analyze(Path(out_dir) / kind, dataclasses.replace(settings, text=kind, corpus=None), **options)
+    return write_kinds_report(out_dir, kinds)
 
 
 def with_overrides(settings: SweepSettings, **overrides) -> SweepSettings:

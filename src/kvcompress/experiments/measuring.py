@@ -77,14 +77,16 @@ def _environment(model) -> dict:
 def sweep_texts(tokenizer, settings: SweepSettings) -> dict:
     """The texts a sweep reads, as `corpus.CorpusSlice`s: "eval" (decode-faithful evaluation, or with
     `context_tokens` the prompt protocol's context + continuation + last target) and "recon" (captured
-    for direct reconstruction), both from the start of the report part."""
+    for direct reconstruction), both from the start of the report part of `settings.corpus` or of
+    the kind `settings.text`."""
     from ..corpus import corpus_slice
 
     n_eval = settings.eval_tokens
     if settings.context_tokens is not None:
         n_eval = settings.context_tokens + settings.eval_tokens + 1
-    return {"eval": corpus_slice(tokenizer, "report", n_tokens=n_eval, path=settings.corpus),
-            "recon": corpus_slice(tokenizer, "report", n_tokens=settings.recon_tokens, path=settings.corpus)}
+    kind = None if settings.corpus else settings.text
+    return {"eval": corpus_slice(tokenizer, "report", n_tokens=n_eval, path=settings.corpus, kind=kind),
+            "recon": corpus_slice(tokenizer, "report", n_tokens=settings.recon_tokens, path=settings.corpus, kind=kind)}
 
 
 def sweep_fingerprint(model, texts: dict) -> dict:
@@ -108,7 +110,7 @@ def baseline_key(settings: SweepSettings, fingerprint: dict | None) -> str:
 
 def prepare_inputs(ctx: _Context) -> None:
     """The inputs every spec shares, from `ctx.settings`: evaluation ids, the captured states, task prompts."""
-    from ..corpus import load_text, part_text
+    from ..corpus import DEFAULT_KIND, load_text, part_text
     from ..measure.reconstruction import capture_states
     from ..measure.tasks import agreement_prompts, dataset_texts, passkey_cases, prompts_from_texts
 
@@ -119,7 +121,7 @@ def prepare_inputs(ctx: _Context) -> None:
     with timer("capture"):
         ctx.capture = capture_states(ctx.model, ctx.texts["recon"].ids)
     logger.info(f"captured Q, K, V of {s.recon_tokens} tokens ({timer.phases['capture']['wall_s']:.1f} s)")
-    filler = part_text("report", load_text(s.corpus)) if s.corpus else None
+    filler = part_text("report", load_text(s.corpus)) if s.corpus else part_text("report", kind=s.text or DEFAULT_KIND)
     if "passkey" in s.tasks:
         ctx.passkey = passkey_cases(tok, s.passkey_lengths, s.passkey_depths, seed=s.seed, filler_text=filler,
                                     prompt_format=s.passkey_format)

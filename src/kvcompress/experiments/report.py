@@ -199,12 +199,25 @@ def findings(records: list[dict], all_curves: list[Curve]) -> list[str]:
     return lines
 
 
+def _text_line(settings: dict, records: list[dict]) -> str:
+    """The text a sweep read: the report part of a file or of a kind of text, with its source and hash."""
+    read = next((r["texts"]["eval"] for r in records if isinstance(r.get("texts"), dict) and "eval" in r["texts"]),
+                None)
+    if settings.get("corpus"):
+        where = f"report part of the file {settings['corpus']}"
+    else:
+        where = f"report part of the kind {settings.get('text') or 'docs'!r}"
+    if read and read.get("source"):
+        where += f" ({read['source']}, text sha256 {read.get('text_sha256')})"
+    return where
+
+
 def _settings_lines(config: dict | None, baseline: dict | None, records: list[dict]) -> list[str]:
     lines = []
     if config:
         s = config.get("settings", {})
         lines.append(f"- model: {records[0].get('model') if records else s.get('model')}; dtype {s.get('dtype')}; "
-                     f"corpus: {s.get('corpus') or 'held-out part of the embedded corpus'}")
+                     f"text: {_text_line(s, records)}")
         if s.get("context_tokens"):
             evaluation = (f"prompt compression: {s['context_tokens']} context tokens prefilled at once, then "
                           f"{s.get('eval_tokens')} teacher-forced and scored (ratios at the end of the context)")
@@ -330,6 +343,29 @@ def write_report(out_dir: str | os.PathLike, skip_unreadable: bool = False) -> P
         md += ["## Specs that failed", ""] + [f"- **{r['label']}**: {r.get('error')}" for r in errors] + [""]
     if unreadable:
         md += ["## Records that could not be read", ""] + [f"- {p.name}" for p in unreadable] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def write_kinds_report(out_dir: str | os.PathLike, kinds: list[str]) -> Path:
+    """`OUT/report.md` for sweeps of several kinds of text (`OUT/<kind>/`, each with its own report):
+    per spec, decode-faithful KL and PPL change on every kind side by side, and links to the reports."""
+    out = Path(out_dir)
+    by_kind = {kind: {r["label"]: r for r in ok_records(load_records(out / kind))} for kind in kinds}
+    labels = list(dict.fromkeys(label for records in by_kind.values() for label in records))
+    header = ["spec"] + [f"KL on {k}" for k in kinds] + [f"PPL change on {k}" for k in kinds]
+    rows = []
+    for label in labels:
+        evals = [by_kind[k].get(label, {}).get("eval") for k in kinds]
+        if not any(evals):
+            continue
+        rows.append([label] + [_f(e["kl"]) if e else "n/a" for e in evals]
+                    + [_pct(e["ppl_change"]) if e else "n/a" for e in evals])
+    md = ["# kvcompress analysis on every kind of text", "",
+          "The same sweep on the report part of each kind of text (see `kvcompress.corpus`); each kind's "
+          "full report: " + ", ".join(f"[{k}]({k}/report.md)" for k in kinds) + ".", "",
+          _table(header, rows), ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path

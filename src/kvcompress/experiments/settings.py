@@ -26,7 +26,9 @@ class SweepSettings:
         model: model name/path for `load_model` (None: the embedded SmolLM2-135M-Instruct).
         dtype, device: how the model is loaded.
         corpus: a UTF-8 text file whose report part (split like the embedded corpus, see `corpus`)
-            is evaluated on (None: the report part of the embedded corpus).
+            is evaluated on (None: the report part of the kind `text`).
+        text: the kind of text (`corpus.KINDS`) whose report part is read when `corpus` is None
+            (None: "docs", the embedded corpus). Left out of `to_dict` when None.
         eval_tokens: tokens of decode-faithful evaluation (with `context_tokens`: continuation tokens).
         context_tokens: None (decode-faithful evaluation of `eval_tokens` tokens) or N: prompt
             compression instead (`measure.prompt`: N tokens prefilled at once, then `eval_tokens`
@@ -45,6 +47,7 @@ class SweepSettings:
     dtype: str = "float32"
     device: str = "cpu"
     corpus: str | None = None
+    text: str | None = None
     eval_tokens: int = 1024
     recon_tokens: int = 512
     tasks: tuple[str, ...] = ()
@@ -72,6 +75,13 @@ class SweepSettings:
                      "agreement_new_tokens"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be at least 2, got {getattr(self, name)}")
+        if self.text is not None:
+            from ..corpus import KINDS
+
+            if self.text not in KINDS:
+                raise ValueError(f"text must be one of {', '.join(KINDS)} (or None), got {self.text!r}")
+            if self.corpus is not None:
+                raise ValueError("give either corpus (a text file) or text (a kind of text), not both")
         if self.context_tokens is not None and self.context_tokens < 1:
             raise ValueError(f"context_tokens must be None or at least 1, got {self.context_tokens}")
 
@@ -79,13 +89,14 @@ class SweepSettings:
         out = dataclasses.asdict(self)
         for name in ("tasks", "passkey_lengths", "passkey_depths"):
             out[name] = list(out[name])
-        if out["context_tokens"] is None:
-            del out["context_tokens"]
+        for name in ("context_tokens", "text"):
+            if out[name] is None:
+                del out[name]
         return out
 
     def baseline_dict(self) -> dict:
         """The settings the uncompressed task figures depend on."""
-        keep = ("model", "dtype", "device", "corpus", "tasks", "passkey_lengths", "passkey_depths",
+        keep = ("model", "dtype", "device", "corpus", "text", "tasks", "passkey_lengths", "passkey_depths",
                 "passkey_format", "seed", "agreement_prompts", "agreement_prompt_tokens", "agreement_new_tokens",
                 "agreement_dataset")
         return {k: v for k, v in self.to_dict().items() if k in keep}

@@ -30,7 +30,7 @@ class CandidateWorker:
     """One Ray actor: the model, loaded once, and the sweep text."""
 
     def __init__(self, loader: Callable | None, load_args, sweep_tokens: int, sweep_offset: int, artifact: str | None,
-                 threads: int):
+                 threads: int, kind: str | None = None, path: str | None = None):
         import torch
 
         torch.set_num_threads(threads)
@@ -39,7 +39,8 @@ class CandidateWorker:
             from ..corpus import corpus_tokens
 
             self.model, tokenizer = (loader or load_named_model)(load_args)
-            self.ids = corpus_tokens(tokenizer, part="calibration", n_tokens=sweep_tokens, offset=sweep_offset)
+            self.ids = corpus_tokens(tokenizer, part="calibration", n_tokens=sweep_tokens, offset=sweep_offset,
+                                     path=path, kind=kind)
             self.artifact, self.store = artifact, {}
         except Exception as exc:  # reported to the driver by ready()
             self.error = f"{type(exc).__name__}: {exc}"
@@ -59,13 +60,15 @@ class CandidateWorker:
 
 def sweep_candidates_on_ray(candidates: list[CacheSpec], state: TuneState, fingerprint: dict,
                             options: RayOptions, loader: Callable | None, load_args, sweep_tokens: int, sweep_offset: int,
-                            artifact: str | None, on_result: Callable[[CacheSpec, dict], None] | None = None) -> int:
+                            artifact: str | None, on_result: Callable[[CacheSpec, dict], None] | None = None,
+                            kind: str | None = None, path: str | None = None) -> int:
     """Measure the candidates missing from `state` on Ray actors, saving each as it arrives; returns how many.
 
     `fingerprint` is the one the serial sweep keys its measurements by (`state.measurement_fingerprint`
     of the model and the sweep text), so either kind of run reuses the other's results.
 
-    `loader(load_args) -> (model, tokenizer)` runs on every worker (None: `load_named_model`).
+    `loader(load_args) -> (model, tokenizer)` runs on every worker (None: `load_named_model`); each
+    reads the sweep text from the kind of text `kind` or the file `path` (see `corpus.corpus_slice`).
     Raises WorkersLostError (after the others are saved) if some candidates were given up
     because their workers kept dying.
     """
@@ -84,7 +87,7 @@ def sweep_candidates_on_ray(candidates: list[CacheSpec], state: TuneState, finge
         if on_result is not None:
             on_result(spec, result)
 
-    args = (loader, load_args, sweep_tokens, sweep_offset, artifact, actor_threads(options))
+    args = (loader, load_args, sweep_tokens, sweep_offset, artifact, actor_threads(options), kind, path)
     lost = run_on_actors(CandidateWorker, args, "evaluate", missing, save, options,
                          name=f"kvcompress-presets-{uuid.uuid4().hex[:8]}")
     if lost:

@@ -134,7 +134,8 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
                    passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
                    passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
                    command: str | None = None, ray: RayOptions | None = None, loader: Callable | None = None,
-                   load_args=None, context: int | None = None) -> dict:
+                   load_args=None, context: int | None = None, kind: str | None = None,
+                   path: str | None = None) -> dict:
     """Sweep, choose and verify the presets (see module doc); returns the data file's content.
 
     `verify_part` must be a part a selection may read (ValueError for "report"); the chosen presets
@@ -144,6 +145,8 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     (model name, dtype name, device)); the rest runs here.
     With `context`, every evaluation runs the prompt protocol (see module doc; the token counts
     are then continuation tokens, each text reads `context` + tokens + 1 tokens); not with `ray`.
+    The texts are the parts of the kind of text `kind` (`corpus.KINDS` or "all"; default "docs")
+    or of the text file `path` (see `corpus.corpus_slice`).
     """
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..measure.prompt import protocol_record
@@ -157,10 +160,12 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     by_name = {spec.name: spec for spec in candidates}
     if len(by_name) != len(candidates):
         raise ValueError("candidate specs need distinct names")
-    sweep = corpus_slice(tokenizer, "calibration", n_tokens=text_tokens(sweep_tokens, context), offset=sweep_offset)
-    verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(verify_tokens, context))
+    sweep = corpus_slice(tokenizer, "calibration", n_tokens=text_tokens(sweep_tokens, context), offset=sweep_offset,
+                         path=path, kind=kind)
+    verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(verify_tokens, context), path=path, kind=kind)
     require_selection_text(verify.record, "the preset choice")
-    report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or verify_tokens, context))
+    report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or verify_tokens, context),
+                          path=path, kind=kind)
     artifact = artifact_for(model, candidates, artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
     sweep_fp = text_fingerprint(sweep.ids, sweep.record)
@@ -176,7 +181,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
         n = sweep_candidates_on_ray(
             candidates, state, measurement_fingerprint(model_fingerprint(model), sweep_fp), ray, loader, load_args,
             sweep_tokens, sweep_offset,
-            None if artifact is None else str(artifact.path),
+            None if artifact is None else str(artifact.path), kind=kind, path=path,
             on_result=lambda spec, f: logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep (Ray) {spec.name}: "
                                                   f"ratio {f['ratio']:.2f}x, KL {f['kl']:.4f}"))
         logger.info(f"{n} candidates measured on Ray")
@@ -219,7 +224,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
         "model": model_id(model),
         "model_fingerprint": model_fp,
         "environment": passkey_fp["environment"],
-        "corpus": corpus_fingerprint(),
+        "corpus": corpus_fingerprint(kind, path),
         "texts": {"sweep": sweep_fp, "verify": verify_fp, "report": report_fp, "passkey": passkey_text},
         **({} if context is None else {"protocol": protocol_record(context, verify_tokens)}),
         "baseline_passkey": baseline_passkey,
@@ -273,7 +278,7 @@ def choose_by_floor(floors: dict[str, float], ratios: dict[str, dict], measure: 
 def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candidates: list[CacheSpec],
                           context: int, tokens: int, ratio_model=None, verify_part: str = "selection",
                           report_tokens: int | None = None, state=None, artifact=None, ratio_artifact=None,
-                          command: str | None = None) -> dict:
+                          command: str | None = None, kind: str | None = None, path: str | None = None) -> dict:
     """Presets defined by a compression floor, under the prompt protocol (see module doc); returns
     the data file's content (as `select_presets`, entries with "min_ratio" instead of "target_kl").
 
@@ -287,6 +292,7 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
             default `model`); its ratio comes from `memory_report()` after a `context`-token prefill.
         verify_part: the text that chooses ("selection" or "calibration"; ValueError for "report").
         report_tokens: continuation tokens of the report measurement (default: `tokens`).
+        kind, path: the kind of text (`corpus.KINDS`; default "docs") or text file whose parts are read.
     """
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..models import model_id
@@ -297,9 +303,10 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
     by_name = {spec.name: spec for spec in candidates}
     if len(by_name) != len(candidates) or not candidates:
         raise ValueError("candidate specs need distinct names (and at least one)")
-    verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(tokens, context))
+    verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(tokens, context), path=path, kind=kind)
     require_selection_text(verify.record, "the preset choice")
-    report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or tokens, context))
+    report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or tokens, context), path=path,
+                          kind=kind)
     artifact = artifact_for(model, candidates, artifact)
     ratio_artifact = artifact_for(ratio_model, candidates, ratio_artifact if ratio_artifact is not None else artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
@@ -346,7 +353,7 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
         "model": model_id(model),
         "model_fingerprint": model_fingerprint(model),
         "ratio_model_fingerprint": model_fingerprint(ratio_model),
-        "corpus": corpus_fingerprint(),
+        "corpus": corpus_fingerprint(kind, path),
         "protocol": protocol_record(context, tokens),
         "texts": {"verify": verify_fp, "report": report_fp},
         "presets": presets,
