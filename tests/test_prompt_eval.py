@@ -200,3 +200,19 @@ def test_sweep_cli_refuses_a_context_too_short_for_a_spec_before_loading_a_model
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvcompress sweep: error: --context 100 is too few"), lines
     assert "--context 164" in lines[0]  # int4: sinks 4 + window 128 + block 32
+
+
+@pytest.mark.parametrize("base, policy", [(SPEC, "snapkv"), (SPEC, "streaming"),
+                                          (dict(SPEC, key={"bits": 3, "axis": "token", "group_size": 32}), "snapkv")],
+                         ids=["int2-snapkv", "int2-streaming", "int3-snapkv"])
+def test_one_prompt_protocol_eviction_that_keeps_everything_changes_nothing(tiny_llama, base, policy):
+    """Keeping every prompt token stores the same codes as no eviction, so every figure is the same:
+    with or without an eviction section, the prompt's forward reads the full-precision K/V of its own
+    tokens and later tokens read the codes."""
+    ids = text_ids(CONTEXT + TOKENS + 1)
+    plain = prompt_eval(tiny_llama, ids, base, CONTEXT, progress=False)
+    kept = prompt_eval(tiny_llama, ids, dict(base, eviction={"policy": policy, "keep": 1.0}), CONTEXT, progress=False)
+    assert plain.kl > 1e-5, "the spec must be lossy for the check to mean anything"
+    assert kept.kl == pytest.approx(plain.kl, abs=1e-6)
+    assert kept.ppl_change == pytest.approx(plain.ppl_change, abs=1e-6)
+    assert kept.stored_bytes == plain.stored_bytes and kept.whole_cache_ratio == plain.whole_cache_ratio

@@ -7,6 +7,10 @@ returns the reconstruction of everything it holds:
 
     [ sinks (full precision) | decode(compressed blocks) | window (full precision) ]
 
+One prompt protocol for every spec: the tokens of one forward pass (a prompt, a chunk) read each
+other's full-precision K/V, as a serving engine's prefill does, and every later token reads the
+stored codes; with or without eviction.
+
 At a decode step of a model running kvcompress's attention function (switched by
 `kvcompress.enable_fast_attention`; see `kvcompress.cache.attention`), it returns the window
 tagged with the layer instead, and that function decodes the blocks chunk by chunk itself and
@@ -170,6 +174,7 @@ class CompressedLayer(CacheLayerMixin):
         # The cache is for inference: what it stores carries no autograd history, so a cache filled
         # with gradients enabled can still be copied (`CompressedCache.copy`) and holds no graph.
         key_states, value_states = key_states.detach(), value_states.detach()
+        fresh_keys, fresh_values = key_states, value_states
         decode_step = key_states.shape[2] == 1
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -198,6 +203,8 @@ class CompressedLayer(CacheLayerMixin):
             self._window_unconsumed = True
             return hand_window(self.window_keys, self), self.window_values.view_as(self.window_values)
         keys, values = self.reconstruct()
+        if n_new > 1:  # one prompt protocol: tokens of one forward read each other's full-precision K/V
+            keys[:, :, -n_new:], values[:, :, -n_new:] = fresh_keys, fresh_values
         if self.evicts_during_generation():
             keys = hand_observed(keys, self)
         return keys, values
