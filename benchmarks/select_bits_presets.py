@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bits_table import markdown, measure  # noqa: E402
 
-SELECTION_OFFSET = 20_000
+SELECTION_OFFSET = 8192
 
 
 def _cb(bits: int, **extra) -> dict:

@@ -47,7 +47,9 @@ def test_every_kind_splits_into_disjoint_parts_that_cover_its_text(kind):
     (cal_start, cal_end), (sel_start, sel_end), (rep_start, rep_end) = ranges.values()
     assert cal_start == 0 and cal_end < sel_start and sel_end < rep_start and rep_end == len(text)
     assert text[cal_end:sel_start].strip() == "" and text[sel_end:rep_start].strip() == ""  # only the breaks
-    assert 0.29 < cal_end / len(text) < 0.32 and 0.39 < sel_end / len(text) < 0.42
+    # cut at 30% / 40% of the text as read; paragraphs that recur in a later part then leave the earlier
+    # part (pydoc topics repeat many), which moves the cuts of docs earlier
+    assert 0.2 < cal_end / len(text) < 0.32 and 0.3 < sel_end / len(text) < 0.42
     # every word in exactly one part: the parts' token counts add up to the whole text's
     counts = {p: corpus.corpus_tokens(Words(), p, kind=kind).shape[1] for p in corpus.PARTS}
     assert sum(counts.values()) == len(text.split())
@@ -141,12 +143,12 @@ def test_unknown_kinds_and_a_kind_with_a_file_are_refused(tmp_path):
 @pytest.mark.real_model
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_has_the_tokens_its_purposes_need_and_parts_share_no_stretch(real_model, kind):
-    """calibration: artifacts (4096) and tuning text from token 20000; selection >= 8192 (verification
+    """calibration: artifacts (4096) and tuning text from token 8192; selection >= 8192 (verification
     2048 with room); report >= 16384. No 64-token stretch of the report's first 4096 tokens occurs in
     the calibration or selection part (the parts are different text, not only different ranges)."""
     _, tokenizer = real_model
     ids = {p: corpus.corpus_tokens(tokenizer, p, kind=kind)[0].tolist() for p in corpus.PARTS}
-    assert len(ids["calibration"]) > 20_000 + 8192 and len(ids["selection"]) > 8192
+    assert len(ids["calibration"]) > 8192 + 8192 + 1024 and len(ids["selection"]) > 8192
     assert len(ids["report"]) > 60_000
     window = 64
     report = {tuple(ids["report"][i:i + window]) for i in range(0, 4096 - window, 16)}

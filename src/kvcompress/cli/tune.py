@@ -1,7 +1,7 @@
 """`kvcompress tune`: per-layer K/V settings for a quality target, verified on selection text (see `kvcompress.tuning.tune`).
 
 Texts (see `corpus`): the tuning text is the calibration part from token `--tune-offset`
-(default 20000 in a shipped kind of text, past the tokens calibration artifacts use; 0 in a file)
+(default 8192 in a shipped kind of text, past the tokens calibration artifacts use; 0 in a file)
 and the verification text, which chooses between retries, is the first `--verify-tokens` of the
 selection part, of the kind `--text` (default docs; `all`: equal shares of every kind) or of a
 `--corpus FILE` split the same way. The report part (what `kvcompress eval` reads) is never read

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 # name -> mean KL target on held-out text (see docs/tuning.md for why these values)
 DEFAULT_TARGETS = {"lossless": 0.001, "safe": 0.005, "balanced": 0.02, "aggressive": 0.05, "extreme": 0.15}
-DEFAULT_SWEEP_OFFSET = 20000
+DEFAULT_SWEEP_OFFSET = 8192
 DEFAULT_SWEEP_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
 DEFAULT_PASSKEY_LENGTHS = (1024, 2048)

@@ -92,7 +92,7 @@ from .state import TuneState, measurement_fingerprint, model_fingerprint, text_f
 logger = logging.getLogger(__name__)
 
 METRICS = ("kl", "ppl_change")
-DEFAULT_TUNE_OFFSET = 20000  # tokens into the calibration part: past what calibration artifacts use (4096)
+DEFAULT_TUNE_OFFSET = 8192  # tokens into the calibration part: past what calibration artifacts use (4096)
 DEFAULT_TUNE_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
 DEFAULT_MAX_TRIES = 3
