@@ -172,3 +172,63 @@ def test_item9_generate_logs_no_hint_to_enable_what_it_enabled(tmp_path, caplog,
         assert not [r for r in caplog.records if "enable_fast_attention(model)" in r.getMessage()]
         CompressedCache(tiny_llama_loader(None)[0], "int8")  # built outside the switch: the hint is due
     assert [r for r in caplog.records if "enable_fast_attention(model)" in r.getMessage()]
+
+
+# --------------------------------------------------------------------------- 2: eviction specs in sweep / analyze
+
+
+@pytest.fixture
+def tiny_sweep_model(monkeypatch, tiny_llama):
+    """`kvcompress sweep` and `analyze` measure on the tiny Llama with the character tokenizer."""
+    from tiny_text import CharTokenizer
+
+    monkeypatch.setattr("kvcompress.experiments.sweep.load_from_settings", lambda settings: (tiny_llama,
+                                                                                             CharTokenizer()))
+    return tiny_llama
+
+
+@pytest.mark.parametrize("protocol", [["--context", "256", "--tokens", "64"], ["--tokens", "200"]],
+                         ids=["context", "decode-faithful"])
+def test_item2_sweep_writes_a_record_for_an_eviction_spec(tmp_path, capsys, tiny_sweep_model, protocol):
+    from kvcompress.experiments.records import load_records
+
+    out = tmp_path / "sweep"
+    status = main(["sweep", "--specs", "int4,int4@snapkv:0.5", *protocol, "--recon-tokens", "128", "--tasks", "none",
+                   "--out", str(out), "--threads", "1"])
+    assert status == 0, capsys.readouterr().err
+    records = {r["label"]: r for r in load_records(out)}
+    assert sorted(records) == ["int4", "int4@snapkv:0.5"] and all(r["status"] == "ok" for r in records.values())
+    plain, evicted = records["int4"], records["int4@snapkv:0.5"]
+    # the reconstruction step measures the codecs (the same as int4's) and says that eviction is left out
+    assert evicted["reconstruction"]["mean"] == plain["reconstruction"]["mean"]
+    assert plain["reconstruction"]["mean"]["key"]["cosine"] < 0.9999  # decoded codes, not the captured states
+    assert "eviction" in evicted["reconstruction"]["note"] and "note" not in plain["reconstruction"]
+    if "--context" in protocol:  # the prompt protocol measures the eviction: fewer bytes, another KL
+        assert evicted["eval"]["evicted_tokens"] > 0 == plain["eval"]["evicted_tokens"]
+        assert evicted["eval"]["stored_bytes"] < plain["eval"]["stored_bytes"]
+        assert evicted["eval"]["kl"] != plain["eval"]["kl"]
+    else:  # no prompt: the evaluation is skipped with the reason, never an error
+        assert "eval" not in evicted and "--context" in evicted["eval_skipped"]
+        assert plain["eval"]["tokens"] > 0
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| int4@snapkv:0.5 |" in report and "- int4@snapkv:0.5: codecs only" in report
+
+
+def test_item2_analyze_measures_eviction_specs(tmp_path, tiny_llama):
+    pytest.importorskip("matplotlib")
+    from kvcompress.experiments.analysis import analyze
+    from kvcompress.experiments.grid import parse_specs
+    from kvcompress.experiments.records import load_records
+    from kvcompress.experiments.sweep import SweepSettings
+    from tiny_text import CharTokenizer
+
+    settings = SweepSettings(eval_tokens=48, recon_tokens=72, tasks=("passkey",), passkey_lengths=(256,),
+                             passkey_depths=(0.5,), context_tokens=200)
+    path = analyze(tmp_path, settings, entries=parse_specs("int4,none@streaming:0.5"), model=tiny_llama,
+                   tokenizer=CharTokenizer())
+    records = {r["label"]: r for r in load_records(tmp_path)}
+    assert all(r["status"] == "ok" for r in records.values()), [r.get("error") for r in records.values()]
+    streaming = records["none@streaming:0.5"]
+    assert streaming["eval"]["evicted_tokens"] > 0 and "needle_kept" in streaming["tasks"]["passkey"]
+    assert "none@streaming:0.5" in path.read_text()

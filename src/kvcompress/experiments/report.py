@@ -246,9 +246,11 @@ class UnreadableRecordsError(ValueError):
 
 def _nothing_compressed(record: dict) -> bool:
     """An ok record whose evaluation compressed no token of a lossy spec (written by a kvcompress
-    older than the check in `evaluate.check_eval_tokens`): its figures are the baseline's."""
+    older than the check in `evaluate.check_eval_tokens`) and evicted none: its figures are the baseline's."""
     ev = record.get("eval")
     if record.get("status") != "ok" or not isinstance(ev, dict) or ev.get("compressed_tokens") != 0:
+        return False
+    if ev.get("evicted_tokens"):  # eviction alone changed what later tokens read
         return False
     try:
         return is_lossy(CacheSpec.from_dict(record.get("spec") or {}))
@@ -302,6 +304,10 @@ def write_report(out_dir: str | os.PathLike, skip_unreadable: bool = False) -> P
         md += ["## Findings", ""] + [f"- {line}" for line in lines] + [""]
     header, rows = summary_rows(records)
     md += ["## Summary", "", _table(header, rows), ""]
+    notes = [f"- {r['label']}: {note}" for r in ok_records(records)
+             for note in (r["reconstruction"].get("note"), r.get("eval_skipped")) if note]
+    if notes:
+        md += ["Notes:", ""] + notes + [""]
     if written["failure_curves.png"]:
         md += ["## Failure curves", "", "![failure curves](failure_curves.png)", ""]
     if all_curves:

@@ -102,6 +102,12 @@ def is_lossy(spec: CacheSpec) -> bool:
         tensor.get("method", "none") != "none" for override in spec.layers.values() for tensor in override.values())
 
 
+def evicts_prompt_only(spec: CacheSpec) -> bool:
+    """Whether `spec` evicts the prompt's tokens and nothing else: decode-faithful evaluation has no
+    prompt, so only the prompt protocol (`measure.prompt`) measures it."""
+    return spec.eviction is not None and spec.eviction.applies == "prompt"
+
+
 def min_eval_tokens(spec: CacheSpec) -> int:
     """Fewest tokens an evaluation of `spec` needs so that a block is compressed and then read:
     the sinks and the window fill, one block of `block_size` tokens leaves the window and is
@@ -228,7 +234,7 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
             exactly, i.e. attention did not read the compressed cache.
     """
     spec = load_spec(spec)
-    if spec.eviction is not None and spec.eviction.applies == "prompt":
+    if evicts_prompt_only(spec):
         raise ValueError(f"spec {spec.name or spec.describe()!r} evicts prompt tokens, but decode-faithful evaluation "
                          "feeds the text in short chunks, so no prompt would be evicted and its figures would be the "
                          "codecs' alone; measure it with a prompt: `kvcompress eval --context N --tokens M` "
