@@ -5,8 +5,8 @@ import json
 import pytest
 
 from kvcompress.presets.measured import load_measured, register_measured
-from kvcompress.tuning.preset_selection import (DEFAULT_TARGETS, choose, parse_targets,
-                                         uniform_candidates, verify_presets)
+from kvcompress.tuning.candidates import uniform_candidates
+from kvcompress.tuning.preset_selection import DEFAULT_TARGETS, choose, parse_targets, verify_presets
 from kvcompress.presets import PRESETS, Registry
 from kvcompress.spec import CacheSpec
 
