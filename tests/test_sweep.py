@@ -7,7 +7,8 @@ import torch
 
 from kvcompress.experiments.grid import expand_grid, load_grid, parse_specs
 from kvcompress.experiments.records import load_records, record_path
-from kvcompress.experiments.sweep import SweepSettings, record_key, run_sweep
+from kvcompress.experiments.settings import SweepSettings, record_key
+from kvcompress.experiments.sweep import run_sweep
 from tiny_text import CharTokenizer
 
 

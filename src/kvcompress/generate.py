@@ -42,6 +42,7 @@ import torch
 
 from .distributed import RayOptions, actor_threads, connect
 from .extras import require_extra
+from .fingerprint import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +199,7 @@ class Generator:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.spec = load_spec(settings.spec)
         self.artifact = artifact_for(model, self.spec, settings.artifact)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.context = getattr(config, "max_position_embeddings", None)
+        self.context = getattr(text_config(model), "max_position_embeddings", None)
 
     def __call__(self, prompt: Prompt) -> dict:
         from .cache.attention import enable_fast_attention

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_json_atomic
 from ..models import DTYPES
 
 
@@ -78,11 +77,6 @@ def load_model_from_args(args):
     from ..models import load_model
 
     return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-
-
-def write_json(path: str | Path, data: dict) -> Path:
-    """Write `data` as indented JSON, creating parent folders; returns the path."""
-    return write_json_atomic(path, data)
 
 
 # --------------------------------------------------------------------------- checks before any work

@@ -30,11 +30,11 @@ import argparse
 import sys
 import time
 
-from ..io import parse_list
+from ..io import parse_list, write_json_atomic
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
                      check_context_tokens, check_eval_tokens, check_input_file, check_model_args, check_output_file,
                      check_text, check_text_protocol, check_tokens, load_model_from_args, prompt_grid_from_args,
-                     ray_options_from_args, text_kind, write_json)
+                     ray_options_from_args, text_kind)
 
 NAME = "measure-presets"
 DEFAULT_OUT = "runs/measured_presets.json"
@@ -91,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
     from ..corpus import corpus_slice
     from ..measure.evaluate import decode_faithful_eval
     from ..presets.measured import PROMPT_DATA_FILE, load_measured
-    from ..tuning.preset_selection import parse_targets, select_presets, uniform_candidates, verify_presets
-    from ..tuning.tune import eval_figures
+    from ..tuning.candidates import uniform_candidates
+    from ..tuning.evaluators import eval_figures
+    from ..tuning.preset_selection import parse_targets, select_presets, verify_presets
 
     started = time.perf_counter()
     if args.table or args.verify:
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         rows = verify_presets(data, measure)
         failed = [r["name"] for r in rows if not r["met"]]
         if args.json:
-            write_json(args.json, {"file": str(args.file or "shipped"), "text": text.record, "rows": rows})
+            write_json_atomic(args.json, {"file": str(args.file or "shipped"), "text": text.record, "rows": rows})
         print(f"time        {time.perf_counter() - started:.0f} s")
         if failed:
             print(f"kvcompress measure-presets: {len(failed)} preset(s) miss their target: {', '.join(failed)}",
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
                           passkey_lengths=lengths, command=command, ray=ray,
                           load_args=(args.model, args.dtype, str(args.device)), context=args.context,
                           kind=text_kind(args), path=args.corpus)
-    path = write_json(out, data)
+    path = write_json_atomic(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0
 
@@ -198,7 +199,8 @@ def _prompt_measure(args: argparse.Namespace, model, text, context: int, store: 
     from ..measure.prompt import prompt_eval
     from ..models import DTYPES, load_model
     from ..tuning.evaluators import make_ratio_evaluator, prompt_figures
-    from ..tuning.state import TuneState, text_fingerprint
+    from ..fingerprint import text_fingerprint
+    from ..tuning.state import TuneState
 
     ratio_model = model
     if args.ratio_dtype != args.dtype:
@@ -239,7 +241,7 @@ def _run_floors(args: argparse.Namespace, candidates: list, started: float) -> i
     data = select_prompt_presets(model, tokenizer, floors, candidates=candidates, context=args.context,
                                  tokens=args.verify_tokens, ratio_model=ratio_model, state=state, command=command,
                                  kind=text_kind(args), path=args.corpus)
-    path = write_json(out, data)
+    path = write_json_atomic(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     for entry in data["presets"]:
         v, r = entry["verified"], entry["report"]

@@ -32,8 +32,8 @@ from ..calibration import artifact_for
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
                      check_artifact_dir, check_context_tokens, check_eval_tokens, check_model_args, check_model_context,
                      check_output_file, check_positive, check_text, check_text_protocol, check_tokens,
-                     load_model_from_args, prompt_grid_from_args, ray_options_from_args, text_kind, text_label,
-                     write_json)
+                     load_model_from_args, prompt_grid_from_args, ray_options_from_args, text_kind, text_label)
+from ..io import write_json_atomic
 
 NAME = "tune"
 HELP = "find per-layer K/V settings with the highest compression ratio that meet a quality target"
@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models import model_id
     from ..spec import CacheSpec
     from ..tuning.state import TuneState
-    from ..tuning.tune import (DEFAULT_TUNE_OFFSET, TuneError, best_uniform, make_evaluator, parse_candidates, tune,
+    from ..tuning.evaluators import make_evaluator
+    from ..tuning.tune import (DEFAULT_TUNE_OFFSET, TuneError, best_uniform, parse_candidates, tune,
                                tune_grid)
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
             print("uniform     no uniform spec of these candidates meets the target on the selection text")
     print(f"time        {time.perf_counter() - started:.0f} s ({state.hits} measurement(s) reused from the state file)")
     if args.json:
-        print(f"wrote       {write_json(args.json, report)}")
+        print(f"wrote       {write_json_atomic(args.json, report)}")
     if state.redone:
         print(f"redone      {len(state.redone)} saved measurement(s) whose fingerprint changed "
               f"(first: {state.redone[0]})")

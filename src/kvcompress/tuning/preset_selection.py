@@ -156,7 +156,8 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..measure.prompt import protocol_record
     from ..models import model_id
-    from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+    from ..fingerprint import model_fingerprint, text_fingerprint
+    from .state import TuneState, measurement_fingerprint
 
     if context is not None and ray is not None:
         raise ValueError("the prompt protocol (context) does not run on Ray yet; leave out one of them")
@@ -302,7 +303,8 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..models import model_id
     from ..measure.prompt import protocol_record
-    from .state import TuneState, model_fingerprint, text_fingerprint
+    from ..fingerprint import model_fingerprint, text_fingerprint
+    from .state import TuneState
 
     ratio_model = ratio_model if ratio_model is not None else model
     by_name = {spec.name: spec for spec in candidates}
