@@ -232,3 +232,46 @@ def test_item2_analyze_measures_eviction_specs(tmp_path, tiny_llama):
     streaming = records["none@streaming:0.5"]
     assert streaming["eval"]["evicted_tokens"] > 0 and "needle_kept" in streaming["tasks"]["passkey"]
     assert "none@streaming:0.5" in path.read_text()
+
+
+# --------------------------------------------------------------------------- 6: intervals of short series
+
+
+def test_item6_a_series_shorter_than_four_blocks_has_no_interval():
+    import torch
+
+    from kvcompress.measure.bootstrap import MIN_BLOCKS, block_bootstrap_ci, interval_text
+
+    stats = {"mean": lambda r: r["x"].mean(dim=1)}
+    x = torch.linspace(0, 1, 4 * 64)
+    intervals, method = block_bootstrap_ci({"x": x[:-1]}, stats, block=64)
+    assert intervals == {"mean": None} and MIN_BLOCKS == 4
+    assert method == {"ci_method": "n/a", "block_tokens": 64, "tokens": 255, "min_tokens": 256}
+    assert interval_text(None, method) == "no 95% CI: 255 tokens, fewer than 4 blocks of 64; score 256 or more for one"
+    intervals, method = block_bootstrap_ci({"x": x}, stats, block=64)
+    lo, hi = intervals["mean"]
+    assert lo < x.mean().item() < hi and hi - lo > 0.05  # four blocks: an interval of real width
+    assert method["ci_method"] == "moving-block bootstrap"
+
+
+@pytest.mark.parametrize("tokens, has_interval", [(64, False), (256, True)])
+def test_item6_eval_prints_and_records_no_interval_for_a_short_series(tmp_path, capsys, monkeypatch, tiny_llama,
+                                                                       tokens, has_interval):
+    from tiny_text import CharTokenizer
+
+    monkeypatch.setattr("kvcompress.cli.eval.load_model_from_args", lambda args: (tiny_llama, CharTokenizer()))
+    out = tmp_path / "eval.json"
+    status = main(["eval", "--spec", "int4", "--context", "200", "--tokens", str(tokens), "--json", str(out),
+                   "--no-progress", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    record = json.loads(out.read_text())
+    kl_line = next(line for line in printed.splitlines() if line.startswith("KL "))
+    if has_interval:
+        lo, hi = record["kl_ci95"]
+        assert lo <= record["kl"] <= hi and lo < hi and "95% CI" in kl_line
+        assert record["interval"]["ci_method"] == "moving-block bootstrap"
+    else:
+        assert record["kl_ci95"] is None and record["ppl_change_ci95"] is None
+        assert record["interval"]["ci_method"] == "n/a" and record["interval"]["min_tokens"] == 256
+        assert "no 95% CI: 64 tokens" in kl_line and ".." not in kl_line

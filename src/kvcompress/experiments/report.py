@@ -88,9 +88,9 @@ def summary_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
                _f(ev["compression_ratio"], 2) if ev else "n/a", _f(mean["key"]["cosine"]),
                _f(mean["value"]["cosine"]), _f(mean["attention"]["both"]["rel_error"])]
         if ev:
-            lo, hi = ev["ppl_change_ci95"]
-            row += [_pct(ev["ppl_change"]), f"{_pct(lo)} .. {_pct(hi)}", _f(ev["kl"]), _f(ev["top1"], 3),
-                    zone_of(ev["ppl_change"])]
+            ci = ev["ppl_change_ci95"]  # None: too few tokens for an interval
+            row += [_pct(ev["ppl_change"]), f"{_pct(ci[0])} .. {_pct(ci[1])}" if ci else "n/a", _f(ev["kl"]),
+                    _f(ev["top1"], 3), zone_of(ev["ppl_change"])]
         else:
             row += ["n/a"] * 5
         rows.append(row)

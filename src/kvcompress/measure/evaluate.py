@@ -45,7 +45,7 @@ class EvalResult:
     ppl_baseline: float
     ppl: float
     ppl_change: float
-    ppl_change_ci95: tuple[float, float]
+    ppl_change_ci95: tuple[float, float] | None
     kl: float
     top1: float
     compression_ratio: float
@@ -59,13 +59,13 @@ class EvalResult:
     bits_per_value: float = 0.0
     spec: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
-    kl_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    kl_ci95: tuple[float, float] | None = None
     interval: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["ppl_change_ci95"] = list(self.ppl_change_ci95)
-        out["kl_ci95"] = list(self.kl_ci95)
+        for name in ("ppl_change_ci95", "kl_ci95"):  # None: the series was too short for an interval
+            out[name] = None if getattr(self, name) is None else list(getattr(self, name))
         return out
 
 
