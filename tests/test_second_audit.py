@@ -275,3 +275,101 @@ def test_item6_eval_prints_and_records_no_interval_for_a_short_series(tmp_path, 
         assert record["kl_ci95"] is None and record["ppl_change_ci95"] is None
         assert record["interval"]["ci_method"] == "n/a" and record["interval"]["min_tokens"] == 256
         assert "no 95% CI: 64 tokens" in kl_line and ".." not in kl_line
+
+
+# --------------------------------------------------------------------------- 4: generate resume
+
+
+def _generate(inp, out, spec="int8", **extra):
+    from kvcompress.generate import GenerateSettings, generate_file
+    from tiny_loader import tiny_llama_loader
+
+    return generate_file(inp, out, GenerateSettings(spec=spec, max_new_tokens=4, **extra), loader=tiny_llama_loader)
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _prompts(path, *texts, ids=False):
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t} if ids else {"prompt": t}) + "\n"
+                            for i, t in enumerate(texts)))
+
+
+def test_item4_resume_with_another_spec_is_refused_in_one_line(tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _prompts(inp, "alpha beta gamma", "delta epsilon", ids=True)
+    assert _generate(inp, out)["ok"] == 2
+    before = out.read_bytes()
+    for argv, differs in ((["--spec", "int4", "--max-new-tokens", "4"], "its spec differs"),
+                          (["--spec", "int8", "--max-new-tokens", "5"], "its max_new_tokens differs")):
+        status, err = run_main(capsys, "generate", "--input", str(inp), "--output", str(out), *argv)
+        assert status == 2, err
+        assert_one_line_error(err, "generate", f"--output {out}", "2 results of another run", differs,
+                              "pass another --output")
+    assert out.read_bytes() == before  # nothing appended under a summary of other settings
+
+
+def test_item4_a_line_inserted_at_the_top_is_generated_and_the_others_keep_their_text(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _prompts(inp, "alpha beta gamma", "delta epsilon")
+    _generate(inp, out)
+    first = {r["id"]: r["text"] for r in _jsonl(out) if r.get("status") == "ok"}
+    _prompts(inp, "a new first prompt", "alpha beta gamma", "delta epsilon")
+    summary = _generate(inp, out)
+    assert (summary["ok"], summary["skipped"]) == (1, 2)
+    rows = [r for r in _jsonl(out) if "id" in r]
+    assert sorted(r["id"] for r in rows) == ["line-1", "line-2", "line-3"]  # one line per prompt
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["line-2"]["text"] == first["line-1"] and by_id["line-3"]["text"] == first["line-2"]
+    fresh = _generate(inp, tmp_path / "fresh.jsonl")  # the same prompts from scratch
+    assert fresh["ok"] == 3
+    assert {r["id"]: r["text"] for r in _jsonl(tmp_path / "fresh.jsonl") if "id" in r} == \
+        {i: r["text"] for i, r in by_id.items()}
+
+
+def test_item4_error_lines_are_replaced_not_duplicated(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"prompt": "alpha beta"}) + "\n{not json\n")
+    for _ in range(3):
+        summary = _generate(inp, out)
+        rows = _jsonl(out)
+        assert [r["id"] for r in rows if "id" in r] == ["line-1", "line-2"]
+        assert [r.get("status") for r in rows if "id" in r] == ["ok", "error"]
+        assert len([r for r in rows if "summary" in r]) == 1
+    assert (summary["skipped"], summary["errors"]) == (1, 1)
+
+
+def test_item4_output_equal_to_input_is_refused(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    _prompts(inp, "alpha beta")
+    before = inp.read_bytes()
+    status, err = run_main(capsys, "generate", "--input", str(inp), "--output", str(tmp_path / "." / "in.jsonl"))
+    assert status == 2
+    assert_one_line_error(err, "generate", "--output", "is the --input file", "another --output")
+    assert inp.read_bytes() == before
+
+
+def test_item4_interrupt_message_counts_what_was_written(tmp_path, capsys, monkeypatch):
+    import kvcompress.generate as generate
+    from tiny_loader import tiny_llama_loader
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _prompts(inp, "one prompt", "two prompt", "three prompt", "four prompt")
+    calls = []
+    original = generate.Generator.__call__
+
+    def stop_at_the_fourth(self, prompt):
+        calls.append(prompt.id)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(self, prompt)
+
+    monkeypatch.setattr(generate.Generator, "__call__", stop_at_the_fourth)
+    monkeypatch.setattr(generate, "load_from_settings", tiny_llama_loader)
+    status, err = run_main(capsys, "generate", "--input", str(inp), "--output", str(out), "--spec", "int8",
+                           "--max-new-tokens", "4")
+    assert status == 130
+    assert err.strip().splitlines() == [f"kvcompress generate: interrupted; {out} holds 3 generated prompt(s) and 0 "
+                                        "error line(s); run the same command again to resume"]
+    assert len([r for r in _jsonl(out) if r.get("status") == "ok"]) == 3
