@@ -373,3 +373,39 @@ def test_item4_interrupt_message_counts_what_was_written(tmp_path, capsys, monke
     assert err.strip().splitlines() == [f"kvcompress generate: interrupted; {out} holds 3 generated prompt(s) and 0 "
                                         "error line(s); run the same command again to resume"]
     assert len([r for r in _jsonl(out) if r.get("status") == "ok"]) == 3
+
+
+# --------------------------------------------------------------------------- 8: the bench's byte prediction
+
+
+@pytest.mark.parametrize("spec", ["int4@snapkv:0.5", "int4@streaming:200", "int2@tova:0.25", "int4"])
+def test_item8_predicted_bytes_count_the_tokens_eviction_keeps(tiny_llama, fast_attention, spec):
+    import torch
+
+    from kvcompress.bench.nbytes import cache_stored_bytes, predicted_stored_bytes
+
+    prompt, steps = 400, 3
+    ids = torch.randint(3, 128, (1, prompt), generator=torch.Generator().manual_seed(0))
+    cache = CompressedCache(fast_attention(tiny_llama), spec)
+    with torch.inference_mode():
+        out = tiny_llama(ids, cache=cache)
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            token = tiny_llama(token, cache=cache).logits[:, -1:].argmax(-1)
+    stored = cache_stored_bytes(cache)
+    config = tiny_llama.config
+    assert predicted_stored_bytes(spec, config, prompt + steps, torch.float32, prompt_tokens=prompt) == stored
+    if "@" in spec:  # the prediction the bench made before: as if every token were kept
+        assert stored < 0.8 * predicted_stored_bytes(spec.split("@")[0], config, prompt + steps, torch.float32)
+
+
+def test_item8_generation_time_eviction_has_no_closed_form():
+    import torch
+
+    from kvcompress.bench.nbytes import predicted_stored_bytes
+    from conftest import make_tiny_llama
+
+    spec = load_spec("int4@snapkv:0.5").to_dict()
+    spec["eviction"]["applies"] = "generation"
+    config = make_tiny_llama().config
+    assert predicted_stored_bytes(load_spec(spec), config, 400, torch.float32) is None
