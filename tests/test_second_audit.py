@@ -409,3 +409,27 @@ def test_item8_generation_time_eviction_has_no_closed_form():
     spec["eviction"]["applies"] = "generation"
     config = make_tiny_llama().config
     assert predicted_stored_bytes(load_spec(spec), config, 400, torch.float32) is None
+
+
+# --------------------------------------------------------------------------- 5: eviction is for the prompt only
+
+
+@pytest.mark.parametrize("spec", ["none@snapkv:0.5", "int8@streaming:0.5"])
+@pytest.mark.parametrize("mode", ["prompt_lookup", "assistant_model"])
+def test_item5_assisted_and_prompt_lookup_decoding_are_refused_for_eviction_specs(tiny_llama, fast_attention, spec,
+                                                                                   mode):
+    import torch
+
+    from conftest import make_tiny_llama
+
+    model = fast_attention(tiny_llama)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0)).repeat(1, 25)  # 300 tokens
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    plain = model.generate(ids, cache=CompressedCache(model, spec), **greedy)  # eviction itself works
+    assert plain.shape[1] == 308
+    cache = CompressedCache(model, spec)
+    assert not cache.is_croppable and CompressedCache(model, spec.split("@")[0]).is_croppable
+    extra = (dict(prompt_lookup_num_tokens=5) if mode == "prompt_lookup"
+             else dict(assistant_model=make_tiny_llama(seed=1), num_assistant_tokens=4))
+    with pytest.raises(ValueError, match="Assisted decoding requires a cache that can be cropped"):
+        model.generate(ids, cache=cache, **greedy, **extra)
