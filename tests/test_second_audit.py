@@ -100,6 +100,9 @@ CLI_CASES = [  # (argv with {d} for a temporary folder, command, words the one l
      ["--sweep-tokens 5", "--sweep-tokens 165 or more"]),
     (["measure-presets", "--verify-tokens", "5", "--file", "{d}/m.json"], "measure-presets",
      ["--verify-tokens 5", "--verify-tokens 165 or more"]),
+    (["sweep", "--specs", "int4", "--out", "{d}/s", "--tasks", "passkey", "--passkey-lengths", "0"], "sweep",
+     ["--passkey-lengths 0", "positive number of tokens", "e.g. --passkey-lengths"]),
+    (["analyze", "--out", "{d}/a", "--passkey-lengths", "256,0"], "analyze", ["--passkey-lengths 256,0"]),
     (["generate", "--input", "{d}/binary.jsonl", "--output", "{d}/out.jsonl"], "generate",
      ["--input", "binary.jsonl", "not UTF-8"]),
 ]
