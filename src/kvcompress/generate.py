@@ -183,7 +183,7 @@ def _check_same_run(lines: list[dict], run: str, settings: dict, path: Path) -> 
                    if isinstance(line.get("summary"), dict) and line["summary"].get("settings")), None)
     differ = [k for k in settings if before is not None and before.get(k) != settings[k]]
     what = (f"its {' and '.join(differ)} {'differs' if len(differ) == 1 else 'differ'} from this run's" if differ
-            else "written with other settings")
+            else "written with other settings or by an older kvcompress")
     raise ValueError(f"--output {path} holds {len(foreign)} results of another run ({what}); pass another --output, "
                      "or delete the file to generate every prompt again")
 
