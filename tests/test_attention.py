@@ -14,8 +14,10 @@ from transformers import AttentionInterface, DynamicCache
 import kvcompress
 from kvcompress import CompressedCache, enable_fast_attention
 from kvcompress.cache import attention as attention_module
-from kvcompress.cache.attention import (ATTENTION_NAME, LAYER_ATTRIBUTE, attend_compressed, kvcompress_attention,
-                                        register)
+from kvcompress.cache.attention import ATTENTION_NAME, LAYER_ATTRIBUTE, kvcompress_attention, register
+from kvcompress.cache.layer import State
+from kvcompress.kernels import reference
+from kvcompress.kernels.reference import attend_compressed
 from kvcompress.cache.cache import CompressedLayer
 from tiny_models import ARCHITECTURES, SEEDS
 
@@ -50,7 +52,7 @@ def test_attention_over_codes_equals_attention_over_reconstruction(arch, kernel,
     slow = decode_logits(model, CompressedCache(model, SPEC, fast_attention=False), prompt(90), 12)
     fast_cache = CompressedCache(model, SPEC, kernel=kernel)
     assert model.config._attn_implementation == ATTENTION_NAME
-    assert any(layer.attention_config is not None for layer in fast_cache.layers)
+    assert any(layer.fast_attention and not layer.is_sliding for layer in fast_cache.layers)
     fast = decode_logits(model, fast_cache, prompt(90), 12)
     torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-4)
 
@@ -92,7 +94,7 @@ def test_chunks_cover_every_compressed_token(monkeypatch, fast_attention):
     # (the pure-torch path: the CPU kernel does not chunk by CHUNK_TOKENS).
     model = fast_attention(ARCHITECTURES["qwen3"](seed=SEEDS["qwen3"]))
     whole = decode_logits(model, CompressedCache(model, SPEC, kernel=False), prompt(200), 4)
-    monkeypatch.setattr(attention_module, "CHUNK_TOKENS", 64)
+    monkeypatch.setattr(reference, "CHUNK_TOKENS", 64)
     chunked = decode_logits(model, CompressedCache(model, SPEC, kernel=False), prompt(200), 4)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
@@ -299,7 +301,7 @@ def test_generation_over_many_decode_steps_never_trips_the_guard(monkeypatch, fa
     # Decode steps with at least one compressed block read the codes at every layer (the prompt's
     # 40 tokens fill sinks + window + a block only after a few steps).
     assert len(reads) >= 60 * layers and set(reads) == set(range(layers))
-    assert not any(layer._window_unconsumed for layer in cache.layers)  # the last step's windows were read too
+    assert all(layer.state is State.READY for layer in cache.layers)  # the last step's windows were read too
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -242,8 +242,8 @@ def test_reconstruct_suffix_benchmarks_the_same_cache_without_attention_over_cod
     assert kind.spec_name == "int4" and kind.monitor and kind.reconstruct
     assert "fast_attention=False" in kind.describe()
     cache = make_cache(kind, tiny_llama)
-    assert all(layer.attention_config is None for layer in cache.layers)
-    assert any(layer.attention_config is not None for layer in make_cache(parse_cache_name("int4"), tiny_llama).layers)
+    assert not any(layer.fast_attention for layer in cache.layers)
+    assert all(layer.fast_attention for layer in make_cache(parse_cache_name("int4"), tiny_llama).layers)
 
 
 # ---- a fair baseline on sliding-window models ------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from kvcompress import CompressedCache, enable_fast_attention
-from kvcompress.cache.attention import attend_compressed
+from kvcompress.kernels.reference import attend_compressed
 from kvcompress.codecs import ComposedCodec
 from kvcompress.codecs.centering import Centered
 from kvcompress.codecs.codebook import CodebookCodec

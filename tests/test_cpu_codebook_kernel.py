@@ -18,7 +18,9 @@ from torch import nn
 
 from kvcompress import CompressedCache
 from kvcompress.cache import attention as attention_module
-from kvcompress.cache.attention import attend, attend_compressed
+from kvcompress.cache.attention import attend
+from kvcompress.kernels import reference
+from kvcompress.kernels.reference import attend_compressed
 from kvcompress.cache.build import pca_codebook
 from kvcompress.cache.layer import CompressedLayer
 from kvcompress.codecs import ComposedCodec, QuantCodec
@@ -112,12 +114,12 @@ def filled_layer(bits: int, D: int, dtype=torch.float32, B: int = 2, H: int = 2,
     as kvcompress's attention hands them over at prefill) before compressing the kept ones."""
     gen = torch.Generator().manual_seed(seed)
     key_space = RopeInverter(Rotary(D, factor=factor, equal_halves=equal_halves)) if pre_rope else None
+    config = SimpleNamespace(_attn_implementation=attention_module.ATTENTION_NAME)  # prompt queries reach the layer
     layer = CompressedLayer(make_codec(key, bits, H, D, gen), make_codec(value, bits, H, D, gen),
-                            window=window, sinks=sinks, block_size=64, key_space=key_space, eviction=eviction)
+                            window=window, sinks=sinks, block_size=64, key_space=key_space, eviction=eviction,
+                            config=config if eviction is not None else None)
     keys = torch.randn(B, H, tokens, D, generator=gen) * 2 + torch.randn(1, H, 1, D, generator=gen)
     values = torch.randn(B, H, tokens, D, generator=gen)
-    if eviction is not None:
-        layer.model_config = SimpleNamespace(_attn_implementation=attention_module.ATTENTION_NAME)
     layer.update(keys.to(dtype), values.to(dtype))
     if eviction is not None:
         queries = torch.randn(B, 2 * H, tokens, D, generator=gen) * 2
@@ -340,7 +342,7 @@ def test_decode_step_of_a_model_never_decodes_or_reconstructs(bits, monkeypatch,
         raise AssertionError("a decode step with the kernel decoded the codes into a tensor")
 
     for target, name in ((CodebookCodec, "decode"), (AllocatedCodebookCodec, "decode"),
-                         (CompressedLayer, "reconstruct"), (attention_module, "attend_compressed")):
+                         (CompressedLayer, "reconstruct"), (reference, "attend_compressed")):
         monkeypatch.setattr(target, name, refuse)
     got = model(torch.tensor([[7]]), cache=cache).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -369,13 +371,13 @@ def test_evicted_bits_cache_decodes_through_the_kernel(applies, monkeypatch, fas
     calls = []
     kernel_attend = cpu_codebook.attend
     monkeypatch.setattr(cpu_codebook, "attend", lambda *args: calls.append(1) or kernel_attend(*args))
-    torch_path = attention_module.attend_compressed
+    torch_path = reference.attend_compressed
 
     def only_torch_cache(layer, *args):
         assert not layer.use_kernel, "a decode step of the kernel cache ran attend_compressed"
         return torch_path(layer, *args)
 
-    monkeypatch.setattr(attention_module, "attend_compressed", only_torch_cache)
+    monkeypatch.setattr(reference, "attend_compressed", only_torch_cache)
     steps = 90 if applies == "generation" else 4  # generation: 64-token spans leave the 16-token window
     for step in range(steps):
         token = torch.tensor([[5 + step % 60]])

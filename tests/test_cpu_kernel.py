@@ -13,7 +13,9 @@ import torch
 
 from kvcompress import CompressedCache
 from kvcompress.cache import attention as attention_module
-from kvcompress.cache.attention import attend, attend_compressed
+from kvcompress.cache.attention import attend
+from kvcompress.kernels import reference
+from kvcompress.kernels.reference import attend_compressed
 from kvcompress.cache.layer import CompressedLayer
 from kvcompress.codecs import ComposedCodec, HadamardRotation, QuantCodec
 from kvcompress.kernels import cpu
@@ -173,7 +175,7 @@ def test_decode_step_with_the_kernel_never_decodes_or_reconstructs(monkeypatch, 
         raise AssertionError("a decode step with the kernel decoded the codes into a tensor")
 
     for target, name in ((QuantCodec, "decode"), (QuantCodec, "decode_into"), (CompressedLayer, "reconstruct"),
-                         (attention_module, "attend_compressed")):
+                         (reference, "attend_compressed")):
         monkeypatch.setattr(target, name, refuse)
     got = model(torch.tensor([[7], [9]]), cache=cache, attention_mask=step_mask).logits
     torch.testing.assert_close(got, expected, **tolerance(torch.float32))
@@ -206,13 +208,13 @@ def test_evicted_cache_decodes_through_the_kernel(applies, monkeypatch, fast_att
         return out
 
     monkeypatch.setattr(cpu, "attend", spy)
-    torch_path = attention_module.attend_compressed
+    torch_path = reference.attend_compressed
 
     def only_torch_cache(layer, *args):
         assert not layer.use_kernel, "a decode step of the kernel cache ran attend_compressed"
         return torch_path(layer, *args)
 
-    monkeypatch.setattr(attention_module, "attend_compressed", only_torch_cache)
+    monkeypatch.setattr(reference, "attend_compressed", only_torch_cache)
     steps = 90 if applies == "generation" else 4  # generation: 64-token spans leave the 16-token window
     for step in range(steps):
         mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)

@@ -250,7 +250,7 @@ def test_gemma3_evicts_full_layers_only(fast_attention):
         model(_ids(4, seed=3), cache=cache)
     for layer in cache.layers:
         if layer.is_sliding:  # keeps its window as transformers does, nothing evicted by the policy
-            assert layer.eviction is None and layer.held_tokens() == min(N_PROMPT + 4, layer.sliding_window - 1)
+            assert layer.evictor is None and layer.held_tokens() == min(N_PROMPT + 4, layer.sliding_window - 1)
         else:
             assert layer.held_tokens() < layer.get_seq_length() == N_PROMPT + 4
 

@@ -3,7 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by
 conftest.py before Triton is first imported); on a CUDA machine they are compiled and run on the GPU.
 The pack kernel's codes, scales and zero points are byte-identical to `QuantCodec.encode`'s
-torch path; decode attention equals `cache.attention.attend_compressed`; and with Triton chosen a
+torch path; decode attention equals `kernels.reference.attend_compressed`; and with Triton chosen a
 model's decode steps go through both kernels and give the torch path's logits.
 Skipped when Triton is not installed (`pip install 'kvcompress[gpu]'`).
 """
@@ -20,7 +20,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # conftest se
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton cannot run here", allow_module_level=True)
 
 from kvcompress import CompressedCache, enable_fast_attention, kernels  # noqa: E402
-from kvcompress.cache.attention import attend_compressed  # noqa: E402
+from kvcompress.kernels.reference import attend_compressed  # noqa: E402
 from kvcompress.cache import CompressedLayer  # noqa: E402
 from kvcompress.codecs import QuantCodec, packing  # noqa: E402
 from kvcompress.codecs.quant import TOKEN_AXIS_ROW_TOKENS  # noqa: E402

@@ -186,29 +186,23 @@ class CompressedCache(Cache):
         key_spaces, self.key_space_fallback = _key_spaces(model, self.spec, num_layers)
         if self.spec.eviction is not None:
             _check_eviction(model, self.spec, sliding_windows)
+        self.monitor = _make_monitor(monitor)
         layers = []
         for idx in range(num_layers):
             key_spec, value_spec = self.spec.for_layer(idx)
             kind = "key_pre" if key_spaces[idx] is not None else "key_post"
-            layer_cls, extra = CompressedLayer, {"eviction": self.spec.eviction}
+            codecs = (build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact),
+                      build_codec(value_spec, layer_idx=idx, kind="value", artifact=artifact))
+            common = dict(window=self.spec.window, sinks=self.spec.sinks, block_size=self.spec.block_size,
+                          layer_idx=idx, config=config, key_space=key_spaces[idx], monitor=self.monitor,
+                          kernel=kernel)
             if sliding_windows[idx] is not None:  # keeps only the window, as transformers does
-                layer_cls, extra = CompressedSlidingLayer, {"sliding_window": sliding_windows[idx]}
-            layers.append(layer_cls(build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact),
-                                    build_codec(value_spec, layer_idx=idx, kind="value", artifact=artifact),
-                                    window=self.spec.window, sinks=self.spec.sinks,
-                                    block_size=self.spec.block_size, layer_idx=idx,
-                                    key_space=key_spaces[idx], **extra))
+                layers.append(CompressedSlidingLayer(*codecs, sliding_window=sliding_windows[idx], **common))
+            else:
+                layers.append(CompressedLayer(*codecs, eviction=self.spec.eviction, fast_attention=fast_attention,
+                                              **common))
         super().__init__(layers=layers)
-        self.monitor = _make_monitor(monitor)
-        for layer in self.layers:
-            layer.monitor = self.monitor
-            layer.model_fields = self.model_fields
-            layer.use_kernel = kernel
-            layer.model_config = config
-        if fast_attention:  # decode steps read the codes while the model runs kvcompress's attention
-            for layer in self.layers:
-                if not layer.is_sliding:
-                    layer.attention_config = config
+        if fast_attention:
             hint_fast_attention(model)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -252,7 +246,7 @@ class CompressedCache(Cache):
         memo: dict[int, object] = {}
         for layer in self.layers:
             for shared in (layer.key_codec, layer.value_codec, getattr(layer.key_space, "inner", layer.key_space),
-                           layer.attention_config):
+                           layer.config):
                 if shared is not None:
                     memo[id(shared)] = shared
         return copy.deepcopy(self, memo)
