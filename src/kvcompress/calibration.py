@@ -24,7 +24,7 @@ no longer match their checksum or hold NaN or infinite values; an artifact writt
 checksums existed loads with a warning (re-run `kvcompress calibrate` to add one).
 
 The embedded model's artifact is built on first use and cached under
-`kvcompress.models.cache_root()/artifacts/` (written to a temporary folder, then renamed).
+`kvcompress.io.cache_root()/artifacts/` (written to a temporary folder, then renamed).
 
 This module does not compress anything (see `codecs.lowrank`) and does not fingerprint
 weights: two models with the same architecture config but different weights share a
@@ -55,13 +55,14 @@ from .fingerprint import config_fields, config_fingerprint
 from .fingerprint import text_config as _text_config
 from .io import (
     DamagedDirectoryError,
+    cache_root,
     check_directory,
     content_hash,
     write_atomic,
     write_directory_atomic,
     write_json_atomic,
 )
-from .models import EMBEDDED_DISPLAY_NAME, cache_root, model_id
+from .models import EMBEDDED_DISPLAY_NAME, model_id
 from .rope import key_space_for
 from .spec import CacheSpec, TensorSpec
 

@@ -6,8 +6,8 @@ to float on every load, which is slow (tens of seconds, mostly the tokenizer con
 the first load saves a converted copy (safetensors + tokenizer files) in the user cache and
 later loads read that copy (about a second). The same applies to any local `.gguf` file.
 
-Cache folder: `$KVCOMPRESS_CACHE`, else `$XDG_CACHE_HOME/kvcompress`, else
-`~/.cache/kvcompress`; converted copies live in its `models/` sub-folder. A copy is written
+Converted copies live in the `models/` sub-folder of the cache folder (`io.cache_root`:
+`$KVCOMPRESS_CACHE`, else `$XDG_CACHE_HOME/kvcompress`, else `~/.cache/kvcompress`). A copy is written
 into a temporary sibling folder, gets a `COMPLETE` manifest (file names and sizes) last, and
 is then renamed into place, so a half-written copy is never read. A copy whose files do not
 match its manifest, or that transformers cannot read, raises `ModelLoadError` naming the
@@ -39,6 +39,7 @@ import torch
 from .extras import require_extra
 from .io import (
     DamagedDirectoryError,
+    cache_root,
     check_directory,
     content_hash,
     write_directory_atomic,
@@ -59,15 +60,6 @@ class ModelLoadError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def cache_root() -> Path:
-    """The kvcompress user cache folder (not created here)."""
-    if os.environ.get("KVCOMPRESS_CACHE"):
-        return Path(os.environ["KVCOMPRESS_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kvcompress"
-    return Path.home() / ".cache" / "kvcompress"
 
 
 def embedded_gguf_path() -> Path:

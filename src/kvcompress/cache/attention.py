@@ -175,9 +175,8 @@ class HandedWindow(torch.Tensor):
         raise RuntimeError(
             f"kvcompress: an attention other than kvcompress's tried to read the K/V window that {where} handed "
             f"to kvcompress's attention ({getattr(func, '__name__', func)} on it); it would have attended to the "
-            "window alone, without the compressed tokens. Fix: build the cache with "
-            "CompressedCache(..., fast_attention=False), or restore the model's attention (the handle "
-            "enable_fast_attention returned); and please report the model type to kvcompress.")
+            "window alone, without the compressed tokens. Fix: run the model without kvcompress's attention "
+            "(restore the handle enable_fast_attention returned); and please report the model type to kvcompress.")
 
 
 def hand_window(keys: torch.Tensor, layer) -> HandedWindow:
@@ -244,8 +243,8 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     if dropout or unsupported:
         raise ValueError(
             f"kvcompress attention does not support {unsupported or {'dropout': dropout}} at decode time; "
-            "build the cache with CompressedCache(..., fast_attention=False) for this model, or leave the model "
-            "on sdpa (restore the handle enable_fast_attention returned)"
+            "leave the model on sdpa (restore the handle enable_fast_attention returned): decode steps then read "
+            "the full reconstruction"
         )
     layer.check_reader(getattr(module, "config", None))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -259,13 +258,12 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
     """The decode step over `layer`: on CUDA the Triton kernel where it applies
     (`kernels.decode_attention`, see `_triton_reads`); on CPU the compiled CPU kernel where it
     applies (`kvcompress.kernels.cpu`: CPU tensors, plain `QuantCodec` keys and values stored
-    post-RoPE or codebook keys and values, `layer.use_kernel`; not with KVCOMPRESS_KERNELS=torch);
-    else `kernels.reference.attend_compressed`.
+    post-RoPE or codebook keys and values; `kernels.use_cpu_kernel`); else
+    `kernels.reference.attend_compressed`. KVCOMPRESS_KERNELS chooses (see `kernels`).
     Same arguments and result as `attend_compressed`."""
     if _triton_reads(layer, query, attention_mask):
         return kernels.decode_attention(layer, query, attention_mask, scaling)
-    use_cpu_kernel = layer.use_kernel and kernels.mode() != "torch"
-    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if use_cpu_kernel else None
+    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if kernels.use_cpu_kernel(query) else None
     return out if out is not None else reference.attend_compressed(layer, query, attention_mask, scaling)
 
 

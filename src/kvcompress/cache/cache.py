@@ -140,6 +140,13 @@ class CompressedCache(Cache):
         out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
         cache.memory_report().ratio
 
+    The decode path follows the model alone: while it runs kvcompress's attention
+    (`kvcompress.enable_fast_attention(model)`: Llama, Mistral, Qwen2, Qwen3, Gemma 3 text models
+    on "sdpa"), decode steps hand attention the codes, read chunk by chunk or by a compiled
+    kernel (`KVCOMPRESS_KERNELS`, see `kvcompress.kernels`; same result, faster); otherwise
+    attention reads the full reconstruction, and the first such cache logs once (INFO, logger
+    "kvcompress") how to enable it. The cache never switches the model itself.
+
     Args:
         model: the model (or its config) the cache is for. Pre-RoPE keys need the model itself
             (its rotary embedding), not only its config.
@@ -149,17 +156,6 @@ class CompressedCache(Cache):
         monitor: False (default, costs nothing), True, or a `kvcompress.cache.monitor.QualityMonitor`
             with your own thresholds: samples compressed blocks and tracks their reconstruction
             quality per layer (`cache.monitor.summary()`), warning once per layer when it drops.
-        fast_attention: True (default): at a decode step, hand attention the codes when (and only
-            when) the model runs kvcompress's attention function, i.e. after
-            `kvcompress.enable_fast_attention(model)` (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text
-            models using "sdpa"): attention then reads the codes chunk by chunk instead of a full
-            decoded copy (same result, faster); otherwise it reads the full reconstruction, and
-            the first such cache logs once (INFO, logger "kvcompress") how to enable it. The cache
-            never switches the model itself. False: attention always reads the full
-            reconstruction, whatever the model runs.
-        kernel: True (default): on CPU, decode steps that read the codes run the compiled kernel
-            `kvcompress.kernels.cpu` (built on first use; same results) for layers whose codecs it
-            reads; False: always the pure-torch path (also forced by KVCOMPRESS_NO_KERNEL=1).
 
     Attributes:
         key_space_fallback: why pre-RoPE keys were asked for but keys are compressed post-RoPE
@@ -172,7 +168,7 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, model: PreTrainedModel | PretrainedConfig, spec: str | dict | CacheSpec = "int4",
-                 artifact=None, monitor=False, fast_attention: bool = True, kernel: bool = True):
+                 artifact=None, monitor=False):
         config = _text_config(model)
         sliding_windows = check_supported(config)
         self.spec = load_spec(spec)
@@ -194,16 +190,13 @@ class CompressedCache(Cache):
             codecs = (build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact),
                       build_codec(value_spec, layer_idx=idx, kind="value", artifact=artifact))
             common = dict(window=self.spec.window, sinks=self.spec.sinks, block_size=self.spec.block_size,
-                          layer_idx=idx, config=config, key_space=key_spaces[idx], monitor=self.monitor,
-                          kernel=kernel)
+                          layer_idx=idx, config=config, key_space=key_spaces[idx], monitor=self.monitor)
             if sliding_windows[idx] is not None:  # keeps only the window, as transformers does
                 layers.append(CompressedSlidingLayer(*codecs, sliding_window=sliding_windows[idx], **common))
             else:
-                layers.append(CompressedLayer(*codecs, eviction=self.spec.eviction, fast_attention=fast_attention,
-                                              **common))
+                layers.append(CompressedLayer(*codecs, eviction=self.spec.eviction, **common))
         super().__init__(layers=layers)
-        if fast_attention:
-            hint_fast_attention(model)
+        hint_fast_attention(model)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Store (B, H, T, D) states of layer `layer_idx` (see `CompressedLayer.update`), after

@@ -42,14 +42,12 @@ class CompressedLayer(CompressedStorage):
         config: the model's (text) config: its attention implementation says whether attention
             reads the codes, its rope is checked against readers of pre-RoPE keys; or None.
         eviction: an `EvictionSpec` (needs kvcompress's attention during the prompt), or None.
-        fast_attention: False: attention always reads the full reconstruction.
-        kernel: False: decode steps never run the compiled CPU kernel.
     """
 
     def __init__(self, key_codec: Codec, value_codec: Codec, window: int, sinks: int, block_size: int,
                  layer_idx: int = 0, config=None, key_space=None, eviction: EvictionSpec | None = None,
-                 monitor=None, fast_attention: bool = True, kernel: bool = True):
-        self.config, self.fast_attention, self.use_kernel = config, fast_attention, kernel
+                 monitor=None):
+        self.config = config
         self.evictor = None if eviction is None else Evictor(eviction, sinks=sinks, window=window,
                                                               block_size=block_size)
         self._reader = None  # the last config found to have this layer's rope (`check_reader`)
@@ -107,13 +105,13 @@ class CompressedLayer(CompressedStorage):
                 f"({self.window_keys.shape[2]} of {self.held_tokens()} tokens): the layer handed kvcompress's attention "
                 "a window tagged with the layer, but the attention that ran did not read the layer's compressed tokens "
                 "(it copied the tensor, or is not kvcompress's attention), so the model's output for that step was "
-                "wrong. Fix: build the cache with CompressedCache(..., fast_attention=False), or restore the model's "
-                f"attention (the handle enable_fast_attention returned); and please report model type {model_type!r} "
-                "to kvcompress.")
+                "wrong. Fix: run the model without kvcompress's attention (restore the handle enable_fast_attention "
+                f"returned: decode steps then read the full reconstruction); and please report model type "
+                f"{model_type!r} to kvcompress.")
 
     def _attention_reads_codes(self) -> bool:
         """Whether this step's attention is kvcompress's, which reads the codes (no autograd through it)."""
-        return (self.fast_attention and self.n_compressed > 0 and not torch.is_grad_enabled()
+        return (self.n_compressed > 0 and not torch.is_grad_enabled()
                 and getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME)
 
     # ---- what kvcompress's attention calls back -----------------------------------------------

@@ -43,8 +43,8 @@ class CompressedSlidingLayer(CompressedLayer):
     """A `CompressedLayer` that keeps only the last `sliding_window - 1` tokens.
 
     Args:
-        key_codec, value_codec, window, sinks, block_size, layer_idx, config, key_space, monitor,
-            kernel: as for `CompressedLayer` (no eviction: a sliding layer keeps only its window).
+        key_codec, value_codec, window, sinks, block_size, layer_idx, config, key_space, monitor:
+            as for `CompressedLayer` (no eviction: a sliding layer keeps only its window).
         sliding_window: the model's sliding window for this layer (tokens a query may see,
             itself included).
     """
@@ -52,14 +52,13 @@ class CompressedSlidingLayer(CompressedLayer):
     is_sliding = True
 
     def __init__(self, key_codec: Codec, value_codec: Codec, window: int, sinks: int, block_size: int,
-                 sliding_window: int, layer_idx: int = 0, config=None, key_space=None, monitor=None,
-                 kernel: bool = True):
+                 sliding_window: int, layer_idx: int = 0, config=None, key_space=None, monitor=None):
         if not isinstance(sliding_window, int) or sliding_window < 2:
             raise ValueError(f"sliding_window must be an integer >= 2, got {sliding_window!r}")
         if key_space is not None:
             key_space = ShiftedKeySpace(key_space)
         super().__init__(key_codec, value_codec, window=window, sinks=sinks, block_size=block_size,
-                         layer_idx=layer_idx, config=config, key_space=key_space, monitor=monitor, kernel=kernel)
+                         layer_idx=layer_idx, config=config, key_space=key_space, monitor=monitor)
         self.sliding_window = sliding_window
         self.record_past = False
 

@@ -1,6 +1,6 @@
 """Build, load and call the CPU decode kernel (`cpu_decode.cpp`, `cpu_codebook.cpp`) for a `CompressedLayer`.
 
-`attend(layer, query, mask, scaling)` computes what `kvcompress.cache.attention.attend_compressed`
+`attend(layer, query, mask, scaling)` computes what `kvcompress.kernels.reference.attend_compressed`
 computes (one decode step over sinks, compressed blocks and window), from the stored codes.
 Two paths of one extension:
 
@@ -11,17 +11,16 @@ Two paths of one extension:
 
 It returns None (the caller runs `attend_compressed`) when the kernel does not apply:
 
-- the kernel is disabled (environment variable `KVCOMPRESS_NO_KERNEL=1`) or could not be built
-  (no compiler, no ninja, a build error): then ONE warning per process says why;
+- `KVCOMPRESS_KERNELS=torch`; or the kernel could not be built (no compiler, no ninja, a build
+  error): then ONE warning per process says why (`KVCOMPRESS_KERNELS=cpu` raises instead);
 - the tensors are not on the CPU;
 - the codecs fit neither path (low-rank fp16, Hadamard + uniform, a mix of the two families, pre-RoPE
   uniform keys, ... run the torch path), or `kernels.cpu_codebook.supports` refuses the layer;
 - the mask is not (B or 1, 1, 1, seq).
 
 The extension is built on first use (about a minute) with torch's `cpp_extension.load` into
-`$KVCOMPRESS_CACHE_DIR/ext/<key>` (default `~/.cache/kvcompress/ext/<key>`, or under
-`$XDG_CACHE_HOME`), where the key hashes the source, the torch and Python versions, the
-compiler flags and the CPU, so later processes load it in milliseconds and an upgrade
+`ext/<key>` of the kvcompress cache folder (`io.cache_root`, `$KVCOMPRESS_CACHE`), where the
+key hashes the source, the torch and Python versions, the compiler flags and the CPU, so later processes load it in milliseconds and an upgrade
 rebuilds it. `make setup` builds it once (`python -m kvcompress.kernels.cpu`).
 
 This module does not implement attention itself and does not touch the model.
@@ -33,7 +32,6 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import logging
-import os
 import platform
 import sys
 import warnings
@@ -43,9 +41,9 @@ from pathlib import Path
 import torch
 
 from ..codecs.quant import QuantCodec
-from . import cpu_codebook
+from ..io import cache_root
+from . import ENV, cpu_codebook, mode
 
-ENV_DISABLE = "KVCOMPRESS_NO_KERNEL"
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")  # defines the module; the files below are compiled with it
 EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"),)
 HEADERS = (Path(__file__).with_name("cpu_common.h"),)
@@ -57,11 +55,6 @@ BLOCK_TOKENS = 512
 
 log = logging.getLogger(__name__)
 _state: dict = {"tried": False, "module": None, "reason": None}
-
-
-def disabled_by_env() -> bool:
-    """True when `KVCOMPRESS_NO_KERNEL` is set to anything but "", "0" or "false"."""
-    return os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _cpu_signature() -> str:
@@ -87,12 +80,7 @@ def build_key() -> str:
 
 def build_directory() -> Path:
     """Where the extension is built and cached (outside the source tree)."""
-    root = os.environ.get("KVCOMPRESS_CACHE_DIR")
-    if root:
-        base = Path(root)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvcompress"
-    return base / "ext" / build_key()
+    return cache_root() / "ext" / build_key()
 
 
 def _import_built(name: str, directory: Path):
@@ -136,8 +124,9 @@ def _short(error: BaseException) -> str:
 
 
 def load():
-    """The compiled module, or None (disabled or unbuildable; a failed build warns once)."""
-    if disabled_by_env():
+    """The compiled module, or None (KVCOMPRESS_KERNELS=torch, or unbuildable: a failed build
+    warns once, and raises a RuntimeError with KVCOMPRESS_KERNELS=cpu)."""
+    if mode() == "torch":
         return None
     if not _state["tried"]:
         _state["tried"] = True
@@ -147,17 +136,21 @@ def load():
             _state["reason"] = _short(error)
             if "ninja" in _state["reason"].lower():
                 _state["reason"] += " (pip install 'kvcompress[kernel]' installs it)"
-            warnings.warn(
-                f"kvcompress: the CPU decode kernel could not be built ({_state['reason']}); decode steps use "
-                f"the slower pure-torch path with the same results. Set {ENV_DISABLE}=1 to skip the build.",
-                RuntimeWarning, stacklevel=2)
+            if mode() != "cpu":
+                warnings.warn(
+                    f"kvcompress: the CPU decode kernel could not be built ({_state['reason']}); decode steps use "
+                    f"the slower pure-torch path with the same results. Set {ENV}=torch to skip the build.",
+                    RuntimeWarning, stacklevel=2)
+    if _state["module"] is None and mode() == "cpu":
+        raise RuntimeError(f"{ENV}=cpu asks for the CPU decode kernel, but it could not be built "
+                           f"({_state['reason']}); unset {ENV} to fall back to the pure-torch path")
     return _state["module"]
 
 
 def unavailable_reason() -> str | None:
     """Why the kernel is not used in this process (None when it is loaded, or not tried yet)."""
-    if disabled_by_env():
-        return f"disabled by {ENV_DISABLE}"
+    if mode() == "torch":
+        return f"disabled by {ENV}=torch"
     return _state["reason"]
 
 
@@ -193,7 +186,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
     """Attention of one decode step over `layer`, from its codes; None where the kernel does not apply.
 
-    Args and result as `kvcompress.cache.attention.attend_compressed`: query (B, H_q, 1, D),
+    Args and result as `kvcompress.kernels.reference.attend_compressed`: query (B, H_q, 1, D),
     attention_mask None / bool / additive (B or 1, 1, 1, seq); returns (B, H_q, 1, D_v).
     """
     if query.shape[2] != 1 or layer.n_compressed == 0 or query.device.type != "cpu":

@@ -249,9 +249,9 @@ def reconstruct(model, spec: str | dict | CacheSpec, capture: Capture, artifact=
     if n <= only.sinks:
         raise ValueError(f"{capture.tokens} captured tokens do not fill {only.sinks} sinks and one block of "
                          f"{only.block_size} tokens; capture more tokens")
-    # Whole blocks go straight through `update`, no attention and no decode step: nothing for
-    # attention over the codes to do (and no hint about it to log).
-    cache = CompressedCache(model, only, artifact=artifact, fast_attention=False)
+    # Whole blocks go straight through `update`, no attention and no decode step: the
+    # reconstruction is returned whatever attention the model runs.
+    cache = CompressedCache(model, only, artifact=artifact)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     pairs = []
