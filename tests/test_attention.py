@@ -15,10 +15,9 @@ import kvcompress
 from kvcompress import CompressedCache, enable_fast_attention
 from kvcompress.cache import attention as attention_module
 from kvcompress.cache.attention import ATTENTION_NAME, LAYER_ATTRIBUTE, kvcompress_attention, register
-from kvcompress.cache.layer import State
+from kvcompress.cache.layer import CompressedLayer, State
 from kvcompress.kernels import reference
 from kvcompress.kernels.reference import attend_compressed
-from kvcompress.cache.cache import CompressedLayer
 from tiny_models import ARCHITECTURES, SEEDS
 
 SPEC = {"key": {"bits": 4, "axis": "channel", "group_size": 32},

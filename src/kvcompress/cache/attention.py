@@ -208,7 +208,7 @@ def _check_unpadded(attention_mask: torch.Tensor | None, layer) -> None:
     last = attention_mask[..., -1, :]
     sees_all = bool(last.all()) if last.dtype == torch.bool else bool((last == 0).all())
     if not sees_all:
-        raise ValueError(f"layer {layer.layer_idx}: eviction ({layer.eviction.describe()}) needs prompts without "
+        raise ValueError(f"layer {layer.layer_idx}: eviction ({layer.evictor.describe()}) needs prompts without "
                          "padding (the last prompt token must see every prompt token); run padded prompts one at a "
                          "time, or use a spec without eviction")
 

@@ -19,7 +19,8 @@ import torch
 
 from ..spec import CacheSpec
 from .sensitivity import Evaluator
-from .state import TuneState, measurement_fingerprint, model_fingerprint
+from ..fingerprint import model_fingerprint
+from .state import TuneState, measurement_fingerprint
 
 __all__ = ["eval_figures", "make_evaluator", "make_ratio_evaluator", "prompt_figures"]
 

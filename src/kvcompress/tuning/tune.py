@@ -74,7 +74,7 @@ from ..io import parse_list
 from ..spec import CacheSpec, TensorSpec
 from .allocation import PathPoint, lagrangian_path, spec_from_choice
 from .candidates import candidate_settings
-from .evaluators import eval_figures, make_evaluator  # noqa: F401 (eval_figures is re-exported)
+from .evaluators import make_evaluator
 from .sensitivity import (
     COST_POWER,
     TENSORS,
@@ -87,7 +87,8 @@ from .sensitivity import (
     weight_specs,
 )
 from ..corpus import require_selection_text
-from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+from ..fingerprint import model_fingerprint, text_fingerprint
+from .state import TuneState, measurement_fingerprint
 
 logger = logging.getLogger(__name__)
 
