@@ -212,12 +212,16 @@ def test_model_decode_steps_run_both_kernels_and_match_the_torch_path(monkeypatc
 
 def test_kernel_choice_follows_the_environment(monkeypatch):
     cpu = torch.zeros(1)
+    other = torch.zeros(1, device="meta")  # not a CPU tensor
     monkeypatch.setenv(kernels.ENV, "auto")
     assert not kernels.use_triton(cpu)  # auto: Triton only on CUDA tensors
+    assert kernels.use_cpu_kernel(cpu) and not kernels.use_cpu_kernel(other)  # the CPU kernel on CPU tensors
     monkeypatch.setenv(kernels.ENV, "torch")
-    assert not kernels.use_triton(cpu)
+    assert not kernels.use_triton(cpu) and not kernels.use_cpu_kernel(cpu)
+    monkeypatch.setenv(kernels.ENV, "cpu")
+    assert not kernels.use_triton(cpu) and kernels.use_cpu_kernel(cpu) and not kernels.use_cpu_kernel(other)
     monkeypatch.setenv(kernels.ENV, "fast")
-    with pytest.raises(ValueError, match="KVCOMPRESS_KERNELS='fast' is not valid; use one of auto, torch, triton"):
+    with pytest.raises(ValueError, match="KVCOMPRESS_KERNELS='fast' is not valid; use one of auto, torch, triton, cpu"):
         kernels.use_triton(cpu)
     monkeypatch.setenv(kernels.ENV, "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
