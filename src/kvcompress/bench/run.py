@@ -177,7 +177,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 "prefill_vs_dynamic": prefills[("dynamic", context)] / prefills[(kind.name, context)],
                 "stored_bytes": mine[-1].stored_bytes,
                 "fp16_bytes": fp16_cache_bytes(config, context),
-                "predicted_bytes": (predicted_stored_bytes(kind.spec_name, config, context, model.dtype)
+                "predicted_bytes": (predicted_stored_bytes(kind.spec_name, config, context, model.dtype,
+                                                           prompt_tokens=prompts[context].shape[1])
                                     if kind.family == "kvcompress" else None),
                 "peak_bytes": peaks.get((kind.name, context), {}).get("peak_bytes"),
             }

@@ -201,6 +201,14 @@ class CompressedCache(Cache):
         super().__init__(layers=layers)
         hint_fast_attention(model)
 
+    @property
+    def is_croppable(self) -> bool:
+        """False for a spec with eviction: a crop cannot bring back tokens eviction dropped, and the
+        first forward of assisted / prompt-lookup decoding holds the candidate tokens with the prompt,
+        so eviction would score and budget them as prompt. transformers refuses those generation
+        modes for a cache that is not croppable (a ValueError after the first forward pass)."""
+        return self.spec.eviction is None and super().is_croppable
+
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Store (B, H, T, D) states of layer `layer_idx` (see `CompressedLayer.update`), after
         checking that they come from the model the cache was built for."""

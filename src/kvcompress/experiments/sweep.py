@@ -7,8 +7,10 @@ For every spec the sweep writes `OUT/records/<label>.json` as soon as that spec 
 (written to a temporary file, then renamed, so a record is either whole or absent):
 
     {"label", "key", "status": "ok" | "error", "spec", "describe", "settings", "model",
-     "reconstruction": {...}  (see `reconstruction.direct_reconstruction`),
+     "reconstruction": {...}  (see `reconstruction.direct_reconstruction`; of the codecs alone for a spec
+                               with eviction, which its "note" says),
      "eval": {...}            (see `evaluate.EvalResult`; with `context_tokens`, `prompt.PromptEvalResult`),
+     "eval_skipped"           (instead of "eval", why: a spec that evicts prompt tokens, without `context_tokens`),
      "tasks": {"passkey": {..., "uncompressed": {...}}, "agreement": {...}},
      "error", "traceback"     (only when status is "error"),
      "timing": {phase: {"wall_s", "cpu_s"}}}
