@@ -1,30 +1,14 @@
 """Batch generation with a compressed cache: prompts from a JSONL file, one output line per prompt.
 
-    settings = GenerateSettings(spec="int4", max_new_tokens=64)
-    summary = generate_file("prompts.jsonl", "out.jsonl", settings)           # in this process
-    summary = generate_file(..., ray=RayOptions(workers=4))                     # Ray Data, model actors
+    summary = generate_file("prompts.jsonl", "out.jsonl", GenerateSettings(spec="int4", max_new_tokens=64))
 
-Input: one JSON object per line, `{"id": "q1", "prompt": "..."}` (`"text"` is accepted for
-`"prompt"`; without `"id"` the line number is the id). Blank lines are skipped.
-
-Output (appended, one JSON object per line, written as each prompt finishes):
-
-    {"id", "line", "status": "ok", "text", "prompt_tokens", "new_tokens",
-     "stored_bytes", "fp16_bytes", "ratio"}           # from the cache's `memory_report()`
-    {"id", "line", "status": "error", "error"}        # this prompt only; the others still run
-    {"summary": {"prompts", "ok", "errors", "skipped", "stored_bytes", "fp16_bytes", "ratio",
-                 "spec", "model", "wall_s"}}         # last line of every run
-
-Decoding is greedy (`do_sample=False`), one fresh `CompressedCache` per prompt, so a prompt's
-text does not depend on which worker or batch ran it. Rerunning with the same output file
-skips every prompt whose id already has an "ok" line there (a prompt that failed is tried
-again), so an interrupted run resumes; a half-written last line is ignored.
-
-With `ray`, prompts go through Ray Data (`map_batches` with `GenerateWorker` as the actor
-class; each actor loads the model itself) and the driver writes the lines as batches arrive.
-
-This module does not batch several prompts into one forward pass (each has its own cache),
-does not sample, and does not apply chat templates (the prompt text is tokenized as given).
+Input lines: `{"id": "q1", "prompt": "..."}` (`"text"` for `"prompt"`; without an id, the line
+number). Output lines, appended as each prompt finishes: `{"id", "line", "status": "ok", "text",
+"prompt_tokens", "new_tokens", "stored_bytes", "fp16_bytes", "ratio"}`, or `"status": "error"` with
+the error for that prompt only, and a `{"summary": ...}` line per run. Greedy decoding with a fresh
+`CompressedCache` per prompt; a rerun skips the prompts already done. With `ray`, prompts go
+through Ray Data (`map_batches`, `GenerateWorker` actors that load the model). No chat template is
+applied.
 """
 
 from __future__ import annotations
