@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -41,12 +42,16 @@ def _parse_named_values(text: str, *, minimum: float, what: str, example: str) -
     out = {}
     for item in parse_list(text):
         name, _, value = item.partition("=")
+        name = name.strip()
+        if name in out:
+            raise ValueError(f"{name!r} is given twice; give each preset one value, e.g. '{example}'")
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
             raise ValueError(f"{what} look like '{example}', got {item!r}") from None
-        if not name.strip() or not out[name.strip()] > minimum:
-            raise ValueError(f"each of the {what} needs a name and a value above {minimum:g}, got {item!r}")
+        if not name or not out[name] > minimum or not math.isfinite(out[name]):
+            raise ValueError(f"each of the {what} needs a name and a finite value above {minimum:g}, got {item!r}; "
+                             f"e.g. '{example}'")
     if not out:
         raise ValueError(f"no {what} given; use e.g. '{example}'")
     return out
