@@ -1,15 +1,10 @@
 """The caches a benchmark compares, by name, and how to build an empty one for a model.
 
-Names: "dynamic" (transformers' `DynamicCache`), "quanto-<bits>" / "hqq-<bits>" (transformers'
-`QuantizedCache` with that backend, from the `bench` extra), anything else a kvcompress preset
-name or spec file, optionally with "+monitor" / "+reconstruct" / "+torch" suffixes (see `CacheKind`).
-
-Every cache is built from the model's config, as `generate` builds its own: on models with
-sliding-window layers (Gemma 3, Mistral with a window) `DynamicCache(config=...)` gives those
-layers a sliding layer that keeps only the window, so the baseline stores what transformers
-would store and the comparison with kvcompress (which also keeps only the window there) is fair.
-
-This module does not time, count bytes or run anything.
+Names: "dynamic" (`DynamicCache`), "quanto-<bits>" / "hqq-<bits>" (transformers' `QuantizedCache`,
+`bench` extra), anything else a kvcompress preset or spec file, optionally with "+monitor",
+"+reconstruct" or "+torch" (see `CacheKind`). Every cache is built from the model's config, as
+`generate` builds its own, so on sliding-window layers the `DynamicCache` baseline keeps only the
+window, as kvcompress does.
 """
 
 from __future__ import annotations

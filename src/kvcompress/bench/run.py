@@ -1,22 +1,11 @@
-"""One benchmark run: speed and memory of KV caches on one model, kvcompress presets vs
-`DynamicCache` and transformers' `QuantizedCache` (quanto / HQQ backends), measured in one run.
+"""One benchmark run: speed and memory of KV caches on one model, measured in interleaved rounds.
 
-For every context length C, every cache is filled by one prefill of C - repeats * steps
-prompt tokens (timed), and then the caches take turns: in each of `repeats` rounds every
-cache decodes `steps` greedy tokens (timed), the order rotated each round, so the cache holds
-C tokens after the last round. Every round's decode speed is divided by the `DynamicCache`
-speed of the same round, so a machine that gets slower or faster during the run shifts both
-sides of each ratio alike. Reported: median and min..max over rounds. (Filling each cache
-once per context rather than once per round keeps the long prefills from dominating the
-run; it means the context grows by `steps` tokens from one round to the next.)
-
-The parts: cache names and construction in `kinds`, stored bytes in `nbytes`, timing in
-`timing`, peak memory in `peak` (a fresh process per cache and context), capacity under a
-memory budget in `capacity`, targets in `targets`, markdown and plot in `render`. Progress
-goes to the `kvcompress.bench` logger (the CLI prints it on stderr).
-
-This module does not evaluate quality (see `kvcompress.measure`) and does not change how any
-cache works; it sets no global torch settings (thread counts are whatever the process has).
+For every context C, each cache is filled by one timed prefill of C - repeats * steps tokens; then
+in each of `repeats` rounds every cache decodes `steps` greedy tokens, the order rotated each round,
+and each round's speed is divided by `DynamicCache`'s in the same round (median and range over
+rounds). The parts: `kinds` (names, construction), `nbytes`, `timing`, `peak` (fresh process),
+`capacity`, `targets`, `render`. Progress goes to the `kvcompress.bench` logger; no global torch
+setting is changed. How it measures and the figures: docs/performance.md.
 """
 
 from __future__ import annotations

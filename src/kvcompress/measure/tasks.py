@@ -1,28 +1,13 @@
 """Downstream tasks that run offline: passkey retrieval and generation agreement.
 
-- **Passkey retrieval.** A random 5-digit number is hidden at a relative depth (e.g. 10%, 50%,
-  90%) of filler text (the held-out part of the corpus) in a prompt of an exact number of
-  tokens; the prompt then asks for the number and the model answers greedily. Scored by exact
-  match of the first run of digits in the answer. The prompt is built by concatenating token
-  ids (instruction | filler | needle | filler | question), so its length is exact. Two
-  formats: "plain" (the default: an instruction, the text, the question and the start of the
-  answer, "The pass key is") and "chat" (the same inside the tokenizer's chat template, the
-  answer start after the assistant header). On SmolLM2-135M-Instruct the plain format is the
-  one the uncompressed model solves: it found 9 of 9 keys at 256-1024 tokens where the chat
-  format found 5 of 9 (measured while writing this module; `kvcompress sweep` reports the
-  uncompressed score beside every compressed one, so a failing baseline is always visible).
-- **Generation agreement.** Greedy continuations of held-out prompts with the compressed cache
-  vs the uncompressed one: mean length of the matching prefix (in tokens) and the rate of
-  continuations that match exactly.
-- **Named datasets.** `dataset_texts` loads the text column of a `datasets` dataset (when the
-  library is installed and a hub is reachable) so that generation agreement can run on it;
-  without them it raises `TaskDataError` saying so. `datasets` is not a dependency.
-
-This module does not measure perplexity (see `evaluate`) and does not run sweeps (see
-`kvcompress.experiments.sweep`). It does not patch the model: compressed runs pass a
-`CompressedCache` to `generate`, and generation runs with kvcompress's attention where the
-model supports it (`kvcompress.enable_fast_attention`), the model restored to its own
-implementation afterwards.
+- Passkey: a random 5-digit number hidden at a relative depth of held-out filler, in a prompt of an
+  exact token count ("plain" format by default, or "chat"); scored by exact match of the first
+  number of the greedy answer, the uncompressed score measured beside.
+- Generation agreement: greedy continuations with the compressed vs the uncompressed cache (mean
+  matching prefix, exact-match rate); `dataset_texts` takes prompts from a `datasets` dataset when
+  that library and a hub are available (`TaskDataError` otherwise).
+Compressed runs pass a `CompressedCache` to `generate` with kvcompress's attention where the model
+supports it, and restore the model afterwards.
 """
 
 from __future__ import annotations

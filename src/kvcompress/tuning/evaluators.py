@@ -1,16 +1,11 @@
-"""Evaluations as a tune keeps them: the figures of one, and an evaluator that measures each
-spec once and saves it in a `TuneState`.
+"""Evaluations as a tune keeps them: the figures of one, and an evaluator that measures each spec
+once and saves it in a `TuneState`.
 
-Two protocols: decode-faithful evaluation of a text (`measure.evaluate`), or, with `context=N`,
-prompt compression (`measure.prompt`: N context tokens prefilled at once into the compressed
-cache, the rest of the text teacher-forced in chunks). Under the prompt protocol "ratio" is the
-whole-cache ratio at the end of the context (window, sinks and everything stored included), so
-every choice made on "ratio" counts the whole cache. `make_ratio_evaluator` measures that ratio
-alone, after a prefill (no scores), e.g. on a bfloat16 copy of the model.
-
-Shared by `tune`, `preset_selection` and the Ray workers of `distributed_tune` and
-`distributed_presets`, so a figure measured anywhere is saved with the same content. This
-module does not choose anything.
+Decode-faithful (`measure.evaluate`) or, with `context=N`, the prompt protocol (`measure.prompt`),
+whose "ratio" is the whole cache's at the end of the context. `make_ratio_evaluator` measures that
+ratio alone after a prefill (e.g. on a bfloat16 copy of the model). Shared by `tune`,
+`preset_selection` and their Ray workers, so a figure is saved with the same content wherever it
+is measured.
 """
 
 from __future__ import annotations
