@@ -31,7 +31,7 @@ from . import ENV, cpu_codebook, mode
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")  # defines the module; the files below are compiled with it
 EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"),)
-HEADERS = (Path(__file__).with_name("cpu_common.h"),)
+HEADERS = (Path(__file__).with_name("cpu_common.h"), Path(__file__).with_name("cpu_split_k.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 # Compressed tokens per task of the kernel (a multiple of both codecs' rows): small enough to
