@@ -94,7 +94,8 @@ def test_passkey_reports_whether_eviction_kept_the_needle(tiny_llama, fast_atten
     model = fast_attention(tiny_llama)
 
     def spec(keep):
-        return {"window": 16, "sinks": 4, "block_size": 32, "eviction": {"policy": "streaming", "keep": keep}}
+        return {"key": {"method": "none"}, "value": {"method": "none"}, "window": 16, "sinks": 4, "block_size": 32,
+                "eviction": {"policy": "streaming", "keep": keep}}
 
     assert stop < 400 - 100  # the needle lies before the last quarter of the prompt, which streaming keeps
     dropped = run_passkey(model, tok, [case], lambda: CompressedCache(model, spec(0.25)), max_new_tokens=2)
