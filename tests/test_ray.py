@@ -18,7 +18,8 @@ from kvcompress.cli.main import main
 from kvcompress.distributed import RayOptions, WorkersLostError, WorkerStartError, run_on_actors
 from kvcompress.experiments.grid import load_grid
 from kvcompress.experiments.records import BASELINE_FILE, record_path
-from kvcompress.experiments.sweep import SweepSettings, run_sweep
+from kvcompress.experiments.settings import SweepSettings
+from kvcompress.experiments.sweep import run_sweep
 from kvcompress.generate import GenerateSettings, generate_file
 from tiny_loader import tiny_llama_loader
 from tiny_workers import Doubler
@@ -158,8 +159,9 @@ def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_the
     from kvcompress.corpus import corpus_slice
     from kvcompress.spec import CacheSpec
     from kvcompress.tuning.distributed_presets import SWEEP_KIND, sweep_candidates_on_ray
-    from kvcompress.tuning.state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
-    from kvcompress.tuning.tune import make_evaluator
+    from kvcompress.fingerprint import model_fingerprint, text_fingerprint
+    from kvcompress.tuning.state import TuneState, measurement_fingerprint
+    from kvcompress.tuning.evaluators import make_evaluator
 
     candidates = [CacheSpec.from_dict({**quant(b, f"q{b}")["spec"], "name": f"q{b}"}) for b in (8, 4, 2)]
     model, tokenizer = tiny_llama_loader(None)

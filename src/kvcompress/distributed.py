@@ -1,23 +1,12 @@
 """Run independent units of work on a pool of Ray actors; the driver gets each result as it arrives.
 
-    options = RayOptions(address=None, workers=2)               # None: start a local cluster
-    lost = run_on_actors(SweepWorker, (settings, loader), "measure", units, on_result, options)
+    lost = run_on_actors(SweepWorker, (settings, loader), "measure", units, on_result, RayOptions(workers=2))
 
-Each actor is built once (it loads the model itself from the arguments it is given, so no
-model is shipped) and then takes one unit at a time; `on_result(index, result)` runs in the
-driver, in the order results arrive, so the caller writes its files there. An actor that
-dies (killed, out of memory, its machine gone) loses only the unit it was running: that unit
-is tried again on a fresh actor up to `RayOptions.retries` times, then given up and returned
-in the list of lost units, so the caller can say what to rerun. An actor whose construction
-fails (its `ready()` returns an error message) ends the run with `WorkerStartError`.
-
-Ray is imported only through `kvcompress.extras.require_extra`, so everything else in the
-package works without it, and `--ray` without Ray installed gives one line naming the extra.
-
-This module knows nothing about models, specs or records; it does not retry units that raise
-inside the actor (the caller's worker turns such errors into results), and it does not stop
-a cluster it joined (`ray.shutdown()` is the caller's choice; a local cluster it started is
-left running for the life of the process, as `ray.init` does).
+Each actor is built once (it loads its model itself) and takes one unit at a time; `on_result(index,
+result)` runs in the driver as results arrive. A unit whose actor dies is retried on a fresh actor
+up to `RayOptions.retries` times, then returned as lost; an actor that fails to start ends the run
+(`WorkerStartError`). Ray is imported through `extras.require_extra`. Units that raise inside an
+actor are the caller's worker's to report; a cluster this module joined is not shut down.
 """
 
 from __future__ import annotations

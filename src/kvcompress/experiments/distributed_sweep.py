@@ -1,19 +1,10 @@
-"""A sweep's pending specs on a Ray cluster: one spec per unit, on actors that keep the model loaded.
+"""A sweep's pending specs on Ray: one spec per unit, on actors that keep the model loaded.
 
-`run_sweep(..., ray=RayOptions(...))` calls `run_pending_on_ray`. Every actor (`SweepWorker`)
-loads the model itself with the sweep's loader (by default from `--model/--dtype/--device`),
-prepares the shared inputs (evaluation text, captured states, task prompts) and measures one
-spec at a time with the same `measure_record` as a serial sweep. The driver writes each
-record as it arrives, to the same file, atomically, with the same content, so a distributed
-sweep that is interrupted resumes with or without Ray.
-
-The uncompressed task baseline (`baseline.json`) is measured once: reused if it is on disk
-with the same key, else measured by the first worker while the others start, written by the
-driver before the first record, and given to every worker before its first spec (also to
-workers that replace dead ones).
-
-This module does not schedule anything itself (see `kvcompress.distributed`) and does not
-define records (see `sweep`).
+Each `SweepWorker` loads the model itself, prepares the shared inputs (text, captured states, task
+prompts) and measures one spec at a time with the serial sweep's `measure_record`; the driver
+writes each record as it arrives, same file and content, so an interrupted sweep resumes with or
+without Ray. The uncompressed task baseline is reused from disk when its key matches, else measured
+once by the first worker and given to every worker (replacements included).
 """
 
 from __future__ import annotations

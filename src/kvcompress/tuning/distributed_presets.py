@@ -1,16 +1,10 @@
-"""The candidate sweep of `measure-presets` on a Ray cluster: one candidate spec per unit of work.
+"""The candidate sweep of `measure-presets` on Ray: one candidate spec per unit of work.
 
-`select_presets(..., ray=RayOptions(...))` calls `sweep_candidates_on_ray` before its own
-sweep loop. Each actor (`CandidateWorker`) loads the model itself (with the loader it is
-given, by default from `--model/--dtype/--device`), reads the same sweep text and evaluates
-one candidate at a time (decode-faithful, sharing its uncompressed logits across candidates).
-The driver saves each result in the tune state, under the same key and with the same content
-as the serial sweep, as it arrives; the serial loop that follows then finds every candidate
-measured. So an interrupted distributed sweep resumes, with or without Ray.
-
-Only the candidate sweep is distributed: the choice, the held-out verification and the
-passkey scores run in the driver afterwards, in order. This module does not choose presets
-(see `preset_selection`).
+Each `CandidateWorker` loads the model itself, reads the same sweep text and evaluates one candidate
+at a time (decode-faithful, its uncompressed logits shared across candidates). The driver saves each
+result in the tune state under the same key and content as the serial sweep, which then finds every
+candidate measured, so an interrupted sweep resumes with or without Ray. The choice, verification
+and passkey scores run in the driver afterwards.
 """
 
 from __future__ import annotations

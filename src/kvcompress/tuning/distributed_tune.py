@@ -1,21 +1,11 @@
-"""The independent measurements of `tune` on a Ray cluster: the sensitivity probes, then the two
-evaluations that calibrate the K and V weights.
+"""The independent measurements of `tune` on Ray: the sensitivity probes and the two K/V weight evaluations.
 
-`tune(..., ray=RayOptions(...))` calls `probes_on_ray` before `measure_sensitivity` and, when
-the tensor weights are calibrated, `weight_evals_on_ray` before `calibrate_tensor_weights`.
-Each actor (`TuneWorker`) loads the model itself (with the loader it is given, by default
-`models.load_named_model` of the CLI's `--model/--dtype/--device`), receives the tuning text's token
-ids and measures one unit at a time: a probe (from Q, K, V it captures once) or a
-decode-faithful evaluation (sharing its uncompressed logits across evaluations). The driver
-saves each result in the tune state, under the same kind, fingerprint and spec as the serial
-code saves it, as it arrives; the serial code that follows then finds everything measured. So
-an interrupted distributed tune resumes, with or without Ray.
-
-A worker reports the fingerprint of the model it loaded with each result; a result from a
-model other than the driver's is refused (`WorkerModelMismatch`) rather than saved under the
-driver's key. Only these measurements are distributed: the Lagrangian search, the held-out
-verification and `--compare-uniform` run in the driver, in order (each step depends on the
-one before). This module does not choose settings (see `allocation`, `tune`).
+Each `TuneWorker` loads the model itself (by default from `--model/--dtype/--device`), receives the
+tuning text's ids and measures one unit at a time (a probe from Q, K, V it captures once, or a
+decode-faithful evaluation). The driver saves each result in the tune state under the same key and
+content as the serial code, so the serial steps that follow find them and an interrupted tune
+resumes with or without Ray. A result from a model whose fingerprint differs from the driver's is
+refused (`WorkerModelMismatch`). The search and verification stay in the driver.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
-"""Evaluations as a tune keeps them: the figures of one, and an evaluator that measures each
-spec once and saves it in a `TuneState`.
+"""Evaluations as a tune keeps them: the figures of one, and an evaluator that measures each spec
+once and saves it in a `TuneState`.
 
-Two protocols: decode-faithful evaluation of a text (`measure.evaluate`), or, with `context=N`,
-prompt compression (`measure.prompt`: N context tokens prefilled at once into the compressed
-cache, the rest of the text teacher-forced in chunks). Under the prompt protocol "ratio" is the
-whole-cache ratio at the end of the context (window, sinks and everything stored included), so
-every choice made on "ratio" counts the whole cache. `make_ratio_evaluator` measures that ratio
-alone, after a prefill (no scores), e.g. on a bfloat16 copy of the model.
-
-Shared by `tune`, `preset_selection` and the Ray workers of `distributed_tune` and
-`distributed_presets`, so a figure measured anywhere is saved with the same content. This
-module does not choose anything.
+Decode-faithful (`measure.evaluate`) or, with `context=N`, the prompt protocol (`measure.prompt`),
+whose "ratio" is the whole cache's at the end of the context. `make_ratio_evaluator` measures that
+ratio alone after a prefill (e.g. on a bfloat16 copy of the model). Shared by `tune`,
+`preset_selection` and their Ray workers, so a figure is saved with the same content wherever it
+is measured.
 """
 
 from __future__ import annotations
@@ -19,7 +14,8 @@ import torch
 
 from ..spec import CacheSpec
 from .sensitivity import Evaluator
-from .state import TuneState, measurement_fingerprint, model_fingerprint
+from ..fingerprint import model_fingerprint
+from .state import TuneState, measurement_fingerprint
 
 __all__ = ["eval_figures", "make_evaluator", "make_ratio_evaluator", "prompt_figures"]
 
@@ -28,8 +24,13 @@ def eval_figures(result) -> dict:
     """The figures of an `EvalResult` that a tune keeps."""
     return {"kl": result.kl, "ppl_change": result.ppl_change, "top1": result.top1,
             "ratio": result.compression_ratio, "stored_bytes": result.stored_bytes, "fp16_bytes": result.fp16_bytes,
-            "tokens": result.tokens, "ppl_change_ci95": list(result.ppl_change_ci95),
-            "kl_ci95": list(result.kl_ci95), "interval": result.interval, "seconds": result.seconds}
+            "tokens": result.tokens, "ppl_change_ci95": _listed(result.ppl_change_ci95),
+            "kl_ci95": _listed(result.kl_ci95), "interval": result.interval, "seconds": result.seconds}
+
+
+def _listed(interval: tuple[float, float] | None) -> list[float] | None:
+    """An interval as saved in JSON (None: the series was too short for one)."""
+    return None if interval is None else list(interval)
 
 
 def prompt_figures(result) -> dict:

@@ -1,42 +1,19 @@
-"""Named presets chosen by measurement: from near-lossless to extreme, each defined by a KL target.
+"""Named presets chosen by measurement: for each KL target, the uniform spec with the highest real ratio.
 
-`select_presets` (run by `kvcompress measure-presets`) evaluates candidate uniform specs on a
-sweep text (the calibration part of the embedded corpus at an offset past what calibration
-artifacts use), and for each named target takes the candidate with the highest real
-compression ratio whose decode-faithful mean KL meets the target. The choice is then checked
-on the selection part (which neither the sweep nor calibration read); a candidate that misses
-there is dropped and the next best is checked, so a preset is only written if it met its own
-target on selection text. Selecting on the report part is refused. Each chosen preset is then
-measured once more on the report part (text no step of the choice read): those "report"
-figures are what tables show. The passkey score (`tasks.run_passkey`) of the chosen spec and
-of the uncompressed model is measured on report-part filler (reported, not used to choose).
-
-The result is the data file `measured_presets.json`: each preset's spec, target, the figures
-measured on the three texts, and the command, model, fingerprints and texts used.
-`kvcompress measure-presets` writes it to `runs/measured_presets.json`; shipping it means
-copying that file over `src/kvcompress/presets/measured_presets.json` and committing it.
-`kvcompress.presets` registers a preset per entry (see `presets.measured`). `verify_presets` re-measures the shipped presets on
-held-out text and reports which no longer meet their target (`kvcompress measure-presets
---verify` exits non-zero then).
-
-Prompt compression (`context=N`): every evaluation runs the prompt protocol (`measure.prompt`:
-N context tokens prefilled at once, then the sweep/verify/report tokens teacher-forced), and
-"ratio" is the whole-cache ratio at the end of the context, so a candidate may evict tokens
-(`candidates.uniform_candidates(evictions=...)`) and its window counts. `select_prompt_presets`
-chooses presets defined by a compression floor instead of a KL target (`prompt-6x`: whole cache
-at least 6x smaller than fp16): for each floor, among the candidates whose cache, on a model of
-the dtype that will store it (bfloat16 by default, `make_ratio_evaluator`), meets the floor at
-the end of the context, the one with the lowest KL on selection text; then measured on the report
-part. No passkey score is measured for those.
-
-This module does not define the metrics (see `measure.evaluate`, `measure.tasks`), does not read or
-register the shipped presets (see `presets.measured`) and does not tune per-layer specs (see `tune`).
+`select_presets` (`kvcompress measure-presets`) evaluates candidate specs on sweep text (the
+calibration part past what calibration reads), takes per target the highest-ratio candidate that
+meets it, checks it on the selection part (a miss drops it for the next best; the report part is
+refused), then measures the chosen presets on the report part and the passkey task. The result is
+the data file `measured_presets.json` (see `presets.measured`); `verify_presets` re-measures shipped
+presets. `context=N` runs the prompt protocol, and `select_prompt_presets` chooses presets by a
+whole-cache compression floor (`prompt-6x`) instead of a KL target. Texts and figures: docs/tuning.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -65,12 +42,16 @@ def _parse_named_values(text: str, *, minimum: float, what: str, example: str) -
     out = {}
     for item in parse_list(text):
         name, _, value = item.partition("=")
+        name = name.strip()
+        if name in out:
+            raise ValueError(f"{name!r} is given twice; give each preset one value, e.g. '{example}'")
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
             raise ValueError(f"{what} look like '{example}', got {item!r}") from None
-        if not name.strip() or not out[name.strip()] > minimum:
-            raise ValueError(f"each of the {what} needs a name and a value above {minimum:g}, got {item!r}")
+        if not name or not out[name] > minimum or not math.isfinite(out[name]):
+            raise ValueError(f"each of the {what} needs a name and a finite value above {minimum:g}, got {item!r}; "
+                             f"e.g. '{example}'")
     if not out:
         raise ValueError(f"no {what} given; use e.g. '{example}'")
     return out
@@ -151,7 +132,8 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..measure.prompt import protocol_record
     from ..models import model_id
-    from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+    from ..fingerprint import model_fingerprint, text_fingerprint
+    from .state import TuneState, measurement_fingerprint
 
     if context is not None and ray is not None:
         raise ValueError("the prompt protocol (context) does not run on Ray yet; leave out one of them")
@@ -297,7 +279,8 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..models import model_id
     from ..measure.prompt import protocol_record
-    from .state import TuneState, model_fingerprint, text_fingerprint
+    from ..fingerprint import model_fingerprint, text_fingerprint
+    from .state import TuneState
 
     ratio_model = ratio_model if ratio_model is not None else model
     by_name = {spec.name: spec for spec in candidates}

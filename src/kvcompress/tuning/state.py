@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..fingerprint import environment, mismatch, model_fingerprint, text_fingerprint
+from ..fingerprint import environment, mismatch
 from ..io import content_hash, write_json_atomic
 from ..spec import CacheSpec
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 2  # 2: entries keyed by a fingerprint with versions, weights hash and text record
 
-__all__ = ["STATE_FORMAT", "TuneState", "measurement_fingerprint", "model_fingerprint", "text_fingerprint"]
+__all__ = ["STATE_FORMAT", "TuneState", "measurement_fingerprint"]
 
 
 def measurement_fingerprint(model_fp: dict, text_fp: dict | None) -> dict:

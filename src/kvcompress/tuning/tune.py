@@ -3,59 +3,13 @@
     result = tune(model, tune_ids, verify_ids, target=0.01, metric="kl", state="spec.json.tune-state.json")
     result.spec.save("spec.json")
 
-Four steps, every measurement saved to a state file as soon as it is made (see `TuneState`):
-
-1. **Sensitivity** (cheap proxy). The Q, K, V of one forward pass over the tuning text are
-   captured (`reconstruction.capture_states`). For every candidate setting s (e.g. int8/4/3/2,
-   "none"), the captured K and V of every layer go through a real `CompressedCache` with that
-   setting (`reconstruction.reconstruct`, window 0: every token but the sinks is coded) and
-   `reconstruction.reconstruction_metrics` gives, per layer l, the relative error of the
-   attention output with the real queries when only K (resp. only V) is decoded. The cost is
-   c(l, t, s) = that error squared (KL is second order in a small perturbation of the logits).
-   bytes(l, t, s) is what the codec really stored per compressed token in that layer (the sum
-   of `numel * element_size` of its tensors), not a formula.
-   1b. The proxy treats an error in K and one in V alike; they do not cost the same. Two
-   decode-faithful evaluations on the tuning text (only K coded, only V coded, each with its
-   second-cheapest candidate) give each tensor a weight: measured KL / summed proxy cost
-   (`calibrate_tensor_weights`).
-2. **Allocation** (Lagrangian). For a multiplier λ every (layer, tensor) independently takes
-   argmin_s bytes(l, t, s) + λ·c(l, t, s). As λ grows from 0 to ∞ the allocations form a finite
-   path from the cheapest to the most faithful; `lagrangian_path` enumerates it exactly (every
-   λ between two consecutive breakpoints gives the same allocation).
-3. **Search.** A bisection over that path (ordered by bytes) finds the most compressed
-   allocation whose decode-faithful quality (`evaluate.decode_faithful_eval`) on the tuning text
-   meets the internal target. Quality is assumed to get better along the path, as the proxy
-   says; where it does not, the bisection may miss a cheaper point that meets, but it only ever
-   returns a point it has measured to meet the target (or raises).
-4. **Verification** on selection text the tuning never saw (the selection part of the corpus;
-   never the report part, which `tune` refuses: see `corpus.require_selection_text`). If the
-   measured figure misses the
-   target, the internal target is lowered (λ goes up) and the search runs again (its earlier
-   evaluations are reused); after `max_tries` misses `TuneError` is raised: a spec that fails
-   its target is never returned.
-
-Departures from the literature: mixed-precision KV allocation is usually done with a
-Hessian/Fisher sensitivity (e.g. KVQuant's per-layer sensitivity, ZipCache's saliency); here the
-proxy is the measured attention-output error with real queries, and the final decision always
-rests on the decode-faithful measurement, not on the proxy.
-
-Prompt compression (`context=N`): every decode-faithful evaluation of steps 1b, 3 and 4 is
-replaced by the prompt protocol (`measure.prompt`: the first N tokens of each text prefilled at
-once, the rest teacher-forced), whose "ratio" is the whole cache's at the end of the context
-(window and sinks included, in the measuring model's dtype). The base spec may then evict tokens
-(`base.eviction`): the per-layer codecs are tuned for the tokens it keeps. The sensitivity
-proxy (step 1) and the K/V weights (1b) are measured without eviction (they rank codecs, and
-eviction is the same for every allocation). `tune_grid` tunes several bases (windows, eviction
-settings) and returns the verified spec with the highest ratio: eviction fraction, window and
-bits chosen together.
-
-Steps 1 and 2 live in `sensitivity` and `allocation`, the saved measurements in `state`; this
-module runs steps 3 and 4. With `ray=RayOptions(...)` the measurements of step 1 (the probes,
-then the two weight evaluations) run on a Ray cluster first and are saved in the state as this
-process would save them (see `distributed_tune`); everything else runs here. It does not
-define codecs or metrics (see `codecs`, `measure.reconstruction`, `measure.evaluate`), nor
-the saved evaluations (`evaluators`), does not pick text (the caller passes token ids;
-see `cli.tune`) and does not choose the named presets (see `preset_selection`).
+Steps (the method and its measured behaviour: docs/tuning.md): a sensitivity proxy per layer and
+candidate (`sensitivity`), K/V weights from two decode-faithful evaluations, the Lagrangian path of
+allocations (`allocation`), a bisection on that path by decode-faithful quality on the tuning text
+(here), and verification on selection text with retries at a tighter internal target (here); a
+spec that misses its target is never returned (`TuneError`). Every measurement is saved in a
+`TuneState` as it is made, so a tune resumes. `context=N` measures under the prompt protocol
+(`measure.prompt`); `tune_grid` tunes several windows / eviction settings and keeps the best.
 """
 
 from __future__ import annotations
@@ -74,7 +28,7 @@ from ..io import parse_list
 from ..spec import CacheSpec, TensorSpec
 from .allocation import PathPoint, lagrangian_path, spec_from_choice
 from .candidates import candidate_settings
-from .evaluators import eval_figures, make_evaluator  # noqa: F401 (eval_figures is re-exported)
+from .evaluators import make_evaluator
 from .sensitivity import (
     COST_POWER,
     TENSORS,
@@ -87,7 +41,8 @@ from .sensitivity import (
     weight_specs,
 )
 from ..corpus import require_selection_text
-from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+from ..fingerprint import model_fingerprint, text_fingerprint
+from .state import TuneState, measurement_fingerprint
 
 logger = logging.getLogger(__name__)
 
