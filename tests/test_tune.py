@@ -188,7 +188,7 @@ def test_tensor_weights_rescale_k_and_v_to_the_measured_kl():
         figures["kl"] *= 5.0 if key_only else 0.5
         return figures
 
-    weighted, info = calibrate_tensor_weights(sens, BASE, evaluate)
+    weighted, info = calibrate_tensor_weights(sens, BASE, lambda specs: [evaluate(spec) for spec in specs])
     assert info["key"]["setting"]["bits"] == 3 and info["value"]["setting"]["bits"] == 3  # second cheapest
     assert info["key"]["weight"] == pytest.approx(5.0) and info["value"]["weight"] == pytest.approx(0.5)
     assert torch.allclose(weighted.cost["key"], 5.0 * sens.cost["key"])

@@ -388,3 +388,13 @@ def ray_options_from_args(args: argparse.Namespace):
     return RayOptions(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
                       cpus_per_worker=args.ray_cpus_per_worker, gpus_per_worker=args.ray_gpus_per_worker,
                       num_cpus=args.ray_num_cpus, retries=args.ray_retries)
+
+
+def ray_executor(options, args: argparse.Namespace, model):
+    """A `distributed.RayExecutor` for `options` (None: None, the work runs here); its actors load
+    --model/--dtype/--device and are refused if their model differs from `model`."""
+    if options is None:
+        return None
+    from ..distributed import RayExecutor
+
+    return RayExecutor(options, (args.model, args.dtype, str(args.device)), model=model)

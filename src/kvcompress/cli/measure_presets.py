@@ -33,7 +33,8 @@ import time
 from ..io import parse_list
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
                      check_input_file, check_model_args, check_output_file, check_text, check_text_protocol,
-                     load_model_from_args, prompt_grid_from_args, ray_options_from_args, text_kind, write_json)
+                     load_model_from_args, prompt_grid_from_args, ray_executor, ray_options_from_args, text_kind,
+                     write_json)
 
 NAME = "measure-presets"
 DEFAULT_OUT = "runs/measured_presets.json"
@@ -170,14 +171,15 @@ def run(args: argparse.Namespace) -> int:
         return _run_floors(args, candidates, started)
     out = args.file or DEFAULT_OUT
     state = args.state or str(out).removesuffix(".json") + ".state.json"
+    if args.context is not None and args.ray is not None:
+        raise UserError("--context runs here, not on Ray: leave out --ray")
     ray = ray_options_from_args(args)
     model, tokenizer = load_model_from_args(args)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
     data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
                           sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
-                          passkey_lengths=lengths, command=command, ray=ray,
-                          load_args=(args.model, args.dtype, str(args.device)), context=args.context,
-                          kind=text_kind(args), path=args.corpus)
+                          passkey_lengths=lengths, command=command, context=args.context,
+                          kind=text_kind(args), path=args.corpus, executor=ray_executor(ray, args, model))
     path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0

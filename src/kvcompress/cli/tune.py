@@ -15,8 +15,8 @@ eviction settings to tune with: one tune per combination, and the verified spec 
 highest ratio is kept (see `kvcompress.tuning.tune.tune_grid`).
 
 With `--ray [ADDRESS]` the sensitivity probes and the two tensor-weight evaluations run on
-Ray actors that load the model themselves from `--model/--dtype/--device` (see
-`kvcompress.tuning.distributed_tune`); they are saved in the state file as a serial tune saves
+Ray actors that load the model themselves from `--model/--dtype/--device`
+(`kvcompress.distributed.RayExecutor`); they are saved in the state file as a serial tune saves
 them, so either kind of run resumes the other. The search and the verification run here.
 """
 
@@ -32,7 +32,8 @@ from ..calibration import artifact_for
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
                      check_artifact_dir, check_context_tokens, check_eval_tokens, check_model_args, check_output_file,
                      check_positive, check_text, check_text_protocol, check_tokens, load_model_from_args,
-                     prompt_grid_from_args, ray_options_from_args, text_kind, text_label, write_json)
+                     prompt_grid_from_args, ray_executor, ray_options_from_args, text_kind, text_label,
+                     write_json)
 
 NAME = "tune"
 HELP = "find per-layer K/V settings with the highest compression ratio that meet a quality target"
@@ -158,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
                             context=args.context)
     options = {"metric": metric, "settings": settings, "state": state, "tune_text": tune_text.record,
                "verify_text": verify_text.record, "artifact": artifact, "max_tries": args.max_tries, "verify": verify,
-               "weight_tensors": not args.no_tensor_weights, "ray": ray,
-               "load_args": (args.model, args.dtype, str(args.device)), "context": args.context}
+               "weight_tensors": not args.no_tensor_weights, "context": args.context,
+               "executor": ray_executor(ray, args, model)}
     grid = None
     try:
         if len(bases) == 1:

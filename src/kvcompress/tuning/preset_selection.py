@@ -44,9 +44,7 @@ from ..calibration import artifact_for
 from ..io import parse_list
 from ..presets.measured import DATA_FORMAT
 from ..spec import CacheSpec
-from ..distributed import RayOptions
 from .candidates import uniform_candidates
-from .distributed_presets import SWEEP_KIND, sweep_candidates_on_ray
 from .evaluators import make_evaluator, make_ratio_evaluator
 
 logger = logging.getLogger(__name__)
@@ -58,6 +56,7 @@ DEFAULT_SWEEP_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
 DEFAULT_PASSKEY_LENGTHS = (1024, 2048)
 DEFAULT_PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
+SWEEP_KIND = "sweep-eval"  # the state kind of a candidate's figures on the sweep text
 
 
 def _parse_named_values(text: str, *, minimum: float, what: str, example: str) -> dict[str, float]:
@@ -133,28 +132,24 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
                    verify_part: str = "selection", report_tokens: int | None = None, state=None,
                    passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
                    passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
-                   command: str | None = None, ray: RayOptions | None = None, loader: Callable | None = None,
-                   load_args=None, context: int | None = None, kind: str | None = None,
-                   path: str | None = None) -> dict:
+                   command: str | None = None, context: int | None = None, kind: str | None = None,
+                   path: str | None = None, executor=None) -> dict:
     """Sweep, choose and verify the presets (see module doc); returns the data file's content.
 
     `verify_part` must be a part a selection may read (ValueError for "report"); the chosen presets
     are then measured on the first `report_tokens` (default: `verify_tokens`) of the report part.
-    With `ray`, the candidate sweep runs first on a Ray cluster (see `distributed_presets`;
-    `loader(load_args)` loads the model on each worker, by default `load_named_model` of
-    (model name, dtype name, device)); the rest runs here.
+    The candidate sweep (independent units) runs on `executor` (see `kvcompress.executor`, e.g.
+    `distributed.RayExecutor`; default: here); the choice, verification and passkey run here.
     With `context`, every evaluation runs the prompt protocol (see module doc; the token counts
-    are then continuation tokens, each text reads `context` + tokens + 1 tokens); not with `ray`.
+    are then continuation tokens, each text reads `context` + tokens + 1 tokens).
     The texts are the parts of the kind of text `kind` (`corpus.KINDS` or "all"; default "docs")
     or of the text file `path` (see `corpus.corpus_slice`).
     """
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..measure.prompt import protocol_record
     from ..models import model_id
-    from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+    from .state import TuneState, measurement_fingerprint, model_fingerprint, spec_key, text_fingerprint
 
-    if context is not None and ray is not None:
-        raise ValueError("the prompt protocol (context) does not run on Ray yet; leave out one of them")
     targets = targets or dict(DEFAULT_TARGETS)
     candidates = candidates or uniform_candidates()
     by_name = {spec.name: spec for spec in candidates}
@@ -171,26 +166,19 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     sweep_fp = text_fingerprint(sweep.ids, sweep.record)
     verify_fp = text_fingerprint(verify.ids, verify.record)
     report_fp = text_fingerprint(report.ids, report.record)
-    sweep_eval = make_evaluator(model, sweep.ids, SWEEP_KIND, sweep_fp, state, artifact=artifact, context=context)
+    sweep_eval = make_evaluator(model, sweep.ids, SWEEP_KIND, sweep_fp, state, artifact=artifact, context=context,
+                                executor=executor)
     verify_eval = make_evaluator(model, verify.ids, "verify-eval", verify_fp, state, artifact=artifact,
                                  context=context)
     report_eval = make_evaluator(model, report.ids, "report-eval", report_fp, state, artifact=artifact,
                                  context=context)
     started = time.perf_counter()
-    if ray is not None:
-        n = sweep_candidates_on_ray(
-            candidates, state, measurement_fingerprint(model_fingerprint(model), sweep_fp), ray, loader, load_args,
-            sweep_tokens, sweep_offset,
-            None if artifact is None else str(artifact.path), kind=kind, path=path,
-            on_result=lambda spec, f: logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep (Ray) {spec.name}: "
-                                                  f"ratio {f['ratio']:.2f}x, KL {f['kl']:.4f}"))
-        logger.info(f"{n} candidates measured on Ray")
-    swept = {}
-    for i, spec in enumerate(candidates, 1):
-        swept[spec.name] = sweep_eval(spec)
-        f = swept[spec.name]
-        logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep {i}/{len(candidates)} {spec.name}: ratio "
-            f"{f['ratio']:.2f}x, KL {f['kl']:.4f}, PPL {f['ppl_change']:+.2%}")
+
+    def measured(spec: CacheSpec, f: dict) -> None:
+        logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep {spec.name}: ratio {f['ratio']:.2f}x, "
+                    f"KL {f['kl']:.4f}, PPL {f['ppl_change']:+.2%}")
+
+    swept = dict(zip(by_name, sweep_eval.map(candidates, on_new=measured)))
     chosen = choose(targets, swept, lambda name: verify_eval(by_name[name]))
     model_fp = model_fingerprint(model)
     passkey_text = {"filler": "embedded:pydoc_data.topics", "part": "report", "lengths": list(passkey_lengths),
@@ -198,7 +186,7 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     passkey_fp = measurement_fingerprint(model_fp, passkey_text)
 
     def passkey(spec: CacheSpec | None, label: str) -> dict:
-        spec_dict = None if spec is None else {k: v for k, v in spec.to_dict().items() if k != "name"}
+        spec_dict = spec_key(spec)
         result = state.lookup("passkey", spec_dict, passkey_fp)
         if result is None:
             logger.info(f"[{time.perf_counter() - started:5.0f} s] passkey: {label}")
