@@ -230,7 +230,8 @@ def test_tune_on_ray_saves_the_sensitivity_a_serial_tune_measures(tmp_path, ray)
 
     from kvcompress.spec import CacheSpec
     from kvcompress.tuning.state import TuneState
-    from kvcompress.tuning.tune import tune
+    from kvcompress.corpus import CorpusSlice
+    from kvcompress.tuning.tune import TuneSettings, tune
 
     model, _ = tiny_llama_loader(None)
     gen = torch.Generator().manual_seed(0)
@@ -238,10 +239,11 @@ def test_tune_on_ray_saves_the_sensitivity_a_serial_tune_measures(tmp_path, ray)
     verify_ids = torch.randint(3, 128, (1, 96), generator=gen)
     base = CacheSpec(window=16, sinks=2, block_size=32)
     serial = TuneState(tmp_path / "serial.json")
-    expected = tune(model, tune_ids, verify_ids, 0.01, base=base, state=serial)
+    texts = CorpusSlice(tune_ids, None), CorpusSlice(verify_ids, None)
+    expected = tune(model, *texts, TuneSettings(0.01), base=base, state=serial)
     spread = TuneState(tmp_path / "ray.json")
     executor = Spy(on_ray(model=model))
-    result = tune(model, tune_ids, verify_ids, 0.01, base=base, state=spread, executor=executor)
+    result = tune(model, *texts, TuneSettings(0.01), base=base, state=spread, executor=executor)
     assert set(spread.entries) == set(serial.entries)  # same kinds, fingerprints and specs
     kinds = {entry["kind"] for entry in spread.entries.values()}
     assert kinds == {"probe", "tune-eval", "verify-eval"}

@@ -183,9 +183,10 @@ class _JobActor:
         self.error = None
         try:
             model, tokenizer = (loader or load_named_model)(load_args)
-            if model_fp is not None and model_fingerprint(model) != model_fp:
-                raise ValueError(f"it loaded another model than the caller ({mismatch(model_fp, model_fingerprint(model))});"
-                                 " check --model/--dtype")
+            loaded = model_fingerprint(model)
+            if model_fp is not None and loaded != model_fp:
+                raise ValueError(f"it loaded another model than the caller ({mismatch(model_fp, loaded)}); "
+                                 "check --model/--dtype")
             self.measure = job.start(model, tokenizer)
         except Exception as exc:  # reported to the driver by ready()
             self.error = f"{type(exc).__name__}: {exc}"

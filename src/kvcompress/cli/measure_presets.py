@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from ..corpus import corpus_slice
     from ..measure.evaluate import decode_faithful_eval
     from ..presets.measured import load_measured
-    from ..tuning.preset_selection import parse_targets, select_presets, uniform_candidates, verify_presets
+    from ..tuning.preset_selection import (SelectionSettings, parse_targets, select_presets, uniform_candidates,
+                                           verify_presets)
     from ..tuning.tune import eval_figures
 
     started = time.perf_counter()
@@ -176,10 +177,11 @@ def run(args: argparse.Namespace) -> int:
     ray = ray_options_from_args(args)
     model, tokenizer = load_model_from_args(args)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
-    data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
-                          sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
-                          passkey_lengths=lengths, command=command, context=args.context,
-                          kind=text_kind(args), path=args.corpus, executor=ray_executor(ray, args, model))
+    settings = SelectionSettings(sweep_tokens=args.sweep_tokens, sweep_offset=args.sweep_offset,
+                                 verify_tokens=args.verify_tokens, passkey_lengths=tuple(lengths), context=args.context,
+                                 kind=text_kind(args), path=args.corpus)
+    data = select_presets(model, tokenizer, targets, candidates=candidates, settings=settings, state=state,
+                          command=command, executor=ray_executor(ray, args, model))
     path = write_json(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0

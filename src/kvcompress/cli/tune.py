@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models import model_id
     from ..spec import CacheSpec
     from ..tuning.state import TuneState
-    from ..tuning.tune import (DEFAULT_TUNE_OFFSET, TuneError, best_uniform, make_evaluator, parse_candidates, tune,
-                               tune_grid)
+    from ..tuning.tune import (DEFAULT_TUNE_OFFSET, TuneError, TuneSettings, best_uniform, make_evaluator,
+                               parse_candidates, tune, tune_grid)
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
     check_positive(target, "--max-kl" if metric == "kl" else "--max-ppl-change")
@@ -146,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
                                    kind=text_kind(args))
     except CorpusError as err:
         raise UserError(f"--tokens {args.tokens} / --verify-tokens {args.verify_tokens}: {err}") from None
-    tune_ids, verify_ids = tune_text.ids, verify_text.ids
     artifact = artifact_for(model, [s for tensor in settings.values() for s in tensor], args.artifact)
     where = text_label(args)
     print(f"tuning {metric} <= {target:g} for {model_id(model)} on {where}: tuning text calibration part tokens "
@@ -154,19 +153,18 @@ def run(args: argparse.Namespace) -> int:
           f"state {state_path}", flush=True)
 
     state = TuneState(state_path)
-    verify_fp = text_fingerprint(verify_ids, verify_text.record)
-    verify = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact,
+    verify_fp = text_fingerprint(verify_text.ids, verify_text.record)
+    verify = make_evaluator(model, verify_text.ids, "verify-eval", verify_fp, state, artifact=artifact,
                             context=args.context)
-    options = {"metric": metric, "settings": settings, "state": state, "tune_text": tune_text.record,
-               "verify_text": verify_text.record, "artifact": artifact, "max_tries": args.max_tries, "verify": verify,
-               "weight_tensors": not args.no_tensor_weights, "context": args.context,
-               "executor": ray_executor(ray, args, model)}
+    tuning = TuneSettings(target, metric, candidates=settings, max_tries=args.max_tries,
+                          weight_tensors=not args.no_tensor_weights, context=args.context)
+    options = {"state": state, "artifact": artifact, "verify": verify, "executor": ray_executor(ray, args, model)}
     grid = None
     try:
         if len(bases) == 1:
-            result = tune(model, tune_ids, verify_ids, target, base=bases[0], **options)
+            result = tune(model, tune_text, verify_text, tuning, base=bases[0], **options)
         else:
-            result, grid = tune_grid(model, tune_ids, verify_ids, target, bases, **options)
+            result, grid = tune_grid(model, tune_text, verify_text, tuning, bases, **options)
     except TuneError as err:
         print(f"kvcompress tune: failed: {err}", file=sys.stderr)
         return 1

@@ -110,7 +110,8 @@ class ProbeJob:
             if capture is None:
                 start = time.perf_counter()
                 capture = capture_states(model, self.input_ids)
-                logger.info(f"captured Q, K, V of {self.input_ids.shape[1]} tokens ({time.perf_counter() - start:.1f} s)")
+                logger.info(f"captured Q, K, V of {self.input_ids.shape[1]} tokens "
+                            f"({time.perf_counter() - start:.1f} s)")
             return measure_probe(model, probe, capture, artifact=self.artifact, cost_power=self.cost_power)
 
         return measure

@@ -1,6 +1,6 @@
 """Tuning: per-layer K and V settings with the highest real compression ratio under a quality target.
 
-    result = tune(model, tune_ids, verify_ids, 0.01, state="spec.json.tune-state.json")
+    result = tune(model, tune_text, verify_text, TuneSettings(target=0.01), state="spec.json.tune-state.json")
 
 Steps (method and figures: docs/tuning.md): 1. sensitivity proxy per (layer, tensor, candidate)
 and K/V weights (`sensitivity`); 2. the Lagrangian path of allocations (`allocation`); 3. bisection
@@ -18,7 +18,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 
 from ..calibration import artifact_for
 from ..io import parse_list
@@ -26,7 +25,8 @@ from ..spec import CacheSpec, TensorSpec
 from .allocation import PathPoint, lagrangian_path, spec_from_choice
 from .candidates import candidate_settings
 from .evaluators import eval_figures, make_evaluator  # noqa: F401 (eval_figures is re-exported)
-from ..corpus import require_selection_text
+from ..corpus import CorpusSlice, require_selection_text
+from ..executor import Executor
 from .sensitivity import TENSORS, Evaluator, Sensitivity, calibrate_tensor_weights, measure_sensitivity
 from .state import TuneState, text_fingerprint
 
@@ -165,60 +165,85 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
                     "(--max-tries) or tune on more text (--tokens)")
 
 
-def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float, *, metric: str = "kl",
-         base: CacheSpec | None = None, settings: dict[str, list[TensorSpec]] | None = None,
-         state: TuneState | str | os.PathLike | None = None, tune_text: dict | None = None,
-         verify_text: dict | None = None, artifact=None, max_tries: int = DEFAULT_MAX_TRIES,
-         verify: Evaluator | None = None, weight_tensors: bool = True, context: int | None = None,
-         executor=None) -> TuneResult:
-    """Tune a per-layer spec so that `metric` <= `target` on `verify_ids` (see module doc).
+@dataclass(frozen=True)
+class TuneSettings:
+    """What a tune aims at and how it searches (see module doc).
+
+    Attributes:
+        target: the quality target: `metric` <= target on the verification text.
+        metric: "kl" or "ppl_change".
+        candidates: settings per tensor, {"key": [TensorSpec, ...], "value": [...]}
+            (default: `candidate_settings()`).
+        max_tries: verifications before `TuneError` (each miss tightens the internal target).
+        weight_tensors: scale the K and V proxy costs by their measured KL (`calibrate_tensor_weights`).
+        context: measure under the prompt protocol with this many context tokens; the base spec
+            may then evict.
+    """
+
+    target: float
+    metric: str = "kl"
+    candidates: dict[str, list[TensorSpec]] | None = None
+    max_tries: int = DEFAULT_MAX_TRIES
+    weight_tensors: bool = True
+    context: int | None = None
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if not self.target > 0:
+            raise ValueError(f"the target must be positive, got {self.target!r}")
+        if self.max_tries < 1:
+            raise ValueError(f"max_tries must be at least 1, got {self.max_tries}")
+
+
+def tune(model, tune_text: CorpusSlice, verify_text: CorpusSlice, settings: TuneSettings, *,
+         base: CacheSpec | None = None, state: TuneState | str | os.PathLike | None = None, artifact=None,
+         verify: Evaluator | None = None, executor: Executor | None = None) -> TuneResult:
+    """Tune a per-layer spec so that `settings.metric` <= `settings.target` on `verify_text` (see module doc).
 
     Args:
-        tune_ids: (1, T) tuning text (sensitivities and the search).
-        verify_ids: (1, T') held-out text for the verification.
+        tune_text: the tuning text (sensitivities and the search): ids (1, T) and its corpus record
+            (`corpus.corpus_slice`; the record may be None for ids from elsewhere).
+        verify_text: the held-out text of the verification, (1, T'). Records are part of the
+            state keys; a `verify_text` from the report part is refused (ValueError): the text
+            that chooses a spec must not be the text it is reported on.
         base: window, sinks and block_size of the result (default: `CacheSpec()`).
-        settings: candidates (default: `candidate_settings(("quant",))`).
         state: a `TuneState`, or the path of its JSON file (resumes from it), or None (nothing saved).
-        tune_text, verify_text: the corpus records of the texts (`corpus.corpus_slice(...).record`);
-            recorded and part of the state keys. A `verify_text` from the report part is refused
-            (ValueError): the text that chooses a spec must not be the text it is reported on.
         artifact: calibration artifact for low-rank candidates.
         verify: replaces the held-out evaluation (spec -> figures), e.g. in tests.
-        weight_tensors: scale K and V proxy costs by measured KL (`calibrate_tensor_weights`).
-        context: measure under the prompt protocol with this many context tokens (see module doc);
-            `base` may then evict.
         executor: runs the sensitivity probes and the two weight evaluations (independent units;
             see `kvcompress.executor`, e.g. `distributed.RayExecutor`); default: here. The search
             and the verification run here, in order.
     """
-    if verify_text is not None:
-        require_selection_text(verify_text, "tune's verification")
+    context = settings.context
+    if verify_text.record is not None:
+        require_selection_text(verify_text.record, "tune's verification")
     base = base or CacheSpec()
     if base.eviction is not None and context is None:
         raise ValueError("a base spec that evicts tokens is measured under the prompt protocol: pass context")
     probe_base = dataclasses.replace(base, eviction=None)  # the proxy and K/V weights rank codecs only
-    settings = settings or candidate_settings()
-    artifact = artifact_for(model, [s for t in TENSORS for s in settings[t]], artifact)
+    candidates = settings.candidates or candidate_settings()
+    artifact = artifact_for(model, [s for t in TENSORS for s in candidates[t]], artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
-    tune_fp = text_fingerprint(tune_ids, tune_text)
-    verify_fp = text_fingerprint(verify_ids, verify_text)
-    sens = measure_sensitivity(model, tune_ids, settings, probe_base, state=state, text_fp=tune_fp,
+    tune_fp = text_fingerprint(tune_text.ids, tune_text.record)
+    verify_fp = text_fingerprint(verify_text.ids, verify_text.record)
+    sens = measure_sensitivity(model, tune_text.ids, candidates, probe_base, state=state, text_fp=tune_fp,
                                artifact=artifact, executor=executor)
-    evaluate = make_evaluator(model, tune_ids, "tune-eval", tune_fp, state, artifact=artifact, context=context,
+    evaluate = make_evaluator(model, tune_text.ids, "tune-eval", tune_fp, state, artifact=artifact, context=context,
                               executor=executor)
-    verify = verify or make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact,
+    verify = verify or make_evaluator(model, verify_text.ids, "verify-eval", verify_fp, state, artifact=artifact,
                                       context=context)
     weights = None
-    if weight_tensors:
+    if settings.weight_tensors:
         sens, weights = calibrate_tensor_weights(sens, probe_base, evaluate.map)
-    result = tune_allocation(sens, base, target, metric=metric, evaluate=evaluate, verify=verify,
-                             max_tries=max_tries)
+    result = tune_allocation(sens, base, settings.target, metric=settings.metric, evaluate=evaluate, verify=verify,
+                             max_tries=settings.max_tries)
     result.tensor_weights = weights
     return result
 
 
-def tune_grid(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float, bases: list[CacheSpec],
-              **kwargs) -> tuple[TuneResult, list[dict]]:
+def tune_grid(model, tune_text: CorpusSlice, verify_text: CorpusSlice, settings: TuneSettings,
+              bases: list[CacheSpec], **kwargs) -> tuple[TuneResult, list[dict]]:
     """`tune` once per base spec (e.g. windows x eviction settings) and the result with the highest
     verified ratio; every result met the target on the verification text.
 
@@ -235,7 +260,7 @@ def tune_grid(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: f
         label = base.describe()
         logger.info(f"tuning with base {label}")
         try:
-            result = tune(model, tune_ids, verify_ids, target, base=base, **kwargs)
+            result = tune(model, tune_text, verify_text, settings, base=base, **kwargs)
         except TuneError as err:
             rows.append({"base": base.to_dict(), "describe": label, "met": False, "error": str(err)})
             logger.info(f"base {label}: {err}")
