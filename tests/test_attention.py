@@ -16,7 +16,7 @@ from kvcompress import CompressedCache, enable_fast_attention
 from kvcompress.cache import attention as attention_module
 from kvcompress.cache.attention import (ATTENTION_NAME, LAYER_ATTRIBUTE, attend_compressed, kvcompress_attention,
                                         register)
-from kvcompress.cache.cache import CompressedLayer
+from kvcompress.cache.layer import CompressedLayer
 from tiny_models import ARCHITECTURES, SEEDS
 
 SPEC = {"key": {"bits": 4, "axis": "channel", "group_size": 32},

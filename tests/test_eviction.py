@@ -223,7 +223,7 @@ def test_bad_eviction_specs_name_the_allowed_values(eviction, message):
 
 
 def test_spec_round_trip_and_describe():
-    spec = CacheSpec.from_dict({"eviction": {"policy": "snapkv", "keep_tokens": 300}})
+    spec = CacheSpec.from_dict({**CacheSpec().to_dict(), "eviction": {"policy": "snapkv", "keep_tokens": 300}})
     assert CacheSpec.from_dict(spec.to_dict()) == spec
     assert "evict snapkv keep 300 tokens" in spec.describe()
     assert "eviction" not in CacheSpec().to_dict()  # specs without eviction serialise as before

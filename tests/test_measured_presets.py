@@ -5,8 +5,8 @@ import json
 import pytest
 
 from kvcompress.presets.measured import load_measured, register_measured
-from kvcompress.tuning.preset_selection import (DEFAULT_TARGETS, choose, parse_targets,
-                                         uniform_candidates, verify_presets)
+from kvcompress.tuning.candidates import uniform_candidates
+from kvcompress.tuning.preset_selection import DEFAULT_TARGETS, choose, parse_targets, verify_presets
 from kvcompress.presets import PRESETS, Registry
 from kvcompress.spec import CacheSpec
 
@@ -123,3 +123,12 @@ def test_measured_presets_file_errors_say_what_to_do(tmp_path):
     bad.write_text('{"format": 99}')
     with pytest.raises(ValueError, match="re-run"):
         load_measured(bad)
+
+
+def test_a_missing_shipped_presets_file_is_an_error_naming_it(tmp_path, monkeypatch):
+    from kvcompress.presets import measured
+
+    gone = tmp_path / "prompt_presets.json"  # as in a wheel built without it
+    monkeypatch.setattr(measured, "SHIPPED", (measured.DATA_FILE, gone))
+    with pytest.raises(FileNotFoundError, match="prompt_presets.json is missing from the installed kvcompress"):
+        load_measured(gone)

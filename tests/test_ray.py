@@ -19,7 +19,8 @@ from kvcompress.cli.main import main
 from kvcompress.distributed import RayExecutor, RayOptions, WorkersLostError, WorkerStartError, run_on_actors
 from kvcompress.experiments.grid import load_grid
 from kvcompress.experiments.records import BASELINE_FILE, record_path
-from kvcompress.experiments.sweep import SweepSettings, run_sweep
+from kvcompress.experiments.settings import SweepSettings
+from kvcompress.experiments.sweep import run_sweep
 from kvcompress.generate import GenerateSettings, generate_file
 from tiny_loader import tiny_llama_loader
 from tiny_workers import Doubler
@@ -183,9 +184,10 @@ def forward_calls(model) -> list:
 def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_them(tmp_path, ray):
     from kvcompress.corpus import corpus_slice
     from kvcompress.spec import CacheSpec
+    from kvcompress.fingerprint import text_fingerprint
+    from kvcompress.tuning.evaluators import make_evaluator
     from kvcompress.tuning.preset_selection import SWEEP_KIND
-    from kvcompress.tuning.state import TuneState, text_fingerprint
-    from kvcompress.tuning.tune import make_evaluator
+    from kvcompress.tuning.state import TuneState
 
     candidates = [CacheSpec.from_dict({**quant(b, f"q{b}")["spec"], "name": f"q{b}"}) for b in (8, 4, 2)]
     model, tokenizer = tiny_llama_loader(None)

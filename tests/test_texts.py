@@ -194,7 +194,8 @@ def test_eval_reads_the_report_part_of_the_kind_it_is_given(tiny_llama, monkeypa
 def test_sweep_records_its_kind_and_reads_only_report_text(tiny_llama, tmp_path, reads):
     from kvcompress.experiments.grid import parse_specs
     from kvcompress.experiments.report import write_report
-    from kvcompress.experiments.sweep import SweepSettings, run_sweep
+    from kvcompress.experiments.settings import SweepSettings
+    from kvcompress.experiments.sweep import run_sweep
 
     settings = SweepSettings(text="code", eval_tokens=200, recon_tokens=64)
     (record,) = run_sweep(parse_specs("int4"), tmp_path, settings, model=tiny_llama, tokenizer=WordIds(),
@@ -257,7 +258,8 @@ def test_analysis_on_every_kind_reports_them_side_by_side(tiny_llama, tmp_path, 
     import kvcompress.experiments.analysis as analysis
     from kvcompress.cli.main import build_parser
     from kvcompress.experiments.grid import parse_specs
-    from kvcompress.experiments.sweep import SweepSettings, run_sweep
+    from kvcompress.experiments.settings import SweepSettings
+    from kvcompress.experiments.sweep import run_sweep
 
     monkeypatch.setattr(corpus, "KINDS", ("docs", "code"))
     measured = []

@@ -261,7 +261,7 @@ def test_best_uniform_without_sensitivities_returns_the_highest_ratio_that_meets
 
 def test_a_changed_fingerprint_is_measured_again_and_says_why(tiny_llama, tmp_path, monkeypatch, caplog):
     import kvcompress.tuning.state as state_module
-    from kvcompress.tuning.tune import make_evaluator
+    from kvcompress.tuning.evaluators import make_evaluator
 
     ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(0))
     text = {"source": "test", "part": "selection", "tokens": [0, 80]}

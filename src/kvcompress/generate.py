@@ -42,6 +42,7 @@ import torch
 
 from .distributed import RayOptions, actor_threads, connect
 from .extras import require_extra
+from .fingerprint import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,13 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--input {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--input {path}: not UTF-8 text (byte {err.start}); pass a UTF-8 JSONL file, one "
+                         '{"id": ..., "prompt": ...} per line') from None
     prompts, seen = [], set()
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
         where = f"{path}:{number}"
@@ -193,8 +199,7 @@ class Generator:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.spec = load_spec(settings.spec)
         self.artifact = artifact_for(model, self.spec, settings.artifact)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.context = getattr(config, "max_position_embeddings", None)
+        self.context = getattr(text_config(model), "max_position_embeddings", None)
 
     def __call__(self, prompt: Prompt) -> dict:
         from .cache.attention import enable_fast_attention
@@ -212,14 +217,15 @@ class Generator:
                         "error": f"line {prompt.line} (id {prompt.id!r}): {ids.shape[1]} prompt tokens + "
                                  f"{self.settings.max_new_tokens} new exceed the model's context of {self.context}"}
             device = next(self.model.parameters()).device
-            cache = CompressedCache(self.model, self.spec, artifact=self.artifact)
             pad = self.model.generation_config.pad_token_id
             if pad is None:
                 pad = self.model.generation_config.eos_token_id
                 pad = pad[0] if isinstance(pad, list) else pad
             # kvcompress's attention where the model supports it: faster decode steps, and the prompt's
-            # queries for a spec that evicts; the model is restored afterwards.
+            # queries for a spec that evicts; the model is restored afterwards. The cache is built inside,
+            # so it sees the model switched (and logs no hint to switch it).
             with torch.no_grad(), enable_fast_attention(self.model, strict=False):
+                cache = CompressedCache(self.model, self.spec, artifact=self.artifact)
                 out = self.model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                           max_new_tokens=self.settings.max_new_tokens, do_sample=False,
                                           pad_token_id=pad, **{CACHE_KWARG: cache})

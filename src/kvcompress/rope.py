@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .fingerprint import text_config
+
 # Ropes whose frequencies depend on the current sequence length: a key rotated at one length
 # could not be re-rotated identically later.
 _LENGTH_DEPENDENT_ROPES = ("dynamic", "longrope")
@@ -185,7 +187,7 @@ def key_space_for(model: nn.Module, layer_types: list[str] | None = None
         layer_types: the config's `layer_types` (one per layer) when its rotary embedding takes
             a layer type; None otherwise.
     """
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     rotary_emb = find_rotary_emb(model)
     if rotary_emb is None:
         return None, "no rotary embedding module (`rotary_emb`) was found in the model"

@@ -41,6 +41,9 @@ _SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers
 EVICTION_POLICIES = ("snapkv", "tova", "expected", "streaming", "knorm")
 EVICTION_APPLIES = ("prompt", "generation")
 _EVICTION_FIELDS = ("policy", "keep", "keep_tokens", "applies", "observation", "pooling")
+# What a spec file writes for K and V: both fields are required (a missing one would be a silent default).
+_WRITTEN_OUT = {"key": '"key": {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32}',
+                "value": '"value": {"method": "quant", "bits": 4, "axis": "token", "group_size": 32}'}
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,8 @@ class CacheSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheSpec:
+        """Build from a dict (a spec file's content); "key" and "value" must both be given (write
+        {"method": "none"} for full precision), the other fields default."""
         if not isinstance(data, dict):
             raise ValueError(f"a spec must be a mapping, got {type(data).__name__}")
         unknown = set(data) - set(_SPEC_FIELDS)
@@ -456,7 +461,14 @@ class CacheSpec:
                 kwargs["eviction"] = EvictionSpec.from_dict(data["eviction"])
             except (TypeError, ValueError) as err:
                 raise ValueError(f"eviction: {err}") from None
-        return cls(**kwargs)
+        spec = cls(**kwargs)  # errors in the fields given come first
+        missing = [which for which in ("key", "value") if which not in data]
+        if missing:
+            written = ", ".join(_WRITTEN_OUT[which] for which in missing)
+            full = ", ".join(f'"{which}": {{"method": "none"}}' for which in missing)
+            raise ValueError(f"the spec has no {' and no '.join(repr(m) for m in missing)} field (refused rather than "
+                             f"given a silent default); write it out, e.g. {written}, or {full} for full precision")
+        return spec
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -18,6 +18,8 @@ import importlib.util
 import re
 from dataclasses import dataclass
 
+from ..fingerprint import text_config
+
 DEFAULT_CACHES = ("dynamic", "int4", "int2", "quanto-4", "quanto-2", "hqq-4", "hqq-2")
 # transformers' QuantizedCache defaults, used for both backends (recorded in the results).
 QUANTIZED_CACHE_SETTINGS = {"q_group_size": 64, "residual_length": 128, "axis_key": 0, "axis_value": 0}
@@ -123,10 +125,9 @@ def make_cache(kind: CacheKind, model):
     from transformers import DynamicCache, QuantizedCache
 
     if kind.family == "dynamic":
-        return DynamicCache(config=model.config.get_text_config(decoder=True))  # as `generate` builds it
+        return DynamicCache(config=text_config(model))  # as `generate` builds it
     if kind.family == "quantized":
-        config = model.config.get_text_config(decoder=True)
-        return QuantizedCache(backend=kind.backend, config=config, nbits=kind.nbits, **QUANTIZED_CACHE_SETTINGS)
+        return QuantizedCache(backend=kind.backend, config=text_config(model), nbits=kind.nbits, **QUANTIZED_CACHE_SETTINGS)
     from ..cache.cache import CompressedCache
 
     return CompressedCache(model, kind.spec_name, monitor=kind.monitor, fast_attention=not kind.reconstruct,

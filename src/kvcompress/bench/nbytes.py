@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..compat import quantized_layer_storage
+from ..fingerprint import text_config
 
 
 def tensor_bytes(obj) -> int:
@@ -50,7 +51,7 @@ def cache_stored_bytes(cache) -> int:
 
 def _kv_shape(config) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of a model config."""
-    config = config.get_text_config(decoder=True)
+    config = text_config(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return config.num_hidden_layers, kv_heads, head_dim

@@ -35,6 +35,9 @@ from .sliding import CompressedSlidingLayer
 
 
 def _text_config(model_or_config) -> PretrainedConfig:
+    if not isinstance(model_or_config, (PreTrainedModel, PretrainedConfig)):
+        raise TypeError(f"CompressedCache needs the model (a transformers PreTrainedModel) or its config as its "
+                        f"first argument, got {type(model_or_config).__name__}; pass CompressedCache(model, spec)")
     config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 

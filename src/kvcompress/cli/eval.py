@@ -11,7 +11,8 @@ from ..measure.evaluate import decode_faithful_eval
 from ..measure.prompt import prompt_eval
 from .common import (UserError, add_corpus_arguments, add_model_arguments, check_artifact_dir, check_context_tokens,
                      check_eval_tokens, check_model_args, check_output_file, check_spec, check_text, check_tokens,
-                     load_model_from_args, text_kind, text_label, write_json)
+                     load_model_from_args, text_kind, text_label)
+from ..io import write_json_atomic
 
 NAME = "eval"
 HELP = ("decode-faithful perplexity, KL and top-1 agreement of a spec vs the uncompressed cache (--context N: of a "
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                   "artifact": artifact_info, **result.to_dict()}
         print_prompt_result(args, spec, text, result)
         if args.json:
-            print(f"wrote       {write_json(args.json, record)}")
+            print(f"wrote       {write_json_atomic(args.json, record)}")
         return 0
     result = decode_faithful_eval(model, ids, spec, mode=args.mode, progress=not args.no_progress,
                                   artifact=artifact)
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
           f"{result.fp16_bytes:,} in fp16)")
     _print_quality(result)
     if args.json:
-        print(f"wrote       {write_json(args.json, record)}")
+        print(f"wrote       {write_json_atomic(args.json, record)}")
     return 0
 
 

@@ -8,7 +8,8 @@ import sys
 import time
 
 from ..experiments.grid import parse_specs
-from ..experiments.sweep import TASKS, SweepSettings, run_sweep
+from ..experiments.settings import TASKS, SweepSettings
+from ..experiments.sweep import run_sweep
 from ..io import parse_list
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_ray_arguments, check_artifact_dir,
                      check_context_tokens, check_eval_tokens, check_model_args, check_output_dir, check_text,

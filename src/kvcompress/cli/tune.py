@@ -30,10 +30,11 @@ from pathlib import Path
 
 from ..calibration import artifact_for
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
-                     check_artifact_dir, check_context_tokens, check_eval_tokens, check_model_args, check_output_file,
-                     check_positive, check_text, check_text_protocol, check_tokens, load_model_from_args,
-                     prompt_grid_from_args, ray_executor, ray_options_from_args, text_kind, text_label,
-                     write_json)
+                     check_artifact_dir, check_context_tokens, check_eval_tokens, check_model_args, check_model_context,
+                     check_output_file, check_positive, check_text, check_text_protocol, check_tokens,
+                     load_model_from_args, prompt_grid_from_args, ray_executor, ray_options_from_args, text_kind,
+                     text_label)
+from ..io import write_json_atomic
 
 NAME = "tune"
 HELP = "find per-layer K/V settings with the highest compression ratio that meet a quality target"
@@ -90,11 +91,11 @@ def run(args: argparse.Namespace) -> int:
     from ..models import model_id
     from ..spec import CacheSpec
     from ..tuning.state import TuneState
-    from ..tuning.tune import (DEFAULT_TUNE_OFFSET, TuneError, TuneSettings, best_uniform, make_evaluator,
-                               parse_candidates, tune, tune_grid)
+    from ..tuning.evaluators import make_evaluator
+    from ..tuning.tune import DEFAULT_TUNE_OFFSET, TuneError, TuneSettings, best_uniform, parse_candidates, tune, tune_grid
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
-    check_positive(target, "--max-kl" if metric == "kl" else "--max-ppl-change")
+    check_positive(target, "--max-kl" if metric == "kl" else "--max-ppl-change", "0.01")
     check_output_file(args.out, "--out", (".json", ".yaml", ".yml"))
     out = Path(args.out)
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".tune-state.json")
@@ -139,13 +140,20 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     offset = args.tune_offset if args.tune_offset is not None else (0 if args.corpus else DEFAULT_TUNE_OFFSET)
     read = (lambda n: n) if args.context is None else (lambda n: args.context + n + 1)
+    if args.context is not None:
+        check_model_context(model, read(max(args.tokens, args.verify_tokens)), f"--context {args.context}",
+                            "each text reads context + tokens + 1", args.context)
     try:
         tune_text = corpus_slice(tokenizer, "calibration", n_tokens=read(args.tokens), path=args.corpus, offset=offset,
                                  kind=text_kind(args))
         verify_text = corpus_slice(tokenizer, "selection", n_tokens=read(args.verify_tokens), path=args.corpus,
                                    kind=text_kind(args))
     except CorpusError as err:
-        raise UserError(f"--tokens {args.tokens} / --verify-tokens {args.verify_tokens}: {err}") from None
+        if args.context is None:
+            raise UserError(f"--tokens {args.tokens} / --verify-tokens {args.verify_tokens}: {err}") from None
+        raise UserError(f"--context {args.context} (with --tokens {args.tokens} / --verify-tokens "
+                        f"{args.verify_tokens}; each text reads context + tokens + 1): {err} A smaller --context "
+                        "is the usual fix") from None
     artifact = artifact_for(model, [s for tensor in settings.values() for s in tensor], args.artifact)
     where = text_label(args)
     print(f"tuning {metric} <= {target:g} for {model_id(model)} on {where}: tuning text calibration part tokens "
@@ -193,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             print("uniform     no uniform spec of these candidates meets the target on the selection text")
     print(f"time        {time.perf_counter() - started:.0f} s ({state.hits} measurement(s) reused from the state file)")
     if args.json:
-        print(f"wrote       {write_json(args.json, report)}")
+        print(f"wrote       {write_json_atomic(args.json, report)}")
     if state.redone:
         print(f"redone      {len(state.redone)} saved measurement(s) whose fingerprint changed "
               f"(first: {state.redone[0]})")

@@ -30,7 +30,8 @@ from pathlib import Path
 from ..extras import require_extra
 from .grid import SpecEntry, load_grid
 from .report import write_kinds_report, write_report
-from .sweep import SweepSettings, run_sweep
+from .settings import SweepSettings
+from .sweep import run_sweep
 
 _LOWRANK = {"key": {"method": "lowrank", "key_space": "pre_rope"}, "value": {"method": "lowrank"}}
 _LOWRANK_POST = {"key": {"method": "lowrank"}, "value": {"method": "lowrank"}}
@@ -108,8 +109,3 @@ def analyze_kinds(out_dir: str | os.PathLike, settings: SweepSettings, kinds: li
     for kind in kinds:
         analyze(Path(out_dir) / kind, dataclasses.replace(settings, text=kind, corpus=None), **options)
     return write_kinds_report(out_dir, kinds)
-
-
-def with_overrides(settings: SweepSettings, **overrides) -> SweepSettings:
-    """`settings` with the non-None `overrides` applied (CLI flags over defaults)."""
-    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})

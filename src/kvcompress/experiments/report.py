@@ -369,21 +369,3 @@ def write_kinds_report(out_dir: str | os.PathLike, kinds: list[str]) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
-
-
-def parse_markdown_table(markdown: str, first_header: str, section: str | None = None) -> list[dict[str, str]]:
-    """Rows (header -> cell) of the first table in `markdown` (after the heading `## section`, if
-    given) whose first header cell is `first_header`."""
-    lines = markdown.splitlines()
-    start = lines.index(f"## {section}") if section is not None else 0
-    for i, line in enumerate(lines[start:], start):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_header:
-            rows = []
-            for row in lines[i + 2:]:
-                if not row.startswith("|"):
-                    break
-                rows.append(dict(zip(cells, (c.strip() for c in row.strip().strip("|").split("|")))))
-            return rows
-    raise ValueError(f"no table with first column {first_header!r}")
-

@@ -70,9 +70,9 @@ from .measuring import (
     why_measured_again,
 )
 from .records import BASELINE_FILE, CONFIG_FILE, read_record, record_path
-from .settings import RECORD_FORMAT, TASKS, SweepSettings, record_key
+from .settings import SweepSettings, record_key
 
-__all__ = ["RECORD_FORMAT", "TASKS", "SweepSettings", "measure_spec", "record_key", "run_sweep"]
+__all__ = ["measure_spec", "run_sweep"]
 
 logger = logging.getLogger(__name__)
 

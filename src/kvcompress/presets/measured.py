@@ -28,12 +28,21 @@ SHIPPED = (DATA_FILE, PROMPT_DATA_FILE)
 DATA_FORMAT = 1
 
 
+class MissingDataFileError(FileNotFoundError):
+    """A data file the package ships is absent: the installation is incomplete."""
+
+
 def load_measured(path: str | Path | None = None) -> dict:
-    """The measured-presets data (the shipped file by default); {} presets if the shipped file is absent."""
+    """The measured-presets data (the shipped file by default).
+
+    Raises `MissingDataFileError` naming the file when a shipped file is absent (a wheel built
+    without it), never an empty registry."""
     path = Path(path) if path is not None else DATA_FILE
     if not path.exists():
         if path in SHIPPED:
-            return {"format": DATA_FORMAT, "presets": []}
+            raise MissingDataFileError(
+                f"{path} is missing from the installed kvcompress package (its package data must ship "
+                f"{path.name}; see [tool.setuptools.package-data] in pyproject.toml); reinstall kvcompress")
         raise ValueError(f"measured presets file {path} does not exist; run `kvcompress measure-presets --file {path}`")
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or data.get("format") != DATA_FORMAT or not isinstance(data.get("presets"), list):

@@ -18,7 +18,8 @@ import torch
 from ..executor import Local
 from ..spec import CacheSpec
 from .sensitivity import Evaluator
-from .state import TuneState, measurement_fingerprint, model_fingerprint, spec_key
+from ..fingerprint import model_fingerprint
+from .state import TuneState, measurement_fingerprint, spec_key
 
 __all__ = ["EvalJob", "SavedEvaluator", "eval_figures", "make_evaluator", "make_ratio_evaluator", "prompt_figures"]
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 import time
 from collections.abc import Callable, Sequence
@@ -66,12 +67,16 @@ def _parse_named_values(text: str, *, minimum: float, what: str, example: str) -
     out = {}
     for item in parse_list(text):
         name, _, value = item.partition("=")
+        name = name.strip()
+        if name in out:
+            raise ValueError(f"{name!r} is given twice; give each preset one value, e.g. '{example}'")
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
             raise ValueError(f"{what} look like '{example}', got {item!r}") from None
-        if not name.strip() or not out[name.strip()] > minimum:
-            raise ValueError(f"each of the {what} needs a name and a value above {minimum:g}, got {item!r}")
+        if not name or not out[name] > minimum or not math.isfinite(out[name]):
+            raise ValueError(f"each of the {what} needs a name and a finite value above {minimum:g}, got {item!r}; "
+                             f"e.g. '{example}'")
     if not out:
         raise ValueError(f"no {what} given; use e.g. '{example}'")
     return out
@@ -173,7 +178,8 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..measure.prompt import protocol_record
     from ..models import model_id
-    from .state import TuneState, measurement_fingerprint, model_fingerprint, spec_key, text_fingerprint
+    from ..fingerprint import model_fingerprint, text_fingerprint
+    from .state import TuneState, measurement_fingerprint, spec_key
 
     t = settings or SelectionSettings()
     targets = targets or dict(DEFAULT_TARGETS)
@@ -312,7 +318,8 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..models import model_id
     from ..measure.prompt import protocol_record
-    from .state import TuneState, model_fingerprint, text_fingerprint
+    from ..fingerprint import model_fingerprint, text_fingerprint
+    from .state import TuneState
 
     ratio_model = ratio_model if ratio_model is not None else model
     by_name = {spec.name: spec for spec in candidates}

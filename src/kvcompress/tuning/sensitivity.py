@@ -19,7 +19,8 @@ import torch
 
 from ..executor import Local
 from ..spec import CacheSpec, TensorSpec
-from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+from ..fingerprint import model_fingerprint, text_fingerprint
+from .state import TuneState, measurement_fingerprint
 
 logger = logging.getLogger(__name__)
 

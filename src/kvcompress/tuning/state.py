@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..fingerprint import environment, mismatch, model_fingerprint, text_fingerprint
+from ..fingerprint import environment, mismatch
 from ..io import content_hash, write_json_atomic
 from ..spec import CacheSpec
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 2  # 2: entries keyed by a fingerprint with versions, weights hash and text record
 
-__all__ = ["STATE_FORMAT", "TuneState", "measurement_fingerprint", "model_fingerprint", "spec_key", "text_fingerprint"]
+__all__ = ["STATE_FORMAT", "TuneState", "measurement_fingerprint", "spec_key"]
 
 
 def measurement_fingerprint(model_fp: dict, text_fp: dict | None) -> dict:

@@ -24,11 +24,12 @@ from ..io import parse_list
 from ..spec import CacheSpec, TensorSpec
 from .allocation import PathPoint, lagrangian_path, spec_from_choice
 from .candidates import candidate_settings
-from .evaluators import eval_figures, make_evaluator  # noqa: F401 (eval_figures is re-exported)
+from .evaluators import make_evaluator
 from ..corpus import CorpusSlice, require_selection_text
 from ..executor import Executor
+from ..fingerprint import text_fingerprint
 from .sensitivity import TENSORS, Evaluator, Sensitivity, calibrate_tensor_weights, measure_sensitivity
-from .state import TuneState, text_fingerprint
+from .state import TuneState
 
 logger = logging.getLogger(__name__)
 
