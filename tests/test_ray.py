@@ -7,6 +7,7 @@ Workers build the tiny Llama themselves (`tiny_loader`), as they would load a re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -181,10 +182,10 @@ def forward_calls(model) -> list:
     return calls
 
 
-def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_them(tmp_path, ray):
+def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_them_prompt_protocol_too(tmp_path, ray):
     from kvcompress.corpus import corpus_slice
-    from kvcompress.spec import CacheSpec
     from kvcompress.fingerprint import text_fingerprint
+    from kvcompress.spec import CacheSpec, EvictionSpec
     from kvcompress.tuning.evaluators import make_evaluator
     from kvcompress.tuning.preset_selection import SWEEP_KIND
     from kvcompress.tuning.state import TuneState
@@ -215,6 +216,14 @@ def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_the
     again = Spy(on_ray())
     make_evaluator(model, ids, SWEEP_KIND, text_fp, TuneState(tmp_path / "ray.json"), executor=again).map(candidates)
     assert again.units == []
+    # The prompt protocol (an evicting candidate, 64 context tokens) runs on Ray too, with the same figures.
+    evicting = dataclasses.replace(candidates[1], name="q4-tova", eviction=EvictionSpec(policy="tova", keep=0.5))
+    local = make_evaluator(model, ids, SWEEP_KIND, text_fp, TuneState(None), context=64)(evicting)
+    remote, = make_evaluator(model, ids, SWEEP_KIND, text_fp, TuneState(None), context=64,
+                             executor=on_ray(RayOptions(workers=1), model=model)).map([evicting])
+    assert local["evicted_tokens"] > 0 and local["context_tokens"] == 64
+    for name in ("kl", "ppl_change", "ratio", "whole_cache_ratio", "evicted_tokens"):
+        assert abs(local[name] - remote[name]) <= 1e-6, f"{name}: {local[name]} vs {remote[name]}"
 
 
 def test_a_worker_that_loads_another_model_is_refused(ray):

@@ -181,8 +181,6 @@ def run(args: argparse.Namespace) -> int:
         return _run_floors(args, candidates, started)
     out = args.file or DEFAULT_OUT
     state = args.state or str(out).removesuffix(".json") + ".state.json"
-    if args.context is not None and args.ray is not None:
-        raise UserError("--context runs here, not on Ray: leave out --ray")
     ray = ray_options_from_args(args)
     model, tokenizer = load_model_from_args(args)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])

@@ -115,8 +115,6 @@ def run(args: argparse.Namespace) -> int:
                  for e in (evictions or (None,))]
     except ValueError as err:
         raise UserError(f"--windows {args.windows}: {err}") from None
-    if args.context is not None and args.ray is not None:
-        raise UserError("--context runs here, not on Ray: leave out --ray")
     if args.compare_uniform and len(bases) > 1:
         raise UserError("--compare-uniform compares with one base spec: give one --windows value and one --keep value")
     for option, value in (("--tokens", args.tokens), ("--verify-tokens", args.verify_tokens)):
