@@ -1,36 +1,12 @@
-"""Named presets chosen by measurement: from near-lossless to extreme, each defined by a KL target.
+"""Named presets chosen by measurement (docs/tuning.md): each defined by a KL target or a compression floor.
 
-`select_presets` (run by `kvcompress measure-presets`) evaluates candidate uniform specs on a
-sweep text (the calibration part of the embedded corpus at an offset past what calibration
-artifacts use), and for each named target takes the candidate with the highest real
-compression ratio whose decode-faithful mean KL meets the target. The choice is then checked
-on the selection part (which neither the sweep nor calibration read); a candidate that misses
-there is dropped and the next best is checked, so a preset is only written if it met its own
-target on selection text. Selecting on the report part is refused. Each chosen preset is then
-measured once more on the report part (text no step of the choice read): those "report"
-figures are what tables show. The passkey score (`tasks.run_passkey`) of the chosen spec and
-of the uncompressed model is measured on report-part filler (reported, not used to choose).
-
-The result is the data file `measured_presets.json`: each preset's spec, target, the figures
-measured on the three texts, and the command, model, fingerprints and texts used.
-`kvcompress measure-presets` writes it to `runs/measured_presets.json`; shipping it means
-copying that file over `src/kvcompress/presets/measured_presets.json` and committing it.
-`kvcompress.presets` registers a preset per entry (see `presets.measured`). `verify_presets` re-measures the shipped presets on
-held-out text and reports which no longer meet their target (`kvcompress measure-presets
---verify` exits non-zero then).
-
-Prompt compression (`context=N`): every evaluation runs the prompt protocol (`measure.prompt`:
-N context tokens prefilled at once, then the sweep/verify/report tokens teacher-forced), and
-"ratio" is the whole-cache ratio at the end of the context, so a candidate may evict tokens
-(`candidates.uniform_candidates(evictions=...)`) and its window counts. `select_prompt_presets`
-chooses presets defined by a compression floor instead of a KL target (`prompt-6x`: whole cache
-at least 6x smaller than fp16): for each floor, among the candidates whose cache, on a model of
-the dtype that will store it (bfloat16 by default, `make_ratio_evaluator`), meets the floor at
-the end of the context, the one with the lowest KL on selection text; then measured on the report
-part. No passkey score is measured for those.
-
-This module does not define the metrics (see `measure.evaluate`, `measure.tasks`), does not read or
-register the shipped presets (see `presets.measured`) and does not tune per-layer specs (see `tune`).
+`select_presets`: the candidates are swept on calibration text (on the caller's executor); per
+target, the highest-ratio candidate meeting it is checked on selection text (a miss: the next
+best), then measured on the report part with its passkey score. `select_prompt_presets`: per
+floor (whole cache at the end of a prompt, in the storing dtype), the lowest selection KL. Both
+return the data file's content (`measured_presets.json`, `prompt_presets.json`; registered by
+`presets.measured`); `verify_presets` re-measures shipped presets. `context=N`: the prompt
+protocol (`measure.prompt`). Choosing on the report part is refused.
 """
 
 from __future__ import annotations
