@@ -55,7 +55,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..executor import Local
+from ..executor import Executor, Local
 from ..io import write_json_atomic
 from .grid import SpecEntry, check_unique
 from .measuring import (
@@ -80,7 +80,7 @@ logger = logging.getLogger(__name__)
 def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: SweepSettings | None = None, *,
               model=None, tokenizer=None, progress: bool = True,
               on_record: Callable[[dict], None] | None = None, command: str | None = None,
-              executor=None) -> list[dict]:
+              executor: Executor | None = None) -> list[dict]:
     """Measure every entry (skipping those already measured with the same key); return all records.
 
     Args:

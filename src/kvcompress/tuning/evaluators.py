@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from ..executor import Local
+from ..executor import Executor, Local
 from ..spec import CacheSpec
 from .sensitivity import Evaluator
 from ..fingerprint import model_fingerprint
@@ -93,7 +93,8 @@ class SavedEvaluator:
     `executor` (default: here too), e.g. on Ray. Both share one start of the job here.
     """
 
-    def __init__(self, model, job: EvalJob, kind: str, fingerprint: dict, state: TuneState, executor=None):
+    def __init__(self, model, job: EvalJob, kind: str, fingerprint: dict, state: TuneState,
+                 executor: Executor | None = None):
         self.job, self.kind, self.fingerprint, self.state = job, kind, fingerprint, state
         self.local = Local(model)
         self.executor = executor or self.local
@@ -107,7 +108,8 @@ class SavedEvaluator:
 
 
 def make_evaluator(model, input_ids: torch.Tensor, kind: str, text_fp: dict, state: TuneState, *, artifact=None,
-                   progress: bool = False, context: int | None = None, executor=None) -> SavedEvaluator:
+                   progress: bool = False, context: int | None = None,
+                   executor: Executor | None = None) -> SavedEvaluator:
     """spec -> eval figures on `input_ids` (see `EvalJob`), measured once and saved in `state`;
     `.map(specs)` runs the missing ones on `executor` (see `SavedEvaluator`)."""
     job = EvalJob(input_ids, artifact, context, progress)

@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from ..executor import Local
+from ..executor import Executor, Local
 from ..spec import CacheSpec, TensorSpec
 from ..fingerprint import model_fingerprint, text_fingerprint
 from .state import TuneState, measurement_fingerprint
@@ -123,7 +123,7 @@ class ProbeJob:
 
 def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list[TensorSpec]], base: CacheSpec,
                         *, state: TuneState | None = None, text_fp: dict | None = None, artifact=None,
-                        cost_power: float = COST_POWER, executor=None) -> Sensitivity:
+                        cost_power: float = COST_POWER, executor: Executor | None = None) -> Sensitivity:
     """Proxy cost and real bytes of every candidate on every layer (see module doc, step 1).
 
     Args:
