@@ -15,13 +15,13 @@ from functools import partial
 
 import torch
 
-from ..executor import Executor, Local
+from ..executor import Executor, Job, Local
 from ..spec import CacheSpec
-from .sensitivity import Evaluator
 from ..fingerprint import model_fingerprint
-from .state import TuneState, measurement_fingerprint, spec_key
+from .state import TuneState, measurement_fingerprint
 
-__all__ = ["EvalJob", "SavedEvaluator", "eval_figures", "make_evaluator", "make_ratio_evaluator", "prompt_figures"]
+__all__ = ["EvalJob", "RatioJob", "SavedEvaluator", "eval_figures", "make_evaluator", "make_ratio_evaluator",
+           "prompt_figures"]
 
 
 def eval_figures(result) -> dict:
@@ -93,7 +93,7 @@ class SavedEvaluator:
     `executor` (default: here too), e.g. on Ray. Both share one start of the job here.
     """
 
-    def __init__(self, model, job: EvalJob, kind: str, fingerprint: dict, state: TuneState,
+    def __init__(self, model, job: Job, kind: str, fingerprint: dict, state: TuneState,
                  executor: Executor | None = None):
         self.job, self.kind, self.fingerprint, self.state = job, kind, fingerprint, state
         self.local = Local(model)
@@ -116,34 +116,41 @@ def make_evaluator(model, input_ids: torch.Tensor, kind: str, text_fp: dict, sta
     return SavedEvaluator(model, job, kind, _fingerprint(model, text_fp, context), state, executor)
 
 
-def make_ratio_evaluator(model, input_ids: torch.Tensor, text_fp: dict, state: TuneState, context: int, *,
-                         artifact=None, kind: str = "prompt-ratio") -> Evaluator:
-    """spec -> the sizes of its cache right after a `context`-token prefill of `input_ids` on `model`
+@dataclass(frozen=True)
+class RatioJob:
+    """Specs -> the sizes of their cache right after a `context`-token prefill of `input_ids` (1, T)
     ("ratio": the whole-cache ratio from `memory_report()`, "stored_bytes", "fp16_bytes",
-    "kept_fraction", ...; see `measure.prompt.context_sizes`), measured once and saved in `state`.
+    "kept_fraction", ...; see `measure.prompt.context_sizes`). Nothing is scored."""
 
-    Nothing is scored: this is what a cache of `model`'s dtype stores, e.g. in bfloat16 while the
-    quality is measured in float32.
-    """
-    from ..cache.attention import enable_fast_attention
-    from ..cache.cache import CompressedCache
-    from ..measure.evaluate import is_lossy
-    from ..measure.prompt import context_sizes, layer_tokens, prefill
+    input_ids: torch.Tensor
+    context: int
+    artifact: object = None
 
-    fingerprint = _fingerprint(model, text_fp, context)
+    def start(self, model, tokenizer=None):
+        from ..cache.attention import enable_fast_attention
+        from ..cache.cache import CompressedCache
+        from ..measure.evaluate import is_lossy
+        from ..measure.prompt import context_sizes, layer_tokens, prefill
 
-    @torch.no_grad()
-    def evaluate(spec: CacheSpec) -> dict:
-        spec_dict = spec_key(spec)
-        result = state.lookup(kind, spec_dict, fingerprint)
-        if result is None:
+        @torch.no_grad()
+        def measure(spec: CacheSpec) -> dict:
             with enable_fast_attention(model, strict=False):
-                cache = CompressedCache(model, spec, artifact=artifact)
-                prefill(model, cache, input_ids.to(next(model.parameters()).device), context)
+                cache = CompressedCache(model, spec, artifact=self.artifact)
+                prefill(model, cache, self.input_ids.to(next(model.parameters()).device), self.context)
             report = cache.memory_report()
             sizes = context_sizes(report, layer_tokens(cache, report), lossy=is_lossy(spec))
-            result = {**sizes, "ratio": sizes["whole_cache_ratio"], "context_tokens": context}
-            state.store(kind, spec_dict, fingerprint, result)
-        return result
+            return {**sizes, "ratio": sizes["whole_cache_ratio"], "context_tokens": self.context}
 
-    return evaluate
+        return measure
+
+    def label(self, spec: CacheSpec) -> str:
+        return spec.name or spec.describe()
+
+
+def make_ratio_evaluator(model, input_ids: torch.Tensor, text_fp: dict, state: TuneState, context: int, *,
+                         artifact=None, kind: str = "prompt-ratio") -> SavedEvaluator:
+    """spec -> the sizes of its cache after a `context`-token prefill on `model` (see `RatioJob`),
+    measured once and saved in `state`: what a cache of `model`'s dtype stores, e.g. in bfloat16
+    while the quality is measured in float32."""
+    return SavedEvaluator(model, RatioJob(input_ids, context, artifact), kind, _fingerprint(model, text_fp, context),
+                          state)
