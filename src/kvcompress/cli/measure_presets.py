@@ -1,27 +1,13 @@
-"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them (see `kvcompress.tuning.preset_selection`).
+"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them.
 
     kvcompress measure-presets                 # sweep, choose, verify; writes runs/measured_presets.json
     kvcompress measure-presets --verify        # re-measure the shipped presets; exit 1 if one misses
-    kvcompress measure-presets --verify --file src/kvcompress/presets/prompt_presets.json
-                                               # the prompt presets: whole cache still meets its floor
-    kvcompress measure-presets --table         # print the shipped presets as a markdown table
-    kvcompress measure-presets --context 1536 --verify-tokens 512 --min-ratios prompt-6x=6,prompt-8x=8 \
-        --candidates quant,codebook --uniform k4v4,cb3 --windows 32,64 --keep 0.5,0.7,1 --policies tova
-                                               # prompt presets: lowest selection KL at a whole-cache floor
+    kvcompress measure-presets --table         # the shipped presets as a markdown table
+    kvcompress measure-presets --context 1536 --verify-tokens 512 --min-ratios prompt-6x=6,prompt-8x=8
 
-With `--context N` every measurement runs the prompt protocol (N tokens prefilled at once into
-the compressed cache; `--sweep-tokens`/`--verify-tokens` are then continuation tokens) and the
-ratio is the whole cache's at the end of the context; `--windows`, `--keep` and `--policies`
-cross the candidates with windows and eviction settings. `--min-ratios` chooses presets by a
-compression floor instead of a KL target (see `tuning.preset_selection.select_prompt_presets`):
-the ratio is taken from a `--ratio-dtype` (bfloat16) copy of the model, the KL from `--dtype`.
-
-Texts: the sweep reads the calibration part (from token `--sweep-offset`), the choice is
-verified on the selection part, and the chosen presets are measured on the report part (see
-`tuning.preset_selection`), each of the kind `--text` (default docs; `all`: equal token shares
-of every kind) or of a `--corpus FILE`. The command never writes into the installed package: to ship new
-presets, copy `runs/measured_presets.json` over `src/kvcompress/presets/measured_presets.json`
-in a source checkout and commit it.
+The algorithm and its texts: `kvcompress.tuning.preset_selection` and docs/tuning.md. The command
+never writes into the installed package: to ship new presets, copy the output file over
+`src/kvcompress/presets/` in a source checkout and commit it.
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
-"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on selection text (see `kvcompress.tuning.tune`).
+"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on selection text.
 
-Texts (see `corpus`): the tuning text is the calibration part from token `--tune-offset`
-(default 8192 in a shipped kind of text, past the tokens calibration artifacts use; 0 in a file)
-and the verification text, which chooses between retries, is the first `--verify-tokens` of the
-selection part, of the kind `--text` (default docs; `all`: equal shares of every kind) or of a
-`--corpus FILE` split the same way. The report part (what `kvcompress eval` reads) is never read
-here, so `kvcompress eval --spec OUT` reports on text the tune never saw.
-
-With `--context N` every evaluation runs the prompt protocol (N context tokens prefilled at
-once, then `--tokens` / `--verify-tokens` continuation tokens teacher-forced; each text reads
-N + tokens + 1 tokens) and the ratio is the whole cache's at the end of the context (window and
-sinks included, in `--dtype`). `--windows`, `--keep` and `--policies` then give the windows and
-eviction settings to tune with: one tune per combination, and the verified spec with the
-highest ratio is kept (see `kvcompress.tuning.tune.tune_grid`).
-
-With `--ray [ADDRESS]` the sensitivity probes and the two tensor-weight evaluations run on
-Ray actors that load the model themselves from `--model/--dtype/--device`
-(`kvcompress.distributed.RayExecutor`); they are saved in the state file as a serial tune saves
-them, so either kind of run resumes the other. The search and the verification run here.
+The tuning text is the calibration part from `--tune-offset` (8192 in a shipped kind of text, 0 in
+a `--corpus` file); the verification text is the first `--verify-tokens` of the selection part; the
+report part is never read, so `kvcompress eval --spec OUT` reports on text the tune never saw.
+`--context N` tunes under the prompt protocol, with `--windows`, `--keep`, `--policies` crossed;
+`--ray` measures the probes and the K/V weight evaluations on Ray actors
+(`distributed.RayExecutor`). The method: `kvcompress.tuning.tune` and docs/tuning.md.
 """
 
 from __future__ import annotations

@@ -1,51 +1,15 @@
 """Sweep: measure many specs (reconstruction, decode-faithful quality, tasks), one JSON record each.
 
-    entries = parse_specs("int8,int4,my_spec.yaml")          # or a grid file, see `load_grid`
+    entries = parse_specs("int8,int4,my_spec.yaml")          # or a grid file, see `grid.load_grid`
     run_sweep(entries, "runs/sweep", SweepSettings(tasks=("passkey",)))
 
-For every spec the sweep writes `OUT/records/<label>.json` as soon as that spec is done
-(written to a temporary file, then renamed, so a record is either whole or absent):
-
-    {"label", "key", "status": "ok" | "error", "spec", "describe", "settings", "model",
-     "reconstruction": {...}  (see `reconstruction.direct_reconstruction`),
-     "eval": {...}            (see `evaluate.EvalResult`; with `context_tokens`, `prompt.PromptEvalResult`),
-     "tasks": {"passkey": {..., "uncompressed": {...}}, "agreement": {...}},
-     "error", "traceback"     (only when status is "error"),
-     "timing": {phase: {"wall_s", "cpu_s"}}}
-
-`key` is a hash of the resolved spec, the settings that shape the record and the run's
-fingerprint (kvcompress / transformers / torch versions, the model's config and weights hash,
-the texts read; see `measuring.sweep_fingerprint`), which the record also holds with the texts'
-corpus records; a record whose key differs is measured again and the log says why. Rerunning the
-same sweep skips every spec whose record exists with the same key and status "ok" and leaves
-that file untouched (so an interrupted sweep resumes and loses nothing already measured);
-records with an error are measured again. A spec that raises gets an error record and the
-sweep goes on (KeyboardInterrupt stops it). The uncompressed figures are measured in the same
-run: the PPL baseline inside every evaluation, the tasks once per sweep (`OUT/baseline.json`,
-reused on resume when its key matches). `OUT/config.json` holds the resolved settings and
-specs.
-
-A grid file (YAML or JSON) lists specs and/or grids:
-
-    specs:                       # presets, spec files (relative to the grid file), inline specs,
-      - int4                     # or {spec: ..., label: ..., tasks: false, eval: false}
-      - {label: v2, spec: {key: {method: none}, value: {bits: 2, axis: token, group_size: 32}}}
-    grids:                       # each: the cartesian product of `vary` applied to `base`
-      - name: "lowrank{key.rank}"            # label template; {dotted.field} is replaced
-        base: {key: {method: lowrank, key_space: pre_rope}, value: {method: lowrank}}
-        vary: {"key.rank,value.rank": [48, 32, 16]}   # "a,b": both fields take each value
-        tasks: false                          # optional, for every spec of the grid (as is eval)
-
-`tasks: false` leaves the tasks out for that spec; `eval: false` leaves out decode-faithful
-evaluation and the tasks, keeping only direct reconstruction (cheap: a curve can have many
-points, the expensive measurements a few).
-
-The pending specs are measured by the caller's executor (`kvcompress.executor`; default: here,
-in order; `distributed.RayExecutor`: on Ray actors): same records, same files, written by this
-process as they arrive.
-
-This module does not draw plots or tables (see `report`) and does not define the metrics
-(see `kvcompress.measure`).
+Each spec's record is written to `OUT/records/<label>.json` (atomically) as soon as it is measured,
+keyed by a hash of the spec, the settings and the run's fingerprint (`measuring.sweep_fingerprint`):
+a rerun skips records with the same key and status "ok", measures the others again, and a spec that
+raises gets an error record while the sweep goes on. `OUT/baseline.json` holds the uncompressed task
+scores, `OUT/config.json` the resolved settings. The pending specs run on the caller's executor
+(`kvcompress.executor`; default here, `distributed.RayExecutor` on Ray), same records. Record and
+grid formats: docs/analysis.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""Named presets chosen by measurement (docs/tuning.md): each defined by a KL target or a compression floor.
+"""Named presets chosen by measurement: for each KL target, the uniform spec with the highest real ratio.
 
-`select_presets`: the candidates are swept on calibration text (on the caller's executor); per
-target, the highest-ratio candidate meeting it is checked on selection text (a miss: the next
-best), then measured on the report part with its passkey score. `select_prompt_presets`: per
-floor (whole cache at the end of a prompt, in the storing dtype), the lowest selection KL. Both
-return the data file's content (`measured_presets.json`, `prompt_presets.json`; registered by
-`presets.measured`); `verify_presets` re-measures shipped presets. `context=N`: the prompt
-protocol (`measure.prompt`). Choosing on the report part is refused.
+`select_presets` (`kvcompress measure-presets`) evaluates candidate specs on sweep text (the
+calibration part past what calibration reads), takes per target the highest-ratio candidate that
+meets it, checks it on the selection part (a miss drops it for the next best; the report part is
+refused), then measures the chosen presets on the report part and the passkey task. The result is
+the data file `measured_presets.json` (see `presets.measured`); `verify_presets` re-measures shipped
+presets. `context=N` runs the prompt protocol, and `select_prompt_presets` chooses presets by a
+whole-cache compression floor (`prompt-6x`) instead of a KL target. Texts and figures: docs/tuning.md.
 """
 
 from __future__ import annotations

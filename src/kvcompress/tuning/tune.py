@@ -2,12 +2,14 @@
 
     result = tune(model, tune_text, verify_text, TuneSettings(target=0.01), state="spec.json.tune-state.json")
 
-Steps (method and figures: docs/tuning.md): 1. sensitivity proxy per (layer, tensor, candidate)
-and K/V weights (`sensitivity`); 2. the Lagrangian path of allocations (`allocation`); 3. bisection
-along it with decode-faithful evaluations on the tuning text; 4. verification on selection text
-(never the report part), tightening the internal target after a miss; `TuneError` after `max_tries`.
-Every measurement is saved in a `TuneState`; the independent ones of step 1 run on the caller's
-executor (`kvcompress.executor`), the rest here. `context=N`: the prompt protocol (`measure.prompt`).
+Steps (the method and its measured behaviour: docs/tuning.md): a sensitivity proxy per layer and
+candidate (`sensitivity`), K/V weights from two decode-faithful evaluations, the Lagrangian path of
+allocations (`allocation`), a bisection on that path by decode-faithful quality on the tuning text
+(here), and verification on selection text with retries at a tighter internal target (here); a
+spec that misses its target is never returned (`TuneError`). Every measurement is saved in a
+`TuneState` as it is made, so a tune resumes; the independent ones (probes, K/V weights) run on
+the caller's executor (`kvcompress.executor`). `context=N` measures under the prompt protocol
+(`measure.prompt`); `tune_grid` tunes several windows / eviction settings and keeps the best.
 """
 
 from __future__ import annotations
