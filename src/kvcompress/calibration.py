@@ -34,13 +34,14 @@ from .fingerprint import config_fields, config_fingerprint
 from .fingerprint import text_config as _text_config
 from .io import (
     DamagedDirectoryError,
+    cache_root,
     check_directory,
     content_hash,
     write_atomic,
     write_directory_atomic,
     write_json_atomic,
 )
-from .models import EMBEDDED_DISPLAY_NAME, cache_root, model_id
+from .models import EMBEDDED_DISPLAY_NAME, model_id
 from .rope import key_space_for
 from .spec import CacheSpec, TensorSpec
 

@@ -26,6 +26,7 @@ import torch
 from .extras import require_extra
 from .io import (
     DamagedDirectoryError,
+    cache_root,
     check_directory,
     content_hash,
     write_directory_atomic,
@@ -46,15 +47,6 @@ class ModelLoadError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def cache_root() -> Path:
-    """The kvcompress user cache folder (not created here)."""
-    if os.environ.get("KVCOMPRESS_CACHE"):
-        return Path(os.environ["KVCOMPRESS_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kvcompress"
-    return Path.home() / ".cache" / "kvcompress"
 
 
 def embedded_gguf_path() -> Path:

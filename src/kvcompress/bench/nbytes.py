@@ -58,16 +58,37 @@ def fp16_cache_bytes(config, tokens: int, batch: int = 1) -> int:
     return 2 * layers * batch * kv_heads * tokens * head_dim * 2
 
 
-def predicted_stored_bytes(spec_name: str, config, tokens: int, dtype: torch.dtype, batch: int = 1) -> int | None:
-    """What a kvcompress spec should store for `tokens` tokens, from bit widths and overheads.
+def held_tokens(spec, tokens: int, prompt_tokens: int | None = None) -> int | None:
+    """Tokens each KV head holds after a `prompt_tokens`-token prompt (default: all `tokens`) and the
+    `tokens - prompt_tokens` tokens after it: every one without eviction; with eviction of the prompt,
+    the prompt's kept tokens (`cache.eviction.kept_count`) plus the later ones; None for
+    generation-time eviction (no closed form here)."""
+    from ..cache.eviction import kept_count
+
+    if spec.eviction is None:
+        return tokens
+    if spec.eviction.applies != "prompt":
+        return None
+    prompt = tokens if prompt_tokens is None else prompt_tokens
+    return kept_count(spec.eviction, prompt, spec.sinks, spec.window, spec.block_size) + tokens - prompt
+
+
+def predicted_stored_bytes(spec_name: str, config, tokens: int, dtype: torch.dtype, batch: int = 1,
+                           prompt_tokens: int | None = None) -> int | None:
+    """What a kvcompress spec should store for `tokens` tokens, the first `prompt_tokens` of them
+    (default: all) in one forward pass, from bit widths and overheads.
 
     Sinks and window in `dtype`; compressed tokens (whole blocks that left the window) as
-    `bits/8` bytes per value plus an fp16 scale and zero point per group. None for specs with
-    methods other than "quant"/"none" (no closed form here).
+    `bits/8` bytes per value plus an fp16 scale and zero point per group; a spec that evicts
+    prompt tokens holds fewer (`held_tokens`). None for specs with methods other than
+    "quant"/"none" or with generation-time eviction (no closed form here).
     """
     from ..presets import load_spec
 
     spec = load_spec(spec_name)
+    tokens = held_tokens(spec, tokens, prompt_tokens)
+    if tokens is None:
+        return None
     layers, kv_heads, head_dim = _kv_shape(config)
     elem = torch.empty(0, dtype=dtype).element_size()
     sinks = min(spec.sinks, tokens)

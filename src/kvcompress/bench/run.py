@@ -107,8 +107,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             kinds.append(kind)
     model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     # Every cache decodes on kvcompress's attention where the model supports it (for caches other
-    # than kvcompress's it is transformers' sdpa; "+reconstruct" caches hand it the full
-    # reconstruction). The model is this run's own, loaded above, so it is not restored.
+    # than kvcompress's it is transformers' sdpa; "+reconstruct" caches run on sdpa, see
+    # `kinds.running`). The model is this run's own, loaded above, so it is not restored.
     enable_fast_attention(model, strict=False)
     config = model.config
     prompts, notes = {}, set()
@@ -132,7 +132,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             shift = rnd % len(kinds)
             for kind in kinds[shift:] + kinds[:shift]:  # every cache once per round, order rotated
                 cache, token = live[kind.name]
-                live[kind.name][1], seconds = decode(model, cache, token, cfg.steps)
+                live[kind.name][1], seconds = decode(model, kind, cache, token, cfg.steps)
                 m = Measurement(kind.name, context, 1, cfg.steps, prefills[(kind.name, context)], seconds,
                                 cache_stored_bytes(cache), rnd)
                 runs.append(m)
@@ -166,7 +166,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 "prefill_vs_dynamic": prefills[("dynamic", context)] / prefills[(kind.name, context)],
                 "stored_bytes": mine[-1].stored_bytes,
                 "fp16_bytes": fp16_cache_bytes(config, context),
-                "predicted_bytes": (predicted_stored_bytes(kind.spec_name, config, context, model.dtype)
+                "predicted_bytes": (predicted_stored_bytes(kind.spec_name, config, context, model.dtype,
+                                                           prompt_tokens=prompts[context].shape[1])
                                     if kind.family == "kvcompress" else None),
                 "peak_bytes": peaks.get((kind.name, context), {}).get("peak_bytes"),
             }

@@ -277,8 +277,9 @@ def check_model_args(args: argparse.Namespace) -> None:
 def check_model_context(model, n_tokens: int, option: str, why: str, value: int) -> None:
     """`n_tokens` positions must fit the loaded model's context (`max_position_embeddings`); else a
     UserError naming `option` (whose value `value` is what to lower) and the largest that fits."""
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(config, "max_position_embeddings", None)
+    from ..fingerprint import text_config
+
+    limit = getattr(text_config(model), "max_position_embeddings", None)
     if limit is not None and n_tokens > limit:
         fits = value - (n_tokens - limit)
         fix = f"pass {option.split()[0]} {fits} or less" if fits >= 1 else "use fewer tokens"

@@ -105,7 +105,8 @@ def check_sweep_args(args: argparse.Namespace, entries) -> None:
         check_tokens(args.agreement_prompt_tokens, "--agreement-prompt-tokens", 2)
         check_tokens(args.agreement_new_tokens, "--agreement-new-tokens", 2)
     if args.tasks and "passkey" in args.tasks and (not args.passkey_lengths or min(args.passkey_lengths) < 1):
-        raise UserError(f"--passkey-lengths must be positive token counts, got {list(args.passkey_lengths)}")
+        raise UserError(f"--passkey-lengths {','.join(map(str, args.passkey_lengths)) or '(none)'}: each length must be "
+                        "a positive number of tokens, e.g. --passkey-lengths 256,512")
     if args.threads is not None:
         check_tokens(args.threads, "--threads", 1)
     check_artifact_dir(args.artifact)

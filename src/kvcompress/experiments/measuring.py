@@ -161,7 +161,7 @@ def measure_baseline(ctx: _Context) -> dict:
 def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dict:
     """Reconstruction, decode-faithful evaluation and (if enabled) tasks of one spec: the record body."""
     from ..cache.cache import CompressedCache
-    from ..measure.evaluate import decode_faithful_eval
+    from ..measure.evaluate import decode_faithful_eval, evicts_prompt_only
     from ..measure.prompt import prompt_eval
     from ..measure.reconstruction import direct_reconstruction
     from ..measure.tasks import generation_agreement, greedy_continuations, run_passkey
@@ -172,7 +172,11 @@ def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dic
     body: dict[str, Any] = {}
     with timer("reconstruction"):
         body["reconstruction"] = direct_reconstruction(model, entry.spec, ctx.capture, artifact=artifact)
-    if entry.eval:
+    if entry.eval and s.context_tokens is None and evicts_prompt_only(entry.spec):
+        body["eval_skipped"] = (f"{entry.spec.eviction.describe()} evicts prompt tokens, and decode-faithful "
+                                "evaluation has no prompt: sweep with --context N (the prompt protocol) to measure it")
+        logger.info(f"{entry.label}: evaluation skipped: {body['eval_skipped']}")
+    elif entry.eval:
         with timer("eval"):
             if s.context_tokens is None:
                 result = decode_faithful_eval(model, ctx.eval_ids, entry.spec, progress=progress, artifact=artifact,

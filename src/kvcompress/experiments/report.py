@@ -74,9 +74,9 @@ def summary_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
                _f(ev["compression_ratio"], 2) if ev else "n/a", _f(mean["key"]["cosine"]),
                _f(mean["value"]["cosine"]), _f(mean["attention"]["both"]["rel_error"])]
         if ev:
-            lo, hi = ev["ppl_change_ci95"]
-            row += [_pct(ev["ppl_change"]), f"{_pct(lo)} .. {_pct(hi)}", _f(ev["kl"]), _f(ev["top1"], 3),
-                    zone_of(ev["ppl_change"])]
+            ci = ev["ppl_change_ci95"]  # None: too few tokens for an interval
+            row += [_pct(ev["ppl_change"]), f"{_pct(ci[0])} .. {_pct(ci[1])}" if ci else "n/a", _f(ev["kl"]),
+                    _f(ev["top1"], 3), zone_of(ev["ppl_change"])]
         else:
             row += ["n/a"] * 5
         rows.append(row)
@@ -232,9 +232,11 @@ class UnreadableRecordsError(ValueError):
 
 def _nothing_compressed(record: dict) -> bool:
     """An ok record whose evaluation compressed no token of a lossy spec (written by a kvcompress
-    older than the check in `evaluate.check_eval_tokens`): its figures are the baseline's."""
+    older than the check in `evaluate.check_eval_tokens`) and evicted none: its figures are the baseline's."""
     ev = record.get("eval")
     if record.get("status") != "ok" or not isinstance(ev, dict) or ev.get("compressed_tokens") != 0:
+        return False
+    if ev.get("evicted_tokens"):  # eviction alone changed what later tokens read
         return False
     try:
         return is_lossy(CacheSpec.from_dict(record.get("spec") or {}))
@@ -288,6 +290,10 @@ def write_report(out_dir: str | os.PathLike, skip_unreadable: bool = False) -> P
         md += ["## Findings", ""] + [f"- {line}" for line in lines] + [""]
     header, rows = summary_rows(records)
     md += ["## Summary", "", _table(header, rows), ""]
+    notes = [f"- {r['label']}: {note}" for r in ok_records(records)
+             for note in (r["reconstruction"].get("note"), r.get("eval_skipped")) if note]
+    if notes:
+        md += ["Notes:", ""] + notes + [""]
     if written["failure_curves.png"]:
         md += ["## Failure curves", "", "![failure curves](failure_curves.png)", ""]
     if all_curves:

@@ -35,7 +35,7 @@ class EvalResult:
     ppl_baseline: float
     ppl: float
     ppl_change: float
-    ppl_change_ci95: tuple[float, float]
+    ppl_change_ci95: tuple[float, float] | None
     kl: float
     top1: float
     compression_ratio: float
@@ -49,13 +49,13 @@ class EvalResult:
     bits_per_value: float = 0.0
     spec: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
-    kl_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    kl_ci95: tuple[float, float] | None = None
     interval: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["ppl_change_ci95"] = list(self.ppl_change_ci95)
-        out["kl_ci95"] = list(self.kl_ci95)
+        for name in ("ppl_change_ci95", "kl_ci95"):  # None: the series was too short for an interval
+            out[name] = None if getattr(self, name) is None else list(getattr(self, name))
         return out
 
 
@@ -90,6 +90,12 @@ def is_lossy(spec: CacheSpec) -> bool:
     """Whether some layer of `spec` stores keys or values in a compressed form."""
     return spec.key.method != "none" or spec.value.method != "none" or any(
         tensor.get("method", "none") != "none" for override in spec.layers.values() for tensor in override.values())
+
+
+def evicts_prompt_only(spec: CacheSpec) -> bool:
+    """Whether `spec` evicts the prompt's tokens and nothing else: decode-faithful evaluation has no
+    prompt, so only the prompt protocol (`measure.prompt`) measures it."""
+    return spec.eviction is not None and spec.eviction.applies == "prompt"
 
 
 def min_eval_tokens(spec: CacheSpec) -> int:
@@ -218,7 +224,7 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
             exactly, i.e. attention did not read the compressed cache.
     """
     spec = load_spec(spec)
-    if spec.eviction is not None and spec.eviction.applies == "prompt":
+    if evicts_prompt_only(spec):
         raise ValueError(f"spec {spec.name or spec.describe()!r} evicts prompt tokens, but decode-faithful evaluation "
                          "feeds the text in short chunks, so no prompt would be evicted and its figures would be the "
                          "codecs' alone; measure it with a prompt: `kvcompress eval --context N --tokens M` "

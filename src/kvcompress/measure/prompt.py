@@ -49,9 +49,9 @@ class PromptEvalResult:
     ppl_baseline: float
     ppl: float
     ppl_change: float
-    ppl_change_ci95: tuple[float, float]
+    ppl_change_ci95: tuple[float, float] | None
     kl: float
-    kl_ci95: tuple[float, float]
+    kl_ci95: tuple[float, float] | None
     top1: float
     interval: dict
     whole_cache_ratio: float
@@ -73,8 +73,8 @@ class PromptEvalResult:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["ppl_change_ci95"] = list(self.ppl_change_ci95)
-        out["kl_ci95"] = list(self.kl_ci95)
+        for name in ("ppl_change_ci95", "kl_ci95"):  # None: the series was too short for an interval
+            out[name] = None if getattr(self, name) is None else list(getattr(self, name))
         return out
 
 

@@ -4,7 +4,8 @@
 the queries (B, H_q, T, D) after the model's own rotary embedding, and the model's attention output;
 it raises, naming the layer, when softmax(QK^T + mask)V recomputed from them differs from the
 model's output. `reconstruct(model, spec, capture)` feeds each layer's K and V through a real
-`CompressedCache` with `window=0` (the spec's sinks kept, every other token decoded from codes), and
+`CompressedCache` with `window=0` (the spec's sinks kept, every other token decoded from codes; a
+spec's eviction left out, which the record says), and
 `reconstruction_metrics` gives per layer MSE, relative error, cosine (mean, 5th percentile) and the
 attention-output error with the real queries from (K^, V), (K, V^), (K^, V^). What it measures and
 why: docs/analysis.md.
@@ -203,8 +204,9 @@ def capture_states(model, input_ids: torch.Tensor) -> Capture:
 
 
 def codec_only_spec(spec: str | dict | CacheSpec) -> CacheSpec:
-    """The spec with no full-precision window: every token after the sinks goes through the codecs."""
-    return dataclasses.replace(load_spec(spec), window=0)
+    """The spec with no full-precision window and no eviction: every token after the sinks goes
+    through the codecs (eviction drops tokens, which has no reconstruction to compare)."""
+    return dataclasses.replace(load_spec(spec), window=0, eviction=None)
 
 
 @torch.no_grad()
@@ -223,17 +225,20 @@ def reconstruct(model, spec: str | dict | CacheSpec, capture: Capture, artifact=
     if n <= only.sinks:
         raise ValueError(f"{capture.tokens} captured tokens do not fill {only.sinks} sinks and one block of "
                          f"{only.block_size} tokens; capture more tokens")
-    # Whole blocks go straight through `update`, no attention and no decode step: nothing for
-    # attention over the codes to do (and no hint about it to log).
-    cache = CompressedCache(model, only, artifact=artifact, fast_attention=False)
+    # Whole blocks go straight through `update`, no attention and no decode step: the
+    # reconstruction is returned whatever attention the model runs.
+    cache = CompressedCache(model, only, artifact=artifact)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     pairs = []
     for idx in range(capture.num_layers):
         k = capture.keys[idx][:, :, :n].to(device=device, dtype=dtype)
         v = capture.values[idx][:, :, :n].to(device=device, dtype=dtype)
-        k_hat, v_hat = cache.update(k, v, idx)
+        cache.update(k, v, idx)
         layer = cache.layers[idx]
+        # What later tokens read: the decoded codes (update hands the forward pass that stored the
+        # tokens their own full-precision K/V, the one prompt protocol).
+        k_hat, v_hat = layer.reconstruct()
         if k_hat.shape != k.shape or layer.n_compressed != n - only.sinks:
             raise ValueError(f"layer {idx}: the cache returned {tuple(k_hat.shape)} with {layer.n_compressed} "
                              f"compressed tokens for {tuple(k.shape)} input; direct reconstruction needs "
@@ -300,10 +305,15 @@ def direct_reconstruction(model, spec: str | dict | CacheSpec, capture: Capture,
     """`reconstruction_metrics` of `spec` on `capture`, plus the codec-only compression ratio.
 
     Returns the metrics dict with "codec_ratio" (fp16 bytes / stored bytes when every token but
-    the sinks is compressed) and "codec_stored_bytes" added.
+    the sinks is compressed) and "codec_stored_bytes" added; for a spec with eviction, also "note"
+    (the figures are of its codecs on every token: eviction is measured by the evaluation).
     """
+    spec = load_spec(spec)
     pairs, memory = reconstruct(model, spec, capture, artifact=artifact)
     result = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
     result["codec_ratio"] = memory["ratio"]
     result["codec_stored_bytes"] = memory["stored_bytes"]
+    if spec.eviction is not None:
+        result["note"] = (f"codecs only: the spec's eviction ({spec.eviction.describe()}) is not applied here, every "
+                          "captured token is compressed and compared; what eviction costs is in the evaluation")
     return result

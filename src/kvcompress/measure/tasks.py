@@ -130,12 +130,10 @@ def passkey_cases(tokenizer, lengths: Sequence[int] = PASSKEY_LENGTHS, depths: S
     return cases
 
 
-def needle_kept(cache, needle: tuple[int, int]) -> float | None:
-    """Fraction of the needle's tokens that the cache's eviction kept, over full-attention layers
-    and KV heads; None when the cache evicted nothing (no eviction spec). Reads the positions the
-    layers recorded (`CompressedLayer.record_kept`)."""
-    kept = [layer.kept_positions for layer in getattr(cache, "layers", [])
-            if getattr(layer, "kept_positions", None) is not None]
+def needle_kept(kept: list[torch.Tensor], needle: tuple[int, int]) -> float | None:
+    """Fraction of the needle's tokens that eviction kept, over the (B, H, n_kept) prompt positions
+    each evicting layer kept (`Evictor.add_hook`), averaged over layers and KV heads; None when
+    nothing was evicted (no eviction spec)."""
     if not kept:
         return None
     start, stop = needle
@@ -168,9 +166,10 @@ def run_passkey(model, tokenizer, cases: Sequence[PasskeyCase], cache_factory: C
     with enable_fast_attention(model, strict=False):  # restored as it was afterwards
         for case in cases:
             cache = cache_factory() if cache_factory is not None else None
+            kept_by_layer: list[torch.Tensor] = []  # prompt positions each evicting layer kept
             for layer in getattr(cache, "layers", []):
-                if getattr(layer, "eviction", None) is not None:
-                    layer.record_kept = True  # to tell whether eviction kept the needle
+                if getattr(layer, "evictor", None) is not None:
+                    layer.evictor.add_hook(kept_by_layer.append)
             kwargs = {CACHE_KWARG: cache} if cache is not None else {}
             ids = case.input_ids.to(device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -178,9 +177,9 @@ def run_passkey(model, tokenizer, cases: Sequence[PasskeyCase], cache_factory: C
             answer = tokenizer.decode(out[0, case.input_ids.shape[1]:], skip_special_tokens=True)
             row = {"length": case.length, "depth": case.depth, "key": case.key, "answer": answer,
                    "correct": _first_number(answer) == case.key}
-            kept = needle_kept(cache, case.needle)
-            if kept is not None:
-                row["needle_kept"] = kept
+            fraction = needle_kept(kept_by_layer, case.needle)
+            if fraction is not None:
+                row["needle_kept"] = fraction
             rows.append(row)
     by_length: dict[str, float] = {}
     for length in dict.fromkeys(r["length"] for r in rows):

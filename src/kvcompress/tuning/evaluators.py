@@ -24,8 +24,13 @@ def eval_figures(result) -> dict:
     """The figures of an `EvalResult` that a tune keeps."""
     return {"kl": result.kl, "ppl_change": result.ppl_change, "top1": result.top1,
             "ratio": result.compression_ratio, "stored_bytes": result.stored_bytes, "fp16_bytes": result.fp16_bytes,
-            "tokens": result.tokens, "ppl_change_ci95": list(result.ppl_change_ci95),
-            "kl_ci95": list(result.kl_ci95), "interval": result.interval, "seconds": result.seconds}
+            "tokens": result.tokens, "ppl_change_ci95": _listed(result.ppl_change_ci95),
+            "kl_ci95": _listed(result.kl_ci95), "interval": result.interval, "seconds": result.seconds}
+
+
+def _listed(interval: tuple[float, float] | None) -> list[float] | None:
+    """An interval as saved in JSON (None: the series was too short for one)."""
+    return None if interval is None else list(interval)
 
 
 def prompt_figures(result) -> dict:
