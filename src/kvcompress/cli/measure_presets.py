@@ -20,7 +20,7 @@ from ..io import parse_list, write_json_atomic
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
                      check_context_tokens, check_eval_tokens, check_input_file, check_model_args, check_output_file,
                      check_text, check_text_protocol, check_tokens, load_model_from_args, prompt_grid_from_args,
-                     ray_options_from_args, text_kind)
+                     ray_executor, ray_options_from_args, text_kind)
 
 NAME = "measure-presets"
 DEFAULT_OUT = "runs/measured_presets.json"
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from ..presets.measured import PROMPT_DATA_FILE, load_measured
     from ..tuning.candidates import uniform_candidates
     from ..tuning.evaluators import eval_figures
-    from ..tuning.preset_selection import parse_targets, select_presets, verify_presets
+    from ..tuning.preset_selection import SelectionSettings, parse_targets, select_presets, verify_presets
 
     started = time.perf_counter()
     if args.table or args.verify:
@@ -170,11 +170,11 @@ def run(args: argparse.Namespace) -> int:
     ray = ray_options_from_args(args)
     model, tokenizer = load_model_from_args(args)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
-    data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
-                          sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
-                          passkey_lengths=lengths, command=command, ray=ray,
-                          load_args=(args.model, args.dtype, str(args.device)), context=args.context,
-                          kind=text_kind(args), path=args.corpus)
+    settings = SelectionSettings(sweep_tokens=args.sweep_tokens, sweep_offset=args.sweep_offset,
+                                 verify_tokens=args.verify_tokens, passkey_lengths=tuple(lengths), context=args.context,
+                                 kind=text_kind(args), path=args.corpus)
+    data = select_presets(model, tokenizer, targets, candidates=candidates, settings=settings, state=state,
+                          command=command, executor=ray_executor(ray, args, model))
     path = write_json_atomic(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0

@@ -13,7 +13,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ..distributed import RayOptions
 from ..extras import require_extra
 from .grid import SpecEntry, load_grid
 from .report import write_kinds_report, write_report
@@ -78,15 +77,15 @@ def default_entries() -> list[SpecEntry]:
 
 def analyze(out_dir: str | os.PathLike, settings: SweepSettings | None = None, *, entries: list[SpecEntry] | None = None,
             model=None, tokenizer=None, progress: bool = False, command: str | None = None,
-            ray: RayOptions | None = None) -> Path:
+            executor=None) -> Path:
     """Run the default sweep into `out_dir` (resuming if it was interrupted) and write its report.
 
-    `ray`: run the sweep on a Ray cluster (see `sweep.run_sweep`). Returns the path of `report.md`.
+    `executor`: runs the sweep's specs (see `sweep.run_sweep`). Returns the path of `report.md`.
     """
     require_extra("report", "matplotlib", "The analysis report's plots")  # before a long sweep, not after it
     settings = settings or DEFAULT_SETTINGS
     run_sweep(entries or default_entries(), out_dir, settings, model=model, tokenizer=tokenizer, progress=progress,
-              command=command, ray=ray)
+              command=command, executor=executor)
     return write_report(out_dir)
 
 
