@@ -1,6 +1,7 @@
 """Compiled kernels (optional: each has the pure-torch reference, `reference`), and the one switch.
 
-`cpu`: the CPU decode kernel (`cpu_decode.cpp`, `cpu_codebook.cpp`), built on first use. On
+`cpu`: the CPU decode kernel (`cpu_decode.cpp`, `cpu_codebook.cpp` over the split-K driver
+`cpu_split_k.h`; `cpu_paged.cpp` for a paged pool, `cpu_paged`), built on first use. On
 CUDA with Triton installed (extra `kvcompress[gpu]`): `quantize_pack` (`triton_pack`, the same
 codes as `QuantCodec.encode`) and `decode_attention` (`triton_decode`, split-K attention of one
 decode step over a layer's codes). The environment variable `KVCOMPRESS_KERNELS` chooses:

@@ -448,7 +448,15 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
                            const at::Tensor& v_rows, const at::Tensor& v_offset, int64_t n_compressed,
                            const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens);
 
+// cpu_paged.cpp: attention over a paged pool of packed slots (kvcompress.paged).
+std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& pages, const at::Tensor& block_table,
+                                     const at::Tensor& context_lens, const at::Tensor& query_start_loc,
+                                     const std::vector<int64_t>& key_part, const at::Tensor& key_book,
+                                     const std::vector<int64_t>& value_part, const at::Tensor& value_book,
+                                     double scale, int64_t split_tokens);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "Decode-step attention over packed KV codes (see cpu_decode.cpp)");
   m.def("attend_codebook", &attend_codebook, "Decode-step attention over codebook codes (see cpu_codebook.cpp)");
+  m.def("paged_attend", &paged_attend, "Attention over a paged pool of packed slots (see cpu_paged.cpp)");
 }

@@ -5,8 +5,8 @@
 softmax; never a dense copy of a whole sequence), with its log-sum-exp. `chunk_attention` is the
 causal attention of a forward chunk over its own full-precision K/V, and `merge_attention` joins the
 two: the serving protocol (a chunk attends to itself in full precision, to earlier tokens through
-their codes). A compiled paged kernel (C++ on CPU, Triton on CUDA) replaces `paged_attention_torch`
-behind `paged_attention`, with the same arguments and results.
+their codes). With `use_kernel=True` the compiled CPU kernel (`cpu_paged`) replaces
+`paged_attention_torch` where it applies, with the same arguments and results.
 Shapes: T query tokens, Hq query heads, Hkv KV heads (query head h reads KV head h // (Hq / Hkv)), D.
 """
 
@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from ..paged import SlotLayout
+from . import cpu_paged
 
 
 def paged_attention(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, layout: SlotLayout, scale: float
+                    query_start_loc: torch.Tensor, layout: SlotLayout, scale: float, use_kernel: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its request's stored tokens, and its log-sum-exp.
 
@@ -31,11 +32,17 @@ def paged_attention(query: torch.Tensor, pages: torch.Tensor, block_table: torch
         query_start_loc: (R + 1,) int.
         layout: the layer's `SlotLayout`.
         scale: the softmax scale (1 / sqrt(D) for most models).
+        use_kernel: run the compiled CPU kernel (`cpu_paged.attend`) where it applies (CPU tensors,
+            the extension built); the torch path otherwise.
 
     Returns:
         out (T, Hq, D) float32 (0 for a request with no stored tokens) and lse (T, Hq) float32, the
         natural log of the softmax denominator (-inf for a request with no stored tokens).
     """
+    if use_kernel:
+        result = cpu_paged.attend(query, pages, block_table, context_lens, query_start_loc, layout, scale)
+        if result is not None:
+            return result
     return paged_attention_torch(query, pages, block_table, context_lens, query_start_loc, layout, scale)
 
 
