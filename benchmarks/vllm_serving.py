@@ -3,8 +3,10 @@
 Run with the vLLM environment's python (make vllm-setup), each engine in a fresh process:
 
     .venv-vllm/bin/python benchmarks/vllm_serving.py capacity --space 1 --out runs/vllm/capacity.json
-    .venv-vllm/bin/python benchmarks/vllm_serving.py quality --dtype float32 --tokens 1024 --chunk 32 \
+    .venv-vllm/bin/python benchmarks/vllm_serving.py quality --dtype float32 --tokens 512 --chunk 32 \
         --out runs/vllm/quality.json
+    .venv-vllm/bin/python benchmarks/vllm_serving.py compare --dtype float32 --tokens 512 --chunk 32 \
+        --quality runs/vllm/quality.json --eval-python .venv/bin/python --out runs/vllm/compare
     .venv-vllm/bin/python benchmarks/vllm_serving.py throughput --requests 64 --prompt 2048 --new 128 \\
         --space 1 --out runs/vllm/throughput.json
 
@@ -13,8 +15,9 @@ and every servable spec at the same VLLM_CPU_KVCACHE_SPACE (fp8 needs AVX-512 or
 vLLM sizes and logs its pool before refusing, so the figure is read all the same).
 quality: teacher-forced next-token distributions on the report text, prefilled in chunks of --chunk
 tokens so every scored token reads the stored codes of every token more than one chunk back; KL and
-top-1 against `auto` from vLLM's top-64 prompt logprobs (`integrations.vllm.measure`). The same specs'
-`kvcompress eval` figures come from the main environment (the printed command).
+top-1 against `auto` from vLLM's top-64 prompt logprobs (`integrations.vllm.measure`), perplexity change
+with its block-bootstrap interval. compare: those figures beside `kvcompress eval`'s for the same specs
+and token ids (run in the main environment by --eval-python, chunked and --mode token at block 8).
 throughput: --requests prompts of --prompt tokens, --new generated tokens each, one offline batch per
 spec in a fresh process, specs interleaved over --repeats rounds; output tokens per second. A timing:
 run it on a quiet machine. Every result file is rewritten after each engine, and a rerun skips the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -64,13 +68,18 @@ def child_capacity(args) -> dict:
     return {"blocks": config.num_gpu_blocks, "block_size": config.block_size}
 
 
-def report_ids(llm, n_tokens: int, offset: int = 0) -> list[int]:
-    from kvcompress.corpus import report_text
+def report_slice(llm, n_tokens: int, offset: int = 0):
+    """Token ids [offset, offset + n_tokens) of the report text, read as `kvcompress eval` reads them."""
+    from kvcompress.corpus import CorpusError, corpus_slice
 
-    ids = llm.get_tokenizer().encode(report_text(), add_special_tokens=False)
-    if len(ids) < offset + n_tokens:
-        fail(f"the report text has {len(ids)} tokens, fewer than {offset + n_tokens}")
-    return ids[offset:offset + n_tokens]
+    try:
+        return corpus_slice(llm.get_tokenizer(), part="report", n_tokens=n_tokens, offset=offset)
+    except CorpusError as err:
+        fail(str(err))
+
+
+def report_ids(llm, n_tokens: int, offset: int = 0) -> list[int]:
+    return report_slice(llm, n_tokens, offset).ids[0].tolist()
 
 
 def child_quality(args) -> dict:
@@ -80,10 +89,13 @@ def child_quality(args) -> dict:
     from kvcompress.integrations.vllm.measure import positions
 
     llm = engine(args, max_num_batched_tokens=args.chunk, max_logprobs=TOP_K, block_size=32)
-    ids = report_ids(llm, args.tokens)
+    text = report_slice(llm, args.tokens)
+    ids = text.ids[0].tolist()
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=TOP_K, flat_logprobs=True, detokenize=False)
     (out,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
-    return {"positions": [[p.top1, list(p.logprobs.items())] for p in positions(out.prompt_logprobs)]}
+    scored = positions(out.prompt_logprobs)  # position j predicts ids[j + 1]; vLLM lists that token at every one
+    return {"text": text.record, "positions": [[p.top1, list(p.logprobs.items())] for p in scored],
+            "nll": [-p.logprobs[target] for p, target in zip(scored, ids[1:])]}
 
 
 def child_throughput(args) -> dict:
@@ -174,7 +186,7 @@ def cmd_quality(args) -> None:
     from kvcompress.integrations.vllm.measure import Position, compare
 
     path = Path(args.out)
-    data = load(path, {"tokens": args.tokens, "chunk": args.chunk, "top_k": TOP_K, "dtype": args.dtype})
+    data = load(path, quality_settings(args))
     for setting in ["auto", *args.specs]:
         if setting in data["results"]:
             continue
@@ -189,15 +201,120 @@ def cmd_quality(args) -> None:
                 for top1, entries in data["results"][setting]["positions"]]
 
     reference = positions("auto")
-    print(f"| spec | KL vs auto (lower bound, nats) | top-1 agreement | ref. mass outside top-{TOP_K} |")
-    print("|---|---:|---:|---:|")
+    print(f"| spec | PPL change [95% CI] | KL vs auto (lower bound, nats) | top-1 agreement | "
+          f"ref. mass outside top-{TOP_K} |")
+    print("|---|---:|---:|---:|---:|")
     for setting in args.specs:
         c = compare(reference, positions(setting))
-        print(f"| {setting} | {c.kl:.5f} | {c.top1:.4f} | {c.outside:.4f} |")
-    print(f"\n{len(reference)} positions of the report text, prefill chunks of {args.chunk}. The same specs in "
-          f"kvcompress's own cache (main environment):")
-    for setting in args.specs:
-        print(f"  kvcompress eval --spec {setting} --tokens {args.tokens} --dtype {args.dtype} --threads 1")
+        change, (low, high) = ppl_change(data["results"]["auto"]["nll"], data["results"][setting]["nll"])
+        print(f"| {setting} | {100 * change:+.2f}% [{100 * low:+.2f}, {100 * high:+.2f}] | {c.kl:.5f} | "
+              f"{c.top1:.4f} | {c.outside:.4f} |")
+    print(f"\n{len(reference)} positions of the report text, prefill chunks of {args.chunk}; every token reads every "
+          "token, itself included, from the stored codes. Beside kvcompress eval: the `compare` command.")
+
+
+def quality_settings(args) -> dict:
+    """What a quality result depends on (a rerun resumes only results measured with the same)."""
+    return {"tokens": args.tokens, "chunk": args.chunk, "top_k": TOP_K, "dtype": args.dtype,
+            "protocol": "every token read from codes"}
+
+
+def ppl_change(nll_reference: list[float], nll: list[float]) -> tuple[float, tuple[float, float]]:
+    """Perplexity change exp(mean nll - mean nll_reference) - 1 and its 95% moving-block bootstrap
+    interval (blocks of 64 positions), as `kvcompress eval` computes them."""
+    import torch
+
+    from kvcompress.measure.bootstrap import block_bootstrap_ci
+
+    diff = torch.tensor(nll, dtype=torch.float64) - torch.tensor(nll_reference, dtype=torch.float64)
+    intervals, _ = block_bootstrap_ci({"diff": diff}, {"ppl": lambda r: torch.exp(r["diff"].mean(dim=1)) - 1.0})
+    return math.exp(diff.mean().item()) - 1.0, intervals["ppl"]
+
+
+# The same spec under `kvcompress eval` (the main environment, run by `compare`): (label, mode, block_size,
+# what a query reads in full precision there; in vLLM it reads none).
+EVAL_PROTOCOLS = [
+    ("kvcompress eval, chunks of 32", "chunked", None,
+     "its own 32-token chunk and the token before it (its block is not compressed yet)"),
+    ("kvcompress eval --mode token, block 8", "token", 8,
+     "its block's earlier tokens and itself until the block of 8 fills (0-7 tokens, mean 3.5)"),
+]
+
+
+def eval_spec(spec: str, block_size: int | None, folder: Path) -> str:
+    """`spec`, or a spec file of it with `block_size` written into `folder` (what eval is given)."""
+    if block_size is None:
+        return spec
+    from kvcompress.presets import load_spec
+
+    data = load_spec(spec).to_dict()
+    data.update(block_size=block_size, name=f"{data.get('name') or 'spec'}-block{block_size}")
+    path = folder / f"{data['name']}.json"
+    save(path, data)
+    return str(path)
+
+
+def run_eval(args, spec: str, mode: str, block_size: int | None) -> dict:
+    """`kvcompress eval` of `spec` in the main environment (--eval-python); its JSON record (kept and reused)."""
+    folder = Path(args.out)
+    name = re.sub(r"[^A-Za-z0-9]+", "-", f"{spec}-{mode}-{block_size or 'preset'}-{args.tokens}")
+    path = folder / f"eval.{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cmd = [args.eval_python, "-m", "kvcompress.cli.main", "eval", "--spec", eval_spec(spec, block_size, folder),
+           "--mode", mode, "--tokens", str(args.tokens), "--dtype", args.dtype, "--threads", "1", "--no-progress",
+           "--json", str(path)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
+                                                         if p))
+    print("running:", " ".join(cmd), file=sys.stderr)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not path.exists():
+        fail(f"kvcompress eval of {spec} failed (--eval-python {args.eval_python}): {proc.stderr.strip()[-1500:]}")
+    return json.loads(path.read_text())
+
+
+def cmd_compare(args) -> None:
+    """The same specs through vLLM (`quality`, run first) and under `kvcompress eval`, side by side."""
+    from kvcompress.integrations.vllm.measure import Position, compare
+
+    if not Path(args.eval_python).exists():
+        fail(f"--eval-python {args.eval_python} does not exist; give the python of kvcompress's main environment "
+             "(make setup: .venv/bin/python)")
+    quality = Path(args.quality)
+    data = load(quality, quality_settings(args))
+    missing = [s for s in ["auto", *args.specs] if s not in data["results"]]
+    if missing:
+        fail(f"--quality {quality} has no results for {', '.join(missing)} at these settings; run `quality` with the "
+             f"same --tokens {args.tokens} --chunk {args.chunk} --dtype {args.dtype} --out {quality} first")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    results = data["results"]
+
+    def positions(setting):
+        return [Position({int(t): lp for t, lp in entries}, top1) for top1, entries in results[setting]["positions"]]
+
+    print("| spec | measured by | full precision a query reads | PPL change [95% CI] | KL (nats) | top-1 |")
+    print("|---|---|---|---:|---:|---:|")
+    verdicts = []
+    for spec in args.specs:
+        c = compare(positions("auto"), positions(spec))
+        change, (low, high) = ppl_change(results["auto"]["nll"], results[spec]["nll"])
+        print(f"| {spec} | vLLM plugin (chunks of {args.chunk}) | none: every token, itself included, from codes | "
+              f"{100 * change:+.2f}% [{100 * low:+.2f}, {100 * high:+.2f}] | >= {c.kl:.4f} | {c.top1:.3f} |")
+        for label, mode, block, reads in EVAL_PROTOCOLS:
+            record = run_eval(args, spec, mode, block)
+            if record["text"]["sha256"] != results[spec]["text"]["sha256"]:
+                fail(f"{spec}: kvcompress eval read other token ids than vLLM ({record['text']} vs "
+                     f"{results[spec]['text']}); both must read the report text's first {args.tokens} tokens")
+            e_low, e_high = record["ppl_change_ci95"]
+            print(f"| {spec} | {label} | {reads} | {100 * record['ppl_change']:+.2f}% "
+                  f"[{100 * e_low:+.2f}, {100 * e_high:+.2f}] | {record['kl']:.4f} | {record['top1']:.3f} |")
+            inside = e_low <= change <= e_high and low <= record["ppl_change"] <= high
+            verdicts.append(f"{spec}: vLLM vs {label}: PPL changes {'within' if inside else 'NOT within'} each "
+                            f"other's 95% interval ({100 * (change - record['ppl_change']):+.2f} points)")
+    print(f"\n{len(positions('auto'))} scored positions of the report text, float32 where --dtype float32; each PPL "
+          "change against its own uncompressed run (vLLM's own cache; transformers' DynamicCache). vLLM's KL is a "
+          f"lower bound from the top-{TOP_K} log-probabilities (see integrations.vllm.measure), eval's is exact.")
+    print("\n".join(verdicts))
 
 
 def cmd_throughput(args) -> None:
@@ -230,11 +347,21 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="model dtype (default bfloat16; quality: float32 separates the codec from bf16 rounding, "
                         "in which CPU_ATTN and the plugin's backend already differ with identical K/V)")
-    common.add_argument("--out", required=True, help="JSON file of results (rewritten after every engine; resumed)")
+    common.add_argument("--out", required=True, help="JSON file of results (rewritten after every engine; resumed); "
+                        "compare: a folder for eval's records and spec files (reused when present)")
     sub.add_parser("capacity", parents=[common], help="pool size vLLM logs, per cache")
     quality = sub.add_parser("quality", parents=[common], help="teacher-forced KL and top-1 against auto")
     quality.add_argument("--tokens", type=int, default=2048, help="report-text tokens scored (default 2048)")
     quality.add_argument("--chunk", type=int, default=32, help="prefill chunk in tokens (default 32)")
+    comparison = sub.add_parser("compare", parents=[common], help="the quality results beside kvcompress eval's "
+                                "figures of the same specs (run `quality` first)")
+    comparison.add_argument("--quality", required=True, help="JSON file written by `quality` at the same settings")
+    comparison.add_argument("--tokens", type=int, default=512, help="report-text tokens, as given to `quality` "
+                            "(default 512)")
+    comparison.add_argument("--chunk", type=int, default=32, help="prefill chunk given to `quality` (default 32)")
+    comparison.add_argument("--eval-python", required=True,
+                            help="python of kvcompress's main environment (make setup: .venv/bin/python), which runs "
+                            "`kvcompress eval` (transformers >= 5.24, which vllm-cpu's environment cannot hold)")
     throughput = sub.add_parser("throughput", parents=[common], help="offline batch output tokens per second")
     throughput.add_argument("--requests", type=int, default=64, help="requests in the batch (default 64)")
     throughput.add_argument("--prompt", type=int, default=2048 - 128, help="prompt tokens each (default 1920)")
@@ -254,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.space <= 0:
         fail(f"--space must be a positive number of GiB, got {args.space}")
-    {"capacity": cmd_capacity, "quality": cmd_quality, "throughput": cmd_throughput}[args.command](args)
+    {"capacity": cmd_capacity, "quality": cmd_quality, "compare": cmd_compare,
+     "throughput": cmd_throughput}[args.command](args)
 
 
 if __name__ == "__main__":

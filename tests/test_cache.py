@@ -85,14 +85,18 @@ def test_changing_stored_codes_changes_the_output(tiny_llama, attention, fast_at
 
 
 @torch.no_grad()
-def test_prefill_itself_reads_compressed_tokens(tiny_llama):
-    model, tokens = tiny_llama, ids(100)
-    compressed = model(tokens, cache=CompressedCache(model, SPEC_2BIT)).logits
+def test_one_forward_reads_its_own_full_precision_kv_and_the_next_reads_the_codes(tiny_llama):
+    """The one prompt protocol: the prompt's forward attends to its own tokens in full precision (as a
+    serving engine's prefill does), even where their blocks are already compressed; the next forward
+    reads those blocks from their codes."""
+    model, tokens = tiny_llama, ids(101)
+    cache = CompressedCache(model, SPEC_2BIT)
+    prompt = model(tokens[:, :-1], cache=cache).logits
     exact = model(tokens).logits
-    # The prompt's oldest blocks are compressed before attention runs, so every query past the
-    # sinks already reads some compressed keys; the sink positions read only full precision.
-    assert torch.allclose(compressed[:, :4], exact[:, :4], atol=1e-5)
-    assert (compressed[:, 4:] - exact[:, 4:]).abs().max() > 1e-3
+    assert cache.layers[0].n_compressed > 0, "the prompt must have compressed blocks for this to test anything"
+    torch.testing.assert_close(prompt, exact[:, :-1], atol=1e-5, rtol=1e-5)
+    step = model(tokens[:, -1:], cache=cache).logits
+    assert (step - exact[:, -1:]).abs().max() > 1e-3, "the next token must read the 2-bit codes"
 
 
 def stored_tensors(cache: CompressedCache):

@@ -235,6 +235,16 @@ def test_prompt_without_kvcompress_attention_is_refused(tiny_llama):
         tiny_llama(_ids(N_PROMPT), cache=cache)
 
 
+def test_padded_prompt_is_refused_naming_the_eviction(tiny_llama, fast_attention):
+    model = fast_attention(tiny_llama)
+    ids = _ids(N_PROMPT).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0  # left padding: the last query of row 1 does not see every prompt token
+    with pytest.raises(ValueError, match=r"layer 0: eviction \(evict tova keep 50%\) needs prompts without padding"):
+        with torch.no_grad():
+            model(ids, cache=CompressedCache(model, _spec()), attention_mask=mask)
+
+
 def test_only_sliding_layers_is_refused():
     model = tiny_mistral(sliding_window=32)
     with pytest.raises(ValueError, match="only sliding-window layers"):
@@ -250,7 +260,7 @@ def test_gemma3_evicts_full_layers_only(fast_attention):
         model(_ids(4, seed=3), cache=cache)
     for layer in cache.layers:
         if layer.is_sliding:  # keeps its window as transformers does, nothing evicted by the policy
-            assert layer.eviction is None and layer.held_tokens() == min(N_PROMPT + 4, layer.sliding_window - 1)
+            assert layer.evictor is None and layer.held_tokens() == min(N_PROMPT + 4, layer.sliding_window - 1)
         else:
             assert layer.held_tokens() < layer.get_seq_length() == N_PROMPT + 4
 

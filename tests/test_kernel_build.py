@@ -5,7 +5,7 @@ Builds are written in a temporary folder and renamed into place, so an interrupt
 leaves nothing that looks finished.
 
 The tests damage a copy of the machine's build in a temporary build folder
-(`KVCOMPRESS_CACHE_DIR`); where a test needs a rebuild, the compiler is replaced by a copy of
+(`KVCOMPRESS_CACHE`); where a test needs a rebuild, the compiler is replaced by a copy of
 the intact library (a real compile takes about a minute)."""
 
 import shutil
@@ -14,18 +14,20 @@ import warnings
 import pytest
 import torch
 
-from kvcompress.cache.attention import attend, attend_compressed
+from kvcompress import kernels
+from kvcompress.cache.attention import attend
 from kvcompress.cache.layer import CompressedLayer
 from kvcompress.codecs import QuantCodec
 from kvcompress.io import MANIFEST_NAME, TMP_MARK, check_directory
 from kvcompress.kernels import cpu
+from kvcompress.kernels.reference import attend_compressed
 
 
 @pytest.fixture(scope="module")
 def intact_build():
     """(folder, library) of the machine's checked build (built once per machine, shared with the other kernel tests)."""
-    if cpu.disabled_by_env():
-        pytest.skip(f"{cpu.ENV_DISABLE} is set: the kernel is disabled")
+    if kernels.mode() == "torch":
+        pytest.skip("KVCOMPRESS_KERNELS=torch is set: the kernel is disabled")
     assert cpu.load() is not None, f"the CPU kernel did not build: {cpu.unavailable_reason()}"
     folder = cpu.build_directory()
     library = cpu._library(f"kvcompress_cpu_decode_{cpu.build_key()}", folder)
@@ -39,7 +41,7 @@ def build_copy(intact_build, tmp_path, monkeypatch):
     """The folder of a copy of the intact build in a temporary build folder (this process keeps
     the intact build loaded: damaging a library that is loaded would crash it)."""
     folder, _ = intact_build
-    monkeypatch.setenv("KVCOMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path / "cache"))
     copy = cpu.build_directory()
     assert copy != folder
     shutil.copytree(folder, copy)

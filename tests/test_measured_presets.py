@@ -79,11 +79,11 @@ def test_shipped_presets_are_the_choice_their_own_sweep_implies():
 
 
 def test_select_presets_refuses_to_choose_on_the_report_part(tiny_llama):
-    from kvcompress.tuning.preset_selection import select_presets
+    from kvcompress.tuning.preset_selection import SelectionSettings, select_presets
 
     with pytest.raises(ValueError, match="must not read the 'report' part"):
-        select_presets(tiny_llama, WordIds(), {"safe": 0.01}, sweep_tokens=64, sweep_offset=0, verify_tokens=64,
-                       verify_part="report")
+        select_presets(tiny_llama, WordIds(), {"safe": 0.01},
+                       settings=SelectionSettings(sweep_tokens=64, sweep_offset=0, verify_tokens=64, verify_part="report"))
 
 
 class WordIds:

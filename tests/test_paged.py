@@ -15,7 +15,7 @@ from by_hand import manual_slot_part
 
 from kvcompress.cache.build import build_codec
 from kvcompress.codecs.lloyd_max import gaussian_codebook
-from kvcompress.kernels.paged_attention import chunk_attention, merge_attention, paged_attention
+from kvcompress.kernels.paged_attention import paged_attention
 from kvcompress.paged import PagedLayout, PartLayout, SlotLayout, UnservableSpecError, unservable
 from kvcompress.spec import CacheSpec, TensorSpec
 
@@ -143,63 +143,85 @@ def _attention_by_hand(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     return (weights[:, None, :] @ v).squeeze(1)
 
 
+def _hand_decoded(pages: torch.Tensor, table: torch.Tensor, layout: SlotLayout, n: int) -> list[torch.Tensor]:
+    """Keys and values (H, n, D) float64 of a request's first n tokens, from its slots' bytes by hand."""
+    block_size, heads = pages.shape[2], pages.shape[1]
+    out = []
+    for offset, part in ((0, layout.key), (layout.value_offset, layout.value)):
+        rotation = part.rotation()
+        centroids = gaussian_codebook(part.bits) if part.method == "rotated+codebook" else None
+        rows = []
+        for t in range(n):
+            slot = pages[table[t // block_size], :, t % block_size]  # (H, slot_bytes)
+            rows.append(torch.stack([manual_slot_part(bytes(slot[h, offset:offset + part.nbytes].tolist()),
+                                                      part.method, D, part.bits, part.group_size, rotation=rotation,
+                                                      centroids=centroids) for h in range(heads)]))
+        out.append(torch.stack(rows, 1))
+    return out
+
+
 @pytest.mark.parametrize("name", ["int4", "hadamard-int4", "rot-cb3"])
-def test_paged_attention_with_its_chunk_equals_softmax_over_hand_decoded_slots(name):
-    """Two requests (one decoding, one mid-prefill with a chunk of 5): stored tokens come from the slots'
-    bytes decoded by hand, the chunk's own tokens in full precision, each query sees only its past."""
+def test_paged_attention_equals_causal_softmax_over_hand_decoded_slots_own_chunk_included(name):
+    """Two requests (one decoding, one mid-prefill with a chunk of 5), everything written first as vLLM does:
+    each query attends to the hand-decoded codes of its request's tokens up to and including itself."""
     spec, _ = PARTS[name]
     layout = PagedLayout.for_spec(paged_spec(spec, spec), 3, D, torch.bfloat16).layers[2]
     block_size, hq, scale = 8, 9, 1 / math.sqrt(D)
     pages = torch.zeros(12, 3, block_size, layout.slot_bytes, dtype=torch.uint8)
     table = torch.tensor([[3, 7, 1, 0, 0, 0], [5, 2, 9, 11, 4, 6]])
-    stored, chunk = [21, 37], [1, 5]
-    k_all = [states(stored[r] + chunk[r], seed=10 + r) for r in range(2)]
-    v_all = [states(stored[r] + chunk[r], seed=20 + r) for r in range(2)]
-    for r in range(2):  # store everything, the chunk too (as vLLM does before attention)
-        t = torch.arange(stored[r] + chunk[r])
+    seq_lens, chunk = [22, 42], [1, 5]
+    k_all = [states(seq_lens[r], seed=10 + r) for r in range(2)]
+    v_all = [states(seq_lens[r], seed=20 + r) for r in range(2)]
+    for r in range(2):
+        t = torch.arange(seq_lens[r])
         layout.write(pages, k_all[r], v_all[r], table[r, t // block_size] * block_size + t % block_size)
     query = torch.randn(sum(chunk), hq, D, generator=torch.Generator().manual_seed(7)).bfloat16()
     qsl = torch.tensor([0, 1, 6])
-    out, lse = paged_attention(query, pages, table, torch.tensor(stored), qsl, layout, scale)
-    c_out, c_lse = chunk_attention(query, torch.cat([k[s:] for k, s in zip(k_all, stored)]),
-                                   torch.cat([v[s:] for v, s in zip(v_all, stored)]), qsl, scale)
-    result = merge_attention(out, lse, c_out, c_lse)
-    rotation = (layout.key.rotation(), layout.value.rotation())
+    result = paged_attention(query, pages, table, torch.tensor(seq_lens), qsl, layout, scale)
     for r in range(2):
-        hand = []
-        for which, part, rot in (("key", layout.key, rotation[0]), ("value", layout.value, rotation[1])):
-            offset = 0 if which == "key" else layout.value_offset
-            rows = []
-            for t in range(stored[r]):
-                slot = pages[table[r, t // block_size], :, t % block_size]  # (H, slot_bytes)
-                centroids = gaussian_codebook(part.bits) if part.method == "rotated+codebook" else None
-                rows.append(torch.stack([manual_slot_part(bytes(slot[h, offset:offset + part.nbytes].tolist()),
-                                                          part.method, D, part.bits, part.group_size, rotation=rot,
-                                                          centroids=centroids)
-                                         for h in range(3)]))
-            hand.append(torch.stack(rows, 1))  # (H, stored, D)
+        keys, values = _hand_decoded(pages, table[r], layout, seq_lens[r])
         for i in range(chunk[r]):
-            row = qsl[r] + i
-            keys = torch.cat([hand[0], k_all[r][stored[r]:stored[r] + i + 1].transpose(0, 1).double()], 1)
-            values = torch.cat([hand[1], v_all[r][stored[r]:stored[r] + i + 1].transpose(0, 1).double()], 1)
-            want = _attention_by_hand(query[row].double(), keys, values, scale)
-            assert torch.allclose(result[row].double(), want, atol=2e-5), (name, r, i)
-    fp = [_attention_by_hand(query[0].double(), k_all[0][:22].transpose(0, 1).double(),
-                             v_all[0][:22].transpose(0, 1).double(), scale)]
-    assert (result[0].double() - fp[0]).abs().max() > 1e-3  # the stored tokens were read from their codes
+            row, position = qsl[r] + i, seq_lens[r] - chunk[r] + i
+            want = _attention_by_hand(query[row].double(), keys[:, :position + 1], values[:, :position + 1], scale)
+            assert torch.allclose(result[row].double(), want, atol=2e-5), (name, r, i, (result[row] - want).abs().max())
+    fp = _attention_by_hand(query[0].double(), k_all[0].transpose(0, 1).double(), v_all[0].transpose(0, 1).double(),
+                            scale)
+    assert (result[0].double() - fp).abs().max() > 1e-3  # the tokens were read from their codes
 
 
-def test_a_request_without_stored_tokens_gets_nothing_from_the_pages():
+def test_a_token_gets_the_same_attention_whatever_chunk_it_came_in():
+    """A 70-token request attended as one chunk, as chunks of 16 and 5, and token by token (decode): the
+    same output for every token, bit for bit (what makes serving independent of vLLM's scheduling)."""
+    layout = PagedLayout.for_spec(paged_spec(PARTS["int4"][0], PARTS["int4"][0]), 1, D, torch.bfloat16).layers[0]
+    pages = torch.zeros(12, 3, 8, layout.slot_bytes, dtype=torch.uint8)
+    table = torch.tensor([[4, 0, 9, 2, 11, 7, 1, 3, 5]])
+    n = 70
+    t = torch.arange(n)
+    layout.write(pages, states(n, seed=1), states(n, seed=2), table[0, t // 8] * 8 + t % 8)
+    query = states(n, heads=9, seed=3)
+
+    def attend(bounds):
+        return torch.cat([paged_attention(query[a:b], pages, table, torch.tensor([b]), torch.tensor([0, b - a]),
+                                          layout, 0.125) for a, b in zip(bounds[:-1], bounds[1:])])
+
+    whole = attend([0, n])
+    for bounds in ([*range(0, n, 16), n], [*range(0, n, 5), n], list(range(n + 1))):
+        got = attend(bounds)
+        assert torch.equal(got, whole), (bounds, (got - whole).abs().max())
+
+
+def test_a_request_without_queries_is_skipped_and_too_few_stored_tokens_refused():
     layout = PagedLayout.for_spec(paged_spec(PARTS["int4"][0], PARTS["int4"][0]), 1, D, torch.bfloat16).layers[0]
     pages = torch.full((2, 3, 8, layout.slot_bytes), 255, dtype=torch.uint8)  # garbage that must not be read
-    query = states(4, heads=9)
-    out, lse = paged_attention(query, pages, torch.tensor([[1]]), torch.tensor([0]), torch.tensor([0, 4]), layout,
-                               0.125)
-    assert not out.any() and torch.isinf(lse).all()
     k, v = states(4, seed=1), states(4, seed=2)
-    c_out, c_lse = chunk_attention(query, k, v, torch.tensor([0, 4]), 0.125)
-    assert torch.equal(merge_attention(out, lse, c_out, c_lse), c_out)
-    assert torch.allclose(c_out[0], v[0].float().repeat_interleave(3, 0), atol=1e-6)  # the first token sees itself
+    layout.write(pages, k, v, torch.arange(4) + 8)  # block 1
+    query = states(4, heads=9)
+    out = paged_attention(query, pages, torch.tensor([[0], [1]]), torch.tensor([5, 4]), torch.tensor([0, 0, 4]),
+                          layout, 0.125)
+    keys, values = layout.decode(pages[1, :, :1])  # the first token sees only itself
+    assert torch.allclose(out[0], values[:, 0].repeat_interleave(3, 0), atol=1e-6)
+    with pytest.raises(ValueError, match="written to the pages before attention"):
+        paged_attention(query, pages, torch.tensor([[1]]), torch.tensor([3]), torch.tensor([0, 4]), layout, 0.125)
 
 
 def test_the_paged_presets_are_servable_with_these_slot_sizes():

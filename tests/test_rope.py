@@ -80,7 +80,7 @@ def test_pre_rope_changes_what_is_stored(tiny_llama):
 
 def test_length_dependent_rope_falls_back_with_one_warning():
     model = make_tiny_llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    spec = {"key": {"method": "quant", "axis": "channel", "key_space": "pre_rope"}, "value": {"axis": "token"}}
+    spec = {"key": {"method": "quant", "axis": "channel", "key_space": "pre_rope"}, "value": {"method": "none"}}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cache = CompressedCache(model, spec)
@@ -92,4 +92,4 @@ def test_length_dependent_rope_falls_back_with_one_warning():
 def test_pre_rope_needs_the_model_not_its_config(tiny_llama):
     with pytest.raises(ValueError, match="need the model itself"):
         CompressedCache(tiny_llama.config, {"key": {"method": "quant", "axis": "channel", "key_space": "pre_rope"},
-                                           "value": {"axis": "token"}})
+                                            "value": {"method": "none"}})

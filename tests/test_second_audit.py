@@ -41,7 +41,7 @@ def run_main(capsys, *argv: str) -> tuple[int, str]:
     ("int4@snapkv:12.5", ["int4@snapkv:12.5", "whole number of tokens"]),
     ("@snapkv:0.5", ["@snapkv:0.5", "BASE a preset name", "int4@snapkv:0.5"]),
 ])
-def test_item7_bad_eviction_spec_names_are_one_line(capsys, name, words):
+def test_bad_eviction_spec_names_are_one_line(capsys, name, words):
     status, err = run_main(capsys, "eval", "--spec", name)
     assert status == 2, err
     assert_one_line_error(err, "eval", "--spec", *words)
@@ -53,7 +53,7 @@ def test_item7_bad_eviction_spec_names_are_one_line(capsys, name, words):
     ('{"key": {"bits": 2, "axis": "channel"}, "window": 16}', "'value'"),
     ('{"eviction": {"policy": "snapkv", "keep": 0.5}}', "'key' and no 'value'"),
 ])
-def test_item9_spec_without_key_or_value_is_refused(tmp_path, capsys, content, missing):
+def test_spec_without_key_or_value_is_refused(tmp_path, capsys, content, missing):
     path = tmp_path / "spec.json"
     path.write_text(content)
     status, err = run_main(capsys, "eval", "--spec", str(path))
@@ -61,7 +61,7 @@ def test_item9_spec_without_key_or_value_is_refused(tmp_path, capsys, content, m
     assert_one_line_error(err, "eval", "--spec", "spec.json", f"no {missing} field", '{"method": "none"}')
 
 
-def test_item9_spec_that_writes_out_method_none_is_the_uncompressed_spec(tmp_path):
+def test_spec_that_writes_out_method_none_is_the_uncompressed_spec(tmp_path):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps({"key": {"method": "none"}, "value": {"method": "none"}}))
     spec = load_spec(str(path))
@@ -72,7 +72,7 @@ def test_item9_spec_that_writes_out_method_none_is_the_uncompressed_spec(tmp_pat
 
 
 @pytest.mark.parametrize("model", [None, "int4", 3])
-def test_item9_compressed_cache_of_something_else_than_a_model_says_what_to_pass(model):
+def test_compressed_cache_of_something_else_than_a_model_says_what_to_pass(model):
     with pytest.raises(TypeError, match=r"CompressedCache\(model, spec\)") as err:
         CompressedCache(model, "int4")
     assert type(model).__name__ in str(err.value)
@@ -109,7 +109,7 @@ CLI_CASES = [  # (argv with {d} for a temporary folder, command, words the one l
 
 
 @pytest.mark.parametrize("argv, command, words", CLI_CASES, ids=[" ".join(c[0][:3]) for c in CLI_CASES])
-def test_item9_bad_arguments_are_one_line_naming_the_option(tmp_path, capsys, argv, command, words):
+def test_bad_arguments_are_one_line_naming_the_option(tmp_path, capsys, argv, command, words):
     (tmp_path / "binary.jsonl").write_bytes(b'{"prompt": "\xff\xfe caf\xe9"}\n')
     status, err = run_main(capsys, *(a.replace("{d}", str(tmp_path)) for a in argv))
     assert status == 2, err
@@ -117,7 +117,7 @@ def test_item9_bad_arguments_are_one_line_naming_the_option(tmp_path, capsys, ar
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "out.jsonl").exists()
 
 
-def test_item9_measure_presets_may_measure_the_shipped_names_again(tmp_path, capsys, monkeypatch):
+def test_measure_presets_may_measure_the_shipped_names_again(tmp_path, capsys, monkeypatch):
     """The names of the file a run replaces are not taken: the check stops only true clashes."""
     import kvcompress.cli.measure_presets as cli
 
@@ -133,7 +133,7 @@ def test_item9_measure_presets_may_measure_the_shipped_names_again(tmp_path, cap
     assert status == 130
 
 
-def test_item9_ray_auto_without_a_cluster_names_the_option(tmp_path, capsys, monkeypatch):
+def test_ray_auto_without_a_cluster_names_the_option(tmp_path, capsys, monkeypatch):
     pytest.importorskip("ray")
     import ray
 
@@ -147,7 +147,7 @@ def test_item9_ray_auto_without_a_cluster_names_the_option(tmp_path, capsys, mon
     assert not (tmp_path / "s").exists()
 
 
-def test_item9_tune_context_beyond_the_model_blames_context(tmp_path, capsys, monkeypatch, tiny_llama):
+def test_tune_context_beyond_the_model_blames_context(tmp_path, capsys, monkeypatch, tiny_llama):
     from tiny_text import CharTokenizer
 
     monkeypatch.setattr("kvcompress.cli.tune.load_model_from_args", lambda args: (tiny_llama, CharTokenizer()))
@@ -158,7 +158,7 @@ def test_item9_tune_context_beyond_the_model_blames_context(tmp_path, capsys, mo
     assert "--tokens 64:" not in err
 
 
-def test_item9_generate_logs_no_hint_to_enable_what_it_enabled(tmp_path, caplog, monkeypatch):
+def test_generate_logs_no_hint_to_enable_what_it_enabled(tmp_path, caplog, monkeypatch):
     import logging
 
     from kvcompress.cache import attention

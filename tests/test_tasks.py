@@ -94,7 +94,7 @@ def test_passkey_reports_whether_eviction_kept_the_needle(tiny_llama, fast_atten
     model = fast_attention(tiny_llama)
 
     def spec(keep):
-        return {"key": {"axis": "channel"}, "value": {"axis": "token"}, "window": 16, "sinks": 4, "block_size": 32,
+        return {"key": {"method": "none"}, "value": {"method": "none"}, "window": 16, "sinks": 4, "block_size": 32,
                 "eviction": {"policy": "streaming", "keep": keep}}
 
     assert stop < 400 - 100  # the needle lies before the last quarter of the prompt, which streaming keeps

@@ -219,8 +219,8 @@ def test_tune_with_all_kinds_selects_on_calibration_and_selection_text_only(tiny
     monkeypatch.setattr(command, "load_model_from_args", lambda args: (tiny_llama, WordIds()))
     seen = {}
 
-    def fake_tune(model, tune_ids, verify_ids, target, **options):
-        seen.update(tune=options["tune_text"], verify=options["verify_text"], n=(tune_ids.shape, verify_ids.shape))
+    def fake_tune(model, tune_text, verify_text, settings, **options):
+        seen.update(tune=tune_text.record, verify=verify_text.record, n=(tune_text.ids.shape, verify_text.ids.shape))
         raise tuning.TuneError("stop here")
 
     monkeypatch.setattr(tuning, "tune", fake_tune)
@@ -243,8 +243,8 @@ def test_preset_choice_on_all_kinds_reads_selection_parts_and_reports_on_report_
     monkeypatch.setattr(corpus, "KINDS", ("docs", "code"))
     monkeypatch.setattr(selection, "passkey_score", lambda *a, **k: {"accuracy": 1.0, "by_length": {}, "cases": 0})
     candidates = uniform_candidates(["quant"], only=["k4v4"], window=16, sinks=2)
-    data = selection.select_presets(tiny_llama, WordIds(), {"loose": 10.0}, candidates=candidates, sweep_tokens=64,
-                                    sweep_offset=0, verify_tokens=64, kind="all")
+    settings = selection.SelectionSettings(sweep_tokens=64, sweep_offset=0, verify_tokens=64, kind="all")
+    data = selection.select_presets(tiny_llama, WordIds(), {"loose": 10.0}, candidates=candidates, settings=settings)
     texts = data["texts"]
     assert (texts["sweep"]["kind"], texts["sweep"]["part"]) == ("all", "calibration")
     assert (texts["verify"]["kind"], texts["verify"]["part"]) == ("all", "selection")

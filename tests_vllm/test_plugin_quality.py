@@ -63,12 +63,12 @@ def test_a_lossy_spec_differs_from_vllms_own_cache(auto_run, lossy_run):
 
 def test_attention_equals_softmax_over_the_page_bytes_decoded_by_hand(lossy_run):
     """At the last decode step of layers 0, 15 and 29 the backend's output equals attention (float64) over
-    the stored slots decoded field by field plus the step's own full-precision token, and not attention
-    over the full-precision keys and values (which nothing kept: the test recorded them on the way in)."""
+    the stored slots decoded field by field, the step's own token's slot included, and not attention over
+    the full-precision keys and values (which nothing kept: the test recorded them on the way in)."""
     captured = lossy_run[2]
     assert len(captured) == 3
     for name, c in captured.items():
-        assert c["stored"] == 100 + 12 - 2, name  # prompt + generated - the token of this step - the unsampled last
+        assert c["stored"] == 100 + 12 - 1, name  # prompt + generated - the unsampled last (this step's included)
         assert c["written_tokens"] == 100 + 11, name  # every token fed to the model got a slot, once
         assert c["rel_err_codes"] < 1e-4, (name, c)  # float32 rounding (measured: ~3e-7)
         assert c["codes_vs_fp"] > 0.02, (name, c)  # int4 codes move the output (measured: 8-11%) ...

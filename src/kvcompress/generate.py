@@ -1,35 +1,17 @@
 """Batch generation with a compressed cache: prompts from a JSONL file, one output line per prompt.
 
-    settings = GenerateSettings(spec="int4", max_new_tokens=64)
-    summary = generate_file("prompts.jsonl", "out.jsonl", settings)           # in this process
-    summary = generate_file(..., ray=RayOptions(workers=4))                     # Ray Data, model actors
+    summary = generate_file("prompts.jsonl", "out.jsonl", GenerateSettings(spec="int4", max_new_tokens=64))
 
-Input: one JSON object per line, `{"id": "q1", "prompt": "..."}` (`"text"` is accepted for
-`"prompt"`; without `"id"` the line number is the id). Blank lines are skipped.
-
-Output (one JSON object per line, written as each prompt finishes):
-
-    {"id", "line", "status": "ok", "text", "prompt_tokens", "new_tokens",
-     "stored_bytes", "fp16_bytes", "ratio",           # from the cache's `memory_report()`
-     "prompt_key", "run"}                             # hashes of the prompt text and of `run_settings`
-    {"id", "line", "status": "error", "error", "prompt_key", "run"}   # this prompt only; the others still run
-    {"summary": {"prompts", "ok", "errors", "skipped", "stored_bytes", "fp16_bytes", "ratio",
-                 "spec", "model", "settings", "wall_s"}}            # last line of every run
-
-Decoding is greedy (`do_sample=False`), one fresh `CompressedCache` per prompt, so a prompt's
-text does not depend on which worker or batch ran it. Rerunning with the same output file
-resumes: a prompt is skipped when the file has an "ok" line for its prompt text with this run's
-settings (spec, model, dtype, artifact, max_new_tokens, decoding), whatever its id or line was;
-the file is first rewritten with those lines only (under the prompts' current ids), so a failed
-prompt or one whose text changed gets one new line, never a second one. A file with finished
-lines of other settings is refused (ValueError naming --output), as is an output that is the
-input file; a half-written last line is ignored.
-
-With `ray`, prompts go through Ray Data (`map_batches` with `GenerateWorker` as the actor
-class; each actor loads the model itself) and the driver writes the lines as batches arrive.
-
-This module does not batch several prompts into one forward pass (each has its own cache),
-does not sample, and does not apply chat templates (the prompt text is tokenized as given).
+Input lines: `{"id": "q1", "prompt": "..."}` (`"text"` for `"prompt"`; without an id, the line
+number). Output lines, appended as each prompt finishes: `{"id", "line", "status": "ok", "text",
+"prompt_tokens", "new_tokens", "stored_bytes", "fp16_bytes", "ratio"}`, or `"status": "error"` with
+the error for that prompt only, and a `{"summary": ...}` line per run. Greedy decoding with a fresh
+`CompressedCache` per prompt. Every line carries hashes of its prompt text and of the run's settings;
+a rerun skips prompts with an "ok" line for the same text and settings (whatever their id or line),
+rewrites the file without stale or failed lines, and refuses a file of other settings or an output
+that is the input. With `ray`, prompts go
+through Ray Data (`map_batches`, `GenerateWorker` actors that load the model). No chat template is
+applied.
 """
 
 from __future__ import annotations

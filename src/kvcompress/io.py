@@ -1,5 +1,5 @@
-"""Small file and text mechanisms used everywhere: atomic writes (files and whole folders),
-content hashes, comma lists.
+"""Small file and text mechanisms used everywhere: the user cache folder, atomic writes (files
+and whole folders), content hashes, comma lists.
 
 Each lives here once. Atomic writes go to a temporary sibling and are renamed into place, so a
 reader (or a run resumed after a kill) sees the old file or the new one, never half of one.
@@ -21,6 +21,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+CACHE_ENV = "KVCOMPRESS_CACHE"
+
+
+def cache_root() -> Path:
+    """The kvcompress user cache folder (not created here): `$KVCOMPRESS_CACHE`, else
+    `$XDG_CACHE_HOME/kvcompress`, else `~/.cache/kvcompress`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kvcompress"
+    return Path.home() / ".cache" / "kvcompress"
 
 
 def _temporary_sibling(path: Path) -> Path:

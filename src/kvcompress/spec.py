@@ -1,18 +1,14 @@
 """The spec: a small, validated, serializable description of what the cache does to K and V.
 
-A spec says, for keys and for values separately, which codec to use and with which
-settings, how many recent tokens (`window`) and first tokens (`sinks`) stay in full
-precision, how many tokens are compressed at a time (`block_size`), and optional per-layer
-overrides. It round-trips through JSON or YAML:
+For keys and values separately: the codec and its settings; the recent (`window`) and first
+(`sinks`) tokens kept in full precision; the tokens compressed at a time (`block_size`); per-layer
+overrides; optional token eviction. It round-trips through JSON or YAML:
 
-    {"key":   {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32},
-     "value": {"method": "quant", "bits": 4, "axis": "token",   "group_size": 32},
-     "window": 128, "sinks": 4, "block_size": 32,
-     "layers": {"0-1": {"value": {"bits": 8}}},
-     "eviction": {"policy": "snapkv", "keep": 0.5}}     # optional: drop half the prompt's tokens
-
-This module does not build codecs for a model (see `cache.build`), nor hold the named presets
-or resolve a preset name (see `presets.load_spec`); it only describes, validates and reads spec files.
+    {"key": {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32},
+     "value": {"method": "quant", "bits": 4, "axis": "token", "group_size": 32},
+     "window": 128, "sinks": 4, "block_size": 32, "layers": {"0-1": {"value": {"bits": 8}}},
+     "eviction": {"policy": "snapkv", "keep": 0.5}}
+Fields and their allowed values: docs/specs.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Bytes a cache stores, counted from its tensors, and what a kvcompress spec should store.
 
-Stored bytes are `numel * element_size` of what each cache holds:
-- kvcompress: `CompressedCache.memory_report()` (codes, scales, zero points, window, sinks);
-- `DynamicCache`: its key and value tensors (on sliding layers only the window it keeps);
-- `QuantizedCache`: its quantized tensors (codes, scales, shifts/zeros: every tensor inside
-  the backend's quantized object) plus its full-precision residual tensors.
-
-`predicted_stored_bytes` is the closed form the stored bytes are checked against, and
-`fp16_cache_bytes` the reference size of an uncompressed fp16 cache. This module does not
-build, fill or time caches.
+Stored bytes are `numel * element_size` of what each cache holds: `memory_report()` for kvcompress;
+the key and value tensors of a `DynamicCache`; every tensor of a `QuantizedCache`'s quantized
+objects plus its full-precision residual. `predicted_stored_bytes` is the closed form they are
+checked against, `fp16_cache_bytes` the size of an uncompressed fp16 cache.
 """
 
 from __future__ import annotations

@@ -414,3 +414,13 @@ def join_ray_cluster(options, option: str) -> None:
         raise UserError(f"{option}: could not join a Ray cluster ({why}); start one with `ray start --head` (then "
                         "--ray auto finds it), pass its address, or give a bare --ray to start a local cluster "
                         "in this process") from None
+
+
+def ray_executor(options, args: argparse.Namespace, model):
+    """A `distributed.RayExecutor` for `options` (None: None, the work runs here); its actors load
+    --model/--dtype/--device and are refused if their model differs from `model`."""
+    if options is None:
+        return None
+    from ..distributed import RayExecutor
+
+    return RayExecutor(options, (args.model, args.dtype, str(args.device)), model=model)

@@ -1,27 +1,13 @@
-"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them (see `kvcompress.tuning.preset_selection`).
+"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them.
 
     kvcompress measure-presets                 # sweep, choose, verify; writes runs/measured_presets.json
     kvcompress measure-presets --verify        # re-measure the shipped presets; exit 1 if one misses
-    kvcompress measure-presets --verify --file src/kvcompress/presets/prompt_presets.json
-                                               # the prompt presets: whole cache still meets its floor
-    kvcompress measure-presets --table         # print the shipped presets as a markdown table
-    kvcompress measure-presets --context 1536 --verify-tokens 512 --min-ratios prompt-6x=6,prompt-8x=8 \
-        --candidates quant,codebook --uniform k4v4,cb3 --windows 32,64 --keep 0.5,0.7,1 --policies tova
-                                               # prompt presets: lowest selection KL at a whole-cache floor
+    kvcompress measure-presets --table         # the shipped presets as a markdown table
+    kvcompress measure-presets --context 1536 --verify-tokens 512 --min-ratios prompt-6x=6,prompt-8x=8
 
-With `--context N` every measurement runs the prompt protocol (N tokens prefilled at once into
-the compressed cache; `--sweep-tokens`/`--verify-tokens` are then continuation tokens) and the
-ratio is the whole cache's at the end of the context; `--windows`, `--keep` and `--policies`
-cross the candidates with windows and eviction settings. `--min-ratios` chooses presets by a
-compression floor instead of a KL target (see `tuning.preset_selection.select_prompt_presets`):
-the ratio is taken from a `--ratio-dtype` (bfloat16) copy of the model, the KL from `--dtype`.
-
-Texts: the sweep reads the calibration part (from token `--sweep-offset`), the choice is
-verified on the selection part, and the chosen presets are measured on the report part (see
-`tuning.preset_selection`), each of the kind `--text` (default docs; `all`: equal token shares
-of every kind) or of a `--corpus FILE`. The command never writes into the installed package: to ship new
-presets, copy `runs/measured_presets.json` over `src/kvcompress/presets/measured_presets.json`
-in a source checkout and commit it.
+The algorithm and its texts: `kvcompress.tuning.preset_selection` and docs/tuning.md. The command
+never writes into the installed package: to ship new presets, copy the output file over
+`src/kvcompress/presets/` in a source checkout and commit it.
 """
 
 from __future__ import annotations
@@ -34,7 +20,7 @@ from ..io import parse_list, write_json_atomic
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
                      check_context_tokens, check_eval_tokens, check_input_file, check_model_args, check_output_file,
                      check_text, check_text_protocol, check_tokens, load_model_from_args, prompt_grid_from_args,
-                     ray_options_from_args, text_kind)
+                     ray_executor, ray_options_from_args, text_kind)
 
 NAME = "measure-presets"
 DEFAULT_OUT = "runs/measured_presets.json"
@@ -93,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from ..presets.measured import PROMPT_DATA_FILE, load_measured
     from ..tuning.candidates import uniform_candidates
     from ..tuning.evaluators import eval_figures
-    from ..tuning.preset_selection import parse_targets, select_presets, verify_presets
+    from ..tuning.preset_selection import SelectionSettings, parse_targets, select_presets, verify_presets
 
     started = time.perf_counter()
     if args.table or args.verify:
@@ -184,11 +170,11 @@ def run(args: argparse.Namespace) -> int:
     ray = ray_options_from_args(args)
     model, tokenizer = load_model_from_args(args)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
-    data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
-                          sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
-                          passkey_lengths=lengths, command=command, ray=ray,
-                          load_args=(args.model, args.dtype, str(args.device)), context=args.context,
-                          kind=text_kind(args), path=args.corpus)
+    settings = SelectionSettings(sweep_tokens=args.sweep_tokens, sweep_offset=args.sweep_offset,
+                                 verify_tokens=args.verify_tokens, passkey_lengths=tuple(lengths), context=args.context,
+                                 kind=text_kind(args), path=args.corpus)
+    data = select_presets(model, tokenizer, targets, candidates=candidates, settings=settings, state=state,
+                          command=command, executor=ray_executor(ray, args, model))
     path = write_json_atomic(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0

@@ -1,25 +1,11 @@
-"""Report: turn a sweep folder's JSON records into `report.md` and PNG plots.
+"""Report: a sweep folder's JSON records turned into `report.md` and PNG plots, by code only.
 
-Everything in the report is derived from the records by code; nothing is written by hand:
-
-- summary table: per spec, the real compression ratios, K/V cosine, attention-output error,
-  decode-faithful PPL change (with its bootstrap 95% interval), KL and top-1 agreement;
-- failure curves (`failure_curves.png`): cosine similarity and attention-output error of K
-  and V against bits (quantizers) and against rank (low-rank codecs), K and V on one plot;
-- failure boundaries: for every curve, the first setting (from the mildest down) whose mean
-  cosine falls below 0.99, 0.95, 0.90, 0.75 and 0.50;
-- safe zones: specs grouped by their decode-faithful PPL change (`ZONES`);
-- quality vs compression (`quality_vs_ratio.png`): KL and PPL change against the real
-  compression ratio of the evaluated cache, with the Pareto frontier highlighted;
-- per-layer sensitivity (`layer_sensitivity.png`): 1 - cosine per layer and spec, K and V;
-- passkey and generation-agreement tables, the uncompressed score beside the compressed one,
-  and a plain sentence wherever the uncompressed model itself fails.
-
-Curves use only specs without per-layer overrides; a K curve is the set of specs whose K
-codec differs only in bits (or rank), whatever their V codec (and vice versa), since the K
-figures of direct reconstruction do not depend on V.
-
-This module does not measure anything (see `sweep`) and never edits the records.
+Tables: per spec, ratios, K/V cosine, attention-output error, PPL change (bootstrap interval), KL,
+top-1; failure boundaries (the first setting of a bits or rank curve whose cosine falls below
+0.99 ... 0.50); safe zones by PPL change (`ZONES`); passkey and agreement with the uncompressed
+score beside. Plots: failure curves, quality vs real ratio with the Pareto frontier, quality per
+stored bit, per-layer sensitivity. Curves use specs without per-layer overrides; a K curve is the
+specs whose K codec differs only in bits (or rank). The records are never edited.
 """
 
 from __future__ import annotations

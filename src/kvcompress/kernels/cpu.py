@@ -1,12 +1,13 @@
 """Build, load and call the CPU decode kernel (`cpu_decode.cpp`, `cpu_codebook.cpp`) for a `CompressedLayer`.
 
-`attend(layer, query, mask, scaling)` computes what `cache.attention.attend_compressed` computes,
+`attend(layer, query, mask, scaling)` computes what `kernels.reference.attend_compressed` computes,
 from the stored codes: uniform `QuantCodec` keys (post-RoPE) and values, or codebook codecs
-(`kernels.cpu_codebook`). It returns None (the caller runs the torch path) where the kernel does
-not apply: disabled (`KVCOMPRESS_NO_KERNEL=1`), unbuildable (ONE warning per process), non-CPU
-tensors, other codecs, a mask not (B or 1, 1, 1, seq).
-The extension is built on first use into `$KVCOMPRESS_CACHE_DIR/ext/<key>` (default under
-`~/.cache/kvcompress`; the key hashes sources, versions, flags and CPU), atomically and with the
+(`kernels.cpu_codebook`); `cpu_paged.cpp` (`kernels.cpu_paged`) shares the build. It returns None
+(the caller runs the torch path) where the kernel does not apply: `KVCOMPRESS_KERNELS=torch`,
+unbuildable (ONE warning per process; an error with `KVCOMPRESS_KERNELS=cpu`), non-CPU tensors,
+other codecs, a mask not (B or 1, 1, 1, seq).
+The extension is built on first use into `ext/<key>` of the cache folder (`io.cache_root`,
+`$KVCOMPRESS_CACHE`; the key hashes sources, versions, flags and CPU), atomically and with the
 library's size and sha256 checked before each load; `python -m kvcompress.kernels.cpu` builds it.
 """
 
@@ -16,7 +17,6 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import logging
-import os
 import platform
 import shutil
 import sys
@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 
 from ..codecs.quant import QuantCodec
-from ..io import DamagedDirectoryError, check_directory, write_directory_atomic
-from . import cpu_codebook
+from ..io import DamagedDirectoryError, cache_root, check_directory, write_directory_atomic
+from . import ENV, cpu_codebook, mode
 
-ENV_DISABLE = "KVCOMPRESS_NO_KERNEL"
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")  # defines the module; the files below are compiled with it
-EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"),)
-HEADERS = (Path(__file__).with_name("cpu_common.h"),)
+EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"), Path(__file__).with_name("cpu_paged.cpp"))
+HEADERS = (Path(__file__).with_name("cpu_common.h"), Path(__file__).with_name("cpu_split_k.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 # Compressed tokens per task of the kernel (a multiple of both codecs' rows): small enough to
@@ -42,11 +41,6 @@ BLOCK_TOKENS = 512
 
 log = logging.getLogger(__name__)
 _state: dict = {"tried": False, "module": None, "reason": None, "damage": None}
-
-
-def disabled_by_env() -> bool:
-    """True when `KVCOMPRESS_NO_KERNEL` is set to anything but "", "0" or "false"."""
-    return os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _cpu_signature() -> str:
@@ -72,12 +66,7 @@ def build_key() -> str:
 
 def build_directory() -> Path:
     """Where the extension is built and cached (outside the source tree)."""
-    root = os.environ.get("KVCOMPRESS_CACHE_DIR")
-    if root:
-        base = Path(root)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvcompress"
-    return base / "ext" / build_key()
+    return cache_root() / "ext" / build_key()
 
 
 def _import_library(name: str, path: Path):
@@ -171,9 +160,10 @@ def _short(error: BaseException) -> str:
 
 
 def load():
-    """The compiled module, or None (disabled or unbuildable); ONE warning per process when a build
-    fails or a damaged build was replaced."""
-    if disabled_by_env():
+    """The compiled module, or None (KVCOMPRESS_KERNELS=torch, or unbuildable); ONE warning per
+    process when a build fails or a damaged build was replaced. With KVCOMPRESS_KERNELS=cpu a
+    failed build raises a RuntimeError instead."""
+    if mode() == "torch":
         return None
     if not _state["tried"]:
         _state["tried"] = True
@@ -184,21 +174,25 @@ def load():
             if "ninja" in _state["reason"].lower():
                 _state["reason"] += " (pip install 'kvcompress[kernel]' installs it)"
             found = f"{_state['damage']}; " if _state.get("damage") else ""
-            warnings.warn(
-                f"kvcompress: {found}the CPU decode kernel could not be built ({_state['reason']}); decode steps "
-                f"use the slower pure-torch path with the same results. Set {ENV_DISABLE}=1 to skip the build.",
-                RuntimeWarning, stacklevel=2)
+            if mode() != "cpu":
+                warnings.warn(
+                    f"kvcompress: {found}the CPU decode kernel could not be built ({_state['reason']}); decode "
+                    f"steps use the slower pure-torch path with the same results. Set {ENV}=torch to skip the build.",
+                    RuntimeWarning, stacklevel=2)
         else:
             if _state.get("damage"):
                 warnings.warn(f"kvcompress: {_state['damage']}; the CPU decode kernel was built again",
                               RuntimeWarning, stacklevel=2)
+    if _state["module"] is None and mode() == "cpu":
+        raise RuntimeError(f"{ENV}=cpu asks for the CPU decode kernel, but it could not be built "
+                           f"({_state['reason']}); unset {ENV} to fall back to the pure-torch path")
     return _state["module"]
 
 
 def unavailable_reason() -> str | None:
     """Why the kernel is not used in this process (None when it is loaded, or not tried yet)."""
-    if disabled_by_env():
-        return f"disabled by {ENV_DISABLE}"
+    if mode() == "torch":
+        return f"disabled by {ENV}=torch"
     return _state["reason"]
 
 
@@ -234,7 +228,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
     """Attention of one decode step over `layer`, from its codes; None where the kernel does not apply.
 
-    Args and result as `kvcompress.cache.attention.attend_compressed`: query (B, H_q, 1, D),
+    Args and result as `kvcompress.kernels.reference.attend_compressed`: query (B, H_q, 1, D),
     attention_mask None / bool / additive (B or 1, 1, 1, seq); returns (B, H_q, 1, D_v).
     """
     if query.shape[2] != 1 or layer.n_compressed == 0 or query.device.type != "cpu":

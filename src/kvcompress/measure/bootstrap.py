@@ -1,19 +1,10 @@
-"""Confidence intervals of means over token positions, by a moving-block bootstrap.
+"""Confidence intervals of means over token positions, by a moving-block bootstrap (Kuensch 1989).
 
-Neighbouring tokens' losses are correlated (a hard passage makes several tokens in a row
-hard), so resampling positions independently underestimates the spread of a mean and gives
-intervals that are too narrow. The moving-block bootstrap (Künsch 1989) resamples whole
-stretches of `block` consecutive positions instead: each resample concatenates
-ceil(n / block) blocks whose starts are drawn uniformly from [0, n - block], cut to n values.
-Correlation shorter than a block is kept inside the blocks; `block=1` is the plain (iid)
-bootstrap.
-
-A series shorter than `MIN_BLOCKS` blocks gives no interval (None, "n/a" in `ci_method`): its
-resamples would mostly repeat the same stretch, and the interval would be far too narrow (zero
-wide for one block).
-
-This module does not compute losses (see `measure.evaluate`) and does not choose the block
-length from the data; the caller's length (default 64 tokens) is recorded with the interval.
+Neighbouring tokens' losses are correlated, so resampling positions independently gives intervals
+that are too narrow. Each resample concatenates ceil(n / block) blocks of `block` consecutive
+positions, starts drawn uniformly from [0, n - block], cut to n values; `block=1` is the plain
+bootstrap. The caller chooses the block length (default 64 tokens), which is recorded with the
+interval. A series shorter than `MIN_BLOCKS` blocks gets no interval (None; "n/a" in `ci_method`).
 """
 
 from __future__ import annotations

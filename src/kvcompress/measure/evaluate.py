@@ -1,21 +1,11 @@
 """Decode-faithful evaluation: quality of a compressed cache vs the uncompressed model.
 
-A single forward over a whole text never reads the cache, so it measures nothing. Here the
-text is fed in chunks, each attending to the cache of all earlier chunks, exactly as
-generation would; the uncompressed baseline (`DynamicCache`) runs in the same loop on the
-same chunks. Chunk boundaries follow the cache's flush schedule (see `chunk_boundaries`),
-so every query sees exactly the compressed/full-precision split it would see if the text
-were decoded one token at a time: chunked and token-by-token evaluation agree.
-
-Reported: perplexity of both, its relative change, mean KL(baseline || compressed) of the
-next-token distributions (both with 95% intervals from a moving-block bootstrap over token
-positions, see `measure.bootstrap`; `interval` says how), top-1 agreement, and the real
-compression ratio of the cache at the end of the text.
-
-The model runs kvcompress's attention during the evaluation where it supports it (see
-`kvcompress.enable_fast_attention`) and is restored to its own implementation afterwards.
-
-This module does not load models or text (see `models`, `corpus`) and does not run tasks.
+The text is fed in chunks, each attending to the cache of all earlier chunks, with boundaries on
+the cache's flush schedule (`chunk_boundaries`), so every query sees what it would see if the text
+were decoded one token at a time; a `DynamicCache` baseline runs on the same chunks in the same
+loop. Reported: perplexity of both and its change, mean KL(baseline || compressed), top-1
+agreement (moving-block bootstrap intervals, `bootstrap`) and the cache's real ratio at the end.
+The model runs kvcompress's attention where it supports it and is restored afterwards.
 """
 
 from __future__ import annotations

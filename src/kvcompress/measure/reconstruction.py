@@ -1,40 +1,14 @@
 """Direct reconstruction: how far the decoded K, V (and the attention output) are from the real ones.
 
-The breaking-point analysis this project grew from measured, per low-rank setting, how well
-compressed-then-decoded keys and values match the originals. Here the same test is run on
-any spec, on real states of the model over held-out text:
-
-1. `capture_states(model, input_ids)` runs one forward pass and records, per layer, the
-   post-RoPE keys and the values attention hands to the cache (a `DynamicCache` subclass
-   whose `update` keeps a copy), the queries (a forward hook on `self_attn.q_proj`, or on
-   `self_attn.q_norm` where the model normalises queries, then the model's own rotary
-   embedding applied through `kvcompress.rope`), and the attention output the model itself
-   computed (a forward pre-hook on `self_attn.o_proj`). Nothing in attention is patched.
-   The capture checks itself: softmax(Q Kᵀ · scaling + causal mask) V recomputed from the
-   captured tensors must equal the model's own attention output (relative error below
-   `CAPTURE_TOLERANCE`), otherwise it raises, naming the layer: then this harness does not
-   model that attention (e.g. logit soft-capping) and its attention figures would be wrong.
-2. `reconstruct(model, spec, capture)` feeds each layer's K and V through a real
-   `CompressedCache` built from the spec with `window=0`, i.e. through the very
-   `CompressedLayer.update` path that generation uses (codecs, pre-RoPE un-rotation and
-   re-rotation, artifacts): the spec's `sinks` first tokens stay in full precision, as in the
-   real cache, and every other token is decoded from stored codes. A spec's eviction is left
-   out (the record says so): dropped tokens have no reconstruction to compare. The full-precision window
-   is deliberately left out: this is a test of the codecs over the whole context (the worst
-   case); the window's effect is what decode-faithful evaluation (`kvcompress.measure.evaluate`)
-   measures. Keeping the sinks matters: compressing the first token, which many heads attend
-   to heavily, multiplies the attention-output error of low-rank keys by about two on
-   SmolLM2-135M.
-3. `reconstruction_metrics` compares, per layer and for K and V separately, over the
-   compressed tokens (sinks excluded): mean squared error, relative error ||x - x̂|| / ||x||
-   (Frobenius norm over the layer), the mean and the 5th percentile of the cosine similarity
-   between each original and decoded token vector (one per batch row, KV head and token); and,
-   over all queries, the attention output computed with the real queries from (K̂, V), (K, V̂)
-   and (K̂, V̂) against the exact one (relative error, mean cosine per query head and token).
-   Query heads share KV heads as in the model (GQA).
-
-This module does not run the model's decode loop or measure perplexity (see `evaluate`),
-does not run sweeps (see `kvcompress.experiments.sweep`), and does not reimplement any codec.
+`capture_states(model, ids)` records, per layer, the post-RoPE keys and the values (B, H_kv, T, D),
+the queries (B, H_q, T, D) after the model's own rotary embedding, and the model's attention output;
+it raises, naming the layer, when softmax(QK^T + mask)V recomputed from them differs from the
+model's output. `reconstruct(model, spec, capture)` feeds each layer's K and V through a real
+`CompressedCache` with `window=0` (the spec's sinks kept, every other token decoded from codes; a
+spec's eviction left out, which the record says), and
+`reconstruction_metrics` gives per layer MSE, relative error, cosine (mean, 5th percentile) and the
+attention-output error with the real queries from (K^, V), (K, V^), (K^, V^). What it measures and
+why: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -251,9 +225,9 @@ def reconstruct(model, spec: str | dict | CacheSpec, capture: Capture, artifact=
     if n <= only.sinks:
         raise ValueError(f"{capture.tokens} captured tokens do not fill {only.sinks} sinks and one block of "
                          f"{only.block_size} tokens; capture more tokens")
-    # Whole blocks go straight through `update`, no attention and no decode step: nothing for
-    # attention over the codes to do (and no hint about it to log).
-    cache = CompressedCache(model, only, artifact=artifact, fast_attention=False)
+    # Whole blocks go straight through `update`, no attention and no decode step: the
+    # reconstruction is returned whatever attention the model runs.
+    cache = CompressedCache(model, only, artifact=artifact)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     pairs = []

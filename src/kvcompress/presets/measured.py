@@ -1,18 +1,10 @@
-"""The measured presets (lossless ... extreme, and prompt-6x, prompt-8x): the data files
-`kvcompress measure-presets` writes.
+"""The measured presets (lossless ... extreme; prompt-6x, prompt-8x): the data files
+`kvcompress measure-presets` writes, read and registered here.
 
-Each entry holds the spec that met a KL target on sweep and selection text ("sweep",
-"verified") and, in files written since the corpus has a separate report part, the figures
-measured on report text no step of the choice read ("report"); tables and help show the
-report figures when present.
-
-The prompt presets (`prompt_presets.json`, written by `measure-presets --context N --min-ratios`)
-are defined by a compression floor instead of a KL target: each entry has "min_ratio" and
-"cache" (the whole-cache ratio at the end of an N-token prompt, from `memory_report()` of a cache
-in "dtype") and its KL figures under the prompt protocol.
-
-This module only reads the files and registers their presets; it does not measure (see
-`kvcompress.tuning.preset_selection`).
+An entry holds its spec, its target (a KL target, or for prompt presets a whole-cache
+`min_ratio` with the "cache" measured after an N-token prompt in "dtype") and its figures on the
+sweep, selection ("verified") and report texts; tables and help show the report figures when
+present. A shipped file that is missing raises `MissingDataFileError` naming it.
 """
 
 from __future__ import annotations

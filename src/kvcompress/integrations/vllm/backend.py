@@ -3,9 +3,10 @@
 Pages: each layer's KV tensor is (num_blocks, kv_heads, block_size, slot_bytes) bytes (vLLM's LBHNC),
 one `paged.SlotLayout` slot per token and KV head; `customize_spec` publishes slot_bytes, so vLLM's
 pool accounting counts the packed size. `do_kv_cache_update` encodes each new token once into its
-slot (`slot_mapping`). `forward`: every query attends to its request's earlier tokens through their
-codes (`kernels.paged_attention`, block table, context lengths) and to its own chunk in full
-precision, causally (prefill, chunked prefill, prefix-cache hits and decode alike). Decoder-only
+slot (`slot_mapping`) before `forward`, where every query attends causally to its request's tokens
+read from their codes, its own chunk and itself included (`kernels.paged_attention`, block table,
+sequence lengths): prefill, chunked prefill, recomputation, prefix-cache hits and decode alike, so a
+token's output does not depend on how vLLM scheduled it. Decoder-only
 full attention without ALiBi, soft-capping, sinks or sliding windows; kv_cache_dtype "auto".
 """
 
@@ -30,7 +31,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from ...kernels.paged_attention import chunk_attention, merge_attention, paged_attention
+from ...kernels.paged_attention import paged_attention
 from ...paged import PagedLayout, SlotLayout
 from .config import ENV, PREFIX, ServingSpecError, configured_text, serving_layout, serving_slot_bytes
 
@@ -98,14 +99,14 @@ class KvcompressMetadata:
     Attributes:
         num_actual_tokens: N (query/key/value may carry padding rows after them).
         query_start_loc: (R + 1,) int32 on CPU; request r's tokens are rows [qsl[r], qsl[r + 1]).
-        context_lens: (R,) int on CPU: tokens of request r stored before this step (read from codes).
+        seq_lens: (R,) int on CPU: tokens of request r stored once this step's are written (all read from codes).
         block_table: (R, max_blocks) int32: request r's token t is in block block_table[r, t // block_size].
         slot_mapping: (N,) int64: the slot of each scheduled token (-1: padding).
     """
 
     num_actual_tokens: int
     query_start_loc: torch.Tensor
-    context_lens: torch.Tensor
+    seq_lens: torch.Tensor
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
 
@@ -117,15 +118,13 @@ class KvcompressMetadataBuilder(AttentionMetadataBuilder[KvcompressMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KvcompressMetadata:
         cam = common_attn_metadata
-        query_start_loc = cam.query_start_loc_cpu
-        query_lens = query_start_loc[1:] - query_start_loc[:-1]
-        return KvcompressMetadata(num_actual_tokens=cam.num_actual_tokens, query_start_loc=query_start_loc,
-                                  context_lens=cam.seq_lens.cpu() - query_lens,
-                                  block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping)
+        return KvcompressMetadata(num_actual_tokens=cam.num_actual_tokens, query_start_loc=cam.query_start_loc_cpu,
+                                  seq_lens=cam.seq_lens.cpu(), block_table=cam.block_table_tensor,
+                                  slot_mapping=cam.slot_mapping)
 
 
 class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
-    """One layer: writes new tokens' codes into their slots, attends from the codes of earlier tokens."""
+    """One layer: writes new tokens' codes into their slots, then attends from the codes of every token."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
@@ -176,16 +175,13 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
                 attn_metadata: KvcompressMetadata | None, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """output (T, Hq, D) = attention over earlier tokens' codes merged with the chunk's own full precision."""
+        """output (T, Hq, D) = causal attention over the codes of the request's tokens, each query's own included."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError(f"{PREFIX}: fused output quantization is not supported")
         if attn_metadata is None:  # a profiling run: nothing is stored
             return output
         md = attn_metadata
         n = md.num_actual_tokens
-        q = query[:n]
-        stored, stored_lse = paged_attention(q, kv_cache.view(torch.uint8), md.block_table, md.context_lens,
-                                             md.query_start_loc, self.slot_layout(layer), self.scale)
-        own, own_lse = chunk_attention(q, key[:n], value[:n], md.query_start_loc, self.scale)
-        output[:n] = merge_attention(stored, stored_lse, own, own_lse).to(output.dtype)
+        output[:n] = paged_attention(query[:n], kv_cache.view(torch.uint8), md.block_table, md.seq_lens,
+                                     md.query_start_loc, self.slot_layout(layer), self.scale).to(output.dtype)
         return output
