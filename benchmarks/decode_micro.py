@@ -2,7 +2,7 @@
 
 dynamic:     what DynamicCache does: append the new token (torch.cat), then SDPA over (B, H, seq, D)
 reconstruct: `CompressedLayer.update` decoding every block into one (B, H, seq, D) tensor, then SDPA
-codes:       `kvcompress.cache.attention.attend_compressed` (pure torch), which decodes the blocks
+codes:       `kvcompress.kernels.reference.attend_compressed` (pure torch), which decodes the blocks
              `CHUNK_TOKENS` at a time and never builds the full tensor
 kernel:      `kvcompress.kernels.cpu.attend`, the compiled kernel that reads the packed codes
 
@@ -38,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kvcompress.cache.attention import attend_compressed
+from kvcompress.kernels.reference import attend_compressed
 from kvcompress.cache.layer import CompressedLayer
 from kvcompress.codecs import stored_nbytes
 from kvcompress.codecs.quant import QuantCodec

@@ -9,7 +9,7 @@ measures (same code, same text; the uncompressed logits are computed once per ki
 which changes no figure). Prints a markdown table of bits per compressed value and KL with its
 95% interval, then the ratios bits4/int4, bits3/int3, bits2/int2 of KL against issue 24's targets.
 Resumable: one JSON per kind and spec under --out, skipped when present with the same key (spec,
-text record with its hashes, dtype, library versions, model fingerprint).
+text record with its hashes, dtype, library versions, model fingerprint, calibration text).
 
     nice -n 10 python benchmarks/kinds_table.py --threads 1 --out runs/kinds_table
 
@@ -45,8 +45,10 @@ def measure_kind(model, tokenizer, kind: str, specs: list[str], *, tokens: int, 
     records = {}
     for name in specs:
         spec = load_spec(name)
+        artifact = artifact_for(model, spec, None)  # calibrated codecs: their figures move with its text
+        calibrated_on = None if artifact is None else artifact.metadata.get("tensors_sha256")
         key = content_hash({"spec": spec.to_dict(), "text": text.record, "dtype": dtype, "mode": "chunked",
-                            "environment": environment(), "model": model_fp})
+                            "environment": environment(), "model": model_fp, "calibration": calibrated_on})
         path = out / kind / f"{name}.json"
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
@@ -56,7 +58,7 @@ def measure_kind(model, tokenizer, kind: str, specs: list[str], *, tokens: int, 
             records[name] = saved
             continue
         started = time.perf_counter()
-        result = decode_faithful_eval(model, text.ids, spec, progress=False, artifact=artifact_for(model, spec, None),
+        result = decode_faithful_eval(model, text.ids, spec, progress=False, artifact=artifact,
                                       baseline_store=store)
         records[name] = {"key": key, "model": model_id(model), "spec_name": name, "text": text.record,
                          "mode": "chunked", "dtype": dtype,

@@ -46,7 +46,8 @@ from kvcompress.spec import CacheSpec
 from kvcompress.tuning.candidates import eviction_grid, uniform_candidates
 from kvcompress.tuning.evaluators import make_evaluator, make_ratio_evaluator
 from kvcompress.tuning.preset_selection import select_prompt_presets, text_tokens
-from kvcompress.tuning.state import TuneState, text_fingerprint
+from kvcompress.fingerprint import text_fingerprint
+from kvcompress.tuning.state import TuneState
 
 CONTEXT, TOKENS = 1536, 512
 FLOORS = {"prompt-6x": 6.0, "prompt-8x": 8.0}

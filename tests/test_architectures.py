@@ -162,11 +162,10 @@ def test_gemma3_head_dim_256(fast_attention):
 @torch.no_grad()
 def test_no_compression_is_bit_identical_to_transformers_cache_on_sliding_layers():
     # The "none" codec isolates the window bookkeeping: held tokens, mask sizes and returned
-    # states must be exactly those of transformers' DynamicSlidingWindowLayer. (fast_attention
-    # off: attention over the codes chunk by chunk is equal only up to float rounding.)
+    # states must be exactly those of transformers' DynamicSlidingWindowLayer. (The model stays on
+    # sdpa: attention over the codes chunk by chunk is equal only up to float rounding.)
     model = model_for("gemma3")
-    same = model.generate(prompt(PROMPT), past_key_values=CompressedCache(model, NO_COMPRESSION, fast_attention=False),
-                          **GREEDY)
+    same = model.generate(prompt(PROMPT), past_key_values=CompressedCache(model, NO_COMPRESSION), **GREEDY)
     for a, b in zip(exact_greedy("gemma3").logits, same.logits):
         assert torch.equal(a, b)
 

@@ -14,9 +14,10 @@ from transformers import AttentionInterface, DynamicCache
 import kvcompress
 from kvcompress import CompressedCache, enable_fast_attention
 from kvcompress.cache import attention as attention_module
-from kvcompress.cache.attention import (ATTENTION_NAME, LAYER_ATTRIBUTE, attend_compressed, kvcompress_attention,
-                                        register)
-from kvcompress.cache.cache import CompressedLayer
+from kvcompress.cache.attention import ATTENTION_NAME, LAYER_ATTRIBUTE, kvcompress_attention, register
+from kvcompress.cache.layer import CompressedLayer, State
+from kvcompress.kernels import reference
+from kvcompress.kernels.reference import attend_compressed
 from tiny_models import ARCHITECTURES, SEEDS
 
 SPEC = {"key": {"bits": 4, "axis": "channel", "group_size": 32},
@@ -42,36 +43,38 @@ def decode_logits(model, cache, ids: torch.Tensor, steps: int, attention_mask=No
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch"])
+@pytest.mark.parametrize("kernels", ["auto", "torch"], ids=["cpu-kernel", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
 @torch.no_grad()
-def test_attention_over_codes_equals_attention_over_reconstruction(arch, kernel, fast_attention):
-    model = fast_attention(ARCHITECTURES[arch](seed=SEEDS[arch]))
-    slow = decode_logits(model, CompressedCache(model, SPEC, fast_attention=False), prompt(90), 12)
-    fast_cache = CompressedCache(model, SPEC, kernel=kernel)
+def test_attention_over_codes_equals_attention_over_reconstruction(arch, kernels, fast_attention, monkeypatch):
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", kernels)
+    model = ARCHITECTURES[arch](seed=SEEDS[arch])
+    slow = decode_logits(model, CompressedCache(model, SPEC), prompt(90), 12)  # on sdpa: reconstructions
+    fast_attention(model)
     assert model.config._attn_implementation == ATTENTION_NAME
-    assert any(layer.attention_config is not None for layer in fast_cache.layers)
-    fast = decode_logits(model, fast_cache, prompt(90), 12)
+    fast = decode_logits(model, CompressedCache(model, SPEC), prompt(90), 12)
     torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-4)
 
 
 @torch.no_grad()
 def test_pre_rope_keys_and_left_padding_batches(fast_attention):
-    model = fast_attention(ARCHITECTURES["llama"](seed=SEEDS["llama"]))
+    model = ARCHITECTURES["llama"](seed=SEEDS["llama"])
     ids = prompt(100, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :23] = 0  # left padding in the second row
-    for spec in (SPEC, PRE_ROPE):
-        slow = decode_logits(model, CompressedCache(model, spec, fast_attention=False), ids, 8, mask)
+    slow = [decode_logits(model, CompressedCache(model, spec), ids, 8, mask) for spec in (SPEC, PRE_ROPE)]
+    fast_attention(model)
+    for spec, expected in zip((SPEC, PRE_ROPE), slow):
         fast = decode_logits(model, CompressedCache(model, spec), ids, 8, mask)
-        torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(fast, expected, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch"])
+@pytest.mark.parametrize("kernels", ["auto", "torch"], ids=["cpu-kernel", "torch"])
 @torch.no_grad()
-def test_decode_step_reads_the_codes_and_never_reconstructs(monkeypatch, kernel, fast_attention):
+def test_decode_step_reads_the_codes_and_never_reconstructs(monkeypatch, kernels, fast_attention):
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", kernels)
     model = fast_attention(ARCHITECTURES["llama"](seed=SEEDS["llama"]))
-    cache = CompressedCache(model, SPEC, kernel=kernel)
+    cache = CompressedCache(model, SPEC)
     model(prompt(120), cache=cache)
 
     def refuse_full_reconstruction(self):
@@ -90,10 +93,11 @@ def test_decode_step_reads_the_codes_and_never_reconstructs(monkeypatch, kernel,
 def test_chunks_cover_every_compressed_token(monkeypatch, fast_attention):
     # With chunks smaller than the compressed region, the result is the same as in one chunk
     # (the pure-torch path: the CPU kernel does not chunk by CHUNK_TOKENS).
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
     model = fast_attention(ARCHITECTURES["qwen3"](seed=SEEDS["qwen3"]))
-    whole = decode_logits(model, CompressedCache(model, SPEC, kernel=False), prompt(200), 4)
-    monkeypatch.setattr(attention_module, "CHUNK_TOKENS", 64)
-    chunked = decode_logits(model, CompressedCache(model, SPEC, kernel=False), prompt(200), 4)
+    whole = decode_logits(model, CompressedCache(model, SPEC), prompt(200), 4)
+    monkeypatch.setattr(reference, "CHUNK_TOKENS", 64)
+    chunked = decode_logits(model, CompressedCache(model, SPEC), prompt(200), 4)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
@@ -148,7 +152,7 @@ def test_unsupported_attention_options_are_refused_with_advice(fast_attention):
     keys, values = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
     assert getattr(keys, LAYER_ATTRIBUTE) is layer
     query = torch.randn(1, 4, 1, 32)
-    with pytest.raises(ValueError, match="fast_attention=False"):
+    with pytest.raises(ValueError, match="leave the model on sdpa"):
         kvcompress_attention(None, query, keys, values, None, scaling=0.1, softcap=30.0)
     wrong_mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match="attention mask covers 5 positions"):
@@ -175,11 +179,6 @@ def test_the_cache_does_not_switch_the_model_and_reads_codes_only_while_it_is_sw
     assert not handle.active and model.config._attn_implementation == "sdpa"
     keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
     assert keys.shape[2] == layer.held_tokens() and not hasattr(keys, LAYER_ATTRIBUTE)
-    forced = CompressedCache(model, SPEC, fast_attention=False)
-    with enable_fast_attention(model):
-        model(prompt(80), cache=forced)
-        keys, _ = forced.layers[0].update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
-    assert keys.shape[2] == forced.layers[0].held_tokens()  # fast_attention=False: always the reconstruction
 
 
 def test_handles_nest_and_restore_what_they_found():
@@ -267,7 +266,7 @@ def test_attention_that_reads_the_handed_window_raises_at_that_step():
         _run_with(copying_attention, steps=[5])
     message = str(caught.value)
     assert "tried to read the K/V window that layer 0 handed" in message and "clone" in message
-    assert "CompressedCache(..., fast_attention=False)" in message
+    assert "restore the handle enable_fast_attention returned" in message
 
 
 @torch.no_grad()
@@ -278,7 +277,7 @@ def test_attention_that_never_reads_the_layer_is_caught_at_the_next_step():
     message = str(caught.value)
     assert "attention at layer 0 read only the K/V window" in message
     assert "output for that step was wrong" in message
-    assert "CompressedCache(..., fast_attention=False)" in message and "'llama'" in message
+    assert "restore the handle enable_fast_attention returned" in message and "'llama'" in message
 
 
 @torch.no_grad()
@@ -299,7 +298,7 @@ def test_generation_over_many_decode_steps_never_trips_the_guard(monkeypatch, fa
     # Decode steps with at least one compressed block read the codes at every layer (the prompt's
     # 40 tokens fill sinks + window + a block only after a few steps).
     assert len(reads) >= 60 * layers and set(reads) == set(range(layers))
-    assert not any(layer._window_unconsumed for layer in cache.layers)  # the last step's windows were read too
+    assert all(layer.state is State.READY for layer in cache.layers)  # the last step's windows were read too
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -313,7 +312,7 @@ def test_half_precision_attention_over_codes_matches_the_reconstruction_path(dty
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     model = make_tiny_llama(seed=3, dtype=dtype)
-    cache = CompressedCache(model, SPEC, fast_attention=False)  # fills the cache; leaves the model as it is
+    cache = CompressedCache(model, SPEC)  # fills the cache (the model stays on sdpa)
     model(prompt(150), cache=cache)
     layer = cache.layers[1]
     assert layer.n_compressed > 0

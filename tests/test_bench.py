@@ -4,6 +4,7 @@ No timing is asserted here: speed is judged by the benchmark itself, never by th
 """
 
 import json
+import os
 import re
 
 import pytest
@@ -237,13 +238,33 @@ def test_monitor_suffix_benchmarks_the_same_cache_with_its_monitor_on(tiny_llama
         parse_cache_name("int5+monitor")
 
 
-def test_reconstruct_suffix_benchmarks_the_same_cache_without_attention_over_codes(tiny_llama):
+def _decode_reads(model, name: str, monkeypatch) -> list[str]:
+    """Prefill and decode a cache of kind `name`; the KVCOMPRESS_KERNELS mode of every decode step
+    that read the codes (kvcompress's attention over a layer)."""
+    from tiny_models import prompt
+
+    from kvcompress import kernels
+    from kvcompress.bench.timing import decode, prefill
+    from kvcompress.cache import attention as attention_module
+
+    reads, original = [], attention_module.attend
+    monkeypatch.setattr(attention_module, "attend", lambda layer, *a: reads.append(kernels.mode()) or original(layer, *a))
+    kind = parse_cache_name(name)
+    cache, token, _ = prefill(model, kind, prompt(200))
+    decode(model, kind, cache, token, 2)
+    monkeypatch.setattr(attention_module, "attend", original)
+    return reads
+
+
+def test_reconstruct_suffix_benchmarks_the_same_cache_without_attention_over_codes(tiny_llama, fast_attention,
+                                                                                  monkeypatch):
     kind = parse_cache_name("int4+monitor+reconstruct")
     assert kind.spec_name == "int4" and kind.monitor and kind.reconstruct
-    assert "fast_attention=False" in kind.describe()
-    cache = make_cache(kind, tiny_llama)
-    assert all(layer.attention_config is None for layer in cache.layers)
-    assert any(layer.attention_config is not None for layer in make_cache(parse_cache_name("int4"), tiny_llama).layers)
+    assert "full reconstruction" in kind.describe()
+    model = fast_attention(tiny_llama)
+    assert _decode_reads(model, "int4+monitor+reconstruct", monkeypatch) == []  # attention read reconstructions
+    assert model.config._attn_implementation == "kvcompress"  # switched back after that cache's steps
+    assert len(_decode_reads(model, "int4", monkeypatch)) == 2 * model.config.num_hidden_layers
 
 
 # ---- a fair baseline on sliding-window models ------------------------------------------------
@@ -259,7 +280,7 @@ def test_dynamic_baseline_keeps_only_the_window_in_sliding_layers_as_transformer
     gemma = tiny_gemma3()
     n_prompt, steps = 2 * GEMMA3_WINDOW + 40, 3
     cache, token, _ = prefill(gemma, parse_cache_name("dynamic"), prompt(n_prompt))
-    decode(gemma, cache, token, steps)
+    decode(gemma, parse_cache_name("dynamic"), cache, token, steps)
     held = [layer.keys.shape[2] for layer in cache.layers]
     sliding = [t == "sliding_attention" for t in gemma.config.layer_types]
     assert any(sliding) and not all(sliding)
@@ -276,9 +297,13 @@ def test_dynamic_baseline_keeps_only_the_window_in_sliding_layers_as_transformer
                                             for layer in out.past_key_values.layers)
 
 
-def test_torch_suffix_benchmarks_the_same_cache_without_the_cpu_kernel(tiny_llama):
+def test_torch_suffix_benchmarks_the_same_cache_without_the_cpu_kernel(tiny_llama, fast_attention, monkeypatch):
     kind = parse_cache_name("int4+torch")
     assert kind.spec_name == "int4" and kind.torch_only and not kind.reconstruct
-    assert "kernel=False" in kind.describe()
-    assert all(not layer.use_kernel for layer in make_cache(kind, tiny_llama).layers)
-    assert all(layer.use_kernel for layer in make_cache(parse_cache_name("int4"), tiny_llama).layers)
+    assert "KVCOMPRESS_KERNELS=torch" in kind.describe()
+    monkeypatch.delenv("KVCOMPRESS_KERNELS", raising=False)
+    model = fast_attention(tiny_llama)
+    layers = model.config.num_hidden_layers
+    assert _decode_reads(model, "int4+torch", monkeypatch) == ["torch"] * 2 * layers
+    assert "KVCOMPRESS_KERNELS" not in os.environ  # restored after that cache's steps
+    assert _decode_reads(model, "int4", monkeypatch) == ["auto"] * 2 * layers

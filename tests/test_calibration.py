@@ -7,7 +7,8 @@ import torch
 
 from conftest import make_tiny_llama
 from kvcompress import CompressedCache
-from kvcompress.calibration import ArtifactError, CalibrationArtifact, calibrate, config_fingerprint
+from kvcompress.calibration import ArtifactError, CalibrationArtifact, calibrate
+from kvcompress.fingerprint import config_fingerprint
 from kvcompress.cli.main import main
 
 SPEC = {"key": {"method": "lowrank+quant", "rank": 16, "bits": 4, "axis": "channel", "group_size": 32,

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from kvcompress import CompressedCache
+from kvcompress import CompressedCache, kernels
 from kvcompress.cache import attention as attention_module
-from kvcompress.cache.attention import attend, attend_compressed
+from kvcompress.cache.attention import attend
 from kvcompress.cache.build import pca_codebook
 from kvcompress.cache.layer import CompressedLayer
 from kvcompress.codecs import ComposedCodec, QuantCodec
@@ -28,7 +28,8 @@ from kvcompress.codecs.codebook import CodebookCodec
 from kvcompress.codecs.lowrank import LowRankProjection
 from kvcompress.codecs.packing import unpack_reference
 from kvcompress.codecs.rotation import RandomizedHadamard
-from kvcompress.kernels import cpu, cpu_codebook
+from kvcompress.kernels import cpu, cpu_codebook, reference
+from kvcompress.kernels.reference import attend_compressed
 from kvcompress.rope import RopeInverter
 from kvcompress.spec import EvictionSpec
 from tiny_models import prompt, tiny_llama
@@ -36,8 +37,8 @@ from tiny_models import prompt, tiny_llama
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    if cpu.disabled_by_env():
-        pytest.skip(f"{cpu.ENV_DISABLE} is set: the kernel is disabled")
+    if kernels.mode() == "torch":
+        pytest.skip("KVCOMPRESS_KERNELS=torch is set: the kernel is disabled")
     module = cpu.load()
     assert module is not None, f"the CPU kernel did not build: {cpu.unavailable_reason()}"
     return module
@@ -112,12 +113,12 @@ def filled_layer(bits: int, D: int, dtype=torch.float32, B: int = 2, H: int = 2,
     as kvcompress's attention hands them over at prefill) before compressing the kept ones."""
     gen = torch.Generator().manual_seed(seed)
     key_space = RopeInverter(Rotary(D, factor=factor, equal_halves=equal_halves)) if pre_rope else None
+    config = SimpleNamespace(_attn_implementation=attention_module.ATTENTION_NAME)  # prompt queries reach the layer
     layer = CompressedLayer(make_codec(key, bits, H, D, gen), make_codec(value, bits, H, D, gen),
-                            window=window, sinks=sinks, block_size=64, key_space=key_space, eviction=eviction)
+                            window=window, sinks=sinks, block_size=64, key_space=key_space, eviction=eviction,
+                            config=config if eviction is not None else None)
     keys = torch.randn(B, H, tokens, D, generator=gen) * 2 + torch.randn(1, H, 1, D, generator=gen)
     values = torch.randn(B, H, tokens, D, generator=gen)
-    if eviction is not None:
-        layer.model_config = SimpleNamespace(_attn_implementation=attention_module.ATTENTION_NAME)
     layer.update(keys.to(dtype), values.to(dtype))
     if eviction is not None:
         queries = torch.randn(B, 2 * H, tokens, D, generator=gen) * 2
@@ -332,15 +333,15 @@ def test_decode_step_of_a_model_never_decodes_or_reconstructs(bits, monkeypatch,
     cache = CompressedCache(model, spec, artifact=tiny_artifact)
     model(ids, cache=cache)
     torch_cache = cache.copy()
-    for layer in torch_cache.layers:
-        layer.use_kernel = False
-    expected = model(torch.tensor([[7]]), cache=torch_cache).logits
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KVCOMPRESS_KERNELS", "torch")
+        expected = model(torch.tensor([[7]]), cache=torch_cache).logits
 
     def refuse(*args, **kwargs):
         raise AssertionError("a decode step with the kernel decoded the codes into a tensor")
 
     for target, name in ((CodebookCodec, "decode"), (AllocatedCodebookCodec, "decode"),
-                         (CompressedLayer, "reconstruct"), (attention_module, "attend_compressed")):
+                         (CompressedLayer, "reconstruct"), (reference, "attend_compressed")):
         monkeypatch.setattr(target, name, refuse)
     got = model(torch.tensor([[7]]), cache=cache).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -359,7 +360,7 @@ def test_evicted_bits_cache_decodes_through_the_kernel(applies, monkeypatch, fas
             "eviction": {"policy": "snapkv", "keep": 0.5, "applies": applies}}
     cache = CompressedCache(model, spec, artifact=tiny_artifact)
     model(prompt(300), cache=cache)
-    torch_cache = CompressedCache(model, spec, artifact=tiny_artifact, kernel=False)
+    torch_cache = CompressedCache(model, spec, artifact=tiny_artifact)  # decodes with KVCOMPRESS_KERNELS=torch
     model(prompt(300), cache=torch_cache)
     for layer in cache.layers:
         assert layer.n_compressed > 0 and layer.token_positions is not None
@@ -369,17 +370,19 @@ def test_evicted_bits_cache_decodes_through_the_kernel(applies, monkeypatch, fas
     calls = []
     kernel_attend = cpu_codebook.attend
     monkeypatch.setattr(cpu_codebook, "attend", lambda *args: calls.append(1) or kernel_attend(*args))
-    torch_path = attention_module.attend_compressed
+    torch_path = reference.attend_compressed
 
     def only_torch_cache(layer, *args):
-        assert not layer.use_kernel, "a decode step of the kernel cache ran attend_compressed"
+        assert kernels.mode() == "torch", "a decode step of the kernel cache ran attend_compressed"
         return torch_path(layer, *args)
 
-    monkeypatch.setattr(attention_module, "attend_compressed", only_torch_cache)
+    monkeypatch.setattr(reference, "attend_compressed", only_torch_cache)
     steps = 90 if applies == "generation" else 4  # generation: 64-token spans leave the 16-token window
     for step in range(steps):
         token = torch.tensor([[5 + step % 60]])
+        monkeypatch.setenv("KVCOMPRESS_KERNELS", "auto")
         got = model(token, cache=cache).logits
+        monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
         expected = model(token, cache=torch_cache).logits
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         assert len(calls) == (step + 1) * len(cache.layers)
@@ -398,7 +401,7 @@ def tiny_artifact():
 def test_disabled_by_environment_gives_the_torch_result_without_warning(monkeypatch):
     layer = filled_layer(3, 64)
     query = query_for(layer, 4)
-    monkeypatch.setenv(cpu.ENV_DISABLE, "1")
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu.attend(layer, query, None, 0.125) is None
@@ -421,7 +424,7 @@ def test_failed_build_warns_once_and_gives_the_same_result(monkeypatch):
         outs = [attend(layer, query, None, 0.125) for _ in range(3)]
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert "could not be built" in message and "cpu_common.h" in message and cpu.ENV_DISABLE in message
+    assert "could not be built" in message and "cpu_common.h" in message and "KVCOMPRESS_KERNELS=torch" in message
     for out in outs:
         assert torch.equal(out, attend_compressed(layer, query, None, 0.125))
         torch.testing.assert_close(out, with_kernel, **tolerance(torch.float32))

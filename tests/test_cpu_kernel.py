@@ -11,19 +11,19 @@ import warnings
 import pytest
 import torch
 
-from kvcompress import CompressedCache
-from kvcompress.cache import attention as attention_module
-from kvcompress.cache.attention import attend, attend_compressed
+from kvcompress import CompressedCache, kernels
+from kvcompress.cache.attention import attend
 from kvcompress.cache.layer import CompressedLayer
 from kvcompress.codecs import ComposedCodec, HadamardRotation, QuantCodec
-from kvcompress.kernels import cpu
+from kvcompress.kernels import cpu, reference
+from kvcompress.kernels.reference import attend_compressed
 from tiny_models import ARCHITECTURES, SEEDS
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    if cpu.disabled_by_env():
-        pytest.skip(f"{cpu.ENV_DISABLE} is set: the kernel is disabled")
+    if kernels.mode() == "torch":
+        pytest.skip("KVCOMPRESS_KERNELS=torch is set: the kernel is disabled")
     module = cpu.load()
     assert module is not None, f"the CPU kernel did not build: {cpu.unavailable_reason()}"
     return module
@@ -147,9 +147,9 @@ def test_layers_the_kernel_does_not_read_fall_back_to_the_torch_path():
     layer.key_space = object()  # pre-RoPE keys need the rotation the kernel does not do
     assert cpu.attend(layer, query, None, 0.125) is None
     layer.key_space = None
-    layer.use_kernel = False
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu, "attend", lambda *a: pytest.fail("use_kernel=False must not call the kernel"))
+        patch.setenv("KVCOMPRESS_KERNELS", "torch")
+        patch.setattr(cpu, "attend", lambda *a: pytest.fail("KVCOMPRESS_KERNELS=torch must not call the kernel"))
         attend(layer, query, None, 0.125)
 
 
@@ -164,16 +164,16 @@ def test_decode_step_with_the_kernel_never_decodes_or_reconstructs(monkeypatch, 
     cache = CompressedCache(model, spec)
     model(ids, cache=cache, attention_mask=mask)
     torch_cache = cache.copy()
-    for layer in torch_cache.layers:
-        layer.use_kernel = False
     step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-    expected = model(torch.tensor([[7], [9]]), cache=torch_cache, attention_mask=step_mask).logits
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KVCOMPRESS_KERNELS", "torch")
+        expected = model(torch.tensor([[7], [9]]), cache=torch_cache, attention_mask=step_mask).logits
 
     def refuse(*args, **kwargs):
         raise AssertionError("a decode step with the kernel decoded the codes into a tensor")
 
     for target, name in ((QuantCodec, "decode"), (QuantCodec, "decode_into"), (CompressedLayer, "reconstruct"),
-                         (attention_module, "attend_compressed")):
+                         (reference, "attend_compressed")):
         monkeypatch.setattr(target, name, refuse)
     got = model(torch.tensor([[7], [9]]), cache=cache, attention_mask=step_mask).logits
     torch.testing.assert_close(got, expected, **tolerance(torch.float32))
@@ -192,7 +192,7 @@ def test_evicted_cache_decodes_through_the_kernel(applies, monkeypatch, fast_att
     mask = torch.ones_like(ids)  # eviction refuses padded prompts
     cache = CompressedCache(model, spec)
     model(ids, cache=cache, attention_mask=mask)
-    torch_cache = CompressedCache(model, spec, kernel=False)
+    torch_cache = CompressedCache(model, spec)  # its decode steps run with KVCOMPRESS_KERNELS=torch
     model(ids, cache=torch_cache, attention_mask=mask)
     evicted_after_prompt = [layer.evicted_tokens() for layer in cache.layers]
     assert all(evicted > 0 for evicted in evicted_after_prompt)
@@ -202,22 +202,24 @@ def test_evicted_cache_decodes_through_the_kernel(applies, monkeypatch, fast_att
 
     def spy(layer, *args):
         out = kernel_attend(layer, *args)
-        calls.append(out is not None and layer.use_kernel)
+        calls.append(out is not None)
         return out
 
     monkeypatch.setattr(cpu, "attend", spy)
-    torch_path = attention_module.attend_compressed
+    torch_path = reference.attend_compressed
 
     def only_torch_cache(layer, *args):
-        assert not layer.use_kernel, "a decode step of the kernel cache ran attend_compressed"
+        assert kernels.mode() == "torch", "a decode step of the kernel cache ran attend_compressed"
         return torch_path(layer, *args)
 
-    monkeypatch.setattr(attention_module, "attend_compressed", only_torch_cache)
+    monkeypatch.setattr(reference, "attend_compressed", only_torch_cache)
     steps = 90 if applies == "generation" else 4  # generation: 64-token spans leave the 16-token window
     for step in range(steps):
         mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
         token = torch.tensor([[7 + step % 50], [9 + step % 50]])
+        monkeypatch.setenv("KVCOMPRESS_KERNELS", "auto")
         got = model(token, cache=cache, attention_mask=mask).logits
+        monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
         expected = model(token, cache=torch_cache, attention_mask=mask).logits
         torch.testing.assert_close(got, expected, **tolerance(torch.float32))
     assert calls and all(calls) and len(calls) == steps * len(cache.layers)
@@ -230,7 +232,7 @@ def test_disabled_by_environment_gives_the_torch_result_without_warning(monkeypa
     layer = filled_layer(3, 64)
     query = query_for(layer, 4)
     with_kernel = attend(layer, query, None, 0.125)
-    monkeypatch.setenv(cpu.ENV_DISABLE, "1")
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu.attend(layer, query, None, 0.125) is None
@@ -254,10 +256,13 @@ def test_failed_build_warns_once_and_gives_the_same_result(monkeypatch):
         outs = [attend(layer, query, None, 0.125) for _ in range(3)]
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert "could not be built" in message and "No such file or directory" in message and cpu.ENV_DISABLE in message
-    assert "No such file" in cpu.unavailable_reason()
+    assert "could not be built" in message and "No such file or directory" in message
+    assert "KVCOMPRESS_KERNELS=torch" in message and "No such file" in cpu.unavailable_reason()
     for out in outs:
         torch.testing.assert_close(out, with_kernel, **tolerance(torch.float32))
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "cpu")  # asked for by name: no silent fallback
+    with pytest.raises(RuntimeError, match="KVCOMPRESS_KERNELS=cpu asks for the CPU decode kernel.*No such file"):
+        attend(layer, query, None, 0.125)
 
 
 def test_a_real_build_failure_warns_once_with_the_compiler_error(monkeypatch, tmp_path):
@@ -266,7 +271,7 @@ def test_a_real_build_failure_warns_once_with_the_compiler_error(monkeypatch, tm
     broken = tmp_path / "cpu_decode.cpp"
     broken.write_text("this is not C++;\n")
     monkeypatch.setattr(cpu, "SOURCE", broken)
-    monkeypatch.setenv("KVCOMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cpu, "_state", {"tried": False, "module": None, "reason": None})
     with pytest.warns(RuntimeWarning, match="could not be built") as caught:
         first, second = (attend(layer, query, None, 0.125) for _ in range(2))

@@ -223,7 +223,7 @@ def test_bad_eviction_specs_name_the_allowed_values(eviction, message):
 
 
 def test_spec_round_trip_and_describe():
-    spec = CacheSpec.from_dict({"eviction": {"policy": "snapkv", "keep_tokens": 300}})
+    spec = CacheSpec.from_dict({**CacheSpec().to_dict(), "eviction": {"policy": "snapkv", "keep_tokens": 300}})
     assert CacheSpec.from_dict(spec.to_dict()) == spec
     assert "evict snapkv keep 300 tokens" in spec.describe()
     assert "eviction" not in CacheSpec().to_dict()  # specs without eviction serialise as before
@@ -233,6 +233,16 @@ def test_prompt_without_kvcompress_attention_is_refused(tiny_llama):
     cache = CompressedCache(tiny_llama, _spec())
     with pytest.raises(ValueError, match="enable_fast_attention"), torch.no_grad():
         tiny_llama(_ids(N_PROMPT), cache=cache)
+
+
+def test_padded_prompt_is_refused_naming_the_eviction(tiny_llama, fast_attention):
+    model = fast_attention(tiny_llama)
+    ids = _ids(N_PROMPT).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0  # left padding: the last query of row 1 does not see every prompt token
+    with pytest.raises(ValueError, match=r"layer 0: eviction \(evict tova keep 50%\) needs prompts without padding"):
+        with torch.no_grad():
+            model(ids, cache=CompressedCache(model, _spec()), attention_mask=mask)
 
 
 def test_only_sliding_layers_is_refused():
@@ -250,7 +260,7 @@ def test_gemma3_evicts_full_layers_only(fast_attention):
         model(_ids(4, seed=3), cache=cache)
     for layer in cache.layers:
         if layer.is_sliding:  # keeps its window as transformers does, nothing evicted by the policy
-            assert layer.eviction is None and layer.held_tokens() == min(N_PROMPT + 4, layer.sliding_window - 1)
+            assert layer.evictor is None and layer.held_tokens() == min(N_PROMPT + 4, layer.sliding_window - 1)
         else:
             assert layer.held_tokens() < layer.get_seq_length() == N_PROMPT + 4
 

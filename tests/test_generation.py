@@ -238,11 +238,12 @@ def test_text_generation_pipeline_passes_the_cache(real_model, fast_attention):
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
 @torch.no_grad()
 def test_half_precision_models(arch, dtype, fast_attention):
-    model, ids = fast_attention(ARCHITECTURES[arch](seed=SEEDS[arch], dtype=dtype)), prompt(60)
+    model, ids = ARCHITECTURES[arch](seed=SEEDS[arch], dtype=dtype), prompt(60)
     kwargs = dict(max_new_tokens=4, **GREEDY)
     exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
-    same = model.generate(ids, past_key_values=CompressedCache(model, NO_COMPRESSION, fast_attention=False), **kwargs)
+    same = model.generate(ids, past_key_values=CompressedCache(model, NO_COMPRESSION), **kwargs)  # sdpa: bit-exact
     assert all(torch.equal(a, b) for a, b in zip(exact.logits, same.logits))
+    fast_attention(model)
     cache = CompressedCache(model, quant_spec(4))
     out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 60 + 4)
@@ -255,12 +256,12 @@ def test_half_precision_models(arch, dtype, fast_attention):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @torch.no_grad()
 def test_cuda_cache_follows_the_model(arch, fast_attention):
-    model = fast_attention(ARCHITECTURES[arch](seed=SEEDS[arch]).to("cuda"))  # its own copy: the CPU one is shared
+    model = ARCHITECTURES[arch](seed=SEEDS[arch]).to("cuda")  # its own copy: the CPU one is shared
     ids = prompt(PROMPT).to("cuda")
     exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=16, **GREEDY)
-    same = model.generate(ids, past_key_values=CompressedCache(model, NO_COMPRESSION, fast_attention=False),
-                          max_new_tokens=16, **GREEDY)
-    assert torch.equal(exact.sequences, same.sequences)
+    same = model.generate(ids, past_key_values=CompressedCache(model, NO_COMPRESSION), max_new_tokens=16, **GREEDY)
+    assert torch.equal(exact.sequences, same.sequences)  # on sdpa: the reconstruction, bit-exact
+    fast_attention(model)
     cache = CompressedCache(model, quant_spec(8))
     int8 = model.generate(ids, past_key_values=cache, max_new_tokens=16, **GREEDY)
     assert_same_greedy(exact, int8, f"{arch} on CUDA")

@@ -1,12 +1,13 @@
-"""The core install: `pip install kvcompress` needs torch, transformers, safetensors and numpy only.
+"""The install: what a wheel holds and what a core install needs.
 
-Two checks, no network and no fresh venv (too slow for the suite):
-- the wheel's metadata: its requirements without an extra marker are exactly the four core
-  packages, and every optional package sits in a named extra;
-- a fresh Python process in which the optional packages cannot be imported (they are
-  installed here, so they are hidden from the import system) imports every kvcompress module,
-  runs `CompressedCache` in `generate` on a tiny Llama, and gets a MissingExtraError naming the
-  extra from each feature that needs one (a YAML spec, a GGUF file, the benchmark plot).
+- The wheel ships every file of the package the code loads (presets, kernel sources): built
+  from a copy of the project and unpacked, it holds every file of the source tree's package,
+  and `kvcompress presets` run from it lists what it lists from the source tree.
+- Its metadata: the requirements without an extra marker are exactly the four core packages,
+  and every optional package sits in a named extra.
+- A fresh Python process in which the optional packages cannot be imported (hidden from the
+  import system) imports every module, runs `CompressedCache` in `generate` on a tiny Llama,
+  and gets a MissingExtraError naming the extra from each feature that needs one.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def _name(requirement: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def wheel_metadata(tmp_path_factory):
-    """The METADATA of a wheel built from a copy of the project (the source tree is left untouched)."""
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built offline from a copy of the project (the source tree is left untouched)."""
     pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools in this environment")
     tmp = tmp_path_factory.mktemp("wheel")
     project = tmp / "project"
@@ -54,10 +55,66 @@ def wheel_metadata(tmp_path_factory):
                            "--no-index", "-q", "-w", str(tmp / "dist"), str(project)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (wheel,) = (tmp / "dist").glob("kvcompress-*.whl")
+    (built,) = (tmp / "dist").glob("kvcompress-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def wheel_metadata(wheel):
     with zipfile.ZipFile(wheel) as zf:
         (meta,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
         return Parser().parsestr(zf.read(meta).decode())
+
+
+def _package_files() -> set[str]:
+    """Every file of the source tree's package, as a wheel names it (kvcompress/...)."""
+    package = ROOT / "src" / "kvcompress"
+    return {str(Path("kvcompress") / p.relative_to(package)) for p in package.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+
+
+def _files_named_in_code() -> set[str]:
+    """The data files the code opens next to its own modules: `Path(__file__).with_name("x")`."""
+    found = set()
+    for path in (ROOT / "src" / "kvcompress").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "with_name"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                found.add(str(Path("kvcompress") / path.parent.relative_to(ROOT / "src" / "kvcompress")
+                              / node.args[0].value))
+    return found
+
+
+def _presets_listing(pythonpath: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`kvcompress presets` run with the package found first on `pythonpath`; prints where it came from."""
+    code = ("import sys, kvcompress; from kvcompress.cli.main import main; "
+            "print('from', kvcompress.__file__); sys.exit(main(['presets']))")
+    env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=cwd)
+
+
+def test_the_wheel_ships_every_file_the_code_loads_and_lists_the_same_presets(wheel, tmp_path):
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = set(zf.namelist())
+        zf.extractall(tmp_path / "installed")
+    named = _files_named_in_code()
+    assert {"kvcompress/presets/measured_presets.json", "kvcompress/presets/prompt_presets.json"} <= named
+    assert any(name.endswith(".cpp") for name in named)
+    missing = sorted((_package_files() | named) - shipped)
+    assert not missing, f"files of the package not in the wheel (add them to package-data): {missing}"
+
+    from_wheel = _presets_listing(tmp_path / "installed", tmp_path)
+    from_source = _presets_listing(ROOT / "src", tmp_path)
+    assert from_wheel.returncode == 0, from_wheel.stderr[-2000:]
+    assert from_source.returncode == 0, from_source.stderr[-2000:]
+    wheel_from, *wheel_lines = from_wheel.stdout.splitlines()
+    source_from, *source_lines = from_source.stdout.splitlines()
+    assert wheel_from.startswith(f"from {tmp_path / 'installed'}"), wheel_from
+    assert source_from.startswith(f"from {ROOT / 'src'}"), source_from
+    names = [line.split()[0] for line in source_lines[2:] if line.strip()]
+    assert {"int4", "prompt-6x", "prompt-8x"} <= set(names)
+    assert wheel_lines == source_lines
 
 
 def test_wheel_requires_only_the_core_and_puts_the_rest_in_extras(wheel_metadata):

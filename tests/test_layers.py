@@ -18,14 +18,14 @@ PACKAGE = SRC / "kvcompress"
 
 # Bottom to top. A module may import modules of its own layer or of lower layers only.
 LAYERS = [
-    {"_version", "io", "extras", "compat", "distributed"},
+    {"_version", "io", "extras", "compat", "executor"},
     # kernels: codecs.quant calls the Triton pack kernel, and kernels.cpu reads QuantCodec: one layer;
     # paged (the slot layout of a paged pool) is read by kernels.paged_attention
     {"models", "corpus", "fingerprint", "rope", "codecs", "spec", "kernels", "paged"},
     {"presets", "calibration"},
     {"cache", "integrations"},  # integrations: engine plugins over spec, codecs, presets and paged
     {"measure"},
-    {"experiments", "tuning", "bench", "generate"},
+    {"experiments", "tuning", "bench", "generate", "distributed"},  # distributed: Ray actors load models
     {"cli"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

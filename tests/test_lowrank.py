@@ -143,12 +143,14 @@ def test_invalid_lowrank_specs_name_the_allowed_values(bad, message):
 
 def test_rank_and_rotation_are_checked_against_the_model(tiny_llama, tiny_artifact):
     with pytest.raises(ValueError, match="exceeds head_dim 32"):
-        CompressedCache(tiny_llama, {"key": {"method": "lowrank", "rank": 40}}, artifact=tiny_artifact)
+        CompressedCache(tiny_llama, {"key": {"method": "lowrank", "rank": 40}, "value": {"method": "none"}},
+                        artifact=tiny_artifact)
     from conftest import make_tiny_llama
 
     with pytest.raises(ValueError, match="power of two"):
         CompressedCache(make_tiny_llama(head_dim=24, hidden_size=96),
-                        {"value": {"method": "hadamard+quant", "axis": "token", "group_size": 8}})
+                        {"key": {"method": "none"},
+                         "value": {"method": "hadamard+quant", "axis": "token", "group_size": 8}})
 
 
 def test_lowrank_specs_round_trip_compactly():
@@ -160,7 +162,7 @@ def test_lowrank_specs_round_trip_compactly():
     assert spec.key.describe() == "lowrank32+int4/token16 pre-RoPE"
     assert spec.for_layer(2)[0].rank == 16 and spec.for_layer(2)[0].key_space == "pre_rope"
     assert CacheSpec.from_dict(spec.to_dict()) == spec
-    assert load_spec({"key": {"method": "none", "key_space": "pre_rope"}}).key.to_dict() == {"method": "none"}
+    assert load_spec({"key": {"method": "none", "key_space": "pre_rope"}, "value": {"method": "none"}}).key.to_dict() == {"method": "none"}
 
 
 @pytest.mark.real_model

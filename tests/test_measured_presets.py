@@ -5,8 +5,8 @@ import json
 import pytest
 
 from kvcompress.presets.measured import load_measured, register_measured
-from kvcompress.tuning.preset_selection import (DEFAULT_TARGETS, choose, parse_targets,
-                                         uniform_candidates, verify_presets)
+from kvcompress.tuning.candidates import uniform_candidates
+from kvcompress.tuning.preset_selection import DEFAULT_TARGETS, choose, parse_targets, verify_presets
 from kvcompress.presets import PRESETS, Registry
 from kvcompress.spec import CacheSpec
 
@@ -79,11 +79,11 @@ def test_shipped_presets_are_the_choice_their_own_sweep_implies():
 
 
 def test_select_presets_refuses_to_choose_on_the_report_part(tiny_llama):
-    from kvcompress.tuning.preset_selection import select_presets
+    from kvcompress.tuning.preset_selection import SelectionSettings, select_presets
 
     with pytest.raises(ValueError, match="must not read the 'report' part"):
-        select_presets(tiny_llama, WordIds(), {"safe": 0.01}, sweep_tokens=64, sweep_offset=0, verify_tokens=64,
-                       verify_part="report")
+        select_presets(tiny_llama, WordIds(), {"safe": 0.01},
+                       settings=SelectionSettings(sweep_tokens=64, sweep_offset=0, verify_tokens=64, verify_part="report"))
 
 
 class WordIds:
@@ -123,3 +123,12 @@ def test_measured_presets_file_errors_say_what_to_do(tmp_path):
     bad.write_text('{"format": 99}')
     with pytest.raises(ValueError, match="re-run"):
         load_measured(bad)
+
+
+def test_a_missing_shipped_presets_file_is_an_error_naming_it(tmp_path, monkeypatch):
+    from kvcompress.presets import measured
+
+    gone = tmp_path / "prompt_presets.json"  # as in a wheel built without it
+    monkeypatch.setattr(measured, "SHIPPED", (measured.DATA_FILE, gone))
+    with pytest.raises(FileNotFoundError, match="prompt_presets.json is missing from the installed kvcompress"):
+        load_measured(gone)

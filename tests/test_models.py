@@ -124,14 +124,17 @@ def test_missing_wheel_says_how_to_install(monkeypatch):
 
 
 def test_cache_root_follows_environment(monkeypatch, tmp_path):
+    from kvcompress.kernels import cpu
+
     monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path / "kv"))
-    assert models.cache_root() == tmp_path / "kv"
+    assert kvio.cache_root() == tmp_path / "kv"
+    assert cpu.build_directory().parent == tmp_path / "kv" / "ext"  # kernel builds live there too
     monkeypatch.delenv("KVCOMPRESS_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_root() == tmp_path / "xdg" / "kvcompress"
+    assert kvio.cache_root() == tmp_path / "xdg" / "kvcompress"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert models.cache_root() == tmp_path / "home" / ".cache" / "kvcompress"
+    assert kvio.cache_root() == tmp_path / "home" / ".cache" / "kvcompress"
 
 
 # --------------------------------------------------------------------------- damaged and half-written copies

@@ -15,7 +15,8 @@ from transformers import DynamicCache
 from kvcompress import CompressedCache, enable_fast_attention
 from kvcompress.cli import eval as eval_cli
 from kvcompress.cli.main import main
-from kvcompress.experiments.sweep import SweepSettings, run_sweep
+from kvcompress.experiments.settings import SweepSettings
+from kvcompress.experiments.sweep import run_sweep
 from kvcompress.experiments.grid import load_grid
 from kvcompress.measure.evaluate import NothingCompressedError
 from kvcompress.measure.prompt import min_context_tokens, prompt_eval

@@ -14,6 +14,7 @@ import torch
 
 from kvcompress import CompressedCache, enable_fast_attention
 from kvcompress.cli.main import main
+from kvcompress.corpus import CorpusSlice
 from kvcompress.measure.prompt import prompt_eval
 from kvcompress.presets import PRESETS
 from kvcompress.presets.measured import PROMPT_DATA_FILE, load_measured, markdown_table, register_measured
@@ -22,7 +23,7 @@ from kvcompress.tuning.candidates import eviction_grid, uniform_candidates
 from kvcompress.tuning.evaluators import make_evaluator, make_ratio_evaluator
 from kvcompress.tuning.preset_selection import choose_by_floor, parse_floors, select_prompt_presets
 from kvcompress.tuning.state import TuneState
-from kvcompress.tuning.tune import TuneError, TuneResult, tune, tune_grid
+from kvcompress.tuning.tune import TuneError, TuneResult, TuneSettings, tune, tune_grid
 
 CONTEXT, TOKENS = 100, 45
 BASE = CacheSpec(window=16, sinks=2, block_size=32)
@@ -159,8 +160,8 @@ def test_select_presets_with_a_context_runs_the_prompt_protocol(tiny_llama, monk
     monkeypatch.setattr(selection, "passkey_score", lambda *a, **k: {"accuracy": 1.0, "by_length": {}, "cases": 0})
     candidates = uniform_candidates(["quant"], only=["k4v4", "k2v2"], windows=[16], sinks=2,
                                     evictions=eviction_grid(["tova"], [0.5]))
-    data = selection.select_presets(tiny_llama, WordIds(), {"loose": 10.0}, candidates=candidates,
-                                    sweep_tokens=TOKENS, sweep_offset=0, verify_tokens=TOKENS, context=CONTEXT)
+    settings = selection.SelectionSettings(sweep_tokens=TOKENS, sweep_offset=0, verify_tokens=TOKENS, context=CONTEXT)
+    data = selection.select_presets(tiny_llama, WordIds(), {"loose": 10.0}, candidates=candidates, settings=settings)
     swept = {c["name"]: c["sweep"] for c in data["candidates"]}
     assert all(f["context_tokens"] == CONTEXT and f["evicted_tokens"] > 0 for f in swept.values())
     (entry,) = data["presets"]
@@ -177,8 +178,8 @@ def test_tune_with_context_tunes_codecs_for_the_tokens_an_eviction_keeps(tiny_ll
     tune_ids, verify_ids = text_ids(CONTEXT + TOKENS + 1, 1), text_ids(CONTEXT + TOKENS + 1, 2)
     base = dataclasses.replace(BASE, eviction=EvictionSpec(policy="tova", keep=0.5))
     state = tmp_path / "state.json"
-    result = tune(tiny_llama, tune_ids, verify_ids, 0.05, base=base, state=state, context=CONTEXT,
-                  weight_tensors=False)
+    result = tune(tiny_llama, CorpusSlice(tune_ids, None), CorpusSlice(verify_ids, None),
+                  TuneSettings(0.05, weight_tensors=False, context=CONTEXT), base=base, state=state)
     assert result.spec.eviction == base.eviction and result.spec.window == 16
     direct = prompt_eval(tiny_llama, verify_ids, result.spec, CONTEXT, progress=False)
     assert result.verified["kl"] == pytest.approx(direct.kl, rel=1e-6)
@@ -187,7 +188,7 @@ def test_tune_with_context_tunes_codecs_for_the_tokens_an_eviction_keeps(tiny_ll
     saved = json.loads(state.read_text())["entries"].values()
     assert {e["fingerprint"]["text"]["context"] for e in saved if e["kind"] != "probe"} == {CONTEXT}
     with pytest.raises(ValueError, match="prompt protocol"):
-        tune(tiny_llama, tune_ids, verify_ids, 0.05, base=base)
+        tune(tiny_llama, CorpusSlice(tune_ids, None), CorpusSlice(verify_ids, None), TuneSettings(0.05), base=base)
 
 
 def test_tune_grid_keeps_the_verified_result_with_the_highest_ratio(monkeypatch):
@@ -195,20 +196,20 @@ def test_tune_grid_keeps_the_verified_result_with_the_highest_ratio(monkeypatch)
 
     ratios = {16: 3.0, 32: None, 64: 2.5}  # window 32 cannot meet the target
 
-    def fake_tune(model, tune_ids, verify_ids, target, *, base, **kwargs):
+    def fake_tune(model, tune_text, verify_text, settings, *, base, **kwargs):
         if ratios[base.window] is None:
             raise TuneError("missed")
-        return TuneResult(base, target, "kl", {"kl": 0.01, "ratio": ratios[base.window]}, {})
+        return TuneResult(base, settings.target, "kl", {"kl": 0.01, "ratio": ratios[base.window]}, {})
 
     monkeypatch.setattr(module, "tune", fake_tune)
     bases = [dataclasses.replace(BASE, window=w) for w in ratios]
-    best, rows = tune_grid(None, None, None, 0.02, bases)
+    best, rows = tune_grid(None, None, None, TuneSettings(0.02), bases)
     assert best.spec.window == 16
     assert [r["met"] for r in rows] == [True, False, True] and rows[1]["error"] == "missed"
     monkeypatch.setitem(ratios, 16, None)
     monkeypatch.setitem(ratios, 64, None)
     with pytest.raises(TuneError, match="no base spec of the 3"):
-        tune_grid(None, None, None, 0.02, bases)
+        tune_grid(None, None, None, TuneSettings(0.02), bases)
 
 
 # --------------------------------------------------------------------------- command line

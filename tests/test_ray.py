@@ -7,18 +7,21 @@ Workers build the tiny Llama themselves (`tiny_loader`), as they would load a re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from torch import no_grad as torch_no_grad
 
 from kvcompress.cli.main import main
-from kvcompress.distributed import RayOptions, WorkersLostError, WorkerStartError, run_on_actors
+from kvcompress.distributed import RayExecutor, RayOptions, WorkersLostError, WorkerStartError, run_on_actors
 from kvcompress.experiments.grid import load_grid
 from kvcompress.experiments.records import BASELINE_FILE, record_path
-from kvcompress.experiments.sweep import SweepSettings, run_sweep
+from kvcompress.experiments.settings import SweepSettings
+from kvcompress.experiments.sweep import run_sweep
 from kvcompress.generate import GenerateSettings, generate_file
 from tiny_loader import tiny_llama_loader
 from tiny_workers import Doubler
@@ -28,6 +31,11 @@ SRC = TESTS.parent / "src"
 SETTINGS = SweepSettings(eval_tokens=80, recon_tokens=72, tasks=("agreement",), agreement_prompts=2,
                          agreement_prompt_tokens=24, agreement_new_tokens=4)
 OPTIONS = RayOptions(workers=2, cpus_per_worker=1)
+
+
+def on_ray(options: RayOptions = OPTIONS, model=None) -> RayExecutor:
+    """Ray actors that build the tiny Llama themselves, checked against `model` if given."""
+    return RayExecutor(options, loader=tiny_llama_loader, load_args="tiny", model=model)
 
 
 def quant(bits: int, name: str) -> dict:
@@ -76,10 +84,11 @@ def _figures(record: dict) -> dict:
 
 def test_distributed_sweep_writes_the_same_records_as_a_serial_one(tmp_path, ray):
     specs = entries((8, "a"), (4, "b"), (2, "c"))
-    serial = run_sweep(specs, tmp_path / "serial", SETTINGS, loader=tiny_llama_loader, progress=False)
+    model, tokenizer = tiny_llama_loader(None)
+    serial = run_sweep(specs, tmp_path / "serial", SETTINGS, model=model, tokenizer=tokenizer, progress=False)
     arrived = []
-    spread = run_sweep(specs, tmp_path / "ray", SETTINGS, loader=tiny_llama_loader, ray=OPTIONS, progress=False,
-                       on_record=lambda r: arrived.append(r["label"]))
+    spread = run_sweep(specs, tmp_path / "ray", SETTINGS, model=model, tokenizer=tokenizer,
+                       executor=on_ray(model=model), progress=False, on_record=lambda r: arrived.append(r["label"]))
     assert sorted(arrived) == ["a", "b", "c"]
     assert [r["label"] for r in spread] == ["a", "b", "c"]
     for one, other in zip(serial, spread):
@@ -97,7 +106,7 @@ def test_distributed_sweep_writes_the_same_records_as_a_serial_one(tmp_path, ray
     assert base[0]["agreement_continuations"] == base[1]["agreement_continuations"]
     # A rerun, distributed or not, has nothing left to measure.
     again = []
-    run_sweep(specs, tmp_path / "ray", SETTINGS, loader=tiny_llama_loader, ray=OPTIONS,
+    run_sweep(specs, tmp_path / "ray", SETTINGS, model=model, tokenizer=tokenizer, executor=on_ray(),
               on_record=lambda r: again.append(r))
     assert again == []
 
@@ -112,20 +121,22 @@ def test_a_killed_worker_loses_no_finished_record_and_the_rerun_completes(tmp_pa
         if not killed:
             names = [n["name"] if isinstance(n, dict) else n for n in ray.util.list_named_actors()]
             for name in names:
-                if name.startswith("kvcompress-sweep-"):
+                if name.startswith("kvcompress-"):
                     ray.kill(ray.get_actor(name))
                     killed.append(name)
 
+    model, tokenizer = tiny_llama_loader(None)
     with pytest.raises(WorkersLostError, match="run the same command again"):
-        run_sweep(specs, tmp_path, settings, loader=tiny_llama_loader, ray=RayOptions(workers=1, retries=0),
-                  on_record=kill_workers_after_the_first_record, progress=False)
+        run_sweep(specs, tmp_path, settings, model=model, tokenizer=tokenizer,
+                  executor=on_ray(RayOptions(workers=1, retries=0)), on_record=kill_workers_after_the_first_record,
+                  progress=False)
     assert killed, "the sweep's workers are named actors"
     missing = [e.label for e in specs if not record_path(tmp_path, e.label).exists()]
     assert missing, "a unit on a killed worker is lost with retries=0"
     assert set(finished) == {e.label for e in specs} - set(missing)
     # The rerun (serial here: a distributed run resumes either way) measures only what is missing.
     measured = []
-    records = run_sweep(specs, tmp_path, settings, loader=tiny_llama_loader,
+    records = run_sweep(specs, tmp_path, settings, model=model, tokenizer=tokenizer,
                         on_record=lambda r: measured.append(r["label"]), progress=False)
     assert sorted(measured) == sorted(missing)
     assert [r["status"] for r in records] == ["ok"] * 2
@@ -154,12 +165,30 @@ def test_a_unit_whose_worker_died_goes_to_a_fresh_worker(ray):
         run_on_actors(Doubler, (True,), "work", [1], lambda i, r: None, RayOptions(workers=1))
 
 
-def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_them(tmp_path, ray):
+class Spy:
+    """An executor that records the units it is given and passes them on."""
+
+    def __init__(self, executor):
+        self.executor, self.units = executor, []
+
+    def map(self, job, units, on_result):
+        self.units += [(type(job).__name__, unit) for unit in units]
+        self.executor.map(job, units, on_result)
+
+
+def forward_calls(model) -> list:
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_them_prompt_protocol_too(tmp_path, ray):
     from kvcompress.corpus import corpus_slice
-    from kvcompress.spec import CacheSpec
-    from kvcompress.tuning.distributed_presets import SWEEP_KIND, sweep_candidates_on_ray
-    from kvcompress.tuning.state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
-    from kvcompress.tuning.tune import make_evaluator
+    from kvcompress.fingerprint import text_fingerprint
+    from kvcompress.spec import CacheSpec, EvictionSpec
+    from kvcompress.tuning.evaluators import make_evaluator
+    from kvcompress.tuning.preset_selection import SWEEP_KIND
+    from kvcompress.tuning.state import TuneState
 
     candidates = [CacheSpec.from_dict({**quant(b, f"q{b}")["spec"], "name": f"q{b}"}) for b in (8, 4, 2)]
     model, tokenizer = tiny_llama_loader(None)
@@ -167,14 +196,14 @@ def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_the
     ids = text.ids
     text_fp = text_fingerprint(ids, text.record)
     serial = TuneState(tmp_path / "serial.json")
-    evaluate = make_evaluator(model, ids, SWEEP_KIND, text_fp, serial)
-    for spec in candidates:
-        evaluate(spec)
+    make_evaluator(model, ids, SWEEP_KIND, text_fp, serial).map(candidates)
     spread = TuneState(tmp_path / "ray.json")
-    fingerprint = measurement_fingerprint(model_fingerprint(model), text_fp)
-    measured = sweep_candidates_on_ray(candidates, spread, fingerprint, OPTIONS,
-                                       tiny_llama_loader, None, 96, 0, None)
-    assert measured == 3 and set(spread.entries) == set(serial.entries)
+    here = forward_calls(model)
+    arrived = []
+    make_evaluator(model, ids, SWEEP_KIND, text_fp, spread, executor=on_ray(model=model)).map(
+        candidates, on_new=lambda spec, figures: arrived.append(spec.name))
+    assert here == [], "measured on the Ray workers, not here"
+    assert sorted(arrived) == ["q2", "q4", "q8"] and set(spread.entries) == set(serial.entries)
     for key, entry in serial.entries.items():
         mine, theirs = entry["result"], spread.entries[key]["result"]
         assert {k: v for k, v in entry.items() if k != "result"} == \
@@ -184,8 +213,27 @@ def test_measure_presets_candidates_on_ray_are_saved_as_a_serial_sweep_saves_the
     kls = [serial.entries[k]["result"]["kl"] for k in serial.entries]
     assert min(kls) < max(kls)  # real measurements: 2 bits cost more than 8
     # Saved as they arrive (a rerun, serial or not, finds them all).
-    assert sweep_candidates_on_ray(candidates, TuneState(tmp_path / "ray.json"), fingerprint,
-                                   OPTIONS, tiny_llama_loader, None, 96, 0, None) == 0
+    again = Spy(on_ray())
+    make_evaluator(model, ids, SWEEP_KIND, text_fp, TuneState(tmp_path / "ray.json"), executor=again).map(candidates)
+    assert again.units == []
+    # The prompt protocol (an evicting candidate, 64 context tokens) runs on Ray too, with the same figures.
+    evicting = dataclasses.replace(candidates[1], name="q4-tova", eviction=EvictionSpec(policy="tova", keep=0.5))
+    local = make_evaluator(model, ids, SWEEP_KIND, text_fp, TuneState(None), context=64)(evicting)
+    remote, = make_evaluator(model, ids, SWEEP_KIND, text_fp, TuneState(None), context=64,
+                             executor=on_ray(RayOptions(workers=1), model=model)).map([evicting])
+    assert local["evicted_tokens"] > 0 and local["context_tokens"] == 64
+    for name in ("kl", "ppl_change", "ratio", "whole_cache_ratio", "evicted_tokens"):
+        assert abs(local[name] - remote[name]) <= 1e-6, f"{name}: {local[name]} vs {remote[name]}"
+
+
+def test_a_worker_that_loads_another_model_is_refused(ray):
+    from kvcompress.tuning.evaluators import EvalJob
+
+    other, _ = tiny_llama_loader(None)
+    with torch_no_grad():
+        next(other.parameters()).add_(1.0)  # other weights: another fingerprint
+    with pytest.raises(WorkerStartError, match="another model than the caller"):
+        on_ray(RayOptions(workers=1), model=other).map(EvalJob(None), ["unit"], lambda i, r: None)
 
 
 def test_tune_on_ray_saves_the_sensitivity_a_serial_tune_measures(tmp_path, ray):
@@ -193,7 +241,8 @@ def test_tune_on_ray_saves_the_sensitivity_a_serial_tune_measures(tmp_path, ray)
 
     from kvcompress.spec import CacheSpec
     from kvcompress.tuning.state import TuneState
-    from kvcompress.tuning.tune import tune
+    from kvcompress.corpus import CorpusSlice
+    from kvcompress.tuning.tune import TuneSettings, tune
 
     model, _ = tiny_llama_loader(None)
     gen = torch.Generator().manual_seed(0)
@@ -201,16 +250,19 @@ def test_tune_on_ray_saves_the_sensitivity_a_serial_tune_measures(tmp_path, ray)
     verify_ids = torch.randint(3, 128, (1, 96), generator=gen)
     base = CacheSpec(window=16, sinks=2, block_size=32)
     serial = TuneState(tmp_path / "serial.json")
-    expected = tune(model, tune_ids, verify_ids, 0.01, base=base, state=serial)
+    texts = CorpusSlice(tune_ids, None), CorpusSlice(verify_ids, None)
+    expected = tune(model, *texts, TuneSettings(0.01), base=base, state=serial)
     spread = TuneState(tmp_path / "ray.json")
-    result = tune(model, tune_ids, verify_ids, 0.01, base=base, state=spread, ray=OPTIONS, loader=tiny_llama_loader)
+    executor = Spy(on_ray(model=model))
+    result = tune(model, *texts, TuneSettings(0.01), base=base, state=spread, executor=executor)
     assert set(spread.entries) == set(serial.entries)  # same kinds, fingerprints and specs
     kinds = {entry["kind"] for entry in spread.entries.values()}
     assert kinds == {"probe", "tune-eval", "verify-eval"}
     probes = [e for e in serial.entries.values() if e["kind"] == "probe"]
     assert len(probes) == max(len(expected.sens.settings[t]) for t in ("key", "value"))
-    # The probes and the two weight evaluations were saved before the serial code looked them up.
-    assert spread.hits == serial.hits + len(probes) + 2
+    # The probes and the two weight evaluations went to Ray; the search and verification ran here.
+    jobs = [name for name, _ in executor.units]
+    assert jobs == ["ProbeJob"] * len(probes) + ["EvalJob"] * 2
     for key, entry in serial.entries.items():
         mine, theirs = entry["result"], spread.entries[key]["result"]
         names = [n for n in mine if n.endswith(("_cost", "_bytes"))] or ["kl", "ppl_change", "ratio", "stored_bytes"]

@@ -1,8 +1,7 @@
 """What kvcompress checks for you: no silent wrong result, user errors as one line, nothing left behind.
 
-One test (or a few) per item of the reliability issue: evaluations that compress nothing,
-damaged artifacts and records, caches used by another model, copy() after a prefill with
-gradients, and the command line's checks (exit status 2, one line naming the option, no
+Evaluations that compress nothing, damaged artifacts and records, caches used by another
+model, copy() after a prefill with gradients, and the command line's checks (exit status 2, one line naming the option, no
 traceback; Ctrl-C exits 130 saying what was saved). The command-line tests need no model:
 every check runs before a model loads.
 """
@@ -25,7 +24,8 @@ from kvcompress.cli.main import main
 from kvcompress.experiments.report import UnreadableRecordsError, mark_nothing_compressed, write_report, zone_rows
 from kvcompress.experiments.grid import load_grid
 from kvcompress.experiments.records import BASELINE_FILE
-from kvcompress.experiments.sweep import SweepSettings, run_sweep
+from kvcompress.experiments.settings import SweepSettings
+from kvcompress.experiments.sweep import run_sweep
 from kvcompress.io import TMP_MARK, write_directory_atomic
 from kvcompress.measure.evaluate import NothingCompressedError, decode_faithful_eval, min_eval_tokens
 from kvcompress.presets import load_spec
@@ -65,7 +65,7 @@ def run_main(capsys, *argv: str) -> tuple[int, str]:
 # --------------------------------------------------------------------------- 1: nothing compressed
 
 
-def test_item1_evaluation_that_compresses_nothing_refuses_and_says_how_many_tokens(tiny_llama):
+def test_evaluation_that_compresses_nothing_refuses_and_says_how_many_tokens(tiny_llama):
     spec = load_spec(SMALL)
     need = min_eval_tokens(spec)
     assert need == 4 + 16 + 32 + 1
@@ -78,7 +78,7 @@ def test_item1_evaluation_that_compresses_nothing_refuses_and_says_how_many_toke
     assert lossless.kl == 0.0  # a lossless spec has nothing to hide: it may be evaluated on any length
 
 
-def test_item1_sweep_records_nothing_compressed_as_an_error_never_in_a_zone(tiny_llama, tmp_path):
+def test_sweep_records_nothing_compressed_as_an_error_never_in_a_zone(tiny_llama, tmp_path):
     big_window = {**SMALL, "name": "int4-wide", "window": 128}
     entries = load_grid({"specs": [{**SMALL, "name": "int4"}, big_window]})
     records = run_sweep(entries, tmp_path, SweepSettings(eval_tokens=80, recon_tokens=72), model=tiny_llama,
@@ -94,7 +94,7 @@ def test_item1_sweep_records_nothing_compressed_as_an_error_never_in_a_zone(tiny
     assert "old" not in zones and "int4" in zones
 
 
-def test_item1_cli_eval_with_too_few_tokens_exits_2_before_loading_a_model():
+def test_cli_eval_with_too_few_tokens_exits_2_before_loading_a_model():
     done = cli("eval", "--tokens", "128")
     assert done.returncode == 2
     assert_one_line_error(done.stderr, "eval", "--tokens 128", "165")
@@ -104,7 +104,7 @@ def test_item1_cli_eval_with_too_few_tokens_exits_2_before_loading_a_model():
 # --------------------------------------------------------------------------- 2: artifact checksum
 
 
-def test_item2_artifact_whose_tensors_changed_in_place_is_refused(tiny_llama, tmp_path):
+def test_artifact_whose_tensors_changed_in_place_is_refused(tiny_llama, tmp_path):
     from safetensors.torch import load_file, save_file
 
     folder = calibrate(tiny_llama, ids(200, seed=3), seq_len=100, progress=False).save(tmp_path / "art")
@@ -134,7 +134,7 @@ def small_sweep(tiny_llama, tmp_path_factory):
     return out
 
 
-def test_item3_report_names_unreadable_records_and_stops_unless_told(small_sweep, capsys):
+def test_report_names_unreadable_records_and_stops_unless_told(small_sweep, capsys):
     (small_sweep / "records" / "int4.json").write_text("{ not json")
     with pytest.raises(UnreadableRecordsError, match="int4.json"):
         write_report(small_sweep)
@@ -147,7 +147,7 @@ def test_item3_report_names_unreadable_records_and_stops_unless_told(small_sweep
     assert "## Records that could not be read" in report and "int4.json" in report
 
 
-def test_item3_resumed_sweep_measures_a_damaged_baseline_again(tiny_llama, tmp_path):
+def test_resumed_sweep_measures_a_damaged_baseline_again(tiny_llama, tmp_path):
     entries = load_grid({"specs": [{**SMALL, "name": "int4"}]})
     settings = SweepSettings(eval_tokens=80, recon_tokens=72)
     run = dict(model=tiny_llama, tokenizer=CharTokenizer())
@@ -163,7 +163,7 @@ def test_item3_resumed_sweep_measures_a_damaged_baseline_again(tiny_llama, tmp_p
 # --------------------------------------------------------------------------- 4: a cache used by another model
 
 
-def test_item4_cache_refuses_a_model_with_other_layers_or_head_dim():
+def test_cache_refuses_a_model_with_other_layers_or_head_dim():
     small = make_tiny_llama()
     cache = CompressedCache(small, SMALL)
     deeper = make_tiny_llama(num_hidden_layers=4)
@@ -174,7 +174,7 @@ def test_item4_cache_refuses_a_model_with_other_layers_or_head_dim():
         narrower(ids(8), cache=CompressedCache(small, SMALL))
 
 
-def test_item4_pre_rope_cache_refuses_a_model_with_another_rope_theta():
+def test_pre_rope_cache_refuses_a_model_with_another_rope_theta():
     built_for = make_tiny_llama()
     other = make_tiny_llama(rope_theta=500.0)
     spec = {**SMALL, "key": {**SMALL["key"], "key_space": "pre_rope"}}
@@ -194,7 +194,7 @@ def test_item4_pre_rope_cache_refuses_a_model_with_another_rope_theta():
 # --------------------------------------------------------------------------- 5: copy() after a prefill with gradients
 
 
-def test_item5_copy_works_after_a_prefill_with_gradients_enabled(tiny_llama):
+def test_copy_works_after_a_prefill_with_gradients_enabled(tiny_llama):
     assert torch.is_grad_enabled()
     cache = CompressedCache(tiny_llama, SMALL)
     tiny_llama(ids(70), cache=cache)  # gradients enabled, as outside torch.no_grad()
@@ -228,44 +228,43 @@ def files(tmp_path):
     return tmp_path
 
 
-CASES = [  # (item, argv with {d} for the files folder, command, words the line must hold)
-    (6, ["eval", "--spec", "{d}/bits-float.json"], "eval", ["--spec", "bits-float.json", "bits", "4.0"]),
-    (6, ["eval", "--spec", "{d}/layers-list.json"], "eval", ["--spec", "layers must be a mapping"]),
-    (7, ["eval", "--tokens", "0"], "eval", ["--tokens 0", "165"]),
-    (7, ["eval", "--tokens", "-5"], "eval", ["--tokens -5"]),
-    (7, ["calibrate", "--out", "{d}/art", "--tokens", "3"], "calibrate", ["--tokens 3", "16"]),
-    (7, ["sweep", "--specs", "int4", "--out", "{d}/s", "--tokens", "0"], "sweep", ["--tokens 0"]),
-    (7, ["sweep", "--specs", "int4", "--out", "{d}/s", "--recon-tokens", "0"], "sweep", ["--recon-tokens 0"]),
-    (7, ["tune", "--max-kl", "0.01", "--out", "{d}/t.json", "--tokens", "5"], "tune", ["--tokens 5"]),
-    (7, ["eval", "--corpus", "{d}/missing.txt"], "eval", ["--corpus", "missing.txt", "no such"]),
-    (7, ["eval", "--corpus", "{d}/folder"], "eval", ["--corpus", "is a folder"]),
-    (7, ["calibrate", "--out", "{d}/art", "--corpus", "{d}/spaces.txt"], "calibrate", ["--corpus", "no text"]),
-    (7, ["sweep", "--specs", "int4", "--out", "{d}/s", "--corpus", "{d}/latin1.txt"], "sweep",
-     ["--corpus", "not UTF-8"]),
-    (8, ["eval", "--model", "{d}/missing/model"], "eval", ["--model", "no such model"]),
-    (8, ["eval", "--model", "{d}/folder"], "eval", ["--model", "config.json"]),
-    (8, ["eval", "--model", "{d}/seven.txt"], "eval", ["--model", "not a .gguf"]),
-    (8, ["eval", "--model", "{d}/fake.gguf"], "eval", ["--model", "not a GGUF file"]),
-    (8, ["eval", "--model", "{d}/broken"], "eval", ["--model", "config.json is not valid JSON"]),
-    (9, ["eval", "--device", "bogus"], "eval", ["--device", "bogus", "cpu"]),
-    (9, ["eval", "--device", "meta"], "eval", ["--device meta"]),
-    (10, ["eval", "--json", "{d}/folder"], "eval", ["--json", "is a folder"]),
-    (10, ["calibrate", "--out", "{d}/seven.txt"], "calibrate", ["--out", "is a file"]),
-    (10, ["tune", "--max-kl", "0.01", "--out", "{d}/folder"], "tune", ["--out", "is a folder"]),
-    (10, ["bench", "--out", "{d}/seven.txt"], "bench", ["--out", "is a file"]),
-    (12, ["eval", "--spec", "{d}/folder"], "eval", ["--spec", "is a folder"]),
-    (12, ["eval", "--artifact", "{d}/seven.txt"], "eval", ["--artifact", "is a file", "kvcompress calibrate"]),
-    (12, ["eval", "--spec", "{d}/layer-bits5.json"], "eval", ["layer-bits5.json", "layer override '3'", "bits", "5"]),
-    (12, ["eval", "--spec", "{d}/empty.yaml"], "eval", ["empty.yaml", "is empty"]),
-    (12, ["eval", "--spec", "{d}/latin1.yaml"], "eval", ["latin1.yaml", "not UTF-8"]),
-    (12, ["eval", "--tokens", "1"], "eval", ["--tokens 1"]),
-    (12, ["tune", "--max-kl", "0.01", "--out", "{d}/t.txt"], "tune", ["--out", ".json"]),
+CASES = [  # (argv with {d} for the files folder, command, words the line must hold)
+    (["eval", "--spec", "{d}/bits-float.json"], "eval", ["--spec", "bits-float.json", "bits", "4.0"]),
+    (["eval", "--spec", "{d}/layers-list.json"], "eval", ["--spec", "layers must be a mapping"]),
+    (["eval", "--tokens", "0"], "eval", ["--tokens 0", "165"]),
+    (["eval", "--tokens", "-5"], "eval", ["--tokens -5"]),
+    (["calibrate", "--out", "{d}/art", "--tokens", "3"], "calibrate", ["--tokens 3", "16"]),
+    (["sweep", "--specs", "int4", "--out", "{d}/s", "--tokens", "0"], "sweep", ["--tokens 0"]),
+    (["sweep", "--specs", "int4", "--out", "{d}/s", "--recon-tokens", "0"], "sweep", ["--recon-tokens 0"]),
+    (["tune", "--max-kl", "0.01", "--out", "{d}/t.json", "--tokens", "5"], "tune", ["--tokens 5"]),
+    (["eval", "--corpus", "{d}/missing.txt"], "eval", ["--corpus", "missing.txt", "no such"]),
+    (["eval", "--corpus", "{d}/folder"], "eval", ["--corpus", "is a folder"]),
+    (["calibrate", "--out", "{d}/art", "--corpus", "{d}/spaces.txt"], "calibrate", ["--corpus", "no text"]),
+    (["sweep", "--specs", "int4", "--out", "{d}/s", "--corpus", "{d}/latin1.txt"], "sweep",
+    ["--corpus", "not UTF-8"]),
+    (["eval", "--model", "{d}/missing/model"], "eval", ["--model", "no such model"]),
+    (["eval", "--model", "{d}/folder"], "eval", ["--model", "config.json"]),
+    (["eval", "--model", "{d}/seven.txt"], "eval", ["--model", "not a .gguf"]),
+    (["eval", "--model", "{d}/fake.gguf"], "eval", ["--model", "not a GGUF file"]),
+    (["eval", "--model", "{d}/broken"], "eval", ["--model", "config.json is not valid JSON"]),
+    (["eval", "--device", "bogus"], "eval", ["--device", "bogus", "cpu"]),
+    (["eval", "--device", "meta"], "eval", ["--device meta"]),
+    (["eval", "--json", "{d}/folder"], "eval", ["--json", "is a folder"]),
+    (["calibrate", "--out", "{d}/seven.txt"], "calibrate", ["--out", "is a file"]),
+    (["tune", "--max-kl", "0.01", "--out", "{d}/folder"], "tune", ["--out", "is a folder"]),
+    (["bench", "--out", "{d}/seven.txt"], "bench", ["--out", "is a file"]),
+    (["eval", "--spec", "{d}/folder"], "eval", ["--spec", "is a folder"]),
+    (["eval", "--artifact", "{d}/seven.txt"], "eval", ["--artifact", "is a file", "kvcompress calibrate"]),
+    (["eval", "--spec", "{d}/layer-bits5.json"], "eval", ["layer-bits5.json", "layer override '3'", "bits", "5"]),
+    (["eval", "--spec", "{d}/empty.yaml"], "eval", ["empty.yaml", "is empty"]),
+    (["eval", "--spec", "{d}/latin1.yaml"], "eval", ["latin1.yaml", "not UTF-8"]),
+    (["eval", "--tokens", "1"], "eval", ["--tokens 1"]),
+    (["tune", "--max-kl", "0.01", "--out", "{d}/t.txt"], "tune", ["--out", ".json"]),
 ]
 
 
-@pytest.mark.parametrize("item, argv, command, words", CASES,
-                         ids=[f"item{c[0]}-{c[2]}-{'-'.join(c[1][1:3])}" for c in CASES])
-def test_items6_to_12_user_errors_are_one_line_with_exit_status_2(files, capsys, item, argv, command, words):
+@pytest.mark.parametrize("argv, command, words", CASES, ids=[f"{c[1]}-{'-'.join(c[0][1:3])}" for c in CASES])
+def test_user_errors_are_one_line_with_exit_status_2(files, capsys, argv, command, words):
     argv = [a.replace("{d}", str(files)) for a in argv]
     status, err = run_main(capsys, *argv)
     assert status == 2, err
@@ -273,7 +272,7 @@ def test_items6_to_12_user_errors_are_one_line_with_exit_status_2(files, capsys,
     assert not list(files.rglob("*.tmp*")), "a temporary file was left behind"
 
 
-def test_item10_output_folder_as_json_file_in_a_fresh_process(files):
+def test_output_folder_as_json_file_is_one_line_in_a_fresh_process(files):
     done = cli("eval", "--json", str(files / "folder"))  # checked before the model loads: no work, no .tmp
     assert done.returncode == 2, done.stderr
     assert_one_line_error(done.stderr, "eval", "--json", "is a folder")
@@ -281,7 +280,7 @@ def test_item10_output_folder_as_json_file_in_a_fresh_process(files):
     assert not list(files.rglob("*.tmp*"))
 
 
-def test_item9_cuda_on_a_cpu_only_torch_is_one_line(capsys):
+def test_cuda_on_a_cpu_only_torch_is_one_line(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     status, err = run_main(capsys, "eval", "--device", "cuda")
@@ -289,7 +288,7 @@ def test_item9_cuda_on_a_cpu_only_torch_is_one_line(capsys):
     assert_one_line_error(err, "eval", "--device cuda", "--device cpu")
 
 
-def test_item11_ctrl_c_in_sweep_and_tune_exits_130_saying_what_was_saved(files, capsys, monkeypatch):
+def test_ctrl_c_in_sweep_and_tune_exits_130_saying_what_was_saved(files, capsys, monkeypatch):
     import kvcompress.cli.sweep as sweep_cli
     import kvcompress.cli.common as common
 
@@ -320,7 +319,7 @@ def test_debug_flag_shows_the_traceback(capsys):
 # --------------------------------------------------------------------------- 13: temporary folders of killed writers
 
 
-def test_item13_temporary_folder_of_a_dead_writer_is_removed_by_the_next_run(tmp_path):
+def test_temporary_folder_of_a_dead_writer_is_removed_by_the_next_run(tmp_path):
     final = tmp_path / "converted"
     seen = []
 

@@ -7,10 +7,29 @@ import pytest
 from kvcompress.experiments.curves import ZONES, curves, failure_boundary, pareto_front, zone_of
 from kvcompress.experiments.grid import load_grid
 from kvcompress.experiments.records import load_records
-from kvcompress.experiments.report import parse_markdown_table, write_report
-from kvcompress.experiments.sweep import SweepSettings, run_sweep
+from kvcompress.experiments.report import write_report
+from kvcompress.experiments.settings import SweepSettings
+from kvcompress.experiments.sweep import run_sweep
 from kvcompress.io import write_json_atomic
 from tiny_text import CharTokenizer
+
+
+def parse_markdown_table(markdown: str, first_header: str, section: str | None = None) -> list[dict[str, str]]:
+    """Rows (header -> cell) of the first table in `markdown` (after the heading `## section`, if
+    given) whose first header cell is `first_header`."""
+    lines = markdown.splitlines()
+    start = lines.index(f"## {section}") if section is not None else 0
+    for i, line in enumerate(lines[start:], start):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_header:
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(cells, (c.strip() for c in row.strip().strip("|").split("|")))))
+            return rows
+    raise ValueError(f"no table with first column {first_header!r}")
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

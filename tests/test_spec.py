@@ -7,6 +7,8 @@ import pytest
 from kvcompress import CacheSpec, CompressedCache, load_spec
 from kvcompress.presets import PRESETS, Registry
 
+KIVI4 = {"key": {"bits": 4, "axis": "channel"}, "value": {"bits": 4, "axis": "token"}}
+
 
 def test_presets_exist_and_round_trip():
     for name in ("int8", "int4", "int2", "none"):
@@ -42,16 +44,16 @@ def test_invalid_specs_name_the_allowed_values(bad, message):
 
 def test_group_size_must_divide_head_dim(tiny_llama):
     with pytest.raises(ValueError, match=r"does not divide head_dim .*allowed"):
-        CompressedCache(tiny_llama, {"value": {"axis": "token", "group_size": 24}})
+        CompressedCache(tiny_llama, {"key": {"axis": "channel"}, "value": {"axis": "token", "group_size": 24}})
 
 
 def test_layer_override_beyond_model_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="beyond the model"):
-        CompressedCache(tiny_llama, {"layers": {"0-99": {"key": {"bits": 8}}}})
+        CompressedCache(tiny_llama, {**KIVI4, "layers": {"0-99": {"key": {"bits": 8}}}})
 
 
 def test_layer_overrides_merge_in_order():
-    spec = load_spec({"layers": {"0-2": {"value": {"bits": 8}}, "2": {"value": {"method": "none"}}}})
+    spec = load_spec({**KIVI4, "layers": {"0-2": {"value": {"bits": 8}}, "2": {"value": {"method": "none"}}}})
     assert spec.for_layer(0)[1].bits == 8
     assert spec.for_layer(2)[1].method == "none"
     assert spec.for_layer(3) == (spec.key, spec.value)
@@ -59,7 +61,7 @@ def test_layer_overrides_merge_in_order():
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_spec_files_round_trip(tmp_path, suffix):
-    spec = load_spec({"key": {"bits": 2}, "layers": {"1": {"key": {"bits": 8}}}, "name": "mine"})
+    spec = load_spec({**KIVI4, "key": {"bits": 2}, "layers": {"1": {"key": {"bits": 8}}}, "name": "mine"})
     path = tmp_path / f"spec{suffix}"
     spec.save(path)
     assert load_spec(str(path)) == spec

@@ -7,7 +7,8 @@ import torch
 
 from kvcompress.experiments.grid import expand_grid, load_grid, parse_specs
 from kvcompress.experiments.records import load_records, record_path
-from kvcompress.experiments.sweep import SweepSettings, record_key, run_sweep
+from kvcompress.experiments.settings import SweepSettings, record_key
+from kvcompress.experiments.sweep import run_sweep
 from tiny_text import CharTokenizer
 
 
@@ -102,7 +103,7 @@ def test_parse_specs_from_a_list_and_from_grid_files(tmp_path):
     assert [e.label for e in parse_specs(str(spec_file))] == ["mine"]
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text("specs:\n  - int2\n  - mine.json\ngrids:\n  - name: 'k{key.bits}'\n    base: {key: {axis: "
-                         "channel}}\n    vary: {key.bits: [8, 4]}\n")
+                         "channel}, value: {axis: token}}\n    vary: {key.bits: [8, 4]}\n")
     assert [e.label for e in parse_specs(str(grid_file))] == ["int2", "mine", "k8", "k4"]
     with pytest.raises(ValueError, match="unknown preset"):
         parse_specs("int4,nonsense")

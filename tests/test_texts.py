@@ -194,7 +194,8 @@ def test_eval_reads_the_report_part_of_the_kind_it_is_given(tiny_llama, monkeypa
 def test_sweep_records_its_kind_and_reads_only_report_text(tiny_llama, tmp_path, reads):
     from kvcompress.experiments.grid import parse_specs
     from kvcompress.experiments.report import write_report
-    from kvcompress.experiments.sweep import SweepSettings, run_sweep
+    from kvcompress.experiments.settings import SweepSettings
+    from kvcompress.experiments.sweep import run_sweep
 
     settings = SweepSettings(text="code", eval_tokens=200, recon_tokens=64)
     (record,) = run_sweep(parse_specs("int4"), tmp_path, settings, model=tiny_llama, tokenizer=WordIds(),
@@ -218,8 +219,8 @@ def test_tune_with_all_kinds_selects_on_calibration_and_selection_text_only(tiny
     monkeypatch.setattr(command, "load_model_from_args", lambda args: (tiny_llama, WordIds()))
     seen = {}
 
-    def fake_tune(model, tune_ids, verify_ids, target, **options):
-        seen.update(tune=options["tune_text"], verify=options["verify_text"], n=(tune_ids.shape, verify_ids.shape))
+    def fake_tune(model, tune_text, verify_text, settings, **options):
+        seen.update(tune=tune_text.record, verify=verify_text.record, n=(tune_text.ids.shape, verify_text.ids.shape))
         raise tuning.TuneError("stop here")
 
     monkeypatch.setattr(tuning, "tune", fake_tune)
@@ -242,8 +243,8 @@ def test_preset_choice_on_all_kinds_reads_selection_parts_and_reports_on_report_
     monkeypatch.setattr(corpus, "KINDS", ("docs", "code"))
     monkeypatch.setattr(selection, "passkey_score", lambda *a, **k: {"accuracy": 1.0, "by_length": {}, "cases": 0})
     candidates = uniform_candidates(["quant"], only=["k4v4"], window=16, sinks=2)
-    data = selection.select_presets(tiny_llama, WordIds(), {"loose": 10.0}, candidates=candidates, sweep_tokens=64,
-                                    sweep_offset=0, verify_tokens=64, kind="all")
+    settings = selection.SelectionSettings(sweep_tokens=64, sweep_offset=0, verify_tokens=64, kind="all")
+    data = selection.select_presets(tiny_llama, WordIds(), {"loose": 10.0}, candidates=candidates, settings=settings)
     texts = data["texts"]
     assert (texts["sweep"]["kind"], texts["sweep"]["part"]) == ("all", "calibration")
     assert (texts["verify"]["kind"], texts["verify"]["part"]) == ("all", "selection")
@@ -257,7 +258,8 @@ def test_analysis_on_every_kind_reports_them_side_by_side(tiny_llama, tmp_path, 
     import kvcompress.experiments.analysis as analysis
     from kvcompress.cli.main import build_parser
     from kvcompress.experiments.grid import parse_specs
-    from kvcompress.experiments.sweep import SweepSettings, run_sweep
+    from kvcompress.experiments.settings import SweepSettings
+    from kvcompress.experiments.sweep import run_sweep
 
     monkeypatch.setattr(corpus, "KINDS", ("docs", "code"))
     measured = []

@@ -3,7 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by
 conftest.py before Triton is first imported); on a CUDA machine they are compiled and run on the GPU.
 The pack kernel's codes, scales and zero points are byte-identical to `QuantCodec.encode`'s
-torch path; decode attention equals `cache.attention.attend_compressed`; and with Triton chosen a
+torch path; decode attention equals `kernels.reference.attend_compressed`; and with Triton chosen a
 model's decode steps go through both kernels and give the torch path's logits.
 Skipped when Triton is not installed (`pip install 'kvcompress[gpu]'`).
 """
@@ -20,7 +20,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # conftest se
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton cannot run here", allow_module_level=True)
 
 from kvcompress import CompressedCache, enable_fast_attention, kernels  # noqa: E402
-from kvcompress.cache.attention import attend_compressed  # noqa: E402
+from kvcompress.kernels.reference import attend_compressed  # noqa: E402
 from kvcompress.cache import CompressedLayer  # noqa: E402
 from kvcompress.codecs import QuantCodec, packing  # noqa: E402
 from kvcompress.codecs.quant import TOKEN_AXIS_ROW_TOKENS  # noqa: E402
@@ -212,12 +212,16 @@ def test_model_decode_steps_run_both_kernels_and_match_the_torch_path(monkeypatc
 
 def test_kernel_choice_follows_the_environment(monkeypatch):
     cpu = torch.zeros(1)
+    other = torch.zeros(1, device="meta")  # not a CPU tensor
     monkeypatch.setenv(kernels.ENV, "auto")
     assert not kernels.use_triton(cpu)  # auto: Triton only on CUDA tensors
+    assert kernels.use_cpu_kernel(cpu) and not kernels.use_cpu_kernel(other)  # the CPU kernel on CPU tensors
     monkeypatch.setenv(kernels.ENV, "torch")
-    assert not kernels.use_triton(cpu)
+    assert not kernels.use_triton(cpu) and not kernels.use_cpu_kernel(cpu)
+    monkeypatch.setenv(kernels.ENV, "cpu")
+    assert not kernels.use_triton(cpu) and kernels.use_cpu_kernel(cpu) and not kernels.use_cpu_kernel(other)
     monkeypatch.setenv(kernels.ENV, "fast")
-    with pytest.raises(ValueError, match="KVCOMPRESS_KERNELS='fast' is not valid; use one of auto, torch, triton"):
+    with pytest.raises(ValueError, match="KVCOMPRESS_KERNELS='fast' is not valid; use one of auto, torch, triton, cpu"):
         kernels.use_triton(cpu)
     monkeypatch.setenv(kernels.ENV, "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -10,7 +10,8 @@ from kvcompress.tuning.allocation import allocate, lagrangian_path, spec_from_ch
 from kvcompress.tuning.candidates import candidate_settings
 from kvcompress.tuning.sensitivity import Sensitivity
 from kvcompress.tuning.state import TuneState
-from kvcompress.tuning.tune import TuneError, tune, tune_allocation
+from kvcompress.corpus import CorpusSlice
+from kvcompress.tuning.tune import TuneError, TuneSettings, tune, tune_allocation
 
 BASE = CacheSpec(window=16, sinks=2, block_size=32)
 
@@ -144,16 +145,17 @@ def test_tune_resumes_from_saved_measurements(tiny_llama, tmp_path):
     calls = []
     handle = tiny_llama.register_forward_pre_hook(lambda *_: calls.append(1))
     state = tmp_path / "spec.json.tune-state.json"
+    texts = CorpusSlice(tune_ids, None), CorpusSlice(verify_ids, None)
     try:
-        first = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state)
+        first = tune(tiny_llama, *texts, TuneSettings(0.01), base=BASE, state=state)
         n_first = len(calls)
         saved = json.loads(state.read_text())["entries"]
         assert {e["kind"] for e in saved.values()} == {"probe", "tune-eval", "verify-eval"}
-        again = tune(tiny_llama, tune_ids, verify_ids, 0.01, base=BASE, state=state)
+        again = tune(tiny_llama, *texts, TuneSettings(0.01), base=BASE, state=state)
         assert len(calls) == n_first  # nothing measured again
         assert again.spec == first.spec and again.verified == first.verified
         # other text: the saved measurements do not apply
-        tune(tiny_llama, tune_ids[:, :80], verify_ids, 0.01, base=BASE, state=state)
+        tune(tiny_llama, CorpusSlice(tune_ids[:, :80], None), texts[1], TuneSettings(0.01), base=BASE, state=state)
         assert len(calls) > n_first
     finally:
         handle.remove()
@@ -188,7 +190,7 @@ def test_tensor_weights_rescale_k_and_v_to_the_measured_kl():
         figures["kl"] *= 5.0 if key_only else 0.5
         return figures
 
-    weighted, info = calibrate_tensor_weights(sens, BASE, evaluate)
+    weighted, info = calibrate_tensor_weights(sens, BASE, lambda specs: [evaluate(spec) for spec in specs])
     assert info["key"]["setting"]["bits"] == 3 and info["value"]["setting"]["bits"] == 3  # second cheapest
     assert info["key"]["weight"] == pytest.approx(5.0) and info["value"]["weight"] == pytest.approx(0.5)
     assert torch.allclose(weighted.cost["key"], 5.0 * sens.cost["key"])
@@ -259,7 +261,7 @@ def test_best_uniform_without_sensitivities_returns_the_highest_ratio_that_meets
 
 def test_a_changed_fingerprint_is_measured_again_and_says_why(tiny_llama, tmp_path, monkeypatch, caplog):
     import kvcompress.tuning.state as state_module
-    from kvcompress.tuning.tune import make_evaluator
+    from kvcompress.tuning.evaluators import make_evaluator
 
     ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(0))
     text = {"source": "test", "part": "selection", "tokens": [0, 80]}
@@ -290,7 +292,7 @@ def test_tune_refuses_to_verify_on_the_report_part(tiny_llama):
     ids = torch.randint(3, 128, (1, 96), generator=torch.Generator().manual_seed(0))
     report = {"source": "embedded:pydoc_data.topics", "part": "report", "tokens": [0, 96]}
     with pytest.raises(ValueError, match="must not read the 'report' part"):
-        tune(tiny_llama, ids, ids, 0.01, base=BASE, verify_text=report)
+        tune(tiny_llama, CorpusSlice(ids, None), CorpusSlice(ids, report), TuneSettings(0.01), base=BASE)
 
 
 def test_codebook_family_offers_the_bits_presets_settings_and_needs_an_artifact(tiny_llama):

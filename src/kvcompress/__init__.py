@@ -4,13 +4,12 @@
     model, tokenizer = load_model()                # embedded SmolLM2-135M-Instruct
     enable_fast_attention(model)                   # decode steps read the codes (undo: .restore())
     cache = CompressedCache(model, "int4")
-    model.generate(ids, past_key_values=cache)
+    model.generate(ids, cache=cache)
     cache.memory_report().ratio
 
-Importing kvcompress changes nothing global: no attention function is registered and no model
-is switched until `enable_fast_attention` is called. The names below load their module on first
-use, so `kvcompress.spec`, `kvcompress.codecs` or `kvcompress.paged` import without transformers
-(the vLLM plugin relies on it).
+Importing kvcompress changes nothing global. The names below load their module on first use, so
+`kvcompress.spec`, `kvcompress.codecs` or `kvcompress.paged` import without transformers (the vLLM
+plugin relies on it).
 """
 
 from __future__ import annotations

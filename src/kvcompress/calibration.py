@@ -1,34 +1,13 @@
 """Calibration: per-layer, per-KV-head bases and channel statistics of K and V, saved as an artifact.
 
-`calibrate(model, input_ids)` runs the model over calibration text (sequences of `seq_len`
-tokens, each from position 0, one forward each) with a capturing `DynamicCache` subclass (no
-attention patching) and accumulates, per layer and KV head, for three kinds of states:
-
-    key_post  keys as attention hands them to the cache (post-RoPE)
-    key_pre   the same keys with the rotary embedding undone (see `kvcompress.rope`);
-              absent when the model's rope cannot be undone (the metadata says why)
-    value     values
-
-the uncentered second moment M = E[x x^T] (float64) and per-channel mean, rms and absmax.
-The basis of a head is the eigenvectors of M sorted by eigenvalue (largest first); the
-spectrum is those eigenvalues. Uncentered on purpose: projecting onto the top r directions
-then has, on the calibration data, a mean squared error per token of exactly
-sum(spectrum[r:]), and no mean has to be stored or added back.
-
-An artifact is a folder with `calibration.safetensors` (tensors `<kind>.basis` (L, H, D, D),
-`<kind>.spectrum`, `<kind>.mean`, `<kind>.rms`, `<kind>.absmax` (L, H, D), float32) and
-`metadata.json` (model name, config fingerprint, corpus, token count, library versions,
-date, and `tensors_sha256`, a checksum of the tensors' names, shapes, dtypes and bytes).
-Loading it for a model whose config fingerprint differs is refused, as is a folder whose tensors
-no longer match their checksum or hold NaN or infinite values; an artifact written before
-checksums existed loads with a warning (re-run `kvcompress calibrate` to add one).
-
-The embedded model's artifact is built on first use and cached under
-`kvcompress.models.cache_root()/artifacts/` (written to a temporary folder, then renamed).
-
-This module does not compress anything (see `codecs.lowrank`) and does not fingerprint
-weights: two models with the same architecture config but different weights share a
-fingerprint, so pass the artifact calibrated on the model you run.
+`calibrate(model, ids)` runs the model over calibration text with a capturing `DynamicCache` and
+accumulates, for `key_post`, `key_pre` (RoPE undone; absent when it cannot be) and `value`, the
+uncentered second moment E[x x^T] and per-channel mean, rms and absmax. An artifact folder holds
+`calibration.safetensors` (`<kind>.basis` (L, H, D, D): eigenvectors, largest first;
+`<kind>.spectrum`, `.mean`, `.rms`, `.absmax` (L, H, D); float32) and `metadata.json` (model,
+config fingerprint, corpus, versions, `tensors_sha256`). Loading refuses another model's config,
+changed tensors or non-finite values. The embedded model's artifact is built on first use and
+cached. The fingerprint covers the config, not the weights: pass the artifact of the model you run.
 """
 
 from __future__ import annotations
@@ -55,13 +34,14 @@ from .fingerprint import config_fields, config_fingerprint
 from .fingerprint import text_config as _text_config
 from .io import (
     DamagedDirectoryError,
+    cache_root,
     check_directory,
     content_hash,
     write_atomic,
     write_directory_atomic,
     write_json_atomic,
 )
-from .models import EMBEDDED_DISPLAY_NAME, cache_root, model_id
+from .models import EMBEDDED_DISPLAY_NAME, model_id
 from .rope import key_space_for
 from .spec import CacheSpec, TensorSpec
 

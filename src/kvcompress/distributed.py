@@ -1,28 +1,19 @@
-"""Run independent units of work on a pool of Ray actors; the driver gets each result as it arrives.
+"""The one place that knows Ray: `RayExecutor` runs a job's units on a pool of Ray actors.
 
-    options = RayOptions(address=None, workers=2)               # None: start a local cluster
-    lost = run_on_actors(SweepWorker, (settings, loader), "measure", units, on_result, options)
+    executor = RayExecutor(RayOptions(workers=2), load_args=(None, "float32", "cpu"), model=model)  # embedded model
+    run_sweep(entries, out, settings, model=model, tokenizer=tokenizer, executor=executor)
 
-Each actor is built once (it loads the model itself from the arguments it is given, so no
-model is shipped) and then takes one unit at a time; `on_result(index, result)` runs in the
-driver, in the order results arrive, so the caller writes its files there. An actor that
-dies (killed, out of memory, its machine gone) loses only the unit it was running: that unit
-is tried again on a fresh actor up to `RayOptions.retries` times, then given up and returned
-in the list of lost units, so the caller can say what to rerun. An actor whose construction
-fails (its `ready()` returns an error message) ends the run with `WorkerStartError`.
-
-Ray is imported only through `kvcompress.extras.require_extra`, so everything else in the
-package works without it, and `--ray` without Ray installed gives one line naming the extra.
-
-This module knows nothing about models, specs or records; it does not retry units that raise
-inside the actor (the caller's worker turns such errors into results), and it does not stop
-a cluster it joined (`ray.shutdown()` is the caller's choice; a local cluster it started is
-left running for the life of the process, as `ray.init` does).
+Each actor loads its own model (`loader(load_args)`, picklable arguments, no model shipped), is
+refused if that model's fingerprint differs from the caller's, starts the job once and takes one
+unit at a time; results reach `on_result` in the caller as they arrive. A unit whose actor died
+goes to a fresh actor up to `RayOptions.retries` times, then `WorkersLostError` names it (what
+finished was already handed over). Ray is imported through `extras.require_extra`.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +21,8 @@ from types import ModuleType
 from typing import Any
 
 from .extras import require_extra
+from .fingerprint import mismatch, model_fingerprint
+from .models import load_named_model
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +96,7 @@ def remote_class(worker_cls: type, options: RayOptions):
 
 
 def run_on_actors(worker_cls: type, worker_args: Sequence[Any], method: str, units: Sequence[Any],
-                  on_result: Callable[[int, Any], None], options: RayOptions, *,
-                  setup: Sequence[tuple[str, tuple]] = (), name: str | None = None,
-                  actors: Sequence[Any] = ()) -> list[int]:
+                  on_result: Callable[[int, Any], None], options: RayOptions, *, name: str | None = None) -> list[int]:
     """Run `getattr(worker, method)(unit)` for every unit on `options.workers` actors of `worker_cls`.
 
     Args:
@@ -113,12 +104,8 @@ def run_on_actors(worker_cls: type, worker_args: Sequence[Any], method: str, uni
             an error message) and `method`.
         worker_args: constructor arguments (picklable; a model loader, not a model).
         units: the work; `on_result(index, result)` is called in the driver for each finished one.
-        setup: (method name, args) calls made on every actor before its first unit, also on
-            actors started to replace dead ones (for example, a shared baseline).
         name: prefix of the actors' names (`{name}-{n}`), so a user can find them
             (`ray.get_actor`); None: unnamed.
-        actors: actors already created (from `remote_class`, perhaps still starting), used
-            first; they count towards `options.workers`.
 
     Returns the indices of the units given up because their actors kept dying (empty when all
     finished). Raises WorkerStartError if an actor cannot be built.
@@ -133,15 +120,12 @@ def run_on_actors(worker_cls: type, worker_args: Sequence[Any], method: str, uni
     in_flight: dict[Any, tuple[Any, int | None]] = {}  # ObjectRef -> (actor, unit index or None for ready)
     started = 0
 
-    def start_actor(actor=None):
+    def start_actor():
         nonlocal started
-        if actor is None:
-            kwargs = {"name": f"{name}-{started}"} if name else {}
-            actor = remote_cls.options(**kwargs).remote(*worker_args)
-            started += 1
+        kwargs = {"name": f"{name}-{started}"} if name else {}
+        actor = remote_cls.options(**kwargs).remote(*worker_args)
+        started += 1
         in_flight[actor.ready.remote()] = (actor, None)
-        for setup_method, args in setup:  # actor tasks run in submission order
-            getattr(actor, setup_method).remote(*args)
 
     def give(actor):
         if pending:
@@ -152,11 +136,7 @@ def run_on_actors(worker_cls: type, worker_args: Sequence[Any], method: str, uni
             ray.kill(actor)
 
     startup_deaths = 0
-    for actor in list(actors)[:len(units)]:
-        start_actor(actor)
-    for actor in list(actors)[len(units):]:
-        ray.kill(actor)
-    for _ in range(min(options.workers, len(units)) - min(len(actors), len(units))):
+    for _ in range(min(options.workers, len(units))):
         start_actor()
     try:
         while in_flight:
@@ -191,3 +171,62 @@ def run_on_actors(worker_cls: type, worker_args: Sequence[Any], method: str, uni
         for actor, _ in list(in_flight.values()):
             ray.kill(actor)
     return sorted(lost)
+
+
+class _JobActor:
+    """One Ray actor: its own model, checked against the caller's, and the job started on it."""
+
+    def __init__(self, job, loader: Callable | None, load_args, threads: int, model_fp: dict | None):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.error = None
+        try:
+            model, tokenizer = (loader or load_named_model)(load_args)
+            loaded = model_fingerprint(model)
+            if model_fp is not None and loaded != model_fp:
+                raise ValueError(f"it loaded another model than the caller ({mismatch(model_fp, loaded)}); "
+                                 "check --model/--dtype")
+            self.measure = job.start(model, tokenizer)
+        except Exception as exc:  # reported to the driver by ready()
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def ready(self) -> str | None:
+        return self.error
+
+    def run(self, unit):
+        return self.measure(unit)
+
+
+class RayExecutor:
+    """Runs a job's units on Ray actors that each load the model (see module doc).
+
+    Args:
+        options: where and how wide (`RayOptions`).
+        load_args: what `loader` is called with on every actor (picklable), e.g. the CLI's
+            (model name, dtype name, device) for the default `models.load_named_model`.
+        loader: `loader(load_args) -> (model, tokenizer)`; it must be importable on the workers.
+        model: the caller's model: an actor whose model has another fingerprint is refused
+            (`WorkerStartError`); None: not checked.
+        name: prefix of the actors' names (a unique suffix is added per `map`).
+    """
+
+    def __init__(self, options: RayOptions, load_args=None, *, loader: Callable | None = None, model=None,
+                 name: str = "kvcompress"):
+        if loader is None and load_args is None:
+            raise ValueError("RayExecutor needs load_args (model name, dtype name, device) or a loader")
+        self.options, self.load_args, self.loader, self.name = options, load_args, loader, name
+        self.model_fp = None if model is None else model_fingerprint(model)
+
+    def map(self, job, units: Sequence[Any], on_result: Callable[[int, Any], None]) -> None:
+        """`job` on every unit (see `Executor`); WorkersLostError naming the units given up, after
+        every other result was handed to `on_result`."""
+        if not units:
+            return
+        args = (job, self.loader, self.load_args, actor_threads(self.options), self.model_fp)
+        lost = run_on_actors(_JobActor, args, "run", units, on_result, self.options,
+                             name=f"{self.name}-{uuid.uuid4().hex[:8]}")
+        if lost:
+            labels = "; ".join(job.label(units[i]) for i in lost)
+            raise WorkersLostError(f"{len(lost)} unit(s) of work not done because their Ray worker died: {labels}; "
+                                   "run the same command again to do them (what finished is saved)")

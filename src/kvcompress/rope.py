@@ -1,35 +1,12 @@
 """Pre-RoPE keys: undo the model's rotary embedding before compression, redo it after decoding.
 
-Attention hands the cache post-RoPE keys k_p = R(p) k, with R(p) the rotary embedding at
-absolute position p in the rotate_half convention of transformers' Llama:
-
-    R(p) k = k * cos(p) + rotate_half(k) * sin(p)
-
-Per pair of channels (i, i + D/2) this is a 2x2 rotation scaled by the rope's attention
-factor a (1 for most rope types), so the exact inverse is
-
-    k = (k_p * cos(p) - rotate_half(k_p) * sin(p)) / (cos(p)^2 + sin(p)^2).
-
-Keys without position are much more compressible (a fixed low-rank subspace instead of one
-that spins with p). cos/sin come from the model's own rotary embedding module
-(`rotary_emb(x, position_ids[, layer_type])`), so scaled ropes (linear, llama3, yarn,
-proportional) and per-layer-type ropes (Gemma 3's sliding and full layers) use exactly the
-frequencies attention used. Models that normalise keys before RoPE (Qwen3, Gemma 3 q/k-norm)
-need nothing special: the un-rotated key is the normalised key.
-
-Positions are the cache indices of the tokens: a cache layer knows the absolute position of
-every token it holds (index in its own sequence). With left-padded batches the true position
-of a padded row is smaller than its cache index; the round trip is still exact (the same
-angle is undone and redone), only the compressibility of those rows suffers.
-
-`key_space_for(model)` checks, on random data, that the model's own `apply_rotary_pos_emb`
-agrees with the formula above. Where it cannot (no rotary embedding module found, partial
-rotary, a rope whose frequencies change with sequence length such as "dynamic" or
-"longrope", an unknown convention), it returns the reason and the cache falls back to
-post-RoPE keys with one warning.
-
-This module does not compress anything and does not patch attention; the cos/sin tables it
-caches are constants of the model (like the model's own), not cache memory.
+Attention hands the cache post-RoPE keys k_p = R(p) k = k cos(p) + rotate_half(k) sin(p), a
+rotation per channel pair (i, i + D/2) scaled by the rope's attention factor, so the exact inverse
+is k = (k_p cos(p) - rotate_half(k_p) sin(p)) / (cos^2 + sin^2). cos/sin come from the model's own
+`rotary_emb` at each token's cache index, so scaled and per-layer-type ropes use the frequencies
+attention used. `key_space_for(model)` checks the convention on random data; where it cannot hold
+(no rotary module, partial rotary, "dynamic"/"longrope"), it returns the reason and the cache keeps
+post-RoPE keys with one warning. The cos/sin tables cached here are constants of the model.
 """
 
 from __future__ import annotations
@@ -40,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .fingerprint import text_config
 
 # Ropes whose frequencies depend on the current sequence length: a key rotated at one length
 # could not be re-rotated identically later.
@@ -185,7 +164,7 @@ def key_space_for(model: nn.Module, layer_types: list[str] | None = None
         layer_types: the config's `layer_types` (one per layer) when its rotary embedding takes
             a layer type; None otherwise.
     """
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     rotary_emb = find_rotary_emb(model)
     if rotary_emb is None:
         return None, "no rotary embedding module (`rotary_emb`) was found in the model"

@@ -1,18 +1,14 @@
 """The spec: a small, validated, serializable description of what the cache does to K and V.
 
-A spec says, for keys and for values separately, which codec to use and with which
-settings, how many recent tokens (`window`) and first tokens (`sinks`) stay in full
-precision, how many tokens are compressed at a time (`block_size`), and optional per-layer
-overrides. It round-trips through JSON or YAML:
+For keys and values separately: the codec and its settings; the recent (`window`) and first
+(`sinks`) tokens kept in full precision; the tokens compressed at a time (`block_size`); per-layer
+overrides; optional token eviction. It round-trips through JSON or YAML:
 
-    {"key":   {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32},
-     "value": {"method": "quant", "bits": 4, "axis": "token",   "group_size": 32},
-     "window": 128, "sinks": 4, "block_size": 32,
-     "layers": {"0-1": {"value": {"bits": 8}}},
-     "eviction": {"policy": "snapkv", "keep": 0.5}}     # optional: drop half the prompt's tokens
-
-This module does not build codecs for a model (see `cache.build`), nor hold the named presets
-or resolve a preset name (see `presets.load_spec`); it only describes, validates and reads spec files.
+    {"key": {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32},
+     "value": {"method": "quant", "bits": 4, "axis": "token", "group_size": 32},
+     "window": 128, "sinks": 4, "block_size": 32, "layers": {"0-1": {"value": {"bits": 8}}},
+     "eviction": {"policy": "snapkv", "keep": 0.5}}
+Fields and their allowed values: docs/specs.md.
 """
 
 from __future__ import annotations
@@ -41,6 +37,9 @@ _SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers
 EVICTION_POLICIES = ("snapkv", "tova", "expected", "streaming", "knorm")
 EVICTION_APPLIES = ("prompt", "generation")
 _EVICTION_FIELDS = ("policy", "keep", "keep_tokens", "applies", "observation", "pooling")
+# What a spec file writes for K and V: both fields are required (a missing one would be a silent default).
+_WRITTEN_OUT = {"key": '"key": {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32}',
+                "value": '"value": {"method": "quant", "bits": 4, "axis": "token", "group_size": 32}'}
 
 
 @dataclass(frozen=True)
@@ -434,6 +433,8 @@ class CacheSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheSpec:
+        """Build from a dict (a spec file's content); "key" and "value" must both be given (write
+        {"method": "none"} for full precision), the other fields default."""
         if not isinstance(data, dict):
             raise ValueError(f"a spec must be a mapping, got {type(data).__name__}")
         unknown = set(data) - set(_SPEC_FIELDS)
@@ -456,7 +457,14 @@ class CacheSpec:
                 kwargs["eviction"] = EvictionSpec.from_dict(data["eviction"])
             except (TypeError, ValueError) as err:
                 raise ValueError(f"eviction: {err}") from None
-        return cls(**kwargs)
+        spec = cls(**kwargs)  # errors in the fields given come first
+        missing = [which for which in ("key", "value") if which not in data]
+        if missing:
+            written = ", ".join(_WRITTEN_OUT[which] for which in missing)
+            full = ", ".join(f'"{which}": {{"method": "none"}}' for which in missing)
+            raise ValueError(f"the spec has no {' and no '.join(repr(m) for m in missing)} field (refused rather than "
+                             f"given a silent default); write it out, e.g. {written}, or {full} for full precision")
+        return spec
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

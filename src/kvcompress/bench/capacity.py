@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from ..fingerprint import text_config
 from .prompts import build_prompt
 from .timing import measure
 
@@ -32,7 +33,7 @@ def capacity(model, tokenizer, kinds, summary: list[dict], *, budget_bytes: int,
 
     `summary`: rows with "cache", "context" and "stored_bytes" (batch 1), as `run` builds them.
     """
-    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    limit = getattr(text_config(model), "max_position_embeddings", None)
     rows = {}
     for kind in kinds:
         points = [(r["context"], r["stored_bytes"]) for r in summary if r["cache"] == kind.name]

@@ -1,22 +1,21 @@
 """The caches a benchmark compares, by name, and how to build an empty one for a model.
 
-Names: "dynamic" (transformers' `DynamicCache`), "quanto-<bits>" / "hqq-<bits>" (transformers'
-`QuantizedCache` with that backend, from the `bench` extra), anything else a kvcompress preset
-name or spec file, optionally with "+monitor" / "+reconstruct" / "+torch" suffixes (see `CacheKind`).
-
-Every cache is built from the model's config, as `generate` builds its own: on models with
-sliding-window layers (Gemma 3, Mistral with a window) `DynamicCache(config=...)` gives those
-layers a sliding layer that keeps only the window, so the baseline stores what transformers
-would store and the comparison with kvcompress (which also keeps only the window there) is fair.
-
-This module does not time, count bytes or run anything.
+Names: "dynamic" (`DynamicCache`), "quanto-<bits>" / "hqq-<bits>" (transformers' `QuantizedCache`,
+`bench` extra), anything else a kvcompress preset or spec file, optionally with "+monitor",
+"+reconstruct" or "+torch" (see `CacheKind`). Every cache is built from the model's config, as
+`generate` builds its own, so on sliding-window layers the `DynamicCache` baseline keeps only the
+window, as kvcompress does.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from ..fingerprint import text_config
 
 DEFAULT_CACHES = ("dynamic", "int4", "int2", "quanto-4", "quanto-2", "hqq-4", "hqq-2")
 # transformers' QuantizedCache defaults, used for both backends (recorded in the results).
@@ -33,10 +32,11 @@ class CacheKind:
     Names: "dynamic" (transformers' `DynamicCache`), "quanto-<bits>" / "hqq-<bits>"
     (transformers' `QuantizedCache` with that backend), anything else a kvcompress preset
     name or spec file. Suffixes on a kvcompress name: "+monitor" ("int4+monitor") runs it with
-    its runtime quality monitor on, to show the monitor's overhead; "+reconstruct" runs it with
-    `fast_attention=False` (attention reads the full reconstruction every step), to show what
-    attention over the codes saves; "+torch" runs it with `kernel=False` (decode steps over the
-    codes in pure torch, without the compiled CPU kernel), to show what the kernel saves.
+    its runtime quality monitor on, to show the monitor's overhead; "+reconstruct" runs it on the
+    model's sdpa attention (attention reads the full reconstruction every step), to show what
+    attention over the codes saves; "+torch" runs it with KVCOMPRESS_KERNELS=torch (decode steps
+    over the codes in pure torch, without a compiled kernel), to show what the kernel saves.
+    `running` applies the two for the steps of that cache only.
     """
 
     name: str
@@ -57,8 +57,8 @@ class CacheKind:
         from ..presets import load_spec
 
         monitor = " + runtime quality monitor" if self.monitor else ""
-        reconstruct = "; attention reads the full reconstruction (fast_attention=False)" if self.reconstruct else ""
-        torch_only = "; decode steps in pure torch (kernel=False)" if self.torch_only else ""
+        reconstruct = "; attention reads the full reconstruction (the model on sdpa)" if self.reconstruct else ""
+        torch_only = "; decode steps in pure torch (KVCOMPRESS_KERNELS=torch)" if self.torch_only else ""
         return f"kvcompress {load_spec(self.spec_name).describe()}{monitor}{reconstruct}{torch_only}"
 
     @property
@@ -123,11 +123,33 @@ def make_cache(kind: CacheKind, model):
     from transformers import DynamicCache, QuantizedCache
 
     if kind.family == "dynamic":
-        return DynamicCache(config=model.config.get_text_config(decoder=True))  # as `generate` builds it
+        return DynamicCache(config=text_config(model))  # as `generate` builds it
     if kind.family == "quantized":
-        config = model.config.get_text_config(decoder=True)
-        return QuantizedCache(backend=kind.backend, config=config, nbits=kind.nbits, **QUANTIZED_CACHE_SETTINGS)
+        return QuantizedCache(backend=kind.backend, config=text_config(model), nbits=kind.nbits, **QUANTIZED_CACHE_SETTINGS)
     from ..cache.cache import CompressedCache
 
-    return CompressedCache(model, kind.spec_name, monitor=kind.monitor, fast_attention=not kind.reconstruct,
-                           kernel=not kind.torch_only)
+    return CompressedCache(model, kind.spec_name, monitor=kind.monitor)
+
+
+@contextmanager
+def running(kind: CacheKind, model):
+    """Run the steps of `kind` as its suffixes say, restoring everything afterwards: "+reconstruct"
+    on the model's sdpa attention (if it runs kvcompress's), "+torch" with KVCOMPRESS_KERNELS=torch."""
+    from ..cache.attention import ATTENTION_NAME, REPLACED_IMPLEMENTATION
+    from ..kernels import ENV
+
+    switch = kind.reconstruct and model.config._attn_implementation == ATTENTION_NAME
+    previous = os.environ.get(ENV)
+    if switch:
+        model.set_attn_implementation(REPLACED_IMPLEMENTATION)
+    if kind.torch_only:
+        os.environ[ENV] = "torch"
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(ATTENTION_NAME)
+        if kind.torch_only and previous is None:
+            os.environ.pop(ENV, None)
+        elif kind.torch_only:
+            os.environ[ENV] = previous

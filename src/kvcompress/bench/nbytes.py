@@ -1,14 +1,9 @@
 """Bytes a cache stores, counted from its tensors, and what a kvcompress spec should store.
 
-Stored bytes are `numel * element_size` of what each cache holds:
-- kvcompress: `CompressedCache.memory_report()` (codes, scales, zero points, window, sinks);
-- `DynamicCache`: its key and value tensors (on sliding layers only the window it keeps);
-- `QuantizedCache`: its quantized tensors (codes, scales, shifts/zeros: every tensor inside
-  the backend's quantized object) plus its full-precision residual tensors.
-
-`predicted_stored_bytes` is the closed form the stored bytes are checked against, and
-`fp16_cache_bytes` the reference size of an uncompressed fp16 cache. This module does not
-build, fill or time caches.
+Stored bytes are `numel * element_size` of what each cache holds: `memory_report()` for kvcompress;
+the key and value tensors of a `DynamicCache`; every tensor of a `QuantizedCache`'s quantized
+objects plus its full-precision residual. `predicted_stored_bytes` is the closed form they are
+checked against, `fp16_cache_bytes` the size of an uncompressed fp16 cache.
 """
 
 from __future__ import annotations
@@ -16,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..compat import quantized_layer_storage
+from ..fingerprint import text_config
 
 
 def tensor_bytes(obj) -> int:
@@ -50,7 +46,7 @@ def cache_stored_bytes(cache) -> int:
 
 def _kv_shape(config) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of a model config."""
-    config = config.get_text_config(decoder=True)
+    config = text_config(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return config.num_hidden_layers, kv_heads, head_dim
@@ -62,16 +58,37 @@ def fp16_cache_bytes(config, tokens: int, batch: int = 1) -> int:
     return 2 * layers * batch * kv_heads * tokens * head_dim * 2
 
 
-def predicted_stored_bytes(spec_name: str, config, tokens: int, dtype: torch.dtype, batch: int = 1) -> int | None:
-    """What a kvcompress spec should store for `tokens` tokens, from bit widths and overheads.
+def held_tokens(spec, tokens: int, prompt_tokens: int | None = None) -> int | None:
+    """Tokens each KV head holds after a `prompt_tokens`-token prompt (default: all `tokens`) and the
+    `tokens - prompt_tokens` tokens after it: every one without eviction; with eviction of the prompt,
+    the prompt's kept tokens (`cache.eviction.kept_count`) plus the later ones; None for
+    generation-time eviction (no closed form here)."""
+    from ..cache.eviction import kept_count
+
+    if spec.eviction is None:
+        return tokens
+    if spec.eviction.applies != "prompt":
+        return None
+    prompt = tokens if prompt_tokens is None else prompt_tokens
+    return kept_count(spec.eviction, prompt, spec.sinks, spec.window, spec.block_size) + tokens - prompt
+
+
+def predicted_stored_bytes(spec_name: str, config, tokens: int, dtype: torch.dtype, batch: int = 1,
+                           prompt_tokens: int | None = None) -> int | None:
+    """What a kvcompress spec should store for `tokens` tokens, the first `prompt_tokens` of them
+    (default: all) in one forward pass, from bit widths and overheads.
 
     Sinks and window in `dtype`; compressed tokens (whole blocks that left the window) as
-    `bits/8` bytes per value plus an fp16 scale and zero point per group. None for specs with
-    methods other than "quant"/"none" (no closed form here).
+    `bits/8` bytes per value plus an fp16 scale and zero point per group; a spec that evicts
+    prompt tokens holds fewer (`held_tokens`). None for specs with methods other than
+    "quant"/"none" or with generation-time eviction (no closed form here).
     """
     from ..presets import load_spec
 
     spec = load_spec(spec_name)
+    tokens = held_tokens(spec, tokens, prompt_tokens)
+    if tokens is None:
+        return None
     layers, kv_heads, head_dim = _kv_shape(config)
     elem = torch.empty(0, dtype=dtype).element_size()
     sinks = min(spec.sinks, tokens)

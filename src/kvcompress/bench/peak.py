@@ -1,17 +1,11 @@
 """Peak memory of one generation, measured in a fresh Python process.
 
-Each (cache, context) runs in a child process (`python -m kvcompress.bench.peak --peak-child
-JSON`), which loads the model, warms up with a short generation, then resets the kernel's
-peak-RSS mark (`/proc/self/clear_refs`, Linux) and runs the same prefill + decode. Peak =
-VmHWM after the run minus VmRSS at the reset: every byte the generation added at its highest
-point (cache, activations, temporaries), as the operating system saw it. The child runs with
-glibc's `MALLOC_MMAP_THRESHOLD_=65536`, so freed blocks of 64 KiB or more go back to the
-kernel at once: without it, memory glibc kept after frees made the peak of one configuration
-vary by about 2x from one process to the next. On CUDA it is `torch.cuda.max_memory_allocated`
-above the allocation at the reset instead.
-
-This module does not decide which peaks to measure (see `run`), and its `__main__` serves
-only those child processes.
+Each (cache, context) runs in a child (`python -m kvcompress.bench.peak --peak-child JSON`) that
+loads the model, warms up, resets the kernel's peak-RSS mark (`/proc/self/clear_refs`, Linux) and
+runs the prefill and decode: peak = VmHWM afterwards minus VmRSS at the reset. The child runs with
+glibc's `MALLOC_MMAP_THRESHOLD_=65536` (without it, memory kept by glibc made one configuration's
+peak vary by about 2x between processes). On CUDA: `torch.cuda.max_memory_allocated` above the
+allocation at the reset.
 """
 
 from __future__ import annotations

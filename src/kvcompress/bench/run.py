@@ -1,22 +1,11 @@
-"""One benchmark run: speed and memory of KV caches on one model, kvcompress presets vs
-`DynamicCache` and transformers' `QuantizedCache` (quanto / HQQ backends), measured in one run.
+"""One benchmark run: speed and memory of KV caches on one model, measured in interleaved rounds.
 
-For every context length C, every cache is filled by one prefill of C - repeats * steps
-prompt tokens (timed), and then the caches take turns: in each of `repeats` rounds every
-cache decodes `steps` greedy tokens (timed), the order rotated each round, so the cache holds
-C tokens after the last round. Every round's decode speed is divided by the `DynamicCache`
-speed of the same round, so a machine that gets slower or faster during the run shifts both
-sides of each ratio alike. Reported: median and min..max over rounds. (Filling each cache
-once per context rather than once per round keeps the long prefills from dominating the
-run; it means the context grows by `steps` tokens from one round to the next.)
-
-The parts: cache names and construction in `kinds`, stored bytes in `nbytes`, timing in
-`timing`, peak memory in `peak` (a fresh process per cache and context), capacity under a
-memory budget in `capacity`, targets in `targets`, markdown and plot in `render`. Progress
-goes to the `kvcompress.bench` logger (the CLI prints it on stderr).
-
-This module does not evaluate quality (see `kvcompress.measure`) and does not change how any
-cache works; it sets no global torch settings (thread counts are whatever the process has).
+For every context C, each cache is filled by one timed prefill of C - repeats * steps tokens; then
+in each of `repeats` rounds every cache decodes `steps` greedy tokens, the order rotated each round,
+and each round's speed is divided by `DynamicCache`'s in the same round (median and range over
+rounds). The parts: `kinds` (names, construction), `nbytes`, `timing`, `peak` (fresh process),
+`capacity`, `targets`, `render`. Progress goes to the `kvcompress.bench` logger; no global torch
+setting is changed. How it measures and the figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -118,8 +107,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             kinds.append(kind)
     model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     # Every cache decodes on kvcompress's attention where the model supports it (for caches other
-    # than kvcompress's it is transformers' sdpa; "+reconstruct" caches hand it the full
-    # reconstruction). The model is this run's own, loaded above, so it is not restored.
+    # than kvcompress's it is transformers' sdpa; "+reconstruct" caches run on sdpa, see
+    # `kinds.running`). The model is this run's own, loaded above, so it is not restored.
     enable_fast_attention(model, strict=False)
     config = model.config
     prompts, notes = {}, set()
@@ -143,7 +132,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             shift = rnd % len(kinds)
             for kind in kinds[shift:] + kinds[:shift]:  # every cache once per round, order rotated
                 cache, token = live[kind.name]
-                live[kind.name][1], seconds = decode(model, cache, token, cfg.steps)
+                live[kind.name][1], seconds = decode(model, kind, cache, token, cfg.steps)
                 m = Measurement(kind.name, context, 1, cfg.steps, prefills[(kind.name, context)], seconds,
                                 cache_stored_bytes(cache), rnd)
                 runs.append(m)
@@ -177,7 +166,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 "prefill_vs_dynamic": prefills[("dynamic", context)] / prefills[(kind.name, context)],
                 "stored_bytes": mine[-1].stored_bytes,
                 "fp16_bytes": fp16_cache_bytes(config, context),
-                "predicted_bytes": (predicted_stored_bytes(kind.spec_name, config, context, model.dtype)
+                "predicted_bytes": (predicted_stored_bytes(kind.spec_name, config, context, model.dtype,
+                                                           prompt_tokens=prompts[context].shape[1])
                                     if kind.family == "kvcompress" else None),
                 "peak_bytes": peaks.get((kind.name, context), {}).get("peak_bytes"),
             }

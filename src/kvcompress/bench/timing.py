@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..compat import CACHE_KWARG
-from .kinds import CacheKind, make_cache
+from .kinds import CacheKind, make_cache, running
 from .nbytes import cache_stored_bytes
 
 
@@ -49,30 +49,32 @@ def prefill(model, kind: CacheKind, prompt: torch.Tensor) -> tuple[object, torch
     device = model.device
     prompt = prompt.to(device)
     cache = make_cache(kind, model)
-    _sync(device)
-    start = time.perf_counter()
-    out = model(prompt, **{CACHE_KWARG: cache}, logits_to_keep=1, use_cache=True)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    _sync(device)
-    return cache, token, time.perf_counter() - start
+    with running(kind, model):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(prompt, **{CACHE_KWARG: cache}, logits_to_keep=1, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        _sync(device)
+        return cache, token, time.perf_counter() - start
 
 
 @torch.inference_mode()
-def decode(model, cache, token: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
-    """`steps` greedy decode steps from `token` (B, 1): (next tokens (B, 1), seconds)."""
+def decode(model, kind: CacheKind, cache, token: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
+    """`steps` greedy decode steps of `cache` (of `kind`) from `token` (B, 1): (next tokens (B, 1), seconds)."""
     device = model.device
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(token, **{CACHE_KWARG: cache}, logits_to_keep=1, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    return token, time.perf_counter() - start
+    with running(kind, model):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(token, **{CACHE_KWARG: cache}, logits_to_keep=1, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        return token, time.perf_counter() - start
 
 
 def measure(model, kind: CacheKind, prompt: torch.Tensor, steps: int) -> Measurement:
     """Prefill `prompt` (B, T) into a fresh cache, then `steps` greedy decode steps."""
     cache, token, prefill_s = prefill(model, kind, prompt)
-    _, decode_s = decode(model, cache, token, steps)
+    _, decode_s = decode(model, kind, cache, token, steps)
     return Measurement(kind.name, prompt.shape[1] + steps, prompt.shape[0], steps, prefill_s, decode_s,
                        cache_stored_bytes(cache))

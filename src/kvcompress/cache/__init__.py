@@ -1,10 +1,12 @@
 """The compressed cache: a transformers `Cache` whose attention reads what it stores.
 
 - `cache`: `CompressedCache`, one compressed layer per model layer, built from a spec.
-- `layer`, `sliding`: the compressed layers (full attention, sliding window).
+- `storage`: what one layer holds ([sinks | codes | window]) and the operations on it.
+- `layer`, `sliding`: the compressed layers (full attention, sliding window) transformers calls.
+- `eviction`: which tokens a layer keeps (scores, `Evictor`).
 - `build`: the codec of one layer's K or V from its `TensorSpec`.
-- `attention`: decode-step attention over the codes, and `enable_fast_attention`, the switch
-  (with its undo) that lets a model use it.
+- `attention`: kvcompress's attention function (decode steps read the codes) and
+  `enable_fast_attention`, the switch (with its undo) that lets a model use it.
 - `memory`: what a cache holds, in bytes.
 - `monitor`: optional sampling of reconstruction quality while generating.
 

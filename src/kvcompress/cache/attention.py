@@ -1,62 +1,13 @@
-"""Decode-step attention that reads a `CompressedLayer`'s codes chunk by chunk.
+"""kvcompress's attention function and its wiring: a decode step reads a layer's codes.
 
-`CompressedLayer.reconstruct` writes the decoded form of every compressed token into one
-(B, H, seq, D) tensor per layer and step, copying the sinks and the window into it, and SDPA
-then reads it again. At a decode step (one query token) this module computes the same
-attention without that tensor: it decodes the compressed blocks `CHUNK_TOKENS` at a time (in
-float32), takes the query's scores against each chunk, and after one softmax over all
-positions takes the values the same way:
-
-    scores = [q.sinks | q.decode(chunk 1) | ... | q.window] * scaling  (+ mask)
-    out    = softmax(scores) @ [sinks | decode(chunk 1) | ... | window]
-
-For a codec that stores its states rotated by an orthogonal R (`ComposedCodec.rotation`),
-the rotation is folded out: q.k = (q R).(k R) and p.V = (p.(V R)) R^T, so the query is rotated
-once and the output un-rotated once per step, and stored tokens are read as
-`decode_rotated` (never un-rotated one by one). A mean m subtracted before the rotation
-(`ComposedCodec.offset`) comes back as q.m added to the scores and (sum of p) m to the output.
-Equal to the plain path up to float32 rounding.
-
-Attention still reads exactly the decoded form of what is stored (tested equal to the
-reconstruct-then-SDPA path), the window and sinks are read where they lie, and no more than
-`CHUNK_TOKENS` tokens of one layer are ever decoded at once.
-
-`attend_compressed` is the pure-torch reference. On CPU the decode step runs the compiled kernel
-of `kvcompress.kernels.cpu` instead where it applies (`attend`), which computes the same from the
-stored codes without decoding them into tensors: uniform `QuantCodec` codes with post-RoPE keys,
-and the codebook codecs of the `bitsN` presets (rotated, centred or principal-basis codebooks;
-keys pre- or post-RoPE). `attend_compressed` runs where it does not (low-rank fp16, Hadamard +
-uniform, pre-RoPE uniform keys, a mix of the two families, GPU tensors, no compiler).
-
-Wiring, through transformers' public `AttentionInterface` (the details are in `compat`):
-`enable_fast_attention(model)` registers the attention function "kvcompress" (and sdpa's mask
-function under that name; idempotent) and switches a model that uses "sdpa" to it, returning a
-handle that switches it back (`.restore()`, or use it as a context manager). Importing
-kvcompress registers nothing and switches no model. A model running "kvcompress" attention runs
-transformers' own sdpa attention function for every call except a decode step on a
-`CompressedLayer`: for that step `CompressedLayer.update` returns its full-precision window
-tagged with the layer itself (attribute `LAYER_ATTRIBUTE`), and this function reads the layer
-and marks it consumed (`CompressedLayer.mark_consumed`).
-
-Eviction: a layer with an eviction spec hands back the prompt's keys (a plain tensor, attention
-reads it as usual) tagged with the layer under `PROMPT_ATTRIBUTE`; this function computes the
-prompt's attention with sdpa over every prompt token, then gives the layer the prompt's queries
-(`CompressedLayer.evict_prompt`), which scores, drops and compresses. The prompt's own outputs
-therefore read the uncompressed prompt (as in every prefill-time eviction method); every later
-token reads only what the layer kept.
-
-The guard: the handed window is a `HandedWindow`, a tensor that raises on any read but its
-shape, so an attention that is not this function fails at the step instead of attending to the
-window alone (which for batch 1, where the mask is None, nothing else would notice); and a
-layer whose window no kvcompress attention consumed refuses its next `update`.
-
-On CUDA with Triton installed, the decode step runs the split-K Triton kernel over the codes
-instead (`kernels.decode_attention`, same result) where the layer's codecs allow it.
-
-This module does not handle prefill (several query tokens), sliding-window layers, dropout,
-logit soft-capping or learned attention-sink logits: for those the cache hands attention a
-full reconstruction (or this function refuses with an error), never a partial one. It does not
-switch any model by itself: only `enable_fast_attention` does, and its handle undoes it.
+`enable_fast_attention(model)` registers the attention function "kvcompress" (transformers'
+public `AttentionInterface`) and switches an "sdpa" model to it; its handle switches back.
+That function is sdpa for every call but three, recognised by a tag on the key tensor the
+layer returned: a decode step on a `CompressedLayer` (a `HandedWindow`: the function reads the
+layer through `attend`: Triton, CPU kernel or `kernels.reference`), a prompt held for eviction
+(sdpa, then `evict_prompt`) and a step of generation-time eviction (sdpa, then
+`after_attention`). The handed window raises on any read, so an attention that does not know
+the tag fails at that step. No prefill, dropout, soft-capping or sink logits at decode steps.
 """
 
 from __future__ import annotations
@@ -67,10 +18,10 @@ import torch
 from transformers import PreTrainedModel
 
 from .. import kernels
-from ..calibration import config_fields
-from ..codecs import QuantCodec, token_slice
+from ..codecs import QuantCodec
 from ..compat import register_attention_function, sdpa_attention
 from ..kernels import cpu as cpu_kernel
+from ..kernels import reference
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +30,6 @@ ATTENTION_NAME = "kvcompress"
 LAYER_ATTRIBUTE = "_kvcompress_layer"
 PROMPT_ATTRIBUTE = "_kvcompress_prompt_layer"
 OBSERVED_ATTRIBUTE = "_kvcompress_observed_layer"
-CHUNK_TOKENS = 4096
 # Model types whose attention passes the tensors `Cache.update` returns straight to the
 # attention function (checked by tests/test_attention.py for each).
 FAST_ATTENTION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -225,9 +175,8 @@ class HandedWindow(torch.Tensor):
         raise RuntimeError(
             f"kvcompress: an attention other than kvcompress's tried to read the K/V window that {where} handed "
             f"to kvcompress's attention ({getattr(func, '__name__', func)} on it); it would have attended to the "
-            "window alone, without the compressed tokens. Fix: build the cache with "
-            "CompressedCache(..., fast_attention=False), or restore the model's attention (the handle "
-            "enable_fast_attention returned); and please report the model type to kvcompress.")
+            "window alone, without the compressed tokens. Fix: run the model without kvcompress's attention "
+            "(restore the handle enable_fast_attention returned); and please report the model type to kvcompress.")
 
 
 def hand_window(keys: torch.Tensor, layer) -> HandedWindow:
@@ -259,7 +208,7 @@ def _check_unpadded(attention_mask: torch.Tensor | None, layer) -> None:
     last = attention_mask[..., -1, :]
     sees_all = bool(last.all()) if last.dtype == torch.bool else bool((last == 0).all())
     if not sees_all:
-        raise ValueError(f"layer {layer.layer_idx}: eviction ({layer.eviction.describe()}) needs prompts without "
+        raise ValueError(f"layer {layer.layer_idx}: eviction ({layer.evictor.describe()}) needs prompts without "
                          "padding (the last prompt token must see every prompt token); run padded prompts one at a "
                          "time, or use a spec without eviction")
 
@@ -294,12 +243,10 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     if dropout or unsupported:
         raise ValueError(
             f"kvcompress attention does not support {unsupported or {'dropout': dropout}} at decode time; "
-            "build the cache with CompressedCache(..., fast_attention=False) for this model, or leave the model "
-            "on sdpa (restore the handle enable_fast_attention returned)"
+            "leave the model on sdpa (restore the handle enable_fast_attention returned): decode steps then read "
+            "the full reconstruction"
         )
-    config = getattr(module, "config", None)
-    if layer.key_space is not None and config is not None and config is not layer.checked_config:
-        _check_rope(layer, config)
+    layer.check_reader(getattr(module, "config", None))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend(layer, query, attention_mask, scale)  # (B, H_q, Q, D)
     if layer.evicts_during_generation():
@@ -307,31 +254,17 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     return out.transpose(1, 2).contiguous(), None
 
 
-def _check_rope(layer, config) -> None:
-    """Refuse a model whose rope differs from the one the layer's pre-RoPE keys were coded with
-    (the keys would be re-rotated with the wrong angles); remember a config that matches."""
-    fields = layer.model_fields
-    if fields is not None:
-        rope = config_fields(config)["rope"]
-        if rope != fields["rope"]:
-            raise ValueError(f"layer {layer.layer_idx} of this CompressedCache holds pre-RoPE keys of a model with "
-                             f"rope {fields['rope']}, but a model with rope {rope} is reading it; build one "
-                             "cache per model: CompressedCache(model, spec)")
-    layer.checked_config = config
-
-
 def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """The decode step over `layer`: on CUDA the Triton kernel where it applies
     (`kernels.decode_attention`, see `_triton_reads`); on CPU the compiled CPU kernel where it
     applies (`kvcompress.kernels.cpu`: CPU tensors, plain `QuantCodec` keys and values stored
-    post-RoPE or codebook keys and values, `layer.use_kernel`; not with KVCOMPRESS_KERNELS=torch);
-    else `attend_compressed`.
+    post-RoPE or codebook keys and values; `kernels.use_cpu_kernel`); else
+    `kernels.reference.attend_compressed`. KVCOMPRESS_KERNELS chooses (see `kernels`).
     Same arguments and result as `attend_compressed`."""
     if _triton_reads(layer, query, attention_mask):
         return kernels.decode_attention(layer, query, attention_mask, scaling)
-    use_cpu_kernel = layer.use_kernel and kernels.mode() != "torch"
-    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if use_cpu_kernel else None
-    return out if out is not None else attend_compressed(layer, query, attention_mask, scaling)
+    out = cpu_kernel.attend(layer, query, attention_mask, scaling) if kernels.use_cpu_kernel(query) else None
+    return out if out is not None else reference.attend_compressed(layer, query, attention_mask, scaling)
 
 
 def _triton_reads(layer, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
@@ -340,110 +273,3 @@ def _triton_reads(layer, query: torch.Tensor, attention_mask: torch.Tensor | Non
     return (kernels.use_triton(query) and layer.key_space is None
             and isinstance(layer.key_codec, QuantCodec) and isinstance(layer.value_codec, QuantCodec)
             and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)))
-
-
-def _chunks(layer, kind: str):
-    """Yield (start, stop, encoding of tokens [start, stop)) over the layer's compressed tokens."""
-    stored = layer.stored_keys if kind == "key" else layer.stored_values
-    total = layer.n_compressed
-    step = max(layer.block_size, CHUNK_TOKENS // layer.block_size * layer.block_size)
-    for start in range(0, total, step):
-        stop = min(start + step, total)
-        yield start, stop, token_slice(stored, total, start, stop)
-
-
-def codec_rotation(codec, dim: int, device: torch.device) -> torch.Tensor | None:
-    """The float32 orthogonal R (dim, dim) a codec stores its states in (x -> x @ R), or None."""
-    rotation = getattr(codec, "rotation", None)
-    return rotation(dim, device, torch.float32) if rotation is not None else None
-
-
-def codec_offset(codec, device: torch.device) -> torch.Tensor | None:
-    """The float32 (H, D) mean a rotated codec subtracts before rotating, or None."""
-    offset = getattr(codec, "offset", None)
-    return offset(device) if offset is not None else None
-
-
-def _chunk_scores(layer, part: dict, start: int, q: torch.Tensor, rotated: bool) -> torch.Tensor:
-    """q . k for the keys of one chunk: (B, H, rep, T) from q (B, H, rep, D), in float32.
-
-    With `rotated`, q is already q @ R and the keys are read in the codec's rotated space.
-    """
-    if rotated:
-        return q @ layer.key_codec.decode_rotated(part, torch.float32).transpose(-1, -2)
-    keys = layer.key_codec.decode(part, torch.float32)  # (B, H, T, D)
-    if layer.key_space is not None:  # keys were coded pre-RoPE: rotate them to their positions
-        keys = layer.key_space.rotate(keys, start=layer.key_positions(start, start + keys.shape[2]))
-    return q @ keys.transpose(-1, -2)
-
-
-def _chunk_mix(layer, part: dict, probs: torch.Tensor, rotated: bool) -> torch.Tensor:
-    """probs @ v for the values of one chunk: (B, H, rep, D) from probs (B, H, rep, T), in float32.
-
-    With `rotated`, the result stays in the codec's rotated space (probs @ (V @ R)).
-    """
-    if rotated:
-        return probs @ layer.value_codec.decode_rotated(part, torch.float32)
-    return probs @ layer.value_codec.decode(part, torch.float32)
-
-
-def attend_compressed(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
-                      ) -> torch.Tensor:
-    """Attention of one decode step over [sinks | compressed blocks | window] of `layer`.
-
-    Args:
-        layer: a `CompressedLayer` holding at least one compressed block.
-        query: (B, H_q, 1, D), H_q a multiple of the layer's H_kv heads (grouped-query attention).
-        attention_mask: None, bool (True = attend) or additive float, (B, 1, 1, seq) where seq
-            is every token the layer holds.
-        scaling: factor applied to q.k.
-
-    Returns:
-        (B, H_q, 1, D_v) attention output in the query's dtype; computed in float32.
-    """
-    B, Hq, Q, D = query.shape
-    if Q != 1:
-        raise ValueError(f"attend_compressed handles one query token (a decode step), got {Q}")
-    sink_k, window_k = layer.sink_keys, layer.window_keys
-    H = window_k.shape[1]
-    n_sinks, n_compressed, n_window = sink_k.shape[2], layer.n_compressed, window_k.shape[2]
-    seq = n_sinks + n_compressed + n_window
-    compute = torch.float32
-    q = (query.to(compute) * scaling).reshape(B, H, Hq // H, D)  # query heads grouped by their K/V head
-
-    scores = torch.empty(B, H, Hq // H, seq, dtype=compute, device=query.device)
-    scores[..., :n_sinks] = q @ sink_k.to(compute).transpose(-1, -2)
-    # A rotated key codec (pre-RoPE keys excepted: RoPE does not commute with R): rotate q once.
-    key_rotation = codec_rotation(layer.key_codec, D, query.device) if layer.key_space is None else None
-    q_keys = q @ key_rotation if key_rotation is not None else q
-    key_offset = codec_offset(layer.key_codec, query.device) if key_rotation is not None else None
-    for start, stop, part in _chunks(layer, "key"):
-        scores[..., n_sinks + start:n_sinks + stop] = _chunk_scores(layer, part, start, q_keys,
-                                                                     key_rotation is not None)
-    if key_offset is not None:  # keys stored as k - m: add q.m to every compressed token's score
-        scores[..., n_sinks:n_sinks + n_compressed] += (q * key_offset[None, :, None, :]).sum(-1, keepdim=True)
-    scores[..., n_sinks + n_compressed:] = q @ window_k.to(compute).transpose(-1, -2)
-    if attention_mask is not None:
-        if attention_mask.shape[-1] != seq:
-            raise ValueError(f"attention mask covers {attention_mask.shape[-1]} positions, the cache holds {seq}")
-        mask = attention_mask[..., -1:, :]  # (B or 1, 1, 1, seq)
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores += mask.to(compute)
-    probs = torch.softmax(scores, dim=-1)
-
-    out = probs[..., :n_sinks] @ layer.sink_values.to(compute)
-    out += probs[..., n_sinks + n_compressed:] @ layer.window_values.to(compute)
-    # A rotated value codec: sum p.(V R) over the chunks, then un-rotate that sum once.
-    value_rotation = codec_rotation(layer.value_codec, out.shape[-1], query.device)
-    mixed = torch.zeros_like(out) if value_rotation is not None else out
-    for start, stop, part in _chunks(layer, "value"):
-        mixed += _chunk_mix(layer, part, probs[..., n_sinks + start:n_sinks + stop], value_rotation is not None)
-    if value_rotation is not None:
-        out += mixed @ value_rotation.T
-        value_offset = codec_offset(layer.value_codec, query.device)
-        if value_offset is not None:  # values stored as v - m: add (sum of their probabilities) * m
-            weight = probs[..., n_sinks:n_sinks + n_compressed].sum(-1, keepdim=True)  # (B, H, rep, 1)
-            out += weight * value_offset[None, :, None, :]
-    return out.reshape(B, Hq, 1, out.shape[-1]).to(query.dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..calibration import KINDS  # the tensors a calibration artifact describes
 from ..codecs.allocated import AllocatedCodebookCodec, allocate_bits
 from ..codecs.base import Codec
 from ..codecs.centering import Centered
@@ -20,8 +21,6 @@ from ..codecs.lowrank import LowRankProjection
 from ..codecs.quant import QuantCodec
 from ..codecs.rotation import RandomizedHadamard, layer_seed
 from ..spec import TensorSpec
-
-KINDS = ("key_post", "key_pre", "value")
 
 
 def pca_codebook(bits: int, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor) -> Codec:

@@ -35,6 +35,9 @@ from .sliding import CompressedSlidingLayer
 
 
 def _text_config(model_or_config) -> PretrainedConfig:
+    if not isinstance(model_or_config, (PreTrainedModel, PretrainedConfig)):
+        raise TypeError(f"CompressedCache needs the model (a transformers PreTrainedModel) or its config as its "
+                        f"first argument, got {type(model_or_config).__name__}; pass CompressedCache(model, spec)")
     config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
@@ -140,6 +143,13 @@ class CompressedCache(Cache):
         out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
         cache.memory_report().ratio
 
+    The decode path follows the model alone: while it runs kvcompress's attention
+    (`kvcompress.enable_fast_attention(model)`: Llama, Mistral, Qwen2, Qwen3, Gemma 3 text models
+    on "sdpa"), decode steps hand attention the codes, read chunk by chunk or by a compiled
+    kernel (`KVCOMPRESS_KERNELS`, see `kvcompress.kernels`; same result, faster); otherwise
+    attention reads the full reconstruction, and the first such cache logs once (INFO, logger
+    "kvcompress") how to enable it. The cache never switches the model itself.
+
     Args:
         model: the model (or its config) the cache is for. Pre-RoPE keys need the model itself
             (its rotary embedding), not only its config.
@@ -149,17 +159,6 @@ class CompressedCache(Cache):
         monitor: False (default, costs nothing), True, or a `kvcompress.cache.monitor.QualityMonitor`
             with your own thresholds: samples compressed blocks and tracks their reconstruction
             quality per layer (`cache.monitor.summary()`), warning once per layer when it drops.
-        fast_attention: True (default): at a decode step, hand attention the codes when (and only
-            when) the model runs kvcompress's attention function, i.e. after
-            `kvcompress.enable_fast_attention(model)` (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text
-            models using "sdpa"): attention then reads the codes chunk by chunk instead of a full
-            decoded copy (same result, faster); otherwise it reads the full reconstruction, and
-            the first such cache logs once (INFO, logger "kvcompress") how to enable it. The cache
-            never switches the model itself. False: attention always reads the full
-            reconstruction, whatever the model runs.
-        kernel: True (default): on CPU, decode steps that read the codes run the compiled kernel
-            `kvcompress.kernels.cpu` (built on first use; same results) for layers whose codecs it
-            reads; False: always the pure-torch path (also forced by KVCOMPRESS_NO_KERNEL=1).
 
     Attributes:
         key_space_fallback: why pre-RoPE keys were asked for but keys are compressed post-RoPE
@@ -172,7 +171,7 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, model: PreTrainedModel | PretrainedConfig, spec: str | dict | CacheSpec = "int4",
-                 artifact=None, monitor=False, fast_attention: bool = True, kernel: bool = True):
+                 artifact=None, monitor=False):
         config = _text_config(model)
         sliding_windows = check_supported(config)
         self.spec = load_spec(spec)
@@ -186,30 +185,29 @@ class CompressedCache(Cache):
         key_spaces, self.key_space_fallback = _key_spaces(model, self.spec, num_layers)
         if self.spec.eviction is not None:
             _check_eviction(model, self.spec, sliding_windows)
+        self.monitor = _make_monitor(monitor)
         layers = []
         for idx in range(num_layers):
             key_spec, value_spec = self.spec.for_layer(idx)
             kind = "key_pre" if key_spaces[idx] is not None else "key_post"
-            layer_cls, extra = CompressedLayer, {"eviction": self.spec.eviction}
+            codecs = (build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact),
+                      build_codec(value_spec, layer_idx=idx, kind="value", artifact=artifact))
+            common = dict(window=self.spec.window, sinks=self.spec.sinks, block_size=self.spec.block_size,
+                          layer_idx=idx, config=config, key_space=key_spaces[idx], monitor=self.monitor)
             if sliding_windows[idx] is not None:  # keeps only the window, as transformers does
-                layer_cls, extra = CompressedSlidingLayer, {"sliding_window": sliding_windows[idx]}
-            layers.append(layer_cls(build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact),
-                                    build_codec(value_spec, layer_idx=idx, kind="value", artifact=artifact),
-                                    window=self.spec.window, sinks=self.spec.sinks,
-                                    block_size=self.spec.block_size, layer_idx=idx,
-                                    key_space=key_spaces[idx], **extra))
+                layers.append(CompressedSlidingLayer(*codecs, sliding_window=sliding_windows[idx], **common))
+            else:
+                layers.append(CompressedLayer(*codecs, eviction=self.spec.eviction, **common))
         super().__init__(layers=layers)
-        self.monitor = _make_monitor(monitor)
-        for layer in self.layers:
-            layer.monitor = self.monitor
-            layer.model_fields = self.model_fields
-            layer.use_kernel = kernel
-            layer.model_config = config
-        if fast_attention:  # decode steps read the codes while the model runs kvcompress's attention
-            for layer in self.layers:
-                if not layer.is_sliding:
-                    layer.attention_config = config
-            hint_fast_attention(model)
+        hint_fast_attention(model)
+
+    @property
+    def is_croppable(self) -> bool:
+        """False for a spec with eviction: a crop cannot bring back tokens eviction dropped, and the
+        first forward of assisted / prompt-lookup decoding holds the candidate tokens with the prompt,
+        so eviction would score and budget them as prompt. transformers refuses those generation
+        modes for a cache that is not croppable (a ValueError after the first forward pass)."""
+        return self.spec.eviction is None and super().is_croppable
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Store (B, H, T, D) states of layer `layer_idx` (see `CompressedLayer.update`), after
@@ -252,7 +250,7 @@ class CompressedCache(Cache):
         memo: dict[int, object] = {}
         for layer in self.layers:
             for shared in (layer.key_codec, layer.value_codec, getattr(layer.key_space, "inner", layer.key_space),
-                           layer.attention_config):
+                           layer.config):
                 if shared is not None:
                     memo[id(shared)] = shared
         return copy.deepcopy(self, memo)

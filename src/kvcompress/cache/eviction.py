@@ -1,29 +1,11 @@
-"""Token eviction: which prompt tokens a layer keeps, scored from what attention saw at prefill.
+"""Token eviction: scores per policy, the tokens each KV head keeps, and `Evictor`, a layer's mechanics.
 
-At the end of the prompt's forward pass, kvcompress's attention function hands a
-`CompressedLayer` the prompt's queries; the layer calls `choose_kept` here, which scores every
-prompt token per KV head with the spec's policy and returns the positions each head keeps:
-
-    snapkv     softmax attention of the last `observation` queries (causal), summed over them and
-               over the query heads of a KV head, then max-pooled over `pooling` neighbours
-    tova       softmax attention of the last query, summed over the query heads of a KV head
-    expected   expected attention exp(s mu.k + s^2 k'Sigma k / 2) of a query drawn from the Gaussian
-               fitted (mean mu, covariance Sigma, per query head) to the last `observation` queries,
-               normalised over tokens, summed over the query heads, times the value's norm
-    streaming  recency: the most recent tokens (with the sinks: StreamingLLM)
-    knorm      the smallest key norms (keys with a small norm tend to draw attention)
-
-The `sinks` first tokens and the last `protected` tokens (the cache's full-precision window)
-are always kept; the rest of each head's budget goes to the best-scoring tokens.
-
-With `applies: "generation"`, every `ceil(block_size / keep)` tokens that leave the window later
-keep `block_size` per KV head (`choose_in_segment`): the attention policies score them with the
-latest query attention saw (TOVA-style: no later query exists yet), streaming keeps the most
-recent, knorm the smallest key norms.
-
-Every KV head of a layer keeps the same number of tokens (each its own tokens): storage stays
-one (B, H, n, D) tensor per layer and transformers' one mask per layer stays right. This module
-does not store or drop anything (the layer does) and does not run attention.
+`choose_kept` picks the prompt tokens each KV head keeps (sinks and the last `protected` tokens
+always); `choose_in_segment` picks `block_size` of a segment leaving the window during
+generation (`applies: "generation"`), scored with the latest query. `Evictor` applies them for
+one `CompressedLayer`, whose storage stays in the layer. Every KV head keeps the same number of
+tokens (each its own), so storage stays one (B, H, n, D) tensor per layer and transformers' one
+mask per layer stays right.
 """
 
 from __future__ import annotations
@@ -127,6 +109,11 @@ def choose_kept(spec: EvictionSpec, query: torch.Tensor, keys: torch.Tensor, val
                 scaling: float, *, sinks: int, protected: int, block_size: int) -> torch.Tensor:
     """Positions each KV head keeps, sorted: a (B, H_kv, n_kept) long tensor.
 
+    Policies: snapkv (attention of the last `observation` queries, summed over them and over a KV
+    head's query heads, max-pooled over `pooling` neighbours), tova (attention of the last query),
+    expected (expected attention of a query drawn from the Gaussian fitted to the last
+    `observation` queries, times the value's norm), streaming (recency), knorm (smallest key norms).
+
     Args:
         spec: the eviction spec (policy and budget).
         query: (B, H_q, n, D) post-RoPE queries of the prompt (H_q a multiple of H_kv).
@@ -146,3 +133,88 @@ def choose_kept(spec: EvictionSpec, query: torch.Tensor, keys: torch.Tensor, val
     scores = scores.masked_fill(always, float("inf"))
     kept = scores.topk(n_kept, dim=-1, sorted=False).indices
     return kept.sort(dim=-1).values
+
+
+class Evictor:
+    """The eviction mechanics of one `CompressedLayer`: which tokens it keeps (storage stays in the layer).
+
+    Args:
+        spec: the eviction spec (policy, budget, when it applies).
+        sinks, window, block_size: the layer's (first tokens and last tokens always kept; the
+            compression block).
+
+    Attributes:
+        selected: tokens at the start of the layer's window that generation-time eviction has
+            already chosen (they are compressed next).
+    """
+
+    def __init__(self, spec: EvictionSpec, *, sinks: int, window: int, block_size: int):
+        self.spec, self.sinks, self.window, self.block_size = spec, sinks, window, block_size
+        self.selected = 0
+        self._hooks: list = []
+
+    def describe(self) -> str:
+        return self.spec.describe()
+
+    @property
+    def during_generation(self) -> bool:
+        """Whether tokens leaving the window are evicted too (`applies: "generation"`)."""
+        return self.spec.applies == "generation"
+
+    def add_hook(self, hook) -> None:
+        """Call `hook(kept)` with the (B, H, n_kept) positions kept of every prompt evicted (for measurements)."""
+        self._hooks.append(hook)
+
+    def reset(self) -> None:
+        self.selected = 0
+
+    def keep_prompt(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kept positions (B, H, n_kept), kept keys, kept values) of a (B, H, n, D) prompt scored
+        with its (B, H_q, n, D) queries; every kept token after the sinks counts as selected."""
+        kept = choose_kept(self.spec, query, keys, values, scaling, sinks=self.sinks, protected=self.window,
+                           block_size=self.block_size)
+        for hook in self._hooks:
+            hook(kept)
+        if kept.shape[2] < keys.shape[2]:
+            index = kept[..., None]
+            keys = keys.gather(2, index.expand(-1, -1, -1, keys.shape[3]))
+            values = values.gather(2, index.expand(-1, -1, -1, values.shape[3]))
+        self.selected = kept.shape[2] - min(self.sinks, kept.shape[2])
+        return kept, keys, values
+
+    def compressible(self, n_window: int) -> int | None:
+        """How many of the first tokens of a window of `n_window` tokens may be compressed: with
+        generation-time eviction only the selected ones, else any (None)."""
+        self.selected = min(self.selected, n_window)  # a crop may have cut selected tokens
+        return self.selected if self.during_generation else None
+
+    def compressed(self, n_tokens: int) -> None:
+        """The layer compressed the first `n_tokens` tokens of its window."""
+        self.selected = max(0, self.selected - n_tokens)
+
+    def pending(self, n_window: int) -> bool:
+        """Whether a whole span of unselected tokens has left a window of `n_window` tokens."""
+        return n_window - self.window - self.selected >= self.spec.generation_span(self.block_size)
+
+    def select(self, query: torch.Tensor, scaling: float, keys: torch.Tensor, values: torch.Tensor,
+               positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """While a span of unselected tokens has left the window, keep `block_size` of them per KV
+        head (scored with the (B, H_q, 1, D) query) and drop the rest.
+
+        Args and result: the window's (B, H, n, D) keys and values and its (B, H, n) int32
+        positions (or None), with the dropped tokens removed."""
+        span = self.spec.generation_span(self.block_size)
+        while self.pending(keys.shape[2]):
+            start, stop = self.selected, self.selected + span
+            kept = choose_in_segment(self.spec, query, keys[:, :, start:stop], values[:, :, start:stop], scaling,
+                                     self.block_size) + start  # (B, H, block_size) window indices
+            B, H = kept.shape[:2]
+            keep = torch.cat([torch.arange(start, device=kept.device).expand(B, H, start), kept,
+                              torch.arange(stop, keys.shape[2], device=kept.device).expand(B, H, -1)], dim=2)
+            keys = keys.gather(2, keep[..., None].expand(-1, -1, -1, keys.shape[3]))
+            values = values.gather(2, keep[..., None].expand(-1, -1, -1, values.shape[3]))
+            if positions is not None:
+                positions = positions.gather(2, keep.to(torch.long))
+            self.selected += self.block_size
+        return keys, values, positions

@@ -1,35 +1,12 @@
 """`CompressedSlidingLayer`: the compressed cache of one sliding-window attention layer.
 
-Sliding-window layers (Gemma 2/3, Mistral with `sliding_window`, Cohere 2) attend only to
-the last `sliding_window` positions. The layer keeps transformers' semantics
-(`DynamicSlidingWindowLayer`, transformers 5.24):
-
-- it holds at most `sliding_window - 1` tokens between forward passes; tokens that leave the
-  window are dropped, not stored;
-- `update` returns the held tokens plus the new ones (the keys the mask of
-  `get_mask_sizes` describes: length `min(seen, sliding_window - 1) + new`, offset
-  `max(seen - sliding_window + 1, 0)`);
-- `get_seq_length` counts every token seen, not the tokens held;
-- after `activate_past_recording` (assisted generation) it keeps everything until the next
-  `crop`, which removes the rejected tokens and restricts the layer to the window again.
-
-Within the window, storage is that of `CompressedLayer`:
-
-    [ head (full precision) | compressed blocks | full-precision window ]
-
-The head holds the `sinks` first tokens while they are still visible. When the left edge of
-the sliding window reaches the middle of a compressed block, the block's codes are dropped
-and its still-visible tokens move to the head in their decoded form (exactly what attention
-was reading), so the layer never holds a token outside the window and what attention reads
-does not change. Tokens therefore held <= sliding_window - 1 always (outside past
-recording), and since compressed and decoded tokens take no more bytes than full-precision
-ones, the layer's bytes never exceed those of transformers' own uncompressed sliding layer.
-
-Departure from a plain sliding cache: none in what attention sees; the sinks are not kept
-beyond the window (a sliding layer's mask would hide them anyway).
-
-This module does not decide which layers slide (the cache reads the model config), and it
-does not build masks (transformers does, from `get_mask_sizes`).
+Keeps transformers' semantics (`DynamicSlidingWindowLayer`, transformers 5.24): at most
+`sliding_window - 1` tokens held between forward passes (older ones dropped, not stored),
+`get_seq_length` counts every token seen, and after `activate_past_recording` everything is
+kept until the next `crop`. Within the window storage is `CompressedLayer`'s; when the window's
+left edge cuts a compressed block, the block's visible tokens move to the head in decoded form
+(what attention was reading), so the layer never holds more bytes than transformers' own
+sliding layer. Attention always reads the reconstruction; sinks are not kept beyond the window.
 """
 
 from __future__ import annotations
@@ -66,8 +43,8 @@ class CompressedSlidingLayer(CompressedLayer):
     """A `CompressedLayer` that keeps only the last `sliding_window - 1` tokens.
 
     Args:
-        key_codec, value_codec, window, sinks, block_size, layer_idx, key_space: as for
-            `CompressedLayer`.
+        key_codec, value_codec, window, sinks, block_size, layer_idx, config, key_space, monitor:
+            as for `CompressedLayer` (no eviction: a sliding layer keeps only its window).
         sliding_window: the model's sliding window for this layer (tokens a query may see,
             itself included).
     """
@@ -75,13 +52,13 @@ class CompressedSlidingLayer(CompressedLayer):
     is_sliding = True
 
     def __init__(self, key_codec: Codec, value_codec: Codec, window: int, sinks: int, block_size: int,
-                 sliding_window: int, layer_idx: int = 0, key_space=None):
+                 sliding_window: int, layer_idx: int = 0, config=None, key_space=None, monitor=None):
         if not isinstance(sliding_window, int) or sliding_window < 2:
             raise ValueError(f"sliding_window must be an integer >= 2, got {sliding_window!r}")
         if key_space is not None:
             key_space = ShiftedKeySpace(key_space)
         super().__init__(key_codec, value_codec, window=window, sinks=sinks, block_size=block_size,
-                         layer_idx=layer_idx, key_space=key_space)
+                         layer_idx=layer_idx, config=config, key_space=key_space, monitor=monitor)
         self.sliding_window = sliding_window
         self.record_past = False
 
@@ -110,6 +87,9 @@ class CompressedSlidingLayer(CompressedLayer):
         if not self.record_past:
             self._expire()
         return keys[:, :, -visible:], values[:, :, -visible:]
+
+    def _attention_reads_codes(self) -> bool:
+        return False  # kvcompress's attention reads full-attention layers only
 
     def get_seq_length(self) -> int:
         """Tokens seen so far (the position of the next token), including expired ones."""

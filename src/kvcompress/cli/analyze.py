@@ -7,7 +7,7 @@ import time
 
 from ..corpus import ALL_KINDS, KINDS
 from ..experiments.analysis import DEFAULT_SETTINGS, analyze, analyze_kinds, default_entries
-from .common import ray_options_from_args
+from .common import load_model_from_args, ray_executor, ray_options_from_args
 from .sweep import add_sweep_arguments, apply_threads, check_sweep_args, command_line, settings_from_args
 from .sweep import interrupted  # noqa: F401  (what a Ctrl-C leaves: the same as sweep's)
 
@@ -25,7 +25,9 @@ def run(args: argparse.Namespace) -> int:
     ray = ray_options_from_args(args)
     apply_threads(args)
     wall, cpu = time.perf_counter(), time.process_time()
-    options = {"entries": default_entries(), "progress": args.progress, "command": command_line(), "ray": ray}
+    model, tokenizer = load_model_from_args(args) if ray is not None else (None, None)  # else the sweep loads it
+    options = {"entries": default_entries(), "progress": args.progress, "command": command_line(), "model": model,
+               "tokenizer": tokenizer, "executor": ray_executor(ray, args, model)}
     if args.text == ALL_KINDS:
         path = analyze_kinds(args.out, settings_from_args(args), list(KINDS), **options)
     else:

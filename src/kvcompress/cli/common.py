@@ -12,12 +12,12 @@ they name.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
 import torch
 
-from ..io import write_json_atomic
 from ..models import DTYPES
 
 
@@ -79,11 +79,6 @@ def load_model_from_args(args):
     return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
 
 
-def write_json(path: str | Path, data: dict) -> Path:
-    """Write `data` as indented JSON, creating parent folders; returns the path."""
-    return write_json_atomic(path, data)
-
-
 # --------------------------------------------------------------------------- checks before any work
 
 
@@ -94,9 +89,11 @@ def check_tokens(value: int, option: str, minimum: int, why: str = "") -> None:
                         "or more")
 
 
-def check_positive(value: float | int | None, option: str) -> None:
-    if value is not None and not value > 0:
-        raise UserError(f"{option} must be positive, got {value}")
+def check_positive(value: float | int | None, option: str, example: str = "") -> None:
+    """`value` (if given) must be a finite number above 0 (`example`: a valid value for the message)."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        fix = f"; pass e.g. {option} {example}" if example else ""
+        raise UserError(f"{option} must be a positive, finite number, got {value}{fix}")
 
 
 def check_device(device: str) -> None:
@@ -277,6 +274,18 @@ def check_model_args(args: argparse.Namespace) -> None:
     check_model_path(args.model)
 
 
+def check_model_context(model, n_tokens: int, option: str, why: str, value: int) -> None:
+    """`n_tokens` positions must fit the loaded model's context (`max_position_embeddings`); else a
+    UserError naming `option` (whose value `value` is what to lower) and the largest that fits."""
+    from ..fingerprint import text_config
+
+    limit = getattr(text_config(model), "max_position_embeddings", None)
+    if limit is not None and n_tokens > limit:
+        fits = value - (n_tokens - limit)
+        fix = f"pass {option.split()[0]} {fits} or less" if fits >= 1 else "use fewer tokens"
+        raise UserError(f"{option}: {why}, {n_tokens} tokens, more than the model's context of {limit}; {fix}")
+
+
 def check_artifact_dir(path: str | None, option: str = "--artifact") -> None:
     """An --artifact must be an existing folder (its contents are checked when it is loaded)."""
     if path is None:
@@ -385,6 +394,33 @@ def ray_options_from_args(args: argparse.Namespace):
     from ..distributed import RayOptions, import_ray
 
     import_ray()
-    return RayOptions(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
-                      cpus_per_worker=args.ray_cpus_per_worker, gpus_per_worker=args.ray_gpus_per_worker,
-                      num_cpus=args.ray_num_cpus, retries=args.ray_retries)
+    options = RayOptions(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
+                         cpus_per_worker=args.ray_cpus_per_worker, gpus_per_worker=args.ray_gpus_per_worker,
+                         num_cpus=args.ray_num_cpus, retries=args.ray_retries)
+    if options.address is not None:
+        join_ray_cluster(options, f"--ray {args.ray}")
+    return options
+
+
+def join_ray_cluster(options, option: str) -> None:
+    """Join the cluster at `options.address` now, before any work: a missing cluster is a UserError
+    naming `option` (Ray's own advice names a flag kvcompress does not have)."""
+    from ..distributed import connect
+
+    try:
+        connect(options)
+    except ConnectionError as err:
+        why = str(err).split(". ")[0].rstrip(".")
+        raise UserError(f"{option}: could not join a Ray cluster ({why}); start one with `ray start --head` (then "
+                        "--ray auto finds it), pass its address, or give a bare --ray to start a local cluster "
+                        "in this process") from None
+
+
+def ray_executor(options, args: argparse.Namespace, model):
+    """A `distributed.RayExecutor` for `options` (None: None, the work runs here); its actors load
+    --model/--dtype/--device and are refused if their model differs from `model`."""
+    if options is None:
+        return None
+    from ..distributed import RayExecutor
+
+    return RayExecutor(options, (args.model, args.dtype, str(args.device)), model=model)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 
 from ..calibration import artifact_for
+from ..measure.bootstrap import interval_text
 from ..measure.evaluate import decode_faithful_eval
 from ..measure.prompt import prompt_eval
 from .common import (UserError, add_corpus_arguments, add_model_arguments, check_artifact_dir, check_context_tokens,
                      check_eval_tokens, check_model_args, check_output_file, check_spec, check_text, check_tokens,
-                     load_model_from_args, text_kind, text_label, write_json)
+                     load_model_from_args, text_kind, text_label)
+from ..io import write_json_atomic
 
 NAME = "eval"
 HELP = ("decode-faithful perplexity, KL and top-1 agreement of a spec vs the uncompressed cache (--context N: of a "
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                   "artifact": artifact_info, **result.to_dict()}
         print_prompt_result(args, spec, text, result)
         if args.json:
-            print(f"wrote       {write_json(args.json, record)}")
+            print(f"wrote       {write_json_atomic(args.json, record)}")
         return 0
     result = decode_faithful_eval(model, ids, spec, mode=args.mode, progress=not args.no_progress,
                                   artifact=artifact)
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
           f"{result.fp16_bytes:,} in fp16)")
     _print_quality(result)
     if args.json:
-        print(f"wrote       {write_json(args.json, record)}")
+        print(f"wrote       {write_json_atomic(args.json, record)}")
     return 0
 
 
@@ -134,11 +136,10 @@ def print_prompt_result(args: argparse.Namespace, spec, text, result) -> None:
 
 def _print_quality(result) -> None:
     """The bits, perplexity, KL and top-1 lines both evaluation modes print."""
-    lo, hi = result.ppl_change_ci95
-    klo, khi = result.kl_ci95
+    interval = result.interval
+    method = "" if result.kl_ci95 is None else f"; {interval['ci_method']}, {interval['block_tokens']}-token blocks"
     print(f"bits/value  {result.bits_per_value:.3f} per compressed K/V value (window and sinks apart)")
     print(f"perplexity  {result.ppl_baseline:.3f} -> {result.ppl:.3f}  ({result.ppl_change:+.2%}, "
-          f"95% CI {lo:+.2%} .. {hi:+.2%})")
-    print(f"KL          {result.kl:.4f}  (95% CI {klo:.4f} .. {khi:.4f}; {result.interval['ci_method']}, "
-          f"{result.interval['block_tokens']}-token blocks)")
+          f"{interval_text(result.ppl_change_ci95, interval, '+.2%')})")
+    print(f"KL          {result.kl:.4f}  ({interval_text(result.kl_ci95, interval)}{method})")
     print(f"top-1       {result.top1:.3f}")

@@ -17,8 +17,9 @@ HELP = ("greedy generation with a compressed cache for every prompt of a JSONL f
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help='JSONL file, one {"id": ..., "prompt": ...} per line')
     parser.add_argument("--output", required=True,
-                        help="JSONL file the results are appended to (prompts whose id has an 'ok' line there are "
-                             "skipped)")
+                        help="JSONL file of the results, one line per prompt; a rerun skips the prompts with an 'ok' "
+                             "line of the same id, text and settings there and redoes the others (a file written with "
+                             "another spec, model or --max-new-tokens is refused)")
     parser.add_argument("--spec", default="int4", help="preset name or .json/.yaml spec file")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens generated per prompt")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per Ray Data batch (with --ray)")
@@ -28,6 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads in this process (default: torch's own choice)")
     add_model_arguments(parser)
     add_ray_arguments(parser, unit="batch of prompts")
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    from ..generate import read_output
+
+    results = [line for line in read_output(args.output) if line.get("status") in ("ok", "error")]
+    ok = sum(line["status"] == "ok" for line in results)
+    return (f"{args.output} holds {ok} generated prompt(s) and {len(results) - ok} error line(s); run the same "
+            "command again to resume")
 
 
 def run(args: argparse.Namespace) -> int:

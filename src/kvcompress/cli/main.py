@@ -1,17 +1,10 @@
 """The `kvcompress` command line: one sub-command per module in `kvcompress.cli`.
 
-Each command module defines NAME, HELP, `add_arguments(parser)` and `run(args) -> int`, and
-may define `interrupted(args) -> str` (what a Ctrl-C leaves behind, e.g. which records are
-saved). This module dispatches and turns errors into exit statuses:
-
-    0    done
-    1    the command ran but its result is a failure (e.g. a spec that failed in a sweep)
-    2    a user error (bad option, unreadable file, missing optional package, a model that
-         cannot be loaded): ONE line on stderr, `kvcompress CMD: error: ...`, no traceback
-         (`--debug` shows it)
-    130  interrupted (Ctrl-C): one line saying what was saved
-
-Progress messages of the library (logger "kvcompress") go to stdout. It holds no other logic.
+Each command module defines NAME, HELP, `add_arguments(parser)` and `run(args) -> int`, and may
+define `interrupted(args) -> str` (what a Ctrl-C leaves behind). Exit statuses: 0 done; 1 the
+command ran but its result is a failure; 2 a user error, printed as ONE line
+`kvcompress CMD: error: ...` with no traceback (`--debug` shows it); 130 interrupted, with one line
+saying what was saved. Progress of the library (logger "kvcompress") goes to stdout.
 """
 
 from __future__ import annotations

@@ -1,27 +1,13 @@
-"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them (see `kvcompress.tuning.preset_selection`).
+"""`kvcompress measure-presets`: choose the named presets by measurement, or re-verify them.
 
     kvcompress measure-presets                 # sweep, choose, verify; writes runs/measured_presets.json
     kvcompress measure-presets --verify        # re-measure the shipped presets; exit 1 if one misses
-    kvcompress measure-presets --verify --file src/kvcompress/presets/prompt_presets.json
-                                               # the prompt presets: whole cache still meets its floor
-    kvcompress measure-presets --table         # print the shipped presets as a markdown table
-    kvcompress measure-presets --context 1536 --verify-tokens 512 --min-ratios prompt-6x=6,prompt-8x=8 \
-        --candidates quant,codebook --uniform k4v4,cb3 --windows 32,64 --keep 0.5,0.7,1 --policies tova
-                                               # prompt presets: lowest selection KL at a whole-cache floor
+    kvcompress measure-presets --table         # the shipped presets as a markdown table
+    kvcompress measure-presets --context 1536 --verify-tokens 512 --min-ratios prompt-6x=6,prompt-8x=8
 
-With `--context N` every measurement runs the prompt protocol (N tokens prefilled at once into
-the compressed cache; `--sweep-tokens`/`--verify-tokens` are then continuation tokens) and the
-ratio is the whole cache's at the end of the context; `--windows`, `--keep` and `--policies`
-cross the candidates with windows and eviction settings. `--min-ratios` chooses presets by a
-compression floor instead of a KL target (see `tuning.preset_selection.select_prompt_presets`):
-the ratio is taken from a `--ratio-dtype` (bfloat16) copy of the model, the KL from `--dtype`.
-
-Texts: the sweep reads the calibration part (from token `--sweep-offset`), the choice is
-verified on the selection part, and the chosen presets are measured on the report part (see
-`tuning.preset_selection`), each of the kind `--text` (default docs; `all`: equal token shares
-of every kind) or of a `--corpus FILE`. The command never writes into the installed package: to ship new
-presets, copy `runs/measured_presets.json` over `src/kvcompress/presets/measured_presets.json`
-in a source checkout and commit it.
+The algorithm and its texts: `kvcompress.tuning.preset_selection` and docs/tuning.md. The command
+never writes into the installed package: to ship new presets, copy the output file over
+`src/kvcompress/presets/` in a source checkout and commit it.
 """
 
 from __future__ import annotations
@@ -30,10 +16,11 @@ import argparse
 import sys
 import time
 
-from ..io import parse_list
+from ..io import parse_list, write_json_atomic
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
-                     check_input_file, check_model_args, check_output_file, check_text, check_text_protocol,
-                     load_model_from_args, prompt_grid_from_args, ray_options_from_args, text_kind, write_json)
+                     check_context_tokens, check_eval_tokens, check_input_file, check_model_args, check_output_file,
+                     check_text, check_text_protocol, check_tokens, load_model_from_args, prompt_grid_from_args,
+                     ray_executor, ray_options_from_args, text_kind)
 
 NAME = "measure-presets"
 DEFAULT_OUT = "runs/measured_presets.json"
@@ -89,9 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..corpus import corpus_slice
     from ..measure.evaluate import decode_faithful_eval
-    from ..presets.measured import load_measured
-    from ..tuning.preset_selection import parse_targets, select_presets, uniform_candidates, verify_presets
-    from ..tuning.tune import eval_figures
+    from ..presets.measured import PROMPT_DATA_FILE, load_measured
+    from ..tuning.candidates import uniform_candidates
+    from ..tuning.evaluators import eval_figures
+    from ..tuning.preset_selection import SelectionSettings, parse_targets, select_presets, verify_presets
 
     started = time.perf_counter()
     if args.table or args.verify:
@@ -136,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         rows = verify_presets(data, measure)
         failed = [r["name"] for r in rows if not r["met"]]
         if args.json:
-            write_json(args.json, {"file": str(args.file or "shipped"), "text": text.record, "rows": rows})
+            write_json_atomic(args.json, {"file": str(args.file or "shipped"), "text": text.record, "rows": rows})
         print(f"time        {time.perf_counter() - started:.0f} s")
         if failed:
             print(f"kvcompress measure-presets: {len(failed)} preset(s) miss their target: {', '.join(failed)}",
@@ -148,7 +136,12 @@ def run(args: argparse.Namespace) -> int:
         targets = parse_targets(args.targets)
     except ValueError as err:
         raise UserError(f"--targets {args.targets}: {err}") from None
+    if args.min_ratios is None:
+        check_new_preset_names(targets, f"--targets {args.targets}", load_measured())
     lengths = parse_list(args.passkey_lengths, int, "--passkey-lengths value")
+    if not lengths or min(lengths) < 1:
+        raise UserError(f"--passkey-lengths {args.passkey_lengths}: each length must be a positive number of tokens, "
+                        "e.g. --passkey-lengths 1024,2048")
     windows, evictions = prompt_grid_from_args(args)
     try:
         candidates = uniform_candidates(parse_list(args.candidates), window=args.window, windows=windows,
@@ -159,10 +152,14 @@ def run(args: argparse.Namespace) -> int:
     if not candidates:
         raise UserError(f"--candidates {args.candidates}: no candidate compresses anything; add a codec family")
     if args.context is not None:
-        from .common import check_context_tokens
-
         for spec in candidates:
             check_context_tokens(spec, args.context, label=f"candidate {spec.name}")
+    for option, value in (("--sweep-tokens", args.sweep_tokens), ("--verify-tokens", args.verify_tokens)):
+        if args.context is not None:
+            check_tokens(value, option, 1, " (continuation tokens after --context)")
+            continue
+        for spec in candidates:
+            check_eval_tokens(spec, value, option, label=f"candidate {spec.name}")
     check_text(args)
     check_text_protocol(args)
     check_model_args(args)
@@ -173,12 +170,12 @@ def run(args: argparse.Namespace) -> int:
     ray = ray_options_from_args(args)
     model, tokenizer = load_model_from_args(args)
     command = " ".join(["kvcompress", NAME, *_without_state(sys.argv[2:])])
-    data = select_presets(model, tokenizer, targets, candidates=candidates, sweep_tokens=args.sweep_tokens,
-                          sweep_offset=args.sweep_offset, verify_tokens=args.verify_tokens, state=state,
-                          passkey_lengths=lengths, command=command, ray=ray,
-                          load_args=(args.model, args.dtype, str(args.device)), context=args.context,
-                          kind=text_kind(args), path=args.corpus)
-    path = write_json(out, data)
+    settings = SelectionSettings(sweep_tokens=args.sweep_tokens, sweep_offset=args.sweep_offset,
+                                 verify_tokens=args.verify_tokens, passkey_lengths=tuple(lengths), context=args.context,
+                                 kind=text_kind(args), path=args.corpus)
+    data = select_presets(model, tokenizer, targets, candidates=candidates, settings=settings, state=state,
+                          command=command, executor=ray_executor(ray, args, model))
+    path = write_json_atomic(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     return 0
 
@@ -188,7 +185,8 @@ def _prompt_measure(args: argparse.Namespace, model, text, context: int, store: 
     from ..measure.prompt import prompt_eval
     from ..models import DTYPES, load_model
     from ..tuning.evaluators import make_ratio_evaluator, prompt_figures
-    from ..tuning.state import TuneState, text_fingerprint
+    from ..fingerprint import text_fingerprint
+    from ..tuning.state import TuneState
 
     ratio_model = model
     if args.ratio_dtype != args.dtype:
@@ -206,6 +204,7 @@ def _prompt_measure(args: argparse.Namespace, model, text, context: int, store: 
 def _run_floors(args: argparse.Namespace, candidates: list, started: float) -> int:
     """--min-ratios: prompt presets chosen by compression floor (see `select_prompt_presets`)."""
     from ..models import DTYPES, load_model
+    from ..presets.measured import PROMPT_DATA_FILE, load_measured
     from ..tuning.preset_selection import parse_floors, select_prompt_presets
 
     if args.context is None:
@@ -215,6 +214,7 @@ def _run_floors(args: argparse.Namespace, candidates: list, started: float) -> i
         floors = parse_floors(args.min_ratios)
     except ValueError as err:
         raise UserError(f"--min-ratios {args.min_ratios}: {err}") from None
+    check_new_preset_names(floors, f"--min-ratios {args.min_ratios}", load_measured(PROMPT_DATA_FILE))
     if args.ray is not None:
         raise UserError("--min-ratios runs here, not on Ray: leave out --ray")
     out = args.file or DEFAULT_PROMPT_OUT
@@ -227,13 +227,26 @@ def _run_floors(args: argparse.Namespace, candidates: list, started: float) -> i
     data = select_prompt_presets(model, tokenizer, floors, candidates=candidates, context=args.context,
                                  tokens=args.verify_tokens, ratio_model=ratio_model, state=state, command=command,
                                  kind=text_kind(args), path=args.corpus)
-    path = write_json(out, data)
+    path = write_json_atomic(out, data)
     print(f"wrote       {path} ({len(data['presets'])} presets; {time.perf_counter() - started:.0f} s)")
     for entry in data["presets"]:
         v, r = entry["verified"], entry["report"]
         print(f"{entry['name']:11s} {entry['candidate']}: whole cache {entry['cache']['ratio']:.2f}x "
               f"({entry['cache']['dtype']}), selection KL {v['kl']:.4f}, report KL {r['kl']:.4f}")
     return 0
+
+
+def check_new_preset_names(named: dict, option: str, replaced: dict) -> None:
+    """The preset names a run would write must not be taken by another preset: only the names of
+    the presets of the shipped file the run replaces (`replaced`, measured-presets data) may come back."""
+    from ..presets import PRESETS
+
+    taken = [name for name in PRESETS.names() if name not in {e["name"] for e in replaced["presets"]}]
+    clash = [name for name in named if name in taken]
+    if clash:
+        raise UserError(f"{option}: {', '.join(repr(n) for n in clash)} is already the name of another preset "
+                        "(`kvcompress presets` lists them), so the measured one could not be registered beside it; "
+                        "choose another name")
 
 
 def interrupted(args: argparse.Namespace) -> str:

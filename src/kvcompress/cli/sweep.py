@@ -8,11 +8,12 @@ import sys
 import time
 
 from ..experiments.grid import parse_specs
-from ..experiments.sweep import TASKS, SweepSettings, run_sweep
+from ..experiments.settings import TASKS, SweepSettings
+from ..experiments.sweep import run_sweep
 from ..io import parse_list
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_ray_arguments, check_artifact_dir,
                      check_context_tokens, check_eval_tokens, check_model_args, check_output_dir, check_text,
-                     check_tokens, ray_options_from_args)
+                     check_tokens, load_model_from_args, ray_executor, ray_options_from_args)
 
 NAME = "sweep"
 HELP = "direct reconstruction, decode-faithful quality and tasks for many specs (one JSON record per spec)"
@@ -104,7 +105,8 @@ def check_sweep_args(args: argparse.Namespace, entries) -> None:
         check_tokens(args.agreement_prompt_tokens, "--agreement-prompt-tokens", 2)
         check_tokens(args.agreement_new_tokens, "--agreement-new-tokens", 2)
     if args.tasks and "passkey" in args.tasks and (not args.passkey_lengths or min(args.passkey_lengths) < 1):
-        raise UserError(f"--passkey-lengths must be positive token counts, got {list(args.passkey_lengths)}")
+        raise UserError(f"--passkey-lengths {','.join(map(str, args.passkey_lengths)) or '(none)'}: each length must be "
+                        "a positive number of tokens, e.g. --passkey-lengths 256,512")
     if args.threads is not None:
         check_tokens(args.threads, "--threads", 1)
     check_artifact_dir(args.artifact)
@@ -146,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
     ray = ray_options_from_args(args)
     apply_threads(args)
     wall, cpu = time.perf_counter(), time.process_time()
-    records = run_sweep(entries, args.out, settings, progress=args.progress, command=command_line(), ray=ray)
+    model, tokenizer = load_model_from_args(args) if ray is not None else (None, None)  # else run_sweep loads it
+    records = run_sweep(entries, args.out, settings, model=model, tokenizer=tokenizer, progress=args.progress,
+                        command=command_line(), executor=ray_executor(ray, args, model))
     failed = [r["label"] for r in records if r.get("status") != "ok"]
     print(f"{len(records)} records in {args.out}/records ({len(failed)} failed{': ' + ', '.join(failed) if failed else ''}); "
           f"{time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU. "

@@ -1,23 +1,11 @@
-"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on selection text (see `kvcompress.tuning.tune`).
+"""`kvcompress tune`: per-layer K/V settings for a quality target, verified on selection text.
 
-Texts (see `corpus`): the tuning text is the calibration part from token `--tune-offset`
-(default 8192 in a shipped kind of text, past the tokens calibration artifacts use; 0 in a file)
-and the verification text, which chooses between retries, is the first `--verify-tokens` of the
-selection part, of the kind `--text` (default docs; `all`: equal shares of every kind) or of a
-`--corpus FILE` split the same way. The report part (what `kvcompress eval` reads) is never read
-here, so `kvcompress eval --spec OUT` reports on text the tune never saw.
-
-With `--context N` every evaluation runs the prompt protocol (N context tokens prefilled at
-once, then `--tokens` / `--verify-tokens` continuation tokens teacher-forced; each text reads
-N + tokens + 1 tokens) and the ratio is the whole cache's at the end of the context (window and
-sinks included, in `--dtype`). `--windows`, `--keep` and `--policies` then give the windows and
-eviction settings to tune with: one tune per combination, and the verified spec with the
-highest ratio is kept (see `kvcompress.tuning.tune.tune_grid`).
-
-With `--ray [ADDRESS]` the sensitivity probes and the two tensor-weight evaluations run on
-Ray actors that load the model themselves from `--model/--dtype/--device` (see
-`kvcompress.tuning.distributed_tune`); they are saved in the state file as a serial tune saves
-them, so either kind of run resumes the other. The search and the verification run here.
+The tuning text is the calibration part from `--tune-offset` (8192 in a shipped kind of text, 0 in
+a `--corpus` file); the verification text is the first `--verify-tokens` of the selection part; the
+report part is never read, so `kvcompress eval --spec OUT` reports on text the tune never saw.
+`--context N` tunes under the prompt protocol, with `--windows`, `--keep`, `--policies` crossed;
+`--ray` measures the probes and the K/V weight evaluations on Ray actors
+(`distributed.RayExecutor`). The method: `kvcompress.tuning.tune` and docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -30,9 +18,11 @@ from pathlib import Path
 
 from ..calibration import artifact_for
 from .common import (UserError, add_corpus_arguments, add_model_arguments, add_prompt_grid_arguments, add_ray_arguments,
-                     check_artifact_dir, check_context_tokens, check_eval_tokens, check_model_args, check_output_file,
-                     check_positive, check_text, check_text_protocol, check_tokens, load_model_from_args,
-                     prompt_grid_from_args, ray_options_from_args, text_kind, text_label, write_json)
+                     check_artifact_dir, check_context_tokens, check_eval_tokens, check_model_args, check_model_context,
+                     check_output_file, check_positive, check_text, check_text_protocol, check_tokens,
+                     load_model_from_args, prompt_grid_from_args, ray_executor, ray_options_from_args, text_kind,
+                     text_label)
+from ..io import write_json_atomic
 
 NAME = "tune"
 HELP = "find per-layer K/V settings with the highest compression ratio that meet a quality target"
@@ -89,11 +79,11 @@ def run(args: argparse.Namespace) -> int:
     from ..models import model_id
     from ..spec import CacheSpec
     from ..tuning.state import TuneState
-    from ..tuning.tune import (DEFAULT_TUNE_OFFSET, TuneError, best_uniform, make_evaluator, parse_candidates, tune,
-                               tune_grid)
+    from ..tuning.evaluators import make_evaluator
+    from ..tuning.tune import DEFAULT_TUNE_OFFSET, TuneError, TuneSettings, best_uniform, parse_candidates, tune, tune_grid
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
-    check_positive(target, "--max-kl" if metric == "kl" else "--max-ppl-change")
+    check_positive(target, "--max-kl" if metric == "kl" else "--max-ppl-change", "0.01")
     check_output_file(args.out, "--out", (".json", ".yaml", ".yml"))
     out = Path(args.out)
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".tune-state.json")
@@ -113,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
                  for e in (evictions or (None,))]
     except ValueError as err:
         raise UserError(f"--windows {args.windows}: {err}") from None
-    if args.context is not None and args.ray is not None:
-        raise UserError("--context runs here, not on Ray: leave out --ray")
     if args.compare_uniform and len(bases) > 1:
         raise UserError("--compare-uniform compares with one base spec: give one --windows value and one --keep value")
     for option, value in (("--tokens", args.tokens), ("--verify-tokens", args.verify_tokens)):
@@ -138,14 +126,20 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_from_args(args)
     offset = args.tune_offset if args.tune_offset is not None else (0 if args.corpus else DEFAULT_TUNE_OFFSET)
     read = (lambda n: n) if args.context is None else (lambda n: args.context + n + 1)
+    if args.context is not None:
+        check_model_context(model, read(max(args.tokens, args.verify_tokens)), f"--context {args.context}",
+                            "each text reads context + tokens + 1", args.context)
     try:
         tune_text = corpus_slice(tokenizer, "calibration", n_tokens=read(args.tokens), path=args.corpus, offset=offset,
                                  kind=text_kind(args))
         verify_text = corpus_slice(tokenizer, "selection", n_tokens=read(args.verify_tokens), path=args.corpus,
                                    kind=text_kind(args))
     except CorpusError as err:
-        raise UserError(f"--tokens {args.tokens} / --verify-tokens {args.verify_tokens}: {err}") from None
-    tune_ids, verify_ids = tune_text.ids, verify_text.ids
+        if args.context is None:
+            raise UserError(f"--tokens {args.tokens} / --verify-tokens {args.verify_tokens}: {err}") from None
+        raise UserError(f"--context {args.context} (with --tokens {args.tokens} / --verify-tokens "
+                        f"{args.verify_tokens}; each text reads context + tokens + 1): {err} A smaller --context "
+                        "is the usual fix") from None
     artifact = artifact_for(model, [s for tensor in settings.values() for s in tensor], args.artifact)
     where = text_label(args)
     print(f"tuning {metric} <= {target:g} for {model_id(model)} on {where}: tuning text calibration part tokens "
@@ -153,19 +147,18 @@ def run(args: argparse.Namespace) -> int:
           f"state {state_path}", flush=True)
 
     state = TuneState(state_path)
-    verify_fp = text_fingerprint(verify_ids, verify_text.record)
-    verify = make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact,
+    verify_fp = text_fingerprint(verify_text.ids, verify_text.record)
+    verify = make_evaluator(model, verify_text.ids, "verify-eval", verify_fp, state, artifact=artifact,
                             context=args.context)
-    options = {"metric": metric, "settings": settings, "state": state, "tune_text": tune_text.record,
-               "verify_text": verify_text.record, "artifact": artifact, "max_tries": args.max_tries, "verify": verify,
-               "weight_tensors": not args.no_tensor_weights, "ray": ray,
-               "load_args": (args.model, args.dtype, str(args.device)), "context": args.context}
+    tuning = TuneSettings(target, metric, candidates=settings, max_tries=args.max_tries,
+                          weight_tensors=not args.no_tensor_weights, context=args.context)
+    options = {"state": state, "artifact": artifact, "verify": verify, "executor": ray_executor(ray, args, model)}
     grid = None
     try:
         if len(bases) == 1:
-            result = tune(model, tune_ids, verify_ids, target, base=bases[0], **options)
+            result = tune(model, tune_text, verify_text, tuning, base=bases[0], **options)
         else:
-            result, grid = tune_grid(model, tune_ids, verify_ids, target, bases, **options)
+            result, grid = tune_grid(model, tune_text, verify_text, tuning, bases, **options)
     except TuneError as err:
         print(f"kvcompress tune: failed: {err}", file=sys.stderr)
         return 1
@@ -194,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             print("uniform     no uniform spec of these candidates meets the target on the selection text")
     print(f"time        {time.perf_counter() - started:.0f} s ({state.hits} measurement(s) reused from the state file)")
     if args.json:
-        print(f"wrote       {write_json(args.json, report)}")
+        print(f"wrote       {write_json_atomic(args.json, report)}")
     if state.redone:
         print(f"redone      {len(state.redone)} saved measurement(s) whose fingerprint changed "
               f"(first: {state.redone[0]})")

@@ -1,20 +1,12 @@
 """Transform coding of calibrated principal components: bits allocated by variance, one scale per vector.
 
-Compose with a centred projection onto the calibrated per-head basis (`Centered(mean,
-LowRankProjection(full basis))`): the inner codec then sees coefficients y_j whose variances
-sigma_j^2 (calibrated) fall steeply with j (pre-RoPE keys of the embedded model keep ~94% of their
-energy in 8 of 64 directions). Coefficient j gets b_j bits of a Gaussian Lloyd-Max codebook, b_j
-chosen once per layer by greedy reverse water-filling (each next bit goes to the coordinate whose
-expected error sigma_j^2 * mse(b_j) it lowers most; b_j = 0 drops the coordinate). Per vector:
-    z_j = y_j / sigma_j,  r = rms of z over the coded j,  idx_j = nearest centroid of z_j / r,
-    s = least-squares scale for x_hat_j = s * sigma_j * c_{b_j}[idx_j]   (stored in fp16)
-Codes of equal width are packed together (8 tokens per row): one stored tensor per width.
-
-This is classic transform coding (Huang and Schultheiss, 1963; KLT plus bit allocation) applied to
-KV states in the spirit of KVQuant (Hooper et al., arXiv:2401.18079: pre-RoPE keys, calibrated
-non-uniform quantization). Departure: one shared allocation per layer, not per head.
-
-This module does not compute bases or variances (see `kvcompress.calibration`).
+Composed after a centred projection on the calibrated basis (`Centered(mean, LowRankProjection(...))`),
+coefficient j (variance sigma_j^2) gets b_j bits of a Gaussian Lloyd-Max codebook, b_j chosen once
+per layer by greedy reverse water-filling (b_j = 0 drops it). Per vector: z_j = y_j / sigma_j,
+idx_j = nearest centroid of z_j / rms(z), and a least-squares fp16 scale s for
+y^_j = s sigma_j c[idx_j]; codes of equal width are packed together (8 tokens per row). Classic
+transform coding (KLT + bit allocation) in the spirit of KVQuant (Hooper et al., arXiv:2401.18079);
+departure: one allocation per layer, not per head.
 """
 
 from __future__ import annotations

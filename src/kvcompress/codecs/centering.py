@@ -1,17 +1,11 @@
 """Subtract a calibrated per-head mean before another transform: x -> inner(x - m).
 
-Keys of LLMs carry a large mean (on the embedded model the calibrated mean holds 52-74% of the
-post-RoPE key energy and 77-94% of the pre-RoPE key energy), which a per-vector scale then
-spends its codes on. Subtracting the per-layer, per-KV-head mean m (H, D) from the calibration
-artifact before rotating and quantizing leaves only the part that varies between tokens; the
-decode adds m back. m is stored once per layer (in the artifact), not per token.
-KVQuant (Hooper et al., arXiv:2401.18079) normalizes keys per channel with calibrated
-statistics in the same spirit; departure: only the mean, and it is added back exactly.
-
-Attention can fold the mean out as well: q.(k_c + m) = q.k_c + q.m, and
-sum_t p_t (v_t + m) = sum_t p_t v_t + (sum_t p_t) m (see `ComposedCodec.offset`).
-
-This module does not compute means (see `kvcompress.calibration`).
+Keys carry a large mean (52-74% of the post-RoPE and 77-94% of the pre-RoPE key energy on the
+embedded model), which a per-vector scale would spend its codes on. The per-layer, per-KV-head mean
+m (H, D) comes from the calibration artifact and is stored once per layer; decode adds it back, and
+attention can fold it out: q.(k_c + m) = q.k_c + q.m, sum_t p_t (v_t + m) = sum_t p_t v_t + (sum_t
+p_t) m (`ComposedCodec.offset`). Like KVQuant's per-channel normalisation (arXiv:2401.18079);
+departure: only the mean, added back exactly.
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """Non-uniform scalar codebook quantization with one fp16 scale per vector (token and head).
 
-Each vector x (one token of one head, D values) is stored as D codebook indices, bit-packed,
-and one fp16 scale s:
-    u = x / rms(x),  idx_d = argmin_j |u_d - c_j|,  s = <x, c[idx]> / <c[idx], c[idx]>
-    x_hat = s * c[idx]
-The indices are chosen against the rms-normalised vector (the codebook's assumed scale), then s
-is the least-squares scale for those indices, which never increases the error over s = rms(x)
-for the same indices. With the default Gaussian Lloyd-Max codebook (see `lloyd_max`) this is the
-TurboQuant recipe (Zandieh et al., arXiv:2504.19874) when the states are first rotated
-(`ComposedCodec(RandomizedHadamard(seed), CodebookCodec(bits))`); departures: the scale is
-refitted by least squares instead of storing the norm, and no QJL residual is kept.
-
-Storage per vector: D * bits / 8 bytes of codes plus 2 bytes of scale, i.e. bits + 16 / D bits
-per value (4.25 / 3.25 / 2.25 at head_dim 64). Codes of 8 consecutive tokens share one packed
-row (see `packing`), so `encode` needs a multiple of 8 tokens.
-
-This module does not rotate (see `rotation`) and does not choose a codebook per layer.
+Each vector x (D values) is stored as D bit-packed codebook indices and one fp16 scale:
+    u = x / rms(x),  idx_d = argmin_j |u_d - c_j|,  s = <x, c[idx]> / <c[idx], c[idx]>,  x^ = s c[idx]
+(bits + 16 / D bits per value). After a rotation (`ComposedCodec(RandomizedHadamard(seed),
+CodebookCodec(bits))`) with the Gaussian Lloyd-Max codebook this is TurboQuant's recipe (Zandieh et
+al., arXiv:2504.19874); departures: a least-squares scale instead of the norm, no QJL residual.
+Codes of 8 consecutive tokens share a packed row, so `encode` takes a multiple of 8 tokens.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """Composition of a linear per-head transform with a codec that stores its output.
 
 A `Transform` maps states (B, H, T, D) to a per-head linear image (B, H, T, D') and back
-(`forward` / `inverse`). `ComposedCodec(transform, inner)` encodes `inner.encode(forward(x))`
-and decodes `inverse(inner.decode(...))`, so stored tensors keep the (B, H, n, ...) layout
-of the inner codec and the cache can append and reorder them as for any codec.
-
-A transform that is an orthogonal rotation says so through `matrix`; `ComposedCodec.rotation`
-and `decode_rotated` then let attention work in the rotated space (see `attention`).
-
-This module does not know any particular transform (see `hadamard`, `lowrank`) and does not
-quantize (the inner codec does).
+(`forward` / `inverse`). `ComposedCodec(transform, inner)` encodes `inner.encode(forward(x))` and
+decodes `inverse(inner.decode(...))`; stored tensors keep the inner codec's (B, H, n, ...) layout.
+A transform that is an orthogonal rotation exposes `matrix`, so attention can work in the rotated
+space (`ComposedCodec.rotation`, `decode_rotated`).
 """
 
 from __future__ import annotations

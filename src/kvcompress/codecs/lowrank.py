@@ -1,16 +1,11 @@
 """Low-rank projection of every KV head onto its top-`rank` calibrated directions.
 
-With a per-head orthonormal basis U (D, r) from a calibration artifact (`kvcompress
-calibrate`), states x (B, H, T, D) are stored as coefficients c = x U (B, H, T, r) and
-reconstructed as c U^T. For uncentered (second-moment) bases, the mean squared error on the
-calibration data equals the sum of the discarded eigenvalues. Compose with `Fp16Codec`
-(coefficients in fp16) or `QuantCodec` (quantized coefficients) via `ComposedCodec`.
-
-Follows the idea of Palu (Chang et al., 2024, arXiv:2407.21118) of storing a low-rank latent;
-departure: the basis comes from PCA of cached K/V (not an SVD of the projection weights), and
-the latent is decoded to full K/V before attention rather than fused into the query.
-
-This module does not compute bases (see `kvcompress.calibration`).
+With a per-head orthonormal basis U (H, D, r) from a calibration artifact, states x (B, H, T, D) are
+stored as coefficients c = x U (B, H, T, r) and reconstructed as c U^T; for uncentered bases the
+mean squared error on the calibration data is the sum of the discarded eigenvalues. Compose with
+`Fp16Codec` or `QuantCodec` through `ComposedCodec`. Follows Palu (Chang et al., arXiv:2407.21118);
+departures: the basis is a PCA of cached K/V (not an SVD of the projection weights) and the latent
+is decoded before attention.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
-"""Bit packing of small unsigned integer codes into uint8 storage ("byte-planar" layout).
+"""Bit packing of small unsigned integer codes into uint8 storage, in a "byte-planar" layout.
 
-A row of n codes of `bits` bits (n a multiple of 8) packs into exactly n * bits / 8 bytes,
-with no padding bits. The layout is chosen for the decode hot path (every compressed token
-is unpacked at every decode step) on CPUs, where writing codes into every other byte is
-about 20x slower than writing a contiguous run:
-
-- A code is split into bit fields whose widths are the binary expansion of `bits`, widest
-  first, at increasing bit offsets: 4 = [4], 3 = [2 @ 0, 1 @ 2], 7 = [4 @ 0, 2 @ 4, 1 @ 6],
-  8 = [8]. Field value = (code >> offset) & (2**width - 1).
-- Each field is stored byte-planar: its n values take m = n * width / 8 bytes, and byte j
-  holds values j, j + m, j + 2m, ... (8 / width of them), value j + h*m at bits
-  [h*width, (h+1)*width) of the byte.
-- A packed row is the fields' bytes one after the other, widest field first.
-
-So unpacking a 4-bit row is two operations on contiguous runs (`bytes & 15` gives codes
-0..m-1, `bytes >> 4` gives codes m..2m-1), a 2-bit row four, a 3-bit row six plus one merge.
-`unpack_reference` decodes the same layout one code at a time, straight from the definition
-above; it is the specification that `unpack` is tested against.
-
-This module does not quantize: it only moves integer codes in and out of bytes.
+A row of n codes of `bits` bits (n a multiple of 8) packs into n * bits / 8 bytes. A code is split
+into bit fields whose widths are the binary expansion of `bits`, widest first (3 = [2 @ 0, 1 @ 2]);
+each field's n values take m = n * width / 8 bytes, byte j holding values j, j + m, j + 2m, ... So
+unpacking a 4-bit row is `bytes & 15` and `bytes >> 4` over contiguous runs (writing codes into
+every other byte is about 20x slower on a CPU). `unpack_reference` decodes one code at a time
+from this definition; `unpack` is tested against it.
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """Asymmetric uniform integer quantization of KV states, with real bit packing.
 
-Each group of values shares a scale and a zero point (both stored in fp16):
-    code = round((x - zero) / scale),  clamped to [0, 2**bits - 1]
-    x_hat = code * scale + zero,       zero = min(group), scale = (max - min) / (2**bits - 1)
-so the reconstruction error of every value is at most scale / 2 (plus the fp16 rounding
-of the zero point). Codes are packed along head_dim (see `packing`).
-
-Grouping follows KIVI (Liu et al., 2024, arXiv:2402.02750):
-- axis="channel": every channel has its own statistics over a group of `group_size`
-  consecutive tokens (keys have outlier channels, so per-channel groups suit them);
-- axis="token": every token has its own statistics over groups of `group_size` channels
-  (values suit this).
-Departure from KIVI: on CPU, encoding and decoding are plain tensor arithmetic; on CUDA with
-Triton, encoding runs one fused kernel (`kernels.quantize_pack`, byte-identical output).
-
-This module does not choose which tokens are compressed, nor keep a full-precision window.
+Each group shares an fp16 scale and zero point: code = round((x - zero) / scale) in [0, 2**bits - 1],
+x^ = code * scale + zero, zero = min(group), scale = (max - min) / (2**bits - 1), so the error is at
+most scale / 2. Grouping follows KIVI (Liu et al., arXiv:2402.02750): axis="channel", each channel
+over `group_size` consecutive tokens (keys); axis="token", each token over groups of `group_size`
+channels (values). Codes are packed along head_dim (`packing`). Departure: on CUDA with Triton,
+encoding runs one fused kernel (`kernels.quantize_pack`, byte-identical output).
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """Seeded randomized Hadamard rotation of every head: random signs, then Hadamard.
 
-R = diag(s) @ Hd, with s a vector of random signs drawn from `seed` and Hd = Hadamard(D) /
-sqrt(D) (Sylvester, D a power of two: 64, 128 and 256 in the models kvcompress supports). R is
-orthogonal, so x @ R keeps norms and dot products: q.k = (qR).(kR). After R the coordinates of a
-vector are close to Gaussian whatever its channel outliers were, which is what a fixed Lloyd-Max
-codebook (see `lloyd_max`, `codebook`) needs. TurboQuant (Zandieh et al., arXiv:2504.19874)
-uses a random rotation for this; departure: a randomized Hadamard instead of a dense random
-orthogonal matrix (O(D log D) structure, same effect on the coordinates' distribution).
-
-R is built once per (head_dim, seed, device, dtype) and cached; it is never rebuilt per call.
-This module does not quantize (compose it with a codec via `ComposedCodec`).
+R = diag(s) Hd, s random signs from `seed`, Hd = Hadamard(D) / sqrt(D) (Sylvester; D = 64, 128,
+256). R is orthogonal, so q.k = (qR).(kR), and after R a vector's coordinates are close to Gaussian
+whatever its channel outliers, which a fixed Lloyd-Max codebook needs. TurboQuant (Zandieh et al.,
+arXiv:2504.19874) uses a random rotation; departure: a randomized Hadamard instead of a dense random
+orthogonal matrix. R is built once per (head_dim, seed, device, dtype) and cached.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """The default breaking-point analysis: a fixed sweep plus its report, sized for a 2-core CPU.
 
-`analyze(out_dir)` runs `DEFAULT_GRID` with `DEFAULT_SETTINGS` through `sweep.run_sweep` and
-writes the report (`report.write_report`). The grid covers, on the model's real states:
-
-- quantization at 8/4/3/2 bits (KIVI-style K per-channel / V per-token) and the mixed
-  K4/V2 and K2/V4 settings;
-- Hadamard-rotated quantization at 4/3/2 bits;
-- the codebook family at 4/3/2 bits (the `bits4` / `bits3` / `bits2` presets), reported beside
-  the KIVI-style specs per stored bit (`quality_vs_bits.png`);
-- low rank with K pre-RoPE and V at ranks 56..8 (decode-faithful evaluation at 48/32/16,
-  direct reconstruction only at the others), the same with post-RoPE keys (evaluated at
-  32), and low rank with 4-bit coefficients at ranks 48 and 32;
-- the tasks (passkey at 256/512/1024 tokens and generation agreement) on int4, int2, k4v2,
-  bits4, bits2 and the rank-32 low-rank spec, and on the uncompressed model.
-
-It needs the low-rank codecs' calibration artifact; for the embedded model it is built (and
-cached) on first use. Measured on the embedded model, a 2-core CPU shared with other jobs:
-see docs/analysis.md for the figures and wall time of `kvcompress analyze`.
-
-This module does not define metrics, records or plots (see `sweep`, `report`).
+`analyze(out_dir)` runs `DEFAULT_GRID` with `DEFAULT_SETTINGS` through `sweep.run_sweep` and writes
+the report: quantization at 8/4/3/2 bits and K4/V2, K2/V4; Hadamard-rotated 4/3/2 bits; the bitsN
+codebooks; low rank with pre- and post-RoPE keys (some ranks by reconstruction only) and with
+4-bit coefficients; the tasks on a few specs and the uncompressed model. `analyze_kinds` runs it
+per kind of text. Figures and time: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -27,11 +13,11 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ..distributed import RayOptions
 from ..extras import require_extra
 from .grid import SpecEntry, load_grid
 from .report import write_kinds_report, write_report
-from .sweep import SweepSettings, run_sweep
+from .settings import SweepSettings
+from .sweep import run_sweep
 
 _LOWRANK = {"key": {"method": "lowrank", "key_space": "pre_rope"}, "value": {"method": "lowrank"}}
 _LOWRANK_POST = {"key": {"method": "lowrank"}, "value": {"method": "lowrank"}}
@@ -91,15 +77,15 @@ def default_entries() -> list[SpecEntry]:
 
 def analyze(out_dir: str | os.PathLike, settings: SweepSettings | None = None, *, entries: list[SpecEntry] | None = None,
             model=None, tokenizer=None, progress: bool = False, command: str | None = None,
-            ray: RayOptions | None = None) -> Path:
+            executor=None) -> Path:
     """Run the default sweep into `out_dir` (resuming if it was interrupted) and write its report.
 
-    `ray`: run the sweep on a Ray cluster (see `sweep.run_sweep`). Returns the path of `report.md`.
+    `executor`: runs the sweep's specs (see `sweep.run_sweep`). Returns the path of `report.md`.
     """
     require_extra("report", "matplotlib", "The analysis report's plots")  # before a long sweep, not after it
     settings = settings or DEFAULT_SETTINGS
     run_sweep(entries or default_entries(), out_dir, settings, model=model, tokenizer=tokenizer, progress=progress,
-              command=command, ray=ray)
+              command=command, executor=executor)
     return write_report(out_dir)
 
 
@@ -109,8 +95,3 @@ def analyze_kinds(out_dir: str | os.PathLike, settings: SweepSettings, kinds: li
     for kind in kinds:
         analyze(Path(out_dir) / kind, dataclasses.replace(settings, text=kind, corpus=None), **options)
     return write_kinds_report(out_dir, kinds)
-
-
-def with_overrides(settings: SweepSettings, **overrides) -> SweepSettings:
-    """`settings` with the non-None `overrides` applied (CLI flags over defaults)."""
-    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,11 +1,9 @@
 """One spec of a sweep, measured: the shared inputs, the uncompressed baseline, and a spec's record.
 
-`run_sweep` (in this process) and the Ray workers of `distributed_sweep` both build records
-with `measure_record`, so a record does not depend on where it was measured. Records are
-described in `sweep`'s docstring.
-
-This module does not write files, skip finished specs or schedule work (see `sweep`,
-`distributed_sweep`), and does not define the metrics (see `kvcompress.measure`).
+`SweepJob` is the sweep as a job (`kvcompress.executor`): started on a model it prepares the
+shared inputs once, then turns each `SweepUnit` into its record with `measure_record`, wherever it
+runs, so a record does not depend on where it was measured. Records are described in `sweep`.
+This module does not write files or skip finished specs (see `sweep`).
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ class _Timer:
 
 @dataclass
 class _Context:
-    """What every spec of a sweep shares: the model, its text, the capture and the baseline."""
+    """What every spec of a sweep shares: the model, its texts, the capture and the task prompts."""
 
     model: Any
     tokenizer: Any
@@ -57,7 +55,6 @@ class _Context:
     texts: dict = field(default_factory=dict)  # "eval", "recon": corpus.CorpusSlice (see sweep_texts)
     fingerprint: dict = field(default_factory=dict)  # see sweep_fingerprint
     capture: Any = None
-    baseline: dict = field(default_factory=dict)
     passkey: list = field(default_factory=list)
     agreement: list = field(default_factory=list)
     baseline_logits: dict = field(default_factory=dict)  # see evaluate.decode_faithful_eval(baseline_store=)
@@ -158,10 +155,11 @@ def measure_baseline(ctx: _Context) -> dict:
     return baseline
 
 
-def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dict:
-    """Reconstruction, decode-faithful evaluation and (if enabled) tasks of one spec: the record body."""
+def measure_spec(ctx: _Context, entry: SpecEntry, baseline: dict, progress: bool = False) -> dict:
+    """Reconstruction, decode-faithful evaluation and (if enabled) tasks of one spec: the record body
+    (`baseline`: the uncompressed task figures, see `measure_baseline`)."""
     from ..cache.cache import CompressedCache
-    from ..measure.evaluate import decode_faithful_eval
+    from ..measure.evaluate import decode_faithful_eval, evicts_prompt_only
     from ..measure.prompt import prompt_eval
     from ..measure.reconstruction import direct_reconstruction
     from ..measure.tasks import generation_agreement, greedy_continuations, run_passkey
@@ -172,7 +170,11 @@ def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dic
     body: dict[str, Any] = {}
     with timer("reconstruction"):
         body["reconstruction"] = direct_reconstruction(model, entry.spec, ctx.capture, artifact=artifact)
-    if entry.eval:
+    if entry.eval and s.context_tokens is None and evicts_prompt_only(entry.spec):
+        body["eval_skipped"] = (f"{entry.spec.eviction.describe()} evicts prompt tokens, and decode-faithful "
+                                "evaluation has no prompt: sweep with --context N (the prompt protocol) to measure it")
+        logger.info(f"{entry.label}: evaluation skipped: {body['eval_skipped']}")
+    elif entry.eval:
         with timer("eval"):
             if s.context_tokens is None:
                 result = decode_faithful_eval(model, ctx.eval_ids, entry.spec, progress=progress, artifact=artifact,
@@ -189,17 +191,18 @@ def measure_spec(ctx: _Context, entry: SpecEntry, progress: bool = False) -> dic
         if ctx.passkey:
             with timer("passkey"):
                 tasks["passkey"] = run_passkey(model, ctx.tokenizer, ctx.passkey, cache_factory=factory)
-            tasks["passkey"]["uncompressed"] = {k: ctx.baseline["passkey"][k] for k in ("by_length", "accuracy")}
+            tasks["passkey"]["uncompressed"] = {k: baseline["passkey"][k] for k in ("by_length", "accuracy")}
         if ctx.agreement:
             with timer("agreement"):
                 continuations = greedy_continuations(model, ctx.agreement, s.agreement_new_tokens, factory)
-            tasks["agreement"] = generation_agreement(ctx.baseline["agreement_continuations"], continuations)
+            tasks["agreement"] = generation_agreement(baseline["agreement_continuations"], continuations)
     body["tasks"] = tasks
     body["timing"] = timer.phases
     return body
 
 
-def measure_record(ctx: _Context, entry: SpecEntry, key: str, environment: dict, progress: bool = False) -> dict:
+def measure_record(ctx: _Context, entry: SpecEntry, key: str, environment: dict, baseline: dict,
+                   progress: bool = False) -> dict:
     """The whole record of one spec (status "error" with the traceback if measuring it raised)."""
     start = time.perf_counter()
     record: dict[str, Any] = {"label": entry.label, "key": key, "status": "ok",
@@ -208,11 +211,54 @@ def measure_record(ctx: _Context, entry: SpecEntry, key: str, environment: dict,
                               "texts": {name: t.record for name, t in ctx.texts.items()},
                               "fingerprint": ctx.fingerprint}
     try:
-        record.update(measure_spec(ctx, entry, progress=progress))
+        record.update(measure_spec(ctx, entry, baseline, progress=progress))
     except Exception as exc:  # recorded, and the sweep goes on; KeyboardInterrupt is not caught
         record.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
+
+
+@dataclass(frozen=True)
+class SweepUnit:
+    """One spec to measure: its entry, its record key and the baseline its record refers to."""
+
+    entry: SpecEntry
+    key: str
+    baseline: dict
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """A sweep's records as a job (see module doc): the settings, the texts read and the fingerprint
+    (`sweep_fingerprint`) its records are valid for."""
+
+    settings: SweepSettings
+    texts: dict
+    fingerprint: dict
+    progress: bool = False
+
+    def start(self, model, tokenizer) -> "_SweepMeasurer":
+        ctx = _Context(model, tokenizer, self.settings, texts=self.texts, fingerprint=self.fingerprint)
+        prepare_inputs(ctx)
+        return _SweepMeasurer(ctx, _environment(model), self.progress)
+
+    def label(self, unit: SweepUnit) -> str:
+        return unit.entry.label
+
+
+@dataclass
+class _SweepMeasurer:
+    """A started `SweepJob`: unit -> record; `baseline()` measures the uncompressed figures."""
+
+    ctx: _Context
+    environment: dict
+    progress: bool
+
+    def __call__(self, unit: SweepUnit) -> dict:
+        return measure_record(self.ctx, unit.entry, unit.key, self.environment, unit.baseline, self.progress)
+
+    def baseline(self) -> dict:
+        return measure_baseline(self.ctx)
 
 
 def load_from_settings(settings: SweepSettings):

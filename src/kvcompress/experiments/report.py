@@ -1,25 +1,11 @@
-"""Report: turn a sweep folder's JSON records into `report.md` and PNG plots.
+"""Report: a sweep folder's JSON records turned into `report.md` and PNG plots, by code only.
 
-Everything in the report is derived from the records by code; nothing is written by hand:
-
-- summary table: per spec, the real compression ratios, K/V cosine, attention-output error,
-  decode-faithful PPL change (with its bootstrap 95% interval), KL and top-1 agreement;
-- failure curves (`failure_curves.png`): cosine similarity and attention-output error of K
-  and V against bits (quantizers) and against rank (low-rank codecs), K and V on one plot;
-- failure boundaries: for every curve, the first setting (from the mildest down) whose mean
-  cosine falls below 0.99, 0.95, 0.90, 0.75 and 0.50;
-- safe zones: specs grouped by their decode-faithful PPL change (`ZONES`);
-- quality vs compression (`quality_vs_ratio.png`): KL and PPL change against the real
-  compression ratio of the evaluated cache, with the Pareto frontier highlighted;
-- per-layer sensitivity (`layer_sensitivity.png`): 1 - cosine per layer and spec, K and V;
-- passkey and generation-agreement tables, the uncompressed score beside the compressed one,
-  and a plain sentence wherever the uncompressed model itself fails.
-
-Curves use only specs without per-layer overrides; a K curve is the set of specs whose K
-codec differs only in bits (or rank), whatever their V codec (and vice versa), since the K
-figures of direct reconstruction do not depend on V.
-
-This module does not measure anything (see `sweep`) and never edits the records.
+Tables: per spec, ratios, K/V cosine, attention-output error, PPL change (bootstrap interval), KL,
+top-1; failure boundaries (the first setting of a bits or rank curve whose cosine falls below
+0.99 ... 0.50); safe zones by PPL change (`ZONES`); passkey and agreement with the uncompressed
+score beside. Plots: failure curves, quality vs real ratio with the Pareto frontier, quality per
+stored bit, per-layer sensitivity. Curves use specs without per-layer overrides; a K curve is the
+specs whose K codec differs only in bits (or rank). The records are never edited.
 """
 
 from __future__ import annotations
@@ -88,9 +74,9 @@ def summary_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
                _f(ev["compression_ratio"], 2) if ev else "n/a", _f(mean["key"]["cosine"]),
                _f(mean["value"]["cosine"]), _f(mean["attention"]["both"]["rel_error"])]
         if ev:
-            lo, hi = ev["ppl_change_ci95"]
-            row += [_pct(ev["ppl_change"]), f"{_pct(lo)} .. {_pct(hi)}", _f(ev["kl"]), _f(ev["top1"], 3),
-                    zone_of(ev["ppl_change"])]
+            ci = ev["ppl_change_ci95"]  # None: too few tokens for an interval
+            row += [_pct(ev["ppl_change"]), f"{_pct(ci[0])} .. {_pct(ci[1])}" if ci else "n/a", _f(ev["kl"]),
+                    _f(ev["top1"], 3), zone_of(ev["ppl_change"])]
         else:
             row += ["n/a"] * 5
         rows.append(row)
@@ -246,9 +232,11 @@ class UnreadableRecordsError(ValueError):
 
 def _nothing_compressed(record: dict) -> bool:
     """An ok record whose evaluation compressed no token of a lossy spec (written by a kvcompress
-    older than the check in `evaluate.check_eval_tokens`): its figures are the baseline's."""
+    older than the check in `evaluate.check_eval_tokens`) and evicted none: its figures are the baseline's."""
     ev = record.get("eval")
     if record.get("status") != "ok" or not isinstance(ev, dict) or ev.get("compressed_tokens") != 0:
+        return False
+    if ev.get("evicted_tokens"):  # eviction alone changed what later tokens read
         return False
     try:
         return is_lossy(CacheSpec.from_dict(record.get("spec") or {}))
@@ -302,6 +290,10 @@ def write_report(out_dir: str | os.PathLike, skip_unreadable: bool = False) -> P
         md += ["## Findings", ""] + [f"- {line}" for line in lines] + [""]
     header, rows = summary_rows(records)
     md += ["## Summary", "", _table(header, rows), ""]
+    notes = [f"- {r['label']}: {note}" for r in ok_records(records)
+             for note in (r["reconstruction"].get("note"), r.get("eval_skipped")) if note]
+    if notes:
+        md += ["Notes:", ""] + notes + [""]
     if written["failure_curves.png"]:
         md += ["## Failure curves", "", "![failure curves](failure_curves.png)", ""]
     if all_curves:
@@ -369,21 +361,3 @@ def write_kinds_report(out_dir: str | os.PathLike, kinds: list[str]) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
-
-
-def parse_markdown_table(markdown: str, first_header: str, section: str | None = None) -> list[dict[str, str]]:
-    """Rows (header -> cell) of the first table in `markdown` (after the heading `## section`, if
-    given) whose first header cell is `first_header`."""
-    lines = markdown.splitlines()
-    start = lines.index(f"## {section}") if section is not None else 0
-    for i, line in enumerate(lines[start:], start):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_header:
-            rows = []
-            for row in lines[i + 2:]:
-                if not row.startswith("|"):
-                    break
-                rows.append(dict(zip(cells, (c.strip() for c in row.strip().strip("|").split("|")))))
-            return rows
-    raise ValueError(f"no table with first column {first_header!r}")
-

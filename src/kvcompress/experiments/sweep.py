@@ -1,50 +1,15 @@
 """Sweep: measure many specs (reconstruction, decode-faithful quality, tasks), one JSON record each.
 
-    entries = parse_specs("int8,int4,my_spec.yaml")          # or a grid file, see `load_grid`
+    entries = parse_specs("int8,int4,my_spec.yaml")          # or a grid file, see `grid.load_grid`
     run_sweep(entries, "runs/sweep", SweepSettings(tasks=("passkey",)))
 
-For every spec the sweep writes `OUT/records/<label>.json` as soon as that spec is done
-(written to a temporary file, then renamed, so a record is either whole or absent):
-
-    {"label", "key", "status": "ok" | "error", "spec", "describe", "settings", "model",
-     "reconstruction": {...}  (see `reconstruction.direct_reconstruction`),
-     "eval": {...}            (see `evaluate.EvalResult`; with `context_tokens`, `prompt.PromptEvalResult`),
-     "tasks": {"passkey": {..., "uncompressed": {...}}, "agreement": {...}},
-     "error", "traceback"     (only when status is "error"),
-     "timing": {phase: {"wall_s", "cpu_s"}}}
-
-`key` is a hash of the resolved spec, the settings that shape the record and the run's
-fingerprint (kvcompress / transformers / torch versions, the model's config and weights hash,
-the texts read; see `measuring.sweep_fingerprint`), which the record also holds with the texts'
-corpus records; a record whose key differs is measured again and the log says why. Rerunning the
-same sweep skips every spec whose record exists with the same key and status "ok" and leaves
-that file untouched (so an interrupted sweep resumes and loses nothing already measured);
-records with an error are measured again. A spec that raises gets an error record and the
-sweep goes on (KeyboardInterrupt stops it). The uncompressed figures are measured in the same
-run: the PPL baseline inside every evaluation, the tasks once per sweep (`OUT/baseline.json`,
-reused on resume when its key matches). `OUT/config.json` holds the resolved settings and
-specs.
-
-A grid file (YAML or JSON) lists specs and/or grids:
-
-    specs:                       # presets, spec files (relative to the grid file), inline specs,
-      - int4                     # or {spec: ..., label: ..., tasks: false, eval: false}
-      - {label: v2, spec: {key: {method: none}, value: {bits: 2, axis: token, group_size: 32}}}
-    grids:                       # each: the cartesian product of `vary` applied to `base`
-      - name: "lowrank{key.rank}"            # label template; {dotted.field} is replaced
-        base: {key: {method: lowrank, key_space: pre_rope}, value: {method: lowrank}}
-        vary: {"key.rank,value.rank": [48, 32, 16]}   # "a,b": both fields take each value
-        tasks: false                          # optional, for every spec of the grid (as is eval)
-
-`tasks: false` leaves the tasks out for that spec; `eval: false` leaves out decode-faithful
-evaluation and the tasks, keeping only direct reconstruction (cheap: a curve can have many
-points, the expensive measurements a few).
-
-`run_sweep(..., ray=RayOptions(...))` measures the pending specs on a Ray cluster instead (see
-`distributed_sweep`): same records, same files, written by this process as they arrive.
-
-This module does not draw plots or tables (see `report`) and does not define the metrics
-(see `kvcompress.measure`).
+Each spec's record is written to `OUT/records/<label>.json` (atomically) as soon as it is measured,
+keyed by a hash of the spec, the settings and the run's fingerprint (`measuring.sweep_fingerprint`):
+a rerun skips records with the same key and status "ok", measures the others again, and a spec that
+raises gets an error record while the sweep goes on. `OUT/baseline.json` holds the uncompressed task
+scores, `OUT/config.json` the resolved settings. The pending specs run on the caller's executor
+(`kvcompress.executor`; default here, `distributed.RayExecutor` on Ray), same records. Record and
+grid formats: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -54,17 +19,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..distributed import RayOptions
+from ..executor import Executor, Local
 from ..io import write_json_atomic
 from .grid import SpecEntry, check_unique
 from .measuring import (
-    _Context,
-    _environment,
+    SweepJob,
+    SweepUnit,
     load_from_settings,
-    measure_baseline,
-    measure_record,
     measure_spec,
-    prepare_inputs,
     saved_baseline,
     summary,
     sweep_fingerprint,
@@ -72,26 +34,17 @@ from .measuring import (
     why_measured_again,
 )
 from .records import BASELINE_FILE, CONFIG_FILE, read_record, record_path
-from .settings import RECORD_FORMAT, TASKS, SweepSettings, record_key
+from .settings import SweepSettings, record_key
 
-__all__ = ["RECORD_FORMAT", "TASKS", "SweepSettings", "measure_spec", "record_key", "run_sweep"]
+__all__ = ["measure_spec", "run_sweep"]
 
 logger = logging.getLogger(__name__)
-
-
-def _prepare(ctx: _Context, out: Path, progress: bool) -> None:
-    prepare_inputs(ctx)
-    baseline = saved_baseline(out, ctx.settings, ctx.fingerprint)
-    if baseline is None:
-        baseline = measure_baseline(ctx)
-        write_json_atomic(out / BASELINE_FILE, baseline)
-    ctx.baseline = baseline
 
 
 def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: SweepSettings | None = None, *,
               model=None, tokenizer=None, progress: bool = True,
               on_record: Callable[[dict], None] | None = None, command: str | None = None,
-              ray: RayOptions | None = None, loader: Callable | None = None) -> list[dict]:
+              executor: Executor | None = None) -> list[dict]:
     """Measure every entry (skipping those already measured with the same key); return all records.
 
     Args:
@@ -101,16 +54,15 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
         model, tokenizer: an already loaded model (else loaded from `settings`).
         on_record: called with each new record right after it is written.
         command: the command line that started the sweep, saved in config.json for the report.
-        ray: run the pending specs on a Ray cluster (see `distributed_sweep`); None: in this process.
-        loader: `loader(settings) -> (model, tokenizer)`, used when `model` is None (default
-            `load_from_settings`); with `ray`, every worker calls it (so it must be picklable).
+        executor: measures the pending specs (see `kvcompress.executor`); default: here, in order.
+            The uncompressed baseline is measured here.
     """
     settings = settings or SweepSettings()
     entries = check_unique(list(entries))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model, tokenizer = (loader or load_from_settings)(settings)
+        model, tokenizer = load_from_settings(settings)
     texts = sweep_texts(tokenizer, settings)
     fingerprint = sweep_fingerprint(model, texts)
     keys = {entry.label: record_key(entry, settings, fingerprint) for entry in entries}
@@ -130,28 +82,22 @@ def run_sweep(entries: list[SpecEntry], out_dir: str | os.PathLike, settings: Sw
     pending = [e for e in entries if e.label not in done]
     if done:
         logger.info(f"resuming: {len(done)} of {len(entries)} specs already measured")
-    baseline_ok = saved_baseline(out, settings, fingerprint) is not None
-    if not pending and not baseline_ok:
-        logger.info(f"{out / BASELINE_FILE} is missing or damaged: measuring the uncompressed baseline again")
-    if (pending and ray is None) or (not pending and not baseline_ok):  # with Ray, the workers measure it
-        ctx = _Context(model, tokenizer, settings, texts=texts, fingerprint=fingerprint)
-        _prepare(ctx, out, progress)
-        environment = _environment(model)
-    if pending and ray is not None:
-        from .distributed_sweep import run_pending_on_ray
+    local = Local(model, tokenizer)
+    job = SweepJob(settings, texts, fingerprint, progress)
+    baseline = saved_baseline(out, settings, fingerprint)
+    if baseline is None:
+        if not pending:
+            logger.info(f"{out / BASELINE_FILE} is missing or damaged: measuring the uncompressed baseline again")
+        baseline = local.start(job).baseline()
+        write_json_atomic(out / BASELINE_FILE, baseline)
+    measured: dict[str, dict] = {}
 
-        measured = run_pending_on_ray(pending, keys, out, settings, ray, loader, on_record, len(entries),
-                                      fingerprint)
-        return [done.get(e.label) or measured[e.label] for e in entries]
-    records = []
-    for i, entry in enumerate(entries, 1):
-        if entry.label in done:
-            records.append(done[entry.label])
-            continue
-        record = measure_record(ctx, entry, keys[entry.label], environment, progress)
-        write_json_atomic(record_path(out, entry.label), record)
-        records.append(record)
-        logger.info(f"[{i}/{len(entries)}] {entry.label}: {summary(record)}")
+    def write(index: int, record: dict) -> None:
+        write_json_atomic(record_path(out, record["label"]), record)
+        measured[record["label"]] = record
+        logger.info(f"[{len(done) + len(measured)}/{len(entries)}] {record['label']}: {summary(record)}")
         if on_record is not None:
             on_record(record)
-    return records
+
+    (executor or local).map(job, [SweepUnit(e, keys[e.label], baseline) for e in pending], write)
+    return [done.get(e.label) or measured[e.label] for e in entries]

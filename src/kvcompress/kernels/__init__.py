@@ -1,28 +1,15 @@
-"""Compiled kernels (optional: every one has a pure-torch fallback), and the switch for Triton's.
+"""Compiled kernels (optional: each has the pure-torch reference, `reference`), and the one switch.
 
-`cpu` builds `cpu_decode.cpp` (uniform codes) and `cpu_codebook.cpp` (codebook codes, described
-by `cpu_codebook`) into one extension through torch's C++ extension mechanism on first use (the
-decode step on CPU; see `kvcompress.cache.attention`). On CUDA, when Triton is importable (the
-optional extra `kvcompress[gpu]`), two Triton kernels replace torch code:
-
-- `quantize_pack` (`triton_pack`): uniform quantization of one block of K or V states and
-  its byte-planar packing in one pass; byte-identical codes and the same fp16 scales and zero
-  points as `QuantCodec.encode`.
-- `decode_attention` (`triton_decode`): split-K ("flash-decoding") attention of one decode
-  step over the packed codes of a layer, its sinks and its window; the same result as
-  `kvcompress.cache.attention.attend_compressed`.
-
-The choice is made per call from the tensor's device and the environment variable
-`KVCOMPRESS_KERNELS`:
-    auto   (default) Triton on CUDA tensors when Triton is importable, torch otherwise;
-    torch  never a compiled kernel, Triton or the CPU one (e.g. to compare with the torch path);
-    triton always Triton; on CPU tensors this needs TRITON_INTERPRET=1 set before Triton
-           is first imported, which importing transformers does when Triton is installed
-           (Triton's interpreter, slow: for tests only).
-
-This package does not import Triton until a kernel is used (`backend`), and its Triton modules do not know
-codecs or caches: callers (`codecs.quant`, `cache.attention`) decide which codecs a kernel can
-read and pass their parameters (a layer is read only through its attributes).
+`cpu`: the CPU decode kernel (`cpu_decode.cpp`, `cpu_codebook.cpp` over the split-K driver
+`cpu_split_k.h`; `cpu_paged.cpp` for a paged pool, `cpu_paged`), built on first use. On
+CUDA with Triton installed (extra `kvcompress[gpu]`): `quantize_pack` (`triton_pack`, the same
+codes as `QuantCodec.encode`) and `decode_attention` (`triton_decode`, split-K attention of one
+decode step over a layer's codes). The environment variable `KVCOMPRESS_KERNELS` chooses:
+    auto   (default) Triton on CUDA tensors when installed, the CPU kernel on CPU tensors;
+    torch  never a compiled kernel (the pure-torch path);
+    triton Triton wherever it applies (CPU tensors need TRITON_INTERPRET=1: tests only);
+    cpu    the CPU kernel wherever it applies, an error if it cannot be built; never Triton.
+Kernels read a layer through its attributes only; Triton is imported on first use (`backend`).
 """
 
 from __future__ import annotations
@@ -35,7 +22,7 @@ from .backend import load_triton, triton_installed
 from .fields import PACK_BITS
 
 ENV = "KVCOMPRESS_KERNELS"
-MODES = ("auto", "torch", "triton")
+MODES = ("auto", "torch", "triton", "cpu")
 
 
 def mode() -> str:
@@ -49,7 +36,7 @@ def mode() -> str:
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether the hot path for `tensor` runs a Triton kernel (see the module docstring)."""
     chosen = mode()
-    if chosen == "torch":
+    if chosen in ("torch", "cpu"):
         return False
     if chosen == "auto":
         return tensor.device.type == "cuda" and triton_installed()
@@ -58,6 +45,11 @@ def use_triton(tensor: torch.Tensor) -> bool:
         raise ValueError(f"{ENV}=triton on {tensor.device.type} tensors needs TRITON_INTERPRET=1 "
                          "(Triton's interpreter); unset it or use a CUDA device")
     return True
+
+
+def use_cpu_kernel(tensor: torch.Tensor) -> bool:
+    """Whether a decode step on `tensor` may run the compiled CPU kernel (`cpu`, where it applies)."""
+    return tensor.device.type == "cpu" and mode() in ("auto", "cpu")
 
 
 def _power_of_two(n: int) -> bool:
@@ -81,7 +73,7 @@ def quantize_pack(x: torch.Tensor, bits: int, axis: str, group_size: int) -> dic
 
 def decode_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
                      ) -> torch.Tensor:
-    """`cache.attention.attend_compressed(layer, query, attention_mask, scaling)` in Triton (see `triton_decode`)."""
+    """`reference.attend_compressed(layer, query, attention_mask, scaling)` in Triton (see `triton_decode`)."""
     load_triton()
     from .triton_decode import decode_attention as impl  # imported on first use: Triton loads with it
 

@@ -1,30 +1,14 @@
 """Build, load and call the CPU decode kernel (`cpu_decode.cpp`, `cpu_codebook.cpp`) for a `CompressedLayer`.
 
-`attend(layer, query, mask, scaling)` computes what `kvcompress.cache.attention.attend_compressed`
-computes (one decode step over sinks, compressed blocks and window), from the stored codes.
-Two paths of one extension:
-
-- uniform codes (`cpu_decode.cpp`): keys and values plain `QuantCodec`s, keys post-RoPE;
-- codebook codes (`cpu_codebook.cpp`, see `kernels.cpu_codebook`): keys and values rotated,
-  centred or principal-basis codebook codecs (`CodebookCodec`, `AllocatedCodebookCodec`, the
-  `bitsN` presets), keys pre- or post-RoPE.
-
-It returns None (the caller runs `attend_compressed`) when the kernel does not apply:
-
-- the kernel is disabled (environment variable `KVCOMPRESS_NO_KERNEL=1`) or could not be built
-  (no compiler, no ninja, a build error): then ONE warning per process says why;
-- the tensors are not on the CPU;
-- the codecs fit neither path (low-rank fp16, Hadamard + uniform, a mix of the two families, pre-RoPE
-  uniform keys, ... run the torch path), or `kernels.cpu_codebook.supports` refuses the layer;
-- the mask is not (B or 1, 1, 1, seq).
-
-The extension is built on first use (about a minute) with torch's `cpp_extension.load` into
-`$KVCOMPRESS_CACHE_DIR/ext/<key>` (default `~/.cache/kvcompress/ext/<key>`, or under
-`$XDG_CACHE_HOME`), where the key hashes the source, the torch and Python versions, the
-compiler flags and the CPU, so later processes load it in milliseconds and an upgrade
-rebuilds it. `make setup` builds it once (`python -m kvcompress.kernels.cpu`).
-
-This module does not implement attention itself and does not touch the model.
+`attend(layer, query, mask, scaling)` computes what `kernels.reference.attend_compressed` computes,
+from the stored codes: uniform `QuantCodec` keys (post-RoPE) and values, or codebook codecs
+(`kernels.cpu_codebook`); `cpu_paged.cpp` (`kernels.cpu_paged`) shares the build. It returns None
+(the caller runs the torch path) where the kernel does not apply: `KVCOMPRESS_KERNELS=torch`,
+unbuildable (ONE warning per process; an error with `KVCOMPRESS_KERNELS=cpu`), non-CPU tensors,
+other codecs, a mask not (B or 1, 1, 1, seq).
+The extension is built on first use into `ext/<key>` of the cache folder (`io.cache_root`,
+`$KVCOMPRESS_CACHE`; the key hashes sources, versions, flags and CPU), atomically and with the
+library's size and sha256 checked before each load; `python -m kvcompress.kernels.cpu` builds it.
 """
 
 from __future__ import annotations
@@ -33,8 +17,8 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import logging
-import os
 import platform
+import shutil
 import sys
 import warnings
 from math import lcm
@@ -43,12 +27,12 @@ from pathlib import Path
 import torch
 
 from ..codecs.quant import QuantCodec
-from . import cpu_codebook
+from ..io import DamagedDirectoryError, cache_root, check_directory, write_directory_atomic
+from . import ENV, cpu_codebook, mode
 
-ENV_DISABLE = "KVCOMPRESS_NO_KERNEL"
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")  # defines the module; the files below are compiled with it
-EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"),)
-HEADERS = (Path(__file__).with_name("cpu_common.h"),)
+EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"), Path(__file__).with_name("cpu_paged.cpp"))
+HEADERS = (Path(__file__).with_name("cpu_common.h"), Path(__file__).with_name("cpu_split_k.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 # Compressed tokens per task of the kernel (a multiple of both codecs' rows): small enough to
@@ -56,12 +40,7 @@ LDFLAGS = ("-fopenmp",)
 BLOCK_TOKENS = 512
 
 log = logging.getLogger(__name__)
-_state: dict = {"tried": False, "module": None, "reason": None}
-
-
-def disabled_by_env() -> bool:
-    """True when `KVCOMPRESS_NO_KERNEL` is set to anything but "", "0" or "false"."""
-    return os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no")
+_state: dict = {"tried": False, "module": None, "reason": None, "damage": None}
 
 
 def _cpu_signature() -> str:
@@ -87,44 +66,89 @@ def build_key() -> str:
 
 def build_directory() -> Path:
     """Where the extension is built and cached (outside the source tree)."""
-    root = os.environ.get("KVCOMPRESS_CACHE_DIR")
-    if root:
-        base = Path(root)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvcompress"
-    return base / "ext" / build_key()
+    return cache_root() / "ext" / build_key()
 
 
-def _import_built(name: str, directory: Path):
-    """The module of an earlier build in `directory`, or None (the key in its name pins its source)."""
+def _import_library(name: str, path: Path):
+    """Import the extension module `name` from the library file `path`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _library(name: str, directory: Path) -> Path | None:
+    """The library file of extension `name` in `directory`, or None."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES + [".so"]:
-        path = directory / f"{name}{suffix}"
-        if path.is_file():
-            try:
-                spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-                return module
-            except ImportError:  # e.g. a build cut short: build again
-                return None
+        if (directory / f"{name}{suffix}").is_file():
+            return directory / f"{name}{suffix}"
     return None
 
 
-def _build():
-    """Load the cached build of the extension, or compile it; raises on failure."""
-    directory = build_directory()
-    name = f"kvcompress_cpu_decode_{build_key()}"
-    module = _import_built(name, directory)
-    if module is not None:
-        return module
+def _load_checked(name: str, directory: Path):
+    """The module of a finished build in `directory`; DamagedDirectoryError if it is not intact.
+
+    The library's size and sha256 are checked against the build's manifest before it is loaded:
+    loading a truncated library can kill the process (SIGBUS) instead of raising.
+    """
+    manifest = check_directory(directory)
+    library = _library(name, directory)
+    if library is None or library.name not in manifest.get("sha256", {}):
+        raise DamagedDirectoryError(f"no checksummed library {name} in the manifest")
+    try:
+        return _import_library(name, library)
+    except ImportError as error:
+        raise DamagedDirectoryError(f"the library does not load ({error})") from error
+
+
+def _compile(name: str, directory: Path):
+    """Compile the extension into the empty folder `directory` (torch's cpp_extension); its module."""
     from torch.utils import cpp_extension
 
-    directory.mkdir(parents=True, exist_ok=True)
-    log.info("building the kvcompress CPU decode kernel into %s (once; about a minute)", directory)
     return cpp_extension.load(name=name, sources=[str(SOURCE), *(str(path) for path in EXTRA_SOURCES)],
                               extra_include_paths=[str(path.parent) for path in HEADERS],
                               extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(directory),
                               verbose=False)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _build():
+    """The module of the checked build of the extension, or of a fresh one; raises on failure.
+
+    A build is compiled in a temporary folder next to the key folder and renamed into place with
+    a manifest of its library's size and sha256 (`io.write_directory_atomic`), so a build that is
+    cut short never appears finished. A finished build that fails its check is removed and built
+    again, and `_state["damage"]` says why.
+    """
+    directory = build_directory()
+    name = f"kvcompress_cpu_decode_{build_key()}"
+    if directory.exists():
+        try:
+            return _load_checked(name, directory)
+        except (DamagedDirectoryError, OSError) as error:
+            _state["damage"] = f"the build in {directory} is damaged ({error})"
+            _remove(directory)
+    log.info("building the kvcompress CPU decode kernel into %s (once; about a minute)", directory)
+    built = {}
+
+    def write(tmp: Path) -> dict:
+        built["module"] = _compile(name, tmp)
+        library = _library(name, tmp)
+        if library is None:  # torch renames an extension built twice in one process (name_v1)
+            raise RuntimeError(f"the build wrote no library {name} into {tmp}")
+        for path in tmp.iterdir():  # keep the library only (objects and ninja files are not reused)
+            if path != library:
+                _remove(path)
+        return {"name": "kvcompress CPU decode kernel", "torch": torch.__version__}
+
+    write_directory_atomic(directory, write, checksums=True)
+    return built["module"]
 
 
 def _short(error: BaseException) -> str:
@@ -136,8 +160,10 @@ def _short(error: BaseException) -> str:
 
 
 def load():
-    """The compiled module, or None (disabled or unbuildable; a failed build warns once)."""
-    if disabled_by_env():
+    """The compiled module, or None (KVCOMPRESS_KERNELS=torch, or unbuildable); ONE warning per
+    process when a build fails or a damaged build was replaced. With KVCOMPRESS_KERNELS=cpu a
+    failed build raises a RuntimeError instead."""
+    if mode() == "torch":
         return None
     if not _state["tried"]:
         _state["tried"] = True
@@ -147,17 +173,26 @@ def load():
             _state["reason"] = _short(error)
             if "ninja" in _state["reason"].lower():
                 _state["reason"] += " (pip install 'kvcompress[kernel]' installs it)"
-            warnings.warn(
-                f"kvcompress: the CPU decode kernel could not be built ({_state['reason']}); decode steps use "
-                f"the slower pure-torch path with the same results. Set {ENV_DISABLE}=1 to skip the build.",
-                RuntimeWarning, stacklevel=2)
+            found = f"{_state['damage']}; " if _state.get("damage") else ""
+            if mode() != "cpu":
+                warnings.warn(
+                    f"kvcompress: {found}the CPU decode kernel could not be built ({_state['reason']}); decode "
+                    f"steps use the slower pure-torch path with the same results. Set {ENV}=torch to skip the build.",
+                    RuntimeWarning, stacklevel=2)
+        else:
+            if _state.get("damage"):
+                warnings.warn(f"kvcompress: {_state['damage']}; the CPU decode kernel was built again",
+                              RuntimeWarning, stacklevel=2)
+    if _state["module"] is None and mode() == "cpu":
+        raise RuntimeError(f"{ENV}=cpu asks for the CPU decode kernel, but it could not be built "
+                           f"({_state['reason']}); unset {ENV} to fall back to the pure-torch path")
     return _state["module"]
 
 
 def unavailable_reason() -> str | None:
     """Why the kernel is not used in this process (None when it is loaded, or not tried yet)."""
-    if disabled_by_env():
-        return f"disabled by {ENV_DISABLE}"
+    if mode() == "torch":
+        return f"disabled by {ENV}=torch"
     return _state["reason"]
 
 
@@ -193,7 +228,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
     """Attention of one decode step over `layer`, from its codes; None where the kernel does not apply.
 
-    Args and result as `kvcompress.cache.attention.attend_compressed`: query (B, H_q, 1, D),
+    Args and result as `kvcompress.kernels.reference.attend_compressed`: query (B, H_q, 1, D),
     attention_mask None / bool / additive (B or 1, 1, 1, seq); returns (B, H_q, 1, D_v).
     """
     if query.shape[2] != 1 or layer.n_compressed == 0 or query.device.type != "cpu":

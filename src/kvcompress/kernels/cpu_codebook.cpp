@@ -25,8 +25,8 @@
 //                     per step: out = (sum_t p_t s_t c_t) . rows + (sum_t p_t) offset.
 // No decoded copy of the cache is built; codes are read where they are stored.
 //
-// Work is split into tasks (batch, KV head, token block) that compute partial softmaxes,
-// merged at the end (split-K "flash decoding"), as in cpu_decode.cpp.
+// The task split, softmax and merge are cpu_split_k.h's; this file supplies how keys are
+// scored and values mixed from the codes (`CodebookCodes`).
 //
 // This file does not know codecs or transformers: the Python side decides when it applies
 // and hands it plain tensors.
@@ -41,86 +41,15 @@
 #include <vector>
 
 #include "cpu_common.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "cpu_split_k.h"
 
 namespace {
-
-// ---- a few vector operations, on the widest registers the build targets
-#if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;
-constexpr int kChunkVecs = 4;  // vectors of D per micro-tile of the key decode
-using vec = __m512;
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-inline vec vset1(float x) { return _mm512_set1_ps(x); }
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
-#elif defined(KVC_AVX2)
-constexpr int64_t kLanes = 8;
-constexpr int kChunkVecs = 2;
-using vec = __m256;
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-inline vec vset1(float x) { return _mm256_set1_ps(x); }
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(vec a) {
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, a);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-#else
-constexpr int64_t kLanes = 8;
-constexpr int kChunkVecs = 1;
-struct vec {
-  float x[8];
-};
-inline vec vload(const float* p) {
-  vec v;
-  std::memcpy(v.x, p, sizeof(v.x));
-  return v;
-}
-inline void vstore(float* p, vec v) { std::memcpy(p, v.x, sizeof(v.x)); }
-inline vec vset1(float x) {
-  vec v;
-  for (float& e : v.x) e = x;
-  return v;
-}
-inline vec vzero() { return vset1(0.0f); }
-inline vec vfma(vec a, vec b, vec c) {
-  for (int i = 0; i < 8; ++i) c.x[i] += a.x[i] * b.x[i];
-  return c;
-}
-inline float vsum(vec a) {
-  float s = 0.0f;
-  for (float e : a.x) s += e;
-  return s;
-}
-#endif
 
 constexpr int64_t kRow = 8;        // tokens per packed row
 constexpr int64_t kBookSize = 64;  // codebooks padded to 64 entries (widths up to 6 bits)
 constexpr int64_t kPrefetchRows = 8;  // rows of codes fetched ahead of the one decoded
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-inline float dot(const float* a, const float* b, int64_t n) {  // n % kLanes == 0
-  vec acc = vzero();
-  for (int64_t i = 0; i < n; i += kLanes) acc = vfma(vload(a + i), vload(b + i), acc);
-  return vsum(acc);
-}
-
-template <typename T>
-inline float dot_t(const float* a, const T* b, int64_t n) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * static_cast<float>(b[i]);
-  return acc;
-}
 
 // One field (width `width`) of a packed row, byte-planar: its m = n*width/8 bytes at `src`
 // hold codes j + h*m at bits [h*width, (h+1)*width) of byte j. Writes the n field values, one
@@ -299,7 +228,7 @@ struct Rope {
 };
 
 // Scratch of one thread for decoding rows.
-struct Scratch {
+struct RowScratch {
   std::vector<uint8_t> low, high;  // a group's codes split in their two bit fields
   std::vector<float> values;  // kRow * n + 16: a row's values group by group
   std::vector<float> cval;    // kRow x np token-major, padding zero
@@ -313,7 +242,7 @@ struct Scratch {
 
 // Codebook values of packed row `row` at (b, h), group by group: group g's kRow x count values
 // (token-major) at out + kRow * first; `out` holds kRow * n + 16 floats.
-inline void decode_row_grouped(const Coded& c, int64_t b, int64_t h, int64_t row, Scratch& s, float* out) {
+inline void decode_row_grouped(const Coded& c, int64_t b, int64_t h, int64_t row, RowScratch& s, float* out) {
   for (const Group& g : c.groups) {  // in order: a lookup's padding is overwritten by the next group
     const uint8_t* bytes = g.codes + b * g.stride_b + h * g.stride_h + row * g.stride_row;
     // the groups are separate streams, each too thin for the hardware prefetcher: fetch ahead
@@ -325,7 +254,7 @@ inline void decode_row_grouped(const Coded& c, int64_t b, int64_t h, int64_t row
 }
 
 // cval[t * np + j] = codebook value of code j of token t of packed row `row` at (b, h).
-inline void decode_row(const Coded& c, int64_t b, int64_t h, int64_t row, Scratch& s) {
+inline void decode_row(const Coded& c, int64_t b, int64_t h, int64_t row, RowScratch& s) {
   if (c.groups.size() == 1 && c.groups[0].count == c.np) {  // one group filling the row: already token-major
     decode_row_grouped(c, b, h, row, s, s.cval.data());
     return;
@@ -379,9 +308,9 @@ inline void decode_keys(const Coded& c, const float* grouped, const float* rows,
 // Scores of compressed tokens [t0, t1) into sc[i * ld + (t - t0)] for the rep query heads.
 //  rope.cos == nullptr: q_proj (rep x np) = rows . q, q_off (rep) = q . offset; score = q_off + s * (q_proj . c)
 //  rope.cos != nullptr: keys decoded, offset added, rotated to their position, dotted with q (rep x D).
-void key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* q, const float* q_proj,
-                const float* q_off, const Rope& rope, int rep, float* sc, int64_t ld, Scratch& s,
-                std::vector<float>& work) {
+void coded_key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* q,
+                      const float* q_proj, const float* q_off, const Rope& rope, int rep, float* sc, int64_t ld,
+                      RowScratch& s, std::vector<float>& work) {
   const int64_t D = c.dim, np = c.np, half = D / 2;
   float scales[kRow];
   if (rope.cos == nullptr) {
@@ -391,7 +320,7 @@ void key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, co
       const int64_t col = row * kRow - t0;
       for (int i = 0; i < rep; ++i)
         for (int64_t t = 0; t < kRow; ++t)
-          sc[i * ld + col + t] = q_off[i] + scales[t] * dot(q_proj + i * np, s.cval.data() + t * np, np);
+          sc[i * ld + col + t] = q_off[i] + scales[t] * dot_lanes(q_proj + i * np, s.cval.data() + t * np, np);
     }
     return;
   }
@@ -433,13 +362,13 @@ void key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, co
     }
     const int64_t col = row * kRow - t0;
     for (int i = 0; i < rep; ++i)
-      for (int64_t t = 0; t < kRow; ++t) sc[i * ld + col + t] = dot(q + i * D, k + t * D, D);
+      for (int64_t t = 0; t < kRow; ++t) sc[i * ld + col + t] = dot_lanes(q + i * D, k + t * D, D);
   }
 }
 
 // acc[i * acc_stride + j] += sum over compressed tokens [t0, t1) of p[i * ld + (t - t0)] * s_t * c_tj.
-void value_mix(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld,
-               float* acc, int64_t acc_stride, Scratch& s) {
+void coded_value_mix(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* p, int rep,
+                     int64_t ld, float* acc, int64_t acc_stride, RowScratch& s) {
   const int64_t np = c.np;
   float scales[kRow], w[kRow];
   for (int64_t row = t0 / kRow; row < t1 / kRow; ++row) {
@@ -458,149 +387,68 @@ void value_mix(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t t1, con
   }
 }
 
-template <typename T>
-at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
-                       const at::Tensor& win_k, const at::Tensor& win_v, const Coded& kc, const Coded& vc,
-                       const Rope& rope, int64_t n_compressed,
-                       const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens) {
-  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
-  const int64_t H = win_k.size(1), Dv = win_v.size(3);
-  const int64_t n_sinks = sink_k.size(2), n_window = win_k.size(2);
-  TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of KV heads");
-  const int rep = static_cast<int>(Hq / H);
-  const int64_t n_blocks = (n_compressed + block_tokens - 1) / block_tokens;
-  const int64_t tasks_per_head = 1 + n_blocks;  // task 0: sinks and window
-  const int64_t width = std::max(Dv, vc.np);
-  const int64_t stride_partial = 2 + width;  // max, sum, acc (Dv for task 0, the value codes' np for the others)
-  std::vector<float> partial(static_cast<size_t>(B * H * tasks_per_head * rep * stride_partial));
-  const float fscale = static_cast<float>(scaling);
-  const T* qp = query.data_ptr<T>();
+// The policy of split_k_attend for codebook codes: keys and values each a `Coded`.
+struct CodebookCodes {
+  struct Scratch {
+    RowScratch key, value;
+    std::vector<float> work;
+  };
+  // blocks outer, the KV heads of a block together: they share its cos/sin rows (at consecutive
+  // positions; after eviction each head reads its own rows of the tables)
+  static constexpr bool kBlockMajor = true;
+  static constexpr bool kCodedValues = true;  // values mixed in code space (np), mapped back once
 
-  // The scaled query of every (batch, query head), and for post-RoPE keys its projection on the rows.
-  std::vector<float> q_all(static_cast<size_t>(B * Hq * D));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < Hq; ++i)
-      for (int64_t d = 0; d < D; ++d)
-        q_all[(b * Hq + i) * D + d] = static_cast<float>(qp[b * query.stride(0) + i * query.stride(1) + d]) * fscale;
-  std::vector<float> q_proj, q_off(static_cast<size_t>(B * Hq), 0.0f);
-  if (rope.cos == nullptr) {
+  const Coded& kc;
+  const Coded& vc;
+  const Rope& rope;
+  // For post-RoPE keys: the projection of every scaled query on the key rows (B, Hq, np) and
+  // on the key offset (B, Hq).
+  std::vector<float> q_proj, q_off;
+  int64_t n_query_heads = 0;
+
+  int64_t value_width() const { return vc.np; }
+  void prepare(const float* q_all, int64_t B, int64_t Hq, int rep) {
+    const int64_t D = kc.dim;
+    n_query_heads = Hq;
+    q_off.assign(static_cast<size_t>(B * Hq), 0.0f);
+    if (rope.cos != nullptr) return;
     q_proj.assign(static_cast<size_t>(B * Hq * kc.np), 0.0f);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < Hq; ++i) {
         const int64_t h = i / rep;
-        const float* qi = q_all.data() + (b * Hq + i) * D;
+        const float* qi = q_all + (b * Hq + i) * D;
         for (int64_t j = 0; j < kc.n; ++j)
-          q_proj[(b * Hq + i) * kc.np + j] = dot(qi, kc.rows + h * kc.rows_h + j * D, D);
-        if (kc.offset != nullptr) q_off[b * Hq + i] = dot(qi, kc.offset + h * D, D);
+          q_proj[(b * Hq + i) * kc.np + j] = dot_lanes(qi, kc.rows + h * kc.rows_h + j * D, D);
+        if (kc.offset != nullptr) q_off[b * Hq + i] = dot_lanes(qi, kc.offset + h * D, D);
       }
   }
-
-  const bool mask_bool = mask.has_value() && mask->scalar_type() == at::kBool;
-  const bool* mb = mask_bool ? mask->data_ptr<bool>() : nullptr;
-  const float* mf = (mask.has_value() && !mask_bool) ? mask->data_ptr<float>() : nullptr;
-  const int64_t mask_bstride = mask.has_value() ? (mask->size(0) == 1 ? 0 : mask->stride(0)) : 0;
-  const int64_t max_len = std::max(n_sinks + n_window, std::min(block_tokens, n_compressed));
-
-  at::parallel_for(0, B * H * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sc(static_cast<size_t>(rep) * std::max<int64_t>(max_len, 1));
-    std::vector<float> acc(static_cast<size_t>(rep) * width), work;
-    Scratch key_scratch, value_scratch;
-    key_scratch.fit(kc);
-    value_scratch.fit(vc);
-    for (int64_t task = begin; task < end; ++task) {
-      // tasks run block by block, the KV heads of a block together: they share its cos/sin rows
-      // (at consecutive positions; after eviction each head reads its own rows of the tables)
-      const int64_t b = task / (tasks_per_head * H), blk = task / H % tasks_per_head, h = task % H;
-      const int64_t bh = b * H + h;
-      const float* q = q_all.data() + (b * Hq + h * rep) * D;
-      int64_t len, pos0, t0 = 0, t1 = 0;
-      if (blk == 0) {
-        len = n_sinks + n_window;
-        const T* sk = sink_k.data_ptr<T>() + b * sink_k.stride(0) + h * sink_k.stride(1);
-        const T* wk = win_k.data_ptr<T>() + b * win_k.stride(0) + h * win_k.stride(1);
-        for (int64_t j = 0; j < len; ++j) {
-          const T* row = j < n_sinks ? sk + j * sink_k.stride(2) : wk + (j - n_sinks) * win_k.stride(2);
-          for (int i = 0; i < rep; ++i) sc[i * len + j] = dot_t(q + i * D, row, D);
-        }
-        pos0 = 0;
-      } else {
-        t0 = (blk - 1) * block_tokens;
-        t1 = std::min(t0 + block_tokens, n_compressed);
-        len = t1 - t0;
-        const float* qp_bh = rope.cos == nullptr ? q_proj.data() + (b * Hq + h * rep) * kc.np : nullptr;
-        key_scores(kc, b, h, t0, t1, q, qp_bh, q_off.data() + b * Hq + h * rep, rope, rep, sc.data(), len,
-                   key_scratch, work);
-        pos0 = n_sinks + t0;
-      }
-      if (mask.has_value()) {
-        for (int64_t j = 0; j < len; ++j) {
-          int64_t pos = pos0 + j;
-          if (blk == 0 && j >= n_sinks) pos = n_sinks + n_compressed + (j - n_sinks);
-          if (mb) {
-            if (!mb[b * mask_bstride + pos])
-              for (int i = 0; i < rep; ++i) sc[i * len + j] = kNegInf;
-          } else {
-            const float add = mf[b * mask_bstride + pos];
-            for (int i = 0; i < rep; ++i) sc[i * len + j] += add;
-          }
-        }
-      }
-      float* part = partial.data() + (bh * tasks_per_head + blk) * rep * stride_partial;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      block_softmax_stats(sc.data(), rep, len, part, stride_partial);
-      if (blk == 0) {
-        const T* sv = sink_v.data_ptr<T>() + b * sink_v.stride(0) + h * sink_v.stride(1);
-        const T* wv = win_v.data_ptr<T>() + b * win_v.stride(0) + h * win_v.stride(1);
-        mix_full_precision(sv, sink_v.stride(2), wv, win_v.stride(2), n_sinks, sc.data(), rep, len, acc.data(),
-                           width, Dv);
-      } else {
-        value_mix(vc, b, h, t0, t1, sc.data(), rep, len, acc.data(), width, value_scratch);
-      }
-      for (int i = 0; i < rep; ++i)
-        std::copy(acc.begin() + i * width, acc.begin() + (i + 1) * width, part + i * stride_partial + 2);
-    }
-  });
-
-  // ---- merge the partial softmaxes of every (batch, query head), then map the value codes back
-  at::Tensor out = at::empty({B, Hq, Dv}, query.options());
-  T* op = out.data_ptr<T>();
-  std::vector<float> full(Dv), coded(vc.np);
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int64_t h = bh % H;
-    for (int i = 0; i < rep; ++i) {
-      float m = kNegInf;
-      for (int64_t blk = 0; blk < tasks_per_head; ++blk)
-        m = std::max(m, partial[((bh * tasks_per_head + blk) * rep + i) * stride_partial]);
-      std::fill(full.begin(), full.end(), 0.0f);
-      std::fill(coded.begin(), coded.end(), 0.0f);
-      float l = 0.0f, l_coded = 0.0f;
-      for (int64_t blk = 0; blk < tasks_per_head; ++blk) {
-        const float* part = partial.data() + ((bh * tasks_per_head + blk) * rep + i) * stride_partial;
-        if (part[0] == kNegInf) continue;
-        const float w = std::exp(part[0] - m);
-        l += w * part[1];
-        if (blk == 0) {
-          for (int64_t d = 0; d < Dv; ++d) full[d] += w * part[2 + d];
-        } else {
-          l_coded += w * part[1];
-          for (int64_t j = 0; j < vc.np; ++j) coded[j] += w * part[2 + j];
-        }
-      }
-      const float* rows = vc.rows + h * vc.rows_h;
-      for (int64_t j = 0; j < vc.n; ++j) {
-        const float cj = coded[j];
+  Scratch scratch() const {
+    Scratch s;
+    s.key.fit(kc);
+    s.value.fit(vc);
+    return s;
+  }
+  void key_scores(Scratch& s, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* q, int rep, float* sc,
+                  int64_t ld) const {
+    const int64_t first = b * n_query_heads + h * rep;  // the task's first query head
+    const float* qp_bh = rope.cos == nullptr ? q_proj.data() + first * kc.np : nullptr;
+    coded_key_scores(kc, b, h, t0, t1, q, qp_bh, q_off.data() + first, rope, rep, sc, ld, s.key, s.work);
+  }
+  void value_mix(Scratch& s, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld,
+                 float* acc, int64_t acc_stride) const {
+    coded_value_mix(vc, b, h, t0, t1, p, rep, ld, acc, acc_stride, s.value);
+  }
+  void finish_values(int64_t h, const float* coded, float l_coded, float* full, int64_t Dv) const {
+    const float* rows = vc.rows + h * vc.rows_h;
+    for (int64_t j = 0; j < vc.n; ++j) {
+      const float cj = coded[j];
 #pragma omp simd
-        for (int64_t d = 0; d < Dv; ++d) full[d] += cj * rows[j * Dv + d];
-      }
-      if (vc.offset != nullptr)
-        for (int64_t d = 0; d < Dv; ++d) full[d] += l_coded * vc.offset[h * Dv + d];
-      const float inv = 1.0f / l;  // all positions masked: 0 / 0 = NaN, as torch's softmax gives
-      T* o = op + ((bh / H) * Hq + h * rep + i) * Dv;
-      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(full[d] * inv);
+      for (int64_t d = 0; d < Dv; ++d) full[d] += cj * rows[j * Dv + d];
     }
+    if (vc.offset != nullptr)
+      for (int64_t d = 0; d < Dv; ++d) full[d] += l_coded * vc.offset[h * Dv + d];
   }
-  return out;
-}
+};
 
 }  // namespace
 
@@ -614,15 +462,8 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
                            const at::Tensor& v_scale, const at::Tensor& v_rows, const at::Tensor& v_offset,
                            int64_t n_compressed,
                            const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens) {
-  TORCH_CHECK(query.device().is_cpu(), "kvcompress cpu kernel: tensors must be on the CPU");
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be (B, Hq, D) with contiguous rows");
+  check_split_k_inputs(query, sink_k, sink_v, win_k, win_v, n_compressed, mask);
   const int64_t B = query.size(0), D = query.size(2), H = win_k.size(1), Dv = win_v.size(3);
-  for (const at::Tensor* t : {&sink_k, &sink_v, &win_k, &win_v}) {
-    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1 && t->scalar_type() == query.scalar_type() && t->size(0) == B &&
-                    t->size(1) == H,
-                "sinks and window must be (B, H, n, D) in the query's dtype with contiguous rows");
-  }
-  TORCH_CHECK(win_k.size(3) == D && sink_k.size(3) == D && sink_v.size(3) == Dv, "head_dim mismatch");
   TORCH_CHECK(n_compressed > 0 && n_compressed % kRow == 0, "compressed tokens must be a positive multiple of 8");
   TORCH_CHECK(block_tokens > 0 && block_tokens % kRow == 0, "block_tokens must be a multiple of 8");
   const Coded kc = describe(k_codes, k_bits, k_books, k_scale, k_rows, k_offset, n_compressed, H, B, "keys");
@@ -662,24 +503,6 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
   } else {
     TORCH_CHECK(rope_positions.numel() == 0, "rope positions need cos/sin tables");
   }
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->dim() == 2 && mask->stride(1) == 1 &&
-                    (mask->scalar_type() == at::kBool || mask->scalar_type() == at::kFloat),
-                "mask must be (B or 1, seq) bool or float32 with contiguous rows");
-    TORCH_CHECK(mask->size(1) == sink_k.size(2) + n_compressed + win_k.size(2), "mask length != cached tokens");
-    TORCH_CHECK(mask->size(0) == 1 || mask->size(0) == B, "mask batch mismatch");
-  }
-  switch (query.scalar_type()) {
-    case at::kFloat:
-      return attend_impl<float>(query, sink_k, sink_v, win_k, win_v, kc, vc, rope, n_compressed, mask, scaling,
-                                block_tokens);
-    case at::kBFloat16:
-      return attend_impl<at::BFloat16>(query, sink_k, sink_v, win_k, win_v, kc, vc, rope, n_compressed, mask,
-                                       scaling, block_tokens);
-    case at::kHalf:
-      return attend_impl<at::Half>(query, sink_k, sink_v, win_k, win_v, kc, vc, rope, n_compressed, mask,
-                                   scaling, block_tokens);
-    default:
-      TORCH_CHECK(false, "kvcompress cpu kernel: query dtype must be float32, bfloat16 or float16");
-  }
+  CodebookCodes codes{kc, vc, rope};
+  return split_k_attend(codes, query, sink_k, sink_v, win_k, win_v, n_compressed, mask, scaling, block_tokens);
 }

@@ -1,5 +1,6 @@
-// Helpers shared by the CPU decode kernels (cpu_decode.cpp, cpu_codebook.cpp): the vectorised
-// exp of the partial softmaxes. Internal linkage (an anonymous namespace): each file gets its own copy.
+// Helpers shared by the CPU decode kernels (cpu_decode.cpp, cpu_codebook.cpp): a vector type on
+// the widest registers the build targets, dot products, the vectorised exp of the partial
+// softmaxes. Internal linkage (an anonymous namespace): each file gets its own copy.
 
 #pragma once
 
@@ -13,11 +14,95 @@
 #include <immintrin.h>
 #define KVC_AVX2 1
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kMaxDim = 1024;  // head_dim limit of the stack buffer of one decoded token
+
+// ---- a few vector operations, on the widest registers the build targets
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+constexpr int kChunkVecs = 4;  // vectors of D per micro-tile of the codebook key decode
+using vec = __m512;
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vset1(float x) { return _mm512_set1_ps(x); }
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(KVC_AVX2)
+constexpr int64_t kLanes = 8;
+constexpr int kChunkVecs = 2;
+using vec = __m256;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vset1(float x) { return _mm256_set1_ps(x); }
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vec a) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, a);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+#else
+constexpr int64_t kLanes = 8;
+constexpr int kChunkVecs = 1;
+struct vec {
+  float x[8];
+};
+inline vec vload(const float* p) {
+  vec v;
+  std::memcpy(v.x, p, sizeof(v.x));
+  return v;
+}
+inline void vstore(float* p, vec v) { std::memcpy(p, v.x, sizeof(v.x)); }
+inline vec vset1(float x) {
+  vec v;
+  for (float& e : v.x) e = x;
+  return v;
+}
+inline vec vzero() { return vset1(0.0f); }
+inline vec vfma(vec a, vec b, vec c) {
+  for (int i = 0; i < 8; ++i) c.x[i] += a.x[i] * b.x[i];
+  return c;
+}
+inline float vsum(vec a) {
+  float s = 0.0f;
+  for (float e : a.x) s += e;
+  return s;
+}
+#endif
+
+// ---- dot products of float rows (three loops, each tuned where it is used)
+// n % kLanes == 0, one vector accumulator (the codebook kernel's code-space and decoded-key rows).
+inline float dot_lanes(const float* a, const float* b, int64_t n) {
+  vec acc = vzero();
+  for (int64_t i = 0; i < n; i += kLanes) acc = vfma(vload(a + i), vload(b + i), acc);
+  return vsum(acc);
+}
+
+// The compiler's simd reduction; DIM > 0 fixes n at compile time, DIM == 0 reads it from `dim`.
+template <int DIM>
+inline float dot_fixed(const float* a, const float* b, int64_t dim) {
+  const int64_t n = DIM > 0 ? DIM : dim;
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// A float row against a row of full-precision states (float, bfloat16 or float16).
+template <typename T>
+inline float dot_t(const float* a, const T* b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * static_cast<float>(b[i]);
+  return acc;
+}
 
 // exp(x) for x <= 0 (scores minus their max), vectorisable; exact 0 below -87.
 inline float exp_nonpositive(float x) {

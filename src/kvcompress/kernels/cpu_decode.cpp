@@ -15,9 +15,8 @@
 //   j + h*m at bits [h*w, (h+1)*w). With r*w % 8 == 0 every plane holds whole tokens, so
 //   token t's D codes of a field are D consecutive bytes shifted by a constant.
 //
-// Work is split into tasks (batch, KV head, token block); each task computes a partial
-// softmax (running max, sum, unnormalised p.v) and the partials are merged at the end, as in
-// split-K "flash decoding". Tasks run under at::parallel_for (torch's thread count).
+// The task split, softmax and merge are cpu_split_k.h's; this file supplies how keys are
+// scored and values mixed from the codes (`UniformCodes`).
 //
 // This file does not know about transformers, pre-RoPE keys or codecs other than QuantCodec;
 // the Python side (kvcompress.kernels.cpu) decides when it applies.
@@ -33,6 +32,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "cpu_split_k.h"
 
 namespace {
 
@@ -76,23 +76,6 @@ inline void decode_token(const uint8_t* row, int64_t r, int64_t dim, int64_t t, 
     for (int64_t d = 0; d < D; ++d)
       out[d] = static_cast<float>(((p0[d] >> sh0) & 3) | (((p1[d] >> sh1) & 1) << 2));
   }
-}
-
-template <int DIM>
-inline float dot(const float* a, const float* b, int64_t dim) {
-  const int64_t n = DIM > 0 ? DIM : dim;
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-template <typename T>
-inline float dot_t(const float* a, const T* b, int64_t n) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * static_cast<float>(b[i]);
-  return acc;
 }
 
 #ifdef KVC_AVX2
@@ -225,7 +208,7 @@ void key_scores(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep
       for (int64_t t = 0; t < r; ++t) {
         decode_token<BITS, DIM>(bytes, r, D, t, cf);
         const int64_t col = row * r + t - t0;
-        for (int h = 0; h < rep; ++h) sc[h * ld + col] = dot<DIM>(qs + h * D, cf, D) + qz[h];
+        for (int h = 0; h < rep; ++h) sc[h * ld + col] = dot_fixed<DIM>(qs + h * D, cf, D) + qz[h];
       }
     }
   } else {
@@ -248,7 +231,7 @@ void key_scores(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep
         for (int h = 0; h < rep; ++h) {
           float acc = 0.0f;
           for (int64_t k = 0; k < ng; ++k)
-            acc += static_cast<float>(s[k]) * dot<0>(q + h * D + k * g, cf + k * g, g) +
+            acc += static_cast<float>(s[k]) * dot_fixed<0>(q + h * D + k * g, cf + k * g, g) +
                    static_cast<float>(z[k]) * qsum[h * ng + k];
           sc[h * ld + token - t0] = acc;
         }
@@ -401,120 +384,38 @@ void check_packed(const at::Tensor& codes, const at::Tensor& scale, const at::Te
   }
 }
 
-template <typename T>
-at::Tensor attend_impl(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
-                       const at::Tensor& win_k, const at::Tensor& win_v, const at::Tensor& k_codes,
-                       const at::Tensor& k_scale, const at::Tensor& k_zero, int64_t k_bits, bool k_channel,
-                       int64_t k_group, const at::Tensor& v_codes, const at::Tensor& v_scale,
-                       const at::Tensor& v_zero, int64_t v_bits, bool v_channel, int64_t v_group,
-                       int64_t n_compressed, const c10::optional<at::Tensor>& mask, double scaling,
-                       int64_t block_tokens) {
-  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
-  const int64_t H = win_k.size(1), Dv = win_v.size(3);
-  const int64_t n_sinks = sink_k.size(2), n_window = win_k.size(2);
-  const int64_t seq = n_sinks + n_compressed + n_window;
-  TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of KV heads");
-  const int rep = static_cast<int>(Hq / H);
-  const int64_t n_blocks = (n_compressed + block_tokens - 1) / block_tokens;
-  const int64_t tasks_per_head = 1 + n_blocks;  // task 0: sinks and window
-  const int64_t stride_partial = 2 + Dv;         // max, sum, acc[Dv]
-  std::vector<float> partial(static_cast<size_t>(B * H * tasks_per_head * rep * stride_partial));
+// The policy of split_k_attend for uniform codes: one QuantCodec's keys and one's values.
+struct UniformCodes {
+  struct Scratch {
+    std::vector<float> work;
+  };
+  static constexpr bool kBlockMajor = false;  // the blocks of a KV head together
+  static constexpr bool kCodedValues = false;  // values mixed into acc directly (Dv floats)
 
-  const T* qp = query.data_ptr<T>();
-  const bool mask_bool = mask.has_value() && mask->scalar_type() == at::kBool;
-  const bool* mb = mask_bool ? mask->data_ptr<bool>() : nullptr;
-  const float* mf = (mask.has_value() && !mask_bool) ? mask->data_ptr<float>() : nullptr;
-  const int64_t mask_bstride = mask.has_value() ? (mask->size(0) == 1 ? 0 : mask->stride(0)) : 0;
-  const int64_t max_len = std::max(n_sinks + n_window, std::min(block_tokens, n_compressed));
-  const float fscale = static_cast<float>(scaling);
+  const at::Tensor &k_codes, &k_scale, &k_zero;
+  int64_t k_bits;
+  bool k_channel;
+  int64_t k_group;
+  const at::Tensor &v_codes, &v_scale, &v_zero;
+  int64_t v_bits;
+  bool v_channel;
+  int64_t v_group;
+  int64_t D, Dv;
 
-  at::parallel_for(0, B * H * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(static_cast<size_t>(rep) * D), sc(static_cast<size_t>(rep) * std::max<int64_t>(max_len, 1));
-    std::vector<float> acc(static_cast<size_t>(rep) * Dv), work;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / tasks_per_head, blk = task % tasks_per_head;
-      const int64_t b = bh / H, h = bh % H;
-      for (int i = 0; i < rep; ++i)
-        for (int64_t d = 0; d < D; ++d)
-          q[i * D + d] = static_cast<float>(qp[b * query.stride(0) + (h * rep + i) * query.stride(1) + d]) * fscale;
-      // ---- scores of this task's positions, in sc[i * len + j]
-      int64_t len;
-      int64_t pos0, t0 = 0, t1 = 0;  // first position (compressed tasks) / token range
-      if (blk == 0) {
-        len = n_sinks + n_window;
-        const T* sk = sink_k.data_ptr<T>() + b * sink_k.stride(0) + h * sink_k.stride(1);
-        const T* wk = win_k.data_ptr<T>() + b * win_k.stride(0) + h * win_k.stride(1);
-        for (int64_t j = 0; j < len; ++j) {
-          const T* row = j < n_sinks ? sk + j * sink_k.stride(2) : wk + (j - n_sinks) * win_k.stride(2);
-          for (int i = 0; i < rep; ++i) sc[i * len + j] = dot_t(q.data() + i * D, row, D);
-        }
-        pos0 = 0;
-      } else {
-        t0 = (blk - 1) * block_tokens;
-        t1 = std::min(t0 + block_tokens, n_compressed);
-        len = t1 - t0;
-        const Packed kc = packed_at(k_codes, k_scale, k_zero, k_bits, k_channel, k_group, D, b, h);
-        key_scores_any(kc, t0, t1, q.data(), rep, sc.data(), len, work);
-        pos0 = n_sinks + t0;
-      }
-      // ---- mask
-      if (mask.has_value()) {
-        for (int64_t j = 0; j < len; ++j) {
-          int64_t pos = pos0 + j;
-          if (blk == 0 && j >= n_sinks) pos = n_sinks + n_compressed + (j - n_sinks);
-          if (mb) {
-            if (!mb[b * mask_bstride + pos])
-              for (int i = 0; i < rep; ++i) sc[i * len + j] = kNegInf;
-          } else {
-            const float add = mf[b * mask_bstride + pos];
-            for (int i = 0; i < rep; ++i) sc[i * len + j] += add;
-          }
-        }
-      }
-      // ---- partial softmax
-      float* part = partial.data() + (bh * tasks_per_head + blk) * rep * stride_partial;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      block_softmax_stats(sc.data(), rep, len, part, stride_partial);
-      // ---- p . v
-      if (blk == 0) {
-        const T* sv = sink_v.data_ptr<T>() + b * sink_v.stride(0) + h * sink_v.stride(1);
-        const T* wv = win_v.data_ptr<T>() + b * win_v.stride(0) + h * win_v.stride(1);
-        mix_full_precision(sv, sink_v.stride(2), wv, win_v.stride(2), n_sinks, sc.data(), rep, len, acc.data(),
-                           Dv, Dv);
-      } else {
-        const Packed vc = packed_at(v_codes, v_scale, v_zero, v_bits, v_channel, v_group, Dv, b, h);
-        value_mix_any(vc, t0, t1, sc.data(), rep, len, acc.data(), work);
-      }
-      for (int i = 0; i < rep; ++i)
-        std::copy(acc.begin() + i * Dv, acc.begin() + (i + 1) * Dv, part + i * stride_partial + 2);
-    }
-  });
-
-  // ---- merge the partial softmaxes of every (batch, query head)
-  at::Tensor out = at::empty({B, Hq, Dv}, query.options());
-  T* op = out.data_ptr<T>();
-  std::vector<float> total(Dv);
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    for (int i = 0; i < rep; ++i) {
-      float m = kNegInf;
-      for (int64_t blk = 0; blk < tasks_per_head; ++blk)
-        m = std::max(m, partial[((bh * tasks_per_head + blk) * rep + i) * stride_partial]);
-      std::fill(total.begin(), total.end(), 0.0f);
-      float l = 0.0f;
-      for (int64_t blk = 0; blk < tasks_per_head; ++blk) {
-        const float* part = partial.data() + ((bh * tasks_per_head + blk) * rep + i) * stride_partial;
-        if (part[0] == kNegInf) continue;
-        const float w = std::exp(part[0] - m);
-        l += w * part[1];
-        for (int64_t d = 0; d < Dv; ++d) total[d] += w * part[2 + d];
-      }
-      const float inv = 1.0f / l;  // all positions masked: 0 / 0 = NaN, as torch's softmax gives
-      T* o = op + ((bh / H) * Hq + (bh % H) * rep + i) * Dv;
-      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(total[d] * inv);
-    }
+  int64_t value_width() const { return Dv; }
+  void prepare(const float*, int64_t, int64_t, int) {}
+  Scratch scratch() const { return {}; }
+  void key_scores(Scratch& s, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* q, int rep, float* sc,
+                  int64_t ld) const {
+    const Packed kc = packed_at(k_codes, k_scale, k_zero, k_bits, k_channel, k_group, D, b, h);
+    key_scores_any(kc, t0, t1, q, rep, sc, ld, s.work);
   }
-  return out;
-}
+  void value_mix(Scratch& s, int64_t b, int64_t h, int64_t t0, int64_t t1, const float* p, int rep, int64_t ld,
+                 float* acc, int64_t /*acc_stride: Dv*/) const {
+    const Packed vc = packed_at(v_codes, v_scale, v_zero, v_bits, v_channel, v_group, Dv, b, h);
+    value_mix_any(vc, t0, t1, p, rep, ld, acc, s.work);
+  }
+};
 
 at::Tensor attend(const at::Tensor& query, const at::Tensor& sink_k, const at::Tensor& sink_v,
                   const at::Tensor& win_k, const at::Tensor& win_v, const at::Tensor& k_codes,
@@ -522,42 +423,15 @@ at::Tensor attend(const at::Tensor& query, const at::Tensor& sink_k, const at::T
                   int64_t k_group, const at::Tensor& v_codes, const at::Tensor& v_scale, const at::Tensor& v_zero,
                   int64_t v_bits, bool v_channel, int64_t v_group, int64_t n_compressed,
                   const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens) {
-  TORCH_CHECK(query.device().is_cpu(), "kvcompress cpu kernel: tensors must be on the CPU");
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be (B, Hq, D) with contiguous rows");
+  check_split_k_inputs(query, sink_k, sink_v, win_k, win_v, n_compressed, mask);
   const int64_t D = query.size(2), Dv = win_v.size(3);
-  for (const at::Tensor* t : {&sink_k, &sink_v, &win_k, &win_v}) {
-    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1 && t->scalar_type() == query.scalar_type(),
-                "sinks and window must be (B, H, n, D) in the query's dtype with contiguous rows");
-  }
-  TORCH_CHECK(win_k.size(3) == D && sink_k.size(3) == D && sink_v.size(3) == Dv, "head_dim mismatch");
-  TORCH_CHECK(D <= kMaxDim && Dv <= kMaxDim, "head_dim above ", kMaxDim);
   check_packed(k_codes, k_scale, k_zero, k_bits, k_channel, k_group, D, n_compressed, "key");
   check_packed(v_codes, v_scale, v_zero, v_bits, v_channel, v_group, Dv, n_compressed, "value");
   const int64_t rk = k_channel ? k_group : 8, rv = v_channel ? v_group : 8;
   TORCH_CHECK(block_tokens % rk == 0 && block_tokens % rv == 0, "block_tokens must be a multiple of both row sizes");
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->dim() == 2 && mask->stride(1) == 1 &&
-                    (mask->scalar_type() == at::kBool || mask->scalar_type() == at::kFloat),
-                "mask must be (B or 1, seq) bool or float32 with contiguous rows");
-    TORCH_CHECK(mask->size(1) == sink_k.size(2) + n_compressed + win_k.size(2), "mask length != cached tokens");
-    TORCH_CHECK(mask->size(0) == 1 || mask->size(0) == query.size(0), "mask batch mismatch");
-  }
-  switch (query.scalar_type()) {
-    case at::kFloat:
-      return attend_impl<float>(query, sink_k, sink_v, win_k, win_v, k_codes, k_scale, k_zero, k_bits, k_channel,
-                                k_group, v_codes, v_scale, v_zero, v_bits, v_channel, v_group, n_compressed, mask,
-                                scaling, block_tokens);
-    case at::kBFloat16:
-      return attend_impl<at::BFloat16>(query, sink_k, sink_v, win_k, win_v, k_codes, k_scale, k_zero, k_bits,
-                                       k_channel, k_group, v_codes, v_scale, v_zero, v_bits, v_channel, v_group,
-                                       n_compressed, mask, scaling, block_tokens);
-    case at::kHalf:
-      return attend_impl<at::Half>(query, sink_k, sink_v, win_k, win_v, k_codes, k_scale, k_zero, k_bits, k_channel,
-                                   k_group, v_codes, v_scale, v_zero, v_bits, v_channel, v_group, n_compressed, mask,
-                                   scaling, block_tokens);
-    default:
-      TORCH_CHECK(false, "kvcompress cpu kernel: query dtype must be float32, bfloat16 or float16");
-  }
+  UniformCodes codes{k_codes, k_scale, k_zero, k_bits, k_channel, k_group,
+                     v_codes, v_scale, v_zero, v_bits, v_channel, v_group, D, Dv};
+  return split_k_attend(codes, query, sink_k, sink_v, win_k, win_v, n_compressed, mask, scaling, block_tokens);
 }
 
 }  // namespace
@@ -574,7 +448,15 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
                            const at::Tensor& v_rows, const at::Tensor& v_offset, int64_t n_compressed,
                            const c10::optional<at::Tensor>& mask, double scaling, int64_t block_tokens);
 
+// cpu_paged.cpp: attention over a paged pool of packed slots (kvcompress.paged).
+std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& pages, const at::Tensor& block_table,
+                                     const at::Tensor& context_lens, const at::Tensor& query_start_loc,
+                                     const std::vector<int64_t>& key_part, const at::Tensor& key_book,
+                                     const std::vector<int64_t>& value_part, const at::Tensor& value_book,
+                                     double scale, int64_t split_tokens);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "Decode-step attention over packed KV codes (see cpu_decode.cpp)");
   m.def("attend_codebook", &attend_codebook, "Decode-step attention over codebook codes (see cpu_codebook.cpp)");
+  m.def("paged_attend", &paged_attend, "Attention over a paged pool of packed slots (see cpu_paged.cpp)");
 }

@@ -1,21 +1,11 @@
 """Decode-faithful evaluation: quality of a compressed cache vs the uncompressed model.
 
-A single forward over a whole text never reads the cache, so it measures nothing. Here the
-text is fed in chunks, each attending to the cache of all earlier chunks, exactly as
-generation would; the uncompressed baseline (`DynamicCache`) runs in the same loop on the
-same chunks. Chunk boundaries follow the cache's flush schedule (see `chunk_boundaries`),
-so every query sees exactly the compressed/full-precision split it would see if the text
-were decoded one token at a time: chunked and token-by-token evaluation agree.
-
-Reported: perplexity of both, its relative change, mean KL(baseline || compressed) of the
-next-token distributions (both with 95% intervals from a moving-block bootstrap over token
-positions, see `measure.bootstrap`; `interval` says how), top-1 agreement, and the real
-compression ratio of the cache at the end of the text.
-
-The model runs kvcompress's attention during the evaluation where it supports it (see
-`kvcompress.enable_fast_attention`) and is restored to its own implementation afterwards.
-
-This module does not load models or text (see `models`, `corpus`) and does not run tasks.
+The text is fed in chunks, each attending to the cache of all earlier chunks, with boundaries on
+the cache's flush schedule (`chunk_boundaries`), so every query sees what it would see if the text
+were decoded one token at a time; a `DynamicCache` baseline runs on the same chunks in the same
+loop. Reported: perplexity of both and its change, mean KL(baseline || compressed), top-1
+agreement (moving-block bootstrap intervals, `bootstrap`) and the cache's real ratio at the end.
+The model runs kvcompress's attention where it supports it and is restored afterwards.
 """
 
 from __future__ import annotations
@@ -45,7 +35,7 @@ class EvalResult:
     ppl_baseline: float
     ppl: float
     ppl_change: float
-    ppl_change_ci95: tuple[float, float]
+    ppl_change_ci95: tuple[float, float] | None
     kl: float
     top1: float
     compression_ratio: float
@@ -59,13 +49,13 @@ class EvalResult:
     bits_per_value: float = 0.0
     spec: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
-    kl_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    kl_ci95: tuple[float, float] | None = None
     interval: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["ppl_change_ci95"] = list(self.ppl_change_ci95)
-        out["kl_ci95"] = list(self.kl_ci95)
+        for name in ("ppl_change_ci95", "kl_ci95"):  # None: the series was too short for an interval
+            out[name] = None if getattr(self, name) is None else list(getattr(self, name))
         return out
 
 
@@ -100,6 +90,12 @@ def is_lossy(spec: CacheSpec) -> bool:
     """Whether some layer of `spec` stores keys or values in a compressed form."""
     return spec.key.method != "none" or spec.value.method != "none" or any(
         tensor.get("method", "none") != "none" for override in spec.layers.values() for tensor in override.values())
+
+
+def evicts_prompt_only(spec: CacheSpec) -> bool:
+    """Whether `spec` evicts the prompt's tokens and nothing else: decode-faithful evaluation has no
+    prompt, so only the prompt protocol (`measure.prompt`) measures it."""
+    return spec.eviction is not None and spec.eviction.applies == "prompt"
 
 
 def min_eval_tokens(spec: CacheSpec) -> int:
@@ -228,7 +224,7 @@ def decode_faithful_eval(model, input_ids: torch.Tensor, spec: str | dict | Cach
             exactly, i.e. attention did not read the compressed cache.
     """
     spec = load_spec(spec)
-    if spec.eviction is not None and spec.eviction.applies == "prompt":
+    if evicts_prompt_only(spec):
         raise ValueError(f"spec {spec.name or spec.describe()!r} evicts prompt tokens, but decode-faithful evaluation "
                          "feeds the text in short chunks, so no prompt would be evicted and its figures would be the "
                          "codecs' alone; measure it with a prompt: `kvcompress eval --context N --tokens M` "

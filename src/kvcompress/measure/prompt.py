@@ -1,41 +1,13 @@
 """Prompt-compression evaluation: a long context compressed at once, then a teacher-forced continuation.
 
-The protocol (issue 18's, and the one `benchmarks/kvpress/run_kvpress.py` runs for kvpress):
-
-1. Prefill: the N context tokens go through the model in one forward into the compressed cache,
-   which compresses (and, for a spec that evicts, drops) tokens as it does for any prompt.
-2. Continuation: the next M tokens are teacher-forced in chunks of `chunk` (32) tokens, each at
-   its true position (N, N + 1, ...: the cache's sequence length counts every token it has seen,
-   however many it holds), each chunk attending to the cache.
-3. Scored: the next-token distributions the model gives at the M continuation tokens (their
-   targets are text tokens N + 1 .. N + M, so the text read is N + M + 1 tokens long): mean
-   KL(uncompressed || compressed), perplexity change and top-1 agreement, with 95% intervals from
-   a moving-block bootstrap (`measure.evaluate.TokenScores`). The prefill's own logits are not
-   scored. The uncompressed baseline (`DynamicCache`) runs the same forwards on the same chunks.
-
-Chunks of 32 are not aligned with a spec's flush schedule: when a chunk pushes a block out of the
-full-precision window, the layer compresses it in the middle of the chunk, as it would for any
-caller (decode-faithful chunking is `measure.evaluate`'s job, not this protocol's).
-
-Sizes, taken from `memory_report()` right after the prefill (the end of the context):
-
-- `whole_cache_ratio` = fp16 bytes of the K/V of every context token the cache has seen, in every
-  layer (what a `DynamicCache` holding the same tokens in fp16 stores) / bytes the cache stores:
-  codes, scales, zero points, the full-precision window and sinks, everything.
-- `context_compression` (how kvpress counts: context tokens / tokens kept) =
-  (tokens seen / tokens held, summed over full-attention layers) x codec ratio, where the codec
-  ratio is 16 / bits per compressed value (fp16 bytes of the compressed tokens / bytes of their
-  codes), or 1 for a spec whose codecs store tokens as they are (whatever the model's dtype). For
-  a plain quantization spec it is the codec ratio alone: the window and sinks, held in full
-  precision, are not counted (so it is generous, and `whole_cache_ratio` is the honest figure);
-  for eviction alone, context tokens / tokens kept (kept tokens counted as fp16, as kvpress
-  does); composed, the product of the two.
-- `bits_per_value`: 8 x bytes of the codes of compressed tokens / their K and V values
-  (`cache.bits.report_bits_per_value`: evicted tokens are not compressed values).
-
-The model runs kvcompress's attention during the evaluation (`enable_fast_attention`, which a
-spec that evicts needs during the prefill) and is restored to its own implementation afterwards.
-This module does not load models or text and does not define the scores (see `evaluate`).
+The N context tokens go into the compressed cache in one forward (which compresses and, for a spec
+that evicts, drops tokens as for any prompt); the next M tokens are teacher-forced in chunks of 32
+at their true positions, and their next-token distributions are scored against a `DynamicCache`
+run on the same chunks (KL, perplexity change, top-1; block-bootstrap intervals). Sizes are taken
+right after the prefill: `whole_cache_ratio` (fp16 bytes of every context token / every byte
+stored) and `context_compression` (kvpress's count: tokens seen / kept x codec ratio, window and
+sinks apart). The model runs kvcompress's attention during the evaluation and is restored
+afterwards. The protocol and its figures: docs/prompt.md.
 """
 
 from __future__ import annotations
@@ -77,9 +49,9 @@ class PromptEvalResult:
     ppl_baseline: float
     ppl: float
     ppl_change: float
-    ppl_change_ci95: tuple[float, float]
+    ppl_change_ci95: tuple[float, float] | None
     kl: float
-    kl_ci95: tuple[float, float]
+    kl_ci95: tuple[float, float] | None
     top1: float
     interval: dict
     whole_cache_ratio: float
@@ -101,8 +73,8 @@ class PromptEvalResult:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["ppl_change_ci95"] = list(self.ppl_change_ci95)
-        out["kl_ci95"] = list(self.kl_ci95)
+        for name in ("ppl_change_ci95", "kl_ci95"):  # None: the series was too short for an interval
+            out[name] = None if getattr(self, name) is None else list(getattr(self, name))
         return out
 
 

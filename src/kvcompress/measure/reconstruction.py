@@ -1,39 +1,14 @@
 """Direct reconstruction: how far the decoded K, V (and the attention output) are from the real ones.
 
-The breaking-point analysis this project grew from measured, per low-rank setting, how well
-compressed-then-decoded keys and values match the originals. Here the same test is run on
-any spec, on real states of the model over held-out text:
-
-1. `capture_states(model, input_ids)` runs one forward pass and records, per layer, the
-   post-RoPE keys and the values attention hands to the cache (a `DynamicCache` subclass
-   whose `update` keeps a copy), the queries (a forward hook on `self_attn.q_proj`, or on
-   `self_attn.q_norm` where the model normalises queries, then the model's own rotary
-   embedding applied through `kvcompress.rope`), and the attention output the model itself
-   computed (a forward pre-hook on `self_attn.o_proj`). Nothing in attention is patched.
-   The capture checks itself: softmax(Q Kᵀ · scaling + causal mask) V recomputed from the
-   captured tensors must equal the model's own attention output (relative error below
-   `CAPTURE_TOLERANCE`), otherwise it raises, naming the layer: then this harness does not
-   model that attention (e.g. logit soft-capping) and its attention figures would be wrong.
-2. `reconstruct(model, spec, capture)` feeds each layer's K and V through a real
-   `CompressedCache` built from the spec with `window=0`, i.e. through the very
-   `CompressedLayer.update` path that generation uses (codecs, pre-RoPE un-rotation and
-   re-rotation, artifacts): the spec's `sinks` first tokens stay in full precision, as in the
-   real cache, and every other token is decoded from stored codes. The full-precision window
-   is deliberately left out: this is a test of the codecs over the whole context (the worst
-   case); the window's effect is what decode-faithful evaluation (`kvcompress.measure.evaluate`)
-   measures. Keeping the sinks matters: compressing the first token, which many heads attend
-   to heavily, multiplies the attention-output error of low-rank keys by about two on
-   SmolLM2-135M.
-3. `reconstruction_metrics` compares, per layer and for K and V separately, over the
-   compressed tokens (sinks excluded): mean squared error, relative error ||x - x̂|| / ||x||
-   (Frobenius norm over the layer), the mean and the 5th percentile of the cosine similarity
-   between each original and decoded token vector (one per batch row, KV head and token); and,
-   over all queries, the attention output computed with the real queries from (K̂, V), (K, V̂)
-   and (K̂, V̂) against the exact one (relative error, mean cosine per query head and token).
-   Query heads share KV heads as in the model (GQA).
-
-This module does not run the model's decode loop or measure perplexity (see `evaluate`),
-does not run sweeps (see `kvcompress.experiments.sweep`), and does not reimplement any codec.
+`capture_states(model, ids)` records, per layer, the post-RoPE keys and the values (B, H_kv, T, D),
+the queries (B, H_q, T, D) after the model's own rotary embedding, and the model's attention output;
+it raises, naming the layer, when softmax(QK^T + mask)V recomputed from them differs from the
+model's output. `reconstruct(model, spec, capture)` feeds each layer's K and V through a real
+`CompressedCache` with `window=0` (the spec's sinks kept, every other token decoded from codes; a
+spec's eviction left out, which the record says), and
+`reconstruction_metrics` gives per layer MSE, relative error, cosine (mean, 5th percentile) and the
+attention-output error with the real queries from (K^, V), (K, V^), (K^, V^). What it measures and
+why: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -229,8 +204,9 @@ def capture_states(model, input_ids: torch.Tensor) -> Capture:
 
 
 def codec_only_spec(spec: str | dict | CacheSpec) -> CacheSpec:
-    """The spec with no full-precision window: every token after the sinks goes through the codecs."""
-    return dataclasses.replace(load_spec(spec), window=0)
+    """The spec with no full-precision window and no eviction: every token after the sinks goes
+    through the codecs (eviction drops tokens, which has no reconstruction to compare)."""
+    return dataclasses.replace(load_spec(spec), window=0, eviction=None)
 
 
 @torch.no_grad()
@@ -249,17 +225,20 @@ def reconstruct(model, spec: str | dict | CacheSpec, capture: Capture, artifact=
     if n <= only.sinks:
         raise ValueError(f"{capture.tokens} captured tokens do not fill {only.sinks} sinks and one block of "
                          f"{only.block_size} tokens; capture more tokens")
-    # Whole blocks go straight through `update`, no attention and no decode step: nothing for
-    # attention over the codes to do (and no hint about it to log).
-    cache = CompressedCache(model, only, artifact=artifact, fast_attention=False)
+    # Whole blocks go straight through `update`, no attention and no decode step: the
+    # reconstruction is returned whatever attention the model runs.
+    cache = CompressedCache(model, only, artifact=artifact)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     pairs = []
     for idx in range(capture.num_layers):
         k = capture.keys[idx][:, :, :n].to(device=device, dtype=dtype)
         v = capture.values[idx][:, :, :n].to(device=device, dtype=dtype)
-        k_hat, v_hat = cache.update(k, v, idx)
+        cache.update(k, v, idx)
         layer = cache.layers[idx]
+        # What later tokens read: the decoded codes (update hands the forward pass that stored the
+        # tokens their own full-precision K/V, the one prompt protocol).
+        k_hat, v_hat = layer.reconstruct()
         if k_hat.shape != k.shape or layer.n_compressed != n - only.sinks:
             raise ValueError(f"layer {idx}: the cache returned {tuple(k_hat.shape)} with {layer.n_compressed} "
                              f"compressed tokens for {tuple(k.shape)} input; direct reconstruction needs "
@@ -326,10 +305,15 @@ def direct_reconstruction(model, spec: str | dict | CacheSpec, capture: Capture,
     """`reconstruction_metrics` of `spec` on `capture`, plus the codec-only compression ratio.
 
     Returns the metrics dict with "codec_ratio" (fp16 bytes / stored bytes when every token but
-    the sinks is compressed) and "codec_stored_bytes" added.
+    the sinks is compressed) and "codec_stored_bytes" added; for a spec with eviction, also "note"
+    (the figures are of its codecs on every token: eviction is measured by the evaluation).
     """
+    spec = load_spec(spec)
     pairs, memory = reconstruct(model, spec, capture, artifact=artifact)
     result = reconstruction_metrics(capture, pairs, sinks=memory["sinks"])
     result["codec_ratio"] = memory["ratio"]
     result["codec_stored_bytes"] = memory["stored_bytes"]
+    if spec.eviction is not None:
+        result["note"] = (f"codecs only: the spec's eviction ({spec.eviction.describe()}) is not applied here, every "
+                          "captured token is compressed and compared; what eviction costs is in the evaluation")
     return result

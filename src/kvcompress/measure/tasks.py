@@ -1,28 +1,13 @@
 """Downstream tasks that run offline: passkey retrieval and generation agreement.
 
-- **Passkey retrieval.** A random 5-digit number is hidden at a relative depth (e.g. 10%, 50%,
-  90%) of filler text (the held-out part of the corpus) in a prompt of an exact number of
-  tokens; the prompt then asks for the number and the model answers greedily. Scored by exact
-  match of the first run of digits in the answer. The prompt is built by concatenating token
-  ids (instruction | filler | needle | filler | question), so its length is exact. Two
-  formats: "plain" (the default: an instruction, the text, the question and the start of the
-  answer, "The pass key is") and "chat" (the same inside the tokenizer's chat template, the
-  answer start after the assistant header). On SmolLM2-135M-Instruct the plain format is the
-  one the uncompressed model solves: it found 9 of 9 keys at 256-1024 tokens where the chat
-  format found 5 of 9 (measured while writing this module; `kvcompress sweep` reports the
-  uncompressed score beside every compressed one, so a failing baseline is always visible).
-- **Generation agreement.** Greedy continuations of held-out prompts with the compressed cache
-  vs the uncompressed one: mean length of the matching prefix (in tokens) and the rate of
-  continuations that match exactly.
-- **Named datasets.** `dataset_texts` loads the text column of a `datasets` dataset (when the
-  library is installed and a hub is reachable) so that generation agreement can run on it;
-  without them it raises `TaskDataError` saying so. `datasets` is not a dependency.
-
-This module does not measure perplexity (see `evaluate`) and does not run sweeps (see
-`kvcompress.experiments.sweep`). It does not patch the model: compressed runs pass a
-`CompressedCache` to `generate`, and generation runs with kvcompress's attention where the
-model supports it (`kvcompress.enable_fast_attention`), the model restored to its own
-implementation afterwards.
+- Passkey: a random 5-digit number hidden at a relative depth of held-out filler, in a prompt of an
+  exact token count ("plain" format by default, or "chat"); scored by exact match of the first
+  number of the greedy answer, the uncompressed score measured beside.
+- Generation agreement: greedy continuations with the compressed vs the uncompressed cache (mean
+  matching prefix, exact-match rate); `dataset_texts` takes prompts from a `datasets` dataset when
+  that library and a hub are available (`TaskDataError` otherwise).
+Compressed runs pass a `CompressedCache` to `generate` with kvcompress's attention where the model
+supports it, and restore the model afterwards.
 """
 
 from __future__ import annotations
@@ -145,12 +130,10 @@ def passkey_cases(tokenizer, lengths: Sequence[int] = PASSKEY_LENGTHS, depths: S
     return cases
 
 
-def needle_kept(cache, needle: tuple[int, int]) -> float | None:
-    """Fraction of the needle's tokens that the cache's eviction kept, over full-attention layers
-    and KV heads; None when the cache evicted nothing (no eviction spec). Reads the positions the
-    layers recorded (`CompressedLayer.record_kept`)."""
-    kept = [layer.kept_positions for layer in getattr(cache, "layers", [])
-            if getattr(layer, "kept_positions", None) is not None]
+def needle_kept(kept: list[torch.Tensor], needle: tuple[int, int]) -> float | None:
+    """Fraction of the needle's tokens that eviction kept, over the (B, H, n_kept) prompt positions
+    each evicting layer kept (`Evictor.add_hook`), averaged over layers and KV heads; None when
+    nothing was evicted (no eviction spec)."""
     if not kept:
         return None
     start, stop = needle
@@ -183,9 +166,10 @@ def run_passkey(model, tokenizer, cases: Sequence[PasskeyCase], cache_factory: C
     with enable_fast_attention(model, strict=False):  # restored as it was afterwards
         for case in cases:
             cache = cache_factory() if cache_factory is not None else None
+            kept_by_layer: list[torch.Tensor] = []  # prompt positions each evicting layer kept
             for layer in getattr(cache, "layers", []):
-                if getattr(layer, "eviction", None) is not None:
-                    layer.record_kept = True  # to tell whether eviction kept the needle
+                if getattr(layer, "evictor", None) is not None:
+                    layer.evictor.add_hook(kept_by_layer.append)
             kwargs = {CACHE_KWARG: cache} if cache is not None else {}
             ids = case.input_ids.to(device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -193,9 +177,9 @@ def run_passkey(model, tokenizer, cases: Sequence[PasskeyCase], cache_factory: C
             answer = tokenizer.decode(out[0, case.input_ids.shape[1]:], skip_special_tokens=True)
             row = {"length": case.length, "depth": case.depth, "key": case.key, "answer": answer,
                    "correct": _first_number(answer) == case.key}
-            kept = needle_kept(cache, case.needle)
-            if kept is not None:
-                row["needle_kept"] = kept
+            fraction = needle_kept(kept_by_layer, case.needle)
+            if fraction is not None:
+                row["needle_kept"] = fraction
             rows.append(row)
     by_length: dict[str, float] = {}
     for length in dict.fromkeys(r["length"] for r in rows):

@@ -12,6 +12,7 @@ This module does not measure presets: `kvcompress measure-presets` chooses the m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,14 +167,18 @@ def load_spec(spec: str | Path | dict | CacheSpec) -> CacheSpec:
 def _with_eviction(text: str) -> CacheSpec:
     """`BASE@POLICY:KEEP` -> the spec BASE with eviction {policy, keep (fraction) or keep_tokens}."""
     base, _, eviction = text.partition("@")
+    if not base.strip():
+        raise ValueError(f"spec {text!r}: write BASE@POLICY:KEEP with BASE a preset name or spec file before the "
+                         f"'@', e.g. int4{text} (or none{text} to evict without compressing)")
     policy, colon, keep_text = eviction.partition(":")
     try:
         keep = float(keep_text)
     except ValueError:
         keep = None
-    if not colon or keep is None or keep <= 0 or (keep > 1 and keep != int(keep)):
-        raise ValueError(f"spec {text!r}: after '@' write POLICY:KEEP, KEEP a fraction in (0, 1] or a number of "
-                         f"tokens, e.g. {base or 'int4'}@snapkv:0.5")
+    if (not colon or keep is None or not math.isfinite(keep) or keep <= 0
+            or (keep > 1 and keep != int(keep))):
+        raise ValueError(f"spec {text!r}: after '@' write POLICY:KEEP, KEEP a fraction in (0, 1] or a whole number "
+                         f"of tokens, e.g. {base}@snapkv:0.5 or {base}@snapkv:256")
     fields = {"policy": policy, "keep": keep} if keep <= 1 else {"policy": policy, "keep_tokens": int(keep)}
     data = load_spec(base).to_dict()
     if data.get("eviction"):

@@ -1,18 +1,10 @@
-"""The measured presets (lossless ... extreme, and prompt-6x, prompt-8x): the data files
-`kvcompress measure-presets` writes.
+"""The measured presets (lossless ... extreme; prompt-6x, prompt-8x): the data files
+`kvcompress measure-presets` writes, read and registered here.
 
-Each entry holds the spec that met a KL target on sweep and selection text ("sweep",
-"verified") and, in files written since the corpus has a separate report part, the figures
-measured on report text no step of the choice read ("report"); tables and help show the
-report figures when present.
-
-The prompt presets (`prompt_presets.json`, written by `measure-presets --context N --min-ratios`)
-are defined by a compression floor instead of a KL target: each entry has "min_ratio" and
-"cache" (the whole-cache ratio at the end of an N-token prompt, from `memory_report()` of a cache
-in "dtype") and its KL figures under the prompt protocol.
-
-This module only reads the files and registers their presets; it does not measure (see
-`kvcompress.tuning.preset_selection`).
+An entry holds its spec, its target (a KL target, or for prompt presets a whole-cache
+`min_ratio` with the "cache" measured after an N-token prompt in "dtype") and its figures on the
+sweep, selection ("verified") and report texts; tables and help show the report figures when
+present. A shipped file that is missing raises `MissingDataFileError` naming it.
 """
 
 from __future__ import annotations
@@ -28,12 +20,21 @@ SHIPPED = (DATA_FILE, PROMPT_DATA_FILE)
 DATA_FORMAT = 1
 
 
+class MissingDataFileError(FileNotFoundError):
+    """A data file the package ships is absent: the installation is incomplete."""
+
+
 def load_measured(path: str | Path | None = None) -> dict:
-    """The measured-presets data (the shipped file by default); {} presets if the shipped file is absent."""
+    """The measured-presets data (the shipped file by default).
+
+    Raises `MissingDataFileError` naming the file when a shipped file is absent (a wheel built
+    without it), never an empty registry."""
     path = Path(path) if path is not None else DATA_FILE
     if not path.exists():
         if path in SHIPPED:
-            return {"format": DATA_FORMAT, "presets": []}
+            raise MissingDataFileError(
+                f"{path} is missing from the installed kvcompress package (its package data must ship "
+                f"{path.name}; see [tool.setuptools.package-data] in pyproject.toml); reinstall kvcompress")
         raise ValueError(f"measured presets file {path} does not exist; run `kvcompress measure-presets --file {path}`")
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or data.get("format") != DATA_FORMAT or not isinstance(data.get("presets"), list):

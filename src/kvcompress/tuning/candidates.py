@@ -1,15 +1,10 @@
-"""The candidate families, one list: what `tune` may give each layer's K and V, and the
-uniform specs `measure-presets` chooses among.
+"""The candidate families, one list: what `tune` may give each layer's K and V, and the uniform
+specs `measure-presets` chooses among.
 
-A family names a kind of codec ("quant", "hadamard", "lowrank", "wide", ...) and lists, for K
-and for V, its settings (most faithful first), and the uniform specs (the same K and V setting
-on every layer) it contributes to preset selection. The family "none" contributes K and V in
-full precision: with an eviction grid, eviction alone.
-
-The other dimensions of a prompt-compression spec, the full-precision window and token eviction
-(policy and fraction kept), are crossed with the uniform specs by `uniform_candidates`
-(`windows=`, `evictions=`; `eviction_grid` builds the eviction settings). This module does not
-measure anything.
+A family ("quant", "hadamard", "lowrank", "wide", "codebook", "none", ...) lists, for K and for V,
+its settings (most faithful first) and the uniform specs it contributes; "none" keeps K and V in
+full precision (with an eviction grid: eviction alone). `uniform_candidates` crosses the uniform
+specs with windows and eviction settings (`eviction_grid`).
 """
 
 from __future__ import annotations

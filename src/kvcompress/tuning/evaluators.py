@@ -1,35 +1,40 @@
-"""Evaluations as a tune keeps them: the figures of one, and an evaluator that measures each
-spec once and saves it in a `TuneState`.
+"""Evaluations as a tune keeps them: the figures of one spec, the job that measures them
+(`EvalJob`, run here or by any executor) and an evaluator that saves each in a `TuneState`.
 
 Two protocols: decode-faithful evaluation of a text (`measure.evaluate`), or, with `context=N`,
-prompt compression (`measure.prompt`: N context tokens prefilled at once into the compressed
-cache, the rest of the text teacher-forced in chunks). Under the prompt protocol "ratio" is the
-whole-cache ratio at the end of the context (window, sinks and everything stored included), so
-every choice made on "ratio" counts the whole cache. `make_ratio_evaluator` measures that ratio
-alone, after a prefill (no scores), e.g. on a bfloat16 copy of the model.
-
-Shared by `tune`, `preset_selection` and the Ray workers of `distributed_tune` and
-`distributed_presets`, so a figure measured anywhere is saved with the same content. This
-module does not choose anything.
+prompt compression (`measure.prompt`: N context tokens prefilled at once, the rest teacher-forced);
+then "ratio" is the whole-cache ratio at the end of the context. `make_ratio_evaluator` measures
+that ratio alone after a prefill (no scores), e.g. on a bfloat16 copy of the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 
+from ..executor import Executor, Job, Local
 from ..spec import CacheSpec
-from .sensitivity import Evaluator
-from .state import TuneState, measurement_fingerprint, model_fingerprint
+from ..fingerprint import model_fingerprint
+from .state import TuneState, measurement_fingerprint
 
-__all__ = ["eval_figures", "make_evaluator", "make_ratio_evaluator", "prompt_figures"]
+__all__ = ["EvalJob", "RatioJob", "SavedEvaluator", "eval_figures", "make_evaluator", "make_ratio_evaluator",
+           "prompt_figures"]
 
 
 def eval_figures(result) -> dict:
     """The figures of an `EvalResult` that a tune keeps."""
     return {"kl": result.kl, "ppl_change": result.ppl_change, "top1": result.top1,
             "ratio": result.compression_ratio, "stored_bytes": result.stored_bytes, "fp16_bytes": result.fp16_bytes,
-            "tokens": result.tokens, "ppl_change_ci95": list(result.ppl_change_ci95),
-            "kl_ci95": list(result.kl_ci95), "interval": result.interval, "seconds": result.seconds}
+            "tokens": result.tokens, "ppl_change_ci95": _listed(result.ppl_change_ci95),
+            "kl_ci95": _listed(result.kl_ci95), "interval": result.interval, "seconds": result.seconds}
+
+
+def _listed(interval: tuple[float, float] | None) -> list[float] | None:
+    """An interval as saved in JSON (None: the series was too short for one)."""
+    return None if interval is None else list(interval)
 
 
 def prompt_figures(result) -> dict:
@@ -50,65 +55,107 @@ def _fingerprint(model, text_fp: dict, context: int | None) -> dict:
                                    {**text_fp, "protocol": PROTOCOL, "context": context, "chunk": CHUNK})
 
 
-def make_evaluator(model, input_ids: torch.Tensor, kind: str, text_fp: dict, state: TuneState, *, artifact=None,
-                   progress: bool = False, context: int | None = None) -> Evaluator:
-    """spec -> eval figures on `input_ids`, measured once and saved in `state`.
+@dataclass(frozen=True)
+class EvalJob:
+    """Figures of specs on one text (a `Job`, see `kvcompress.executor`): decode-faithful
+    evaluation (`eval_figures`), or with `context` the prompt protocol (`prompt_figures`: the first
+    `context` tokens prefilled at once, the rest teacher-forced). The uncompressed logits are
+    computed once per start and shared by every spec.
 
-    Without `context`: decode-faithful evaluation of the text (`eval_figures`). With `context`:
-    the prompt protocol (`measure.prompt.prompt_eval`), the first `context` tokens prefilled
-    at once and the rest of `input_ids` teacher-forced (`prompt_figures`). The uncompressed
-    logits are computed once and shared by every call (`baseline_store`).
+    Attributes:
+        input_ids: (1, T) the text.
+        artifact: calibration artifact for the specs that need one (None: resolved on use).
     """
-    from ..measure.evaluate import decode_faithful_eval
-    from ..measure.prompt import prompt_eval
 
-    fingerprint = _fingerprint(model, text_fp, context)
-    store: dict = {}
+    input_ids: torch.Tensor
+    artifact: object = None
+    context: int | None = None
+    progress: bool = False
 
-    def evaluate(spec: CacheSpec) -> dict:
-        spec_dict = {k: v for k, v in spec.to_dict().items() if k != "name"}
-        result = state.lookup(kind, spec_dict, fingerprint)
-        if result is None:
-            if context is None:
-                result = eval_figures(decode_faithful_eval(model, input_ids, spec, progress=progress,
-                                                           artifact=artifact, baseline_store=store))
-            else:
-                result = prompt_figures(prompt_eval(model, input_ids, spec, context, progress=progress,
-                                                    artifact=artifact, baseline_store=store))
-            state.store(kind, spec_dict, fingerprint, result)
-        return result
+    def start(self, model, tokenizer=None):
+        from ..measure.evaluate import decode_faithful_eval
+        from ..measure.prompt import prompt_eval
 
-    return evaluate
+        store: dict = {}
+
+        def measure(spec: CacheSpec) -> dict:
+            if self.context is None:
+                return eval_figures(decode_faithful_eval(model, self.input_ids, spec, progress=self.progress,
+                                                         artifact=self.artifact, baseline_store=store))
+            return prompt_figures(prompt_eval(model, self.input_ids, spec, self.context, progress=self.progress,
+                                              artifact=self.artifact, baseline_store=store))
+
+        return measure
+
+    def label(self, spec: CacheSpec) -> str:
+        return spec.name or spec.describe()
+
+
+class SavedEvaluator:
+    """spec -> figures of `job`, each measured once and saved in `state` under (kind, fingerprint).
+
+    A call measures here, on `model`; `map` measures the missing ones of many specs with
+    `executor` (default: here too), e.g. on Ray. Both share one start of the job here.
+    """
+
+    def __init__(self, model, job: Job, kind: str, fingerprint: dict, state: TuneState,
+                 executor: Executor | None = None):
+        self.job, self.kind, self.fingerprint, self.state = job, kind, fingerprint, state
+        self.local = Local(model)
+        self.executor = executor or self.local
+
+    def __call__(self, spec: CacheSpec) -> dict:
+        return self.state.measured(self.kind, self.fingerprint, [spec], partial(self.local.map, self.job))[0]
+
+    def map(self, specs: list[CacheSpec], on_new: Callable[[CacheSpec, dict], None] | None = None) -> list[dict]:
+        """The figures of every spec, in order (`on_new(spec, figures)` for each newly measured one)."""
+        return self.state.measured(self.kind, self.fingerprint, specs, partial(self.executor.map, self.job), on_new)
+
+
+def make_evaluator(model, input_ids: torch.Tensor, kind: str, text_fp: dict, state: TuneState, *, artifact=None,
+                   progress: bool = False, context: int | None = None,
+                   executor: Executor | None = None) -> SavedEvaluator:
+    """spec -> eval figures on `input_ids` (see `EvalJob`), measured once and saved in `state`;
+    `.map(specs)` runs the missing ones on `executor` (see `SavedEvaluator`)."""
+    job = EvalJob(input_ids, artifact, context, progress)
+    return SavedEvaluator(model, job, kind, _fingerprint(model, text_fp, context), state, executor)
+
+
+@dataclass(frozen=True)
+class RatioJob:
+    """Specs -> the sizes of their cache right after a `context`-token prefill of `input_ids` (1, T)
+    ("ratio": the whole-cache ratio from `memory_report()`, "stored_bytes", "fp16_bytes",
+    "kept_fraction", ...; see `measure.prompt.context_sizes`). Nothing is scored."""
+
+    input_ids: torch.Tensor
+    context: int
+    artifact: object = None
+
+    def start(self, model, tokenizer=None):
+        from ..cache.attention import enable_fast_attention
+        from ..cache.cache import CompressedCache
+        from ..measure.evaluate import is_lossy
+        from ..measure.prompt import context_sizes, layer_tokens, prefill
+
+        @torch.no_grad()
+        def measure(spec: CacheSpec) -> dict:
+            with enable_fast_attention(model, strict=False):
+                cache = CompressedCache(model, spec, artifact=self.artifact)
+                prefill(model, cache, self.input_ids.to(next(model.parameters()).device), self.context)
+            report = cache.memory_report()
+            sizes = context_sizes(report, layer_tokens(cache, report), lossy=is_lossy(spec))
+            return {**sizes, "ratio": sizes["whole_cache_ratio"], "context_tokens": self.context}
+
+        return measure
+
+    def label(self, spec: CacheSpec) -> str:
+        return spec.name or spec.describe()
 
 
 def make_ratio_evaluator(model, input_ids: torch.Tensor, text_fp: dict, state: TuneState, context: int, *,
-                         artifact=None, kind: str = "prompt-ratio") -> Evaluator:
-    """spec -> the sizes of its cache right after a `context`-token prefill of `input_ids` on `model`
-    ("ratio": the whole-cache ratio from `memory_report()`, "stored_bytes", "fp16_bytes",
-    "kept_fraction", ...; see `measure.prompt.context_sizes`), measured once and saved in `state`.
-
-    Nothing is scored: this is what a cache of `model`'s dtype stores, e.g. in bfloat16 while the
-    quality is measured in float32.
-    """
-    from ..cache.attention import enable_fast_attention
-    from ..cache.cache import CompressedCache
-    from ..measure.evaluate import is_lossy
-    from ..measure.prompt import context_sizes, layer_tokens, prefill
-
-    fingerprint = _fingerprint(model, text_fp, context)
-
-    @torch.no_grad()
-    def evaluate(spec: CacheSpec) -> dict:
-        spec_dict = {k: v for k, v in spec.to_dict().items() if k != "name"}
-        result = state.lookup(kind, spec_dict, fingerprint)
-        if result is None:
-            with enable_fast_attention(model, strict=False):
-                cache = CompressedCache(model, spec, artifact=artifact)
-                prefill(model, cache, input_ids.to(next(model.parameters()).device), context)
-            report = cache.memory_report()
-            sizes = context_sizes(report, layer_tokens(cache, report), lossy=is_lossy(spec))
-            result = {**sizes, "ratio": sizes["whole_cache_ratio"], "context_tokens": context}
-            state.store(kind, spec_dict, fingerprint, result)
-        return result
-
-    return evaluate
+                         artifact=None, kind: str = "prompt-ratio") -> SavedEvaluator:
+    """spec -> the sizes of its cache after a `context`-token prefill on `model` (see `RatioJob`),
+    measured once and saved in `state`: what a cache of `model`'s dtype stores, e.g. in bfloat16
+    while the quality is measured in float32."""
+    return SavedEvaluator(model, RatioJob(input_ids, context, artifact), kind, _fingerprint(model, text_fp, context),
+                          state)

@@ -1,52 +1,29 @@
-"""Named presets chosen by measurement: from near-lossless to extreme, each defined by a KL target.
+"""Named presets chosen by measurement: for each KL target, the uniform spec with the highest real ratio.
 
-`select_presets` (run by `kvcompress measure-presets`) evaluates candidate uniform specs on a
-sweep text (the calibration part of the embedded corpus at an offset past what calibration
-artifacts use), and for each named target takes the candidate with the highest real
-compression ratio whose decode-faithful mean KL meets the target. The choice is then checked
-on the selection part (which neither the sweep nor calibration read); a candidate that misses
-there is dropped and the next best is checked, so a preset is only written if it met its own
-target on selection text. Selecting on the report part is refused. Each chosen preset is then
-measured once more on the report part (text no step of the choice read): those "report"
-figures are what tables show. The passkey score (`tasks.run_passkey`) of the chosen spec and
-of the uncompressed model is measured on report-part filler (reported, not used to choose).
-
-The result is the data file `measured_presets.json`: each preset's spec, target, the figures
-measured on the three texts, and the command, model, fingerprints and texts used.
-`kvcompress measure-presets` writes it to `runs/measured_presets.json`; shipping it means
-copying that file over `src/kvcompress/presets/measured_presets.json` and committing it.
-`kvcompress.presets` registers a preset per entry (see `presets.measured`). `verify_presets` re-measures the shipped presets on
-held-out text and reports which no longer meet their target (`kvcompress measure-presets
---verify` exits non-zero then).
-
-Prompt compression (`context=N`): every evaluation runs the prompt protocol (`measure.prompt`:
-N context tokens prefilled at once, then the sweep/verify/report tokens teacher-forced), and
-"ratio" is the whole-cache ratio at the end of the context, so a candidate may evict tokens
-(`candidates.uniform_candidates(evictions=...)`) and its window counts. `select_prompt_presets`
-chooses presets defined by a compression floor instead of a KL target (`prompt-6x`: whole cache
-at least 6x smaller than fp16): for each floor, among the candidates whose cache, on a model of
-the dtype that will store it (bfloat16 by default, `make_ratio_evaluator`), meets the floor at
-the end of the context, the one with the lowest KL on selection text; then measured on the report
-part. No passkey score is measured for those.
-
-This module does not define the metrics (see `measure.evaluate`, `measure.tasks`), does not read or
-register the shipped presets (see `presets.measured`) and does not tune per-layer specs (see `tune`).
+`select_presets` (`kvcompress measure-presets`) evaluates candidate specs on sweep text (the
+calibration part past what calibration reads), takes per target the highest-ratio candidate that
+meets it, checks it on the selection part (a miss drops it for the next best; the report part is
+refused), then measures the chosen presets on the report part and the passkey task. The result is
+the data file `measured_presets.json` (see `presets.measured`); `verify_presets` re-measures shipped
+presets. `context=N` runs the prompt protocol, and `select_prompt_presets` chooses presets by a
+whole-cache compression floor (`prompt-6x`) instead of a KL target. Texts and figures: docs/tuning.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+from dataclasses import dataclass
 import time
 from collections.abc import Callable, Sequence
 
 from ..calibration import artifact_for
+from ..executor import Executor
 from ..io import parse_list
 from ..presets.measured import DATA_FORMAT
 from ..spec import CacheSpec
-from ..distributed import RayOptions
 from .candidates import uniform_candidates
-from .distributed_presets import SWEEP_KIND, sweep_candidates_on_ray
 from .evaluators import make_evaluator, make_ratio_evaluator
 
 logger = logging.getLogger(__name__)
@@ -58,6 +35,7 @@ DEFAULT_SWEEP_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
 DEFAULT_PASSKEY_LENGTHS = (1024, 2048)
 DEFAULT_PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
+SWEEP_KIND = "sweep-eval"  # the state kind of a candidate's figures on the sweep text
 
 
 def _parse_named_values(text: str, *, minimum: float, what: str, example: str) -> dict[str, float]:
@@ -65,12 +43,16 @@ def _parse_named_values(text: str, *, minimum: float, what: str, example: str) -
     out = {}
     for item in parse_list(text):
         name, _, value = item.partition("=")
+        name = name.strip()
+        if name in out:
+            raise ValueError(f"{name!r} is given twice; give each preset one value, e.g. '{example}'")
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
             raise ValueError(f"{what} look like '{example}', got {item!r}") from None
-        if not name.strip() or not out[name.strip()] > minimum:
-            raise ValueError(f"each of the {what} needs a name and a value above {minimum:g}, got {item!r}")
+        if not name or not out[name] > minimum or not math.isfinite(out[name]):
+            raise ValueError(f"each of the {what} needs a name and a finite value above {minimum:g}, got {item!r}; "
+                             f"e.g. '{example}'")
     if not out:
         raise ValueError(f"no {what} given; use e.g. '{example}'")
     return out
@@ -127,82 +109,97 @@ def choose(targets: dict[str, float], swept: dict[str, dict], verify: Callable[[
     return chosen
 
 
+@dataclass(frozen=True)
+class SelectionSettings:
+    """The texts a preset selection reads and the measurements made on them (see module doc).
+
+    Attributes:
+        sweep_tokens, sweep_offset: the sweep text, from token `sweep_offset` of the calibration part.
+        verify_tokens, verify_part: the text that chooses ("selection" or "calibration"; "report" is refused).
+        report_tokens: tokens the chosen presets are then measured on, at the start of the report
+            part (default: `verify_tokens`).
+        passkey_lengths, passkey_depths: the passkey cases (report-part filler; reported, not chosen on).
+        context: run every evaluation under the prompt protocol with this many context tokens; the
+            token counts are then continuation tokens (each text reads context + tokens + 1).
+        kind, path: the kind of text (`corpus.KINDS` or "all"; default "docs") or the text file
+            whose parts are read (see `corpus.corpus_slice`).
+    """
+
+    sweep_tokens: int = DEFAULT_SWEEP_TOKENS
+    sweep_offset: int = DEFAULT_SWEEP_OFFSET
+    verify_tokens: int = DEFAULT_VERIFY_TOKENS
+    verify_part: str = "selection"
+    report_tokens: int | None = None
+    passkey_lengths: tuple[int, ...] = DEFAULT_PASSKEY_LENGTHS
+    passkey_depths: tuple[float, ...] = DEFAULT_PASSKEY_DEPTHS
+    context: int | None = None
+    kind: str | None = None
+    path: str | None = None
+
+
 def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
-                   candidates: list[CacheSpec] | None = None, sweep_tokens: int = DEFAULT_SWEEP_TOKENS,
-                   sweep_offset: int = DEFAULT_SWEEP_OFFSET, verify_tokens: int = DEFAULT_VERIFY_TOKENS,
-                   verify_part: str = "selection", report_tokens: int | None = None, state=None,
-                   passkey_lengths: Sequence[int] = DEFAULT_PASSKEY_LENGTHS,
-                   passkey_depths: Sequence[float] = DEFAULT_PASSKEY_DEPTHS, artifact=None,
-                   command: str | None = None, ray: RayOptions | None = None, loader: Callable | None = None,
-                   load_args=None, context: int | None = None, kind: str | None = None,
-                   path: str | None = None) -> dict:
+                   candidates: list[CacheSpec] | None = None, settings: SelectionSettings | None = None, state=None,
+                   artifact=None, command: str | None = None, executor: Executor | None = None) -> dict:
     """Sweep, choose and verify the presets (see module doc); returns the data file's content.
 
-    `verify_part` must be a part a selection may read (ValueError for "report"); the chosen presets
-    are then measured on the first `report_tokens` (default: `verify_tokens`) of the report part.
-    With `ray`, the candidate sweep runs first on a Ray cluster (see `distributed_presets`;
-    `loader(load_args)` loads the model on each worker, by default `load_named_model` of
-    (model name, dtype name, device)); the rest runs here.
-    With `context`, every evaluation runs the prompt protocol (see module doc; the token counts
-    are then continuation tokens, each text reads `context` + tokens + 1 tokens); not with `ray`.
-    The texts are the parts of the kind of text `kind` (`corpus.KINDS` or "all"; default "docs")
-    or of the text file `path` (see `corpus.corpus_slice`).
+    Args:
+        targets: preset name -> KL target (default `DEFAULT_TARGETS`).
+        candidates: named uniform specs to choose among (default `uniform_candidates()`).
+        settings: the texts read and what is measured on them (see `SelectionSettings`).
+        state: a `TuneState` or the path of its file (a rerun resumes from it).
+        command: the command line, recorded in the result.
+        executor: runs the candidate sweep (independent units; see `kvcompress.executor`, e.g.
+            `distributed.RayExecutor`; default: here); the choice, verification and passkey run here.
     """
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..measure.prompt import protocol_record
     from ..models import model_id
-    from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+    from ..fingerprint import model_fingerprint, text_fingerprint
+    from .state import TuneState, measurement_fingerprint, spec_key
 
-    if context is not None and ray is not None:
-        raise ValueError("the prompt protocol (context) does not run on Ray yet; leave out one of them")
+    t = settings or SelectionSettings()
     targets = targets or dict(DEFAULT_TARGETS)
     candidates = candidates or uniform_candidates()
     by_name = {spec.name: spec for spec in candidates}
     if len(by_name) != len(candidates):
         raise ValueError("candidate specs need distinct names")
-    sweep = corpus_slice(tokenizer, "calibration", n_tokens=text_tokens(sweep_tokens, context), offset=sweep_offset,
-                         path=path, kind=kind)
-    verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(verify_tokens, context), path=path, kind=kind)
+    sweep = corpus_slice(tokenizer, "calibration", n_tokens=text_tokens(t.sweep_tokens, t.context),
+                         offset=t.sweep_offset, path=t.path, kind=t.kind)
+    verify = corpus_slice(tokenizer, t.verify_part, n_tokens=text_tokens(t.verify_tokens, t.context), path=t.path,
+                          kind=t.kind)
     require_selection_text(verify.record, "the preset choice")
-    report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or verify_tokens, context),
-                          path=path, kind=kind)
+    report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(t.report_tokens or t.verify_tokens, t.context),
+                          path=t.path, kind=t.kind)
     artifact = artifact_for(model, candidates, artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
     sweep_fp = text_fingerprint(sweep.ids, sweep.record)
     verify_fp = text_fingerprint(verify.ids, verify.record)
     report_fp = text_fingerprint(report.ids, report.record)
-    sweep_eval = make_evaluator(model, sweep.ids, SWEEP_KIND, sweep_fp, state, artifact=artifact, context=context)
+    sweep_eval = make_evaluator(model, sweep.ids, SWEEP_KIND, sweep_fp, state, artifact=artifact, context=t.context,
+                                executor=executor)
     verify_eval = make_evaluator(model, verify.ids, "verify-eval", verify_fp, state, artifact=artifact,
-                                 context=context)
+                                 context=t.context)
     report_eval = make_evaluator(model, report.ids, "report-eval", report_fp, state, artifact=artifact,
-                                 context=context)
+                                 context=t.context)
     started = time.perf_counter()
-    if ray is not None:
-        n = sweep_candidates_on_ray(
-            candidates, state, measurement_fingerprint(model_fingerprint(model), sweep_fp), ray, loader, load_args,
-            sweep_tokens, sweep_offset,
-            None if artifact is None else str(artifact.path), kind=kind, path=path,
-            on_result=lambda spec, f: logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep (Ray) {spec.name}: "
-                                                  f"ratio {f['ratio']:.2f}x, KL {f['kl']:.4f}"))
-        logger.info(f"{n} candidates measured on Ray")
-    swept = {}
-    for i, spec in enumerate(candidates, 1):
-        swept[spec.name] = sweep_eval(spec)
-        f = swept[spec.name]
-        logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep {i}/{len(candidates)} {spec.name}: ratio "
-            f"{f['ratio']:.2f}x, KL {f['kl']:.4f}, PPL {f['ppl_change']:+.2%}")
+
+    def measured(spec: CacheSpec, f: dict) -> None:
+        logger.info(f"[{time.perf_counter() - started:5.0f} s] sweep {spec.name}: ratio {f['ratio']:.2f}x, "
+                    f"KL {f['kl']:.4f}, PPL {f['ppl_change']:+.2%}")
+
+    swept = dict(zip(by_name, sweep_eval.map(candidates, on_new=measured)))
     chosen = choose(targets, swept, lambda name: verify_eval(by_name[name]))
     model_fp = model_fingerprint(model)
-    passkey_text = {"filler": "embedded:pydoc_data.topics", "part": "report", "lengths": list(passkey_lengths),
-                    "depths": list(passkey_depths), "seed": 0}
+    passkey_text = {"filler": "embedded:pydoc_data.topics", "part": "report", "lengths": list(t.passkey_lengths),
+                    "depths": list(t.passkey_depths), "seed": 0}
     passkey_fp = measurement_fingerprint(model_fp, passkey_text)
 
     def passkey(spec: CacheSpec | None, label: str) -> dict:
-        spec_dict = None if spec is None else {k: v for k, v in spec.to_dict().items() if k != "name"}
+        spec_dict = spec_key(spec)
         result = state.lookup("passkey", spec_dict, passkey_fp)
         if result is None:
             logger.info(f"[{time.perf_counter() - started:5.0f} s] passkey: {label}")
-            result = passkey_score(model, tokenizer, spec, passkey_lengths, passkey_depths, artifact=artifact)
+            result = passkey_score(model, tokenizer, spec, t.passkey_lengths, t.passkey_depths, artifact=artifact)
             state.store("passkey", spec_dict, passkey_fp, result)
         return result
 
@@ -224,9 +221,9 @@ def select_presets(model, tokenizer, targets: dict[str, float] | None = None, *,
         "model": model_id(model),
         "model_fingerprint": model_fp,
         "environment": passkey_fp["environment"],
-        "corpus": corpus_fingerprint(kind, path),
+        "corpus": corpus_fingerprint(t.kind, t.path),
         "texts": {"sweep": sweep_fp, "verify": verify_fp, "report": report_fp, "passkey": passkey_text},
-        **({} if context is None else {"protocol": protocol_record(context, verify_tokens)}),
+        **({} if t.context is None else {"protocol": protocol_record(t.context, t.verify_tokens)}),
         "baseline_passkey": baseline_passkey,
         "presets": presets,
         "candidates": [{"name": n, "describe": by_name[n].describe(), "spec": by_name[n].to_dict(), "sweep": f}
@@ -297,7 +294,8 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
     from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
     from ..models import model_id
     from ..measure.prompt import protocol_record
-    from .state import TuneState, model_fingerprint, text_fingerprint
+    from ..fingerprint import model_fingerprint, text_fingerprint
+    from .state import TuneState
 
     ratio_model = ratio_model if ratio_model is not None else model
     by_name = {spec.name: spec for spec in candidates}

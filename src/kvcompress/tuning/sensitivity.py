@@ -13,11 +13,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from ..executor import Executor, Local
 from ..spec import CacheSpec, TensorSpec
-from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+from ..fingerprint import model_fingerprint, text_fingerprint
+from .state import TuneState, measurement_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def probe_fingerprint(model_fp: dict, text_fp: dict, cost_power: float) -> dict:
 
 def measure_probe(model, probe: CacheSpec, capture, *, artifact=None, cost_power: float = COST_POWER) -> dict:
     """One probe's per-layer costs and bytes (see `_probe_result`) from captured Q, K, V
-    (`reconstruction.capture_states`); what the serial loop and a Ray worker both run."""
+    (`reconstruction.capture_states`)."""
     from ..measure.reconstruction import reconstruct, reconstruction_metrics
 
     pairs, memory = reconstruct(model, probe, capture, artifact=artifact)
@@ -89,39 +92,58 @@ def measure_probe(model, probe: CacheSpec, capture, *, artifact=None, cost_power
     return _probe_result(memory, metrics, cost_power)
 
 
+@dataclass(frozen=True)
+class ProbeJob:
+    """Probe specs -> `measure_probe` results (a `Job`, see `kvcompress.executor`); Q, K, V of
+    `input_ids` (1, T) are captured once per start, before the first probe."""
+
+    input_ids: torch.Tensor
+    artifact: object = None
+    cost_power: float = COST_POWER
+
+    def start(self, model, tokenizer=None):
+        from ..measure.reconstruction import capture_states
+
+        capture = None
+
+        def measure(probe: CacheSpec) -> dict:
+            nonlocal capture
+            if capture is None:
+                start = time.perf_counter()
+                capture = capture_states(model, self.input_ids)
+                logger.info(f"captured Q, K, V of {self.input_ids.shape[1]} tokens "
+                            f"({time.perf_counter() - start:.1f} s)")
+            return measure_probe(model, probe, capture, artifact=self.artifact, cost_power=self.cost_power)
+
+        return measure
+
+    def label(self, probe: CacheSpec) -> str:
+        return f"probe K {probe.key.describe()}, V {probe.value.describe()}"
+
+
 def measure_sensitivity(model, input_ids: torch.Tensor, settings: dict[str, list[TensorSpec]], base: CacheSpec,
                         *, state: TuneState | None = None, text_fp: dict | None = None, artifact=None,
-                        cost_power: float = COST_POWER) -> Sensitivity:
+                        cost_power: float = COST_POWER, executor: Executor | None = None) -> Sensitivity:
     """Proxy cost and real bytes of every candidate on every layer (see module doc, step 1).
 
     Args:
         input_ids: (1, T) tuning text; T must hold the sinks and at least one block.
         settings: candidates per tensor (see `candidate_settings`).
         base: supplies sinks and block_size (the window is set to 0 for the probes).
+        executor: runs the probes not saved in `state` (default: here, `executor.Local`).
     """
-    from ..measure.reconstruction import capture_states
-
     state = state or TuneState(None)
+    executor = executor or Local(model)
     fingerprint = probe_fingerprint(model_fingerprint(model), text_fp or text_fingerprint(input_ids), cost_power)
     probes = probe_specs(settings, base)
-    capture = None
-    results = []
-    for i, probe in enumerate(probes):
-        spec_dict = {k: v for k, v in probe.to_dict().items() if k != "name"}
-        result = state.lookup("probe", spec_dict, fingerprint)
-        if result is None:
-            if capture is None:
-                start = time.perf_counter()
-                capture = capture_states(model, input_ids)
-                logger.info(f"captured Q, K, V of {input_ids.shape[1]} tokens ({time.perf_counter() - start:.1f} s)")
-            start = time.perf_counter()
-            result = measure_probe(model, probe, capture, artifact=artifact, cost_power=cost_power)
-            state.store("probe", spec_dict, fingerprint, result)
-            took = f"{time.perf_counter() - start:.1f} s"
-        else:
-            took = "saved"
-        logger.info(f"sensitivity {i + 1}/{len(probes)}: K {probe.key.describe()}, V {probe.value.describe()} ({took})")
-        results.append(result)
+    started = time.perf_counter()
+
+    def measured(probe: CacheSpec, _result: dict) -> None:
+        logger.info(f"sensitivity: K {probe.key.describe()}, V {probe.value.describe()} "
+                    f"({time.perf_counter() - started:.1f} s)")
+
+    results = state.measured("probe", fingerprint, probes,
+                             partial(executor.map, ProbeJob(input_ids, artifact, cost_power)), measured)
     cost, nbytes = {}, {}
     for tensor in TENSORS:
         n = len(settings[tensor])
@@ -149,25 +171,27 @@ def weight_specs(sens: Sensitivity, base: CacheSpec) -> dict[str, tuple[int, Cac
     return out
 
 
-def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate: Evaluator) -> tuple[Sensitivity, dict]:
+def calibrate_tensor_weights(sens: Sensitivity, base: CacheSpec, evaluate_all: Callable[[list[CacheSpec]], list[dict]]
+                             ) -> tuple[Sensitivity, dict]:
     """Scale the proxy costs of K and of V so that each predicts the measured KL (see module doc, step 1b).
 
     The attention-output error treats an error in K and one in V alike, but they do not cost
     the same downstream (docs/tuning.md has the figures for SmolLM2-135M). So for each tensor, one uniform spec
     codes only that tensor (the other kept in full precision) with its second-cheapest candidate,
     and its decode-faithful KL on the tuning text divided by the summed proxy cost is that
-    tensor's weight. Returns the reweighted sensitivities and {"key"|"value": {"setting", "kl",
-    "proxy", "weight"}}.
+    tensor's weight (`evaluate_all(specs)` -> figures of each, e.g. `SavedEvaluator.map`).
+    Returns the reweighted sensitivities and {"key"|"value": {"setting", "kl", "proxy", "weight"}}.
     """
     cost, info = {}, {}
     specs = weight_specs(sens, base)
+    kls = dict(zip(specs, (figures["kl"] for figures in evaluate_all([spec for _, spec in specs.values()]))))
     for tensor in TENSORS:
         if tensor not in specs:
             cost[tensor] = sens.cost[tensor]
             continue
-        pick, spec = specs[tensor]
+        pick, _ = specs[tensor]
         setting = sens.settings[tensor][pick]
-        kl = evaluate(spec)["kl"]
+        kl = kls[tensor]
         proxy = sens.cost[tensor][:, pick].sum().item()
         weight = kl / proxy if kl > 0 and proxy > 0 else 1.0
         cost[tensor] = sens.cost[tensor] * weight

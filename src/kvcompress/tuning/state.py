@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from ..fingerprint import environment, mismatch, model_fingerprint, text_fingerprint
+from ..fingerprint import environment, mismatch
 from ..io import content_hash, write_json_atomic
 from ..spec import CacheSpec
 
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 2  # 2: entries keyed by a fingerprint with versions, weights hash and text record
 
-__all__ = ["STATE_FORMAT", "TuneState", "measurement_fingerprint", "model_fingerprint", "text_fingerprint"]
+__all__ = ["STATE_FORMAT", "TuneState", "measurement_fingerprint", "spec_key"]
 
 
 def measurement_fingerprint(model_fp: dict, text_fp: dict | None) -> dict:
@@ -112,10 +113,34 @@ class TuneState:
                                                            "result": result}
         self.save()
 
+    def measured(self, kind: str, fingerprint: dict, specs: list[CacheSpec],
+                 run: Callable[[list[CacheSpec], Callable[[int, dict], None]], None],
+                 on_new: Callable[[CacheSpec, dict], None] | None = None) -> list[dict]:
+        """The results of `specs`, in order: saved ones looked up, the others measured by
+        `run(missing specs, on_result)` (e.g. `functools.partial(executor.map, job)`) and saved
+        as each arrives (then `on_new(spec, result)`)."""
+        results = [self.lookup(kind, spec_key(spec), fingerprint) for spec in specs]
+        missing = [i for i, result in enumerate(results) if result is None]
+
+        def save(index: int, result: dict) -> None:
+            spec = specs[missing[index]]
+            self.store(kind, spec_key(spec), fingerprint, result)
+            results[missing[index]] = result
+            if on_new is not None:
+                on_new(spec, result)
+
+        run([specs[i] for i in missing], save)
+        return results
+
     def save(self) -> None:
         if self.path is None:
             return
         write_json_atomic(self.path, {"format": STATE_FORMAT, "entries": self.entries}, indent=1)
+
+
+def spec_key(spec: CacheSpec | None) -> dict | None:
+    """A spec as state entries are keyed by it: its dict without the name (None: uncompressed)."""
+    return None if spec is None else {k: v for k, v in spec.to_dict().items() if k != "name"}
 
 
 def _spec_label(spec: dict | None) -> str:

@@ -1,61 +1,15 @@
-"""Tuning: per-layer K and V settings that maximise the real compression ratio under a quality target.
+"""Tuning: per-layer K and V settings with the highest real compression ratio under a quality target.
 
-    result = tune(model, tune_ids, verify_ids, target=0.01, metric="kl", state="spec.json.tune-state.json")
-    result.spec.save("spec.json")
+    result = tune(model, tune_text, verify_text, TuneSettings(target=0.01), state="spec.json.tune-state.json")
 
-Four steps, every measurement saved to a state file as soon as it is made (see `TuneState`):
-
-1. **Sensitivity** (cheap proxy). The Q, K, V of one forward pass over the tuning text are
-   captured (`reconstruction.capture_states`). For every candidate setting s (e.g. int8/4/3/2,
-   "none"), the captured K and V of every layer go through a real `CompressedCache` with that
-   setting (`reconstruction.reconstruct`, window 0: every token but the sinks is coded) and
-   `reconstruction.reconstruction_metrics` gives, per layer l, the relative error of the
-   attention output with the real queries when only K (resp. only V) is decoded. The cost is
-   c(l, t, s) = that error squared (KL is second order in a small perturbation of the logits).
-   bytes(l, t, s) is what the codec really stored per compressed token in that layer (the sum
-   of `numel * element_size` of its tensors), not a formula.
-   1b. The proxy treats an error in K and one in V alike; they do not cost the same. Two
-   decode-faithful evaluations on the tuning text (only K coded, only V coded, each with its
-   second-cheapest candidate) give each tensor a weight: measured KL / summed proxy cost
-   (`calibrate_tensor_weights`).
-2. **Allocation** (Lagrangian). For a multiplier λ every (layer, tensor) independently takes
-   argmin_s bytes(l, t, s) + λ·c(l, t, s). As λ grows from 0 to ∞ the allocations form a finite
-   path from the cheapest to the most faithful; `lagrangian_path` enumerates it exactly (every
-   λ between two consecutive breakpoints gives the same allocation).
-3. **Search.** A bisection over that path (ordered by bytes) finds the most compressed
-   allocation whose decode-faithful quality (`evaluate.decode_faithful_eval`) on the tuning text
-   meets the internal target. Quality is assumed to get better along the path, as the proxy
-   says; where it does not, the bisection may miss a cheaper point that meets, but it only ever
-   returns a point it has measured to meet the target (or raises).
-4. **Verification** on selection text the tuning never saw (the selection part of the corpus;
-   never the report part, which `tune` refuses: see `corpus.require_selection_text`). If the
-   measured figure misses the
-   target, the internal target is lowered (λ goes up) and the search runs again (its earlier
-   evaluations are reused); after `max_tries` misses `TuneError` is raised: a spec that fails
-   its target is never returned.
-
-Departures from the literature: mixed-precision KV allocation is usually done with a
-Hessian/Fisher sensitivity (e.g. KVQuant's per-layer sensitivity, ZipCache's saliency); here the
-proxy is the measured attention-output error with real queries, and the final decision always
-rests on the decode-faithful measurement, not on the proxy.
-
-Prompt compression (`context=N`): every decode-faithful evaluation of steps 1b, 3 and 4 is
-replaced by the prompt protocol (`measure.prompt`: the first N tokens of each text prefilled at
-once, the rest teacher-forced), whose "ratio" is the whole cache's at the end of the context
-(window and sinks included, in the measuring model's dtype). The base spec may then evict tokens
-(`base.eviction`): the per-layer codecs are tuned for the tokens it keeps. The sensitivity
-proxy (step 1) and the K/V weights (1b) are measured without eviction (they rank codecs, and
-eviction is the same for every allocation). `tune_grid` tunes several bases (windows, eviction
-settings) and returns the verified spec with the highest ratio: eviction fraction, window and
-bits chosen together.
-
-Steps 1 and 2 live in `sensitivity` and `allocation`, the saved measurements in `state`; this
-module runs steps 3 and 4. With `ray=RayOptions(...)` the measurements of step 1 (the probes,
-then the two weight evaluations) run on a Ray cluster first and are saved in the state as this
-process would save them (see `distributed_tune`); everything else runs here. It does not
-define codecs or metrics (see `codecs`, `measure.reconstruction`, `measure.evaluate`), nor
-the saved evaluations (`evaluators`), does not pick text (the caller passes token ids;
-see `cli.tune`) and does not choose the named presets (see `preset_selection`).
+Steps (the method and its measured behaviour: docs/tuning.md): a sensitivity proxy per layer and
+candidate (`sensitivity`), K/V weights from two decode-faithful evaluations, the Lagrangian path of
+allocations (`allocation`), a bisection on that path by decode-faithful quality on the tuning text
+(here), and verification on selection text with retries at a tighter internal target (here); a
+spec that misses its target is never returned (`TuneError`). Every measurement is saved in a
+`TuneState` as it is made, so a tune resumes; the independent ones (probes, K/V weights) run on
+the caller's executor (`kvcompress.executor`). `context=N` measures under the prompt protocol
+(`measure.prompt`); `tune_grid` tunes several windows / eviction settings and keeps the best.
 """
 
 from __future__ import annotations
@@ -66,28 +20,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 
 from ..calibration import artifact_for
-from ..distributed import RayOptions
 from ..io import parse_list
 from ..spec import CacheSpec, TensorSpec
 from .allocation import PathPoint, lagrangian_path, spec_from_choice
 from .candidates import candidate_settings
-from .evaluators import eval_figures, make_evaluator  # noqa: F401 (eval_figures is re-exported)
-from .sensitivity import (
-    COST_POWER,
-    TENSORS,
-    Evaluator,
-    Sensitivity,
-    calibrate_tensor_weights,
-    measure_sensitivity,
-    probe_fingerprint,
-    probe_specs,
-    weight_specs,
-)
-from ..corpus import require_selection_text
-from .state import TuneState, measurement_fingerprint, model_fingerprint, text_fingerprint
+from .evaluators import make_evaluator
+from ..corpus import CorpusSlice, require_selection_text
+from ..executor import Executor
+from ..fingerprint import text_fingerprint
+from .sensitivity import TENSORS, Evaluator, Sensitivity, calibrate_tensor_weights, measure_sensitivity
+from .state import TuneState
 
 logger = logging.getLogger(__name__)
 
@@ -224,71 +168,85 @@ def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric
                     "(--max-tries) or tune on more text (--tokens)")
 
 
-def tune(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float, *, metric: str = "kl",
-         base: CacheSpec | None = None, settings: dict[str, list[TensorSpec]] | None = None,
-         state: TuneState | str | os.PathLike | None = None, tune_text: dict | None = None,
-         verify_text: dict | None = None, artifact=None, max_tries: int = DEFAULT_MAX_TRIES,
-         verify: Evaluator | None = None, weight_tensors: bool = True, ray: RayOptions | None = None,
-         loader: Callable | None = None, load_args=None, context: int | None = None) -> TuneResult:
-    """Tune a per-layer spec so that `metric` <= `target` on `verify_ids` (see module doc).
+@dataclass(frozen=True)
+class TuneSettings:
+    """What a tune aims at and how it searches (see module doc).
+
+    Attributes:
+        target: the quality target: `metric` <= target on the verification text.
+        metric: "kl" or "ppl_change".
+        candidates: settings per tensor, {"key": [TensorSpec, ...], "value": [...]}
+            (default: `candidate_settings()`).
+        max_tries: verifications before `TuneError` (each miss tightens the internal target).
+        weight_tensors: scale the K and V proxy costs by their measured KL (`calibrate_tensor_weights`).
+        context: measure under the prompt protocol with this many context tokens; the base spec
+            may then evict.
+    """
+
+    target: float
+    metric: str = "kl"
+    candidates: dict[str, list[TensorSpec]] | None = None
+    max_tries: int = DEFAULT_MAX_TRIES
+    weight_tensors: bool = True
+    context: int | None = None
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if not self.target > 0:
+            raise ValueError(f"the target must be positive, got {self.target!r}")
+        if self.max_tries < 1:
+            raise ValueError(f"max_tries must be at least 1, got {self.max_tries}")
+
+
+def tune(model, tune_text: CorpusSlice, verify_text: CorpusSlice, settings: TuneSettings, *,
+         base: CacheSpec | None = None, state: TuneState | str | os.PathLike | None = None, artifact=None,
+         verify: Evaluator | None = None, executor: Executor | None = None) -> TuneResult:
+    """Tune a per-layer spec so that `settings.metric` <= `settings.target` on `verify_text` (see module doc).
 
     Args:
-        tune_ids: (1, T) tuning text (sensitivities and the search).
-        verify_ids: (1, T') held-out text for the verification.
+        tune_text: the tuning text (sensitivities and the search): ids (1, T) and its corpus record
+            (`corpus.corpus_slice`; the record may be None for ids from elsewhere).
+        verify_text: the held-out text of the verification, (1, T'). Records are part of the
+            state keys; a `verify_text` from the report part is refused (ValueError): the text
+            that chooses a spec must not be the text it is reported on.
         base: window, sinks and block_size of the result (default: `CacheSpec()`).
-        settings: candidates (default: `candidate_settings(("quant",))`).
         state: a `TuneState`, or the path of its JSON file (resumes from it), or None (nothing saved).
-        tune_text, verify_text: the corpus records of the texts (`corpus.corpus_slice(...).record`);
-            recorded and part of the state keys. A `verify_text` from the report part is refused
-            (ValueError): the text that chooses a spec must not be the text it is reported on.
         artifact: calibration artifact for low-rank candidates.
         verify: replaces the held-out evaluation (spec -> figures), e.g. in tests.
-        weight_tensors: scale K and V proxy costs by measured KL (`calibrate_tensor_weights`).
-        ray: run the sensitivity probes and the two weight evaluations on a Ray cluster first
-            (see `distributed_tune`; saved in `state` as this process would save them);
-            `loader(load_args)` loads the model on each worker (None: `models.load_named_model` of
-            (model name, dtype name, device)). The search and verification run here.
-        context: measure under the prompt protocol with this many context tokens (see module doc);
-            `base` may then evict. Not with `ray`.
+        executor: runs the sensitivity probes and the two weight evaluations (independent units;
+            see `kvcompress.executor`, e.g. `distributed.RayExecutor`); default: here. The search
+            and the verification run here, in order.
     """
-    if verify_text is not None:
-        require_selection_text(verify_text, "tune's verification")
+    context = settings.context
+    if verify_text.record is not None:
+        require_selection_text(verify_text.record, "tune's verification")
     base = base or CacheSpec()
     if base.eviction is not None and context is None:
         raise ValueError("a base spec that evicts tokens is measured under the prompt protocol: pass context")
-    if context is not None and ray is not None:
-        raise ValueError("the prompt protocol (context) does not run on Ray yet; leave out one of them")
     probe_base = dataclasses.replace(base, eviction=None)  # the proxy and K/V weights rank codecs only
-    settings = settings or candidate_settings()
-    artifact = artifact_for(model, [s for t in TENSORS for s in settings[t]], artifact)
+    candidates = settings.candidates or candidate_settings()
+    artifact = artifact_for(model, [s for t in TENSORS for s in candidates[t]], artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
-    tune_fp = text_fingerprint(tune_ids, tune_text)
-    verify_fp = text_fingerprint(verify_ids, verify_text)
-    on_ray = None
-    if ray is not None:
-        if loader is None and load_args is None:
-            raise ValueError("tune with ray needs loader or load_args (model name, dtype name, device) for "
-                             "the workers")
-        on_ray = _RayMeasurements(model, tune_ids, tune_fp, state, artifact, ray, loader, load_args)
-        on_ray.probes(probe_specs(settings, base))
-    sens = measure_sensitivity(model, tune_ids, settings, probe_base, state=state, text_fp=tune_fp,
-                               artifact=artifact)
-    evaluate = make_evaluator(model, tune_ids, "tune-eval", tune_fp, state, artifact=artifact, context=context)
-    verify = verify or make_evaluator(model, verify_ids, "verify-eval", verify_fp, state, artifact=artifact,
+    tune_fp = text_fingerprint(tune_text.ids, tune_text.record)
+    verify_fp = text_fingerprint(verify_text.ids, verify_text.record)
+    sens = measure_sensitivity(model, tune_text.ids, candidates, probe_base, state=state, text_fp=tune_fp,
+                               artifact=artifact, executor=executor)
+    evaluate = make_evaluator(model, tune_text.ids, "tune-eval", tune_fp, state, artifact=artifact, context=context,
+                              executor=executor)
+    verify = verify or make_evaluator(model, verify_text.ids, "verify-eval", verify_fp, state, artifact=artifact,
                                       context=context)
     weights = None
-    if weight_tensors:
-        if on_ray is not None:
-            on_ray.evaluations([spec for _, spec in weight_specs(sens, base).values()])
-        sens, weights = calibrate_tensor_weights(sens, probe_base, evaluate)
-    result = tune_allocation(sens, base, target, metric=metric, evaluate=evaluate, verify=verify,
-                             max_tries=max_tries)
+    if settings.weight_tensors:
+        sens, weights = calibrate_tensor_weights(sens, probe_base, evaluate.map)
+    result = tune_allocation(sens, base, settings.target, metric=settings.metric, evaluate=evaluate, verify=verify,
+                             max_tries=settings.max_tries)
     result.tensor_weights = weights
     return result
 
 
-def tune_grid(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: float, bases: list[CacheSpec],
-              **kwargs) -> tuple[TuneResult, list[dict]]:
+def tune_grid(model, tune_text: CorpusSlice, verify_text: CorpusSlice, settings: TuneSettings,
+              bases: list[CacheSpec], **kwargs) -> tuple[TuneResult, list[dict]]:
     """`tune` once per base spec (e.g. windows x eviction settings) and the result with the highest
     verified ratio; every result met the target on the verification text.
 
@@ -305,7 +263,7 @@ def tune_grid(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: f
         label = base.describe()
         logger.info(f"tuning with base {label}")
         try:
-            result = tune(model, tune_ids, verify_ids, target, base=base, **kwargs)
+            result = tune(model, tune_text, verify_text, settings, base=base, **kwargs)
         except TuneError as err:
             rows.append({"base": base.to_dict(), "describe": label, "met": False, "error": str(err)})
             logger.info(f"base {label}: {err}")
@@ -317,42 +275,6 @@ def tune_grid(model, tune_ids: torch.Tensor, verify_ids: torch.Tensor, target: f
     if best is None:
         raise TuneError(f"no base spec of the {len(bases)} tried meets the target (first: {rows[0]['error']})")
     return best, rows
-
-
-@dataclass
-class _RayMeasurements:
-    """The independent measurements of `tune` sent to Ray (see `distributed_tune`), keyed as the
-    serial code keys them."""
-
-    model: torch.nn.Module
-    tune_ids: torch.Tensor
-    tune_fp: dict
-    state: TuneState
-    artifact: object
-    options: RayOptions
-    loader: Callable | None
-    load_args: object
-
-    def _args(self) -> tuple:
-        path = getattr(self.artifact, "path", None)
-        return self.options, self.loader, self.load_args, self.tune_ids, None if path is None else str(path)
-
-    def probes(self, probes: list[CacheSpec]) -> None:
-        from .distributed_tune import probes_on_ray
-
-        fingerprint = probe_fingerprint(model_fingerprint(self.model), self.tune_fp, COST_POWER)
-        n = probes_on_ray(probes, self.state, fingerprint, *self._args(), cost_power=COST_POWER,
-                          on_result=lambda spec, _: logger.info(f"sensitivity (Ray): K {spec.key.describe()}, "
-                                                                f"V {spec.value.describe()}"))
-        logger.info(f"{n} sensitivity probe(s) measured on Ray")
-
-    def evaluations(self, specs: list[CacheSpec]) -> None:
-        from .distributed_tune import weight_evals_on_ray
-
-        fingerprint = measurement_fingerprint(model_fingerprint(self.model), self.tune_fp)
-        n = weight_evals_on_ray(specs, self.state, fingerprint, *self._args(),
-                                on_result=lambda spec, f: logger.info(f"{spec.name} (Ray): KL {f['kl']:.4f}"))
-        logger.info(f"{n} tensor-weight evaluation(s) measured on Ray")
 
 
 def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target: float, evaluate: Evaluator, *,

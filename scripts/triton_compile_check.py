@@ -7,11 +7,11 @@ architecture (default sm_90, e.g. H100/H200) with the ptxas shipped in the Trito
 GPU or driver is needed. With `--registers` it also prints each kernel's registers per thread
 and spill bytes (ptxas -v), which bound how many programs fit on a multiprocessor.
 
-    python -m kvcompress.kernels.compile_check              # the kernels the tests use
-    python -m kvcompress.kernels.compile_check --registers  # + every head_dim 64/128, GQA 1..8
+    python scripts/triton_compile_check.py              # the kernels the tests use
+    python scripts/triton_compile_check.py --registers  # + every head_dim 64/128, GQA 1..8
 
 Must run without TRITON_INTERPRET=1 (the kernels are defined when their module is imported).
-This module does not run or time anything.
+This script does not run or time anything.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import subprocess
 import sys
 import tempfile
 
-from ..extras import require_extra
-from . import triton_decode, triton_pack
-from .backend import FEATURE, load_triton
-from .fields import TOKEN_ROW_TOKENS, field_widths
+from kvcompress.extras import require_extra
+from kvcompress.kernels import triton_decode, triton_pack
+from kvcompress.kernels.backend import FEATURE, load_triton
+from kvcompress.kernels.fields import TOKEN_ROW_TOKENS, field_widths
 
 STATS = {"scale_ptr": "*fp16", "zero_ptr": "*fp16", "codes_ptr": "*u8"}
 CODES_POINTERS = {"q_ptr": "*fp32", "kc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vc_ptr": "*u8",
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="print registers and spill bytes (ptxas -v) for the shapes of common models")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
+        print("triton_compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
     for name, kernel, pointers, constexprs, num_warps in cases(args.registers):
         compiled = compile_kernel(kernel, pointers, constexprs, args.arch, num_warps)

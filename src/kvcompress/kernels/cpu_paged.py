@@ -1,0 +1,62 @@
+"""The CPU paged kernel (`cpu_paged.cpp`): `paged_attention` over a paged pool of packed slots, compiled.
+
+`attend(query, pages, block_table, context_lens, query_start_loc, layout, scale)` returns what
+`paged_attention.paged_attention_torch` returns, (out (T, Hq, D), lse (T, Hq)) float32, or None
+where it does not apply (tensors not on the CPU, head_dim above 1024, the extension not built: then
+`kernels.cpu.load` has warned once). Like the torch path it works in the stored (rotated) space:
+the queries are rotated into K's stored space once, the output out of V's once.
+This module knows the slot layout only through `paged.SlotLayout`; it builds nothing itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..paged import PartLayout, SlotLayout
+from . import cpu
+
+SPLIT_TOKENS = 512  # stored tokens per task (rounded down to whole blocks): splits a long context between threads
+METHODS = {"quant": 0, "hadamard+quant": 0, "rotated+codebook": 1, "none": 2}
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_DIM = 1024
+
+
+def part_description(part: PartLayout, offset: int) -> tuple[list[int], torch.Tensor]:
+    """(method, offset, bits, group, scale_at, zero_at, dtype) of a part for the kernel, and its codebook."""
+    fields = part.fields()
+    description = [METHODS[part.method], offset, part.bits, part.group_size, fields.get("scale", (0, 0))[0],
+                   fields.get("zero", (0, 0))[0], DTYPES.get(part.dtype, -1)]
+    book = part.centroids() if part.method == "rotated+codebook" else torch.empty(0)
+    return description, book.float().contiguous()
+
+
+def supports(query: torch.Tensor, pages: torch.Tensor, layout: SlotLayout) -> bool:
+    """Whether the kernel reads this call (CPU tensors, head_dim <= 1024, a "none" part in a float dtype)."""
+    parts_ok = all(p.method != "none" or p.dtype in DTYPES for p in (layout.key, layout.value))
+    return (query.device.type == "cpu" and pages.device.type == "cpu" and query.shape[-1] <= MAX_DIM
+            and pages.dtype == torch.uint8 and parts_ok)
+
+
+def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor,
+           query_start_loc: torch.Tensor, layout: SlotLayout, scale: float
+           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`paged_attention` through the compiled kernel (arguments and results as there), or None."""
+    if not supports(query, pages, layout):
+        return None
+    module = cpu.load()
+    if module is None:
+        return None
+    q = query.float()
+    key_rotation, value_rotation = layout.key.rotation(), layout.value.rotation()
+    if key_rotation is not None:
+        q = q @ key_rotation  # (T, Hq, D) in K's stored space
+    block_size = pages.shape[2]
+    split = max(block_size, SPLIT_TOKENS // block_size * block_size)
+    key, key_book = part_description(layout.key, 0)
+    value, value_book = part_description(layout.value, layout.value_offset)
+    as_int = [t.to(torch.int32).contiguous() for t in (block_table, context_lens, query_start_loc)]
+    out, lse = module.paged_attend(q.contiguous(), pages, *as_int, key, key_book, value, value_book, float(scale),
+                                   split)
+    if value_rotation is not None:
+        out = out @ value_rotation.T  # rows of requests without stored tokens stay 0
+    return out, lse
