@@ -103,7 +103,8 @@ def child_throughput(args) -> dict:
     from vllm.inputs import TokensPrompt
 
     llm = engine(args)
-    prompts = [TokensPrompt(prompt_token_ids=report_ids(llm, args.prompt, offset=97 * i)) for i in range(args.requests)]
+    ids = report_ids(llm, args.prompt + 97 * (args.requests - 1))  # request i: tokens [97 i, 97 i + prompt)
+    prompts = [TokensPrompt(prompt_token_ids=ids[97 * i:97 * i + args.prompt]) for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.new, min_tokens=args.new, temperature=0, detokenize=False)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

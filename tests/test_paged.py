@@ -177,7 +177,7 @@ def test_paged_attention_equals_causal_softmax_over_hand_decoded_slots_own_chunk
         layout.write(pages, k_all[r], v_all[r], table[r, t // block_size] * block_size + t % block_size)
     query = torch.randn(sum(chunk), hq, D, generator=torch.Generator().manual_seed(7)).bfloat16()
     qsl = torch.tensor([0, 1, 6])
-    result = paged_attention(query, pages, table, torch.tensor(seq_lens), qsl, layout, scale)
+    result, _ = paged_attention(query, pages, table, torch.tensor(seq_lens), qsl, layout, scale)
     for r in range(2):
         keys, values = _hand_decoded(pages, table[r], layout, seq_lens[r])
         for i in range(chunk[r]):
@@ -202,7 +202,7 @@ def test_a_token_gets_the_same_attention_whatever_chunk_it_came_in():
 
     def attend(bounds):
         return torch.cat([paged_attention(query[a:b], pages, table, torch.tensor([b]), torch.tensor([0, b - a]),
-                                          layout, 0.125) for a, b in zip(bounds[:-1], bounds[1:])])
+                                          layout, 0.125)[0] for a, b in zip(bounds[:-1], bounds[1:])])
 
     whole = attend([0, n])
     for bounds in ([*range(0, n, 16), n], [*range(0, n, 5), n], list(range(n + 1))):
@@ -216,10 +216,12 @@ def test_a_request_without_queries_is_skipped_and_too_few_stored_tokens_refused(
     k, v = states(4, seed=1), states(4, seed=2)
     layout.write(pages, k, v, torch.arange(4) + 8)  # block 1
     query = states(4, heads=9)
-    out = paged_attention(query, pages, torch.tensor([[0], [1]]), torch.tensor([5, 4]), torch.tensor([0, 0, 4]),
-                          layout, 0.125)
+    out, lse = paged_attention(query, pages, torch.tensor([[0], [1]]), torch.tensor([5, 4]), torch.tensor([0, 0, 4]),
+                               layout, 0.125)
     keys, values = layout.decode(pages[1, :, :1])  # the first token sees only itself
     assert torch.allclose(out[0], values[:, 0].repeat_interleave(3, 0), atol=1e-6)
+    own_score = (query[0].float().reshape(3, 3, D) * keys[:, 0, None]).sum(-1).flatten() * 0.125  # (Hq,)
+    assert torch.allclose(lse[0], own_score, atol=1e-4)  # the log of a one-term softmax denominator
     with pytest.raises(ValueError, match="written to the pages before attention"):
         paged_attention(query, pages, torch.tensor([[1]]), torch.tensor([3]), torch.tensor([0, 4]), layout, 0.125)
 

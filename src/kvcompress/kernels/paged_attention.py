@@ -5,8 +5,8 @@ as stored in the pages, itself included: the serving protocol writes a forward c
 its slots first, then every token, the chunk's own ones too, is read from its codes through the
 block table (a few blocks at a time with an online softmax; never a dense copy of a sequence). So
 a token's output does not depend on how the engine chunked or scheduled its request. With
-`use_kernel=True`, a batch of decode steps (one query per request) runs the compiled CPU kernel
-(`cpu_paged`; same result to ~1e-6, not bit for bit, so the vLLM backend does not switch it on).
+`use_kernel=True` a decode step (one query per request) runs the compiled CPU kernel (`cpu_paged`:
+each query over its request's first seq_lens tokens, which for one query is the same attention).
 Shapes: T query tokens, Hq query heads, Hkv KV heads (query head h reads KV head h // (Hq / Hkv)), D.
 """
 
@@ -25,7 +25,7 @@ MIN_ROWS = 4
 
 def paged_attention(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, layout: SlotLayout, scale: float, use_kernel: bool = False
-                    ) -> torch.Tensor:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each query over its request's stored tokens up to and including its own.
 
     Args:
@@ -40,16 +40,16 @@ def paged_attention(query: torch.Tensor, pages: torch.Tensor, block_table: torch
         query_start_loc: (R + 1,) int.
         layout: the layer's `SlotLayout`.
         scale: the softmax scale (1 / sqrt(D) for most models).
-        use_kernel: when every request has one query (decode), run the compiled CPU kernel
-            (`cpu_paged.attend`) where it applies; the torch path otherwise.
+        use_kernel: a decode step (every request at most one query) runs the compiled CPU kernel
+            (`cpu_paged.attend`) where it applies; other steps, and calls it declines, the torch path.
 
     Returns:
-        (T, Hq, D) float32 (rows of requests without queries, e.g. padding, stay 0).
+        out (T, Hq, D) float32 and lse (T, Hq) float32, the natural log of each softmax denominator.
     """
-    if use_kernel and bool(((query_start_loc[1:] - query_start_loc[:-1]) == 1).all()):
+    if use_kernel and bool(((query_start_loc[1:] - query_start_loc[:-1]) <= 1).all()):
         result = cpu_paged.attend(query, pages, block_table, seq_lens, query_start_loc, layout, scale)
         if result is not None:
-            return result[0]  # the kernel's keys are the first seq_lens[r] tokens: causal up to itself
+            return result
     return paged_attention_torch(query, pages, block_table, seq_lens, query_start_loc, layout, scale)
 
 
@@ -68,7 +68,7 @@ def _by_query_head(x: torch.Tensor, t: int) -> torch.Tensor:
 
 def paged_attention_torch(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor,
                           seq_lens: torch.Tensor, query_start_loc: torch.Tensor, layout: SlotLayout, scale: float,
-                          blocks_per_step: int = 16) -> torch.Tensor:
+                          blocks_per_step: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """`paged_attention` in torch, request by request, `blocks_per_step` blocks decoded at a time.
 
     Works in the stored (rotated) space: keys are never un-rotated (q.k = (q @ R_K).stored_k) and the
@@ -81,6 +81,7 @@ def paged_attention_torch(query: torch.Tensor, pages: torch.Tensor, block_table:
     T, hq, d = query.shape
     kv_heads, block_size = pages.shape[1], pages.shape[2]
     out = torch.zeros(T, hq, d, dtype=torch.float32, device=query.device)
+    lse = torch.full((T, hq), float("-inf"), dtype=torch.float32, device=query.device)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     key_rotation, value_rotation = layout.key.rotation(query.device), layout.value.rotation(query.device)
     for r, stored in enumerate(lens):
@@ -127,4 +128,5 @@ def paged_attention_torch(query: torch.Tensor, pages: torch.Tensor, block_table:
         if value_rotation is not None:
             result = result @ value_rotation.T
         out[first:last] = _by_query_head(result, t)
-    return out
+        lse[first:last] = _by_query_head(running_max[:, :rows] + torch.log(total[:, :rows]), t)
+    return out, lse

@@ -182,6 +182,9 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
             return output
         md = attn_metadata
         n = md.num_actual_tokens
-        output[:n] = paged_attention(query[:n], kv_cache.view(torch.uint8), md.block_table, md.seq_lens,
-                                     md.query_start_loc, self.slot_layout(layer), self.scale).to(output.dtype)
+        # The torch path for every step: the compiled decode kernel (use_kernel=True) rounds its sums
+        # differently, so a token decoded by it and recomputed in a chunk would not compute the same.
+        out, _ = paged_attention(query[:n], kv_cache.view(torch.uint8), md.block_table, md.seq_lens,
+                                 md.query_start_loc, self.slot_layout(layer), self.scale)
+        output[:n] = out.to(output.dtype)
         return output
