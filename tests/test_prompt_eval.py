@@ -217,3 +217,17 @@ def test_one_prompt_protocol_eviction_that_keeps_everything_changes_nothing(tiny
     assert kept.kl == pytest.approx(plain.kl, abs=1e-6)
     assert kept.ppl_change == pytest.approx(plain.ppl_change, abs=1e-6)
     assert kept.stored_bytes == plain.stored_bytes and kept.whole_cache_ratio == plain.whole_cache_ratio
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("base, evicting", [("int4", "int4@snapkv:1.0"), ("bits3", "bits3@streaming:1.0")])
+def test_one_prompt_protocol_on_the_embedded_model(real_model, base, evicting):
+    """issue 25's check, on real text: keep-everything eviction and no eviction give the same KL and bytes."""
+    from kvcompress.corpus import corpus_tokens
+
+    model, tokenizer = real_model
+    ids = corpus_tokens(tokenizer, "report", n_tokens=512 + 64 + 1)
+    plain = prompt_eval(model, ids, base, 512, progress=False)
+    kept = prompt_eval(model, ids, evicting, 512, progress=False)
+    assert plain.kl > 1e-4
+    assert kept.kl == pytest.approx(plain.kl, abs=1e-6) and kept.stored_bytes == plain.stored_bytes
