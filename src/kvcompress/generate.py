@@ -2,16 +2,11 @@
 
     summary = generate_file("prompts.jsonl", "out.jsonl", GenerateSettings(spec="int4", max_new_tokens=64))
 
-Input lines: `{"id": "q1", "prompt": "..."}` (`"text"` for `"prompt"`; without an id, the line
-number). Output lines, appended as each prompt finishes: `{"id", "line", "status": "ok", "text",
-"prompt_tokens", "new_tokens", "stored_bytes", "fp16_bytes", "ratio"}`, or `"status": "error"` with
-the error for that prompt only, and a `{"summary": ...}` line per run. Greedy decoding with a fresh
-`CompressedCache` per prompt. Every line carries hashes of its prompt text and of the run's settings;
-a rerun skips prompts with an "ok" line for the same text and settings (whatever their id or line),
-rewrites the file without stale or failed lines, and refuses a file of other settings or an output
-that is the input. With `ray`, prompts go
-through Ray Data (`map_batches`, `GenerateWorker` actors that load the model). No chat template is
-applied.
+Input lines `{"id", "prompt"}`; output lines `{"id", "line", "status", "text", "prompt_tokens",
+"new_tokens", "stored_bytes", "fp16_bytes", "ratio", "prompt_key", "run"}` (or an error for that prompt
+only) and a summary line per run. Greedy decoding, a fresh `CompressedCache` per prompt, no chat
+template. A rerun reuses lines with the same prompt text and settings and refuses a file of other
+settings or an output that is the input; with `ray`, prompts go through Ray Data. Details: docs/ray.md.
 """
 
 from __future__ import annotations

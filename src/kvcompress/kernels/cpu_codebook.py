@@ -1,34 +1,12 @@
 """The CPU decode kernel's codebook path (`cpu_codebook.cpp`): which layers it reads, and the call.
 
-The codebook codecs store per token and KV head n integer codes, in groups of equal width
-(one packed tensor per group: "codes", or "codes{w}" for `AllocatedCodebookCodec`), and one
-fp16 scale s. Everything they decode to is linear in the codebook values c_j = book[code_j]:
-
-    x = offset + s * sum_j c_j rows[j]        rows (H, n, D), offset (H, D) or none
-
-`describe(codec)` finds `rows` and `offset` for a `ComposedCodec(transform, inner)` with
-
-- transform: `RandomizedHadamard` or `HadamardRotation` (x = y @ R^T: rows = R^T), or
-  `LowRankProjection` (x = y @ U^T: rows = U^T), optionally inside `Centered` (offset = mean);
-- inner: `CodebookCodec` (one group of all coordinates) or `AllocatedCodebookCodec` (groups by
-  width; its per-coordinate deviations and orthogonal mixers are folded into rows:
-  rows of group w = M_w^T @ (std[js, None] * base[js])),
-
-computed once per codec in float64 and cached. The kernel then never decodes a token into a
-tensor: post-RoPE keys score as q.offset + s * (rows.q).c, pre-RoPE keys are decoded 8 at a
-time into a stack buffer and rotated to their positions with the model's cos/sin tables
-(`layer.key_space.tables`), and values are summed in code space and mapped back once per step.
-Pre-RoPE keys at consecutive positions (compressed token i at n_sinks + i) read the table rows
-from n_sinks on; after eviction (`layer.token_positions` set: each KV head holds its own kept
-tokens) the kernel is handed the (B, H, n_compressed) int32 positions and the tables from
-position 0, and reads each token's row at its own position. Post-RoPE keys carry their
-positions already and are read whatever they are.
-
-`attend` returns None (so `attend_compressed` runs) where this path does not apply: a codec
-it does not describe, head_dim not a multiple of 16, a key space without cos/sin tables.
-
-This module does not build or load the extension (`kernels.cpu` does) and does not
-implement attention itself.
+Codebook codecs decode to x = offset + s * sum_j book[code_j] rows[j] (rows (H, n, D), offset (H, D)
+or none); `describe(codec)` finds `rows` and `offset` for a rotated, low-rank or centred codebook
+codec (float64, cached per codec), and the kernel scores keys and mixes values in code space
+without decoding tokens into a tensor (pre-RoPE keys re-rotated with the model's cos/sin tables,
+at each kept token's own position after eviction). `attend` returns None (the torch path runs)
+for a codec it does not describe, head_dim not a multiple of 16, or a key space without tables.
+How the rows are folded: docs/decode.md. Building the extension is `kernels.cpu`'s job.
 """
 
 from __future__ import annotations

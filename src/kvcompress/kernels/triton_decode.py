@@ -1,29 +1,12 @@
-"""Split-K ("flash-decoding") attention of one decode step over a layer's packed codes, in Triton.
+"""Split-K ("flash-decoding", Dao et al. 2023) attention of one decode step over packed codes, in Triton.
 
-Computes what `kvcompress.cache.attention.attend_compressed` computes for a `CompressedLayer` whose
-key and value codecs are uniform quantizers (`QuantCodec`, any axis, 2/3/4/8 bits) and whose
-keys are stored as attention gives them (no pre-RoPE key space):
-
-    out = softmax(q.[sinks | decode(codes) | window] * scaling + mask) @ [sinks | decode(codes) | window]
-
-in three launches (Dao et al., "Flash-Decoding for long-context inference", 2023):
-1. `_codes_partial_kernel`, grid (batch * kv_heads, splits): each program reads tiles of
-   compressed tokens (`block_tokens_for`) of one K/V head, unpacks the byte-planar codes and applies the
-   fp16 scale and zero point in registers (x_hat = code * scale + zero in float32, as the
-   torch decode), scores all query heads of the GQA group against them, and keeps a running
-   max, sum and weighted value sum (online softmax) over its tiles;
-2. `_full_partial_kernel`, grid (batch * kv_heads,): the same over the full-precision sinks
-   and window, read where they lie;
-3. `_combine_kernel`, grid (batch * kv_heads,): merges the partial results of 1 and 2.
-
-The mask (bool or additive, for left padding) is turned into one additive float32 row per
-batch element. Nothing is synchronised with the host: the grid depends only on tensor shapes.
-Departure from the torch reference: one online softmax instead of one softmax over all
-positions, so results agree to float32 rounding (tested), not bit for bit.
-
-This module does not handle several query tokens (prefill), pre-RoPE keys, rotated or
-low-rank codecs, soft-capping or learned sink logits: the caller (`cache.attention`) uses the torch
-path for those.
+Computes what `kernels.reference.attend_compressed` computes for a layer whose K and V codecs are
+uniform quantizers (2/3/4/8 bits, any axis) with post-RoPE keys, in three launches: partial
+softmaxes over tiles of codes (grid batch * kv_heads x splits, codes unpacked and dequantized in
+registers), over the full-precision sinks and window, then their merge. One online softmax instead
+of one softmax: results agree with torch to float32 rounding (tested), not bit for bit. No host
+synchronisation. Not handled (the caller uses torch): several query tokens, pre-RoPE keys, rotated
+or low-rank codecs, soft-capping, learned sink logits. Details: docs/gpu.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """Quantize and pack one block of K or V states in one Triton kernel (uniform, asymmetric).
 
-Computes exactly what `codecs.quant.QuantCodec.encode` computes, in the same float32
-operations, and writes the same tensors:
-    zero  = fp16(min(group)),  scale = fp16((max(group) - zero) / levels)
-    code  = clamp(round_half_even((x - zero) / scale), 0, levels)   (scale 0 -> 1)
-then packs the codes of each row (`row_tokens` whole tokens) in the byte-planar layout of
-`codecs.packing`: a bit field of width w at offset o of code i goes to bits [h*w, (h+1)*w)
-of byte i mod m of that field's plane, h = i div m, m = n*w/8.
-
-One program handles one packed row: per channel (keys), a group of `group_size` tokens,
-whose statistics are per channel; per token (values), 8 tokens, whose statistics are per
-`group_size` channels. Divisions are correctly rounded (`div_rn`) and rounding to the
-nearest even integer uses the float32 identity (v + 1.5 * 2**23) - 1.5 * 2**23, exact for
-|v| < 2**22 (v is clamped to [-1, levels + 1] first, which does not change the clamped code),
-so the codes are byte-identical to torch's (tested in Triton's interpreter).
-
-This module does not check the states (finite, fp16 range: `QuantCodec.encode` does before
-calling it) and does not handle head_dim or groups that are not powers of two (the caller
-falls back to torch, see `kernels.can_pack`).
+Computes exactly what `codecs.quant.QuantCodec.encode` computes, in the same float32 operations
+(zero = fp16(min), scale = fp16((max - zero) / levels), code = clamp(round_half_even((x - zero) /
+scale))), and packs the codes in the byte-planar layout of `codecs.packing`; the codes are
+byte-identical to torch's (tested in Triton's interpreter). One program per packed row. The caller
+checks the states first (finite, fp16 range) and falls back to torch for head_dim or groups that
+are not powers of two (`kernels.can_pack`). Details: docs/gpu.md.
 """
 
 from __future__ import annotations
