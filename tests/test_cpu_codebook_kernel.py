@@ -35,13 +35,7 @@ from kvcompress.spec import EvictionSpec
 from tiny_models import prompt, tiny_llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel():
-    if kernels.mode() == "torch":
-        pytest.skip("KVCOMPRESS_KERNELS=torch is set: the kernel is disabled")
-    module = cpu.load()
-    assert module is not None, f"the CPU kernel did not build: {cpu.unavailable_reason()}"
-    return module
+from test_cpu_kernel import kernel  # noqa: E402,F401  (the module's autouse fixture: skip under torch, build once)
 
 
 def tolerance(dtype: torch.dtype, largest_score: float = 1.0) -> dict:

@@ -13,21 +13,14 @@ import pytest
 import torch
 from test_paged import PARTS, paged_spec
 
-from kvcompress import kernels
-from kvcompress.kernels import cpu, cpu_paged
+from kvcompress.kernels import cpu_paged
 from kvcompress.kernels.paged_attention import paged_attention, paged_attention_torch
 from kvcompress.paged import PagedLayout
 
 BLOCK = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel():
-    if kernels.mode() == "torch":
-        pytest.skip("KVCOMPRESS_KERNELS=torch is set: the kernel is disabled")
-    module = cpu.load()
-    assert module is not None, f"the CPU kernel did not build: {cpu.unavailable_reason()}"
-    return module
+from test_cpu_kernel import kernel  # noqa: E402,F401  (the module's autouse fixture: skip under torch, build once)
 
 
 def filled_pool(key: str, value: str, stored: list[int], chunks: list[int], hq: int, hkv: int = 3, D: int = 64,

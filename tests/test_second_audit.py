@@ -16,18 +16,7 @@ from kvcompress.cli.main import main
 from kvcompress.presets import load_spec
 
 
-def assert_one_line_error(stderr: str, command: str, *words: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
-    assert lines[0].startswith(f"kvcompress {command}: error: "), lines[0]
-    assert "Traceback" not in stderr
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-
-
-def run_main(capsys, *argv: str) -> tuple[int, str]:
-    status = main(list(argv))
-    return status, capsys.readouterr().err
+from test_reliability import assert_one_line_error, run_main  # noqa: E402
 
 
 # --------------------------------------------------------------------------- 7: spec names and spec files
