@@ -73,6 +73,8 @@ def test_compressed_cache_of_something_else_than_a_model_says_what_to_pass(model
 CLI_CASES = [  # (argv with {d} for a temporary folder, command, words the one line must hold)
     (["tune", "--max-kl", "inf", "--out", "{d}/t.json"], "tune", ["--max-kl", "finite", "--max-kl 0.01"]),
     (["tune", "--max-ppl-change", "inf", "--out", "{d}/t.json"], "tune", ["--max-ppl-change", "finite"]),
+    (["tune", "--max-kl", "0.01", "--tune-offset", "-5", "--out", "{d}/t.json"], "tune",
+     ["--tune-offset", "got -5", "--tune-offset 8192"]),
     (["measure-presets", "--targets", "safe=inf", "--file", "{d}/m.json"], "measure-presets",
      ["--targets safe=inf", "finite value"]),
     (["measure-presets", "--targets", "safe=0.01,safe=0.02", "--file", "{d}/m.json"], "measure-presets",

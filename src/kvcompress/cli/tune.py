@@ -117,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
         check_context_tokens(spec, args.context, label=f"window {spec.window}, sinks {spec.sinks}, "
                                                       f"block {spec.block_size}")
     check_positive(args.max_tries, "--max-tries")
+    if args.tune_offset is not None and args.tune_offset < 0:
+        raise UserError(f"--tune-offset must be 0 or more (a token of the calibration part), got {args.tune_offset}; "
+                        f"pass e.g. --tune-offset {DEFAULT_TUNE_OFFSET}")
     check_artifact_dir(args.artifact)
     check_text(args)
     check_text_protocol(args)
