@@ -326,11 +326,12 @@ def tiny_artifact():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
-def test_pca_codebook_read_path(tiny_artifact, key_space):
+@pytest.mark.parametrize("key_space,key_bits,value_bits", [("post_rope", 2, 2), ("pre_rope", 2, 2),
+                                                           ("pre_rope", 1.5, 2.5), ("pre_rope", 2.25, 1.75)])
+def test_pca_codebook_read_path(tiny_artifact, key_space, key_bits, value_bits):
     model, tokens = tiny_llama(seed=2, head_dim=64), prompt(100)
-    spec = {"key": {"method": "pca+codebook", "bits": 2, "key_space": key_space},
-            "value": {"method": "pca+codebook", "bits": 2}, "window": 16, "sinks": 4, "block_size": 32}
+    spec = {"key": {"method": "pca+codebook", "bits": key_bits, "key_space": key_space},
+            "value": {"method": "pca+codebook", "bits": value_bits}, "window": 16, "sinks": 4, "block_size": 32}
     fast, slow = (CompressedCache(model, spec, artifact=tiny_artifact) for _ in range(2))  # read with / without
     for cache in (fast, slow):
         model(tokens[:, :-1], cache=cache)
@@ -348,7 +349,40 @@ def test_pca_codebook_read_path(tiny_artifact, key_space):
     assert (logits_tampered - logits_fast).abs().max() > 1e-3, "tampered key codes did not change the output"
     from kvcompress.cache.bits import report_bits_per_value
 
-    assert report_bits_per_value(fast.memory_report()) == pytest.approx(2 + 16 / 64)
+    # bytes stored per compressed token: the code bits of K and V (fractional averages spread by
+    # the allocation) plus one fp16 scale each; the spec's size estimate agrees with the cache's
+    layer = fast.layers[0]
+    for name, bits in (("stored_keys", key_bits), ("stored_values", value_bits)):
+        stored = getattr(layer, name)
+        codes = sum(t.numel() for n, t in stored.items() if n.startswith("codes"))
+        assert codes * 8 == bits * 64 * stored["scale"].shape[2] * stored["scale"].shape[1]
+    assert report_bits_per_value(fast.memory_report()) == pytest.approx((key_bits + value_bits) / 2 + 16 / 64)
+    from kvcompress.cache.bits import spec_bits_per_value
+
+    assert spec_bits_per_value(spec, 2, 64) == pytest.approx((key_bits + value_bits) / 2 + 16 / 64)
+
+
+def test_fractional_pca_bits_spend_their_bits_and_lower_the_error():
+    """bits 2.5 puts 160 code bits per 64-value vector, and its error lies between 2 and 3 bits'."""
+    from kvcompress.cache.build import pca_codebook
+
+    gen = torch.Generator().manual_seed(3)
+    variances = torch.logspace(0.5, -1.5, 64)
+    y = torch.randn(1, 2, 256, 64, generator=gen) * variances.sqrt()
+    basis, spectrum, mean = torch.eye(64).repeat(2, 1, 1), variances.repeat(2, 1), torch.zeros(2, 64)
+    errors = {}
+    for bits in (2, 2.5, 3):
+        codec = pca_codebook(bits, basis, spectrum, mean)
+        stored = codec.encode(y)
+        assert sum(t[0, 0].numel() for n, t in stored.items() if n.startswith("codes")) * 8 == bits * 64 * 256
+        errors[bits] = (codec.decode(stored, torch.float32) - y).square().mean().item()
+    assert errors[3] < errors[2.5] < errors[2]
+
+
+@pytest.mark.parametrize("bits", [0.5, 3.3, 6.5, True, "4"])
+def test_pca_bits_outside_the_allowed_values_are_refused(bits):
+    with pytest.raises(ValueError, match="multiple of 1/8 in 1..6"):
+        TensorSpec(method="pca+codebook", bits=bits)
 
 
 def test_pca_codebook_without_an_artifact_says_how_to_make_one():

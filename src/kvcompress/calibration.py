@@ -427,3 +427,39 @@ def artifact_for(model, specs, artifact=None) -> CalibrationArtifact | None:
     if artifact is None and not needs_artifact(model, specs):
         return None
     return resolve_artifact(model, artifact)
+
+
+def all_kinds_ids(tokenizer, tokens_per_kind: int = DEFAULT_TOKENS) -> torch.Tensor:
+    """(1, kinds x tokens_per_kind) ids: the first `tokens_per_kind` tokens of every kind's calibration
+    part (`corpus.KINDS` order), each kind a whole number of DEFAULT_SEQ_LEN sequences when
+    tokens_per_kind is a multiple of it (no calibration sequence mixes kinds)."""
+    from .corpus import KINDS as TEXT_KINDS
+
+    return torch.cat([corpus_tokens(tokenizer, part="calibration", n_tokens=tokens_per_kind, kind=kind)
+                      for kind in TEXT_KINDS], dim=1)
+
+
+def all_kinds_artifact_dir(model) -> Path:
+    from .corpus import KINDS as TEXT_KINDS
+
+    key = json.dumps([config_fingerprint(model), [corpus_fingerprint(k)["sha256"] for k in TEXT_KINDS],
+                      DEFAULT_TOKENS, DEFAULT_SEQ_LEN, FORMAT_VERSION, "all-kinds"])
+    return cache_root() / "artifacts" / f"smollm2-135m-instruct-all-{content_hash(key, 12)}"
+
+
+def all_kinds_artifact(model, progress: bool = False) -> CalibrationArtifact:
+    """The embedded model's artifact calibrated on every kind's calibration part (DEFAULT_TOKENS each)."""
+    final = all_kinds_artifact_dir(model)
+    if final.exists():
+        return CalibrationArtifact.load(final, model)
+
+    def write(tmp: Path) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.kvcompress_load_info["cache_dir"])
+        calibrate(model, all_kinds_ids(tokenizer), seq_len=DEFAULT_SEQ_LEN, corpus="embedded:all-kinds:calibration",
+                  progress=progress).save(tmp)
+        return {"name": "calibration artifact of the embedded model on every kind"}
+
+    write_directory_atomic(final, write)
+    return CalibrationArtifact.load(final, model)

@@ -23,12 +23,12 @@ from ..codecs.rotation import RandomizedHadamard, layer_seed
 from ..spec import TensorSpec
 
 
-def pca_codebook(bits: int, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor) -> Codec:
+def pca_codebook(bits: float, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor) -> Codec:
     """Centred projection on the principal directions of the calibrated covariance, then codebooks
     with bits allocated by variance.
 
     The calibrated uncentred second moment is M = U diag(lambda) U^T (basis U (H, D, D), spectrum
-    lambda (H, D)); the centred covariance C = M - m m^T (mean m (H, D)) is diagonalised per head,
+    lambda (H, D)); `bits` x D code bits per vector in all (a whole number); the centred covariance C = M - m m^T (mean m (H, D)) is diagonalised per head,
     and the bit allocation uses its eigenvalues averaged over heads (largest first).
     """
     u, lam, m = basis.double(), spectrum.double(), mean.double()
@@ -36,7 +36,7 @@ def pca_codebook(bits: int, basis: torch.Tensor, spectrum: torch.Tensor, mean: t
     variance, vectors = torch.linalg.eigh(cov)  # ascending
     variance, vectors = variance.flip(-1), vectors.flip(-1)  # (H, D), (H, D, D) largest first
     variance = variance.clamp_min(variance.amax() * 1e-10 + 1e-30)
-    widths = allocate_bits(variance.mean(0), bits * basis.shape[1])
+    widths = allocate_bits(variance.mean(0), round(bits * basis.shape[1]))
     return ComposedCodec(Centered(mean, LowRankProjection(vectors.float())),
                          AllocatedCodebookCodec(widths=widths, std=variance.sqrt().float()))
 

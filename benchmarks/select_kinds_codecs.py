@@ -1,0 +1,120 @@
+"""Choose the bitsN codecs on the selection parts of every kind of text (issue 24 item 2).
+
+Decode-faithful evaluation (the code of `kvcompress eval`) of the first `--tokens` tokens of each
+kind's **selection** part, for candidate specs and calibration artifacts: the embedded one
+(docs calibration part) and one calibrated on equal shares of every kind's calibration part
+(`calibration.all_kinds_ids`). Prints KL per kind and each candidate's ratio to the KIVI
+reference of its budget. Resumable: one JSON line per (candidate, kind) in --out.
+
+    nice -n 10 python benchmarks/select_kinds_codecs.py --budgets bits4 --out runs/select_kinds.jsonl
+
+Reads no report part; it edits no preset (the chosen specs go into `presets` by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REFERENCE = {"bits4": "int4", "bits3": "int3", "bits2": "int2"}
+
+
+def _cb(bits, **extra):
+    return {"method": "rotated+codebook", "bits": bits, **extra}
+
+
+def _pca(bits, **extra):
+    return {"method": "pca+codebook", "bits": bits, **extra}
+
+
+def candidates(n: int) -> list[tuple[str, str, dict | str]]:
+    """(label, artifact "docs" | "all" | "-", spec) for budget bitsN."""
+    out = [(f"int{n}", "-", f"int{n}"),
+           ("K pca/V pca all-cal", "all", {"key": _pca(n, key_space="pre_rope"), "value": _pca(n)}),
+           (f"bits{n} all-cal", "all", f"bits{n}"),
+           ("K-0.5/V+0.5 pca all-cal", "all", {"key": _pca(n - 0.5, key_space="pre_rope"), "value": _pca(n + 0.5)}),
+           (f"bits{n} docs-cal", "docs", f"bits{n}"),
+           ("K+0.5/V-0.5 pca all-cal", "all", {"key": _pca(n + 0.5, key_space="pre_rope"), "value": _pca(n - 0.5)})]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--budgets", default="bits4,bits3,bits2")
+    parser.add_argument("--kinds", default="code,plays,docs")
+    parser.add_argument("--only", default="", help="comma list of labels to run (default: all)")
+    parser.add_argument("--out", default="runs/select_kinds.jsonl")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from kvcompress import load_model
+    from kvcompress.calibration import CalibrationArtifact, all_kinds_artifact, embedded_artifact
+    from kvcompress.corpus import corpus_slice
+    from kvcompress.measure.evaluate import decode_faithful_eval
+    from kvcompress.presets import load_spec
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(dtype=torch.bfloat16)
+    artifacts: dict[str, CalibrationArtifact] = {}
+
+    def artifact(name):
+        if name == "-":
+            return None
+        if name not in artifacts:
+            artifacts[name] = embedded_artifact(model) if name == "docs" else all_kinds_artifact(model)
+        return artifacts[name]
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["label"], r["kind"], r["tokens"])] = r
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    for kind in args.kinds.split(","):
+        text = corpus_slice(tokenizer, "selection", n_tokens=args.tokens, kind=kind)
+        store: dict = {}
+        for budget in args.budgets.split(","):
+            for label, art, spec in candidates(int(budget[-1])):
+                if only and label not in only and not label.startswith("int"):
+                    continue
+                if (label, kind, args.tokens) in done:
+                    continue
+                t = time.perf_counter()
+                res = decode_faithful_eval(model, text.ids, load_spec(spec), progress=False,
+                                           artifact=artifact(art), baseline_store=store)
+                rec = {"label": label, "budget": budget, "kind": kind, "tokens": args.tokens, "artifact": art,
+                       "kl": res.kl, "bits_per_value": res.bits_per_value, "text": text.record,
+                       "spec": load_spec(spec).to_dict()}
+                done[(label, kind, args.tokens)] = rec
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"{kind} {label}: {res.bits_per_value:.3f} b, KL {res.kl:.5f} ({time.perf_counter() - t:.0f} s)",
+                      file=sys.stderr, flush=True)
+    kinds = args.kinds.split(",")
+    for budget in args.budgets.split(","):
+        ref = REFERENCE[budget]
+        print(f"\n{budget} (selection parts, {args.tokens} tokens): KL and ratio to {ref}")
+        print("| candidate | bits | " + " | ".join(kinds) + " |")
+        print("|---|---|" + "---|" * len(kinds))
+        for label, _, _ in candidates(int(budget[-1])):
+            cells, bits = [], ""
+            for k in kinds:
+                r, base = done.get((label, k, args.tokens)), done.get((ref, k, args.tokens))
+                if not r:
+                    cells.append("-")
+                    continue
+                bits = f"{r['bits_per_value']:.2f}"
+                cells.append(f"{r['kl']:.4f} ({r['kl'] / base['kl']:.2f}x)" if base else f"{r['kl']:.4f}")
+            print(f"| {label} | {bits} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
