@@ -33,11 +33,11 @@ def _pca(bits, **extra):
 def candidates(n: int) -> list[tuple[str, str, dict | str]]:
     """(label, artifact "docs" | "all" | "-", spec) for budget bitsN."""
     out = [(f"int{n}", "-", f"int{n}"),
-           ("K pca/V pca all-cal", "all", {"key": _pca(n, key_space="pre_rope"), "value": _pca(n)}),
            (f"bits{n} all-cal", "all", f"bits{n}"),
-           ("K-0.5/V+0.5 pca all-cal", "all", {"key": _pca(n - 0.5, key_space="pre_rope"), "value": _pca(n + 0.5)}),
            (f"bits{n} docs-cal", "docs", f"bits{n}"),
-           ("K+0.5/V-0.5 pca all-cal", "all", {"key": _pca(n + 0.5, key_space="pre_rope"), "value": _pca(n - 0.5)})]
+           ("K-0.5/V+0.5 all-cal", "all", {"key": _pca(n - 0.5, key_space="pre_rope"), "value": _cb(n + 0.5)}),
+           ("K+0.5/V-0.5 all-cal", "all", {"key": _pca(n + 0.5, key_space="pre_rope"), "value": _cb(n - 0.5)}),
+           ("K pca/V pca all-cal", "all", {"key": _pca(n, key_space="pre_rope"), "value": _pca(n)})]
     return out
 
 

@@ -22,7 +22,7 @@ from .codecs.hadamard import HadamardRotation
 from .codecs.packing import pack, unpack
 from .codecs.quant import QuantCodec
 from .codecs.rotation import RandomizedHadamard, layer_seed
-from .spec import CacheSpec, TensorSpec
+from .spec import CODEBOOK_BITS, CacheSpec, TensorSpec
 
 PART_METHODS = ("quant", "hadamard+quant", "rotated+codebook", "none")
 SLOT_ALIGN = 4  # slot sizes are a multiple of this many bytes (32-bit loads; fp32 model dtypes)
@@ -271,6 +271,8 @@ def unservable_tensor(spec: TensorSpec, which: str) -> list[str]:
         reasons.append(f"{which} stored pre-RoPE (vLLM hands keys after RoPE)")
     if spec.center:
         reasons.append(f"{which} centred on a calibrated mean")
+    if spec.method == "rotated+codebook" and spec.bits not in CODEBOOK_BITS:
+        reasons.append(f"{which} codebook of {spec.bits} bits (pages store whole widths: 1, 2, 3 or 4)")
     return reasons
 
 

@@ -28,7 +28,7 @@ from .io import write_text_atomic
 METHODS = ("none", "quant", "lowrank", "lowrank+quant", "hadamard+quant", "rotated+codebook", "pca+codebook")
 _CODEBOOK_METHODS = ("rotated+codebook", "pca+codebook")
 CODEBOOK_BITS = (1, 2, 3, 4)
-PCA_MAX_BITS = 6  # pca+codebook: any multiple of 1/8 in 1..6 bits per value on average
+PCA_MAX_BITS = 6  # codebook methods: any multiple of 1/8 in 1..6 bits per value on average
 KEY_SPACES = ("post_rope", "pre_rope")
 _QUANT_METHODS = ("quant", "lowrank+quant", "hadamard+quant")
 _LOWRANK_METHODS = ("lowrank", "lowrank+quant")
@@ -58,9 +58,10 @@ class TensorSpec:
             centred, onto its calibrated principal directions and gives them `bits` x head_dim
             code bits in all, by calibrated variance (transform coding), plus one fp16 scale per
             vector (needs a calibration artifact).
-        bits: code width for quantization, one of ALLOWED_BITS; for "rotated+codebook" one of
-            CODEBOOK_BITS; for "pca+codebook" the average code bits per value, a multiple of 1/8
-            in 1..6 (e.g. 3.5: the allocation spreads 3.5 x head_dim bits over the directions).
+        bits: code width for quantization, one of ALLOWED_BITS; for the codebook methods the
+            average code bits per value, a multiple of 1/8 in 1..6 (e.g. 3.5: 3.5 x head_dim code
+            bits per vector; "rotated+codebook" then gives its rotated coordinates 3 or 4 bits,
+            "pca+codebook" allocates them by variance).
         axis: "channel" or "token": which values share quantization statistics.
         group_size: values per scale (tokens for axis="channel", channels for axis="token";
             for lowrank+quant the "channels" are the `rank` coefficients).
@@ -92,16 +93,14 @@ class TensorSpec:
             return
         if self.key_space not in KEY_SPACES:
             raise ValueError(f"key_space must be one of {KEY_SPACES}, got {self.key_space!r}")
-        if self.method == "pca+codebook":
+        if self.method in _CODEBOOK_METHODS and self.bits not in CODEBOOK_BITS:
             if (isinstance(self.bits, bool) or not isinstance(self.bits, (int, float))
                     or not 1 <= self.bits <= PCA_MAX_BITS or (self.bits * 8) != int(self.bits * 8)):
-                raise ValueError(f"pca+codebook bits must be a multiple of 1/8 in 1..{PCA_MAX_BITS} (e.g. 4 or "
+                raise ValueError(f"{self.method} bits must be a multiple of 1/8 in 1..{PCA_MAX_BITS} (e.g. 4 or "
                                  f"3.5), got {self.bits!r}")
             if self.bits == int(self.bits):
                 object.__setattr__(self, "bits", int(self.bits))
         if self.method in _CODEBOOK_METHODS:
-            if self.method == "rotated+codebook" and self.bits not in CODEBOOK_BITS:
-                raise ValueError(f"{self.method} bits must be one of {CODEBOOK_BITS}, got {self.bits!r}")
             if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
                 raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
             if not isinstance(self.center, bool):

@@ -67,6 +67,7 @@ def spec_bits_per_value(spec: str | dict | CacheSpec, num_layers: int, head_dim:
                 stored += stored_nbytes(_standin_pca(tensor_spec.bits, head_dim).encode(x))
             else:
                 tensor_spec = dataclasses.replace(tensor_spec, center=False)  # the mean is not stored per token
-                stored += stored_nbytes(build_codec(tensor_spec, layer_idx=layer, kind=kind).encode(x))
+                stored += stored_nbytes(build_codec(tensor_spec, layer_idx=layer, kind=kind,
+                                                          head_dim=head_dim).encode(x))
             values += x.numel()
     return 8.0 * stored / values

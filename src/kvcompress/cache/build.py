@@ -20,7 +20,7 @@ from ..codecs.identity import IdentityCodec
 from ..codecs.lowrank import LowRankProjection
 from ..codecs.quant import QuantCodec
 from ..codecs.rotation import RandomizedHadamard, layer_seed
-from ..spec import TensorSpec
+from ..spec import CODEBOOK_BITS, TensorSpec
 
 
 def pca_codebook(bits: float, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor) -> Codec:
@@ -41,7 +41,15 @@ def pca_codebook(bits: float, basis: torch.Tensor, spectrum: torch.Tensor, mean:
                          AllocatedCodebookCodec(widths=widths, std=variance.sqrt().float()))
 
 
-def build_codec(spec: TensorSpec, *, layer_idx: int = 0, kind: str = "value", artifact=None) -> Codec:
+def mixed_codebook(bits: float, head_dim: int) -> AllocatedCodebookCodec:
+    """Codebooks of floor(bits) and ceil(bits) bits over the head_dim rotated coordinates (equal
+    variances, so the allocation only sets how many get the wider one): `bits` x head_dim code bits."""
+    widths = allocate_bits(torch.ones(head_dim), round(bits * head_dim))
+    return AllocatedCodebookCodec(widths=widths, std=torch.ones(1, head_dim))
+
+
+def build_codec(spec: TensorSpec, *, layer_idx: int = 0, kind: str = "value", artifact=None,
+                head_dim: int | None = None) -> Codec:
     """The codec for `spec`.
 
     Args:
@@ -50,6 +58,7 @@ def build_codec(spec: TensorSpec, *, layer_idx: int = 0, kind: str = "value", ar
         kind: which calibrated statistics apply: "key_post" (keys as attention gives them),
             "key_pre" (keys with the rotary embedding undone) or "value".
         artifact: a `kvcompress.calibration.CalibrationArtifact`; needed by low-rank methods.
+        head_dim: the model's head_dim; needed by rotated+codebook with bits not in CODEBOOK_BITS.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -68,7 +77,11 @@ def build_codec(spec: TensorSpec, *, layer_idx: int = 0, kind: str = "value", ar
                                  "`kvcompress calibrate --out DIR` and pass --artifact DIR (built "
                                  "automatically for the embedded model)")
             rotation = Centered(artifact.mean(kind, layer_idx), rotation)
-        return ComposedCodec(rotation, CodebookCodec(bits=spec.bits))
+        if spec.bits in CODEBOOK_BITS:
+            return ComposedCodec(rotation, CodebookCodec(bits=spec.bits))
+        if head_dim is None:
+            raise ValueError(f"rotated+codebook with {spec.bits} bits (not a whole width) needs head_dim")
+        return ComposedCodec(rotation, mixed_codebook(spec.bits, head_dim))
     if spec.method == "pca+codebook":
         if artifact is None:
             raise ValueError("method 'pca+codebook' needs a calibration artifact: run `kvcompress calibrate "

@@ -190,8 +190,8 @@ class CompressedCache(Cache):
         for idx in range(num_layers):
             key_spec, value_spec = self.spec.for_layer(idx)
             kind = "key_pre" if key_spaces[idx] is not None else "key_post"
-            codecs = (build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact),
-                      build_codec(value_spec, layer_idx=idx, kind="value", artifact=artifact))
+            codecs = (build_codec(key_spec, layer_idx=idx, kind=kind, artifact=artifact, head_dim=head_dim),
+                      build_codec(value_spec, layer_idx=idx, kind="value", artifact=artifact, head_dim=head_dim))
             common = dict(window=self.spec.window, sinks=self.spec.sinks, block_size=self.spec.block_size,
                           layer_idx=idx, config=config, key_space=key_spaces[idx], monitor=self.monitor)
             if sliding_windows[idx] is not None:  # keeps only the window, as transformers does

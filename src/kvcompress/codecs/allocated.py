@@ -50,7 +50,8 @@ class AllocatedCodebookCodec(Codec):
 
     Attributes:
         widths: bits of each of the D coordinates (0 = not stored), shared by all heads.
-        std: (kv_heads, D) calibrated standard deviation of each coordinate, per head.
+        std: (kv_heads, D) calibrated standard deviation of each coordinate, per head, or (1, D)
+            shared by every head.
     """
 
     widths: tuple[int, ...]
@@ -90,7 +91,7 @@ class AllocatedCodebookCodec(Codec):
         return [(w, js, self._mixers.get(w)) for w, js in self._groups.items()]
 
     def _check(self, shape) -> None:
-        if shape[1] != self.std.shape[0] or shape[-1] != len(self.widths):
+        if self.std.shape[0] not in (1, shape[1]) or shape[-1] != len(self.widths):
             raise ValueError(f"states (B, H, T, D) = {tuple(shape)} do not match the calibrated statistics "
                              f"(H, D) = {tuple(self.std.shape)}; use an artifact calibrated on this model")
 
