@@ -37,7 +37,12 @@ def candidates(n: int) -> list[tuple[str, str, dict | str]]:
            (f"bits{n} docs-cal", "docs", f"bits{n}"),
            ("K-0.5/V+0.5 all-cal", "all", {"key": _pca(n - 0.5, key_space="pre_rope"), "value": _cb(n + 0.5)}),
            ("K+0.5/V-0.5 all-cal", "all", {"key": _pca(n + 0.5, key_space="pre_rope"), "value": _cb(n - 0.5)}),
-           ("K pca/V pca all-cal", "all", {"key": _pca(n, key_space="pre_rope"), "value": _pca(n)})]
+           ("K+1/V-1 all-cal", "all", {"key": _pca(n + 1, key_space="pre_rope"), "value": _cb(n - 1)}),
+           ("K+0.5/V-0.5 docs-cal", "docs", {"key": _pca(n + 0.5, key_space="pre_rope"), "value": _cb(n - 0.5)}),
+           ("K pca/V pca all-cal", "all", {"key": _pca(n, key_space="pre_rope"), "value": _pca(n)}),
+           ("Kq/V all-cal", "all", {"key": _pca(n, key_space="pre_rope", weight="query"), "value": _cb(n)}),
+           ("Kq+0.5/V-0.5 all-cal", "all", {"key": _pca(n + 0.5, key_space="pre_rope", weight="query"),
+                                            "value": _cb(n - 0.5)})]
     return out
 
 

@@ -399,3 +399,61 @@ def test_bits_presets_fit_their_budget(n):
 
     for head_dim in (64, 128, 256):
         assert spec_bits_per_value(PRESETS.get(f"bits{n}"), 2, head_dim) == pytest.approx(n + 16 / head_dim)
+
+
+# ---- query-weighted allocation of key bits ------------------------------------------------------
+
+
+@torch.no_grad()
+def test_calibrated_query_energy_is_the_mean_square_of_the_queries_per_rotary_pair():
+    """The artifact's pre-RoPE query energies, summed over each rotary pair (d, d + D/2) and over the
+    query heads of a KV head, equal those of the post-RoPE queries attention uses (RoPE turns pairs)."""
+    from kvcompress.calibration import calibrate
+    from kvcompress.measure.reconstruction import capture_states
+
+    model, ids = tiny_llama(seed=2, head_dim=64), prompt(128, seed=9)  # one calibration sequence of 128
+    artifact = calibrate(model, ids, seq_len=128, progress=False)
+    capture = capture_states(model, ids)
+    for layer, q in enumerate(capture.queries):  # (1, Hq, T, D) post-RoPE
+        heads = artifact.query_energy(layer).shape[0]
+        energy = q.double().square().mean(2)[0].reshape(heads, -1, 64).sum(1)  # (H, D)
+        pairs = energy[:, :32] + energy[:, 32:]
+        got = artifact.query_energy(layer).double()
+        torch.testing.assert_close(got[:, :32] + got[:, 32:], pairs, rtol=1e-4, atol=1e-6)
+
+
+def test_query_weighting_moves_key_bits_to_the_directions_queries_read():
+    """Two directions of equal variance: the one queries never read gets no bits, and the logit
+    error q.(k^ - k) drops against the unweighted allocation, for the same stored bytes."""
+    from kvcompress.cache.build import pca_codebook
+    from kvcompress.codecs import stored_nbytes
+
+    gen = torch.Generator().manual_seed(5)
+    variances = torch.linspace(2.0, 1.0, 64)
+    basis, spectrum, mean = torch.eye(64)[None], variances[None], torch.zeros(1, 64)
+    query = torch.ones(1, 64)
+    query[0, :16] = 1e-6  # dims 0..15 and their rotary partners 32..47 carry no query energy
+    query[0, 32:48] = 1e-6
+    plain = pca_codebook(2, basis, spectrum, mean)
+    weighted = pca_codebook(2, basis, spectrum, mean, query_energy=query)
+    widths = dict(zip(range(64), weighted.inner.widths))
+    assert all(widths[d] == 0 for d in (*range(16), *range(32, 48)))
+    assert sum(weighted.inner.widths) == sum(plain.inner.widths) == 128
+    k = torch.randn(1, 1, 512, 64, generator=gen) * variances.sqrt()
+    q = torch.randn(512, 64, generator=gen) * query[0].sqrt()
+    errors = {}
+    for name, codec in (("plain", plain), ("weighted", weighted)):
+        stored = codec.encode(k)
+        errors[name] = ((codec.decode(stored, torch.float32) - k)[0, 0] * q).sum(-1).square().mean().item()
+        errors[name + " bytes"] = stored_nbytes(stored)
+    assert errors["plain bytes"] == errors["weighted bytes"]
+    assert errors["weighted"] < 0.7 * errors["plain"], errors
+
+
+def test_query_weight_is_for_pca_codebooks_only():
+    with pytest.raises(ValueError, match="weight must be one of"):
+        TensorSpec(method="pca+codebook", bits=4, weight="attention")
+    with pytest.raises(ValueError, match="applies to method 'pca\\+codebook' only"):
+        TensorSpec(method="rotated+codebook", bits=4, weight="query")
+    spec = TensorSpec(method="pca+codebook", bits=3.5, key_space="pre_rope", weight="query")
+    assert TensorSpec.from_dict(spec.to_dict()) == spec

@@ -4,7 +4,7 @@
 accumulates, for `key_post`, `key_pre` (RoPE undone; absent when it cannot be) and `value`, the
 uncentered second moment E[x x^T] and per-channel mean, rms and absmax. An artifact folder holds
 `calibration.safetensors` (`<kind>.basis` (L, H, D, D): eigenvectors, largest first;
-`<kind>.spectrum`, `.mean`, `.rms`, `.absmax` (L, H, D); float32) and `metadata.json` (model,
+`<kind>.spectrum`, `.mean`, `.rms`, `.absmax`, `query.energy` (L, H, D); float32) and `metadata.json` (model,
 config fingerprint, corpus, versions, `tensors_sha256`). Loading refuses another model's config,
 changed tensors or non-finite values. The embedded model's artifact is built on first use and
 cached. The fingerprint covers the config, not the weights: pass the artifact of the model you run.
@@ -47,6 +47,7 @@ from .spec import CacheSpec, TensorSpec
 
 KINDS = ("key_post", "key_pre", "value")
 STATS = ("basis", "spectrum", "mean", "rms", "absmax")
+QUERY_ENERGY = "query.energy"  # (L, H, D) E[sum of q_d^2 over the query heads of each KV head], pre-RoPE
 TENSORS_FILE = "calibration.safetensors"
 METADATA_FILE = "metadata.json"
 FORMAT = "kvcompress-calibration"
@@ -94,6 +95,12 @@ class CalibrationArtifact:
     def spectrum(self, kind: str, layer_idx: int) -> torch.Tensor:
         """(kv_heads, head_dim) eigenvalues of E[x x^T], largest first (mean energy per direction)."""
         return self._get(kind, "spectrum")[layer_idx]
+
+    def query_energy(self, layer_idx: int) -> torch.Tensor | None:
+        """(kv_heads, head_dim) mean squared pre-RoPE query per dimension, summed over the query heads
+        of each KV head, or None (an artifact calibrated before queries were recorded)."""
+        full = self.tensors.get(QUERY_ENERGY)
+        return None if full is None else full[layer_idx]
 
     def mean(self, kind: str, layer_idx: int) -> torch.Tensor:
         """(kv_heads, head_dim) per-channel mean of the states of one layer."""
@@ -263,6 +270,34 @@ class _MomentAccumulator:
         }
 
 
+def _query_hooks(model, energy: torch.Tensor, count: torch.Tensor, heads: int, dim: int, query_heads: int) -> list:
+    """Forward hooks adding, per layer, the squared pre-RoPE queries (q_norm's output if the model has
+    one, else q_proj's) summed over the query heads that share each KV head into `energy` (L, H, D),
+    and the tokens into `count` (L,); no hooks (an empty list) if the attention modules are not found."""
+    from torch import nn
+
+    handles = []
+    for module in model.modules():
+        if not all(hasattr(module, name) for name in ("q_proj", "layer_idx")):
+            continue
+        source = module.q_norm if isinstance(getattr(module, "q_norm", None), nn.Module) else module.q_proj
+
+        def hook(_module, _args, out, idx=module.layer_idx):
+            q = out.detach().to("cpu", torch.float64)
+            if q.dim() == 3:  # q_proj: (B, T, Hq * D)
+                q = q.reshape(q.shape[0], q.shape[1], -1, dim)
+            elif q.dim() == 4 and q.shape[2] != query_heads:  # a q_norm after transposing: (B, Hq, T, D)
+                q = q.transpose(1, 2)
+            if idx >= energy.shape[0] or q.shape[-1] != dim or q.shape[2] != query_heads:
+                return  # not a layout this understands: no statistics for this layer
+            grouped = q.square().sum((0, 1)).reshape(heads, q.shape[2] // heads, dim).sum(1)  # (H, D)
+            energy[idx] += grouped
+            count[idx] += q.shape[0] * q.shape[1]
+
+        handles.append(source.register_forward_hook(hook))
+    return handles
+
+
 class _CapturingCache(DynamicCache):
     """A DynamicCache that also hands every layer's new (B, H, T, D) keys and values to `sink`."""
 
@@ -298,6 +333,10 @@ def calibrate(model, input_ids: torch.Tensor, *, seq_len: int = DEFAULT_SEQ_LEN,
     accumulators = {kind: _MomentAccumulator(layers, heads, dim) for kind in KINDS
                     if kind != "key_pre" or inverters is not None}
 
+    query_energy = torch.zeros(layers, heads, dim, dtype=torch.float64)
+    query_count = torch.zeros(layers, dtype=torch.float64)
+    handles = _query_hooks(model, query_energy, query_count, heads, dim, fields["num_attention_heads"])
+
     def sink(layer_idx, keys, values):
         accumulators["key_post"].add(layer_idx, keys)
         accumulators["value"].add(layer_idx, values)
@@ -309,13 +348,19 @@ def calibrate(model, input_ids: torch.Tensor, *, seq_len: int = DEFAULT_SEQ_LEN,
     starts = [s for s in range(0, n, seq_len) if min(seq_len, n - s) >= 16]
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     start_time = time.perf_counter()
-    for start in tqdm(starts, desc="calibrate", disable=not progress, leave=False):
-        chunk = input_ids[:, start:start + seq_len].to(device)
-        model(input_ids=chunk, **{CACHE_KWARG: _CapturingCache(model.config, sink)}, use_cache=True, **extra)
+    try:
+        for start in tqdm(starts, desc="calibrate", disable=not progress, leave=False):
+            chunk = input_ids[:, start:start + seq_len].to(device)
+            model(input_ids=chunk, **{CACHE_KWARG: _CapturingCache(model.config, sink)}, use_cache=True, **extra)
+    finally:
+        for handle in handles:
+            handle.remove()
     tokens = sum(min(seq_len, n - s) for s in starts)
     tensors: dict[str, torch.Tensor] = {}
     for kind, acc in accumulators.items():
         tensors.update(acc.finish(kind))
+    if handles and (query_count > 0).all():
+        tensors[QUERY_ENERGY] = (query_energy / query_count[:, None, None]).float()
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -443,7 +488,7 @@ def all_kinds_artifact_dir(model) -> Path:
     from .corpus import KINDS as TEXT_KINDS
 
     key = json.dumps([config_fingerprint(model), [corpus_fingerprint(k)["sha256"] for k in TEXT_KINDS],
-                      DEFAULT_TOKENS, DEFAULT_SEQ_LEN, FORMAT_VERSION, "all-kinds"])
+                      DEFAULT_TOKENS, DEFAULT_SEQ_LEN, FORMAT_VERSION, "all-kinds", QUERY_ENERGY])
     return cache_root() / "artifacts" / f"smollm2-135m-instruct-all-{content_hash(key, 12)}"
 
 

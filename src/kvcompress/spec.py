@@ -32,7 +32,8 @@ PCA_MAX_BITS = 6  # codebook methods: any multiple of 1/8 in 1..6 bits per value
 KEY_SPACES = ("post_rope", "pre_rope")
 _QUANT_METHODS = ("quant", "lowrank+quant", "hadamard+quant")
 _LOWRANK_METHODS = ("lowrank", "lowrank+quant")
-_TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space", "seed", "center")
+_TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space", "seed", "center", "weight")
+WEIGHTS = ("none", "query")
 _SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers", "eviction")
 # Token eviction (see `kvcompress.cache.eviction`, which scores tokens for each policy).
 EVICTION_POLICIES = ("snapkv", "tova", "expected", "streaming", "knorm")
@@ -72,6 +73,9 @@ class TensorSpec:
         seed: draws the random signs of "rotated+codebook" (each layer derives its own from it).
         center: "rotated+codebook" only: subtract the calibrated per-head mean before rotating
             (needs a calibration artifact; the mean is stored once per layer, not per token).
+        weight: "pca+codebook" keys only: "query" allocates the bits by each direction's variance
+            times the calibrated mean squared query along it (the logit error it causes), "none"
+            by variance alone. Values ignore it.
     """
 
     method: str = "quant"
@@ -82,17 +86,22 @@ class TensorSpec:
     key_space: str = "post_rope"
     seed: int = 0
     center: bool = False
+    weight: str = "none"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method == "none":
             # Settings mean nothing without a codec: make every "none" spec equal.
-            for name in ("bits", "axis", "group_size", "rank", "key_space", "seed", "center"):
+            for name in ("bits", "axis", "group_size", "rank", "key_space", "seed", "center", "weight"):
                 object.__setattr__(self, name, TensorSpec.__dataclass_fields__[name].default)
             return
         if self.key_space not in KEY_SPACES:
             raise ValueError(f"key_space must be one of {KEY_SPACES}, got {self.key_space!r}")
+        if self.weight not in WEIGHTS:
+            raise ValueError(f"weight must be one of {WEIGHTS}, got {self.weight!r}")
+        if self.weight != "none" and self.method != "pca+codebook":
+            raise ValueError(f"weight {self.weight!r} applies to method 'pca+codebook' only, not {self.method!r}")
         if self.method in _CODEBOOK_METHODS and self.bits not in CODEBOOK_BITS:
             if (isinstance(self.bits, bool) or not isinstance(self.bits, (int, float))
                     or not 1 <= self.bits <= PCA_MAX_BITS or (self.bits * 8) != int(self.bits * 8)):
@@ -173,6 +182,8 @@ class TensorSpec:
             out.update(bits=self.bits, axis=self.axis, group_size=self.group_size)
         if self.method == "pca+codebook":
             out["bits"] = self.bits
+            if self.weight != "none":
+                out["weight"] = self.weight
         if self.method == "rotated+codebook":
             out.update(bits=self.bits, seed=self.seed)
             if self.center:
@@ -190,7 +201,7 @@ class TensorSpec:
                 "hadamard+quant": f"hadamard+{quant}",
                 "rotated+codebook": ("centred+" if self.center else "") + f"rot+lloyd{self.bits}"
                 + (f"/seed{self.seed}" if self.seed else ""),
-                "pca+codebook": f"pca+lloyd{self.bits}"}[self.method]
+                "pca+codebook": f"pca+lloyd{self.bits}" + ("/q-weighted" if self.weight == "query" else "")}[self.method]
         return text + (" pre-RoPE" if self.key_space == "pre_rope" else "")
 
 

@@ -23,7 +23,8 @@ from ..codecs.rotation import RandomizedHadamard, layer_seed
 from ..spec import CODEBOOK_BITS, TensorSpec
 
 
-def pca_codebook(bits: float, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor) -> Codec:
+def pca_codebook(bits: float, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor,
+                 query_energy: torch.Tensor | None = None) -> Codec:
     """Centred projection on the principal directions of the calibrated covariance, then codebooks
     with bits allocated by variance.
 
@@ -36,7 +37,12 @@ def pca_codebook(bits: float, basis: torch.Tensor, spectrum: torch.Tensor, mean:
     variance, vectors = torch.linalg.eigh(cov)  # ascending
     variance, vectors = variance.flip(-1), vectors.flip(-1)  # (H, D), (H, D, D) largest first
     variance = variance.clamp_min(variance.amax() * 1e-10 + 1e-30)
-    widths = allocate_bits(variance.mean(0), round(bits * basis.shape[1]))
+    importance = variance
+    if query_energy is not None:  # keys: an error along u moves logits by q.u; weigh by E[(q.u)^2]
+        weight = _pair_averaged(query_energy.double())  # (H, D) per dimension
+        importance = variance * (vectors.square() * weight[:, :, None]).sum(1)  # (H, D) per direction
+        importance = importance / importance.sum(-1, keepdim=True) * variance.sum(-1, keepdim=True)
+    widths = allocate_bits(importance.mean(0), round(bits * basis.shape[1]))
     return ComposedCodec(Centered(mean, LowRankProjection(vectors.float())),
                          AllocatedCodebookCodec(widths=widths, std=variance.sqrt().float()))
 
@@ -46,6 +52,14 @@ def mixed_codebook(bits: float, head_dim: int) -> AllocatedCodebookCodec:
     variances, so the allocation only sets how many get the wider one): `bits` x head_dim code bits."""
     widths = allocate_bits(torch.ones(head_dim), round(bits * head_dim))
     return AllocatedCodebookCodec(widths=widths, std=torch.ones(1, head_dim))
+
+
+def _pair_averaged(energy: torch.Tensor) -> torch.Tensor:
+    """(H, D) energies averaged over each rotary pair (d, d + D/2): relative positions turn a query
+    within its pair, so over many of them each dimension of a pair sees the pair's mean energy."""
+    half = energy.shape[-1] // 2
+    pair = (energy[..., :half] + energy[..., half:2 * half]) / 2
+    return torch.cat([pair, pair], dim=-1) if energy.shape[-1] == 2 * half else energy
 
 
 def build_codec(spec: TensorSpec, *, layer_idx: int = 0, kind: str = "value", artifact=None,
@@ -86,8 +100,10 @@ def build_codec(spec: TensorSpec, *, layer_idx: int = 0, kind: str = "value", ar
         if artifact is None:
             raise ValueError("method 'pca+codebook' needs a calibration artifact: run `kvcompress calibrate "
                              "--out DIR` and pass --artifact DIR (built automatically for the embedded model)")
+        weighted = kind != "value" and spec.weight == "query"
         return pca_codebook(spec.bits, artifact.basis(kind, layer_idx), artifact.spectrum(kind, layer_idx),
-                            artifact.mean(kind, layer_idx))
+                            artifact.mean(kind, layer_idx),
+                            query_energy=artifact.query_energy(layer_idx) if weighted else None)
     if spec.is_lowrank:
         if artifact is None:
             raise ValueError(f"method {spec.method!r} needs a calibration artifact (run `kvcompress calibrate`)")
