@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kvcompress import load_model
-    from kvcompress.calibration import CalibrationArtifact, all_kinds_artifact, embedded_artifact
+    from kvcompress.calibration import CalibrationArtifact, calibrate, embedded_artifact
     from kvcompress.corpus import corpus_slice
     from kvcompress.measure.evaluate import decode_faithful_eval
     from kvcompress.presets import load_spec
@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "-":
             return None
         if name not in artifacts:
-            artifacts[name] = embedded_artifact(model) if name == "docs" else all_kinds_artifact(model)
+            if name == "all":  # the embedded artifact: every kind's calibration part
+                artifacts[name] = embedded_artifact(model)
+            else:  # the docs-only calibration of before: the first 4096 tokens of docs' calibration part
+                from kvcompress.corpus import corpus_tokens
+
+                artifacts[name] = calibrate(model, corpus_tokens(tokenizer, "calibration", 4096, kind="docs"),
+                                            progress=False)
         return artifacts[name]
 
     out = Path(args.out)
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         store: dict = {}
         for budget in args.budgets.split(","):
             for label, art, spec in candidates(int(budget[-1])):
-                if only and label not in only and not label.startswith("int"):
+                if only and f"{budget}:{label}" not in only and label not in only and not label.startswith("int"):
                     continue
                 if (label, kind, args.tokens) in done:
                     continue

@@ -326,27 +326,36 @@ def tiny_artifact():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("key_space,key_bits,value_bits", [("post_rope", 2, 2), ("pre_rope", 2, 2),
-                                                           ("pre_rope", 1.5, 2.5), ("pre_rope", 2.25, 1.75)])
-def test_pca_codebook_read_path(tiny_artifact, key_space, key_bits, value_bits):
+@pytest.mark.parametrize("key_space,key_bits,value_bits,value_method,weight", [
+    ("post_rope", 2, 2, "pca+codebook", "none"), ("pre_rope", 2, 2, "pca+codebook", "none"),
+    ("pre_rope", 1.5, 2.5, "pca+codebook", "none"), ("pre_rope", 2.25, 1.75, "pca+codebook", "none"),
+    ("pre_rope", 2.5, 1.5, "rotated+codebook", "query"), ("post_rope", 2, 2.5, "rotated+codebook", "query")])
+def test_pca_codebook_read_path(tiny_artifact, key_space, key_bits, value_bits, value_method, weight):
     model, tokens = tiny_llama(seed=2, head_dim=64), prompt(100)
-    spec = {"key": {"method": "pca+codebook", "bits": key_bits, "key_space": key_space},
-            "value": {"method": "pca+codebook", "bits": value_bits}, "window": 16, "sinks": 4, "block_size": 32}
+    spec = {"key": {"method": "pca+codebook", "bits": key_bits, "key_space": key_space, "weight": weight},
+            "value": {"method": value_method, "bits": value_bits}, "window": 16, "sinks": 4, "block_size": 32}
     fast, slow = (CompressedCache(model, spec, artifact=tiny_artifact) for _ in range(2))  # read with / without
     for cache in (fast, slow):
         model(tokens[:, :-1], cache=cache)
-    tampered = fast.copy()
-    for layer in tampered.layers:  # flip every key code
-        for name in layer.stored_keys:
-            if name.startswith("codes"):
-                layer.stored_keys[name] = 255 - layer.stored_keys[name]
+    tampered, tampered_values = fast.copy(), fast.copy()
+    for cache, part in ((tampered, "stored_keys"), (tampered_values, "stored_values")):  # flip every code
+        for layer in cache.layers:
+            stored = getattr(layer, part)
+            for name in stored:
+                if name.startswith("codes"):
+                    stored[name] = 255 - stored[name]
     with enable_fast_attention(model):
-        logits_fast, logits_tampered = (model(tokens[:, -1:], cache=c).logits for c in (fast, tampered))
+        logits_fast, logits_tampered, logits_tampered_values = (model(tokens[:, -1:], cache=c).logits
+                                                                for c in (fast, tampered, tampered_values))
     logits_slow = model(tokens[:, -1:], cache=slow).logits
     exact = model(tokens).logits[:, -1:]
     torch.testing.assert_close(logits_fast, logits_slow, atol=1e-4, rtol=1e-4)
     assert (logits_fast - exact).abs().max() > 1e-3, "2-bit codes gave the uncompressed logits"
     assert (logits_tampered - logits_fast).abs().max() > 1e-3, "tampered key codes did not change the output"
+    assert (logits_tampered_values - logits_fast).abs().max() > 1e-3, "tampered value codes changed nothing"
+    from kvcompress.kernels.cpu_codebook import describe
+
+    assert describe(fast.layers[0].value_codec, 64) is not None  # the kernel reads these codes
     from kvcompress.cache.bits import report_bits_per_value
 
     # bytes stored per compressed token: the code bits of K and V (fractional averages spread by

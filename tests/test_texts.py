@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from kvcompress import corpus
 from kvcompress.corpus import CorpusError
@@ -280,3 +281,15 @@ def test_analysis_on_every_kind_reports_them_side_by_side(tiny_llama, tmp_path, 
     assert build_parser().parse_args(["analyze", "--text", "all"]).text == "all"
     with pytest.raises(SystemExit):  # one sweep folder holds one kind
         build_parser().parse_args(["sweep", "--specs", "int4", "--out", str(tmp_path), "--text", "all"])
+
+
+def test_the_embedded_artifact_calibrates_on_the_calibration_part_of_every_kind(reads):
+    """Equal shares of every kind, each from the start of its calibration part, whole sequences per kind."""
+    from kvcompress.calibration import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, all_kinds_ids
+
+    ids = all_kinds_ids(WordIds())
+    assert reads == [(kind, "calibration") for kind in corpus.KINDS]
+    assert ids.shape == (1, len(corpus.KINDS) * DEFAULT_TOKENS) and DEFAULT_TOKENS % DEFAULT_SEQ_LEN == 0
+    for i, kind in enumerate(corpus.KINDS):
+        own = corpus.corpus_tokens(WordIds(), "calibration", DEFAULT_TOKENS, kind=kind)
+        assert torch.equal(ids[:, i * DEFAULT_TOKENS:(i + 1) * DEFAULT_TOKENS], own)

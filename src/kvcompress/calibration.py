@@ -394,17 +394,19 @@ def is_embedded(model) -> bool:
 
 
 def embedded_artifact_dir(model) -> Path:
-    """Cache folder of the embedded model's default artifact (keyed by config, corpus and settings)."""
+    """Cache folder of the embedded model's default artifact (keyed by config, texts and settings)."""
+    from .corpus import KINDS as TEXT_KINDS
 
-    key = json.dumps([config_fingerprint(model), corpus_fingerprint()["sha256"], DEFAULT_TOKENS, DEFAULT_SEQ_LEN,
-                      FORMAT_VERSION, "tensors_sha256"])  # artifacts with a checksum live in a new folder
-    return cache_root() / "artifacts" / f"smollm2-135m-instruct-{content_hash(key, 12)}"
+    key = json.dumps([config_fingerprint(model), [corpus_fingerprint(k)["sha256"] for k in TEXT_KINDS],
+                      DEFAULT_TOKENS, DEFAULT_SEQ_LEN, FORMAT_VERSION, "all-kinds", QUERY_ENERGY])
+    return cache_root() / "artifacts" / f"smollm2-135m-instruct-all-{content_hash(key, 12)}"
 
 
 def embedded_artifact(model, progress: bool = False) -> CalibrationArtifact:
     """The embedded model's artifact: loaded from the cache, or calibrated and cached on first use.
 
-    Calibrates on the first DEFAULT_TOKENS tokens of the embedded corpus's calibration part. A
+    Calibrates on the first DEFAULT_TOKENS tokens of the calibration part of every kind of text
+    (`all_kinds_ids`: docs, code, plays, equal shares, so no kind is out of distribution). A
     damaged cached copy (a file missing or resized, tensors that do not match their checksum, or
     no checksum) is removed and rebuilt (with a warning).
     """
@@ -426,8 +428,8 @@ def embedded_artifact(model, progress: bool = False) -> CalibrationArtifact:
 
         # load_model() saved the tokenizer next to the converted weights.
         tokenizer = AutoTokenizer.from_pretrained(model.kvcompress_load_info["cache_dir"])
-        ids = corpus_tokens(tokenizer, part="calibration", n_tokens=DEFAULT_TOKENS)
-        calibrate(model, ids, seq_len=DEFAULT_SEQ_LEN, corpus="embedded:calibration", progress=progress).save(tmp)
+        calibrate(model, all_kinds_ids(tokenizer), seq_len=DEFAULT_SEQ_LEN, corpus="all-kinds:calibration",
+                  progress=progress).save(tmp)
         return {"name": "calibration artifact of the embedded model"}
 
     write_directory_atomic(final, write)
@@ -482,29 +484,3 @@ def all_kinds_ids(tokenizer, tokens_per_kind: int = DEFAULT_TOKENS) -> torch.Ten
 
     return torch.cat([corpus_tokens(tokenizer, part="calibration", n_tokens=tokens_per_kind, kind=kind)
                       for kind in TEXT_KINDS], dim=1)
-
-
-def all_kinds_artifact_dir(model) -> Path:
-    from .corpus import KINDS as TEXT_KINDS
-
-    key = json.dumps([config_fingerprint(model), [corpus_fingerprint(k)["sha256"] for k in TEXT_KINDS],
-                      DEFAULT_TOKENS, DEFAULT_SEQ_LEN, FORMAT_VERSION, "all-kinds", QUERY_ENERGY])
-    return cache_root() / "artifacts" / f"smollm2-135m-instruct-all-{content_hash(key, 12)}"
-
-
-def all_kinds_artifact(model, progress: bool = False) -> CalibrationArtifact:
-    """The embedded model's artifact calibrated on every kind's calibration part (DEFAULT_TOKENS each)."""
-    final = all_kinds_artifact_dir(model)
-    if final.exists():
-        return CalibrationArtifact.load(final, model)
-
-    def write(tmp: Path) -> dict[str, Any]:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model.kvcompress_load_info["cache_dir"])
-        calibrate(model, all_kinds_ids(tokenizer), seq_len=DEFAULT_SEQ_LEN, corpus="embedded:all-kinds:calibration",
-                  progress=progress).save(tmp)
-        return {"name": "calibration artifact of the embedded model on every kind"}
-
-    write_directory_atomic(final, write)
-    return CalibrationArtifact.load(final, model)

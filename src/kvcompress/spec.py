@@ -102,6 +102,9 @@ class TensorSpec:
             raise ValueError(f"weight must be one of {WEIGHTS}, got {self.weight!r}")
         if self.weight != "none" and self.method != "pca+codebook":
             raise ValueError(f"weight {self.weight!r} applies to method 'pca+codebook' only, not {self.method!r}")
+        if (self.method in _CODEBOOK_METHODS and isinstance(self.bits, float) and self.bits.is_integer()
+                and 1 <= self.bits <= PCA_MAX_BITS):
+            object.__setattr__(self, "bits", int(self.bits))  # 3.0 is 3: whole widths keep their codec
         if self.method in _CODEBOOK_METHODS and self.bits not in CODEBOOK_BITS:
             if (isinstance(self.bits, bool) or not isinstance(self.bits, (int, float))
                     or not 1 <= self.bits <= PCA_MAX_BITS or (self.bits * 8) != int(self.bits * 8)):

@@ -104,19 +104,20 @@ PRESETS.register("hadamard-int4", "Hadamard-rotated K and V, 4-bit per-token gro
 
 
 def _bits(name: str, bits: int) -> Callable[[], CacheSpec]:
-    """K pre-RoPE on calibrated principal directions (bits allocated by variance), V rotated codebook."""
-    return lambda: CacheSpec(key=TensorSpec(method="pca+codebook", bits=bits, key_space="pre_rope"),
+    """K pre-RoPE on calibrated principal directions (bits allocated by variance x query energy),
+    V rotated codebook."""
+    return lambda: CacheSpec(key=TensorSpec(method="pca+codebook", bits=bits, key_space="pre_rope", weight="query"),
                              value=TensorSpec(method="rotated+codebook", bits=bits), name=name)
 
 
 # The bitsN presets: N + 16/head_dim bits per compressed value (N-bit codes on average plus one
 # fp16 scale per vector; N + 0.25 on a head_dim-64 model), chosen by
-# benchmarks/select_bits_presets.py on selection text (see README). Keys need a calibration
-# artifact (built automatically for the embedded model).
+# benchmarks/select_kinds_codecs.py on the selection parts (see docs/texts.md). Keys need a
+# calibration artifact (built automatically for the embedded model, on every kind of text).
 for _n in (4, 3, 2):
     PRESETS.register(f"bits{_n}", f"K pre-RoPE, centred, on calibrated principal directions with {_n} bits per value "
-                     f"allocated by variance; V randomized-Hadamard-rotated {_n}-bit Lloyd-Max codebook; "
-                     "one fp16 scale per vector (needs a calibration artifact)", _bits(f"bits{_n}", _n))
+                     f"allocated by variance times query energy; V randomized-Hadamard-rotated {_n}-bit Lloyd-Max "
+                     "codebook; one fp16 scale per vector (needs a calibration artifact)", _bits(f"bits{_n}", _n))
 
 
 def _paged(name: str, tensor: TensorSpec) -> Callable[[], CacheSpec]:
