@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            done[(r["label"], r["kind"], r["tokens"])] = r
+            done[(r["budget"], r["label"], r["kind"], r["tokens"])] = r
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     for kind in args.kinds.split(","):
         text = corpus_slice(tokenizer, "selection", n_tokens=args.tokens, kind=kind)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, art, spec in candidates(int(budget[-1])):
                 if only and f"{budget}:{label}" not in only and label not in only and not label.startswith("int"):
                     continue
-                if (label, kind, args.tokens) in done:
+                if (budget, label, kind, args.tokens) in done:
                     continue
                 t = time.perf_counter()
                 res = decode_faithful_eval(model, text.ids, load_spec(spec), progress=False,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {"label": label, "budget": budget, "kind": kind, "tokens": args.tokens, "artifact": art,
                        "kl": res.kl, "bits_per_value": res.bits_per_value, "text": text.record,
                        "spec": load_spec(spec).to_dict()}
-                done[(label, kind, args.tokens)] = rec
+                done[(budget, label, kind, args.tokens)] = rec
                 with out.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(f"{kind} {label}: {res.bits_per_value:.3f} b, KL {res.kl:.5f} ({time.perf_counter() - t:.0f} s)",
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, _, _ in candidates(int(budget[-1])):
             cells, bits = [], ""
             for k in kinds:
-                r, base = done.get((label, k, args.tokens)), done.get((ref, k, args.tokens))
+                r, base = done.get((budget, label, k, args.tokens)), done.get((budget, ref, k, args.tokens))
                 if not r:
                     cells.append("-")
                     continue

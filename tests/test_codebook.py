@@ -466,3 +466,17 @@ def test_query_weight_is_for_pca_codebooks_only():
         TensorSpec(method="rotated+codebook", bits=4, weight="query")
     spec = TensorSpec(method="pca+codebook", bits=3.5, key_space="pre_rope", weight="query")
     assert TensorSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_query_weight_without_query_energies_warns_and_allocates_by_variance(tiny_artifact):
+    from kvcompress.cache.build import build_codec
+    from kvcompress.calibration import QUERY_ENERGY, CalibrationArtifact
+
+    old = CalibrationArtifact({k: v for k, v in tiny_artifact.tensors.items() if k != QUERY_ENERGY},
+                              dict(tiny_artifact.metadata))
+    spec = TensorSpec(method="pca+codebook", bits=2, key_space="pre_rope", weight="query")
+    with pytest.warns(UserWarning, match="no query energies"):
+        codec = build_codec(spec, kind="key_pre", artifact=old)
+    plain = build_codec(TensorSpec(method="pca+codebook", bits=2, key_space="pre_rope"), kind="key_pre",
+                        artifact=tiny_artifact)
+    assert codec.inner.widths == plain.inner.widths

@@ -6,6 +6,8 @@ whether keys are compressed pre- or post-RoPE (the cache decides and says so via
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..calibration import KINDS  # the tensors a calibration artifact describes
@@ -101,6 +103,10 @@ def build_codec(spec: TensorSpec, *, layer_idx: int = 0, kind: str = "value", ar
             raise ValueError("method 'pca+codebook' needs a calibration artifact: run `kvcompress calibrate "
                              "--out DIR` and pass --artifact DIR (built automatically for the embedded model)")
         weighted = kind != "value" and spec.weight == "query"
+        if weighted and artifact.query_energy(layer_idx) is None:
+            warnings.warn("the calibration artifact has no query energies (made by an older kvcompress), so "
+                          "weight 'query' allocates key bits by variance alone; re-run `kvcompress calibrate`",
+                          stacklevel=2)
         return pca_codebook(spec.bits, artifact.basis(kind, layer_idx), artifact.spectrum(kind, layer_idx),
                             artifact.mean(kind, layer_idx),
                             query_energy=artifact.query_energy(layer_idx) if weighted else None)
