@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 
-def per_head_pca(bits: int, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor):
+def per_head_pca(bits: int, basis: torch.Tensor, spectrum: torch.Tensor, mean: torch.Tensor,
+                 query_energy: torch.Tensor | None = None):
     """`cache.build.pca_codebook` with one bit allocation per KV head (its own spectrum) instead of
-    one per layer (the head-averaged spectrum); the same number of code bits per token and head."""
+    one per layer (the head-averaged spectrum); the same number of code bits per token and head.
+    By variance alone: `query_energy` (what bits4's keys now weigh directions by) is ignored."""
     from kvcompress.codecs import AllocatedCodebookCodec, allocate_bits
     from kvcompress.codecs.centering import Centered
     from kvcompress.codecs.composed import ComposedCodec
