@@ -124,8 +124,9 @@ def test_non_finite_states_are_refused(bad):
 
 
 def test_bad_settings_name_the_allowed_values():
-    with pytest.raises(ValueError, match=r"rotated\+codebook bits must be one of \(1, 2, 3, 4\)"):
-        TensorSpec(method="rotated+codebook", bits=5)
+    for bits in (7, 4.1, 0):
+        with pytest.raises(ValueError, match=r"rotated\+codebook bits must be a multiple of 1/8 in 1..6"):
+            TensorSpec(method="rotated+codebook", bits=bits)
     with pytest.raises(ValueError, match=r"bits must be one of \(1, 2, 3, 4\)"):
         CodebookCodec(bits=8)
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
