@@ -105,7 +105,7 @@ class TensorSpec:
         if (self.method in _CODEBOOK_METHODS and isinstance(self.bits, float) and self.bits.is_integer()
                 and 1 <= self.bits <= PCA_MAX_BITS):
             object.__setattr__(self, "bits", int(self.bits))  # 3.0 is 3: whole widths keep their codec
-        if self.method in _CODEBOOK_METHODS and self.bits not in CODEBOOK_BITS:
+        if self.method in _CODEBOOK_METHODS and (isinstance(self.bits, bool) or self.bits not in CODEBOOK_BITS):
             if (isinstance(self.bits, bool) or not isinstance(self.bits, (int, float))
                     or not 1 <= self.bits <= PCA_MAX_BITS or (self.bits * 8) != int(self.bits * 8)):
                 raise ValueError(f"{self.method} bits must be a multiple of 1/8 in 1..{PCA_MAX_BITS} (e.g. 4 or "
