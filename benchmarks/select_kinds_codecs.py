@@ -1,12 +1,15 @@
 """Choose the bitsN codecs on the selection parts of every kind of text (issue 24 item 2).
 
 Decode-faithful evaluation (the code of `kvcompress eval`) of the first `--tokens` tokens of each
-kind's **selection** part, for candidate specs and calibration artifacts: the embedded one
-(docs calibration part) and one calibrated on equal shares of every kind's calibration part
-(`calibration.all_kinds_ids`). Prints KL per kind and each candidate's ratio to the KIVI
-reference of its budget. Resumable: one JSON line per (candidate, kind) in --out.
+kind's **selection** part, for candidate specs and calibration artifacts: "all" (the embedded
+artifact, calibrated on every kind's calibration part, `calibration.all_kinds_ids`) and "docs"
+(calibrated here on the first 4096 tokens of docs' calibration part, the embedded artifact of
+before). Candidates: bitsN as it was (K pca by variance, V rotated), K/V splits of the bits,
+values on principal directions, keys weighted by query energy. Prints KL per kind and each
+candidate's ratio to the KIVI reference of its budget. Resumable: one JSON line per (budget,
+candidate, kind) in --out; `--only` runs some labels (`LABEL` or `BUDGET:LABEL`).
 
-    nice -n 10 python benchmarks/select_kinds_codecs.py --budgets bits4 --out runs/select_kinds.jsonl
+    nice -n 10 python benchmarks/select_kinds_codecs.py --budgets bits4 --kinds code,plays --out runs/select.jsonl
 
 Reads no report part; it edits no preset (the chosen specs go into `presets` by hand).
 """
@@ -33,8 +36,8 @@ def _pca(bits, **extra):
 def candidates(n: int) -> list[tuple[str, str, dict | str]]:
     """(label, artifact "docs" | "all" | "-", spec) for budget bitsN."""
     out = [(f"int{n}", "-", f"int{n}"),
-           (f"bits{n} all-cal", "all", f"bits{n}"),
-           (f"bits{n} docs-cal", "docs", f"bits{n}"),
+           (f"bits{n} all-cal", "all", {"key": _pca(n, key_space="pre_rope"), "value": _cb(n)}),  # bitsN before
+           (f"bits{n} docs-cal", "docs", {"key": _pca(n, key_space="pre_rope"), "value": _cb(n)}),
            ("K-0.5/V+0.5 all-cal", "all", {"key": _pca(n - 0.5, key_space="pre_rope"), "value": _cb(n + 0.5)}),
            ("K+0.5/V-0.5 all-cal", "all", {"key": _pca(n + 0.5, key_space="pre_rope"), "value": _cb(n - 0.5)}),
            ("K+1/V-1 all-cal", "all", {"key": _pca(n + 1, key_space="pre_rope"), "value": _cb(n - 1)}),
