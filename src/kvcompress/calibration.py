@@ -2,12 +2,13 @@
 
 `calibrate(model, ids)` runs the model over calibration text with a capturing `DynamicCache` and
 accumulates, for `key_post`, `key_pre` (RoPE undone; absent when it cannot be) and `value`, the
-uncentered second moment E[x x^T] and per-channel mean, rms and absmax. An artifact folder holds
-`calibration.safetensors` (`<kind>.basis` (L, H, D, D): eigenvectors, largest first;
-`<kind>.spectrum`, `.mean`, `.rms`, `.absmax`, `query.energy` (L, H, D); float32) and `metadata.json` (model,
-config fingerprint, corpus, versions, `tensors_sha256`). Loading refuses another model's config,
-changed tensors or non-finite values. The embedded model's artifact is built on first use and
-cached. The fingerprint covers the config, not the weights: pass the artifact of the model you run.
+uncentered second moment E[x x^T] and per-channel mean, rms and absmax, and the mean squared
+pre-RoPE query per KV head (`query.energy`). An artifact folder holds `calibration.safetensors`
+(`<kind>.basis` (L, H, D, D): eigenvectors, largest first; `<kind>.spectrum`, `.mean`, `.rms`,
+`.absmax`, `query.energy` (L, H, D); float32) and `metadata.json` (model, config fingerprint,
+corpus, versions, `tensors_sha256`). Loading refuses another model's config, changed tensors or
+non-finite values. The embedded model's artifact (every kind's calibration part) is built on first
+use and cached. The fingerprint covers the config, not the weights: pass the model's own artifact.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ per layer by greedy reverse water-filling (b_j = 0 drops it). Per vector: z_j = 
 idx_j = nearest centroid of z_j / rms(z), and a least-squares fp16 scale s for
 y^_j = s sigma_j c[idx_j]; codes of equal width are packed together (8 tokens per row). Classic
 transform coding (KLT + bit allocation) in the spirit of KVQuant (Hooper et al., arXiv:2401.18079);
-departure: one allocation per layer, not per head.
+departure: one allocation per layer, not per head (by variance, or by variance times query energy:
+`cache.build.pca_codebook`).
 """
 
 from __future__ import annotations
