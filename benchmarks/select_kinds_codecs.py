@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="code,plays,docs")
     parser.add_argument("--only", default="", help="comma list of labels to run (default: all)")
     parser.add_argument("--out", default="runs/select_kinds.jsonl")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="LABEL=SPEC_FILE: one more candidate (e.g. from fisher_bits.py), embedded artifact")
     args = parser.parse_args(argv)
+    extra = [(label, "all", path) for label, _, path in (e.partition("=") for e in args.extra)]
 
     import torch
 
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         text = corpus_slice(tokenizer, "selection", n_tokens=args.tokens, kind=kind)
         store: dict = {}
         for budget in args.budgets.split(","):
-            for label, art, spec in candidates(int(budget[-1])):
+            for label, art, spec in candidates(int(budget[-1])) + extra:
                 if only and f"{budget}:{label}" not in only and label not in only and not label.startswith("int"):
                     continue
                 if (budget, label, kind, args.tokens) in done:
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{budget} (selection parts, {args.tokens} tokens): KL and ratio to {ref}")
         print("| candidate | bits | " + " | ".join(kinds) + " |")
         print("|---|---|" + "---|" * len(kinds))
-        for label, _, _ in candidates(int(budget[-1])):
+        for label, _, _ in candidates(int(budget[-1])) + extra:
             cells, bits = [], ""
             for k in kinds:
                 r, base = done.get((budget, label, k, args.tokens)), done.get((budget, ref, k, args.tokens))
