@@ -12,6 +12,8 @@ engine must use one of the two throughout. It knows the slot layout only through
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..paged import PartLayout, SlotLayout
@@ -32,11 +34,29 @@ def part_description(part: PartLayout, offset: int) -> tuple[list[int], torch.Te
     return description, book.float().contiguous()
 
 
-def supports(query: torch.Tensor, pages: torch.Tensor, layout: SlotLayout) -> bool:
-    """Whether the kernel reads this call (CPU tensors, head_dim <= 1024, a "none" part in a float dtype)."""
+def supports_layout(layout: SlotLayout) -> bool:
+    """Whether the kernel reads this layer's slots (head_dim <= 1024, a "none" part in a float dtype)."""
     parts_ok = all(p.method != "none" or p.dtype in DTYPES for p in (layout.key, layout.value))
+    return layout.key.head_dim <= MAX_DIM and parts_ok
+
+
+def supports(query: torch.Tensor, pages: torch.Tensor, layout: SlotLayout) -> bool:
+    """Whether the kernel reads this call (CPU tensors, uint8 pages, `supports_layout`)."""
     return (query.device.type == "cpu" and pages.device.type == "cpu" and query.shape[-1] <= MAX_DIM
-            and pages.dtype == torch.uint8 and parts_ok)
+            and pages.dtype == torch.uint8 and supports_layout(layout))
+
+
+@functools.lru_cache(maxsize=256)
+def layout_arguments(layout: SlotLayout) -> tuple:
+    """The kernel's arguments for a layer's slots (computed once per layout): the K and V part
+    descriptions and codebooks, R_K (D, D) and R_V^T (D, D) float32 (empty tensors for no rotation)."""
+    key, key_book = part_description(layout.key, 0)
+    value, value_book = part_description(layout.value, layout.value_offset)
+    key_rotation, value_rotation = layout.key.rotation(), layout.value.rotation()
+    empty = torch.empty(0)
+    key_rotation = empty if key_rotation is None else key_rotation.float().contiguous()
+    value_rotation_t = empty if value_rotation is None else value_rotation.float().T.contiguous()
+    return key, key_book, value, value_book, key_rotation, value_rotation_t
 
 
 def available(query: torch.Tensor, pages: torch.Tensor, layout: SlotLayout) -> bool:
@@ -53,12 +73,6 @@ def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, 
     module = cpu.load()
     if module is None:
         return None
-    key_rotation, value_rotation = layout.key.rotation(), layout.value.rotation()
-    empty = torch.empty(0)
-    key_rotation = empty if key_rotation is None else key_rotation.float().contiguous()
-    value_rotation_t = empty if value_rotation is None else value_rotation.float().T.contiguous()
-    key, key_book = part_description(layout.key, 0)
-    value, value_book = part_description(layout.value, layout.value_offset)
     as_int = [t.to(torch.int32).contiguous() for t in (block_table, seq_lens, query_start_loc)]
-    return tuple(module.paged_attend(query.float().contiguous(), pages, *as_int, key, key_book, value, value_book,
-                                     key_rotation, value_rotation_t, float(scale), SPLIT_TOKENS))
+    return tuple(module.paged_attend(query.float().contiguous(), pages, *as_int, *layout_arguments(layout),
+                                     float(scale), SPLIT_TOKENS))
