@@ -130,48 +130,91 @@ inline void row_times_matrix(const float* x, const float* m, int64_t D, float* y
   }
 }
 
-// s[j] = q . kt[:, j] for the kTile columns of the transposed tile kt (D, kTile), summed over d in order.
+// s[r * kTile + j] = q_r . kt[:, j] for ROWS query rows (q_r = q + r * D) and the kTile columns of the
+// transposed tile kt (D, kTile), each summed over d in order (the rows share the tile's loads; a row's
+// bits do not depend on the others).
+template <int ROWS>
 inline void tile_scores(const float* q, const float* kt, int64_t D, float* s) {
   constexpr int kVecs = static_cast<int>(kTile / kLanes);
-  vec a[kVecs];
-  for (int v = 0; v < kVecs; ++v) a[v] = vzero();
+  vec a[ROWS][kVecs];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVecs; ++v) a[r][v] = vzero();
   for (int64_t d = 0; d < D; ++d) {
-    const vec qd = vset1(q[d]);
     const float* row = kt + d * kTile;
-    for (int v = 0; v < kVecs; ++v) a[v] = vfma(qd, vload(row + v * kLanes), a[v]);
+    vec k[kVecs];
+    for (int v = 0; v < kVecs; ++v) k[v] = vload(row + v * kLanes);
+    for (int r = 0; r < ROWS; ++r) {
+      const vec qd = vset1(q[r * D + d]);
+      for (int v = 0; v < kVecs; ++v) a[r][v] = vfma(qd, k[v], a[r][v]);
+    }
   }
-  for (int v = 0; v < kVecs; ++v) vstore(s + v * kLanes, a[v]);
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVecs; ++v) vstore(s + r * kTile + v * kLanes, a[r][v]);
 }
 
-// acc (D) += sum_j w[j] * vt[j, :] over j < n, in order of j (vt (kTile, D) row-major).
-inline void tile_mix(const float* w, const float* vt, int64_t n, int64_t D, float* acc) {
+// acc[r] (D) += sum_j w[r * kTile + j] * vt[j, :] over j < n, in order of j, for ROWS rows (vt (kTile, D)).
+template <int ROWS>
+inline void tile_mix(const float* w, const float* vt, int64_t n, int64_t D, float* const* acc) {
   int64_t d0 = 0;
-  for (; d0 + 4 * kLanes <= D; d0 += 4 * kLanes) {
-    vec a0 = vload(acc + d0), a1 = vload(acc + d0 + kLanes), a2 = vload(acc + d0 + 2 * kLanes),
-        a3 = vload(acc + d0 + 3 * kLanes);
+  for (; d0 + 2 * kLanes <= D; d0 += 2 * kLanes) {
+    vec a[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) a[r][0] = vload(acc[r] + d0), a[r][1] = vload(acc[r] + d0 + kLanes);
     for (int64_t j = 0; j < n; ++j) {
-      const vec wj = vset1(w[j]);
       const float* row = vt + j * D + d0;
-      a0 = vfma(wj, vload(row), a0);
-      a1 = vfma(wj, vload(row + kLanes), a1);
-      a2 = vfma(wj, vload(row + 2 * kLanes), a2);
-      a3 = vfma(wj, vload(row + 3 * kLanes), a3);
+      const vec v0 = vload(row), v1 = vload(row + kLanes);
+      for (int r = 0; r < ROWS; ++r) {
+        const vec wj = vset1(w[r * kTile + j]);
+        a[r][0] = vfma(wj, v0, a[r][0]);
+        a[r][1] = vfma(wj, v1, a[r][1]);
+      }
     }
-    vstore(acc + d0, a0);
-    vstore(acc + d0 + kLanes, a1);
-    vstore(acc + d0 + 2 * kLanes, a2);
-    vstore(acc + d0 + 3 * kLanes, a3);
+    for (int r = 0; r < ROWS; ++r) vstore(acc[r] + d0, a[r][0]), vstore(acc[r] + d0 + kLanes, a[r][1]);
   }
-  for (; d0 + kLanes <= D; d0 += kLanes) {
-    vec a = vload(acc + d0);
-    for (int64_t j = 0; j < n; ++j) a = vfma(vset1(w[j]), vload(vt + j * D + d0), a);
-    vstore(acc + d0, a);
+  for (; d0 + kLanes <= D; d0 += kLanes)
+    for (int r = 0; r < ROWS; ++r) {
+      vec a = vload(acc[r] + d0);
+      for (int64_t j = 0; j < n; ++j) a = vfma(vset1(w[r * kTile + j]), vload(vt + j * D + d0), a);
+      vstore(acc[r] + d0, a);
+    }
+  for (; d0 < D; ++d0)
+    for (int r = 0; r < ROWS; ++r) {
+      float a = acc[r][d0];
+      for (int64_t j = 0; j < n; ++j) a = std::fma(w[r * kTile + j], vt[j * D + d0], a);
+      acc[r][d0] = a;
+    }
+}
+
+// One tile for ROWS query rows of one token (the same position, so the same `len` tokens of the tile):
+// scores, each row's online softmax update (part: max, sum, acc[D]), and the values mixed in.
+template <int ROWS>
+inline void tile_rows(const float* q, const float* kt, const float* vt, int64_t len, int64_t D, float scale,
+                      float* const* parts, float* sc) {
+  tile_scores<ROWS>(q, kt, D, sc);
+  float* acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    float* part = parts[r];
+    float* s = sc + r * kTile;
+    acc[r] = part + 2;
+    float m = kNegInf;
+    for (int64_t j = 0; j < len; ++j) {
+      s[j] *= scale;
+      m = std::max(m, s[j]);
+    }
+    if (m == kNegInf) {  // every score -inf (NaN-free inputs never give it): the row takes nothing from here
+      std::fill(s, s + len, 0.0f);
+      continue;
+    }
+    if (m > part[0]) {
+      if (part[0] != kNegInf) {
+        const float correction = exp_nonpositive(part[0] - m);
+        part[1] *= correction;
+        for (int64_t d = 0; d < D; ++d) part[2 + d] *= correction;
+      }
+      part[0] = m;
+    }
+    part[1] += exp_shifted_sum(s, len, part[0]);
   }
-  for (; d0 < D; ++d0) {
-    float a = acc[d0];
-    for (int64_t j = 0; j < n; ++j) a = std::fma(w[j], vt[j * D + d0], a);
-    acc[d0] = a;
-  }
+  tile_mix<ROWS>(sc, vt, len, D, acc);
 }
 
 }  // namespace
@@ -250,7 +293,7 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     alignas(64) float row[kMaxDim];
-    alignas(64) float sc[kTile];
+    alignas(64) float sc[3 * kTile];
     std::vector<float> kt(static_cast<size_t>(D * kTile)), vt(static_cast<size_t>(kTile * D));
     for (int64_t task = begin; task < end; ++task) {
       const Task& tk = tasks[task];
@@ -285,25 +328,19 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
         }
         for (int64_t i = std::max(i_lo, a - first_pos); i < q_r; ++i) {
           const int64_t len = std::min(b, first_pos + i + 1) - a;  // tokens of the tile at or before the query
-          for (int k = 0; k < rep; ++k) {
-            float* part = part_of(i, k);
-            tile_scores(qp + ((first + i) * Hq + tk.head * rep + k) * D, kt.data(), D, sc);
-            float m = kNegInf;
-            for (int64_t j = 0; j < len; ++j) {
-              sc[j] *= fscale;
-              m = std::max(m, sc[j]);
+          const float* q = qp + ((first + i) * Hq + tk.head * rep) * D;
+          for (int k = 0; k < rep;) {  // the token's query heads, 3 (or the rest) at a time
+            const int rows = std::min(3, rep - k);
+            float* parts[3] = {part_of(i, k), rows > 1 ? part_of(i, k + 1) : nullptr,
+                               rows > 2 ? part_of(i, k + 2) : nullptr};
+            if (rows == 3) {
+              tile_rows<3>(q + k * D, kt.data(), vt.data(), len, D, fscale, parts, sc);
+            } else if (rows == 2) {
+              tile_rows<2>(q + k * D, kt.data(), vt.data(), len, D, fscale, parts, sc);
+            } else {
+              tile_rows<1>(q + k * D, kt.data(), vt.data(), len, D, fscale, parts, sc);
             }
-            if (m == kNegInf) continue;
-            if (m > part[0]) {
-              if (part[0] != kNegInf) {
-                const float correction = exp_nonpositive(part[0] - m);
-                part[1] *= correction;
-                for (int64_t d = 0; d < D; ++d) part[2 + d] *= correction;
-              }
-              part[0] = m;
-            }
-            part[1] += exp_shifted_sum(sc, len, part[0]);
-            tile_mix(sc, vt.data(), len, D, part + 2);
+            k += rows;
           }
         }
       }
