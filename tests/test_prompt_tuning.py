@@ -163,14 +163,28 @@ def test_geometric_mean_kl_weighs_every_kind_the_same():
     assert one < two
 
 
-def test_select_prompt_presets_kinds_chooses_on_every_kinds_selection_part(tiny_llama):
+def test_select_prompt_presets_kinds_chooses_on_every_kinds_selection_part(tiny_llama, tmp_path, monkeypatch):
     """The ratio is the lowest over the kinds, the KL the geometric mean of each kind's KL on its
-    selection part; each kind's figures are those of the one-kind choice; reports on report parts."""
+    selection part; each kind's figures are those of the one-kind choice; reports on report parts;
+    a rerun on the same state measures nothing again (the kinds do not overwrite each other's)."""
+    import kvcompress.measure.prompt as protocol
+
     candidates = uniform_candidates(["quant"], only=["k4v4", "k2v2"], windows=[16], sinks=2,
                                     evictions=eviction_grid(["tova"], [0.5, 1]))
     kinds = ["docs", "code"]
+    state = str(tmp_path / "state.json")
     data = select_prompt_presets_kinds(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates, context=CONTEXT,
-                                       tokens=TOKENS, kinds=kinds)
+                                       tokens=TOKENS, kinds=kinds, state=state)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(protocol, "prompt_eval", refuse)
+        patch.setattr(protocol, "context_sizes", refuse)
+        again = select_prompt_presets_kinds(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates,
+                                            context=CONTEXT, tokens=TOKENS, kinds=kinds, state=state)
+    assert again["presets"] == data["presets"]
     (entry,) = data["presets"]
     one_kind = {kind: select_prompt_presets(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates,
                                             context=CONTEXT, tokens=TOKENS, kind=kind) for kind in kinds}

@@ -412,13 +412,15 @@ def select_prompt_presets_kinds(model, tokenizer, floors: dict[str, float], *, c
         report = corpus_slice(tokenizer, "report", n_tokens=n, kind=kind)
         verify_fp, report_fp = text_fingerprint(verify.ids, verify.record), text_fingerprint(report.ids, report.record)
         texts["verify"][kind], texts["report"][kind] = verify_fp, report_fp
+        # one state kind per text kind and part: the state keeps one text per (state kind, spec)
         evaluators[kind] = {
-            "ratio": make_ratio_evaluator(ratio_model, verify.ids, verify_fp, state, context, artifact=ratio_artifact),
+            "ratio": make_ratio_evaluator(ratio_model, verify.ids, verify_fp, state, context, artifact=ratio_artifact,
+                                          kind=f"prompt-ratio-{kind}"),
             "report_ratio": make_ratio_evaluator(ratio_model, report.ids, report_fp, state, context,
-                                                 artifact=ratio_artifact),
-            "verify": make_evaluator(model, verify.ids, "verify-eval", verify_fp, state, artifact=artifact,
+                                                 artifact=ratio_artifact, kind=f"prompt-ratio-report-{kind}"),
+            "verify": make_evaluator(model, verify.ids, f"verify-eval-{kind}", verify_fp, state, artifact=artifact,
                                      context=context),
-            "report": make_evaluator(model, report.ids, "report-eval", report_fp, state, artifact=artifact,
+            "report": make_evaluator(model, report.ids, f"report-eval-{kind}", report_fp, state, artifact=artifact,
                                      context=context)}
     started = time.perf_counter()
     ratios = {}
