@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             lo, hi = r["kl_ci95"]
             print(f"| {r['kind']} | `{r['spec']}` | {r['kl']:.4f} ({lo:.4f} .. {hi:.4f}) | {r['best_kvpress']} | "
-                  f"{r['best_kl']:.4f} | {r["ratio"]:.3f}x | <= {r['target']:g}x | {'yes' if r['met'] else 'no'} |")
+                  f"{r['best_kl']:.4f} | {r['ratio']:.3f}x | <= {r['target']:g}x | {'yes' if r['met'] else 'no'} |")
     return 0
 
 
