@@ -22,8 +22,10 @@ With `--kinds docs,code,plays` (issue 24) the choice reads the selection parts o
 together (`select_prompt_presets_kinds`: the lowest ratio over the kinds, the geometric mean of
 their KLs) among a cut grid, `kinds_candidates()`: the two presets of the docs-only choice, and
 int4 and cb4 (more bits, fewer tokens) with a 32-token window, policy `expected` (cb4 at 6x with
-`snapkv` too), keep fractions sized to just meet each floor (7 specs x 3 kinds instead of 93 x 1:
-what a loaded 2-core machine measured in the time there was).
+`snapkv` too), keep fractions sized to just meet each floor, then the same with budgets aligned
+to the compression block (a kept count of sinks + window + whole blocks; otherwise up to 31 kept
+tokens stay in full precision at the end of the prompt): 13 specs x 3 kinds instead of 93 x 1,
+what a loaded 2-core machine measured in the time there was.
 
 Every candidate meeting a floor is measured (saved in the --state file, so a rerun measures
 nothing again), and the data file lists them all. Then, with `--compare`, the same protocol on
@@ -92,7 +94,12 @@ def kinds_candidates() -> list[CacheSpec]:
     """The cut grid of the choice on every kind (module doc): (codec, window, policies, keep)."""
     grid = [("cb3", 64, ["expected"], 0.55), ("cb3", 64, ["expected"], 0.4),  # the docs-only choice
             ("cb4", 32, ["expected", "snapkv"], 0.48), ("cb4", 32, ["expected"], 0.34),
-            ("k4v4", 32, ["expected"], 0.45), ("k4v4", 32, ["expected"], 0.33)]
+            ("k4v4", 32, ["expected"], 0.45), ("k4v4", 32, ["expected"], 0.33),
+            # block-aligned budgets: sinks + window + whole 32-token blocks, so that no kept prompt
+            # token is left in full precision past the window (keep = tokens / 1536)
+            ("cb4", 32, ["expected", "snapkv"], 804 / 1536), ("cb3", 64, ["expected"], 900 / 1536),
+            ("k4v4", 32, ["expected"], 708 / 1536), ("cb4", 32, ["expected"], 580 / 1536),
+            ("cb3", 32, ["expected"], 708 / 1536)]
     return [spec for codec, window, policies, keep in grid for spec in _grid([codec], [window], [keep], policies)]
 
 
