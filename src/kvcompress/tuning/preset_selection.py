@@ -6,7 +6,8 @@ meets it, checks it on the selection part (a miss drops it for the next best; th
 refused), then measures the chosen presets on the report part and the passkey task. The result is
 the data file `measured_presets.json` (see `presets.measured`); `verify_presets` re-measures shipped
 presets. `context=N` runs the prompt protocol, and `select_prompt_presets` chooses presets by a
-whole-cache compression floor (`prompt-6x`) instead of a KL target. Texts and figures: docs/tuning.md.
+whole-cache compression floor (`prompt-6x`) instead of a KL target (`select_prompt_presets_kinds`:
+on several kinds of text together). Texts and figures: docs/tuning.md, docs/prompt.md.
 """
 
 from __future__ import annotations
