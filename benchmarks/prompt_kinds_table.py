@@ -32,7 +32,8 @@ def target_of(spec: str) -> tuple[str, float] | None:
 
 def rows_of(data: dict) -> list[dict]:
     """Markdown-ready figures of one side_by_side.json: one entry per kvcompress row with a target."""
-    kvpress = [r for r in data["rows"] if r["library"] == "kvpress" and abs(r["context_compression"] - KVPRESS_5X) < 0.05]
+    kvpress = [r for r in data["rows"]
+               if r["library"] == "kvpress" and abs(r["context_compression"] - KVPRESS_5X) < 0.05]
     if not kvpress:
         raise ValueError("no kvpress row at 5x context compression (run_kvpress.py --keep 0.2)")
     best = min(kvpress, key=lambda r: r["kl"])

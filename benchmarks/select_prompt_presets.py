@@ -172,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_json_atomic(args.out, data)}")
         for entry in data["presets"]:
             by_kind = entry["report"]["by_kind"]
-            print(f"{entry['name']}: {entry['candidate']} ({entry['describe']}), whole cache {entry['cache']['ratio']:.2f}x "
-                  f"bf16, selection KL {entry['verified']['kl']:.4f} (geometric mean), report KL "
-                  + ", ".join(f"{k} {f['kl']:.4f}" for k, f in by_kind.items()))
+            print(f"{entry['name']}: {entry['candidate']} ({entry['describe']}), whole cache "
+                  f"{entry['cache']['ratio']:.2f}x bf16, selection KL {entry['verified']['kl']:.4f} (geometric mean), "
+                  "report KL " + ", ".join(f"{k} {f['kl']:.4f}" for k, f in by_kind.items()))
         return 0
     data = select_prompt_presets(model, tokenizer, FLOORS, candidates=candidates(), context=CONTEXT, tokens=TOKENS,
                                  ratio_model=ratio_model, state=state, command=command)

@@ -208,7 +208,8 @@ def test_select_prompt_presets_kinds_chooses_on_every_kinds_selection_part(tiny_
     assert set(data["corpus"]["kinds"]) == set(kinds)
     from kvcompress.presets.measured import preset_help
 
-    assert f"geometric-mean KL of docs, code) text, prompt protocol: KL {entry['report']['kl']:.4f}" in preset_help(entry)
+    shown = f"geometric-mean KL of docs, code) text, prompt protocol: KL {entry['report']['kl']:.4f}"
+    assert shown in preset_help(entry)
 
 
 def test_select_presets_with_a_context_runs_the_prompt_protocol(tiny_llama, monkeypatch):
