@@ -24,8 +24,8 @@ throughput: --requests prompts of --prompt tokens, --new generated tokens each, 
 spec in a fresh process, specs interleaved over --repeats rounds; output tokens per second. A timing:
 run it on a quiet machine. decode: --batch requests decoding together (all in every pool), each setting
 timed for --short and --new generated tokens; the difference per extra step is the decode step alone
-(ms per step and per output token, against auto). Every result file is rewritten after each engine, and a rerun skips the
-engines already measured with the same settings.
+(ms per step and per output token, against auto). Every result file is rewritten after each engine,
+and a rerun skips the engines already measured with the same settings.
 """
 
 from __future__ import annotations
