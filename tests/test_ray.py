@@ -302,15 +302,15 @@ def test_generate_on_ray_gives_the_in_process_text_and_names_bad_lines(tmp_path,
 
     prompts = tmp_path / "prompts.jsonl"
     _write_prompts(prompts)
-    settings = GenerateSettings(spec="int8", max_new_tokens=12, batch_size=2)
+    settings = GenerateSettings(spec="int8", max_new_tokens=12)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers (1 CPU each)
     try:
         local = generate_file(prompts, tmp_path / "local.jsonl", settings, loader=tiny_llama_loader)
     finally:
         torch.set_num_threads(threads)
-    remote = generate_file(prompts, tmp_path / "ray.jsonl", settings, loader=tiny_llama_loader,
-                           ray=RayOptions(workers=1))  # one actor: each start costs seconds on a small CI machine
+    remote = generate_file(prompts, tmp_path / "ray.jsonl", settings,  # one actor: each start costs seconds on CI
+                           executor=RayExecutor(RayOptions(workers=1), settings, loader=tiny_llama_loader))
     local_ok, local_errors, _ = _lines(tmp_path / "local.jsonl")
     ray_ok, ray_errors, summaries = _lines(tmp_path / "ray.jsonl")
     assert sorted(ray_ok) == sorted(local_ok) == ["line-6", "p1", "p2"]

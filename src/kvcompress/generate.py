@@ -6,7 +6,8 @@ Input lines `{"id", "prompt"}`; output lines `{"id", "line", "status", "text", "
 "new_tokens", "stored_bytes", "fp16_bytes", "ratio", "prompt_key", "run"}` (or an error for that prompt
 only) and a summary line per run. Greedy decoding, a fresh `CompressedCache` per prompt, no chat
 template. A rerun reuses lines with the same prompt text and settings and refuses a file of other
-settings or an output that is the input; with `ray`, prompts go through Ray Data. Details: docs/ray.md.
+settings or an output that is the input. The prompts run on an executor (`executor.Local` here by
+default, `distributed.RayExecutor` on a cluster), which never changes a line. Details: docs/ray.md.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from typing import Any
 
 import torch
 
-from .distributed import RayOptions, actor_threads, connect
-from .extras import require_extra
+from .executor import Executor, Local
 from .io import content_hash, write_text_atomic
 from .fingerprint import text_config
 
@@ -39,7 +39,6 @@ class GenerateSettings:
         max_new_tokens: greedy tokens per prompt.
         model, dtype, device: how the model is loaded (see `kvcompress.models.load_model`).
         artifact: calibration artifact folder for low-rank specs (None: the embedded model's).
-        batch_size: prompts per Ray Data batch (only with Ray).
     """
 
     spec: Any = "int4"
@@ -48,13 +47,10 @@ class GenerateSettings:
     dtype: str = "float32"
     device: str = "cpu"
     artifact: str | None = None
-    batch_size: int = 4
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 @dataclass
@@ -261,40 +257,31 @@ class Generator:
                                                          f"{type(exc).__name__}: {exc}"}
 
 
-class GenerateWorker:
-    """Ray Data actor class: builds a Generator once; each batch holds prompts as JSON strings in column "prompt"."""
+@dataclass(frozen=True)
+class GenerateJob:
+    """The executor's job (`executor.Job`): units are Prompts, each measured by a `Generator` on the
+    model the executor hands to `start`."""
 
-    def __init__(self, settings: GenerateSettings, loader: Callable | None, threads: int):
-        torch.set_num_threads(threads)
-        self.generator = Generator(settings, loader=loader)
+    settings: GenerateSettings
 
-    def __call__(self, batch: dict) -> dict:
-        lines = [self.generator(Prompt(**json.loads(item))) for item in batch["prompt"]]
-        return {"line": [json.dumps(line) for line in lines]}
+    def start(self, model, tokenizer) -> Generator:
+        return Generator(self.settings, model=model, tokenizer=tokenizer)
 
-
-def _run_ray(prompts: list[Prompt], settings: GenerateSettings, options: RayOptions,
-             loader: Callable | None) -> Iterator[dict]:
-    connect(options)
-    data = require_extra("ray", "ray.data", "--ray (batch generation)")
-    dataset = data.from_items([{"prompt": json.dumps(p.to_dict())} for p in prompts])
-    results = dataset.map_batches(GenerateWorker, fn_constructor_args=(settings, loader, actor_threads(options)),
-                                  batch_size=settings.batch_size, compute=data.ActorPoolStrategy(
-                                      size=min(options.workers, len(prompts))),
-                                  num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker)
-    for row in results.iter_rows():
-        yield json.loads(row["line"])
+    def label(self, prompt: Prompt) -> str:
+        return f"line {prompt.line} (id {prompt.id!r})"
 
 
 def generate_file(input_path: str | os.PathLike, output_path: str | os.PathLike, settings: GenerateSettings, *,
-                  ray: RayOptions | None = None, model=None, tokenizer=None, loader: Callable | None = None) -> dict:
+                  executor: Executor | None = None, model=None, tokenizer=None, loader: Callable | None = None
+                  ) -> dict:
     """Generate for every prompt of `input_path` not yet done in `output_path`; returns the summary.
 
     Args:
-        ray: run on a Ray cluster through Ray Data (None: in this process).
-        model, tokenizer: an already loaded model (in-process only).
-        loader: `loader(settings) -> (model, tokenizer)` (default `load_from_settings`); with `ray`
-            every actor calls it, so it must be picklable.
+        executor: who runs the prompts, e.g. `distributed.RayExecutor` (its actors load the model);
+            None: `Local` on `model` (loaded here if None).
+        model, tokenizer: an already loaded model (without an executor).
+        loader: `loader(settings) -> (model, tokenizer)` (default `load_from_settings`), used when
+            neither an executor nor a model is given.
     """
     from .presets import load_spec
 
@@ -318,31 +305,33 @@ def generate_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
     out = _Output(output_path, [done[p.id] for p in prompts if p.id in done])
     tags = {p.id: {"prompt_key": prompt_key(p), "run": run} for p in todo}
     model_name = None
-    try:
-        if todo and ray is not None:
-            lines = _run_ray(todo, settings, ray, loader)
-        elif todo:
-            generator = Generator(settings, model=model, tokenizer=tokenizer, loader=loader)
-            from .models import model_id
+    if todo and executor is None:
+        from .models import model_id
 
-            model_name = model_id(generator.model)
-            lines = (generator(p) for p in todo)
+        if model is None:
+            model, tokenizer = (loader or load_from_settings)(settings)
+        executor, model_name = Local(model, tokenizer), model_id(model)
+
+    def on_result(_index: int, line: dict) -> None:
+        line = {**line, **tags[line["id"]]}
+        out.write(line)
+        tally.add(line)
+        done_now = tally.ok + tally.errors
+        if line["status"] == "ok":
+            logger.info(f"[{done_now}/{len(todo)}] {line['id']}: {line['new_tokens']} tokens, "
+                        f"ratio {line['ratio']:.2f}x")
         else:
-            lines = iter(())
-        for i, line in enumerate(lines, 1):
-            line = {**line, **tags[line["id"]]}
-            out.write(line)
-            tally.add(line)
-            if line["status"] == "ok":
-                logger.info(f"[{i}/{len(todo)}] {line['id']}: {line['new_tokens']} tokens, ratio {line['ratio']:.2f}x")
-            else:
-                logger.warning(f"[{i}/{len(todo)}] {line['error']}")
+            logger.warning(f"[{done_now}/{len(todo)}] {line['error']}")
+
+    try:
+        if todo:
+            executor.map(GenerateJob(settings), todo, on_result)
         summary = {"prompts": len(prompts), "ok": tally.ok, "errors": tally.errors, "skipped": skipped,
                    "stored_bytes": tally.stored_bytes, "fp16_bytes": tally.fp16_bytes,
                    "ratio": round(tally.fp16_bytes / tally.stored_bytes, 4) if tally.stored_bytes else 0.0,
                    "spec": spec.to_dict(), "model": model_name or settings.model or "embedded",
                    "settings": settings_dict,
-                   "ray": ray is not None, "wall_s": round(time.perf_counter() - start, 2)}
+                   "ray": executor is not None and not isinstance(executor, Local), "wall_s": round(time.perf_counter() - start, 2)}
         out.write({"summary": summary})
     finally:
         out.close()

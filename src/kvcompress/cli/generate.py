@@ -7,7 +7,7 @@ import argparse
 
 from ..generate import GenerateSettings, generate_file
 from .common import (add_model_arguments, add_ray_arguments, check_artifact_dir, check_input_file, check_model_args,
-                     check_output_file, check_positive, check_spec, ray_options_from_args)
+                     check_output_file, check_positive, check_spec, ray_executor, ray_options_from_args)
 
 NAME = "generate"
 HELP = ("greedy generation with a compressed cache for every prompt of a JSONL file; one JSON line per prompt "
@@ -22,13 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "another spec, model or --max-new-tokens is refused)")
     parser.add_argument("--spec", default="int4", help="preset name or .json/.yaml spec file")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens generated per prompt")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts per Ray Data batch (with --ray)")
     parser.add_argument("--artifact", default=None,
                         help="calibration artifact folder for low-rank specs (default: the embedded model's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads in this process (default: torch's own choice)")
     add_model_arguments(parser)
-    add_ray_arguments(parser, unit="batch of prompts")
+    add_ray_arguments(parser, unit="prompt")
 
 
 def interrupted(args: argparse.Namespace) -> str:
@@ -45,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, "--output")
     check_spec(args.spec)
     check_positive(args.max_new_tokens, "--max-new-tokens")
-    check_positive(args.batch_size, "--batch-size")
     check_artifact_dir(args.artifact)
     check_model_args(args)
     ray = ray_options_from_args(args)
@@ -56,9 +54,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     settings = GenerateSettings(spec=args.spec, max_new_tokens=args.max_new_tokens, model=args.model,
-                                dtype=args.dtype, device=str(args.device), artifact=args.artifact,
-                                batch_size=args.batch_size)
-    summary = generate_file(args.input, args.output, settings, ray=ray)
+                                dtype=args.dtype, device=str(args.device), artifact=args.artifact)
+    summary = generate_file(args.input, args.output, settings, executor=ray_executor(ray, args, model=None))
     print(f"{summary['ok']} of {summary['prompts']} prompts generated ({summary['errors']} errors, "
           f"{summary['skipped']} already done); ratio {summary['ratio']:.2f}x; {summary['wall_s']:.0f} s. "
           f"Output: {args.output}")
