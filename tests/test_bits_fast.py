@@ -108,3 +108,13 @@ def test_bytes_reported_are_the_bytes_stored(bits, tiny_artifact):
         assert layer.n_compressed > 0
         assert 8 * codes / (2 * B * H * layer.n_compressed * D) == bits + 16 / D  # codes plus one fp16 scale
     assert cache.memory_report().stored_bytes == stored
+
+
+@pytest.mark.parametrize("rep, D, dtype", [(1, 64, torch.float32), (3, 128, torch.bfloat16), (8, 256, torch.float16)])
+def test_post_rope_centred_keys_equal_the_torch_path_for_every_group_and_head_dim(rep, D, dtype):
+    """The kernel's post-RoPE key scores (8 tokens of a row reduced together) for bitsN-fast's key
+    codec, with the value codec of bitsN, against `attend_compressed`, left padding included."""
+    from test_cpu_codebook_kernel import check_equal, filled_layer, left_padding_mask, query_for
+
+    layer = filled_layer(4 if D == 64 else 3, D, dtype, key="centred", value="rotated", pre_rope=False)
+    check_equal(layer, query_for(layer, rep), left_padding_mask(layer, 333, additive=rep % 2 == 0))
