@@ -41,8 +41,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40, help="calls per cache (the median is reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--flush-mib", type=int, default=64, help="MiB rewritten before every timed call")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True): denormal floats read and made as zero (x86)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        raise SystemExit("decode_ratio: --flush-denormal is not supported on this CPU")
     if cpu_kernel.load() is None:
         raise SystemExit(f"decode_ratio: the CPU kernel is not available ({cpu_kernel.unavailable_reason()})")
     gen = torch.Generator().manual_seed(0)
@@ -78,7 +82,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     first = next(iter(ms.values()))
-    print(f"tokens {args.tokens}, threads {args.threads}, {args.rounds} interleaved rounds; "
+    print(f"tokens {args.tokens}, threads {args.threads}, {args.rounds} interleaved rounds, flush denormal "
+          f"{args.flush_denormal}; "
           f"load average before {before}, after {load()}")
     print("| cache | kernel ms (median) | vs first |")
     print("|---|---:|---:|")
