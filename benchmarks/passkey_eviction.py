@@ -10,6 +10,8 @@ eviction kept (over layers and KV heads). The uncompressed model runs the same c
     python benchmarks/passkey_eviction.py --lengths 1024 --depths 0.2,0.4,0.6 --keep 0.25,0.5 --threads 1
 
 The codecs are off (method "none") unless --codec names a preset whose codecs to compose with.
+`--specs prompt-6x,prompt-8x` runs those presets (or spec files) as they are, their own codecs,
+window and eviction, after the policy grid (`--policies ''` for the presets alone).
 This script does not select anything: it reads the report part, which no selection step reads.
 """
 
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", default="0.25,0.5", help="comma list of keep fractions in (0, 1]")
     parser.add_argument("--policies", default=",".join(EVICTION_POLICIES), help="comma list of policies")
     parser.add_argument("--codec", default=None, help="preset whose codecs compress the kept tokens (default: none)")
+    parser.add_argument("--specs", default="",
+                        help="comma list of presets or spec files with eviction, run as they are (e.g. prompt-6x)")
     parser.add_argument("--seed", type=int, default=0, help="seed of keys and filler offsets")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -49,10 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         lengths = parse_list(args.lengths, int, "--lengths value")
         depths = parse_list(args.depths, float, "--depths value")
         keeps = parse_list(args.keep, float, "--keep value")
-        specs = [_spec(policy, keep, args.codec) for keep in keeps for policy in args.policies.split(",")]
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        specs = [_spec(policy, keep, args.codec) for keep in keeps for policy in policies]
+        presets: set[str] = set()  # names of the --specs, whose codecs are their own
         for spec in specs:
             load_spec(spec)  # a bad policy, keep or codec is refused before the model loads
-    except ValueError as err:
+        for name in (n.strip() for n in args.specs.split(",") if n.strip()):
+            spec = load_spec(name).to_dict()
+            if not spec.get("eviction"):
+                raise ValueError(f"--specs {name}: it evicts nothing; name a spec with an eviction section")
+            specs.append(spec)
+            presets.add(spec["name"])
+    except (ValueError, FileNotFoundError) as err:
         print(f"passkey_eviction: error: {err}", file=sys.stderr)
         return 2
     if args.threads:
@@ -66,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         policy, keep = spec["eviction"]["policy"], spec["eviction"]["keep"]
         result = run_passkey(model, tokenizer, cases, lambda spec=spec: CompressedCache(model, spec))
-        rows.append({"spec": spec["name"], "policy": policy, "keep": keep, "codec": args.codec,
+        codec = spec["name"] if spec["name"] in presets else args.codec
+        rows.append({"spec": spec["name"], "policy": policy, "keep": keep, "codec": codec,
                      "accuracy": result["accuracy"], "needle_kept": result["needle_kept"], "cases": result["cases"]})
         print(f"{spec['name']:28s} {result['accuracy']:8.2f}  {result['needle_kept']:11.2f}", flush=True)
     if args.out:

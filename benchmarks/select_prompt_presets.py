@@ -18,6 +18,15 @@ candidates, in the stages they were searched:
 4. window 128 (the best window of eviction alone; 64 beat 32 on selection text in stage 1)
    with int4, cb4, cb3 and keep 25/30/40%, policy `expected`.
 
+With `--kinds docs,code,plays` (issue 24) the choice reads the selection parts of every kind
+together (`select_prompt_presets_kinds`: the lowest ratio over the kinds, the geometric mean of
+their KLs) among a cut grid, `kinds_candidates()`: the two presets of the docs-only choice, and
+int4 and cb4 (more bits, fewer tokens) with a 32-token window, policy `expected` (cb4 at 6x with
+`snapkv` too), keep fractions sized to just meet each floor, then the same with budgets aligned
+to the compression block (a kept count of sinks + window + whole blocks; otherwise up to 31 kept
+tokens stay in full precision at the end of the prompt): 13 specs x 3 kinds instead of 93 x 1,
+what a loaded 2-core machine measured in the time there was.
+
 Every candidate meeting a floor is measured (saved in the --state file, so a rerun measures
 nothing again), and the data file lists them all. Then, with `--compare`, the same protocol on
 the report part for what the presets are compared with: eviction alone (the best policy on
@@ -25,6 +34,7 @@ selection text for each floor, chosen the same way among keep fractions that rea
 int2 (the preset, window 128, and with a 32-token window), printed as a markdown table.
 
     OMP_NUM_THREADS=1 python benchmarks/select_prompt_presets.py --threads 1 --compare
+    OMP_NUM_THREADS=1 python benchmarks/select_prompt_presets.py --threads 1 --kinds docs,code,plays
     cp runs/prompt_presets.json src/kvcompress/presets/prompt_presets.json   # to ship the choice
 
 This script does not write into the package.
@@ -45,7 +55,7 @@ from kvcompress.presets import load_spec
 from kvcompress.spec import CacheSpec
 from kvcompress.tuning.candidates import eviction_grid, uniform_candidates
 from kvcompress.tuning.evaluators import make_evaluator, make_ratio_evaluator
-from kvcompress.tuning.preset_selection import select_prompt_presets, text_tokens
+from kvcompress.tuning.preset_selection import select_prompt_presets, select_prompt_presets_kinds, text_tokens
 from kvcompress.fingerprint import text_fingerprint
 from kvcompress.tuning.state import TuneState
 
@@ -78,6 +88,19 @@ def candidates() -> list[CacheSpec]:
 
 # (codec, window, keep) of the best candidates of stages 1-2 (see runs/prompt_presets.json "ranked")
 FINALISTS = [("cb3", 64, 0.55), ("cb3", 64, 0.4)]
+
+
+def kinds_candidates() -> list[CacheSpec]:
+    """The cut grid of the choice on every kind (module doc): (codec, window, policies, keep)."""
+    grid = [("cb3", 64, ["expected"], 0.55), ("cb3", 64, ["expected"], 0.4),  # the docs-only choice
+            ("cb4", 32, ["expected", "snapkv"], 0.48), ("cb4", 32, ["expected"], 0.34),
+            ("k4v4", 32, ["expected"], 0.45), ("k4v4", 32, ["expected"], 0.33),
+            # block-aligned budgets: sinks + window + whole 32-token blocks, so that no kept prompt
+            # token is left in full precision past the window (keep = tokens / 1536)
+            ("cb4", 32, ["expected", "snapkv"], 804 / 1536), ("cb3", 64, ["expected"], 900 / 1536),
+            ("k4v4", 32, ["expected"], 708 / 1536), ("cb4", 32, ["expected"], 580 / 1536),
+            ("cb3", 32, ["expected"], 708 / 1536)]
+    return [spec for codec, window, policies, keep in grid for spec in _grid([codec], [window], [keep], policies)]
 
 
 def eviction_only_candidates() -> list[CacheSpec]:
@@ -121,7 +144,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="also choose eviction alone at the same floors and measure it, int2 and the presets "
                              "on the report part (written to OUT with .compare.json)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--kinds", default=None,
+                        help="comma list of kinds of text (docs,code,plays): choose on their selection parts "
+                             "together among kinds_candidates() (module doc); not with --compare")
     args = parser.parse_args(argv)
+    kinds = None
+    if args.kinds is not None:
+        from kvcompress.corpus import KINDS
+
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        if not kinds or set(kinds) - set(KINDS) or len(set(kinds)) != len(kinds) or args.compare:
+            print(f"select_prompt_presets: --kinds {args.kinds}: give distinct kinds among {', '.join(KINDS)} "
+                  "(and no --compare)", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     state = TuneState(args.state)
     command = "python benchmarks/select_prompt_presets.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--state"))
+    if kinds is not None:
+        data = select_prompt_presets_kinds(model, tokenizer, FLOORS, candidates=kinds_candidates(), context=CONTEXT,
+                                           tokens=TOKENS, kinds=kinds, ratio_model=ratio_model, state=state,
+                                           command=command)
+        print(f"wrote {write_json_atomic(args.out, data)}")
+        for entry in data["presets"]:
+            by_kind = entry["report"]["by_kind"]
+            print(f"{entry['name']}: {entry['candidate']} ({entry['describe']}), whole cache "
+                  f"{entry['cache']['ratio']:.2f}x bf16, selection KL {entry['verified']['kl']:.4f} (geometric mean), "
+                  "report KL " + ", ".join(f"{k} {f['kl']:.4f}" for k, f in by_kind.items()))
+        return 0
     data = select_prompt_presets(model, tokenizer, FLOORS, candidates=candidates(), context=CONTEXT, tokens=TOKENS,
                                  ratio_model=ratio_model, state=state, command=command)
     print(f"wrote {write_json_atomic(args.out, data)}")

@@ -89,17 +89,23 @@ def kvcompress_rows(ids_file: dict, specs: list[str], dtype: str, done_path: Pat
     """One row per spec, measured with `measure.prompt.prompt_eval` on the exported ids.
 
     With `done_path` (a JSON-lines file), each row is appended there as soon as it is measured and
-    rows already there (same spec, ids and dtype) are reused: an interrupted run resumes."""
+    rows already there (same spec name and content, ids and dtype) are reused: an interrupted run
+    resumes, and a preset whose spec changed is measured again."""
     import torch
 
     from kvcompress.measure.prompt import prompt_eval
     from kvcompress.models import DTYPES, load_model
 
+    from kvcompress import load_spec
+
+    # a row is reused only for the same spec (a preset's name may come to mean another spec)
+    resolved = {spec: load_spec(spec).to_dict() for spec in specs}
     done = {}
     if done_path is not None and done_path.is_file():
         for line in done_path.read_text().splitlines():
             row = json.loads(line) if line.strip() else None
-            if row and row.get("ids_sha256") == ids_file["ids_sha256"] and row.get("dtype") == dtype:
+            if (row and row.get("ids_sha256") == ids_file["ids_sha256"] and row.get("dtype") == dtype
+                    and row.get("spec_dict") == resolved.get(row["spec"])):
                 done[row["spec"]] = row
     todo = [spec for spec in specs if spec not in done]
     if todo:
@@ -115,7 +121,7 @@ def kvcompress_rows(ids_file: dict, specs: list[str], dtype: str, done_path: Pat
                "keep": result.kept_fraction, "context_compression": result.context_compression,
                "whole_cache_ratio": result.whole_cache_ratio, "kl": result.kl, "kl_ci95": list(result.kl_ci95),
                "ppl_change": result.ppl_change, "top1": result.top1, "ppl_baseline": result.ppl_baseline,
-               "ids_sha256": ids_file["ids_sha256"], "dtype": dtype}
+               "ids_sha256": ids_file["ids_sha256"], "dtype": dtype, "spec_dict": resolved[spec]}
         done[spec] = row
         if done_path is not None:
             with done_path.open("a", encoding="utf-8") as handle:

@@ -21,7 +21,8 @@ from kvcompress.presets.measured import PROMPT_DATA_FILE, load_measured, markdow
 from kvcompress.spec import CacheSpec, EvictionSpec
 from kvcompress.tuning.candidates import eviction_grid, uniform_candidates
 from kvcompress.tuning.evaluators import make_evaluator, make_ratio_evaluator
-from kvcompress.tuning.preset_selection import choose_by_floor, parse_floors, select_prompt_presets
+from kvcompress.tuning.preset_selection import (choose_by_floor, geometric_mean_kl, parse_floors, select_prompt_presets,
+                                                select_prompt_presets_kinds)
 from kvcompress.tuning.state import TuneState
 from kvcompress.tuning.tune import TuneError, TuneResult, TuneSettings, tune, tune_grid
 
@@ -152,6 +153,63 @@ def test_select_prompt_presets_chooses_on_selection_and_reports_on_the_report_pa
     with pytest.raises(ValueError, match="must not read the 'report' part"):
         select_prompt_presets(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates, context=CONTEXT,
                               tokens=TOKENS, verify_part="report")
+
+
+def test_geometric_mean_kl_weighs_every_kind_the_same():
+    assert geometric_mean_kl({"a": {"kl": 0.01}, "b": {"kl": 0.04}}) == pytest.approx(0.02)
+    # a kind with 10x the KL everywhere does not decide the order of two candidates alone
+    one = geometric_mean_kl({"easy": {"kl": 0.001}, "hard": {"kl": 0.05}})
+    two = geometric_mean_kl({"easy": {"kl": 0.003}, "hard": {"kl": 0.045}})
+    assert one < two
+
+
+def test_select_prompt_presets_kinds_chooses_on_every_kinds_selection_part(tiny_llama, tmp_path, monkeypatch):
+    """The ratio is the lowest over the kinds, the KL the geometric mean of each kind's KL on its
+    selection part; each kind's figures are those of the one-kind choice; reports on report parts;
+    a rerun on the same state measures nothing again (the kinds do not overwrite each other's)."""
+    import kvcompress.measure.prompt as protocol
+
+    candidates = uniform_candidates(["quant"], only=["k4v4", "k2v2"], windows=[16], sinks=2,
+                                    evictions=eviction_grid(["tova"], [0.5, 1]))
+    kinds = ["docs", "code"]
+    state = str(tmp_path / "state.json")
+    data = select_prompt_presets_kinds(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates, context=CONTEXT,
+                                       tokens=TOKENS, kinds=kinds, state=state)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(protocol, "prompt_eval", refuse)
+        patch.setattr(protocol, "context_sizes", refuse)
+        again = select_prompt_presets_kinds(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates,
+                                            context=CONTEXT, tokens=TOKENS, kinds=kinds, state=state)
+    assert again["presets"] == data["presets"]
+    (entry,) = data["presets"]
+    one_kind = {kind: select_prompt_presets(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates,
+                                            context=CONTEXT, tokens=TOKENS, kind=kind) for kind in kinds}
+    single = {kind: {c["name"]: c for c in d["candidates"]} for kind, d in one_kind.items()}
+    meeting = {c["name"]: c for c in data["candidates"] if c["cache"]["ratio"] >= 1.5}
+    assert meeting and all("verified" in c for c in meeting.values())
+    for name, c in meeting.items():
+        assert c["cache"]["ratio"] == min(single[k][name]["cache"]["ratio"] for k in kinds)
+        for kind in kinds:
+            if "verified" in single[kind][name]:
+                assert c["verified"]["by_kind"][kind]["kl"] == pytest.approx(single[kind][name]["verified"]["kl"])
+        kls = [c["verified"]["by_kind"][k]["kl"] for k in kinds]
+        assert c["verified"]["kl"] == pytest.approx((kls[0] * kls[1]) ** 0.5)
+    assert entry["candidate"] == min(meeting, key=lambda n: meeting[n]["verified"]["kl"])
+    assert data["texts"]["verify"]["part"] == "selection" and data["texts"]["report"]["part"] == "report"
+    for kind in kinds:
+        assert data["texts"]["verify"]["by_kind"][kind]["part"] == "selection"
+        assert data["texts"]["verify"]["by_kind"][kind]["kind"] == kind
+        assert data["texts"]["report"]["by_kind"][kind]["part"] == "report"
+        assert entry["report"]["by_kind"][kind]["tokens"] == TOKENS
+    assert set(data["corpus"]["kinds"]) == set(kinds)
+    from kvcompress.presets.measured import preset_help
+
+    shown = f"geometric-mean KL of docs, code) text, prompt protocol: KL {entry['report']['kl']:.4f}"
+    assert shown in preset_help(entry)
 
 
 def test_select_presets_with_a_context_runs_the_prompt_protocol(tiny_llama, monkeypatch):

@@ -46,6 +46,9 @@ def reported_figures(entry: dict) -> tuple[dict, str]:
     """The figures to show for a preset and the text they come from: "report" (text the choice never
     read) when the file has them, else "selection" (the text that chose the preset; optimistic)."""
     if "report" in entry:
+        kinds = entry["report"].get("by_kind")
+        if kinds:  # chosen on several kinds of text: the geometric mean of their KLs
+            return entry["report"], f"report (geometric-mean KL of {', '.join(kinds)})"
         return entry["report"], "report"
     return entry["verified"], "selection"
 

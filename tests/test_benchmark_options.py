@@ -1,0 +1,65 @@
+"""Options of the prompt-preset benchmark scripts: a wrong value is one line naming the option, exit 2,
+before any model loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["benchmarks/passkey_eviction.py", "--policies", "", "--specs", "int4"], "--specs int4"),  # evicts nothing
+    (["benchmarks/passkey_eviction.py", "--policies", "", "--specs", "no-such-preset"], "no-such-preset"),
+    (["benchmarks/select_prompt_presets.py", "--kinds", "docs,novels"], "--kinds docs,novels"),
+    (["benchmarks/select_prompt_presets.py", "--kinds", "docs,docs"], "--kinds docs,docs"),
+])
+def test_wrong_option_is_one_line_and_exit_2(args, option):
+    proc = run_script(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0], proc.stderr
+
+
+def test_side_by_side_reuses_a_saved_row_only_for_the_same_spec(tmp_path, monkeypatch):
+    """A row saved under a preset's name is measured again once the name means another spec."""
+    import importlib.util
+    import json
+    from types import SimpleNamespace
+
+    import kvcompress.measure.prompt as protocol
+    import kvcompress.models as models
+    from kvcompress import load_spec
+
+    spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "benchmarks" / "side_by_side.py")
+    side = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(side)
+    ids_file = {"ids": [1, 2, 3], "ids_sha256": "abc", "model": {"argument": None},
+                "protocol": {"context_tokens": 2}}
+    measured = []
+
+    def fake_eval(model, ids, name, context, **kwargs):
+        measured.append(name)
+        return SimpleNamespace(kept_fraction=1.0, context_compression=3.2, whole_cache_ratio=2.0, kl=0.5,
+                               kl_ci95=(0.4, 0.6), ppl_change=0.01, top1=0.9, ppl_baseline=4.0)
+
+    monkeypatch.setattr(protocol, "prompt_eval", fake_eval)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
+    done = tmp_path / "rows.jsonl"
+    stale = {"spec": "int4", "ids_sha256": "abc", "dtype": "float32", "kl": 9.0,
+             "spec_dict": load_spec("int3").to_dict()}  # saved when "int4" meant another spec
+    done.write_text(json.dumps(stale) + "\n")
+    (row,) = side.kvcompress_rows(ids_file, ["int4"], "float32", done)
+    assert measured == ["int4"] and row["kl"] == 0.5 and row["spec_dict"] == load_spec("int4").to_dict()
+    (again,) = side.kvcompress_rows(ids_file, ["int4"], "float32", done)  # now saved with its spec: reused
+    assert measured == ["int4"] and again["kl"] == 0.5
