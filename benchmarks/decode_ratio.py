@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -23,6 +24,7 @@ from kvcompress.cache.layer import CompressedLayer
 from kvcompress.codecs.quant import QuantCodec
 from kvcompress.kernels import cpu as cpu_kernel
 from kvcompress.kernels import cpu_codebook
+from kvcompress.presets import load_spec
 
 B, HQ, H, D = 1, 9, 3, 64
 
@@ -36,7 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens held by the layer")
     parser.add_argument("--caches", default="int4,bits4,bits4-post",
-                        help="comma list: int<N> (KIVI-style uniform codes) or a preset / spec file; the first is the reference")
+                        help="comma list: int<N> (KIVI-style uniform codes) or a preset / spec file; "
+                        "the first is the reference")
     parser.add_argument("--layer", type=int, default=15, help="model layer whose codecs a preset takes")
     parser.add_argument("--rounds", type=int, default=40, help="calls per cache (the median is reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -44,6 +47,16 @@ def main() -> None:
     parser.add_argument("--flush-denormal", action="store_true",
                         help="torch.set_flush_denormal(True): denormal floats read and made as zero (x86)")
     args = parser.parse_args()
+    names = [c.strip() for c in args.caches.split(",") if c.strip()]
+    for name in names:
+        try:
+            if not (name.startswith("int") and name[3:].isdigit()):
+                load_spec(name)
+            elif int(name[3:]) not in (2, 3, 4, 8):
+                raise ValueError("int<N> takes N in 2, 3, 4, 8")
+        except ValueError as error:
+            print(f"decode_ratio: --caches {name}: {str(error).splitlines()[0]}", file=sys.stderr)
+            raise SystemExit(2) from None
     torch.set_num_threads(args.threads)
     if args.flush_denormal and not torch.set_flush_denormal(True):
         raise SystemExit("decode_ratio: --flush-denormal is not supported on this CPU")
@@ -54,7 +67,7 @@ def main() -> None:
     query = torch.randn(B, HQ, 1, D, generator=gen)
     model = None
     layers = {}
-    for name in [c.strip() for c in args.caches.split(",") if c.strip()]:
+    for name in names:
         if name.startswith("int") and name[3:].isdigit():
             bits = int(name[3:])
             layer = CompressedLayer(QuantCodec(bits, "channel", 32), QuantCodec(bits, "token", 32),

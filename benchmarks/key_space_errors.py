@@ -47,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of each selection part")
     parser.add_argument("--out", default="runs/key_space_errors.json", help="JSON results (resumed per kind and width)")
     args = parser.parse_args(argv)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    try:
+        widths = [int(b) for b in args.bits.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or any(b not in (2, 3, 4) for b in widths):
+        print(f"key_space_errors: --bits {args.bits}: give a comma list of 2, 3 and 4", file=sys.stderr)
+        return 2
+    if not kinds or any(k not in KINDS for k in kinds):
+        print(f"key_space_errors: --kinds {args.kinds}: give a comma list of {', '.join(KINDS)}", file=sys.stderr)
+        return 2
 
     from kvcompress import load_model
     from kvcompress.calibration import artifact_for
@@ -59,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     artifact = artifact_for(model, load_spec("bits4"))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    widths = [int(b) for b in args.bits.split(",")]
-    for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
+    for kind in kinds:
         todo = [b for b in widths if f"{kind}/{b}" not in results]
         if not todo:
             continue

@@ -58,6 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", default="4,3", help="comma list of code widths")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of each selection part")
     args = parser.parse_args(argv)
+    from kvcompress.corpus import KINDS
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    try:
+        widths = [int(b) for b in args.bits.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or any(b not in (2, 3, 4) for b in widths):
+        print(f"plane_key_errors: --bits {args.bits}: give a comma list of 2, 3 and 4", file=sys.stderr)
+        return 2
+    if not kinds or any(k not in KINDS for k in kinds):
+        print(f"plane_key_errors: --kinds {args.kinds}: give a comma list of {', '.join(KINDS)}", file=sys.stderr)
+        return 2
 
     import kvcompress.cache.build as build
     from kvcompress import load_model
@@ -80,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     artifact = artifact_for(model, load_spec("bits4"))
     print("| kind | bits | full (bitsN) | full-nomix | plane (commutes) | plane-mix |")
     print("|---|---:|---:|---:|---:|---:|")
-    for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
+    for kind in kinds:
         capture = capture_states(model, corpus_tokens(tokenizer, "selection", args.tokens, kind=kind))
-        for bits in (int(b) for b in args.bits.split(",")):
+        for bits in widths:
             spec = load_spec({"name": f"keys{bits}", "key": {"method": "pca+codebook", "bits": bits,
                                                              "key_space": "pre_rope"},
                               "value": {"method": "rotated+codebook", "bits": bits}})
