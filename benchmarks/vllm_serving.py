@@ -9,6 +9,8 @@ Run with the vLLM environment's python (make vllm-setup), each engine in a fresh
         --quality runs/vllm/quality.json --eval-python .venv/bin/python --out runs/vllm/compare
     .venv-vllm/bin/python benchmarks/vllm_serving.py throughput --requests 64 --prompt 2048 --new 128 \\
         --space 1 --out runs/vllm/throughput.json
+    .venv-vllm/bin/python benchmarks/vllm_serving.py decode --batch 16 --prompt 128 --short 16 --new 512 \
+        --space 1 --out runs/vllm/decode.json
 
 capacity: the pool vLLM sizes and logs ("KV cache size: N tokens") for `auto` (the model's bf16), `fp8`
 and every servable spec at the same VLLM_CPU_KVCACHE_SPACE (fp8 needs AVX-512 or AMX to run on CPU;
@@ -20,8 +22,10 @@ with its block-bootstrap interval. compare: those figures beside `kvcompress eva
 and token ids (run in the main environment by --eval-python, chunked and --mode token at block 8).
 throughput: --requests prompts of --prompt tokens, --new generated tokens each, one offline batch per
 spec in a fresh process, specs interleaved over --repeats rounds; output tokens per second. A timing:
-run it on a quiet machine. Every result file is rewritten after each engine, and a rerun skips the
-engines already measured with the same settings.
+run it on a quiet machine. decode: --batch requests decoding together (all in every pool), each setting
+timed for --short and --new generated tokens; the difference per extra step is the decode step alone
+(ms per step and per output token, against auto). Every result file is rewritten after each engine,
+and a rerun skips the engines already measured with the same settings.
 """
 
 from __future__ import annotations
@@ -113,7 +117,36 @@ def child_throughput(args) -> dict:
     return {"seconds": seconds, "output_tokens": tokens, "output_tokens_per_s": tokens / seconds}
 
 
-CHILDREN = {"capacity": child_capacity, "quality": child_quality, "throughput": child_throughput}
+def child_decode(args) -> dict:
+    """Decode time per step at a fixed batch: the same --batch prompts generated twice, --short and --new tokens
+    each (prefix caching off, so both prefill the same); the difference over the extra steps is decode alone."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = engine(args, enable_prefix_caching=False, max_num_seqs=args.batch)
+    config = llm.llm_engine.vllm_config.cache_config
+    capacity = config.num_gpu_blocks * config.block_size
+    ids = report_ids(llm, args.prompt + 97 * (args.batch - 1))
+    prompts = [TokensPrompt(prompt_token_ids=ids[97 * i:97 * i + args.prompt]) for i in range(args.batch)]
+
+    def timed(new: int) -> float:
+        params = SamplingParams(max_tokens=new, min_tokens=new, temperature=0, detokenize=False)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == new for o in outs)
+        return seconds
+
+    timed(args.short)  # warm-up
+    short, long = timed(args.short), timed(args.new)
+    step = (long - short) / (args.new - args.short)
+    return {"seconds_short": short, "seconds_long": long, "ms_per_step": 1000 * step,
+            "ms_per_token": 1000 * step / args.batch, "capacity_tokens": capacity,
+            "fits": args.batch * (args.prompt + args.new) <= capacity}
+
+
+CHILDREN = {"capacity": child_capacity, "quality": child_quality, "throughput": child_throughput,
+            "decode": child_decode}
 
 
 # ---- the parent: one fresh process per engine ----------------------------------------------------------
@@ -337,6 +370,49 @@ def cmd_throughput(args) -> None:
         print(f"| {setting} | {', '.join('n/a' if r is None else f'{r:.1f}' for r in rates)} |")
 
 
+def cmd_decode(args) -> None:
+    if not 0 < args.short < args.new:
+        fail(f"--short must be between 1 and --new - 1 ({args.new - 1}), got {args.short}")
+    if args.batch < 1:
+        fail(f"--batch must be at least 1, got {args.batch}")
+    path = Path(args.out)
+    data = load(path, {"batch": args.batch, "prompt": args.prompt, "short": args.short, "new": args.new,
+                       "space_gib": args.space, "repeats": args.repeats, "dtype": args.dtype})
+    settings = ["auto", "fp8", *args.specs]
+    for round_ in range(args.repeats):
+        for setting in settings:  # interleaved: every setting once per round
+            key = f"{setting}#{round_}"
+            if key in data["results"]:
+                continue
+            extra = ["--batch", str(args.batch), "--prompt", str(args.prompt), "--short", str(args.short),
+                     "--new", str(args.new)]
+            result, log = run_child(args, setting, extra)
+            data["results"][key] = result or {"error": _last_error(log)}
+            save(path, data)
+
+    def best(setting):  # the fastest round (the least disturbed by the machine)
+        steps = [data["results"][f"{setting}#{r}"].get("ms_per_step") for r in range(args.repeats)]
+        steps = [x for x in steps if x is not None]
+        return (min(steps) if steps else None), steps
+
+    auto = best("auto")[0]
+    print(f"| cache | ms per decode step, batch {args.batch} (per round) | ms per output token (best) | x auto |")
+    print("|---|---|---:|---:|")
+    for setting in settings:
+        fastest, steps = best(setting)
+        if fastest is None:
+            errors = {data["results"][f"{setting}#{r}"].get("error") for r in range(args.repeats)}
+            print(f"| {setting} | n/a ({'; '.join(sorted(str(e) for e in errors))}) | | |")
+            continue
+        ratio = f"{fastest / auto:.2f}" if auto else "n/a"
+        print(f"| {setting} | {', '.join(f'{x:.1f}' for x in steps)} | {fastest / args.batch:.2f} | {ratio} |")
+    unfit = sorted({k.split("#")[0] for k, v in data["results"].items() if v.get("fits") is False})
+    print(f"\n{args.batch} requests of {args.prompt} prompt tokens decoding together, context "
+          f"{args.prompt + args.short}-{args.prompt + args.new} tokens: (time of {args.new} new tokens - time of "
+          f"{args.short}) / {args.new - args.short} steps." + (f" Did not fit the pool: {', '.join(unfit)}." if unfit
+                                                              else " Every pool held the whole batch."))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -368,13 +444,19 @@ def main(argv: list[str] | None = None) -> None:
     throughput.add_argument("--prompt", type=int, default=2048 - 128, help="prompt tokens each (default 1920)")
     throughput.add_argument("--new", type=int, default=128, help="generated tokens each (default 128)")
     throughput.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    decode = sub.add_parser("decode", parents=[common], help="decode time per step and per token at equal batch")
+    decode.add_argument("--batch", type=int, default=16, help="requests decoding together (default 16)")
+    decode.add_argument("--prompt", type=int, default=128, help="prompt tokens each (default 128)")
+    decode.add_argument("--short", type=int, default=16, help="new tokens of the shorter run (default 16)")
+    decode.add_argument("--new", type=int, default=512, help="new tokens of the longer run (default 512)")
+    decode.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     child = sub.add_parser("_child", help=argparse.SUPPRESS)
     child.add_argument("what", choices=sorted(CHILDREN))
     child.add_argument("--setting", required=True)
     child.add_argument("--result", required=True)
     child.add_argument("--max-model-len", type=int, default=2048)
     child.add_argument("--dtype", default="bfloat16")
-    for flag in ("--tokens", "--chunk", "--requests", "--prompt", "--new"):
+    for flag in ("--tokens", "--chunk", "--requests", "--prompt", "--new", "--batch", "--short"):
         child.add_argument(flag, type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "_child":
@@ -383,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.space <= 0:
         fail(f"--space must be a positive number of GiB, got {args.space}")
     {"capacity": cmd_capacity, "quality": cmd_quality, "compare": cmd_compare,
-     "throughput": cmd_throughput}[args.command](args)
+     "throughput": cmd_throughput, "decode": cmd_decode}[args.command](args)
 
 
 if __name__ == "__main__":

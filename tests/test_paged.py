@@ -160,10 +160,12 @@ def _hand_decoded(pages: torch.Tensor, table: torch.Tensor, layout: SlotLayout, 
     return out
 
 
+@pytest.mark.parametrize("use_kernel", [False, True])
 @pytest.mark.parametrize("name", ["int4", "hadamard-int4", "rot-cb3"])
-def test_paged_attention_equals_causal_softmax_over_hand_decoded_slots_own_chunk_included(name):
+def test_paged_attention_equals_causal_softmax_over_hand_decoded_slots_own_chunk_included(name, use_kernel):
     """Two requests (one decoding, one mid-prefill with a chunk of 5), everything written first as vLLM does:
-    each query attends to the hand-decoded codes of its request's tokens up to and including itself."""
+    each query attends to the hand-decoded codes of its request's tokens up to and including itself, on the
+    torch path and on the compiled CPU kernel (`cpu_paged`; the torch path again where it is not built)."""
     spec, _ = PARTS[name]
     layout = PagedLayout.for_spec(paged_spec(spec, spec), 3, D, torch.bfloat16).layers[2]
     block_size, hq, scale = 8, 9, 1 / math.sqrt(D)
@@ -177,7 +179,7 @@ def test_paged_attention_equals_causal_softmax_over_hand_decoded_slots_own_chunk
         layout.write(pages, k_all[r], v_all[r], table[r, t // block_size] * block_size + t % block_size)
     query = torch.randn(sum(chunk), hq, D, generator=torch.Generator().manual_seed(7)).bfloat16()
     qsl = torch.tensor([0, 1, 6])
-    result, _ = paged_attention(query, pages, table, torch.tensor(seq_lens), qsl, layout, scale)
+    result, _ = paged_attention(query, pages, table, torch.tensor(seq_lens), qsl, layout, scale, use_kernel=use_kernel)
     for r in range(2):
         keys, values = _hand_decoded(pages, table[r], layout, seq_lens[r])
         for i in range(chunk[r]):

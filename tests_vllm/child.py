@@ -54,6 +54,7 @@ def task_info(llm, task) -> dict:
             "impl": f"{type(first.impl).__module__}.{type(first.impl).__qualname__}",
             "cpu_attn_path": AttentionBackendEnum.CPU_ATTN.get_path(),
             "slot_bytes": first.kv_cache.shape[-1] * first.kv_cache.element_size(),
+            "kernel": [getattr(layer.impl, "use_kernel", None) for layer in layers(llm).values()],
             "kvcompress_modules": sorted(m for m in sys.modules if m.startswith("kvcompress"))}
 
 

@@ -1,6 +1,7 @@
 """The plugin serves packed pages: the pool grows by the spec's ratio, int8 matches vLLM's own cache,
 a lossy spec differs from it and equals attention over its stored codes decoded by hand, prefix-cache
-hits read pages written by another request, and without KVCOMPRESS_VLLM_SPEC nothing changes.
+hits read pages written by another request, every layer attends through the compiled CPU paged kernel,
+and without KVCOMPRESS_VLLM_SPEC nothing changes.
 
 Teacher forcing: the first 384 tokens of the report text in prefill chunks of 32 (so every scored
 token reads the codes of every token more than one chunk back); KL as `integrations.vllm.measure`
@@ -9,6 +10,9 @@ computes it from vLLM's top-64 prompt logprobs.
 
 from __future__ import annotations
 
+import os
+
+import pytest
 from conftest import BLOCK, LOSSY, TEACHER_TOKENS
 
 from kvcompress.integrations.vllm.measure import Position, compare
@@ -29,6 +33,14 @@ def test_without_the_setting_vllm_runs_its_own_backend_and_pool(auto_run):
     assert info["tokens"] == 23_296  # vLLM's figure for this model in float32 in 1 GiB
     assert "kvcompress.integrations.vllm.backend" not in info["kvcompress_modules"]
     assert "kvcompress.integrations.vllm" in info["kvcompress_modules"]  # the plugin was loaded, and did nothing
+
+
+def test_every_layer_attends_through_the_compiled_cpu_kernel(int8_run, lossy_run):
+    """On CPU the plugin's layers all run the compiled paged kernel (every step: the same path throughout)."""
+    if os.environ.get("KVCOMPRESS_KERNELS", "").strip().lower() == "torch":
+        pytest.skip("KVCOMPRESS_KERNELS=torch is set: the torch paged path runs")
+    for run in (int8_run, lossy_run):
+        assert run[0]["kernel"] and all(k is True for k in run[0]["kernel"]), run[0]["kernel"]
 
 
 def test_the_plugin_needs_no_transformers_based_kvcompress_module(int8_run, lossy_run):

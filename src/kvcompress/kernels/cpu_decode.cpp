@@ -442,13 +442,14 @@ at::Tensor attend_codebook(const at::Tensor& query, const at::Tensor& sink_k, co
 
 // cpu_paged.cpp: attention over a paged pool of packed slots (kvcompress.paged).
 std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& pages, const at::Tensor& block_table,
-                                     const at::Tensor& context_lens, const at::Tensor& query_start_loc,
+                                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                                      const std::vector<int64_t>& key_part, const at::Tensor& key_book,
                                      const std::vector<int64_t>& value_part, const at::Tensor& value_book,
+                                     const at::Tensor& key_rotation, const at::Tensor& value_rotation_t,
                                      double scale, int64_t split_tokens);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "Decode-step attention over packed KV codes (see cpu_decode.cpp)");
   m.def("attend_codebook", &attend_codebook, "Decode-step attention over codebook codes (see cpu_codebook.cpp)");
-  m.def("paged_attend", &paged_attend, "Attention over a paged pool of packed slots (see cpu_paged.cpp)");
+  m.def("paged_attend", &paged_attend, "Causal attention over a paged pool of packed slots (see cpu_paged.cpp)");
 }

@@ -1,15 +1,15 @@
-// Attention of query tokens over a paged pool of packed slots (kvcompress.paged), on the CPU:
-// what kernels.paged_attention.paged_attention_torch computes, in the stored (rotated) space
-// (the caller rotates the queries and un-rotates the output).
+// Causal attention of query tokens over a paged pool of packed slots (kvcompress.paged), on the
+// CPU: what kernels.paged_attention.paged_attention_torch computes, rotations included.
 //
 // pages (num_blocks, Hkv, block_size, slot_bytes) uint8; token t of request r is row
-// t % block_size of block block_table[r, t / block_size]; request r's queries (rows
-// query_start_loc[r] .. query_start_loc[r + 1]) attend to its first context_lens[r] tokens.
-// A slot's K and V parts (`Part`) are decoded one token at a time into a stack buffer; no dense
-// copy of a sequence is built. Work is split into tasks (request, KV head, split of
-// `split_tokens` tokens), each writing a partial softmax of every query row it serves; the
-// partials are merged at the end (split-K, as in cpu_split_k.h, whose exp and stats it uses).
-
+// t % block_size of block block_table[r, t / block_size]; request r's q_r queries (rows
+// query_start_loc[r] .. query_start_loc[r + 1]) are its last q_r of seq_lens[r] tokens: query i
+// sits at p = seq_lens[r] - q_r + i and attends to tokens 0 .. p. Tasks (request, KV head, split)
+// cut the tokens at fixed multiples of `split_tokens` from token 0; a task decodes its tokens
+// kTile at a time into a small buffer (no dense copy of a sequence) and applies each tile to every
+// query row that reaches it, with an online softmax per row; the splits are merged in order.
+// Every step of a row's arithmetic (rotation, tiles, merge, un-rotation) depends only on its query
+// and p, never on the other rows of the call: a token computes the same bits in any chunk or batch.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -112,18 +112,121 @@ inline void decode_part(const Part& c, const uint8_t* slot, int64_t D, float* ou
   }
 }
 
+constexpr int64_t kTile = 32;  // tokens decoded at a time (a multiple of kLanes)
+
 struct Task {
   int64_t request, head, split;
 };
 
+// y (D) = x (D) @ m (D, D), summed over x's index in order (m row-major); the same bits for a row
+// whatever else is computed.
+inline void row_times_matrix(const float* x, const float* m, int64_t D, float* y) {
+  std::fill(y, y + D, 0.0f);
+  for (int64_t e = 0; e < D; ++e) {
+    const float xe = x[e];
+    const float* me = m + e * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) y[d] += xe * me[d];
+  }
+}
+
+// s[r * kTile + j] = q_r . kt[:, j] for ROWS query rows (q_r = q + r * D) and the kTile columns of the
+// transposed tile kt (D, kTile), each summed over d in order (the rows share the tile's loads; a row's
+// bits do not depend on the others).
+template <int ROWS>
+inline void tile_scores(const float* q, const float* kt, int64_t D, float* s) {
+  constexpr int kVecs = static_cast<int>(kTile / kLanes);
+  vec a[ROWS][kVecs];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVecs; ++v) a[r][v] = vzero();
+  for (int64_t d = 0; d < D; ++d) {
+    const float* row = kt + d * kTile;
+    vec k[kVecs];
+    for (int v = 0; v < kVecs; ++v) k[v] = vload(row + v * kLanes);
+    for (int r = 0; r < ROWS; ++r) {
+      const vec qd = vset1(q[r * D + d]);
+      for (int v = 0; v < kVecs; ++v) a[r][v] = vfma(qd, k[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVecs; ++v) vstore(s + r * kTile + v * kLanes, a[r][v]);
+}
+
+// acc[r] (D) += sum_j w[r * kTile + j] * vt[j, :] over j < n, in order of j, for ROWS rows (vt (kTile, D)).
+template <int ROWS>
+inline void tile_mix(const float* w, const float* vt, int64_t n, int64_t D, float* const* acc) {
+  int64_t d0 = 0;
+  for (; d0 + 2 * kLanes <= D; d0 += 2 * kLanes) {
+    vec a[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) a[r][0] = vload(acc[r] + d0), a[r][1] = vload(acc[r] + d0 + kLanes);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* row = vt + j * D + d0;
+      const vec v0 = vload(row), v1 = vload(row + kLanes);
+      for (int r = 0; r < ROWS; ++r) {
+        const vec wj = vset1(w[r * kTile + j]);
+        a[r][0] = vfma(wj, v0, a[r][0]);
+        a[r][1] = vfma(wj, v1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) vstore(acc[r] + d0, a[r][0]), vstore(acc[r] + d0 + kLanes, a[r][1]);
+  }
+  for (; d0 + kLanes <= D; d0 += kLanes)
+    for (int r = 0; r < ROWS; ++r) {
+      vec a = vload(acc[r] + d0);
+      for (int64_t j = 0; j < n; ++j) a = vfma(vset1(w[r * kTile + j]), vload(vt + j * D + d0), a);
+      vstore(acc[r] + d0, a);
+    }
+  for (; d0 < D; ++d0)
+    for (int r = 0; r < ROWS; ++r) {
+      float a = acc[r][d0];
+      for (int64_t j = 0; j < n; ++j) a = std::fma(w[r * kTile + j], vt[j * D + d0], a);
+      acc[r][d0] = a;
+    }
+}
+
+// One tile for ROWS query rows of one token (the same position, so the same `len` tokens of the tile):
+// scores, each row's online softmax update (part: max, sum, acc[D]), and the values mixed in.
+template <int ROWS>
+inline void tile_rows(const float* q, const float* kt, const float* vt, int64_t len, int64_t D, float scale,
+                      float* const* parts, float* sc) {
+  tile_scores<ROWS>(q, kt, D, sc);
+  float* acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    float* part = parts[r];
+    float* s = sc + r * kTile;
+    acc[r] = part + 2;
+    float m = kNegInf;
+    for (int64_t j = 0; j < len; ++j) {
+      s[j] *= scale;
+      m = std::max(m, s[j]);
+    }
+    if (m == kNegInf) {  // every score -inf (NaN-free inputs never give it): the row takes nothing from here
+      std::fill(s, s + len, 0.0f);
+      continue;
+    }
+    if (m > part[0]) {
+      if (part[0] != kNegInf) {
+        const float correction = exp_nonpositive(part[0] - m);
+        part[1] *= correction;
+        for (int64_t d = 0; d < D; ++d) part[2 + d] *= correction;
+      }
+      part[0] = m;
+    }
+    part[1] += exp_shifted_sum(s, len, part[0]);
+  }
+  tile_mix<ROWS>(sc, vt, len, D, acc);
+}
+
 }  // namespace
 
-// (out (T, Hq, D) float32 in V's stored space, lse (T, Hq) float32) of query (T, Hq, D) float32
-// (in K's stored space); see the top of this file.
+// (out (T, Hq, D) float32, lse (T, Hq) float32) of query (T, Hq, D) float32; key_rotation (D, D)
+// (queries scored as q @ R_K against the stored keys) and value_rotation_t (D, D) (out = o @ R_V^T,
+// given as R_V^T) are float32, or empty for none. See the top of this file.
 std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& pages, const at::Tensor& block_table,
-                                     const at::Tensor& context_lens, const at::Tensor& query_start_loc,
+                                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                                      const std::vector<int64_t>& key_part, const at::Tensor& key_book,
                                      const std::vector<int64_t>& value_part, const at::Tensor& value_book,
+                                     const at::Tensor& key_rotation, const at::Tensor& value_rotation_t,
                                      double scale, int64_t split_tokens) {
   TORCH_CHECK(query.device().is_cpu() && pages.device().is_cpu(), "kvcompress paged kernel: tensors must be on the CPU");
   TORCH_CHECK(query.scalar_type() == at::kFloat && query.dim() == 3 && query.is_contiguous(),
@@ -134,113 +237,152 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
   const int64_t H = pages.size(1), block_size = pages.size(2), slot_bytes = pages.size(3);
   TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(D <= kMaxDim && D % 8 == 0, "head_dim must be a multiple of 8 and at most ", kMaxDim);
-  const int64_t R = context_lens.size(0);
-  for (const at::Tensor* t : {&block_table, &context_lens, &query_start_loc})
+  const int64_t R = seq_lens.size(0);
+  for (const at::Tensor* t : {&block_table, &seq_lens, &query_start_loc})
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "block table and lengths must be contiguous int32");
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == R && query_start_loc.numel() == R + 1,
-              "block_table (R, max_blocks), context_lens (R,), query_start_loc (R + 1,)");
-  TORCH_CHECK(split_tokens > 0 && split_tokens % block_size == 0, "split_tokens must be a multiple of block_size");
+              "block_table (R, max_blocks), seq_lens (R,), query_start_loc (R + 1,)");
+  TORCH_CHECK(split_tokens > 0 && split_tokens % kTile == 0, "split_tokens must be a multiple of ", kTile);
+  for (const at::Tensor* m : {&key_rotation, &value_rotation_t})
+    TORCH_CHECK(m->numel() == 0 || (m->scalar_type() == at::kFloat && m->is_contiguous() && m->dim() == 2 &&
+                                    m->size(0) == D && m->size(1) == D),
+                "rotations must be contiguous float32 (D, D) or empty");
   const Part kp = describe_part(key_part, key_book, D, slot_bytes, "keys");
   const Part vp = describe_part(value_part, value_book, D, slot_bytes, "values");
   const int rep = static_cast<int>(Hq / H);
   const float fscale = static_cast<float>(scale);
   const int32_t* table = block_table.data_ptr<int32_t>();
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const int64_t max_blocks = block_table.size(1);
   const uint8_t* base = pages.data_ptr<uint8_t>();
   const int64_t s_block = pages.stride(0), s_head = pages.stride(1), s_row = pages.stride(2);
+  const float* rk = key_rotation.numel() ? key_rotation.data_ptr<float>() : nullptr;
+  const float* rvt = value_rotation_t.numel() ? value_rotation_t.data_ptr<float>() : nullptr;
 
   int64_t max_splits = 1;
   std::vector<Task> tasks;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = lens[r], first = starts[r], last = starts[r + 1];
     TORCH_CHECK(first >= 0 && first <= last && last <= T, "query_start_loc must rise within [0, T]");
-    if (n <= 0 || last <= first) continue;
-    TORCH_CHECK((n + block_size - 1) / block_size <= max_blocks, "context_lens exceed the block table");
+    if (last <= first) continue;
+    TORCH_CHECK(n >= last - first, "request ", r, " has ", last - first, " queries but ", n, " stored tokens");
+    TORCH_CHECK((n + block_size - 1) / block_size <= max_blocks, "seq_lens exceed the block table");
+    for (int64_t b = 0; b < (n + block_size - 1) / block_size; ++b)  // slots are read unchecked below
+      TORCH_CHECK(table[r * max_blocks + b] >= 0 && table[r * max_blocks + b] < pages.size(0),
+                  "block table entry outside the pages");
     const int64_t splits = (n + split_tokens - 1) / split_tokens;
     max_splits = std::max(max_splits, splits);
     for (int64_t h = 0; h < H; ++h)
       for (int64_t s = 0; s < splits; ++s) tasks.push_back({r, h, s});
   }
-  for (int64_t r = 0; r < R; ++r)  // every block a request reads must exist (slots are read unchecked)
-    for (int64_t b = 0; b < (std::max<int64_t>(lens[r], 0) + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(table[r * max_blocks + b] >= 0 && table[r * max_blocks + b] < pages.size(0),
-                  "block table entry outside the pages");
 
-  const int64_t stride_partial = 2 + D;  // max, sum, acc[D] of one (query token, query head, split)
-  std::vector<float> partial(static_cast<size_t>(T * Hq * max_splits * stride_partial), 0.0f);
-  std::vector<uint8_t> done(static_cast<size_t>(T * Hq * max_splits), 0);
-  const float* qp = query.data_ptr<float>();
+  // The queries in K's stored space, row by row.
+  const float* q_in = query.data_ptr<float>();
+  at::Tensor rotated = rk ? at::empty_like(query) : query;
+  float* qp = rotated.data_ptr<float>();
+  if (rk)
+    at::parallel_for(0, T * Hq, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) row_times_matrix(q_in + row * D, rk, D, qp + row * D);
+    });
+
+  // partial[((token * Hq + query head) * max_splits + split) * (2 + D)]: max, sum, acc[D] of a split.
+  const int64_t stride_partial = 2 + D;
+  at::Tensor partial_t = at::empty({T * Hq * max_splits * stride_partial}, query.options());
+  float* partial = partial_t.data_ptr<float>();
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sc, acc, stats;
-    alignas(32) float row[kMaxDim];
+    alignas(64) float row[kMaxDim];
+    alignas(64) float sc[3 * kTile];
+    std::vector<float> kt(static_cast<size_t>(D * kTile)), vt(static_cast<size_t>(kTile * D));
     for (int64_t task = begin; task < end; ++task) {
       const Task& tk = tasks[task];
-      const int64_t first = starts[tk.request], t_r = starts[tk.request + 1] - first;
-      const int64_t M = t_r * rep;  // query rows: row tq * rep + i is query head h * rep + i of token first + tq
-      const int64_t t0 = tk.split * split_tokens, t1 = std::min<int64_t>(t0 + split_tokens, lens[tk.request]);
-      const int64_t len = t1 - t0;
-      sc.resize(static_cast<size_t>(M * len));
-      acc.assign(static_cast<size_t>(M * D), 0.0f);
-      stats.resize(static_cast<size_t>(2 * M));
+      const int64_t first = starts[tk.request], q_r = starts[tk.request + 1] - first, n = lens[tk.request];
+      const int64_t first_pos = n - q_r;  // position of the request's first query
+      const int64_t t0 = tk.split * split_tokens, t1 = std::min(t0 + split_tokens, n);
+      const int64_t i_lo = std::max<int64_t>(0, t0 - first_pos);  // first query that reaches this split
       const int32_t* blocks = table + tk.request * max_blocks;
       auto slot_of = [&](int64_t t) {
         return base + blocks[t / block_size] * s_block + tk.head * s_head + (t % block_size) * s_row;
       };
-      for (int64_t j = 0; j < len; ++j) {
-        decode_part(kp, slot_of(t0 + j), D, row);
-        for (int64_t tq = 0; tq < t_r; ++tq)
-          for (int i = 0; i < rep; ++i) {
-            const float* q = qp + ((first + tq) * Hq + tk.head * rep + i) * D;
-            sc[(tq * rep + i) * len + j] = dot_fixed<0>(q, row, D) * fscale;
+      auto part_of = [&](int64_t i, int k) {
+        return partial + (((first + i) * Hq + tk.head * rep + k) * max_splits + tk.split) * stride_partial;
+      };
+      for (int64_t i = i_lo; i < q_r; ++i)
+        for (int k = 0; k < rep; ++k) {
+          float* part = part_of(i, k);
+          part[0] = kNegInf;
+          std::fill(part + 1, part + stride_partial, 0.0f);
+        }
+      for (int64_t a = t0; a < t1; a += kTile) {
+        const int64_t b = std::min(a + kTile, t1);
+        for (int64_t j = 0; j < kTile; ++j) {  // the tile: keys transposed (D, kTile), values (kTile, D)
+          if (a + j < b) {
+            decode_part(kp, slot_of(a + j), D, row);
+            for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = row[d];
+            decode_part(vp, slot_of(a + j), D, vt.data() + j * D);
+          } else {
+            for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = 0.0f;
+            std::fill(vt.begin() + j * D, vt.begin() + (j + 1) * D, 0.0f);
           }
-      }
-      block_softmax_stats(sc.data(), static_cast<int>(M), len, stats.data(), 2);
-      for (int64_t j = 0; j < len; ++j) {
-        decode_part(vp, slot_of(t0 + j), D, row);
-        for (int64_t m = 0; m < M; ++m) {
-          const float w = sc[m * len + j];
-          if (w == 0.0f) continue;
-          float* a = acc.data() + m * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += w * row[d];
+        }
+        for (int64_t i = std::max(i_lo, a - first_pos); i < q_r; ++i) {
+          const int64_t len = std::min(b, first_pos + i + 1) - a;  // tokens of the tile at or before the query
+          const float* q = qp + ((first + i) * Hq + tk.head * rep) * D;
+          for (int k = 0; k < rep;) {  // the token's query heads, 3 (or the rest) at a time
+            const int rows = std::min(3, rep - k);
+            float* parts[3] = {part_of(i, k), rows > 1 ? part_of(i, k + 1) : nullptr,
+                               rows > 2 ? part_of(i, k + 2) : nullptr};
+            if (rows == 3) {
+              tile_rows<3>(q + k * D, kt.data(), vt.data(), len, D, fscale, parts, sc);
+            } else if (rows == 2) {
+              tile_rows<2>(q + k * D, kt.data(), vt.data(), len, D, fscale, parts, sc);
+            } else {
+              tile_rows<1>(q + k * D, kt.data(), vt.data(), len, D, fscale, parts, sc);
+            }
+            k += rows;
+          }
         }
       }
-      for (int64_t tq = 0; tq < t_r; ++tq)
-        for (int i = 0; i < rep; ++i) {
-          const int64_t m = tq * rep + i, index = ((first + tq) * Hq + tk.head * rep + i) * max_splits + tk.split;
-          float* part = partial.data() + index * stride_partial;
-          part[0] = stats[2 * m];
-          part[1] = stats[2 * m + 1];
-          std::copy(acc.begin() + m * D, acc.begin() + (m + 1) * D, part + 2);
-          done[index] = 1;
-        }
     }
   });
 
+  // Merge each row's splits 0 .. p / split_tokens in order, normalise, un-rotate.
   at::Tensor out = at::zeros({T, Hq, D}, query.options());
   at::Tensor lse = at::full({T, Hq}, -std::numeric_limits<float>::infinity(), query.options());
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  for (int64_t row = 0; row < T * Hq; ++row) {
-    float m = kNegInf;
-    for (int64_t s = 0; s < max_splits; ++s)
-      if (done[row * max_splits + s]) m = std::max(m, partial[(row * max_splits + s) * stride_partial]);
-    if (m == kNegInf) continue;  // no stored tokens (or every score -inf): out 0, lse -inf
-    float l = 0.0f;
-    float* o = op + row * D;
-    for (int64_t s = 0; s < max_splits; ++s) {
-      const float* part = partial.data() + (row * max_splits + s) * stride_partial;
-      if (!done[row * max_splits + s] || part[0] == kNegInf) continue;
-      const float w = std::exp(part[0] - m);
-      l += w * part[1];
-      for (int64_t d = 0; d < D; ++d) o[d] += w * part[2 + d];
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float o[kMaxDim];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t first = starts[r], q_r = starts[r + 1] - first, first_pos = lens[r] - q_r;
+      for (int64_t i = 0; i < q_r; ++i) {
+        const int64_t splits = (first_pos + i) / split_tokens + 1;
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+          const int64_t index = (first + i) * Hq + hq;
+          const float* parts = partial + index * max_splits * stride_partial;
+          float m = kNegInf;
+          for (int64_t s = 0; s < splits; ++s) m = std::max(m, parts[s * stride_partial]);
+          if (m == kNegInf) continue;  // every score -inf: out 0, lse -inf
+          float l = 0.0f;
+          std::fill(o, o + D, 0.0f);
+          for (int64_t s = 0; s < splits; ++s) {
+            const float* part = parts + s * stride_partial;
+            if (part[0] == kNegInf) continue;
+            const float w = exp_nonpositive(part[0] - m);
+            l += w * part[1];
+            for (int64_t d = 0; d < D; ++d) o[d] += w * part[2 + d];
+          }
+          for (int64_t d = 0; d < D; ++d) o[d] /= l;
+          if (rvt) {
+            row_times_matrix(o, rvt, D, op + index * D);
+          } else {
+            std::copy(o, o + D, op + index * D);
+          }
+          lp[index] = m + std::log(l);
+        }
+      }
     }
-    const float inv = 1.0f / l;
-    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-    lp[row] = m + std::log(l);
-  }
+  });
   return {out, lse};
 }

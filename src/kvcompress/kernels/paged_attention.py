@@ -1,12 +1,13 @@
-"""Attention over a paged pool of packed slots (`kvcompress.paged`), in torch: the seam for paged kernels.
+"""Attention over a paged pool of packed slots (`kvcompress.paged`): the torch reference and the seam.
 
 `paged_attention` gives every query token the causal softmax attention over its request's tokens
 as stored in the pages, itself included: the serving protocol writes a forward chunk's K/V into
 its slots first, then every token, the chunk's own ones too, is read from its codes through the
 block table (a few blocks at a time with an online softmax; never a dense copy of a sequence). So
-a token's output does not depend on how the engine chunked or scheduled its request. With
-`use_kernel=True` a decode step (one query per request) runs the compiled CPU kernel (`cpu_paged`:
-each query over its request's first seq_lens tokens, which for one query is the same attention).
+a token's output does not depend on how the engine chunked or scheduled its request, on either path:
+`paged_attention_torch` (readable, any device) or, with `use_kernel=True`, the compiled CPU kernel
+(`cpu_paged`, every step) where it applies. The two agree to float tolerance, not bit for bit: a
+caller that needs chunk independence (the vLLM backend) picks one path per layer and keeps it.
 Shapes: T query tokens, Hq query heads, Hkv KV heads (query head h reads KV head h // (Hq / Hkv)), D.
 """
 
@@ -40,17 +41,28 @@ def paged_attention(query: torch.Tensor, pages: torch.Tensor, block_table: torch
         query_start_loc: (R + 1,) int.
         layout: the layer's `SlotLayout`.
         scale: the softmax scale (1 / sqrt(D) for most models).
-        use_kernel: a decode step (every request at most one query) runs the compiled CPU kernel
-            (`cpu_paged.attend`) where it applies; other steps, and calls it declines, the torch path.
+        use_kernel: run the compiled CPU kernel (`cpu_paged.attend`) where it applies; calls it
+            declines (`cpu_paged.available` is False for them), the torch path.
 
     Returns:
         out (T, Hq, D) float32 and lse (T, Hq) float32, the natural log of each softmax denominator.
     """
-    if use_kernel and bool(((query_start_loc[1:] - query_start_loc[:-1]) <= 1).all()):
+    check_lengths(seq_lens, query_start_loc)
+    if use_kernel:
         result = cpu_paged.attend(query, pages, block_table, seq_lens, query_start_loc, layout, scale)
         if result is not None:
             return result
     return paged_attention_torch(query, pages, block_table, seq_lens, query_start_loc, layout, scale)
+
+
+def check_lengths(seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> None:
+    """ValueError unless every request has at least as many stored tokens as queries."""
+    queries = (query_start_loc[1:] - query_start_loc[:-1]).cpu()
+    short = (queries > 0) & (seq_lens.cpu() < queries)
+    if bool(short.any()):
+        r = int(short.nonzero()[0, 0])
+        raise ValueError(f"request {r} has {int(queries[r])} queries but only {int(seq_lens[r])} stored tokens; its "
+                         "own tokens must be written to the pages before attention")
 
 
 def _by_kv_head(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -78,6 +90,7 @@ def paged_attention_torch(query: torch.Tensor, pages: torch.Tensor, block_table:
     rows are padded: every sum has the same shape and terms, so a token's output is the same, bit for
     bit, in whatever chunk it comes (tested).
     """
+    check_lengths(seq_lens, query_start_loc)
     T, hq, d = query.shape
     kv_heads, block_size = pages.shape[1], pages.shape[2]
     out = torch.zeros(T, hq, d, dtype=torch.float32, device=query.device)
@@ -89,9 +102,6 @@ def paged_attention_torch(query: torch.Tensor, pages: torch.Tensor, block_table:
         t = last - first
         if t <= 0:
             continue
-        if stored < t:
-            raise ValueError(f"request {r} has {t} queries but only {stored} stored tokens; its own tokens must be "
-                             "written to the pages before attention")
         q = _by_kv_head(query[first:last].float(), kv_heads)  # (Hkv, M, D), M = Hq / Hkv * t
         rows = q.shape[1]
         if rows < MIN_ROWS:  # zero rows, dropped below: a decode step takes a chunk's matmul path

@@ -4,10 +4,11 @@ Pages: each layer's KV tensor is (num_blocks, kv_heads, block_size, slot_bytes) 
 one `paged.SlotLayout` slot per token and KV head; `customize_spec` publishes slot_bytes, so vLLM's
 pool accounting counts the packed size. `do_kv_cache_update` encodes each new token once into its
 slot (`slot_mapping`) before `forward`, where every query attends causally to its request's tokens
-read from their codes, its own chunk and itself included (`kernels.paged_attention`, block table,
-sequence lengths): prefill, chunked prefill, recomputation, prefix-cache hits and decode alike, so a
-token's output does not depend on how vLLM scheduled it. Decoder-only
-full attention without ALiBi, soft-capping, sinks or sliding windows; kv_cache_dtype "auto".
+read from their codes, its own chunk and itself included (`kernels.paged_attention`): prefill,
+chunked prefill, recomputation, prefix-cache hits and decode alike, so a token's output does not
+depend on how vLLM scheduled it. On CPU every step runs the compiled paged kernel (`cpu_paged`, built
+at start-up); elsewhere, or where it cannot be built, every step runs the torch path: never a mix.
+Decoder-only full attention without ALiBi, soft-capping, sinks or sliding windows; kv_cache_dtype "auto".
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from ...kernels import cpu, cpu_paged
 from ...kernels.paged_attention import paged_attention
 from ...paged import PagedLayout, SlotLayout
 from .config import ENV, PREFIX, ServingSpecError, configured_text, serving_layout, serving_slot_bytes
@@ -53,6 +55,23 @@ def _announce(layout: PagedLayout, full_bytes: int) -> None:
         logger.warning("kvcompress: the per-layer spec gives every layer the widest layer's %d-byte slot (vLLM sizes "
                        "one page for all layers); its narrowest layers need only %d", layout.slot_bytes,
                        layout.narrowest_bytes)
+
+
+@functools.lru_cache(maxsize=1)
+def use_cpu_kernel() -> bool:
+    """Whether this engine's layers attend through the compiled CPU paged kernel: on the CPU platform
+    when the extension loads (built here, at start-up, the first time; KVCOMPRESS_KERNELS=torch says no).
+    Decided once per process and logged: the kernel and the torch path round differently, and a token
+    must compute the same in whatever step it comes."""
+    if not current_platform.is_cpu():
+        logger.info("kvcompress: attention runs the torch paged path (the compiled paged kernel is CPU-only)")
+        return False
+    if cpu.load() is None:
+        logger.warning("kvcompress: attention runs the slower torch paged path: the CPU paged kernel is not "
+                       "available (%s)", cpu.unavailable_reason())
+        return False
+    logger.info("kvcompress: attention runs the compiled CPU paged kernel for every step")
+    return True
 
 
 class KvcompressAttentionBackend(AttentionBackend):
@@ -152,6 +171,8 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
         self.model_layout = serving_layout(_num_layers(), head_size, dtype)
         _announce(self.model_layout, 2 * head_size * dtype.itemsize)
         self._slot_layout: SlotLayout | None = None
+        # one path for every layer and step (see use_cpu_kernel): the kernel needs every layer's slots readable
+        self.use_kernel = use_cpu_kernel() and all(cpu_paged.supports_layout(x) for x in self.model_layout.layers)
 
     def slot_layout(self, layer: torch.nn.Module) -> SlotLayout:
         """This layer's slot layout (its index read from vLLM's layer name on the first call)."""
@@ -182,9 +203,9 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
             return output
         md = attn_metadata
         n = md.num_actual_tokens
-        # The torch path for every step: the compiled decode kernel (use_kernel=True) rounds its sums
-        # differently, so a token decoded by it and recomputed in a chunk would not compute the same.
+        # self.use_kernel is the same for every layer and step: a token decoded on one path and recomputed
+        # in a prefill chunk on the other would not compute the same bits
         out, _ = paged_attention(query[:n], kv_cache.view(torch.uint8), md.block_table, md.seq_lens,
-                                 md.query_start_loc, self.slot_layout(layer), self.scale)
+                                 md.query_start_loc, self.slot_layout(layer), self.scale, use_kernel=self.use_kernel)
         output[:n] = out.to(output.dtype)
         return output
