@@ -46,6 +46,7 @@
 namespace {
 
 constexpr int64_t kRow = 8;        // tokens per packed row
+
 constexpr int64_t kBookSize = 64;  // codebooks padded to 64 entries (widths up to 6 bits)
 constexpr int64_t kPrefetchRows = 8;  // rows of codes fetched ahead of the one decoded
 
@@ -305,6 +306,29 @@ inline void decode_keys(const Coded& c, const float* grouped, const float* rows,
   return decode_tile<8, 1>(c, grouped, rows, x);
 }
 
+// out[t] = q . x[t * n .. t * n + n) for the kRow (8) token-major rows of x (n % kLanes == 0): the
+// eight sums are reduced together, not one horizontal sum per token.
+inline void dots_row(const float* q, const float* x, int64_t n, float* out) {
+  static_assert(kRow == 8, "dots_row reduces 8 tokens");
+  vec a[kRow];
+  for (int t = 0; t < kRow; ++t) a[t] = vzero();
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const vec qv = vload(q + j);
+    for (int t = 0; t < kRow; ++t) a[t] = vfma(qv, vload(x + t * n + j), a[t]);
+  }
+#if defined(__AVX512F__)
+  __m256 f[kRow];  // each 16-lane sum folded to 8 lanes
+  for (int t = 0; t < kRow; ++t)
+    f[t] = _mm256_add_ps(_mm512_castps512_ps256(a[t]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[t]), 1)));
+  _mm256_storeu_ps(out, hsum8(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]));
+#elif defined(KVC_AVX2)
+  _mm256_storeu_ps(out, hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+#else
+  for (int t = 0; t < kRow; ++t) out[t] = vsum(a[t]);
+#endif
+}
+
 // Scores of compressed tokens [t0, t1) into sc[i * ld + (t - t0)] for the rep query heads.
 //  rope.cos == nullptr: q_proj (rep x np) = rows . q, q_off (rep) = q . offset; score = q_off + s * (q_proj . c)
 //  rope.cos != nullptr: keys decoded, offset added, rotated to their position, dotted with q (rep x D).
@@ -314,13 +338,15 @@ void coded_key_scores(const Coded& c, int64_t b, int64_t h, int64_t t0, int64_t 
   const int64_t D = c.dim, np = c.np, half = D / 2;
   float scales[kRow];
   if (rope.cos == nullptr) {
+    float dots[kRow];
     for (int64_t row = t0 / kRow; row < t1 / kRow; ++row) {
       decode_row(c, b, h, row, s);
       row_scales(c, b, h, row, scales);
       const int64_t col = row * kRow - t0;
-      for (int i = 0; i < rep; ++i)
-        for (int64_t t = 0; t < kRow; ++t)
-          sc[i * ld + col + t] = q_off[i] + scales[t] * dot_lanes(q_proj + i * np, s.cval.data() + t * np, np);
+      for (int i = 0; i < rep; ++i) {
+        dots_row(q_proj + i * np, s.cval.data(), np, dots);
+        for (int64_t t = 0; t < kRow; ++t) sc[i * ld + col + t] = q_off[i] + scales[t] * dots[t];
+      }
     }
     return;
   }

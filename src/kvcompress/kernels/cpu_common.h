@@ -77,6 +77,16 @@ inline float vsum(vec a) {
 }
 #endif
 
+#ifdef KVC_AVX2
+// [sum(a0), ..., sum(a7)] in one register.
+inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+  const __m256 h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+#endif
+
 // ---- dot products of float rows (three loops, each tuned where it is used)
 // n % kLanes == 0, one vector accumulator (the codebook kernel's code-space and decoded-key rows).
 inline float dot_lanes(const float* a, const float* b, int64_t n) {

@@ -88,14 +88,6 @@ inline void half_to_float(const at::Half* src, float* dst, int64_t n) {  // n % 
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
 }
 
-// [sum(a0), ..., sum(a7)] in one register.
-inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
-  const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
-  const __m256 h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
-  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-}
-
 template <int BITS, int DIM>
 void key_scores_channel_avx2(const Packed& c, int64_t t0, int64_t t1, const float* q, int rep, float* sc,
                              int64_t ld, std::vector<float>& work) {

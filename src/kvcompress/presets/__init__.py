@@ -120,6 +120,21 @@ for _n in (4, 3, 2):
                      "codebook; one fp16 scale per vector (needs a calibration artifact)", _bits(f"bits{_n}", _n))
 
 
+def _bits_fast(name: str, bits: int) -> Callable[[], CacheSpec]:
+    """K post-RoPE, centred, randomized-Hadamard codebook; V as bitsN's."""
+    return lambda: CacheSpec(key=TensorSpec(method="rotated+codebook", bits=bits, center=True),
+                             value=TensorSpec(method="rotated+codebook", bits=bits), name=name)
+
+
+# The bitsN-fast presets: the bytes of bitsN with keys coded as attention gives them (post-RoPE),
+# so the CPU kernel scores them from the codes with the query projected once per step instead of
+# decoding and re-rotating every pre-RoPE key; they cost quality (docs/decode.md, "bitsN-fast").
+for _n in (4, 3, 2):
+    PRESETS.register(f"bits{_n}-fast", f"K post-RoPE, centred, randomized-Hadamard-rotated {_n}-bit Lloyd-Max "
+                     f"codebook; V as bits{_n}; one fp16 scale per vector: bits{_n}'s bytes, decodes faster, "
+                     "higher KL (needs a calibration artifact)", _bits_fast(f"bits{_n}-fast", _n))
+
+
 def _paged(name: str, tensor: TensorSpec) -> Callable[[], CacheSpec]:
     """The same token-wise codec for K and V, no window, no sinks: every token's bytes complete on their own."""
     return lambda: CacheSpec(key=tensor, value=tensor, window=0, sinks=0, name=name)
