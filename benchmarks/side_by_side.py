@@ -89,8 +89,8 @@ def kvcompress_rows(ids_file: dict, specs: list[str], dtype: str, done_path: Pat
     """One row per spec, measured with `measure.prompt.prompt_eval` on the exported ids.
 
     With `done_path` (a JSON-lines file), each row is appended there as soon as it is measured and
-    rows already there (same spec name and content, ids and dtype) are reused: an interrupted run
-    resumes, and a preset whose spec changed is measured again."""
+    rows already there (same spec name and content, ids, dtype and calibration artifact) are reused:
+    an interrupted run resumes, and a preset whose spec or artifact changed is measured again."""
     import torch
 
     from kvcompress.measure.prompt import prompt_eval
@@ -98,21 +98,28 @@ def kvcompress_rows(ids_file: dict, specs: list[str], dtype: str, done_path: Pat
 
     from kvcompress import load_spec
 
-    # a row is reused only for the same spec (a preset's name may come to mean another spec)
+    from kvcompress.calibration import artifact_for
+
+    # The --model the ids were exported with (None: the embedded model, whose calibration artifact
+    # kvcompress builds itself); kvpress reads the same weights from `folder`.
+    model, _ = load_model(ids_file["model"]["argument"], dtype=DTYPES[dtype])
+    ids = torch.tensor([ids_file["ids"]], dtype=torch.long)
+    # a row is reused only for the same spec (a preset's name may come to mean another spec) and, for a
+    # calibrated codec, the same calibration artifact (its figures move with the artifact's text)
     resolved = {spec: load_spec(spec).to_dict() for spec in specs}
+    calibrated_on = {}
+    for spec in specs:
+        artifact = artifact_for(model, load_spec(spec), None)
+        calibrated_on[spec] = None if artifact is None else artifact.metadata.get("tensors_sha256")
     done = {}
     if done_path is not None and done_path.is_file():
         for line in done_path.read_text().splitlines():
             row = json.loads(line) if line.strip() else None
             if (row and row.get("ids_sha256") == ids_file["ids_sha256"] and row.get("dtype") == dtype
-                    and row.get("spec_dict") == resolved.get(row["spec"])):
+                    and row.get("spec") in resolved and row.get("spec_dict") == resolved[row["spec"]]
+                    and row.get("calibrated_on") == calibrated_on[row["spec"]]):
                 done[row["spec"]] = row
     todo = [spec for spec in specs if spec not in done]
-    if todo:
-        # The --model the ids were exported with (None: the embedded model, whose calibration artifact
-        # kvcompress builds itself); kvpress reads the same weights from `folder`.
-        model, _ = load_model(ids_file["model"]["argument"], dtype=DTYPES[dtype])
-        ids = torch.tensor([ids_file["ids"]], dtype=torch.long)
     store: dict = {}
     for spec in todo:
         result = prompt_eval(model, ids, spec, ids_file["protocol"]["context_tokens"], progress=False,
@@ -121,7 +128,8 @@ def kvcompress_rows(ids_file: dict, specs: list[str], dtype: str, done_path: Pat
                "keep": result.kept_fraction, "context_compression": result.context_compression,
                "whole_cache_ratio": result.whole_cache_ratio, "kl": result.kl, "kl_ci95": list(result.kl_ci95),
                "ppl_change": result.ppl_change, "top1": result.top1, "ppl_baseline": result.ppl_baseline,
-               "ids_sha256": ids_file["ids_sha256"], "dtype": dtype, "spec_dict": resolved[spec]}
+               "ids_sha256": ids_file["ids_sha256"], "dtype": dtype, "spec_dict": resolved[spec],
+               "calibrated_on": calibrated_on[spec]}
         done[spec] = row
         if done_path is not None:
             with done_path.open("a", encoding="utf-8") as handle:

@@ -55,6 +55,9 @@ def test_side_by_side_reuses_a_saved_row_only_for_the_same_spec(tmp_path, monkey
 
     monkeypatch.setattr(protocol, "prompt_eval", fake_eval)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
+    import kvcompress.calibration as calibration
+
+    monkeypatch.setattr(calibration, "artifact_for", lambda model, spec, folder: None)  # int4 needs none
     done = tmp_path / "rows.jsonl"
     stale = {"spec": "int4", "ids_sha256": "abc", "dtype": "float32", "kl": 9.0,
              "spec_dict": load_spec("int3").to_dict()}  # saved when "int4" meant another spec
@@ -63,3 +66,38 @@ def test_side_by_side_reuses_a_saved_row_only_for_the_same_spec(tmp_path, monkey
     assert measured == ["int4"] and row["kl"] == 0.5 and row["spec_dict"] == load_spec("int4").to_dict()
     (again,) = side.kvcompress_rows(ids_file, ["int4"], "float32", done)  # now saved with its spec: reused
     assert measured == ["int4"] and again["kl"] == 0.5
+
+
+def test_side_by_side_measures_a_calibrated_spec_again_after_the_artifact_changes(tmp_path, monkeypatch):
+    """A calibrated codec's saved row is reused only for the calibration artifact it was measured with."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import kvcompress.calibration as calibration
+    import kvcompress.measure.prompt as protocol
+    import kvcompress.models as models
+
+    spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "benchmarks" / "side_by_side.py")
+    side = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(side)
+    ids_file = {"ids": [1, 2, 3], "ids_sha256": "abc", "model": {"argument": None},
+                "protocol": {"context_tokens": 2}}
+    measured = []
+
+    def fake_eval(model, ids, name, context, **kwargs):
+        measured.append(name)
+        return SimpleNamespace(kept_fraction=1.0, context_compression=3.2, whole_cache_ratio=2.0,
+                               kl=0.1 * len(measured), kl_ci95=(0.0, 1.0), ppl_change=0.01, top1=0.9, ppl_baseline=4.0)
+
+    checksum = {"value": "first"}
+    monkeypatch.setattr(protocol, "prompt_eval", fake_eval)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(calibration, "artifact_for",
+                        lambda model, spec, folder: SimpleNamespace(metadata={"tensors_sha256": checksum["value"]}))
+    done = tmp_path / "rows.jsonl"
+    (first,) = side.kvcompress_rows(ids_file, ["bits3"], "float32", done)
+    (same,) = side.kvcompress_rows(ids_file, ["bits3"], "float32", done)
+    assert measured == ["bits3"] and same["kl"] == first["kl"]
+    checksum["value"] = "second"  # the artifact was calibrated again, on other text
+    (again,) = side.kvcompress_rows(ids_file, ["bits3"], "float32", done)
+    assert measured == ["bits3", "bits3"] and again["kl"] != first["kl"] and again["calibrated_on"] == "second"
