@@ -44,7 +44,7 @@ def _per_token(bits: int, group: int = 32, method: str = "quant") -> TensorSpec:
 
 _LOWRANK_KEYS = tuple(TensorSpec(method="lowrank+quant", rank=r, bits=4, axis="token", group_size=16,
                                  key_space="pre_rope") for r in (48, 32))
-_PCA_KEYS = tuple(TensorSpec(method="pca+codebook", bits=b, key_space="pre_rope") for b in (4, 3, 2))
+_PCA_KEYS = tuple(TensorSpec(method="pca+codebook", bits=b, key_space="pre_rope", weight="query") for b in (4, 3, 2))
 _ROTATED = tuple(TensorSpec(method="rotated+codebook", bits=b) for b in (4, 3, 2))
 _HADAMARD = tuple(_per_token(b, method="hadamard+quant") for b in (4, 3, 2))
 _HADAMARD_WIDE = tuple(_per_token(b, 64, method="hadamard+quant") for b in (4, 3, 2))
@@ -61,7 +61,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                    "Hadamard-rotated, at 4, 3, 2 bits (head_dim a multiple of 64)",
            key=_HADAMARD_WIDE, value=tuple(_per_token(b, 64) for b in (4, 3, 2)) + _HADAMARD_WIDE,
            uniform=tuple((f"hw{t.bits}", t, t) for t in _HADAMARD_WIDE)),
-    Family("codebook", "K pre-RoPE on calibrated principal directions and V rotated, Lloyd-Max codebooks at "
+    Family("codebook", "K pre-RoPE on calibrated principal directions (bits by variance x query energy) and V "
+                       "rotated, Lloyd-Max codebooks at "
                        "4, 3, 2 bits per value plus one fp16 scale per vector (the bitsN presets; needs a "
                        "calibration artifact)",
            key=_PCA_KEYS, value=_ROTATED, uniform=tuple((f"cb{k.bits}", k, v) for k, v in zip(_PCA_KEYS, _ROTATED))),
