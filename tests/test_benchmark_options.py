@@ -31,73 +31,68 @@ def test_wrong_option_is_one_line_and_exit_2(args, option):
     assert len(lines) == 1 and option in lines[0], proc.stderr
 
 
-def test_side_by_side_reuses_a_saved_row_only_for_the_same_spec(tmp_path, monkeypatch):
-    """A row saved under a preset's name is measured again once the name means another spec."""
+IDS_FILE = {"ids": [1, 2, 3], "ids_sha256": "abc", "model": {"argument": None}, "protocol": {"context_tokens": 2}}
+
+
+@pytest.fixture
+def side_by_side(monkeypatch):
+    """benchmarks/side_by_side.py as a module, with no model loaded and `prompt_eval` faked: each call
+    is recorded in `side.measured` and gets KL 0.1 x the number of calls so far."""
     import importlib.util
-    import json
     from types import SimpleNamespace
 
     import kvcompress.measure.prompt as protocol
     import kvcompress.models as models
-    from kvcompress import load_spec
 
     spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "benchmarks" / "side_by_side.py")
     side = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(side)
-    ids_file = {"ids": [1, 2, 3], "ids_sha256": "abc", "model": {"argument": None},
-                "protocol": {"context_tokens": 2}}
-    measured = []
+    side.measured = []
 
     def fake_eval(model, ids, name, context, **kwargs):
-        measured.append(name)
-        return SimpleNamespace(kept_fraction=1.0, context_compression=3.2, whole_cache_ratio=2.0, kl=0.5,
-                               kl_ci95=(0.4, 0.6), ppl_change=0.01, top1=0.9, ppl_baseline=4.0)
+        side.measured.append(name)
+        return SimpleNamespace(kept_fraction=1.0, context_compression=3.2, whole_cache_ratio=2.0,
+                               kl=0.1 * len(side.measured), kl_ci95=(0.0, 1.0), ppl_change=0.01, top1=0.9,
+                               ppl_baseline=4.0)
 
     monkeypatch.setattr(protocol, "prompt_eval", fake_eval)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
+    return side
+
+
+def test_side_by_side_reuses_a_saved_row_only_for_the_same_spec(tmp_path, monkeypatch, side_by_side):
+    """A row saved under a preset's name is measured again once the name means another spec."""
+    import json
+
     import kvcompress.calibration as calibration
+    from kvcompress import load_spec
 
     monkeypatch.setattr(calibration, "artifact_for", lambda model, spec, folder: None)  # int4 needs none
     done = tmp_path / "rows.jsonl"
     stale = {"spec": "int4", "ids_sha256": "abc", "dtype": "float32", "kl": 9.0,
              "spec_dict": load_spec("int3").to_dict()}  # saved when "int4" meant another spec
     done.write_text(json.dumps(stale) + "\n")
-    (row,) = side.kvcompress_rows(ids_file, ["int4"], "float32", done)
-    assert measured == ["int4"] and row["kl"] == 0.5 and row["spec_dict"] == load_spec("int4").to_dict()
-    (again,) = side.kvcompress_rows(ids_file, ["int4"], "float32", done)  # now saved with its spec: reused
-    assert measured == ["int4"] and again["kl"] == 0.5
+    (row,) = side_by_side.kvcompress_rows(IDS_FILE, ["int4"], "float32", done)
+    assert side_by_side.measured == ["int4"] and row["kl"] == 0.1 and row["spec_dict"] == load_spec("int4").to_dict()
+    (again,) = side_by_side.kvcompress_rows(IDS_FILE, ["int4"], "float32", done)  # now saved with its spec: reused
+    assert side_by_side.measured == ["int4"] and again["kl"] == 0.1
 
 
-def test_side_by_side_measures_a_calibrated_spec_again_after_the_artifact_changes(tmp_path, monkeypatch):
+def test_side_by_side_measures_a_calibrated_spec_again_after_the_artifact_changes(tmp_path, monkeypatch,
+                                                                                   side_by_side):
     """A calibrated codec's saved row is reused only for the calibration artifact it was measured with."""
-    import importlib.util
     from types import SimpleNamespace
 
     import kvcompress.calibration as calibration
-    import kvcompress.measure.prompt as protocol
-    import kvcompress.models as models
-
-    spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "benchmarks" / "side_by_side.py")
-    side = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(side)
-    ids_file = {"ids": [1, 2, 3], "ids_sha256": "abc", "model": {"argument": None},
-                "protocol": {"context_tokens": 2}}
-    measured = []
-
-    def fake_eval(model, ids, name, context, **kwargs):
-        measured.append(name)
-        return SimpleNamespace(kept_fraction=1.0, context_compression=3.2, whole_cache_ratio=2.0,
-                               kl=0.1 * len(measured), kl_ci95=(0.0, 1.0), ppl_change=0.01, top1=0.9, ppl_baseline=4.0)
 
     checksum = {"value": "first"}
-    monkeypatch.setattr(protocol, "prompt_eval", fake_eval)
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
     monkeypatch.setattr(calibration, "artifact_for",
                         lambda model, spec, folder: SimpleNamespace(metadata={"tensors_sha256": checksum["value"]}))
     done = tmp_path / "rows.jsonl"
-    (first,) = side.kvcompress_rows(ids_file, ["bits3"], "float32", done)
-    (same,) = side.kvcompress_rows(ids_file, ["bits3"], "float32", done)
-    assert measured == ["bits3"] and same["kl"] == first["kl"]
+    (first,) = side_by_side.kvcompress_rows(IDS_FILE, ["bits3"], "float32", done)
+    (same,) = side_by_side.kvcompress_rows(IDS_FILE, ["bits3"], "float32", done)
+    assert side_by_side.measured == ["bits3"] and same["kl"] == first["kl"]
     checksum["value"] = "second"  # the artifact was calibrated again, on other text
-    (again,) = side.kvcompress_rows(ids_file, ["bits3"], "float32", done)
-    assert measured == ["bits3", "bits3"] and again["kl"] != first["kl"] and again["calibrated_on"] == "second"
+    (again,) = side_by_side.kvcompress_rows(IDS_FILE, ["bits3"], "float32", done)
+    assert side_by_side.measured == ["bits3", "bits3"] and again["kl"] != first["kl"]
+    assert again["calibrated_on"] == "second"
