@@ -1,5 +1,6 @@
 """Time the two parts of one layer's decode step in the vLLM plugin, outside vLLM: encoding the new
-tokens into their slots (`SlotLayout.write`) and the attention through the pages (`paged_attention`).
+tokens into their slots (`paged_attention.write_slots`) and the attention through the pages
+(`paged_attention`), both compiled, or both in torch with --torch-path.
 
     python benchmarks/paged_step_parts.py --spec paged-int4 --requests 16 --context 400 --threads 2
 
@@ -23,13 +24,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=400, help="stored tokens per request (default 400)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--iters", type=int, default=50, help="timed calls (default 50)")
-    parser.add_argument("--torch-path", action="store_true", help="time the torch path instead of the kernel")
+    parser.add_argument("--torch-path", action="store_true", help="time the torch paths instead of the kernels")
     args = parser.parse_args()
     for name in ("requests", "context", "threads", "iters"):
         if getattr(args, name) < 1:
             parser.exit(2, f"--{name} must be at least 1, got {getattr(args, name)}\n")
 
-    from kvcompress.kernels.paged_attention import paged_attention
+    from kvcompress.kernels.paged_attention import paged_attention, write_slots
     from kvcompress.paged import PagedLayout
     from kvcompress.presets import load_spec
 
@@ -57,12 +58,12 @@ def main() -> None:
             step()
         return 1000 * (time.perf_counter() - start) / args.iters
 
-    write = per_call_ms(lambda: layout.write(pages, new, new, new_slots))
+    write = per_call_ms(lambda: write_slots(pages, new, new, new_slots, layout, use_kernel=not args.torch_path))
     attend = per_call_ms(lambda: paged_attention(query, pages, block_table, seq_lens, starts, layout, 0.125,
                                                  use_kernel=not args.torch_path))
     print(f"{args.spec}, {requests} requests x {context + 1} stored tokens, {args.threads} threads: "
           f"encode {write:.3f} ms, attention {attend:.3f} ms per layer "
-          f"({'torch path' if args.torch_path else 'compiled kernel'})")
+          f"({'torch paths' if args.torch_path else 'compiled kernels'})")
 
 
 if __name__ == "__main__":

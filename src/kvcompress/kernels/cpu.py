@@ -2,7 +2,7 @@
 
 `attend(layer, query, mask, scaling)` computes what `kernels.reference.attend_compressed` computes,
 from the stored codes: uniform `QuantCodec` keys (post-RoPE) and values, or codebook codecs
-(`kernels.cpu_codebook`); `cpu_paged.cpp` (`kernels.cpu_paged`) shares the build. It returns None
+(`kernels.cpu_codebook`); `cpu_paged.cpp` and `cpu_paged_write.cpp` (`kernels.cpu_paged`) share the build. It returns None
 (the caller runs the torch path) where the kernel does not apply: `KVCOMPRESS_KERNELS=torch`,
 unbuildable (ONE warning per process; an error with `KVCOMPRESS_KERNELS=cpu`), non-CPU tensors,
 other codecs, a mask not (B or 1, 1, 1, seq).
@@ -31,7 +31,8 @@ from ..io import DamagedDirectoryError, cache_root, check_directory, write_direc
 from . import ENV, cpu_codebook, mode
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")  # defines the module; the files below are compiled with it
-EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"), Path(__file__).with_name("cpu_paged.cpp"))
+EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"), Path(__file__).with_name("cpu_paged.cpp"),
+                 Path(__file__).with_name("cpu_paged_write.cpp"))
 HEADERS = (Path(__file__).with_name("cpu_common.h"), Path(__file__).with_name("cpu_split_k.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

@@ -448,8 +448,16 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
                                      const at::Tensor& key_rotation, const at::Tensor& value_rotation_t,
                                      double scale, int64_t split_tokens);
 
+// cpu_paged_write.cpp: a step's keys and values encoded into their slots (kvcompress.paged).
+int64_t paged_write(const at::Tensor& pages, const at::Tensor& key, const at::Tensor& value,
+                    const at::Tensor& slot_mapping, const std::vector<int64_t>& key_part, const at::Tensor& key_book,
+                    const at::Tensor& key_cuts, const std::vector<int64_t>& value_part,
+                    const at::Tensor& value_book, const at::Tensor& value_cuts, int64_t sum_lanes,
+                    int64_t extreme_lanes);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "Decode-step attention over packed KV codes (see cpu_decode.cpp)");
   m.def("attend_codebook", &attend_codebook, "Decode-step attention over codebook codes (see cpu_codebook.cpp)");
   m.def("paged_attend", &paged_attend, "Causal attention over a paged pool of packed slots (see cpu_paged.cpp)");
+  m.def("paged_write", &paged_write, "Encode keys and values into their slots of a paged pool (see cpu_paged_write.cpp)");
 }

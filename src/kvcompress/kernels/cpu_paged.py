@@ -1,4 +1,5 @@
-"""The CPU paged kernel (`cpu_paged.cpp`): `paged_attention` over a paged pool of packed slots, compiled.
+"""The CPU paged kernels: `paged_attention` over a paged pool of packed slots (`cpu_paged.cpp`) and
+`SlotLayout.write` (`cpu_paged_write.cpp`), compiled.
 
 `attend(query, pages, block_table, seq_lens, query_start_loc, layout, scale)` returns what
 `paged_attention.paged_attention_torch` returns, (out (T, Hq, D), lse (T, Hq)) float32, to float
@@ -8,6 +9,12 @@ then `kernels.cpu.load` has warned once). Each query row's arithmetic, its rotat
 only on the row and its request's tokens up to its position: a token gets the same bits in any chunk
 or batch (SPLIT_TOKENS and the tile are fixed). It rounds differently from the torch path, so one
 engine must use one of the two throughout. It knows the slot layout only through `paged.SlotLayout`.
+
+`write(pages, key, value, slot_mapping, layout)` stores a step's tokens: the same bytes as
+`SlotLayout.write` (rotations stay a torch matmul here, everything else is one compiled call); it
+returns False where it does not apply (then the caller runs `SlotLayout.write`). It does not handle
+states the torch writer refuses (non-finite, beyond fp16): it hands those to `SlotLayout.write`,
+which raises.
 """
 
 from __future__ import annotations
@@ -57,6 +64,86 @@ def layout_arguments(layout: SlotLayout) -> tuple:
     key_rotation = empty if key_rotation is None else key_rotation.float().contiguous()
     value_rotation_t = empty if value_rotation is None else value_rotation.float().T.contiguous()
     return key, key_book, value, value_book, key_rotation, value_rotation_t
+
+
+def _write_description(part: PartLayout, offset: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(method, offset, bits, group, scale_at, zero_at, nbytes) of a part for the encoder, its codebook
+    and the midpoints between neighbouring centroids (torch.bucketize's boundaries in `CodebookCodec`)."""
+    fields = part.fields()
+    description = [METHODS[part.method], offset, part.bits, part.group_size, fields.get("scale", (0, 0))[0],
+                   fields.get("zero", (0, 0))[0], part.nbytes]
+    if part.method != "rotated+codebook":
+        return description, torch.empty(0), torch.empty(0)
+    book = part.centroids().float().contiguous()
+    return description, book, ((book[1:] + book[:-1]) / 2).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def write_arguments(layout: SlotLayout) -> tuple:
+    """The encoder's arguments for a layer's slots: per part its description, codebook and midpoints."""
+    return (*_write_description(layout.key, 0), *_write_description(layout.value, layout.value_offset))
+
+
+def pages_input(x: torch.Tensor, part: PartLayout) -> torch.Tensor:
+    """What the encoder reads for states `x` (n, H, D): the stored dtype ("none"), x @ R (rotated), or x."""
+    if part.method == "none":
+        return x.to(part.dtype)
+    rotation = part.rotation(x.device)
+    return x if rotation is None else x.float() @ rotation  # the torch writer's matmul, so the same bits
+
+
+def write(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+          layout: SlotLayout) -> bool:
+    """`layout.write(pages, key, value, slot_mapping)` compiled (the same bytes); False where it does not apply.
+
+    pages: (num_blocks, H, block_size, slot_bytes) uint8; key, value: (N, H, D) float32, bfloat16 or
+    float16; slot_mapping: (N,) int, negative for padding.
+    """
+    if (pages.device.type != "cpu" or key.device.type != "cpu" or pages.dtype != torch.uint8
+            or key.shape[-1] > MAX_DIM or key.dtype not in DTYPES or value.dtype not in DTYPES
+            or key.stride(-1) != 1 or value.stride(-1) != 1):
+        return False
+    lanes = _lanes(layout)
+    if lanes is None:
+        return False
+    if layout.key.rotation() is not None or layout.value.rotation() is not None:
+        keep = slot_mapping >= 0  # the torch writer multiplies the kept rows only (matmul rounds by row count)
+        if not bool(keep.all()):
+            key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    status = cpu.load().paged_write(pages, pages_input(key, layout.key), pages_input(value, layout.value),
+                                    slot_mapping, *write_arguments(layout), *lanes)
+    if status:  # states the torch writer refuses: it raises its error
+        layout.write(pages, key, value, slot_mapping)
+    return True
+
+
+LANES = ((16, 8), (8, 8), (16, 16), (8, 16), (4, 4))  # (sums, amin/amax) vector widths torch may use
+
+
+@functools.lru_cache(maxsize=256)
+def _lanes(layout: SlotLayout) -> tuple[int, int] | None:
+    """The vector widths of torch's float sums and amin / amax with which the encoder writes the torch
+    writer's bytes for this layout on this machine, or None (then the torch writer runs). Found once per
+    layout on a few random tokens and on zeros of random signs (whose sign a min or max keeps by order)."""
+    module = cpu.load()
+    if module is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    n, heads, d = 16, 2, layout.key.head_dim
+    signs = torch.randint(0, 2, (n, heads, d), generator=gen) * 2.0 - 1
+    key, value = torch.randn(n, heads, d, generator=gen), torch.randn(n, heads, d, generator=gen)
+    key[:4], value[:4] = 0.0 * signs[:4], 0.0 * signs[:4]  # all zeros, of random signs
+    key[4:8] = torch.where(signs[4:8] > 0, key[4:8].abs(), 0.0 * signs[4:8])  # the minimum a signed zero
+    value[4:8] = torch.where(signs[4:8] > 0, -value[4:8].abs(), 0.0 * signs[4:8])  # the maximum a signed zero
+    slots = torch.arange(n)
+    want = torch.zeros(1, heads, n, layout.slot_bytes, dtype=torch.uint8)
+    layout.write(want, key, value, slots)
+    inputs = (pages_input(key, layout.key), pages_input(value, layout.value))
+    for lanes in LANES:
+        got = torch.zeros_like(want)
+        if module.paged_write(got, *inputs, slots, *write_arguments(layout), *lanes) == 0 and torch.equal(got, want):
+            return lanes
+    return None
 
 
 def available(query: torch.Tensor, pages: torch.Tensor, layout: SlotLayout) -> bool:

@@ -55,6 +55,14 @@ def paged_attention(query: torch.Tensor, pages: torch.Tensor, block_table: torch
     return paged_attention_torch(query, pages, block_table, seq_lens, query_start_loc, layout, scale)
 
 
+def write_slots(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+                layout: SlotLayout, use_kernel: bool = False) -> None:
+    """`layout.write(pages, key, value, slot_mapping)`: through the compiled CPU encoder (`cpu_paged.write`,
+    the same bytes) with `use_kernel` where it applies, else in torch. Shapes as `SlotLayout.write`."""
+    if not (use_kernel and cpu_paged.write(pages, key, value, slot_mapping, layout)):
+        layout.write(pages, key, value, slot_mapping)
+
+
 def check_lengths(seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> None:
     """ValueError unless every request has at least as many stored tokens as queries."""
     queries = (query_start_loc[1:] - query_start_loc[:-1]).cpu()

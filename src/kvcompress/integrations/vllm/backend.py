@@ -33,7 +33,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from ...kernels import cpu, cpu_paged
-from ...kernels.paged_attention import paged_attention
+from ...kernels.paged_attention import paged_attention, write_slots
 from ...paged import PagedLayout, SlotLayout
 from .config import ENV, PREFIX, ServingSpecError, configured_text, serving_layout, serving_slot_bytes
 
@@ -190,7 +190,7 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
         if pages.shape[-1] != layout.slot_bytes:
             raise RuntimeError(f"{PREFIX}: vLLM's page slot holds {pages.shape[-1]} bytes, the layout {layout.slot_bytes}")
         n = slot_mapping.shape[0]
-        layout.write(pages, key[:n], value[:n], slot_mapping)
+        write_slots(pages, key[:n], value[:n], slot_mapping, layout, use_kernel=self.use_kernel)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: KvcompressMetadata | None, output: torch.Tensor,
