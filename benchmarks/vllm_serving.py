@@ -11,6 +11,8 @@ Run with the vLLM environment's python (make vllm-setup), each engine in a fresh
         --space 1 --out runs/vllm/throughput.json
     .venv-vllm/bin/python benchmarks/vllm_serving.py decode --batch 16 --prompt 128 --short 16 --new 512 \
         --space 1 --out runs/vllm/decode.json
+    .venv-vllm/bin/python benchmarks/vllm_serving.py throughput --requests 64 --prompt 128 --new 256 \
+        --max-model-len 512 --pool-mib 40 --out runs/vllm/throughput_small_pool.json
 
 capacity: the pool vLLM sizes and logs ("KV cache size: N tokens") for `auto` (the model's bf16), `fp8`
 and every servable spec at the same VLLM_CPU_KVCACHE_SPACE (fp8 needs AVX-512 or AMX to run on CPU;
@@ -21,8 +23,10 @@ top-1 against `auto` from vLLM's top-64 prompt logprobs (`integrations.vllm.meas
 with its block-bootstrap interval. compare: those figures beside `kvcompress eval`'s for the same specs
 and token ids (run in the main environment by --eval-python, chunked and --mode token at block 8).
 throughput: --requests prompts of --prompt tokens, --new generated tokens each, one offline batch per
-spec in a fresh process, specs interleaved over --repeats rounds; output tokens per second. A timing:
-run it on a quiet machine. decode: --batch requests decoding together (all in every pool), each setting
+spec in a fresh process, specs interleaved over --repeats rounds; output tokens per second, and how many
+whole requests (prompt + new) each pool holds. --pool-mib sizes the pool in MiB (VLLM_CPU_KVCACHE_SPACE
+takes whole GiB): the decode-heavy batch above runs where `auto` holds about 4 requests at once and
+paged-int4 about 15. A timing: run it on a quiet machine. decode: --batch requests decoding together (all in every pool), each setting
 timed for --short and --new generated tokens; the difference per extra step is the decode step alone
 (ms per step and per output token, against auto). Every result file is rewritten after each engine,
 and a rerun skips the engines already measured with the same settings.
@@ -62,6 +66,8 @@ def engine(args: argparse.Namespace, **settings):
     from kvcompress.models import embedded_model_folder
 
     kv = {"kv_cache_dtype": args.setting} if args.setting in BASELINES and args.setting != "auto" else {}
+    if args.pool_mib:  # a pool of MiB (VLLM_CPU_KVCACHE_SPACE takes whole GiB only): vLLM's kv_cache_memory_bytes
+        kv["kv_cache_memory_bytes"] = args.pool_mib * 2 ** 20
     return LLM(model=str(embedded_model_folder()), dtype=args.dtype, max_model_len=args.max_model_len,
                enforce_eager=True, seed=0, **kv, **settings)
 
@@ -114,7 +120,10 @@ def child_throughput(args) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"seconds": seconds, "output_tokens": tokens, "output_tokens_per_s": tokens / seconds}
+    config = llm.llm_engine.vllm_config.cache_config
+    return {"seconds": seconds, "output_tokens": tokens, "output_tokens_per_s": tokens / seconds,
+            "capacity_tokens": config.num_gpu_blocks * config.block_size,
+            "requests_held": config.num_gpu_blocks * config.block_size // (args.prompt + args.new)}
 
 
 def child_decode(args) -> dict:
@@ -156,11 +165,14 @@ def run_child(args, setting: str, extra: list[str]) -> tuple[dict | None, str]:
     """Run `setting` (a baseline cache dtype or a kvcompress spec) in a fresh process; (result, its log)."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.space), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("KVCOMPRESS_VLLM_SPEC", None)
+    if args.pool_mib:  # vLLM's CPU platform would override kv_cache_memory_bytes with VLLM_CPU_KVCACHE_SPACE
+        env.pop("VLLM_CPU_KVCACHE_SPACE")
     if setting not in BASELINES:
         env["KVCOMPRESS_VLLM_SPEC"] = setting
     out = Path(args.out).with_suffix(f".{re.sub(r'[^A-Za-z0-9]+', '-', setting)}.child.json")
     cmd = [sys.executable, __file__, "_child", args.command, "--setting", setting, "--result", str(out),
-           "--max-model-len", str(args.max_model_len), "--dtype", args.dtype, *extra]
+           "--max-model-len", str(args.max_model_len), "--dtype", args.dtype, "--pool-mib", str(args.pool_mib),
+           *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0 or not out.exists():
@@ -353,8 +365,8 @@ def cmd_compare(args) -> None:
 
 def cmd_throughput(args) -> None:
     path = Path(args.out)
-    data = load(path, {"requests": args.requests, "prompt": args.prompt, "new": args.new, "space_gib": args.space,
-                       "repeats": args.repeats, "dtype": args.dtype})
+    data = load(path, {"requests": args.requests, "prompt": args.prompt, "new": args.new, **pool_settings(args),
+                       "repeats": args.repeats, "dtype": args.dtype, "max_model_len": args.max_model_len})
     for round_ in range(args.repeats):
         for setting in ["auto", "fp8", *args.specs]:  # interleaved: every setting once per round
             key = f"{setting}#{round_}"
@@ -364,10 +376,22 @@ def cmd_throughput(args) -> None:
             result, log = run_child(args, setting, extra)
             data["results"][key] = result or {"error": _last_error(log)}
             save(path, data)
-    print("| cache | output tokens/s per round |\n|---|---|")
+    print("| cache | output tokens/s per round | x auto (means) | whole requests the pool holds |\n|---|---|---:|---:|")
+    auto = None
     for setting in ["auto", "fp8", *args.specs]:
-        rates = [data["results"][f"{setting}#{r}"].get("output_tokens_per_s") for r in range(args.repeats)]
-        print(f"| {setting} | {', '.join('n/a' if r is None else f'{r:.1f}' for r in rates)} |")
+        runs = [data["results"][f"{setting}#{r}"] for r in range(args.repeats)]
+        rates = [run.get("output_tokens_per_s") for run in runs]
+        measured = [r for r in rates if r is not None]
+        mean = sum(measured) / len(measured) if measured else None
+        auto = mean if setting == "auto" else auto
+        ratio = f"{mean / auto:.2f}" if mean and auto else "n/a"
+        held = next((run["requests_held"] for run in runs if "requests_held" in run), "n/a")
+        print(f"| {setting} | {', '.join('n/a' if r is None else f'{r:.1f}' for r in rates)} | {ratio} | {held} |")
+
+
+def pool_settings(args) -> dict:
+    """How the pool was sized, for a result file's settings (--space GiB, or --pool-mib MiB)."""
+    return {"pool_mib": args.pool_mib} if args.pool_mib else {"space_gib": args.space}
 
 
 def cmd_decode(args) -> None:
@@ -377,7 +401,7 @@ def cmd_decode(args) -> None:
         fail(f"--batch must be at least 1, got {args.batch}")
     path = Path(args.out)
     data = load(path, {"batch": args.batch, "prompt": args.prompt, "short": args.short, "new": args.new,
-                       "space_gib": args.space, "repeats": args.repeats, "dtype": args.dtype})
+                       **pool_settings(args), "repeats": args.repeats, "dtype": args.dtype})
     settings = ["auto", "fp8", *args.specs]
     for round_ in range(args.repeats):
         for setting in settings:  # interleaved: every setting once per round
@@ -420,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--specs", type=lambda s: [x for x in s.split(",") if x], default=SPECS,
                         help=f"comma-separated kvcompress specs to serve (default: {','.join(SPECS)})")
     common.add_argument("--space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, GiB of KV pool (default 1)")
+    common.add_argument("--pool-mib", type=int, default=0,
+                        help="KV pool in MiB instead of --space (vLLM's kv_cache_memory_bytes; throughput and decode)")
     common.add_argument("--max-model-len", type=int, default=2048, help="vLLM's max_model_len (default 2048)")
     common.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="model dtype (default bfloat16; quality: float32 separates the codec from bf16 rounding, "
@@ -456,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--result", required=True)
     child.add_argument("--max-model-len", type=int, default=2048)
     child.add_argument("--dtype", default="bfloat16")
+    child.add_argument("--pool-mib", type=int, default=0)
     for flag in ("--tokens", "--chunk", "--requests", "--prompt", "--new", "--batch", "--short"):
         child.add_argument(flag, type=int, default=0)
     args = parser.parse_args(argv)
@@ -464,6 +491,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.space <= 0:
         fail(f"--space must be a positive number of GiB, got {args.space}")
+    if args.pool_mib < 0:
+        fail(f"--pool-mib must be a positive number of MiB, got {args.pool_mib}")
+    if args.pool_mib and args.command not in ("throughput", "decode"):
+        fail(f"--pool-mib sizes the pool of throughput and decode only; use --space for {args.command}")
     {"capacity": cmd_capacity, "quality": cmd_quality, "compare": cmd_compare,
      "throughput": cmd_throughput, "decode": cmd_decode}[args.command](args)
 

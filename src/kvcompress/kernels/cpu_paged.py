@@ -99,22 +99,39 @@ def write(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapp
     pages: (num_blocks, H, block_size, slot_bytes) uint8; key, value: (N, H, D) float32, bfloat16 or
     float16; slot_mapping: (N,) int, negative for padding.
     """
-    if (pages.device.type != "cpu" or key.device.type != "cpu" or pages.dtype != torch.uint8
-            or key.shape[-1] > MAX_DIM or key.dtype not in DTYPES or value.dtype not in DTYPES
-            or key.stride(-1) != 1 or value.stride(-1) != 1):
-        return False
+    writer = slot_writer(layout)
+    return writer is not None and writer(pages, key, value, slot_mapping)
+
+
+@functools.lru_cache(maxsize=256)
+def slot_writer(layout: SlotLayout):
+    """`write` bound to one layout, its arguments prepared once (a layer's hot path), or None where the
+    encoder is not built or does not reproduce the torch writer's bytes here."""
+    if layout.key.head_dim > MAX_DIM:
+        return None
     lanes = _lanes(layout)
     if lanes is None:
-        return False
-    if layout.key.rotation() is not None or layout.value.rotation() is not None:
-        keep = slot_mapping >= 0  # the torch writer multiplies the kept rows only (matmul rounds by row count)
-        if not bool(keep.all()):
-            key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    status = cpu.load().paged_write(pages, pages_input(key, layout.key), pages_input(value, layout.value),
-                                    slot_mapping, *write_arguments(layout), *lanes)
-    if status:  # states the torch writer refuses: it raises its error
-        layout.write(pages, key, value, slot_mapping)
-    return True
+        return None
+    module = cpu.load()
+    arguments = (*write_arguments(layout), *lanes)
+    rotated = layout.key.rotation() is not None or layout.value.rotation() is not None
+    key_part, value_part = layout.key, layout.value
+
+    def run(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+        if (pages.device.type != "cpu" or key.device.type != "cpu" or pages.dtype != torch.uint8
+                or key.dtype not in DTYPES or value.dtype not in DTYPES or key.stride(-1) != 1 or value.stride(-1) != 1):
+            return False
+        if rotated:
+            keep = slot_mapping >= 0  # the torch writer multiplies the kept rows only (matmul rounds by row count)
+            if not bool(keep.all()):
+                key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+        status = module.paged_write(pages, pages_input(key, key_part), pages_input(value, value_part), slot_mapping,
+                                    *arguments)
+        if status:  # states the torch writer refuses: it raises its error
+            layout.write(pages, key, value, slot_mapping)
+        return True
+
+    return run
 
 
 LANES = ((16, 8), (8, 8), (16, 16), (8, 16), (4, 4))  # (sums, amin/amax) vector widths torch may use
@@ -149,6 +166,24 @@ def _lanes(layout: SlotLayout) -> tuple[int, int] | None:
 def available(query: torch.Tensor, pages: torch.Tensor, layout: SlotLayout) -> bool:
     """Whether `attend` runs the kernel for this layer's calls (`supports` and the extension loads)."""
     return supports(query, pages, layout) and cpu.load() is not None
+
+
+def layer_attention(layout: SlotLayout):
+    """`attend` bound to one layer's slots, its arguments prepared once: a function (query, pages,
+    block_table, seq_lens, query_start_loc, scale) -> (out, lse) that expects block_table, seq_lens and
+    query_start_loc already int32 and contiguous (the caller checked the lengths once per step), or
+    returns None where the kernel does not apply; None itself where the extension is not built."""
+    if not supports_layout(layout) or cpu.load() is None:
+        return None
+    module, arguments = cpu.load(), layout_arguments(layout)
+
+    def run(query, pages, block_table, seq_lens, query_start_loc, scale):
+        if query.device.type != "cpu" or pages.device.type != "cpu" or pages.dtype != torch.uint8:
+            return None
+        return tuple(module.paged_attend(query.float().contiguous(), pages, block_table, seq_lens, query_start_loc,
+                                         *arguments, float(scale), SPLIT_TOKENS))
+
+    return run
 
 
 def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,

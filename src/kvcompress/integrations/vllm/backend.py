@@ -33,7 +33,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from ...kernels import cpu, cpu_paged
-from ...kernels.paged_attention import paged_attention, write_slots
+from ...kernels.paged_attention import check_lengths, paged_attention
 from ...paged import PagedLayout, SlotLayout
 from .config import ENV, PREFIX, ServingSpecError, configured_text, serving_layout, serving_slot_bytes
 
@@ -115,10 +115,13 @@ class KvcompressAttentionBackend(AttentionBackend):
 class KvcompressMetadata:
     """What one forward step tells every layer (R requests, N scheduled tokens).
 
+    Built once per step (lengths checked, int32 and contiguous as the CPU kernel reads them), so a layer's
+    forward is one kernel call.
+
     Attributes:
         num_actual_tokens: N (query/key/value may carry padding rows after them).
         query_start_loc: (R + 1,) int32 on CPU; request r's tokens are rows [qsl[r], qsl[r + 1]).
-        seq_lens: (R,) int on CPU: tokens of request r stored once this step's are written (all read from codes).
+        seq_lens: (R,) int32 on CPU: tokens of request r stored once this step's are written (all read from codes).
         block_table: (R, max_blocks) int32: request r's token t is in block block_table[r, t // block_size].
         slot_mapping: (N,) int64: the slot of each scheduled token (-1: padding).
     """
@@ -137,9 +140,14 @@ class KvcompressMetadataBuilder(AttentionMetadataBuilder[KvcompressMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KvcompressMetadata:
         cam = common_attn_metadata
-        return KvcompressMetadata(num_actual_tokens=cam.num_actual_tokens, query_start_loc=cam.query_start_loc_cpu,
-                                  seq_lens=cam.seq_lens.cpu(), block_table=cam.block_table_tensor,
-                                  slot_mapping=cam.slot_mapping)
+        query_start_loc = cam.query_start_loc_cpu.to(torch.int32).contiguous()
+        seq_lens = cam.seq_lens.cpu().to(torch.int32).contiguous()
+        check_lengths(seq_lens, query_start_loc)  # once per step, not per layer
+        block_table = cam.block_table_tensor
+        if block_table.device.type == "cpu":
+            block_table = block_table.to(torch.int32).contiguous()
+        return KvcompressMetadata(num_actual_tokens=cam.num_actual_tokens, query_start_loc=query_start_loc,
+                                  seq_lens=seq_lens, block_table=block_table, slot_mapping=cam.slot_mapping)
 
 
 class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
@@ -171,6 +179,8 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
         self.model_layout = serving_layout(_num_layers(), head_size, dtype)
         _announce(self.model_layout, 2 * head_size * dtype.itemsize)
         self._slot_layout: SlotLayout | None = None
+        self._writer = None  # the compiled encoder of this layer's slots (cpu_paged.slot_writer), when use_kernel
+        self._attend = None  # the compiled kernel bound to this layer's slots (cpu_paged.layer_attention)
         # one path for every layer and step (see use_cpu_kernel): the kernel needs every layer's slots readable
         self.use_kernel = use_cpu_kernel() and all(cpu_paged.supports_layout(x) for x in self.model_layout.layers)
 
@@ -178,6 +188,9 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
         """This layer's slot layout (its index read from vLLM's layer name on the first call)."""
         if self._slot_layout is None:
             self._slot_layout = self.model_layout.layers[extract_layer_index(layer.layer_name)]
+            if self.use_kernel:
+                self._writer = cpu_paged.slot_writer(self._slot_layout)
+                self._attend = cpu_paged.layer_attention(self._slot_layout)
         return self._slot_layout
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
@@ -190,7 +203,8 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
         if pages.shape[-1] != layout.slot_bytes:
             raise RuntimeError(f"{PREFIX}: vLLM's page slot holds {pages.shape[-1]} bytes, the layout {layout.slot_bytes}")
         n = slot_mapping.shape[0]
-        write_slots(pages, key[:n], value[:n], slot_mapping, layout, use_kernel=self.use_kernel)
+        if self._writer is None or not self._writer(pages, key[:n], value[:n], slot_mapping):
+            layout.write(pages, key[:n], value[:n], slot_mapping)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: KvcompressMetadata | None, output: torch.Tensor,
@@ -203,9 +217,15 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
             return output
         md = attn_metadata
         n = md.num_actual_tokens
+        layout, pages = self.slot_layout(layer), kv_cache.view(torch.uint8)
         # self.use_kernel is the same for every layer and step: a token decoded on one path and recomputed
         # in a prefill chunk on the other would not compute the same bits
-        out, _ = paged_attention(query[:n], kv_cache.view(torch.uint8), md.block_table, md.seq_lens,
-                                 md.query_start_loc, self.slot_layout(layer), self.scale, use_kernel=self.use_kernel)
-        output[:n] = out.to(output.dtype)
+        result = None
+        if self._attend is not None:  # lengths were checked once for the step (the metadata builder)
+            result = self._attend(query[:n], pages, md.block_table, md.seq_lens, md.query_start_loc, self.scale)
+        if result is None:
+            result = paged_attention(query[:n], pages, md.block_table, md.seq_lens, md.query_start_loc, layout,
+                                     self.scale, use_kernel=self.use_kernel)
+        out, _ = result
+        output[:n].copy_(out)
         return output
