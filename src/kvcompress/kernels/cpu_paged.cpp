@@ -8,6 +8,11 @@
 // cut the tokens at fixed multiples of `split_tokens` from token 0; a task decodes its tokens
 // kTile at a time into a small buffer (no dense copy of a sequence) and applies each tile to every
 // query row that reaches it, with an online softmax per row; the splits are merged in order.
+// The tile holds keys transposed (D, kTile) and values (kTile, D) in float32. With AVX-512, the keys
+// of uniform and codebook parts are gathered 16 tokens at a time from their slots straight into the
+// transposed tile (`gather_keys`); other parts, and values, are decoded token by token with SIMD
+// unpacking, keys then transposed 8 x 8 in registers. Every path computes the same float values
+// (code * scale + zero by one fma, centroid * scale), so the path does not change a result's bits.
 // Every step of a row's arithmetic (rotation, tiles, merge, un-rotation) depends only on its query
 // and p, never on the other rows of the call: a token computes the same bits in any chunk or batch.
 #include <torch/extension.h>
@@ -33,12 +38,13 @@ struct Part {
   int64_t zero_at;    // byte offset of the fp16 zero points (method 0)
   int dtype;          // method 2: 0 float32, 1 float16, 2 bfloat16
   const float* book;  // method 1: 2**bits centroids
+  float book_padded[16];  // method 1 with bits <= 4: the centroids, zeros after (a 16-lane lookup table)
 };
 
 Part describe_part(const std::vector<int64_t>& d, const at::Tensor& book, int64_t D, int64_t slot_bytes,
                    const char* what) {
   TORCH_CHECK(d.size() == 7, what, ": part description must be (method, offset, bits, group, scale_at, zero_at, dtype)");
-  Part p{static_cast<int>(d[0]), d[1], static_cast<int>(d[2]), d[3], d[4], d[5], static_cast<int>(d[6]), nullptr};
+  Part p{static_cast<int>(d[0]), d[1], static_cast<int>(d[2]), d[3], d[4], d[5], static_cast<int>(d[6]), nullptr, {}};
   TORCH_CHECK(p.method >= 0 && p.method <= 2, what, ": unknown method");
   if (p.method != 2) TORCH_CHECK(p.bits >= 1 && p.bits <= 8, what, ": bits must be 1..8");
   if (p.method == 0) TORCH_CHECK(p.group >= 1, what, ": group must be positive");
@@ -46,6 +52,7 @@ Part describe_part(const std::vector<int64_t>& d, const at::Tensor& book, int64_
     TORCH_CHECK(book.scalar_type() == at::kFloat && book.dim() == 1 && book.is_contiguous() &&
                     book.size(0) == (int64_t{1} << p.bits), what, ": codebook must be float32 (2**bits,)");
     p.book = book.data_ptr<float>();
+    for (int64_t i = 0; i < std::min<int64_t>(16, book.size(0)); ++i) p.book_padded[i] = p.book[i];
   }
   if (p.method == 2) TORCH_CHECK(p.dtype >= 0 && p.dtype <= 2, what, ": unknown dtype");
   if (p.method == 0) TORCH_CHECK(D % p.group == 0, what, ": group must divide head_dim");
@@ -59,9 +66,44 @@ Part describe_part(const std::vector<int64_t>& d, const at::Tensor& book, int64_
 }
 
 inline float half_at(const uint8_t* p) {
+#ifdef KVC_AVX2
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return _cvtsh_ss(bits);  // exact, as every fp16 -> fp32 conversion
+#else
   at::Half h;
   std::memcpy(&h, p, sizeof(h));
   return static_cast<float>(h);
+#endif
+}
+
+// The D codes of a part (bit fields of widths 8/4/2/1, the binary expansion of bits, widest first;
+// byte-planar: byte j of a field of width w holds codes j + h * m at bits h * w, m = D * w / 8).
+inline void unpack_codes(const uint8_t* field, int bits, int64_t D, uint8_t* codes) {
+  int shift = 0;
+  for (int width = 8; width >= 1; width /= 2) {
+    if (bits - shift < width) continue;
+    const int64_t m = D * width / 8;
+    const int mask = (1 << width) - 1;
+    int64_t j0 = 0;
+#ifdef KVC_AVX2
+    if (width == 4 && shift == 0) {  // the int4 case: 16 bytes -> 32 codes at a time
+      const __m128i low = _mm_set1_epi8(0x0F);
+      for (; j0 + 16 <= m; j0 += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(field + j0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j0), _mm_and_si128(v, low));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + m + j0), _mm_and_si128(_mm_srli_epi16(v, 4), low));
+      }
+    }
+#endif
+    for (int h = 0; h < 8 / width; ++h)
+      for (int64_t j = j0; j < m; ++j) {
+        const uint8_t value = static_cast<uint8_t>(((field[j] >> (h * width)) & mask) << shift);
+        codes[h * m + j] = shift ? static_cast<uint8_t>(codes[h * m + j] | value) : value;
+      }
+    field += m;
+    shift += width;
+  }
 }
 
 // The part's stored vector (D floats) in the slot at `slot` (kvcompress.paged.SlotLayout).
@@ -81,22 +123,11 @@ inline void decode_part(const Part& c, const uint8_t* slot, int64_t D, float* ou
     }
     return;
   }
-  // codes: bit fields of widths 8/4/2/1 (binary expansion of bits, widest first), byte-planar
-  uint8_t codes[kMaxDim];
-  std::fill(codes, codes + D, 0);
-  const uint8_t* field = p;
-  int shift = 0;
-  for (int width = 8; width >= 1; width /= 2) {
-    if (c.bits - shift < width) continue;
-    const int64_t m = D * width / 8;
-    const int mask = (1 << width) - 1;
-    for (int h = 0; h < 8 / width; ++h) {
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j)
-        codes[h * m + j] |= static_cast<uint8_t>(((field[j] >> (h * width)) & mask) << shift);
-    }
-    field += m;
-    shift += width;
+  alignas(32) uint8_t codes_buffer[kMaxDim];
+  const uint8_t* codes = p;  // 8-bit codes are the bytes themselves
+  if (c.bits != 8) {
+    unpack_codes(p, c.bits, D, codes_buffer);
+    codes = codes_buffer;
   }
   if (c.method == 1) {
     const float s = half_at(p + c.scale_at);
@@ -107,12 +138,129 @@ inline void decode_part(const Part& c, const uint8_t* slot, int64_t D, float* ou
     const float s = half_at(p + c.scale_at + 2 * k), z = half_at(p + c.zero_at + 2 * k);
     const uint8_t* ck = codes + k * c.group;
     float* ok = out + k * c.group;
-#pragma omp simd
-    for (int64_t d = 0; d < c.group; ++d) ok[d] = static_cast<float>(ck[d]) * s + z;
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    const __m512 ws = _mm512_set1_ps(s), wz = _mm512_set1_ps(z);
+    for (; d + 16 <= c.group; d += 16) {
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ck + d))));
+      _mm512_storeu_ps(ok + d, _mm512_fmadd_ps(x, ws, wz));
+    }
+#endif
+#ifdef KVC_AVX2
+    const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+    for (; d + 8 <= c.group; d += 8) {
+      const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ck + d))));
+      _mm256_storeu_ps(ok + d, _mm256_fmadd_ps(x, vs, vz));
+    }
+#endif
+    for (; d < c.group; ++d) ok[d] = std::fma(static_cast<float>(ck[d]), s, z);
   }
 }
 
 constexpr int64_t kTile = 32;  // tokens decoded at a time (a multiple of kLanes)
+
+// kt (D, kTile) = kr (kTile, D) transposed (D a multiple of 8): 8 x 8 blocks in registers.
+inline void transpose_tile(const float* kr, int64_t D, float* kt) {
+#ifdef KVC_AVX2
+  for (int64_t j0 = 0; j0 < kTile; j0 += 8)
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(kr + (j0 + i) * D + d0);
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < 2; ++i)
+        for (int k = 0; k < 2; ++k) {
+          r[4 * i + k] = _mm256_shuffle_ps(t[4 * i + k], t[4 * i + 2 + k], _MM_SHUFFLE(1, 0, 1, 0));
+          r[4 * i + 2 + k] = _mm256_shuffle_ps(t[4 * i + k], t[4 * i + 2 + k], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+      // r: rows 0-3 then 4-7 of each 128-bit half; pair the halves
+      const int order[4] = {0, 2, 1, 3};
+      for (int k = 0; k < 4; ++k) {
+        const int m = order[k];
+        _mm256_storeu_ps(kt + (d0 + k) * kTile + j0, _mm256_permute2f128_ps(r[m], r[4 + m], 0x20));
+        _mm256_storeu_ps(kt + (d0 + 4 + k) * kTile + j0, _mm256_permute2f128_ps(r[m], r[4 + m], 0x31));
+      }
+    }
+#else
+  for (int64_t j = 0; j < kTile; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = kr[j * D + d];
+#endif
+}
+
+#if defined(__AVX512F__)
+// Whether the keys' tile can be gathered straight into kt (`gather_keys`): uniform or codebook codes
+// (codebooks of at most 16 centroids) whose every bit field is a whole number of 32-bit words.
+inline bool gatherable(const Part& c, int64_t D) {
+  if (c.method == 2 || (c.method == 1 && c.bits > 4)) return false;
+  int shift = 0;
+  for (int width = 8; width >= 1; width /= 2) {
+    if (c.bits - shift < width) continue;
+    if ((D * width / 8) % 4) return false;
+    shift += width;
+  }
+  return true;
+}
+
+// kt[d * kTile + j] (D, kTile) = the stored keys of the tile's tokens j < n (zeros after), gathered 16
+// tokens at a time from their slots (byte offsets `offsets` from `base`, the part's offset included):
+// the same values decode_part gives (code * scale + zero by one fma; centroid * scale), without a
+// per-token row or a transpose. `codes` is scratch of D vectors.
+inline void gather_keys(const Part& c, const uint8_t* base, const int32_t* offsets, int64_t n, int64_t D,
+                        float* kt, __m512i* codes) {
+  for (int64_t h0 = 0; h0 < kTile; h0 += 16) {
+    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, n - h0));
+    float* col = kt + h0;
+    if (valid == 0) {
+      for (int64_t d = 0; d < D; ++d) _mm512_storeu_ps(col + d * kTile, _mm512_setzero_ps());
+      continue;
+    }
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+    const __m512i at = _mm512_maskz_loadu_epi32(mask, offsets + h0);
+    const __m512i zero = _mm512_setzero_si512();
+    auto gather = [&](int64_t byte) {  // the 32-bit word at `byte` of each token's part (0 for padding)
+      return _mm512_mask_i32gather_epi32(zero, mask, _mm512_add_epi32(at, _mm512_set1_epi32(static_cast<int>(byte))),
+                                         base, 1);
+    };
+    auto half = [&](int64_t byte) {  // the fp16 at `byte` (read as the top of the word 2 bytes before), as floats
+      const __m512i word = _mm512_srli_epi32(gather(byte - 2), 16);
+      return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(word));
+    };
+    // codes: field by field (widths 8/4/2/1, widest first); byte j of a field holds codes j + h * m
+    int shift = 0;
+    int64_t field = 0;
+    for (int width = 8; width >= 1; width /= 2) {
+      if (c.bits - shift < width) continue;
+      const int64_t m = D * width / 8;
+      const __m512i wmask = _mm512_set1_epi32((1 << width) - 1);
+      for (int64_t u = 0; u < m; u += 4) {
+        const __m512i word = gather(field + u);
+        for (int k = 0; k < 4; ++k)
+          for (int h = 0; h < 8 / width; ++h) {
+            const int64_t d = u + k + h * m;
+            const __m512i value = _mm512_and_si512(_mm512_srl_epi32(word, _mm_cvtsi32_si128(8 * k + h * width)), wmask);
+            codes[d] = shift ? _mm512_or_si512(codes[d], _mm512_sll_epi32(value, _mm_cvtsi32_si128(shift))) : value;
+          }
+      }
+      field += m;
+      shift += width;
+    }
+    if (c.method == 1) {
+      const __m512 book = _mm512_loadu_ps(c.book_padded);
+      const __m512 s = half(c.scale_at);
+      for (int64_t d = 0; d < D; ++d)
+        _mm512_storeu_ps(col + d * kTile, _mm512_mul_ps(_mm512_permutexvar_ps(codes[d], book), s));
+      continue;
+    }
+    for (int64_t g = 0; g < D / c.group; ++g) {
+      const __m512 s = half(c.scale_at + 2 * g), z = half(c.zero_at + 2 * g);
+      for (int64_t d = g * c.group; d < (g + 1) * c.group; ++d)
+        _mm512_storeu_ps(col + d * kTile, _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes[d]), s, z));
+    }
+  }
+}
+#endif
 
 struct Task {
   int64_t request, head, split;
@@ -196,7 +344,20 @@ inline void tile_rows(const float* q, const float* kt, const float* vt, int64_t 
     float* s = sc + r * kTile;
     acc[r] = part + 2;
     float m = kNegInf;
-    for (int64_t j = 0; j < len; ++j) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    {
+      const __m512 vscale = _mm512_set1_ps(scale);
+      __m512 vm = _mm512_set1_ps(kNegInf);
+      for (; j + 16 <= len; j += 16) {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale);
+        _mm512_storeu_ps(s + j, x);
+        vm = _mm512_max_ps(vm, x);
+      }
+      m = _mm512_reduce_max_ps(vm);
+    }
+#endif
+    for (; j < len; ++j) {
       s[j] *= scale;
       m = std::max(m, s[j]);
     }
@@ -291,10 +452,22 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
   at::Tensor partial_t = at::empty({T * Hq * max_splits * stride_partial}, query.options());
   float* partial = partial_t.data_ptr<float>();
 
+#if defined(__AVX512F__)
+  // keys gathered 16 tokens at a time with 32-bit offsets into the pages (a layer's pages spanning under 2 GiB)
+  int64_t span = 1;
+  for (int64_t i = 0; i < pages.dim(); ++i) span += (pages.size(i) - 1) * pages.stride(i);
+  const bool gather_k = gatherable(kp, D) && span < (int64_t{1} << 31) - 64;
+#else
+  const bool gather_k = false;
+#endif
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float row[kMaxDim];
     alignas(64) float sc[3 * kTile];
-    std::vector<float> kt(static_cast<size_t>(D * kTile)), vt(static_cast<size_t>(kTile * D));
+    std::vector<float> kt(static_cast<size_t>(D * kTile)), vt(static_cast<size_t>(kTile * D)),
+        kr(static_cast<size_t>(kTile * D));
+    int32_t offsets[kTile];
+#if defined(__AVX512F__)
+    std::vector<__m512i> codes(static_cast<size_t>(D));
+#endif
     for (int64_t task = begin; task < end; ++task) {
       const Task& tk = tasks[task];
       const int64_t first = starts[tk.request], q_r = starts[tk.request + 1] - first, n = lens[tk.request];
@@ -302,9 +475,6 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
       const int64_t t0 = tk.split * split_tokens, t1 = std::min(t0 + split_tokens, n);
       const int64_t i_lo = std::max<int64_t>(0, t0 - first_pos);  // first query that reaches this split
       const int32_t* blocks = table + tk.request * max_blocks;
-      auto slot_of = [&](int64_t t) {
-        return base + blocks[t / block_size] * s_block + tk.head * s_head + (t % block_size) * s_row;
-      };
       auto part_of = [&](int64_t i, int k) {
         return partial + (((first + i) * Hq + tk.head * rep + k) * max_splits + tk.split) * stride_partial;
       };
@@ -316,16 +486,32 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
         }
       for (int64_t a = t0; a < t1; a += kTile) {
         const int64_t b = std::min(a + kTile, t1);
-        for (int64_t j = 0; j < kTile; ++j) {  // the tile: keys transposed (D, kTile), values (kTile, D)
+        // the tile: keys transposed (D, kTile), values (kTile, D); padding tokens are zeros
+        int64_t block = a / block_size, row = a % block_size;  // the tile's first token, then token by token
+        for (int64_t j = 0; j < kTile; ++j) {
           if (a + j < b) {
-            decode_part(kp, slot_of(a + j), D, row);
-            for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = row[d];
-            decode_part(vp, slot_of(a + j), D, vt.data() + j * D);
+            const uint8_t* slot = base + blocks[block] * s_block + tk.head * s_head + row * s_row;
+            if (++row == block_size) row = 0, ++block;
+            if (gather_k) {
+              offsets[j] = static_cast<int32_t>(slot - base + kp.offset);
+            } else {
+              decode_part(kp, slot, D, kr.data() + j * D);
+            }
+            decode_part(vp, slot, D, vt.data() + j * D);
           } else {
-            for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = 0.0f;
+            if (!gather_k) std::fill(kr.begin() + j * D, kr.begin() + (j + 1) * D, 0.0f);
             std::fill(vt.begin() + j * D, vt.begin() + (j + 1) * D, 0.0f);
           }
         }
+#if defined(__AVX512F__)
+        if (gather_k) {
+          gather_keys(kp, base, offsets, b - a, D, kt.data(), codes.data());
+        } else {
+          transpose_tile(kr.data(), D, kt.data());
+        }
+#else
+        transpose_tile(kr.data(), D, kt.data());
+#endif
         for (int64_t i = std::max(i_lo, a - first_pos); i < q_r; ++i) {
           const int64_t len = std::min(b, first_pos + i + 1) - a;  // tokens of the tile at or before the query
           const float* q = qp + ((first + i) * Hq + tk.head * rep) * D;
