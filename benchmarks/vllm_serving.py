@@ -26,7 +26,8 @@ throughput: --requests prompts of --prompt tokens, --new generated tokens each, 
 spec in a fresh process, specs interleaved over --repeats rounds; output tokens per second, and how many
 whole requests (prompt + new) each pool holds. --pool-mib sizes the pool in MiB (VLLM_CPU_KVCACHE_SPACE
 takes whole GiB): the decode-heavy batch above runs where `auto` holds about 4 requests at once and
-paged-int4 about 15. A timing: run it on a quiet machine. decode: --batch requests decoding together (all in every pool), each setting
+paged-int4 about 15. A timing: run it on a quiet machine.
+decode: --batch requests decoding together (all in every pool), each setting
 timed for --short and --new generated tokens; the difference per extra step is the decode step alone
 (ms per step and per output token, against auto). Every result file is rewritten after each engine,
 and a rerun skips the engines already measured with the same settings.

@@ -2,9 +2,9 @@
 
 `attend(layer, query, mask, scaling)` computes what `kernels.reference.attend_compressed` computes,
 from the stored codes: uniform `QuantCodec` keys (post-RoPE) and values, or codebook codecs
-(`kernels.cpu_codebook`); `cpu_paged.cpp` and `cpu_paged_write.cpp` (`kernels.cpu_paged`) share the build. It returns None
-(the caller runs the torch path) where the kernel does not apply: `KVCOMPRESS_KERNELS=torch`,
-unbuildable (ONE warning per process; an error with `KVCOMPRESS_KERNELS=cpu`), non-CPU tensors,
+(`kernels.cpu_codebook`); `cpu_paged.cpp` and `cpu_paged_write.cpp` (`kernels.cpu_paged`) share the
+build. It returns None (the caller runs the torch path) where the kernel does not apply:
+`KVCOMPRESS_KERNELS=torch`, unbuildable (ONE warning per process; an error with `KVCOMPRESS_KERNELS=cpu`), non-CPU tensors,
 other codecs, a mask not (B or 1, 1, 1, seq).
 The extension is built on first use into `ext/<key>` of the cache folder (`io.cache_root`,
 `$KVCOMPRESS_CACHE`; the key hashes sources, versions, flags and CPU), atomically and with the

@@ -119,7 +119,8 @@ def slot_writer(layout: SlotLayout):
 
     def run(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
         if (pages.device.type != "cpu" or key.device.type != "cpu" or pages.dtype != torch.uint8
-                or key.dtype not in DTYPES or value.dtype not in DTYPES or key.stride(-1) != 1 or value.stride(-1) != 1):
+                or key.dtype not in DTYPES or value.dtype not in DTYPES
+                or key.stride(-1) != 1 or value.stride(-1) != 1):
             return False
         if rotated:
             keep = slot_mapping >= 0  # the torch writer multiplies the kept rows only (matmul rounds by row count)
