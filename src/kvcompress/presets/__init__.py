@@ -105,19 +105,22 @@ PRESETS.register("hadamard-int4", "Hadamard-rotated K and V, 4-bit per-token gro
 
 def _bits(name: str, bits: int) -> Callable[[], CacheSpec]:
     """K pre-RoPE on calibrated principal directions (bits allocated by variance x query energy),
-    V rotated codebook."""
-    return lambda: CacheSpec(key=TensorSpec(method="pca+codebook", bits=bits, key_space="pre_rope", weight="query"),
-                             value=TensorSpec(method="rotated+codebook", bits=bits), name=name)
+    V rotated codebook relative to each head's calibrated rms; N + 1/8 code bits and a one-byte
+    scale per vector each."""
+    return lambda: CacheSpec(key=TensorSpec(method="pca+codebook", bits=bits + 0.125, key_space="pre_rope",
+                                            weight="query", scale_bits=8),
+                             value=TensorSpec(method="rotated+codebook", bits=bits + 0.125, scale_bits=8), name=name)
 
 
-# The bitsN presets: N + 16/head_dim bits per compressed value (N-bit codes on average plus one
-# fp16 scale per vector; N + 0.25 on a head_dim-64 model), chosen by
-# benchmarks/select_kinds_codecs.py on the selection parts (see docs/texts.md). Keys need a
+# The bitsN presets: N + 1/8 + 8/head_dim bits per compressed value (N + 1/8 code bits on average
+# plus a one-byte logarithmic scale per vector; N + 0.25 on a head_dim-64 model), chosen by
+# benchmarks/select_kinds_codecs.py on the selection parts (see docs/texts.md). They need a
 # calibration artifact (built automatically for the embedded model, on every kind of text).
 for _n in (4, 3, 2):
-    PRESETS.register(f"bits{_n}", f"K pre-RoPE, centred, on calibrated principal directions with {_n} bits per value "
-                     f"allocated by variance times query energy; V randomized-Hadamard-rotated {_n}-bit Lloyd-Max "
-                     "codebook; one fp16 scale per vector (needs a calibration artifact)", _bits(f"bits{_n}", _n))
+    PRESETS.register(f"bits{_n}", f"K pre-RoPE, centred, on calibrated principal directions with {_n}.125 bits per "
+                     f"value allocated by variance times query energy; V randomized-Hadamard-rotated Lloyd-Max "
+                     f"codebooks of {_n} and {_n + 1} bits ({_n}.125 on average); one logarithmic byte of scale per "
+                     "vector (needs a calibration artifact)", _bits(f"bits{_n}", _n))
 
 
 def _bits_fast(name: str, bits: int) -> Callable[[], CacheSpec]:
