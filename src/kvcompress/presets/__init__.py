@@ -124,7 +124,8 @@ for _n in (4, 3, 2):
 
 
 def _bits_fast(name: str, bits: int) -> Callable[[], CacheSpec]:
-    """K post-RoPE, centred, randomized-Hadamard codebook; V as bitsN's."""
+    """K post-RoPE, centred, randomized-Hadamard codebook; V randomized-Hadamard N-bit codebook with an
+    fp16 scale (bitsN's values before their one-byte scales; bitsN's bytes)."""
     return lambda: CacheSpec(key=TensorSpec(method="rotated+codebook", bits=bits, center=True),
                              value=TensorSpec(method="rotated+codebook", bits=bits), name=name)
 
@@ -134,7 +135,7 @@ def _bits_fast(name: str, bits: int) -> Callable[[], CacheSpec]:
 # decoding and re-rotating every pre-RoPE key; they cost quality (docs/decode.md, "bitsN-fast").
 for _n in (4, 3, 2):
     PRESETS.register(f"bits{_n}-fast", f"K post-RoPE, centred, randomized-Hadamard-rotated {_n}-bit Lloyd-Max "
-                     f"codebook; V as bits{_n}; one fp16 scale per vector: bits{_n}'s bytes, decodes faster, "
+                     f"codebook; V rotated {_n}-bit codebook; one fp16 scale per vector: bits{_n}'s bytes, decodes faster, "
                      "higher KL (needs a calibration artifact)", _bits_fast(f"bits{_n}-fast", _n))
 
 
