@@ -63,8 +63,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            uniform=tuple((f"hw{t.bits}", t, t) for t in _HADAMARD_WIDE)),
     Family("codebook", "K pre-RoPE on calibrated principal directions (bits by variance x query energy) and V "
                        "rotated, Lloyd-Max codebooks at "
-                       "4, 3, 2 bits per value plus one fp16 scale per vector (the bitsN presets; needs a "
-                       "calibration artifact)",
+                       "4, 3, 2 bits per value plus one fp16 scale per vector (the bitsN presets' layout before their "
+                       "one-byte scales; needs a calibration artifact)",
            key=_PCA_KEYS, value=_ROTATED, uniform=tuple((f"cb{k.bits}", k, v) for k, v in zip(_PCA_KEYS, _ROTATED))),
     Family("lowrank", "pre-RoPE low-rank K (rank 48, 32) and low-rank V (rank 48), int4 coefficients per token "
                       "(needs a calibration artifact)",
