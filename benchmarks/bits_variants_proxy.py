@@ -16,8 +16,10 @@ mean square over layers and the stored bytes. Variants (budget N = 2, 3, 4):
   or by variance x the energy o_proj gives each direction (u^T W_o^T W_o u, summed over the query
   heads of the KV head);
 - `byte`: one-byte scales at N bits (8 bits per vector fewer stored);
-- `bitsN`: the shipped preset (one-byte scales, N + 1/8 code bits on K and V);
-- `byte-K+`, `byte-V+`: one-byte scales, the spare 1/4 bit on K only or on V only.
+- `byte+`: one-byte scales, N + 1/8 code bits on K and V (bits4 and bits3 now);
+- `byte-K+`, `byte-V+`: one-byte scales, the spare 1/4 bit on K only or on V only (`byte-V+` is
+  bits2 now);
+- `bitsN`: the shipped preset.
 
     nice -n 10 python benchmarks/bits_variants_proxy.py --kinds code --tokens 512 --budgets 2,4
 
@@ -33,7 +35,7 @@ import sys
 
 import torch
 
-VARIANTS = ("old", "order", "fit", "vpca", "vpca-o", "byte", "bitsN", "byte-K+", "byte-V+")
+VARIANTS = ("old", "order", "fit", "vpca", "vpca-o", "byte", "byte+", "byte-K+", "byte-V+", "bitsN")
 
 
 def spec_for(variant: str, n: int) -> dict | str:
@@ -42,7 +44,8 @@ def spec_for(variant: str, n: int) -> dict | str:
         return f"bits{n}"
     if variant in ("old", "order", "fit", "vpca", "vpca-o"):
         return {"key": {"method": "pca+codebook", "bits": n, **q}, "value": {"method": "rotated+codebook", "bits": n}}
-    kb, vb = {"byte": (n, n), "byte-K+": (n + 0.25, n), "byte-V+": (n, n + 0.25)}[variant]
+    kb, vb = {"byte": (n, n), "byte+": (n + 0.125, n + 0.125), "byte-K+": (n + 0.25, n),
+              "byte-V+": (n, n + 0.25)}[variant]
     return {"key": {"method": "pca+codebook", "bits": kb, "scale_bits": 8, **q},
             "value": {"method": "rotated+codebook", "bits": vb, "scale_bits": 8}}
 
