@@ -551,8 +551,10 @@ def test_one_byte_scale_costs_little_error_and_its_byte_lowers_it_as_codes(bits)
 def test_one_byte_scale_spec_settings():
     with pytest.raises(ValueError, match="scale_bits must be one of"):
         TensorSpec(method="rotated+codebook", bits=2, scale_bits=4)
-    with pytest.raises(ValueError, match="scale_bits applies to the codebook methods"):
-        TensorSpec(method="quant", bits=4, scale_bits=8)
+    # a quant layer override under a one-byte-scale codebook default drops the setting, as seed and center
+    base = TensorSpec(method="pca+codebook", bits=2, key_space="pre_rope", scale_bits=8)
+    override = TensorSpec.from_dict({"method": "quant", "bits": 4, "axis": "channel", "group_size": 32}, base)
+    assert override.scale_bits == 16 and "scale_bits" not in override.to_dict()
     spec = TensorSpec(method="rotated+codebook", bits=2.125, scale_bits=8)
     assert TensorSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["scale_bits"] == 8
     assert spec.needs_artifact and "scale8" in spec.describe()

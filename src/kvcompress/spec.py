@@ -133,9 +133,7 @@ class TensorSpec:
                 object.__setattr__(self, "seed", 0)
                 object.__setattr__(self, "center", False)
             return
-        if self.scale_bits != 16:
-            raise ValueError(f"scale_bits applies to the codebook methods {_CODEBOOK_METHODS} only, not "
-                             f"{self.method!r}; remove it")
+        object.__setattr__(self, "scale_bits", 16)  # like seed and center: a layer override to quant drops it
         object.__setattr__(self, "seed", 0)
         object.__setattr__(self, "center", False)
         if self.method in _LOWRANK_METHODS:
