@@ -327,7 +327,8 @@ def test_codebook_family_offers_the_bits_presets_settings_and_needs_an_artifact(
     for n in (4, 3, 2):
         preset = load_spec(f"bits{n}")
         assert preset.key in settings["key"] and preset.value in settings["value"]
-    assert needs_artifact(tiny_llama, settings["key"]) and not needs_artifact(tiny_llama, settings["value"][1:])
+    # keys on calibrated directions, values relative to calibrated rms (one-byte scales): both calibrated
+    assert needs_artifact(tiny_llama, settings["key"]) and needs_artifact(tiny_llama, settings["value"][1:])
     specs = uniform_candidates(("codebook",))
     assert [s.name for s in specs] == ["cb4", "cb3", "cb2"]
     assert [(s.key, s.value) for s in specs] == [(load_spec(f"bits{n}").key, load_spec(f"bits{n}").value)
