@@ -14,7 +14,7 @@ of the output are per-row kernels. A token's arithmetic depends only on its quer
 tokens up to its position (fixed tiles and splits from token 0, one program shape): it gets the same bits
 in any chunk or batch. Prefill is correct, not fast: each query token reads its whole prefix.
 Not handled (`supports_layout` is False; the caller keeps the torch path): head_dim not a power of two or
-above MAX_DIM, quantization groups not a power of two.
+above MAX_DIM.
 """
 
 from __future__ import annotations
@@ -260,33 +260,41 @@ def _attend_kernel(q_ptr, pages_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr, tok
 
 
 @jit
-def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, n_splits, D: tl.constexpr):
-    x = tl.program_id(0)  # one (query token, query head); splits merged in order, empty ones add exact zeros
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, n_splits, REP: tl.constexpr, REP_P: tl.constexpr,
+                    D: tl.constexpr):
+    x = tl.program_id(0)  # one (query token, KV head): its REP query heads; splits merged in order
+    row = tl.arange(0, REP_P)
+    keep = row < REP
+    heads = x.to(tl.int64) * REP + row  # flat (token, query head) indices
     d = tl.arange(0, D)
-    base = x.to(tl.int64) * n_splits
-    m_all = tl.load(m_ptr + base)  # split 0 holds token 0, which every query reads: finite
+    m_all = tl.load(m_ptr + heads * n_splits, mask=keep, other=0.0)  # split 0 holds token 0: finite
     for s in range(1, n_splits):
-        m_all = tl.maximum(m_all, tl.load(m_ptr + base + s))
-    total = tl.zeros((1,), tl.float32)
-    acc = tl.zeros((1, D), tl.float32)
-    for s in range(n_splits):
-        weight = tl.exp(tl.load(m_ptr + base + s + tl.zeros((1,), tl.int32)) - m_all)
-        total = total + weight * tl.load(l_ptr + base + s + tl.zeros((1,), tl.int32))
-        acc = acc + weight[:, None] * tl.load(acc_ptr + (base + s) * D + d[None, :])
-    tl.store(out_ptr + x.to(tl.int64) * D + d[None, :], acc / total[:, None])
-    tl.store(lse_ptr + x + tl.zeros((1,), tl.int32), m_all + tl.log(total))
+        m_all = tl.maximum(m_all, tl.load(m_ptr + heads * n_splits + s, mask=keep, other=0.0))
+    total = tl.zeros((REP_P,), tl.float32)
+    acc = tl.zeros((REP_P, D), tl.float32)
+    for s in range(n_splits):  # a split after the token's position adds exact zeros
+        at = heads * n_splits + s
+        weight = tl.exp(tl.load(m_ptr + at, mask=keep, other=0.0) - m_all)
+        total = total + weight * tl.load(l_ptr + at, mask=keep, other=1.0)
+        acc = acc + weight[:, None] * tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=keep[:, None], other=0.0)
+    tl.store(out_ptr + heads[:, None] * D + d[None, :], acc / total[:, None], mask=keep[:, None])
+    tl.store(lse_ptr + heads, m_all + tl.log(total), mask=keep)
 
 
 @jit
-def _rotate_kernel(x_ptr, r_ptr, out_ptr, D: tl.constexpr, COLUMNS: tl.constexpr):
-    """out[row] = x[row] @ R (D, D), one program per row: a row's bits do not depend on the others."""
-    row = tl.program_id(0).to(tl.int64)
+def _rotate_kernel(x_ptr, r_ptr, out_ptr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
+                   COLUMNS: tl.constexpr):
+    """out[i] = x[i] @ R (D, D) for the ROWS rows of program i (one token's heads); each row's sums are
+    its own, so a row's bits do not depend on the others."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS_P)
+    keep = tl.arange(0, ROWS_P) < ROWS
     k = tl.arange(0, D)
-    x = tl.load(x_ptr + row * D + k)
+    x = tl.load(x_ptr + row[:, None] * D + k[None, :], mask=keep[:, None], other=0.0)  # (ROWS_P, D)
     for c0 in range(0, D, COLUMNS):
         c = c0 + tl.arange(0, COLUMNS)
         rot = tl.load(r_ptr + k[:, None] * D + c[None, :])  # (D, COLUMNS)
-        tl.store(out_ptr + row * D + c, tl.sum(x[:, None] * rot, axis=0))
+        tl.store(out_ptr + row[:, None] * D + c[None, :], tl.sum(x[:, :, None] * rot[None, :, :], axis=1),
+                 mask=keep[:, None])
 
 
 # ---- host side ------------------------------------------------------------------------------------
@@ -296,12 +304,10 @@ def _power_of_two(n: int) -> bool:
 
 
 def supports_layout(layout: SlotLayout) -> bool:
-    """Whether these kernels serve a layer's slots: power-of-two head_dim <= MAX_DIM, power-of-two
-    quantization groups, "none" parts in float32, float16 or bfloat16."""
+    """Whether these kernels serve a layer's slots: power-of-two head_dim in 8 .. MAX_DIM (so its
+    quantization groups are powers of two too), "none" parts in float32, float16 or bfloat16."""
     for part in (layout.key, layout.value):
         if part.method == "none" and part.dtype not in NONE_DTYPES:
-            return False
-        if part.method in ("quant", "hadamard+quant") and not _power_of_two(part.group_size):
             return False
     return _power_of_two(layout.key.head_dim) and 8 <= layout.key.head_dim <= MAX_DIM
 
@@ -337,7 +343,7 @@ def _tables(part: PartLayout, device: torch.device) -> tuple[torch.Tensor, torch
 def _check_range(values: torch.Tensor, what: str) -> None:
     """ValueError (CPU) or a device-side assertion (CUDA) if |values| exceeds the fp16 range."""
     largest = values.abs().amax()
-    message = f"{what} exceed the fp16 range in which scales and zero points are stored"
+    message = f"{what} exceed the fp16 range in which scales are stored"
     if values.device.type == "cuda":
         torch._assert_async(largest <= _FP16_MAX, message)
     elif float(largest) > _FP16_MAX:
@@ -390,12 +396,13 @@ def write(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapp
 
 
 def _rotate_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x (..., D) float32 @ rotation (D, D), row by row (`_rotate_kernel`)."""
+    """x (T, H, D) float32 @ rotation (D, D), row by row (`_rotate_kernel`, one program per token)."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    D = x.shape[-1]
+    T, H, D = x.shape
     if x.numel():
-        _rotate_kernel[(x.numel() // D,)](x, rotation.contiguous(), out, D=D, COLUMNS=min(ROTATE_COLUMNS, D))
+        _rotate_kernel[(T,)](x, rotation.contiguous(), out, ROWS=H, ROWS_P=triton.next_power_of_2(H), D=D,
+                             COLUMNS=min(ROTATE_COLUMNS, D))
     return out
 
 
@@ -405,8 +412,8 @@ def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, 
     """`paged_attention.paged_attention` in Triton (arguments and results as there).
 
     Args:
-        max_seq_len: max(seq_lens), if the caller knows it (read from `seq_lens` otherwise: one
-            host synchronisation when it lives on the GPU).
+        max_seq_len: max(seq_lens), if the caller knows it (read from `seq_lens` otherwise: a host
+            synchronisation when `seq_lens` lives on the GPU; vLLM's metadata holds it on the CPU).
         split_tokens: tokens per split (a multiple of BLOCK_TOKENS); the default for every call of a
             process, or a token's bits depend on the call (tests use small ones).
     """
@@ -420,10 +427,10 @@ def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, 
     if T == 0:
         return out, lse
     rep = hq // hkv
+    longest = int(seq_lens.max()) if max_seq_len is None else max_seq_len  # no synchronisation for CPU seq_lens
     seq_lens = seq_lens.to(device=device, dtype=torch.int32)
     qsl = query_start_loc.to(device=device, dtype=torch.int32)
     token_request = torch.searchsorted(qsl[1:], torch.arange(T, device=device, dtype=torch.int32), right=True)
-    longest = int(seq_lens.max()) if max_seq_len is None else max_seq_len
     n_splits = max(1, -(-longest // split_tokens))
     k_book, _, k_rotation = _tables(layout.key, device)
     v_book, _, v_rotation = _tables(layout.value, device)
@@ -441,7 +448,7 @@ def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, 
         n_splits, REP=rep, REP_P=triton.next_power_of_2(rep), D=D, BLOCK=BLOCK_TOKENS, SPLIT=split_tokens,
         **_part_constants(layout.key, "K"), **_part_constants(layout.value, "V"), **kinds,
         V_OFFSET=layout.value_offset, num_warps=NUM_WARPS)
-    _combine_kernel[(T * hq,)](m, l, acc, out, lse, n_splits, D=D)
+    _combine_kernel[(T * hkv,)](m, l, acc, out, lse, n_splits, REP=rep, REP_P=triton.next_power_of_2(rep), D=D)
     if v_rotation is not None:
         out = _rotate_rows(out, v_rotation.T.contiguous())  # p @ V = (p @ stored_v) @ R_V^T
     return out, lse
