@@ -31,7 +31,7 @@ from kvcompress.spec import TensorSpec  # noqa: E402
 
 BLOCK = 16
 SPLIT = 32  # tokens per split in these tests (the kernel's default is SPLIT_TOKENS)
-SPLIT_SMALL = triton_paged.BLOCK_TOKENS  # the smallest split, for the many calls of the chunking test
+SPLIT_SMALL = triton_paged.MAX_BLOCK_TOKENS  # the smallest split, for the many calls of the chunking test
 CB1 = TensorSpec(method="rotated+codebook", bits=1, seed=11)
 
 

@@ -35,9 +35,13 @@ _ROUND_MAGIC = tl.constexpr(12582912.0) if tl is not None else None
 METHODS = {"quant": 0, "hadamard+quant": 0, "rotated+codebook": 1, "none": 2}
 NONE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_DIM = 256
-SPLIT_TOKENS = 512  # tokens per split of a request's keys, cut from token 0 (a multiple of BLOCK_TOKENS)
-BLOCK_TOKENS = 16  # keys per tile of the attention kernel
-NUM_WARPS = 4
+SPLIT_TOKENS = 512  # tokens per split of a request's keys, cut from token 0 (a multiple of MAX_BLOCK_TOKENS)
+MAX_BLOCK_TOKENS = 16  # keys per tile of the attention kernel, at most (see block_tokens)
+# the (query heads, keys, head_dim) products of a tile stay within this many elements: compiled for sm_90 at
+# ATTEND_WARPS warps, no spills for head_dim 64 / 128 and GQA groups up to 8 (scripts/triton_compile_check.py)
+TILE_ELEMENTS = 8192
+ATTEND_WARPS = 8
+NUM_WARPS = 4  # the other kernels
 ROTATE_COLUMNS = 16  # output columns per step of the rotation kernel
 _FP16_MAX = 65504.0
 
@@ -312,6 +316,16 @@ def supports_layout(layout: SlotLayout) -> bool:
     return _power_of_two(layout.key.head_dim) and 8 <= layout.key.head_dim <= MAX_DIM
 
 
+def block_tokens(rep: int, head_dim: int) -> int:
+    """Keys per tile for GQA groups of `rep` query heads: the largest power of two <= MAX_BLOCK_TOKENS with
+    padded rep * tile * head_dim <= TILE_ELEMENTS (at least 1). Fixed by the model's shapes, so every call
+    of a layer cuts its keys into the same tiles."""
+    block = MAX_BLOCK_TOKENS
+    while block > 1 and triton.next_power_of_2(rep) * block * head_dim > TILE_ELEMENTS:
+        block //= 2
+    return block
+
+
 def _widths(part: PartLayout) -> tuple[int, int]:
     """Widths of the (first, second) bit fields of the part's codes (`codecs.packing.fields`)."""
     if part.method == "none":
@@ -414,11 +428,11 @@ def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, 
     Args:
         max_seq_len: max(seq_lens), if the caller knows it (read from `seq_lens` otherwise: a host
             synchronisation when `seq_lens` lives on the GPU; vLLM's metadata holds it on the CPU).
-        split_tokens: tokens per split (a multiple of BLOCK_TOKENS); the default for every call of a
+        split_tokens: tokens per split (a multiple of MAX_BLOCK_TOKENS); the default for every call of a
             process, or a token's bits depend on the call (tests use small ones).
     """
-    if split_tokens % BLOCK_TOKENS:
-        raise ValueError(f"split_tokens must be a multiple of {BLOCK_TOKENS}, got {split_tokens}")
+    if split_tokens % MAX_BLOCK_TOKENS:
+        raise ValueError(f"split_tokens must be a multiple of {MAX_BLOCK_TOKENS}, got {split_tokens}")
     T, hq, D = query.shape
     device = query.device
     hkv, block_size, slot_bytes = pages.shape[1], pages.shape[2], pages.shape[3]
@@ -445,9 +459,9 @@ def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, 
     _attend_kernel[(T, hkv, n_splits)](
         q, pages, table, seq_lens, qsl, token_request.to(torch.int32), k_book, v_book,
         m, l, acc, float(scale), hkv, block_size, slot_bytes, table.stride(0),
-        n_splits, REP=rep, REP_P=triton.next_power_of_2(rep), D=D, BLOCK=BLOCK_TOKENS, SPLIT=split_tokens,
+        n_splits, REP=rep, REP_P=triton.next_power_of_2(rep), D=D, BLOCK=block_tokens(rep, D), SPLIT=split_tokens,
         **_part_constants(layout.key, "K"), **_part_constants(layout.value, "V"), **kinds,
-        V_OFFSET=layout.value_offset, num_warps=NUM_WARPS)
+        V_OFFSET=layout.value_offset, num_warps=ATTEND_WARPS)
     _combine_kernel[(T * hkv,)](m, l, acc, out, lse, n_splits, REP=rep, REP_P=triton.next_power_of_2(rep), D=D)
     if v_rotation is not None:
         out = _rotate_rows(out, v_rotation.T.contiguous())  # p @ V = (p @ stored_v) @ R_V^T
