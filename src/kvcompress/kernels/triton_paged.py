@@ -27,6 +27,7 @@ from ..codecs.base import check_finite
 from ..codecs.packing import fields
 from ..paged import PartLayout, SlotLayout
 from .backend import triton_or_none
+from .paged_attention import check_lengths
 
 triton, tl, jit = triton_or_none()  # without Triton (an optional extra) this module imports, unusable
 # 1.5 * 2**23: adding and subtracting it rounds a float32 half to even (as in triton_pack)
@@ -364,6 +365,13 @@ def _check_range(values: torch.Tensor, what: str) -> None:
         raise ValueError(f"{message} (up to {float(largest):.3g}); this codec cannot represent them")
 
 
+def _check_pages(pages: torch.Tensor) -> None:
+    """ValueError unless `pages` is a contiguous uint8 (num_blocks, H, block_size, slot_bytes) tensor."""
+    if pages.dtype != torch.uint8 or pages.dim() != 4 or not pages.is_contiguous():
+        raise ValueError(f"the kernels read pages as a contiguous uint8 (num_blocks, kv_heads, block_size, slot_bytes) "
+                         f"tensor, got {pages.dtype} {tuple(pages.shape)} with strides {pages.stride()}")
+
+
 def _part_input(part: PartLayout, x: torch.Tensor) -> torch.Tensor:
     """What the store kernel reads for one part of states x (N, H, D): the bytes of the values in the
     model dtype ("none"), else float32 states, rotated (x @ R, the torch matmul `PartLayout.encode` does)."""
@@ -388,6 +396,7 @@ def write(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapp
     fp16 on CPU tensors; on CUDA those are device-side assertions (no host synchronisation).
     """
     N, H, D = key.shape
+    _check_pages(pages)
     if N == 0:
         return
     block_size, slot_bytes = pages.shape[2], pages.shape[3]
@@ -434,6 +443,8 @@ def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, 
     if split_tokens % MAX_BLOCK_TOKENS:
         raise ValueError(f"split_tokens must be a multiple of {MAX_BLOCK_TOKENS}, got {split_tokens}")
     T, hq, D = query.shape
+    _check_pages(pages)
+    check_lengths(seq_lens, query_start_loc)
     device = query.device
     hkv, block_size, slot_bytes = pages.shape[1], pages.shape[2], pages.shape[3]
     out = torch.empty(T, hq, D, dtype=torch.float32, device=device)
