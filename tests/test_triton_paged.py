@@ -120,6 +120,20 @@ def test_store_refuses_what_the_torch_writer_refuses(key, value, bad, message):
             store()
 
 
+def test_a_padding_row_is_neither_stored_nor_checked():
+    """A NaN in a row whose slot is -1 (padding) stops neither writer; the other rows are stored alike."""
+    layout = layout_for("hadamard-int4", "rot-cb2")
+    states = torch.randn(4, 2, 64, generator=torch.Generator().manual_seed(6))
+    states[2, 1, 7] = float("nan")
+    slots = torch.tensor([5, 9, -1, 0])
+    mine = torch.zeros(1, 2, BLOCK, layout.slot_bytes, dtype=torch.uint8, device=DEVICE)
+    reference = mine.clone()
+    triton_paged.write(mine, states.to(DEVICE), states.to(DEVICE), slots.to(DEVICE), layout)
+    layout.write(reference, states.to(DEVICE), states.to(DEVICE), slots.to(DEVICE))
+    assert torch.equal(mine[:, :, [5, 9, 0], :layout.value_offset], reference[:, :, [5, 9, 0], :layout.value_offset])
+    assert mine[:, :, [5, 9, 0]].any() and not mine[:, :, [1, 2, 3]].any()
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the interpreter's fp16 of a too-large scale
 def test_codebook_scales_beyond_fp16_are_refused():
     layout = layout_for("int4", "rot-cb3")

@@ -1,20 +1,15 @@
-"""Triton kernels for a paged pool of packed slots (`paged.SlotLayout`): the store and the attention.
+"""Triton kernels for a paged pool of packed slots (`paged.SlotLayout`): the store and the attention (CUDA).
 
-`write(pages, key, value, slot_mapping, layout)` encodes K/V rows (N, Hkv, D) into their slots, one
-program per (token, KV head): the bytes `SlotLayout.write` writes, for every part method ("quant" and
-"hadamard+quant": byte-identical; "rotated+codebook": the same codes, and the fp16 scale equal or one
-fp16 step away where a float32 sum rounds differently; "none": the same bytes). The rotation R of a part
-is a torch matmul before the kernel, as `PartLayout.encode` does it.
-`attend(query, pages, block_table, seq_lens, query_start_loc, layout, scale)` returns what
-`paged_attention.paged_attention_torch` returns, (out (T, Hq, D), lse (T, Hq)) float32, to float
-tolerance, for every step (decode, prefill, chunked prefill, prefix-cache hits): one program per (query
-token, KV head, split of SPLIT_TOKENS tokens) reads codes through the block table and keeps an online
-softmax for the token's GQA group; a second kernel merges the splits in order; rotations of the query and
-of the output are per-row kernels. A token's arithmetic depends only on its query and its request's
-tokens up to its position (fixed tiles and splits from token 0, one program shape): it gets the same bits
-in any chunk or batch. Prefill is correct, not fast: each query token reads its whole prefix.
-Not handled (`supports_layout` is False; the caller keeps the torch path): head_dim not a power of two or
-above MAX_DIM.
+`write` encodes K/V rows (N, Hkv, D) into their slots, one program per (token, KV head): the bytes of
+`SlotLayout.write` (uniform and "none" parts byte-identical; codebook parts the same codes, the fp16 scale
+equal or one step away: a float32 sum in another order). A part's rotation is the torch matmul before it.
+`attend` returns what `paged_attention.paged_attention_torch` returns, (out (T, Hq, D), lse (T, Hq))
+float32, to float tolerance, for every step: one program per (query token, KV head, split of
+SPLIT_TOKENS tokens from token 0) decodes codes through the block table with an online softmax for the
+token's GQA group; a second kernel merges the splits in order; rotations run row by row. A token's
+arithmetic depends only on its query and its request's earlier tokens: the same bits in any chunk or batch.
+Prefill is correct, not fast (each query token reads its whole prefix). Not handled (`supports_layout`):
+head_dim not a power of two in 8 .. MAX_DIM. Details: docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -28,10 +23,9 @@ from ..codecs.packing import fields
 from ..paged import PartLayout, SlotLayout
 from .backend import triton_or_none
 from .paged_attention import check_lengths
+from .triton_pack import _codes
 
 triton, tl, jit = triton_or_none()  # without Triton (an optional extra) this module imports, unusable
-# 1.5 * 2**23: adding and subtracting it rounds a float32 half to even (as in triton_pack)
-_ROUND_MAGIC = tl.constexpr(12582912.0) if tl is not None else None
 
 METHODS = {"quant": 0, "hadamard+quant": 0, "rotated+codebook": 1, "none": 2}
 NONE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -150,12 +144,7 @@ def _store_part(x_ptr, book_ptr, bound_ptr, slot, keep, scale_out_ptr,
         zero = tl.min(x, axis=1).to(tl.float16)  # (NG,)
         zero_f = zero.to(tl.float32)
         scale = tl.math.div_rn(tl.max(x, axis=1) - zero_f, LEVELS * 1.0).to(tl.float16)
-        scale_f = scale.to(tl.float32)
-        safe = tl.where(scale_f > 0, scale_f, 1.0)
-        v = tl.math.div_rn(x - zero_f[:, None], safe[:, None])
-        v = tl.minimum(tl.maximum(v, -1.0), LEVELS + 1.0)
-        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC  # round half to even, as torch.round
-        codes = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)
+        codes = _codes(x, zero_f[:, None], scale.to(tl.float32)[:, None], LEVELS)  # QuantCodec's float32 steps
         _store_codes(slot, tl.reshape(codes, (D,)), keep, D, W1, W2)
         g = tl.arange(0, NG)
         _store_fp16(slot + CODES + 2 * g, scale, keep)
@@ -372,11 +361,13 @@ def _check_pages(pages: torch.Tensor) -> None:
                          f"tensor, got {pages.dtype} {tuple(pages.shape)} with strides {pages.stride()}")
 
 
-def _part_input(part: PartLayout, x: torch.Tensor) -> torch.Tensor:
+def _part_input(part: PartLayout, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """What the store kernel reads for one part of states x (N, H, D): the bytes of the values in the
-    model dtype ("none"), else float32 states, rotated (x @ R, the torch matmul `PartLayout.encode` does)."""
+    model dtype ("none"), else float32 states, rotated (x @ R, the torch matmul `PartLayout.encode` does).
+    Rows not `kept` (N, 1, 1) bool (padding, never stored) are zeroed first, so that only stored rows are checked."""
     if part.method == "none":
         return x.to(part.dtype).contiguous().view(torch.uint8)
+    x = torch.where(kept, x, 0.0)
     check_finite(x)
     y = x.float()
     rotation = _tables(part, x.device)[2]
@@ -400,10 +391,13 @@ def write(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapp
     if N == 0:
         return
     block_size, slot_bytes = pages.shape[2], pages.shape[3]
-    k_in, v_in = _part_input(layout.key, key), _part_input(layout.value, value)
+    kept = (slot_mapping >= 0)[:, None, None]
+    k_in, v_in = _part_input(layout.key, key, kept), _part_input(layout.value, value, kept)
     k_book, k_bounds, _ = _tables(layout.key, key.device)
     v_book, v_bounds, _ = _tables(layout.value, key.device)
-    scales = torch.zeros(N, H, 2, dtype=torch.float32, device=key.device)  # codebook scales, for the range check
+    codebook = "rotated+codebook" in (layout.key.method, layout.value.method)
+    # the codebook scales the kernel computes (K, V), for the fp16 range check; written only for codebook parts
+    scales = torch.zeros((N, H, 2) if codebook else (1,), dtype=torch.float32, device=key.device)
     tail = slot_bytes - layout.key.nbytes - layout.value.nbytes
     _store_kernel[(N, H)](
         k_in, v_in, pages, slot_mapping.contiguous(), k_book, k_bounds, v_book, v_bounds, scales,
@@ -413,9 +407,8 @@ def write(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapp
         **_part_constants(layout.value, "V"), V_BYTES=layout.value.nbytes,
         V_BYTES_P=triton.next_power_of_2(layout.value.nbytes), V_ROW=v_in.shape[-1],
         N_BOUNDS_P=16, TAIL_P=triton.next_power_of_2(max(tail, 1)), num_warps=NUM_WARPS)
-    if "rotated+codebook" in (layout.key.method, layout.value.method):
-        kept = (slot_mapping >= 0).to(scales.dtype)[:, None, None]
-        _check_range(scales * kept, "KV states (codebook scales)")
+    if codebook:  # padding rows were zeroed: their scales are 0
+        _check_range(scales, "KV states (codebook scales)")
 
 
 def _rotate_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
