@@ -333,15 +333,19 @@ def _part_constants(part: PartLayout, prefix: str) -> dict:
 
 
 @functools.lru_cache(maxsize=256)
-def _tables(part: PartLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(codebook (2**bits,), its decision boundaries, R (D, D) or None), float32 on `device`, once per part."""
+def _tables(part: PartLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                             torch.Tensor | None]:
+    """(codebook (2**bits,), its decision boundaries, R (D, D) or None, R^T or None), float32 on `device`,
+    once per part."""
     if part.method == "rotated+codebook":
         book = part.centroids(device).float().contiguous()
         bounds = ((book[1:] + book[:-1]) / 2).contiguous()  # as CodebookCodec.quantize computes them
     else:
         book = bounds = torch.zeros(1, dtype=torch.float32, device=device)
     rotation = part.rotation(device)
-    return book, bounds, None if rotation is None else rotation.float().contiguous()
+    if rotation is None:
+        return book, bounds, None, None
+    return book, bounds, rotation.float().contiguous(), rotation.float().T.contiguous()
 
 
 def _check_range(values: torch.Tensor, what: str) -> None:
@@ -393,8 +397,8 @@ def write(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapp
     block_size, slot_bytes = pages.shape[2], pages.shape[3]
     kept = (slot_mapping >= 0)[:, None, None]
     k_in, v_in = _part_input(layout.key, key, kept), _part_input(layout.value, value, kept)
-    k_book, k_bounds, _ = _tables(layout.key, key.device)
-    v_book, v_bounds, _ = _tables(layout.value, key.device)
+    k_book, k_bounds = _tables(layout.key, key.device)[:2]
+    v_book, v_bounds = _tables(layout.value, key.device)[:2]
     codebook = "rotated+codebook" in (layout.key.method, layout.value.method)
     # the codebook scales the kernel computes (K, V), for the fp16 range check; written only for codebook parts
     scales = torch.zeros((N, H, 2) if codebook else (1,), dtype=torch.float32, device=key.device)
@@ -450,8 +454,8 @@ def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, 
     qsl = query_start_loc.to(device=device, dtype=torch.int32)
     token_request = torch.searchsorted(qsl[1:], torch.arange(T, device=device, dtype=torch.int32), right=True)
     n_splits = max(1, -(-longest // split_tokens))
-    k_book, _, k_rotation = _tables(layout.key, device)
-    v_book, _, v_rotation = _tables(layout.value, device)
+    k_book, _, k_rotation, _ = _tables(layout.key, device)
+    v_book, _, _, v_rotation_t = _tables(layout.value, device)
     q = query.float().contiguous()
     if k_rotation is not None:
         q = _rotate_rows(q, k_rotation)  # q . k = (q @ R_K) . stored_k
@@ -467,6 +471,6 @@ def attend(query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, 
         **_part_constants(layout.key, "K"), **_part_constants(layout.value, "V"), **kinds,
         V_OFFSET=layout.value_offset, num_warps=ATTEND_WARPS)
     _combine_kernel[(T * hkv,)](m, l, acc, out, lse, n_splits, REP=rep, REP_P=triton.next_power_of_2(rep), D=D)
-    if v_rotation is not None:
-        out = _rotate_rows(out, v_rotation.T.contiguous())  # p @ V = (p @ stored_v) @ R_V^T
+    if v_rotation_t is not None:
+        out = _rotate_rows(out, v_rotation_t)  # p @ V = (p @ stored_v) @ R_V^T
     return out, lse
