@@ -82,6 +82,13 @@ def use_triton_kernels() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4)
+def _triton_declines(head_size: int) -> None:
+    """Log once that the Triton kernels do not serve this head size (the torch path serves every layer)."""
+    logger.warning("kvcompress: attention runs the torch paged path: the Triton kernels need a power-of-two "
+                   "head_dim of at most %d (this model's is %d)", triton_paged.MAX_DIM, head_size)
+
+
 @functools.lru_cache(maxsize=1)
 def use_cpu_kernel() -> bool:
     """Whether this engine's layers attend through the compiled CPU paged kernel: on the CPU platform
@@ -200,8 +207,7 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
         layers = self.model_layout.layers
         self.use_triton = use_triton_kernels() and all(triton_paged.supports_layout(x) for x in layers)
         if use_triton_kernels() and not self.use_triton:
-            logger.warning("kvcompress: attention runs the torch paged path: the Triton kernels need a power-of-two "
-                           "head_dim of at most %d (this model's is %d)", triton_paged.MAX_DIM, head_size)
+            _triton_declines(head_size)
         self.use_kernel = (not use_triton_kernels() and use_cpu_kernel()
                            and all(cpu_paged.supports_layout(x) for x in layers))
 
