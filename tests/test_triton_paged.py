@@ -26,7 +26,7 @@ from test_paged import PARTS, paged_spec  # noqa: E402
 
 from kvcompress.kernels import triton_paged  # noqa: E402
 from kvcompress.kernels.paged_attention import paged_attention_torch  # noqa: E402
-from kvcompress.paged import PagedLayout, PartLayout, SlotLayout  # noqa: E402
+from kvcompress.paged import PagedLayout, SlotLayout  # noqa: E402
 from kvcompress.spec import TensorSpec  # noqa: E402
 
 BLOCK = 16
