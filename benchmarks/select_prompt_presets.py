@@ -97,9 +97,9 @@ def kinds_candidates() -> list[CacheSpec]:
             ("k4v4", 32, ["expected"], 0.45), ("k4v4", 32, ["expected"], 0.33),
             # block-aligned budgets: sinks + window + whole 32-token blocks, so that no kept prompt
             # token is left in full precision past the window (keep = tokens / 1536)
-            ("cb4", 32, ["expected", "snapkv"], 804 / 1536), ("cb3", 64, ["expected"], 900 / 1536),
-            ("k4v4", 32, ["expected"], 708 / 1536), ("cb4", 32, ["expected"], 580 / 1536),
-            ("cb3", 32, ["expected"], 708 / 1536)]
+            ("cb4", 32, ["expected", "snapkv"], 804 / 1536), ("cb3", 64, ["expected", "snapkv"], 900 / 1536),
+            ("k4v4", 32, ["expected", "snapkv"], 708 / 1536), ("cb4", 32, ["expected", "snapkv"], 580 / 1536),
+            ("cb3", 32, ["expected", "snapkv"], 708 / 1536)]
     return [spec for codec, window, policies, keep in grid for spec in _grid([codec], [window], [keep], policies)]
 
 
