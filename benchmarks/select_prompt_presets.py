@@ -24,8 +24,9 @@ their KLs) among a cut grid, `kinds_candidates()`: the two presets of the docs-o
 int4 and cb4 (more bits, fewer tokens) with a 32-token window, policy `expected` (cb4 at 6x with
 `snapkv` too), keep fractions sized to just meet each floor, then the same with budgets aligned
 to the compression block (a kept count of sinks + window + whole blocks; otherwise up to 31 kept
-tokens stay in full precision at the end of the prompt): 13 specs x 3 kinds instead of 93 x 1,
-what a loaded 2-core machine measured in the time there was.
+tokens stay in full precision at the end of the prompt), each with `expected` and `snapkv`:
+17 specs x 3 kinds instead of 93 x 1, what a loaded 2-core machine measured in the time there
+was. The codebook candidates (cb4, cb3) are the bitsN codecs of now, keys query-weighted.
 
 Every candidate meeting a floor is measured (saved in the --state file, so a rerun measures
 nothing again), and the data file lists them all. Then, with `--compare`, the same protocol on

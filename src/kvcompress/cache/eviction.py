@@ -5,7 +5,8 @@ always); `choose_in_segment` picks `block_size` of a segment leaving the window 
 generation (`applies: "generation"`), scored with the latest query. `Evictor` applies them for
 one `CompressedLayer`, whose storage stays in the layer. Every KV head keeps the same number of
 tokens (each its own), so storage stays one (B, H, n, D) tensor per layer and transformers' one
-mask per layer stays right.
+mask per layer stays right. `per_head_kept` shares a layer's budget among its heads (AdaKV); no
+cache layer stores such ragged counts yet (see docs/prompt.md, "Per-head budgets").
 """
 
 from __future__ import annotations
