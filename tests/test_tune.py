@@ -81,7 +81,24 @@ def test_spec_from_choice_groups_layers_and_round_trips(tmp_path):
     # consecutive equal layers are one range
     spec = spec_from_choice([2, 2, 3, 3, 3], [2, 2, 2, 2, 2], settings, BASE)
     assert spec.key == settings["key"][3]
-    assert spec.layers == {"0-1": {"key": settings["key"][2].to_dict() | {"key_space": "post_rope"}}}
+    assert spec.layers == {"0-1": {"key": settings["key"][2].to_dict() | {"key_space": "post_rope", "weight": "none",
+                                                                           "center": False}}}
+
+
+def test_override_under_a_query_weighted_codebook_default_inherits_none_of_its_fields():
+    # the codebook family's keys are query-weighted and the centred rotated ones centred: a layer that
+    # differs from such a default must be built from its own fields only, whatever the default
+    pca = TensorSpec(method="pca+codebook", bits=3, key_space="pre_rope", weight="query")
+    centred = TensorSpec(method="rotated+codebook", bits=3, center=True)
+    settings = {"key": [pca, TensorSpec(method="quant", bits=8, axis="channel", group_size=32),
+                        TensorSpec(method="rotated+codebook", bits=4), centred],
+                "value": [TensorSpec(method="quant", bits=4, axis="token", group_size=32)]}
+    spec = spec_from_choice([0, 0, 0, 1, 2], [0] * 5, settings, BASE)
+    assert spec.key == pca
+    assert spec.for_layer(3)[0] == settings["key"][1] and spec.for_layer(4)[0] == settings["key"][2]
+    spec = spec_from_choice([3, 3, 3, 2, 0], [0] * 5, settings, BASE)
+    assert spec.for_layer(3)[0] == settings["key"][2] and spec.for_layer(4)[0] == pca
+    assert CacheSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).for_layer(3)[0] == settings["key"][2]
 
 
 def test_override_of_a_pre_rope_default_keeps_its_own_key_space():

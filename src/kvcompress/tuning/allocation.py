@@ -82,10 +82,14 @@ def lagrangian_path(sens: Sensitivity) -> list[PathPoint]:
 
 
 def _override(spec: TensorSpec, tensor: str) -> dict:
-    """A full override dict: fields that `from_dict` would otherwise inherit from the default are explicit."""
+    """A full override dict: fields that `from_dict` would otherwise inherit from the default are explicit
+    (a quant layer under a query-weighted codebook default must not inherit `weight`, nor a plain
+    rotated codebook a centred default's `center`)."""
     out = spec.to_dict()
-    if tensor == "key" and spec.method != "none":
-        out["key_space"] = spec.key_space
+    if spec.method != "none":
+        out.update(weight=spec.weight, center=spec.center)
+        if tensor == "key":
+            out["key_space"] = spec.key_space
     return out
 
 
