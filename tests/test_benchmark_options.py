@@ -24,6 +24,9 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     (["benchmarks/select_prompt_presets.py", "--kinds", "docs,novels"], "--kinds docs,novels"),
     (["benchmarks/select_prompt_presets.py", "--kinds", "docs,docs"], "--kinds docs,docs"),
     (["benchmarks/gpu_paged.py", "--dry-run", "--out", "runs/unused", "--preset", "int4"], "--preset 'int4'"),
+    (["benchmarks/per_head_budgets.py", "--kinds", "docs,novels"], "--kinds"),
+    (["benchmarks/per_head_budgets.py", "--policies", "streaming"], "--policies"),
+    (["benchmarks/per_head_budgets.py", "--keep", "0.2,1.5"], "--keep 0.2,1.5"),
 ])
 def test_wrong_option_is_one_line_and_exit_2(args, option):
     proc = run_script(*args)
