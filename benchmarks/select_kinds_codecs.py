@@ -5,7 +5,8 @@ kind's **selection** part, for candidate specs and calibration artifacts: "all" 
 artifact, calibrated on every kind's calibration part, `calibration.all_kinds_ids`) and "docs"
 (calibrated here on the first 4096 tokens of docs' calibration part, the embedded artifact of
 before). Candidates: bitsN as it was (K pca by variance, V rotated), K/V splits of the bits,
-values on principal directions, keys weighted by query energy. Prints KL per kind and each
+values on principal directions, keys weighted by query energy, one-byte scales with the saved bits
+spent on codes (K and V, K only, V only). Prints KL per kind and each
 candidate's ratio to the KIVI reference of its budget. Resumable: one JSON line per (budget,
 candidate, kind) in --out; `--only` runs some labels (`LABEL` or `BUDGET:LABEL`).
 
@@ -45,7 +46,16 @@ def candidates(n: int) -> list[tuple[str, str, dict | str]]:
            ("K pca/V pca all-cal", "all", {"key": _pca(n, key_space="pre_rope"), "value": _pca(n)}),
            ("Kq/V all-cal", "all", {"key": _pca(n, key_space="pre_rope", weight="query"), "value": _cb(n)}),
            ("Kq+0.5/V-0.5 all-cal", "all", {"key": _pca(n + 0.5, key_space="pre_rope", weight="query"),
-                                            "value": _cb(n - 0.5)})]
+                                            "value": _cb(n - 0.5)}),
+           # one-byte scales (8 bits per vector saved) spent as 1/8 bit per value more codes; keys'
+           # directions in each head's own order of importance (cache.build.pca_codebook since then)
+           ("Kq+1/8/V+1/8 byte scales", "all", {"key": _pca(n + 0.125, key_space="pre_rope", weight="query",
+                                                            scale_bits=8),
+                                                "value": _cb(n + 0.125, scale_bits=8)}),
+           ("Kq+1/4/V byte scales", "all", {"key": _pca(n + 0.25, key_space="pre_rope", weight="query", scale_bits=8),
+                                            "value": _cb(n, scale_bits=8)}),
+           ("Kq/V+1/4 byte scales", "all", {"key": _pca(n, key_space="pre_rope", weight="query", scale_bits=8),
+                                            "value": _cb(n + 0.25, scale_bits=8)})]
     return out
 
 

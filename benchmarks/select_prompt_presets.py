@@ -19,13 +19,14 @@ candidates, in the stages they were searched:
    with int4, cb4, cb3 and keep 25/30/40%, policy `expected`.
 
 With `--kinds docs,code,plays` (issue 24) the choice reads the selection parts of every kind
-together (`select_prompt_presets_kinds`: the lowest ratio over the kinds, the geometric mean of
+together (`select_prompt_presets` with `kinds`: the lowest ratio over the kinds, the geometric mean of
 their KLs) among a cut grid, `kinds_candidates()`: the two presets of the docs-only choice, and
 int4 and cb4 (more bits, fewer tokens) with a 32-token window, policy `expected` (cb4 at 6x with
 `snapkv` too), keep fractions sized to just meet each floor, then the same with budgets aligned
 to the compression block (a kept count of sinks + window + whole blocks; otherwise up to 31 kept
-tokens stay in full precision at the end of the prompt): 13 specs x 3 kinds instead of 93 x 1,
-what a loaded 2-core machine measured in the time there was.
+tokens stay in full precision at the end of the prompt), each with `expected` and `snapkv`:
+17 specs x 3 kinds instead of 93 x 1, what a loaded 2-core machine measured in the time there
+was. The codebook candidates (cb4, cb3) are the bitsN codecs of now, keys query-weighted.
 
 Every candidate meeting a floor is measured (saved in the --state file, so a rerun measures
 nothing again), and the data file lists them all. Then, with `--compare`, the same protocol on
@@ -55,7 +56,7 @@ from kvcompress.presets import load_spec
 from kvcompress.spec import CacheSpec
 from kvcompress.tuning.candidates import eviction_grid, uniform_candidates
 from kvcompress.tuning.evaluators import make_evaluator, make_ratio_evaluator
-from kvcompress.tuning.preset_selection import select_prompt_presets, select_prompt_presets_kinds, text_tokens
+from kvcompress.tuning.preset_selection import select_prompt_presets, text_tokens
 from kvcompress.fingerprint import text_fingerprint
 from kvcompress.tuning.state import TuneState
 
@@ -97,9 +98,9 @@ def kinds_candidates() -> list[CacheSpec]:
             ("k4v4", 32, ["expected"], 0.45), ("k4v4", 32, ["expected"], 0.33),
             # block-aligned budgets: sinks + window + whole 32-token blocks, so that no kept prompt
             # token is left in full precision past the window (keep = tokens / 1536)
-            ("cb4", 32, ["expected", "snapkv"], 804 / 1536), ("cb3", 64, ["expected"], 900 / 1536),
-            ("k4v4", 32, ["expected"], 708 / 1536), ("cb4", 32, ["expected"], 580 / 1536),
-            ("cb3", 32, ["expected"], 708 / 1536)]
+            ("cb4", 32, ["expected", "snapkv"], 804 / 1536), ("cb3", 64, ["expected", "snapkv"], 900 / 1536),
+            ("k4v4", 32, ["expected", "snapkv"], 708 / 1536), ("cb4", 32, ["expected", "snapkv"], 580 / 1536),
+            ("cb3", 32, ["expected", "snapkv"], 708 / 1536)]
     return [spec for codec, window, policies, keep in grid for spec in _grid([codec], [window], [keep], policies)]
 
 
@@ -166,9 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/select_prompt_presets.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--state"))
     if kinds is not None:
-        data = select_prompt_presets_kinds(model, tokenizer, FLOORS, candidates=kinds_candidates(), context=CONTEXT,
-                                           tokens=TOKENS, kinds=kinds, ratio_model=ratio_model, state=state,
-                                           command=command)
+        data = select_prompt_presets(model, tokenizer, FLOORS, candidates=kinds_candidates(), context=CONTEXT,
+                                     tokens=TOKENS, kinds=kinds, ratio_model=ratio_model, state=state, command=command)
         print(f"wrote {write_json_atomic(args.out, data)}")
         for entry in data["presets"]:
             by_kind = entry["report"]["by_kind"]

@@ -8,7 +8,7 @@ GPU or driver is needed. With `--registers` it also prints each kernel's registe
 and spill bytes (ptxas -v), which bound how many programs fit on a multiprocessor.
 
     python scripts/triton_compile_check.py              # the kernels the tests use
-    python scripts/triton_compile_check.py --registers  # + every head_dim 64/128, GQA 1..8
+    python scripts/triton_compile_check.py --registers  # + every head_dim 64/128, GQA 1..8 (decode, paged)
 
 Must run without TRITON_INTERPRET=1 (the kernels are defined when their module is imported).
 This script does not run or time anything.
@@ -24,9 +24,10 @@ import sys
 import tempfile
 
 from kvcompress.extras import require_extra
-from kvcompress.kernels import triton_decode, triton_pack
+from kvcompress.kernels import triton_decode, triton_pack, triton_paged
 from kvcompress.kernels.backend import FEATURE, load_triton
 from kvcompress.kernels.fields import TOKEN_ROW_TOKENS, field_widths
+from kvcompress.paged import PartLayout
 
 STATS = {"scale_ptr": "*fp16", "zero_ptr": "*fp16", "codes_ptr": "*u8"}
 CODES_POINTERS = {"q_ptr": "*fp32", "kc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vc_ptr": "*u8",
@@ -98,15 +99,61 @@ def decode_cases(key_bits: int, value_bits: int, rep: int, head_dim: int, dtype:
     ]
 
 
+PAGED_PARTS = {"int4": ("quant", 4, 32), "int3": ("quant", 3, 32), "int8": ("quant", 8, 32), "int2": ("quant", 2, 16),
+               "hadamard-int4": ("hadamard+quant", 4, 32), "cb3": ("rotated+codebook", 3, 0),
+               "cb2": ("rotated+codebook", 2, 0), "bf16": ("none", 0, 0)}
+
+
+def paged_cases(key: str, value: str, rep: int, head_dim: int) -> list[tuple]:
+    """The paged store, attention, combine and rotation kernels as `triton_paged` launches them."""
+    parts = []
+    for name in (key, value):
+        method, bits, group = PAGED_PARTS[name]
+        parts.append(PartLayout(method, head_dim, bits=bits, group_size=group))
+    k, v = parts
+    what = f"K {key}, V {value}, head_dim {head_dim}"
+    store = {"D": head_dim, "N_BOUNDS_P": 16, "TAIL_P": 4}
+    pointers = {"pages_ptr": "*u8", "slot_mapping_ptr": "*i64", "scales_ptr": "*fp32"}
+    for prefix, part in (("K", k), ("V", v)):
+        raw = part.method == "none"
+        store.update(triton_paged._part_constants(part, prefix))
+        store.update({f"{prefix}_BYTES": part.nbytes, f"{prefix}_BYTES_P": 1 << (part.nbytes - 1).bit_length(),
+                      f"{prefix}_ROW": part.nbytes if raw else head_dim})
+        pointers.update({f"{prefix.lower()}_ptr": "*u8" if raw else "*fp32", f"{prefix.lower()}_book": "*fp32",
+                         f"{prefix.lower()}_bounds": "*fp32"})
+    rep_p = 1 << (rep - 1).bit_length()
+    attend = {"REP": rep, "REP_P": rep_p, "D": head_dim, "BLOCK": triton_paged.block_tokens(rep, head_dim),
+              "SPLIT": triton_paged.SPLIT_TOKENS, **triton_paged._part_constants(k, "K"),
+              **triton_paged._part_constants(v, "V"), "K_KIND": 2, "V_KIND": 2, "V_OFFSET": k.nbytes}
+    attend_pointers = {"q_ptr": "*fp32", "pages_ptr": "*u8", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32",
+                       "qsl_ptr": "*i32", "token_request_ptr": "*i32", "k_book": "*fp32", "v_book": "*fp32",
+                       **PARTIALS, "scale": "fp32"}
+    floats = {name: "*fp32" for name in ("m_ptr", "l_ptr", "acc_ptr", "out_ptr", "lse_ptr", "x_ptr", "r_ptr")}
+    return [
+        (f"paged store, {what}", triton_paged._store_kernel, pointers, store, triton_paged.NUM_WARPS),
+        (f"paged attention, {what}, GQA {rep}, tile {attend['BLOCK']}", triton_paged._attend_kernel, attend_pointers,
+         attend, triton_paged.ATTEND_WARPS),
+        (f"paged combine, GQA {rep}, head_dim {head_dim}", triton_paged._combine_kernel, floats,
+         {"REP": rep, "REP_P": rep_p, "D": head_dim}, triton_paged.NUM_WARPS),
+        (f"paged rotation, {4 * rep} heads, head_dim {head_dim}", triton_paged._rotate_kernel, floats,
+         {"ROWS": 4 * rep, "ROWS_P": 4 * rep_p, "D": head_dim, "COLUMNS": triton_paged.ROTATE_COLUMNS},
+         triton_paged.NUM_WARPS),
+    ]
+
+
 def cases(wide: bool) -> list[tuple]:
     """Kernel configurations: a few covering every code path, or (wide) the shapes of common models."""
     if not wide:
         return [pack_case(3, "channel", 64, 32, "fp32"), pack_case(4, "token", 128, 32, "bf16"),
-                *decode_cases(3, 2, 4, 64, "bf16", mask=True), *decode_cases(8, 4, 3, 128, "fp32", mask=False)[:2]]
+                *decode_cases(3, 2, 4, 64, "bf16", mask=True), *decode_cases(8, 4, 3, 128, "fp32", mask=False)[:2],
+                *paged_cases("int4", "int4", 4, 64), *paged_cases("int3", "hadamard-int4", 3, 128),
+                *paged_cases("cb3", "bf16", 1, 64)[:2], *paged_cases("int8", "cb2", 8, 128)[:2]]
     out = [pack_case(bits, axis, head_dim, 32, "bf16") for head_dim in (64, 128) for bits in (2, 3, 4, 8)
            for axis in ("channel", "token")]
     out += [case for head_dim in (64, 128) for rep in (1, 2, 4, 8)
             for case in decode_cases(4, 4, rep, head_dim, "bf16", mask=True)]
+    out += [case for head_dim in (64, 128) for rep in (1, 2, 4, 8) for key, value in (("int4", "int4"), ("cb3", "cb2"))
+            for case in paged_cases(key, value, rep, head_dim)]
     return out
 
 

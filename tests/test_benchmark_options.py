@@ -1,5 +1,5 @@
-"""Options of the prompt-preset benchmark scripts: a wrong value is one line naming the option, exit 2,
-before any model loads."""
+"""Options of benchmark scripts: a wrong value is one line naming the option, exit 2, before any model
+loads or kernel runs."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     (["benchmarks/passkey_eviction.py", "--policies", "", "--specs", "no-such-preset"], "no-such-preset"),
     (["benchmarks/select_prompt_presets.py", "--kinds", "docs,novels"], "--kinds docs,novels"),
     (["benchmarks/select_prompt_presets.py", "--kinds", "docs,docs"], "--kinds docs,docs"),
+    (["benchmarks/gpu_paged.py", "--dry-run", "--out", "runs/unused", "--preset", "int4"], "--preset 'int4'"),
+    (["benchmarks/per_head_budgets.py", "--kinds", "docs,novels"], "--kinds"),
+    (["benchmarks/per_head_budgets.py", "--policies", "streaming"], "--policies"),
+    (["benchmarks/per_head_budgets.py", "--keep", "0.2,1.5"], "--keep 0.2,1.5"),
 ])
 def test_wrong_option_is_one_line_and_exit_2(args, option):
     proc = run_script(*args)

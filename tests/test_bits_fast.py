@@ -36,7 +36,7 @@ def fast_spec(bits: int) -> dict:
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
-def test_preset_keys_are_post_rope_centred_rotated_codebooks_and_values_are_bitsN(bits, tiny_artifact):
+def test_preset_keys_are_post_rope_centred_rotated_codebooks_and_values_rotated_codebooks(bits, tiny_artifact):
     model = tiny_llama(seed=2, head_dim=64)
     cache = CompressedCache(model, f"bits{bits}-fast", artifact=tiny_artifact)
     bits_n = CompressedCache(model, f"bits{bits}", artifact=tiny_artifact)
@@ -46,7 +46,10 @@ def test_preset_keys_are_post_rope_centred_rotated_codebooks_and_values_are_bits
         assert type(kc) is ComposedCodec and type(kc.inner) is CodebookCodec and kc.inner.bits == bits
         assert type(kc.transform) is Centered and type(kc.transform.inner) is RandomizedHadamard
         torch.testing.assert_close(kc.transform.mean, tiny_artifact.mean("key_post", idx))
-        assert layer.value_codec == reference_layer.value_codec
+        vc = layer.value_codec  # bitsN's values before one-byte scales: rotated N-bit codebook, fp16 scale
+        assert type(vc) is ComposedCodec and type(vc.inner) is CodebookCodec and vc.inner.bits == bits
+        assert type(vc.transform) is RandomizedHadamard
+        assert vc.transform == reference_layer.value_codec.transform  # the same rotation of each layer
 
 
 @torch.no_grad()

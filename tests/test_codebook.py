@@ -408,7 +408,7 @@ def test_bits_presets_fit_their_budget(n):
     from kvcompress.presets import PRESETS
 
     for head_dim in (64, 128, 256):
-        assert spec_bits_per_value(PRESETS.get(f"bits{n}"), 2, head_dim) == pytest.approx(n + 16 / head_dim)
+        assert spec_bits_per_value(PRESETS.get(f"bits{n}"), 2, head_dim) == pytest.approx(n + 1 / 8 + 8 / head_dim)
 
 
 # ---- query-weighted allocation of key bits ------------------------------------------------------
@@ -446,7 +446,10 @@ def test_query_weighting_moves_key_bits_to_the_directions_queries_read():
     query[0, 32:48] = 1e-6
     plain = pca_codebook(2, basis, spectrum, mean)
     weighted = pca_codebook(2, basis, spectrum, mean, query_energy=query)
-    widths = dict(zip(range(64), weighted.inner.widths))
+    # the codec's directions are the identity's columns in the head's order of importance
+    dims = weighted.transform.inner.basis[0].abs().argmax(0).tolist()  # direction of each rank
+    widths = dict(zip(dims, weighted.inner.widths))
+    assert sorted(dims) == list(range(64))
     assert all(widths[d] == 0 for d in (*range(16), *range(32, 48)))
     assert sum(weighted.inner.widths) == sum(plain.inner.widths) == 128
     k = torch.randn(1, 1, 512, 64, generator=gen) * variances.sqrt()
@@ -481,3 +484,109 @@ def test_query_weight_without_query_energies_warns_and_allocates_by_variance(tin
     plain = build_codec(TensorSpec(method="pca+codebook", bits=2, key_space="pre_rope"), kind="key_pre",
                         artifact=tiny_artifact)
     assert codec.inner.widths == plain.inner.widths
+
+
+def test_each_head_gives_its_widest_codes_to_its_own_most_important_directions():
+    """Two heads whose queries read opposite halves of the same spectrum: with one allocation per
+    layer (shared widths by rank), each head's widest codes go to the directions its own queries read,
+    and its logit error is below that of the head-averaged order of before (variance order)."""
+    from kvcompress.cache.build import pca_codebook
+
+    gen = torch.Generator().manual_seed(8)
+    variances = torch.linspace(2.0, 1.0, 64)
+    basis, spectrum, mean = torch.eye(64).repeat(2, 1, 1), variances.repeat(2, 1), torch.zeros(2, 64)
+    query = torch.full((2, 64), 1e-6)
+    query[0, :16], query[0, 32:48] = 1.0, 1.0  # head 0 reads dims 0..15 (and rotary partners)
+    query[1, 16:32], query[1, 48:] = 1.0, 1.0  # head 1 the others
+    codec = pca_codebook(2, basis, spectrum, mean, query_energy=query)
+    for head, read in ((0, {*range(16), *range(32, 48)}), (1, {*range(16, 32), *range(48, 64)})):
+        dims = codec.transform.inner.basis[head].abs().argmax(0).tolist()
+        coded = {d for d, w in zip(dims, codec.inner.widths) if w}
+        assert coded == read, (head, sorted(coded))
+    k = torch.randn(1, 2, 512, 64, generator=gen) * variances.sqrt()
+    q = torch.randn(2, 512, 64, generator=gen) * query[:, None].sqrt()
+    error = ((codec.decode(codec.encode(k), torch.float32) - k)[0] * q).sum(-1).square().mean().item()
+    plain = pca_codebook(2, basis, spectrum, mean)  # variance order, the same for both heads
+    plain_error = ((plain.decode(plain.encode(k), torch.float32) - k)[0] * q).sum(-1).square().mean().item()
+    assert error < 0.5 * plain_error, (error, plain_error)
+
+
+# ---- one-byte scales ------------------------------------------------------------------------------
+
+
+def test_one_byte_scales_round_trip_within_half_a_step():
+    from kvcompress.codecs.scalecode import SCALE8_MAX, SCALE8_MIN, STEPS_PER_OCTAVE, decode_scale8, encode_scale8
+
+    s = torch.logspace(math.log10(SCALE8_MIN), math.log10(SCALE8_MAX), 1001)
+    back = decode_scale8(encode_scale8(s)).float()
+    half_step = 2 ** (0.5 / STEPS_PER_OCTAVE)
+    ratio = back / s
+    assert (ratio <= half_step * 1.001).all() and (ratio >= 1 / half_step / 1.001).all()
+    assert decode_scale8(encode_scale8(torch.tensor([0.0, -1.0]))).tolist() == [0.0, 0.0]
+    assert decode_scale8(encode_scale8(torch.tensor([1e6]))).item() == pytest.approx(SCALE8_MAX, rel=1e-3)
+    assert encode_scale8(torch.tensor([1.0])).dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_one_byte_scale_costs_little_error_and_its_byte_lowers_it_as_codes(bits):
+    """Same widths: an 8-bit scale (codes re-chosen for it) is within 2% of the fp16 scale's error;
+    spending the saved byte on 1/8 bit more codes per value gives less error at the same bytes."""
+    from kvcompress.cache.build import mixed_codebook
+    from kvcompress.codecs import stored_nbytes
+
+    gen = torch.Generator().manual_seed(bits)
+    y = torch.randn(1, 2, 512, 64, generator=gen) * torch.rand(1, 2, 512, 1, generator=gen) * 3
+    errors, sizes = {}, {}
+    for name, codec in (("fp16", mixed_codebook(bits, 64)), ("byte", mixed_codebook(bits, 64, scale_bits=8)),
+                        ("byte+codes", mixed_codebook(bits + 0.125, 64, scale_bits=8))):
+        stored = codec.encode(y)
+        errors[name] = (codec.decode(stored, torch.float32) - y).square().mean().item()
+        sizes[name] = stored_nbytes(stored)
+    assert stored["scale"].dtype == torch.uint8
+    assert sizes["byte"] == sizes["fp16"] - 2 * 512 and sizes["byte+codes"] == sizes["fp16"]
+    assert errors["byte"] <= 1.02 * errors["fp16"], errors
+    assert errors["byte+codes"] < 0.95 * errors["fp16"], errors
+
+
+def test_one_byte_scale_spec_settings():
+    with pytest.raises(ValueError, match="scale_bits must be one of"):
+        TensorSpec(method="rotated+codebook", bits=2, scale_bits=4)
+    # a quant layer override under a one-byte-scale codebook default drops the setting, as seed and center
+    base = TensorSpec(method="pca+codebook", bits=2, key_space="pre_rope", scale_bits=8)
+    override = TensorSpec.from_dict({"method": "quant", "bits": 4, "axis": "channel", "group_size": 32}, base)
+    assert override.scale_bits == 16 and "scale_bits" not in override.to_dict()
+    spec = TensorSpec(method="rotated+codebook", bits=2.125, scale_bits=8)
+    assert TensorSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["scale_bits"] == 8
+    assert spec.needs_artifact and "scale8" in spec.describe()
+    assert "scale_bits" not in TensorSpec(method="rotated+codebook", bits=2).to_dict()
+    from kvcompress.cache.build import build_codec
+
+    with pytest.raises(ValueError, match="kvcompress calibrate"):
+        build_codec(spec, kind="value", head_dim=64)
+
+
+@torch.no_grad()
+def test_one_byte_scale_read_path_and_bytes(tiny_artifact):
+    """The bitsN layout (one-byte scales, N + 1/8 code bits) through a model: kernel and torch path
+    agree, tampered scales change the output, and the cache stores N + 1/8 + 8/64 bits per value."""
+    from kvcompress.cache.bits import report_bits_per_value, spec_bits_per_value
+
+    model, tokens = tiny_llama(seed=2, head_dim=64), prompt(100)
+    spec = {"key": {"method": "pca+codebook", "bits": 2.125, "key_space": "pre_rope", "weight": "query",
+                    "scale_bits": 8},
+            "value": {"method": "rotated+codebook", "bits": 2.125, "scale_bits": 8},
+            "window": 16, "sinks": 4, "block_size": 32}
+    fast, slow = (CompressedCache(model, spec, artifact=tiny_artifact) for _ in range(2))
+    for cache in (fast, slow):
+        model(tokens[:, :-1], cache=cache)
+    tampered = fast.copy()
+    for layer in tampered.layers:
+        layer.stored_values["scale"] = layer.stored_values["scale"] // 2
+    with enable_fast_attention(model):
+        logits_fast, logits_tampered = (model(tokens[:, -1:], cache=c).logits for c in (fast, tampered))
+    logits_slow = model(tokens[:, -1:], cache=slow).logits
+    torch.testing.assert_close(logits_fast, logits_slow, atol=1e-4, rtol=1e-4)
+    assert (logits_tampered - logits_fast).abs().max() > 1e-3, "tampered scales did not change the output"
+    assert fast.layers[0].stored_keys["scale"].dtype == torch.uint8
+    assert report_bits_per_value(fast.memory_report()) == pytest.approx(2.125 + 8 / 64)
+    assert spec_bits_per_value(spec, 2, 64) == pytest.approx(2.125 + 8 / 64)

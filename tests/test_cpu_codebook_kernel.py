@@ -19,7 +19,7 @@ from torch import nn
 from kvcompress import CompressedCache, kernels
 from kvcompress.cache import attention as attention_module
 from kvcompress.cache.attention import attend
-from kvcompress.cache.build import pca_codebook
+from kvcompress.cache.build import mixed_codebook, pca_codebook
 from kvcompress.cache.layer import CompressedLayer
 from kvcompress.codecs import ComposedCodec, QuantCodec
 from kvcompress.codecs.allocated import AllocatedCodebookCodec, allocate_bits
@@ -85,6 +85,13 @@ def make_codec(kind: str, bits: int, H: int, D: int, gen: torch.Generator):
         return pca_codebook(bits, *statistics(H, D, gen))
     if kind == "rotated":
         return ComposedCodec(RandomizedHadamard(seed=7), CodebookCodec(bits))
+    if kind == "pca-byte":  # the bitsN keys: N + 1/8 code bits, one-byte scales
+        basis, spectrum, mean = statistics(H, D, gen)
+        return pca_codebook(bits + 0.125, basis, spectrum, mean, query_energy=torch.rand(H, D, generator=gen),
+                            scale_bits=8)
+    if kind == "rotated-byte":  # the bitsN values: rotated, relative to a per-head rms, one-byte scales
+        return ComposedCodec(RandomizedHadamard(seed=7),
+                             mixed_codebook(bits + 0.125, D, torch.rand(H, 1, generator=gen) + 0.5, scale_bits=8))
     if kind == "centred":
         return ComposedCodec(Centered(torch.randn(H, D, generator=gen) * 0.5, RandomizedHadamard(seed=11)),
                              CodebookCodec(bits))
@@ -163,6 +170,14 @@ def check_equal(layer, query, mask=None, scale=None):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_bits_preset_codecs_equal_the_torch_path(bits, D, dtype):
     layer = filled_layer(bits, D, dtype)
+    check_equal(layer, query_for(layer, 3), left_padding_mask(layer, 700, additive=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_one_byte_scale_codecs_equal_the_torch_path(bits, dtype):
+    layer = filled_layer(bits, 64, dtype, key="pca-byte", value="rotated-byte")
+    assert layer.stored_keys["scale"].dtype == layer.stored_values["scale"].dtype == torch.uint8
     check_equal(layer, query_for(layer, 3), left_padding_mask(layer, 700, additive=False))
 
 

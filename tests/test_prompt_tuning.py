@@ -21,8 +21,7 @@ from kvcompress.presets.measured import PROMPT_DATA_FILE, load_measured, markdow
 from kvcompress.spec import CacheSpec, EvictionSpec
 from kvcompress.tuning.candidates import eviction_grid, uniform_candidates
 from kvcompress.tuning.evaluators import make_evaluator, make_ratio_evaluator
-from kvcompress.tuning.preset_selection import (choose_by_floor, geometric_mean_kl, parse_floors, select_prompt_presets,
-                                                select_prompt_presets_kinds)
+from kvcompress.tuning.preset_selection import choose_by_floor, geometric_mean_kl, parse_floors, select_prompt_presets
 from kvcompress.tuning.state import TuneState
 from kvcompress.tuning.tune import TuneError, TuneResult, TuneSettings, tune, tune_grid
 
@@ -163,7 +162,7 @@ def test_geometric_mean_kl_weighs_every_kind_the_same():
     assert one < two
 
 
-def test_select_prompt_presets_kinds_chooses_on_every_kinds_selection_part(tiny_llama, tmp_path, monkeypatch):
+def test_select_prompt_presets_with_kinds_chooses_on_every_kinds_selection_part(tiny_llama, tmp_path, monkeypatch):
     """The ratio is the lowest over the kinds, the KL the geometric mean of each kind's KL on its
     selection part; each kind's figures are those of the one-kind choice; reports on report parts;
     a rerun on the same state measures nothing again (the kinds do not overwrite each other's)."""
@@ -173,8 +172,8 @@ def test_select_prompt_presets_kinds_chooses_on_every_kinds_selection_part(tiny_
                                     evictions=eviction_grid(["tova"], [0.5, 1]))
     kinds = ["docs", "code"]
     state = str(tmp_path / "state.json")
-    data = select_prompt_presets_kinds(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates, context=CONTEXT,
-                                       tokens=TOKENS, kinds=kinds, state=state)
+    data = select_prompt_presets(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates, context=CONTEXT,
+                                 tokens=TOKENS, kinds=kinds, state=state)
 
     def refuse(*args, **kwargs):
         raise AssertionError("measured again")
@@ -182,8 +181,8 @@ def test_select_prompt_presets_kinds_chooses_on_every_kinds_selection_part(tiny_
     with monkeypatch.context() as patch:
         patch.setattr(protocol, "prompt_eval", refuse)
         patch.setattr(protocol, "context_sizes", refuse)
-        again = select_prompt_presets_kinds(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates,
-                                            context=CONTEXT, tokens=TOKENS, kinds=kinds, state=state)
+        again = select_prompt_presets(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates,
+                                      context=CONTEXT, tokens=TOKENS, kinds=kinds, state=state)
     assert again["presets"] == data["presets"]
     (entry,) = data["presets"]
     one_kind = {kind: select_prompt_presets(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates,

@@ -26,4 +26,4 @@ def test_kernels_compile_for_a_cuda_gpu():
     done = subprocess.run([sys.executable, str(SCRIPT)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
-    assert done.stdout.count("compiled for sm_90") == 7, done.stdout
+    assert done.stdout.count("compiled for sm_90") == 19, done.stdout  # 7 decode and pack, 12 paged

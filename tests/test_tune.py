@@ -82,7 +82,7 @@ def test_spec_from_choice_groups_layers_and_round_trips(tmp_path):
     spec = spec_from_choice([2, 2, 3, 3, 3], [2, 2, 2, 2, 2], settings, BASE)
     assert spec.key == settings["key"][3]
     assert spec.layers == {"0-1": {"key": settings["key"][2].to_dict() | {"key_space": "post_rope", "weight": "none",
-                                                                           "center": False}}}
+                                                                           "center": False, "scale_bits": 16}}}
 
 
 def test_override_under_a_query_weighted_codebook_default_inherits_none_of_its_fields():
@@ -99,6 +99,12 @@ def test_override_under_a_query_weighted_codebook_default_inherits_none_of_its_f
     spec = spec_from_choice([3, 3, 3, 2, 0], [0] * 5, settings, BASE)
     assert spec.for_layer(3)[0] == settings["key"][2] and spec.for_layer(4)[0] == pca
     assert CacheSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).for_layer(3)[0] == settings["key"][2]
+    # a one-byte-scale default (the bitsN presets'): a plain rotated codebook layer keeps its fp16 scale
+    byte = TensorSpec(method="pca+codebook", bits=3.125, key_space="pre_rope", weight="query", scale_bits=8)
+    settings["key"].append(byte)
+    spec = spec_from_choice([4, 4, 4, 2, 2], [0] * 5, settings, BASE)
+    assert spec.key == byte and spec.for_layer(3)[0] == settings["key"][2]
+    assert CacheSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).for_layer(4)[0].scale_bits == 16
 
 
 def test_override_of_a_pre_rope_default_keeps_its_own_key_space():
@@ -321,7 +327,8 @@ def test_codebook_family_offers_the_bits_presets_settings_and_needs_an_artifact(
     for n in (4, 3, 2):
         preset = load_spec(f"bits{n}")
         assert preset.key in settings["key"] and preset.value in settings["value"]
-    assert needs_artifact(tiny_llama, settings["key"]) and not needs_artifact(tiny_llama, settings["value"][1:])
+    # keys on calibrated directions, values relative to calibrated rms (one-byte scales): both calibrated
+    assert needs_artifact(tiny_llama, settings["key"]) and needs_artifact(tiny_llama, settings["value"][1:])
     specs = uniform_candidates(("codebook",))
     assert [s.name for s in specs] == ["cb4", "cb3", "cb2"]
     assert [(s.key, s.value) for s in specs] == [(load_spec(f"bits{n}").key, load_spec(f"bits{n}").value)

@@ -103,6 +103,15 @@ class CalibrationArtifact:
         full = self.tensors.get(QUERY_ENERGY)
         return None if full is None else full[layer_idx]
 
+    def stat(self, kind: str, stat: str, layer_idx: int) -> torch.Tensor:
+        """(kv_heads, head_dim) one of the per-channel statistics ("mean", "rms", "absmax") of one layer."""
+        if stat not in ("mean", "rms", "absmax"):
+            raise ValueError(f"stat must be one of mean, rms, absmax, got {stat!r}")
+        full = self._get(kind, stat)
+        if not 0 <= layer_idx < full.shape[0]:
+            raise ArtifactError(f"the artifact has {full.shape[0]} layers, layer {layer_idx} was asked for")
+        return full[layer_idx]
+
     def mean(self, kind: str, layer_idx: int) -> torch.Tensor:
         """(kv_heads, head_dim) per-channel mean of the states of one layer."""
         full = self._get(kind, "mean")

@@ -32,7 +32,9 @@ PCA_MAX_BITS = 6  # codebook methods: any multiple of 1/8 in 1..6 bits per value
 KEY_SPACES = ("post_rope", "pre_rope")
 _QUANT_METHODS = ("quant", "lowrank+quant", "hadamard+quant")
 _LOWRANK_METHODS = ("lowrank", "lowrank+quant")
-_TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space", "seed", "center", "weight")
+_TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space", "seed", "center", "weight",
+                  "scale_bits")
+SCALE_BITS = (16, 8)
 WEIGHTS = ("none", "query")
 _SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers", "eviction")
 # Token eviction (see `kvcompress.cache.eviction`, which scores tokens for each policy).
@@ -76,6 +78,11 @@ class TensorSpec:
         weight: "pca+codebook" keys only: "query" allocates the bits by each direction's variance
             times the calibrated mean squared query along it (the logit error it causes), "none"
             by variance alone. Values ignore it.
+        scale_bits: codebook methods only: 16 stores each vector's scale in fp16; 8 stores it as one
+            logarithmic byte (1/16 octave steps, `codecs.scalecode`) relative to calibrated standard
+            deviations and chooses the codes for the coded scale (needs a calibration artifact; a
+            "rotated+codebook" spec then codes its rotated coordinates relative to the calibrated
+            rms of each head, with the 3/4-style mixed widths of fractional bits).
     """
 
     method: str = "quant"
@@ -87,13 +94,14 @@ class TensorSpec:
     seed: int = 0
     center: bool = False
     weight: str = "none"
+    scale_bits: int = 16
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method == "none":
             # Settings mean nothing without a codec: make every "none" spec equal.
-            for name in ("bits", "axis", "group_size", "rank", "key_space", "seed", "center", "weight"):
+            for name in ("bits", "axis", "group_size", "rank", "key_space", "seed", "center", "weight", "scale_bits"):
                 object.__setattr__(self, name, TensorSpec.__dataclass_fields__[name].default)
             return
         if self.key_space not in KEY_SPACES:
@@ -113,6 +121,8 @@ class TensorSpec:
             if self.bits == int(self.bits):
                 object.__setattr__(self, "bits", int(self.bits))
         if self.method in _CODEBOOK_METHODS:
+            if isinstance(self.scale_bits, bool) or self.scale_bits not in SCALE_BITS:
+                raise ValueError(f"scale_bits must be one of {SCALE_BITS}, got {self.scale_bits!r}")
             if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
                 raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
             if not isinstance(self.center, bool):
@@ -123,6 +133,7 @@ class TensorSpec:
                 object.__setattr__(self, "seed", 0)
                 object.__setattr__(self, "center", False)
             return
+        object.__setattr__(self, "scale_bits", 16)  # like seed and center: a layer override to quant drops it
         object.__setattr__(self, "seed", 0)
         object.__setattr__(self, "center", False)
         if self.method in _LOWRANK_METHODS:
@@ -162,7 +173,8 @@ class TensorSpec:
     @property
     def needs_artifact(self) -> bool:
         """True if the codec reads calibrated statistics (low-rank bases, codebook centring means)."""
-        return self.is_lowrank or self.method == "pca+codebook" or (self.method == "rotated+codebook" and self.center)
+        return (self.is_lowrank or self.method == "pca+codebook"
+                or (self.method == "rotated+codebook" and (self.center or self.scale_bits == 8)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: TensorSpec | None = None) -> TensorSpec:
@@ -191,6 +203,8 @@ class TensorSpec:
             out.update(bits=self.bits, seed=self.seed)
             if self.center:
                 out["center"] = True
+        if self.method in _CODEBOOK_METHODS and self.scale_bits != 16:
+            out["scale_bits"] = self.scale_bits
         if self.key_space != "post_rope":
             out["key_space"] = self.key_space
         return out
@@ -205,6 +219,8 @@ class TensorSpec:
                 "rotated+codebook": ("centred+" if self.center else "") + f"rot+lloyd{self.bits}"
                 + (f"/seed{self.seed}" if self.seed else ""),
                 "pca+codebook": f"pca+lloyd{self.bits}" + ("/q-weighted" if self.weight == "query" else "")}[self.method]
+        if self.method in _CODEBOOK_METHODS and self.scale_bits != 16:
+            text += f"/scale{self.scale_bits}"
         return text + (" pre-RoPE" if self.key_space == "pre_rope" else "")
 
 

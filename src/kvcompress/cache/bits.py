@@ -21,7 +21,7 @@ import torch
 from ..codecs import stored_nbytes
 from ..presets import load_spec
 from ..spec import CacheSpec
-from .build import build_codec, pca_codebook
+from .build import build_codec, mixed_codebook, pca_codebook
 
 FP16_BYTES = 2
 _COMPRESSED_PARTS = ("key_", "value_")
@@ -37,9 +37,10 @@ def report_bits_per_value(report) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _standin_pca(bits: int, head_dim: int):
+def _standin_pca(bits: int, head_dim: int, scale_bits: int = 16):
     """A pca+codebook codec on an identity basis with a flat spectrum and zero mean (for sizing only)."""
-    return pca_codebook(bits, torch.eye(head_dim)[None], torch.ones(1, head_dim), torch.zeros(1, head_dim))
+    return pca_codebook(bits, torch.eye(head_dim)[None], torch.ones(1, head_dim), torch.zeros(1, head_dim),
+                        scale_bits=scale_bits)
 
 
 def spec_bits_per_value(spec: str | dict | CacheSpec, num_layers: int, head_dim: int) -> float | None:
@@ -48,7 +49,8 @@ def spec_bits_per_value(spec: str | dict | CacheSpec, num_layers: int, head_dim:
     Encodes one block (`block_size` tokens, one head) of random states per layer and K/V with the
     codecs the cache would build. None for low-rank specs (their size needs a calibration artifact);
     a centred codebook stores the same tensors per token as an uncentred one, so it is sized as one,
-    and a pca+codebook spec is sized with a stand-in basis (its total code bits do not depend on it).
+    and a pca+codebook spec is sized with a stand-in basis (its total code bits do not depend on it),
+    a rotated codebook with one-byte scales with unit standard deviations (same).
     """
     spec = load_spec(spec)
     if any(s.is_lowrank for layer in range(num_layers) for s in spec.for_layer(layer)):
@@ -64,7 +66,10 @@ def spec_bits_per_value(spec: str | dict | CacheSpec, num_layers: int, head_dim:
             elif tensor_spec.method == "pca+codebook":
                 # The allocation moves bits between directions, never their total: size it with
                 # a stand-in basis (identity, flat spectrum, zero mean).
-                stored += stored_nbytes(_standin_pca(tensor_spec.bits, head_dim).encode(x))
+                stored += stored_nbytes(_standin_pca(tensor_spec.bits, head_dim, tensor_spec.scale_bits).encode(x))
+            elif tensor_spec.method == "rotated+codebook" and tensor_spec.scale_bits == 8:
+                # relative to calibrated rms per head (not stored per token): sized with unit ones
+                stored += stored_nbytes(mixed_codebook(tensor_spec.bits, head_dim, scale_bits=8).encode(x))
             else:
                 tensor_spec = dataclasses.replace(tensor_spec, center=False)  # the mean is not stored per token
                 stored += stored_nbytes(build_codec(tensor_spec, layer_idx=layer, kind=kind,

@@ -5,7 +5,8 @@ always); `choose_in_segment` picks `block_size` of a segment leaving the window 
 generation (`applies: "generation"`), scored with the latest query. `Evictor` applies them for
 one `CompressedLayer`, whose storage stays in the layer. Every KV head keeps the same number of
 tokens (each its own), so storage stays one (B, H, n, D) tensor per layer and transformers' one
-mask per layer stays right.
+mask per layer stays right. `per_head_kept` shares a layer's budget among its heads (AdaKV); no
+cache layer stores such ragged counts yet (see docs/prompt.md, "Per-head budgets").
 """
 
 from __future__ import annotations
@@ -133,6 +134,49 @@ def choose_kept(spec: EvictionSpec, query: torch.Tensor, keys: torch.Tensor, val
     scores = scores.masked_fill(always, float("inf"))
     kept = scores.topk(n_kept, dim=-1, sorted=False).indices
     return kept.sort(dim=-1).values
+
+
+PER_HEAD_POLICIES = ("snapkv", "tova", "expected")  # scores that are attention mass, comparable across heads
+
+
+@torch.no_grad()
+def per_head_kept(scores: torch.Tensor, n_kept: int, always: torch.Tensor, floor: float = 0.2) -> torch.Tensor:
+    """AdaKV-style per-head budgets: the tokens each KV head keeps when a layer's heads share one
+    budget of `H * n_kept` tokens instead of keeping `n_kept` each (Feng et al. 2024, "Ada-KV").
+
+    Each head's scores are normalised to sum 1 over the tokens it may drop (attention mass, so
+    heads compare); every head keeps the `always` tokens and its own best `floor` share of the
+    average scored budget (AdaKV's safeguard), and the rest of the layer's budget goes to the
+    highest normalised scores over all heads together. Only for scores that are attention mass
+    (`PER_HEAD_POLICIES`); the caller's storage decides what a ragged count costs (padding every
+    head to the largest count is no better than keeping that count in every head).
+
+    Args:
+        scores: (B, H, n) a policy's scores (higher is kept first), non-negative.
+        n_kept: tokens each head keeps on average (>= the number of `always` tokens, <= n).
+        always: (n,) bool, tokens every head keeps (sinks, the window).
+        floor: share in [0, 1] of the average scored budget each head keeps of its own best.
+
+    Returns:
+        (B, H, n) bool, True where a head keeps a token; each batch row keeps `H * n_kept` in all.
+    """
+    B, H, n = scores.shape
+    n_always = int(always.sum())
+    if not 0 <= floor <= 1 or not n_always <= n_kept <= n:
+        raise ValueError(f"per-head budgets need 0 <= floor <= 1 and {n_always} <= n_kept <= {n}, got floor={floor}, "
+                         f"n_kept={n_kept}")
+    free = scores.float().clamp(min=0).masked_fill(always, 0.0)
+    share = free / free.sum(-1, keepdim=True).clamp(min=1e-30)  # (B, H, n), each head sums to 1 over droppable
+    share = share.masked_fill(always, float("-inf"))
+    kept = always.expand(B, H, n).clone()
+    own = int(floor * (n_kept - n_always))
+    if own > 0:
+        kept.scatter_(2, share.topk(own, dim=-1).indices, True)
+    pooled = H * (n_kept - n_always - own)
+    if pooled > 0:
+        flat = share.masked_fill(kept, float("-inf")).reshape(B, H * n)  # (B, H*n): every head's tokens together
+        kept.view(B, H * n).scatter_(1, flat.topk(pooled, dim=-1).indices, True)
+    return kept
 
 
 class Evictor:

@@ -4,7 +4,8 @@
 `cpu_split_k.h`; `cpu_paged.cpp` for a paged pool, `cpu_paged`), built on first use. On
 CUDA with Triton installed (extra `kvcompress[gpu]`): `quantize_pack` (`triton_pack`, the same
 codes as `QuantCodec.encode`) and `decode_attention` (`triton_decode`, split-K attention of one
-decode step over a layer's codes). The environment variable `KVCOMPRESS_KERNELS` chooses:
+decode step over a layer's codes); `triton_paged` (store and attention over a paged pool of packed
+slots) serves the vLLM backend, which calls it directly. The environment variable `KVCOMPRESS_KERNELS` chooses:
     auto   (default) Triton on CUDA tensors when installed, the CPU kernel on CPU tensors;
     torch  never a compiled kernel (the pure-torch path);
     triton Triton wherever it applies (CPU tensors need TRITON_INTERPRET=1: tests only);

@@ -24,6 +24,7 @@ from ..codecs.hadamard import HadamardRotation
 from ..codecs.lloyd_max import gaussian_codebook
 from ..codecs.lowrank import LowRankProjection
 from ..codecs.rotation import RandomizedHadamard
+from ..codecs.scalecode import stored_scale
 
 DIM_MULTIPLE = 16  # head_dim must be a multiple of the widest vector (16 floats) the kernel uses
 _EMPTY = torch.empty(0)
@@ -176,9 +177,9 @@ def attend(module, layer, query: torch.Tensor, mask: torch.Tensor | None, scalin
     out = module.attend_codebook(
         _rows(query.reshape(B, Hq, D)),
         _rows(layer.sink_keys), _rows(layer.sink_values), _rows(layer.window_keys), _rows(layer.window_values),
-        [_rows(ks[name]) for name in keys.names], list(keys.bits), list(keys.books), ks["scale"],
+        [_rows(ks[name]) for name in keys.names], list(keys.bits), list(keys.books), stored_scale(ks["scale"]),
         _per_head(keys.rows, heads), keys.offset, cos, sin, positions,
-        [_rows(vs[name]) for name in values.names], list(values.bits), list(values.books), vs["scale"],
+        [_rows(vs[name]) for name in values.names], list(values.bits), list(values.books), stored_scale(vs["scale"]),
         _per_head(values.rows, heads), values.offset,
         n_compressed, mask, float(scaling), block_tokens)
     return out.unsqueeze(2)  # (B, H_q, 1, D_v)

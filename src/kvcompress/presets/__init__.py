@@ -103,25 +103,31 @@ PRESETS.register("hadamard-int4", "Hadamard-rotated K and V, 4-bit per-token gro
 
 
 
-def _bits(name: str, bits: int) -> Callable[[], CacheSpec]:
+def _bits(name: str, key_bits: float, value_bits: float) -> Callable[[], CacheSpec]:
     """K pre-RoPE on calibrated principal directions (bits allocated by variance x query energy),
-    V rotated codebook."""
-    return lambda: CacheSpec(key=TensorSpec(method="pca+codebook", bits=bits, key_space="pre_rope", weight="query"),
-                             value=TensorSpec(method="rotated+codebook", bits=bits), name=name)
+    V rotated codebook relative to each head's calibrated rms; a one-byte scale per vector each."""
+    return lambda: CacheSpec(key=TensorSpec(method="pca+codebook", bits=key_bits, key_space="pre_rope",
+                                            weight="query", scale_bits=8),
+                             value=TensorSpec(method="rotated+codebook", bits=value_bits, scale_bits=8), name=name)
 
 
-# The bitsN presets: N + 16/head_dim bits per compressed value (N-bit codes on average plus one
-# fp16 scale per vector; N + 0.25 on a head_dim-64 model), chosen by
-# benchmarks/select_kinds_codecs.py on the selection parts (see docs/texts.md). Keys need a
-# calibration artifact (built automatically for the embedded model, on every kind of text).
-for _n in (4, 3, 2):
-    PRESETS.register(f"bits{_n}", f"K pre-RoPE, centred, on calibrated principal directions with {_n} bits per value "
-                     f"allocated by variance times query energy; V randomized-Hadamard-rotated {_n}-bit Lloyd-Max "
-                     "codebook; one fp16 scale per vector (needs a calibration artifact)", _bits(f"bits{_n}", _n))
+# The bitsN presets: N + 1/8 + 8/head_dim bits per compressed value (N + 1/8 code bits per value
+# on average over K and V plus a one-byte logarithmic scale per vector; N + 0.25 on a head_dim-64
+# model), chosen by benchmarks/select_kinds_codecs.py on the selection parts (see docs/texts.md):
+# bits4 and bits3 give the byte each vector saves on its scale to its own codes (K and V N + 1/8),
+# bits2 gives both bytes to the values (K 2, V 2.25), where 2-bit values lose most.
+# They need a calibration artifact (built automatically for the embedded model, on every kind of text).
+_BITS_WIDTHS = {4: (4.125, 4.125), 3: (3.125, 3.125), 2: (2, 2.25)}
+for _n, (_kb, _vb) in _BITS_WIDTHS.items():
+    PRESETS.register(f"bits{_n}", f"K pre-RoPE, centred, on calibrated principal directions with {_kb:g} bits per "
+                     f"value allocated by variance times query energy; V randomized-Hadamard-rotated Lloyd-Max "
+                     f"codebooks, {_vb:g} bits per value; one logarithmic byte of scale per vector (needs a "
+                     "calibration artifact)", _bits(f"bits{_n}", _kb, _vb))
 
 
 def _bits_fast(name: str, bits: int) -> Callable[[], CacheSpec]:
-    """K post-RoPE, centred, randomized-Hadamard codebook; V as bitsN's."""
+    """K post-RoPE, centred, randomized-Hadamard codebook; V randomized-Hadamard N-bit codebook with an
+    fp16 scale (bitsN's values before their one-byte scales; bitsN's bytes)."""
     return lambda: CacheSpec(key=TensorSpec(method="rotated+codebook", bits=bits, center=True),
                              value=TensorSpec(method="rotated+codebook", bits=bits), name=name)
 
@@ -131,7 +137,7 @@ def _bits_fast(name: str, bits: int) -> Callable[[], CacheSpec]:
 # decoding and re-rotating every pre-RoPE key; they cost quality (docs/decode.md, "bitsN-fast").
 for _n in (4, 3, 2):
     PRESETS.register(f"bits{_n}-fast", f"K post-RoPE, centred, randomized-Hadamard-rotated {_n}-bit Lloyd-Max "
-                     f"codebook; V as bits{_n}; one fp16 scale per vector: bits{_n}'s bytes, decodes faster, "
+                     f"codebook; V rotated {_n}-bit codebook; one fp16 scale per vector: bits{_n}'s bytes, decodes faster, "
                      "higher KL (needs a calibration artifact)", _bits_fast(f"bits{_n}-fast", _n))
 
 

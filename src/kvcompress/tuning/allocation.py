@@ -84,10 +84,10 @@ def lagrangian_path(sens: Sensitivity) -> list[PathPoint]:
 def _override(spec: TensorSpec, tensor: str) -> dict:
     """A full override dict: fields that `from_dict` would otherwise inherit from the default are explicit
     (a quant layer under a query-weighted codebook default must not inherit `weight`, nor a plain
-    rotated codebook a centred default's `center`)."""
+    rotated codebook a centred default's `center` or a one-byte-scale default's `scale_bits`)."""
     out = spec.to_dict()
     if spec.method != "none":
-        out.update(weight=spec.weight, center=spec.center)
+        out.update(weight=spec.weight, center=spec.center, scale_bits=spec.scale_bits)
         if tensor == "key":
             out["key_space"] = spec.key_space
     return out

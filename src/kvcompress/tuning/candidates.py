@@ -44,8 +44,11 @@ def _per_token(bits: int, group: int = 32, method: str = "quant") -> TensorSpec:
 
 _LOWRANK_KEYS = tuple(TensorSpec(method="lowrank+quant", rank=r, bits=4, axis="token", group_size=16,
                                  key_space="pre_rope") for r in (48, 32))
-_PCA_KEYS = tuple(TensorSpec(method="pca+codebook", bits=b, key_space="pre_rope", weight="query") for b in (4, 3, 2))
-_ROTATED = tuple(TensorSpec(method="rotated+codebook", bits=b) for b in (4, 3, 2))
+# the bitsN presets' K and V (N = 4, 3, 2): one-byte scales, the saved bits spent on codes
+_BITS_WIDTHS = ((4, 4.125, 4.125), (3, 3.125, 3.125), (2, 2, 2.25))  # (N, key bits, value bits)
+_PCA_KEYS = tuple(TensorSpec(method="pca+codebook", bits=kb, key_space="pre_rope", weight="query", scale_bits=8)
+                  for _, kb, _ in _BITS_WIDTHS)
+_ROTATED = tuple(TensorSpec(method="rotated+codebook", bits=vb, scale_bits=8) for _, _, vb in _BITS_WIDTHS)
 _HADAMARD = tuple(_per_token(b, method="hadamard+quant") for b in (4, 3, 2))
 _HADAMARD_WIDE = tuple(_per_token(b, 64, method="hadamard+quant") for b in (4, 3, 2))
 
@@ -63,9 +66,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            uniform=tuple((f"hw{t.bits}", t, t) for t in _HADAMARD_WIDE)),
     Family("codebook", "K pre-RoPE on calibrated principal directions (bits by variance x query energy) and V "
                        "rotated, Lloyd-Max codebooks at "
-                       "4, 3, 2 bits per value plus one fp16 scale per vector (the bitsN presets; needs a "
-                       "calibration artifact)",
-           key=_PCA_KEYS, value=_ROTATED, uniform=tuple((f"cb{k.bits}", k, v) for k, v in zip(_PCA_KEYS, _ROTATED))),
+                       "4, 3, 2 bits per value (4.125 / 3.125 / 2 and 2.25 code bits) plus one logarithmic byte of scale "
+                       "per vector (the bitsN presets; needs a calibration artifact)",
+           key=_PCA_KEYS, value=_ROTATED, uniform=tuple((f"cb{n}", k, v) for (n, _, _), k, v in zip(_BITS_WIDTHS, _PCA_KEYS, _ROTATED))),
     Family("lowrank", "pre-RoPE low-rank K (rank 48, 32) and low-rank V (rank 48), int4 coefficients per token "
                       "(needs a calibration artifact)",
            key=_LOWRANK_KEYS,

@@ -6,8 +6,8 @@ meets it, checks it on the selection part (a miss drops it for the next best; th
 refused), then measures the chosen presets on the report part and the passkey task. The result is
 the data file `measured_presets.json` (see `presets.measured`); `verify_presets` re-measures shipped
 presets. `context=N` runs the prompt protocol, and `select_prompt_presets` chooses presets by a
-whole-cache compression floor (`prompt-6x`) instead of a KL target (`select_prompt_presets_kinds`:
-on several kinds of text together). Texts and figures: docs/tuning.md, docs/prompt.md.
+whole-cache compression floor (`prompt-6x`) instead of a KL target (with `kinds`: on several
+kinds of text together). Texts and figures: docs/tuning.md, docs/prompt.md.
 """
 
 from __future__ import annotations
@@ -274,11 +274,17 @@ def choose_by_floor(floors: dict[str, float], ratios: dict[str, dict], measure: 
 
 
 def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candidates: list[CacheSpec],
-                          context: int, tokens: int, ratio_model=None, verify_part: str = "selection",
-                          report_tokens: int | None = None, state=None, artifact=None, ratio_artifact=None,
-                          command: str | None = None, kind: str | None = None, path: str | None = None) -> dict:
+                          context: int, tokens: int, kinds: Sequence[str] | None = None, ratio_model=None,
+                          verify_part: str = "selection", report_tokens: int | None = None, state=None, artifact=None,
+                          ratio_artifact=None, command: str | None = None, kind: str | None = None,
+                          path: str | None = None) -> dict:
     """Presets defined by a compression floor, under the prompt protocol (see module doc); returns
     the data file's content (as `select_presets`, entries with "min_ratio" instead of "target_kl").
+
+    With `kinds`, the choice reads the parts of several kinds of text together: a candidate's
+    whole-cache ratio is its lowest over the kinds, its KL the geometric mean of its KL on each
+    kind (`geometric_mean_kl`), and the figures, the texts and the corpus record carry each kind
+    under "by_kind" (figures also "lowest_kind" for a ratio).
 
     Args:
         model: the model quality is measured on (float32 in the issue's protocol).
@@ -286,13 +292,15 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
             the context.
         candidates: named specs to choose among (e.g. `uniform_candidates(..., evictions=...)`).
         context, tokens: the prompt protocol's context and continuation tokens.
+        kinds: the kinds of text (`corpus.KINDS`) chosen on together; None: one text (`kind`, `path`).
         ratio_model: the model whose cache the ratio is taken from (the dtype that stores it;
             default `model`); its ratio comes from `memory_report()` after a `context`-token prefill.
         verify_part: the text that chooses ("selection" or "calibration"; ValueError for "report").
         report_tokens: continuation tokens of the report measurement (default: `tokens`).
-        kind, path: the kind of text (`corpus.KINDS`; default "docs") or text file whose parts are read.
+        kind, path: the kind of text (`corpus.KINDS`; default "docs") or text file whose parts are
+            read, without `kinds`.
     """
-    from ..corpus import corpus_fingerprint, corpus_slice, require_selection_text
+    from ..corpus import ALL_KINDS, corpus_fingerprint, corpus_slice, require_selection_text
     from ..models import model_id
     from ..measure.prompt import protocol_record
     from ..fingerprint import model_fingerprint, text_fingerprint
@@ -302,59 +310,100 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
     by_name = {spec.name: spec for spec in candidates}
     if len(by_name) != len(candidates) or not candidates:
         raise ValueError("candidate specs need distinct names (and at least one)")
-    verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(tokens, context), path=path, kind=kind)
-    require_selection_text(verify.record, "the preset choice")
-    report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or tokens, context), path=path,
-                          kind=kind)
+    if kinds is not None and (len(set(kinds)) != len(kinds) or not kinds or kind is not None or path is not None):
+        raise ValueError(f"kinds must be distinct (and at least one, without kind or path), got {list(kinds)}")
+    texts = list(kinds) if kinds is not None else [kind]
     artifact = artifact_for(model, candidates, artifact)
     ratio_artifact = artifact_for(ratio_model, candidates, ratio_artifact if ratio_artifact is not None else artifact)
     state = state if isinstance(state, TuneState) else TuneState(state)
-    verify_fp = text_fingerprint(verify.ids, verify.record)
-    report_fp = text_fingerprint(report.ids, report.record)
-    ratio_eval = make_ratio_evaluator(ratio_model, verify.ids, verify_fp, state, context, artifact=ratio_artifact)
-    report_ratio = make_ratio_evaluator(ratio_model, report.ids, report_fp, state, context, artifact=ratio_artifact)
-    verify_eval = make_evaluator(model, verify.ids, "verify-eval", verify_fp, state, artifact=artifact,
-                                 context=context)
-    report_eval = make_evaluator(model, report.ids, "report-eval", report_fp, state, artifact=artifact,
-                                 context=context)
+    evaluators, fingerprints = {}, {"verify": {}, "report": {}}
+    for text in texts:
+        verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(tokens, context), path=path, kind=text)
+        require_selection_text(verify.record, "the preset choice")
+        report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or tokens, context), path=path,
+                              kind=text)
+        verify_fp, report_fp = text_fingerprint(verify.ids, verify.record), text_fingerprint(report.ids, report.record)
+        fingerprints["verify"][text], fingerprints["report"][text] = verify_fp, report_fp
+        # several kinds: one state kind per text kind and part (the state keeps one text per (state kind, spec))
+        ratio_kinds = ({} if kinds is None else
+                       {"verify": {"kind": f"prompt-ratio-{text}"}, "report": {"kind": f"prompt-ratio-report-{text}"}})
+        suffix = "" if kinds is None else f"-{text}"
+        evaluators[text] = {
+            "ratio": make_ratio_evaluator(ratio_model, verify.ids, verify_fp, state, context, artifact=ratio_artifact,
+                                          **ratio_kinds.get("verify", {})),
+            "report_ratio": make_ratio_evaluator(ratio_model, report.ids, report_fp, state, context,
+                                                 artifact=ratio_artifact, **ratio_kinds.get("report", {})),
+            "verify": make_evaluator(model, verify.ids, f"verify-eval{suffix}", verify_fp, state, artifact=artifact,
+                                     context=context),
+            "report": make_evaluator(model, report.ids, f"report-eval{suffix}", report_fp, state, artifact=artifact,
+                                     context=context)}
+
+    def lowest_ratio(by_kind: dict[str, dict]) -> dict:
+        """One text's sizes, or the sizes of the kind with the lowest ratio (each kind's under "by_kind")."""
+        if kinds is None:
+            return by_kind[kind]
+        lowest = min(by_kind, key=lambda k: by_kind[k]["ratio"])
+        return {**by_kind[lowest], "lowest_kind": lowest, "by_kind": {k: r["ratio"] for k, r in by_kind.items()}}
+
+    def quality(by_kind: dict[str, dict]) -> dict:
+        return by_kind[kind] if kinds is None else _across_kinds(by_kind)
+
     started = time.perf_counter()
     ratios = {}
     for spec in candidates:
-        ratios[spec.name] = ratio_eval(spec)
+        ratios[spec.name] = lowest_ratio({text: e["ratio"](spec) for text, e in evaluators.items()})
         logger.info(f"[{time.perf_counter() - started:5.0f} s] cache size {spec.name}: "
-                    f"{ratios[spec.name]['ratio']:.2f}x")
+                    f"{ratios[spec.name]['ratio']:.2f}x" + ("" if kinds is None else
+                                                           f" (lowest, {ratios[spec.name]['lowest_kind']})"))
 
     measured: dict[str, dict] = {}
 
     def measure(name: str) -> dict:
-        figures = measured[name] = verify_eval(by_name[name])
+        by_kind = {}
+        for text, e in evaluators.items():
+            by_kind[text] = e["verify"](by_name[name])
+            if kinds is not None:
+                logger.info(f"[{time.perf_counter() - started:5.0f} s] selection {name} on {text}: "
+                            f"KL {by_kind[text]['kl']:.4f}")
+        figures = measured[name] = quality(by_kind)
         logger.info(f"[{time.perf_counter() - started:5.0f} s] selection {name}: {ratios[name]['ratio']:.2f}x, "
-                    f"KL {figures['kl']:.4f}, PPL {figures['ppl_change']:+.2%}")
+                    f"KL {figures['kl']:.4f}, PPL {figures['ppl_change']:+.2%}"
+                    + ("" if kinds is None else f" (KL: geometric mean over {', '.join(kinds)})"))
         return figures
 
     chosen = choose_by_floor(floors, ratios, measure)
     presets = []
     for name, pick in chosen.items():
         spec = dataclasses.replace(by_name[pick["candidate"]], name=name)
-        reported = report_eval(spec)
-        cache_report = report_ratio(spec)
-        logger.info(f"[{time.perf_counter() - started:5.0f} s] {name} on the report part: {cache_report['ratio']:.2f}x, "
-                    f"KL {reported['kl']:.4f}, PPL {reported['ppl_change']:+.2%}")
+        reported = quality({text: e["report"](spec) for text, e in evaluators.items()})
+        cache_report = lowest_ratio({text: e["report_ratio"](spec) for text, e in evaluators.items()})
+        kls = (f"{reported['kl']:.4f}" if kinds is None else
+               ", ".join(f"{k} {f['kl']:.4f}" for k, f in reported["by_kind"].items()))
+        logger.info(f"[{time.perf_counter() - started:5.0f} s] {name} on the report part(s): "
+                    f"{cache_report['ratio']:.2f}x, KL {kls}, PPL {reported['ppl_change']:+.2%}")
         presets.append({"name": name, "min_ratio": pick["min_ratio"], "candidate": pick["candidate"],
                         "describe": spec.describe(), "spec": spec.to_dict(),
                         "cache": {"dtype": str(next(ratio_model.parameters()).dtype).removeprefix("torch."),
                                   "context_tokens": context, **pick["cache"]},
                         "cache_report": cache_report, "verified": pick["verified"], "report": reported,
                         "ranked": pick["ranked"]})
+    if kinds is None:
+        corpus = corpus_fingerprint(kind, path)
+        text_records = {"verify": fingerprints["verify"][kind], "report": fingerprints["report"][kind]}
+    else:
+        corpus = corpus_fingerprint(ALL_KINDS)
+        corpus["kinds"] = {k: v for k, v in corpus["kinds"].items() if k in kinds}
+        text_records = {part: {"part": part_name, "kinds": list(kinds), "by_kind": fingerprints[part]}
+                        for part, part_name in (("verify", verify_part), ("report", "report"))}
     return {
         "format": DATA_FORMAT,
         "command": command,
         "model": model_id(model),
         "model_fingerprint": model_fingerprint(model),
         "ratio_model_fingerprint": model_fingerprint(ratio_model),
-        "corpus": corpus_fingerprint(kind, path),
+        "corpus": corpus,
         "protocol": protocol_record(context, tokens),
-        "texts": {"verify": verify_fp, "report": report_fp},
+        "texts": text_records,
         "presets": presets,
         "candidates": [{"name": n, "describe": by_name[n].describe(), "spec": by_name[n].to_dict(), "cache": r,
                         **({"verified": measured[n]} if n in measured else {})}
@@ -376,112 +425,6 @@ def _across_kinds(by_kind: dict[str, dict]) -> dict:
     mean = lambda key: sum(float(f[key]) for f in by_kind.values()) / len(by_kind)  # noqa: E731
     return {"kl": geometric_mean_kl(by_kind), "ppl_change": mean("ppl_change"), "top1": mean("top1"),
             "aggregate": "KL: geometric mean over kinds; PPL change, top-1: mean", "by_kind": by_kind}
-
-
-def select_prompt_presets_kinds(model, tokenizer, floors: dict[str, float], *, candidates: list[CacheSpec],
-                                context: int, tokens: int, kinds: Sequence[str], ratio_model=None, state=None,
-                                command: str | None = None) -> dict:
-    """`select_prompt_presets` on the selection parts of several kinds of text together.
-
-    A candidate's whole-cache ratio is its lowest over the kinds (after a `context`-token prefill
-    of each kind's selection text on `ratio_model`), its KL the geometric mean of its KL on each
-    kind's selection text (`geometric_mean_kl`); per floor the lowest such KL wins
-    (`choose_by_floor`). The chosen presets are then measured on each kind's report part
-    ("report": the same aggregate, each kind under "by_kind"). Returns the data file's content
-    (as `select_prompt_presets`; "texts" and "corpus" list every kind).
-    """
-    from ..corpus import ALL_KINDS, corpus_fingerprint, corpus_slice, require_selection_text
-    from ..models import model_id
-    from ..measure.prompt import protocol_record
-    from ..fingerprint import model_fingerprint, text_fingerprint
-    from .state import TuneState
-
-    ratio_model = ratio_model if ratio_model is not None else model
-    by_name = {spec.name: spec for spec in candidates}
-    if len(by_name) != len(candidates) or not candidates:
-        raise ValueError("candidate specs need distinct names (and at least one)")
-    if len(set(kinds)) != len(kinds) or not kinds:
-        raise ValueError(f"kinds must be distinct (and at least one), got {list(kinds)}")
-    artifact = artifact_for(model, candidates, None)
-    ratio_artifact = artifact_for(ratio_model, candidates, artifact)
-    state = state if isinstance(state, TuneState) else TuneState(state)
-    n = text_tokens(tokens, context)
-    evaluators, texts = {}, {"verify": {}, "report": {}}
-    for kind in kinds:
-        verify = corpus_slice(tokenizer, "selection", n_tokens=n, kind=kind)
-        require_selection_text(verify.record, "the preset choice")
-        report = corpus_slice(tokenizer, "report", n_tokens=n, kind=kind)
-        verify_fp, report_fp = text_fingerprint(verify.ids, verify.record), text_fingerprint(report.ids, report.record)
-        texts["verify"][kind], texts["report"][kind] = verify_fp, report_fp
-        # one state kind per text kind and part: the state keeps one text per (state kind, spec)
-        evaluators[kind] = {
-            "ratio": make_ratio_evaluator(ratio_model, verify.ids, verify_fp, state, context, artifact=ratio_artifact,
-                                          kind=f"prompt-ratio-{kind}"),
-            "report_ratio": make_ratio_evaluator(ratio_model, report.ids, report_fp, state, context,
-                                                 artifact=ratio_artifact, kind=f"prompt-ratio-report-{kind}"),
-            "verify": make_evaluator(model, verify.ids, f"verify-eval-{kind}", verify_fp, state, artifact=artifact,
-                                     context=context),
-            "report": make_evaluator(model, report.ids, f"report-eval-{kind}", report_fp, state, artifact=artifact,
-                                     context=context)}
-    started = time.perf_counter()
-    ratios = {}
-    for spec in candidates:
-        by_kind = {kind: e["ratio"](spec) for kind, e in evaluators.items()}
-        lowest = min(by_kind, key=lambda k: by_kind[k]["ratio"])
-        ratios[spec.name] = {**by_kind[lowest], "lowest_kind": lowest,
-                             "by_kind": {k: r["ratio"] for k, r in by_kind.items()}}
-        logger.info(f"[{time.perf_counter() - started:5.0f} s] cache size {spec.name}: "
-                    f"{ratios[spec.name]['ratio']:.2f}x (lowest, {lowest})")
-
-    measured: dict[str, dict] = {}
-
-    def measure(name: str) -> dict:
-        by_kind = {}
-        for kind, e in evaluators.items():
-            by_kind[kind] = e["verify"](by_name[name])
-            logger.info(f"[{time.perf_counter() - started:5.0f} s] selection {name} on {kind}: "
-                        f"KL {by_kind[kind]['kl']:.4f}")
-        figures = measured[name] = _across_kinds(by_kind)
-        logger.info(f"[{time.perf_counter() - started:5.0f} s] selection {name}: {ratios[name]['ratio']:.2f}x, "
-                    f"KL {figures['kl']:.4f} (geometric mean over {', '.join(kinds)})")
-        return figures
-
-    chosen = choose_by_floor(floors, ratios, measure)
-    presets = []
-    for name, pick in chosen.items():
-        spec = dataclasses.replace(by_name[pick["candidate"]], name=name)
-        reported = _across_kinds({kind: e["report"](spec) for kind, e in evaluators.items()})
-        report_ratios = {kind: e["report_ratio"](spec) for kind, e in evaluators.items()}
-        lowest = min(report_ratios, key=lambda k: report_ratios[k]["ratio"])
-        cache_report = {**report_ratios[lowest], "lowest_kind": lowest,
-                        "by_kind": {k: r["ratio"] for k, r in report_ratios.items()}}
-        logger.info(f"[{time.perf_counter() - started:5.0f} s] {name} on the report parts: "
-                    f"{cache_report['ratio']:.2f}x, KL " + ", ".join(
-                        f"{k} {f['kl']:.4f}" for k, f in reported["by_kind"].items()))
-        presets.append({"name": name, "min_ratio": pick["min_ratio"], "candidate": pick["candidate"],
-                        "describe": spec.describe(), "spec": spec.to_dict(),
-                        "cache": {"dtype": str(next(ratio_model.parameters()).dtype).removeprefix("torch."),
-                                  "context_tokens": context, **pick["cache"]},
-                        "cache_report": cache_report, "verified": pick["verified"], "report": reported,
-                        "ranked": pick["ranked"]})
-    kinds_fp = corpus_fingerprint(ALL_KINDS)
-    kinds_fp["kinds"] = {k: v for k, v in kinds_fp["kinds"].items() if k in kinds}
-    return {
-        "format": DATA_FORMAT,
-        "command": command,
-        "model": model_id(model),
-        "model_fingerprint": model_fingerprint(model),
-        "ratio_model_fingerprint": model_fingerprint(ratio_model),
-        "corpus": kinds_fp,
-        "protocol": protocol_record(context, tokens),
-        "texts": {"verify": {"part": "selection", "kinds": list(kinds), "by_kind": texts["verify"]},
-                  "report": {"part": "report", "kinds": list(kinds), "by_kind": texts["report"]}},
-        "presets": presets,
-        "candidates": [{"name": n, "describe": by_name[n].describe(), "spec": by_name[n].to_dict(), "cache": r,
-                        **({"verified": measured[n]} if n in measured else {})}
-                       for n, r in ratios.items()],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
 
 
 def verify_presets(data: dict, measure: Callable[[CacheSpec], dict]

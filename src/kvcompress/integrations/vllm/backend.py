@@ -7,7 +7,8 @@ slot (`slot_mapping`) before `forward`, where every query attends causally to it
 read from their codes, its own chunk and itself included (`kernels.paged_attention`): prefill,
 chunked prefill, recomputation, prefix-cache hits and decode alike, so a token's output does not
 depend on how vLLM scheduled it. On CPU every step runs the compiled paged kernel (`cpu_paged`, built
-at start-up); elsewhere, or where it cannot be built, every step runs the torch path: never a mix.
+at start-up); on CUDA with Triton, the Triton store and attention (`triton_paged`); elsewhere, or where
+neither applies, every step runs the torch path: never a mix.
 Decoder-only full attention without ALiBi, soft-capping, sinks or sliding windows; kv_cache_dtype "auto".
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -32,7 +34,9 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from ...kernels import cpu, cpu_paged
+from ...kernels import cpu, cpu_paged, triton_paged
+from ...kernels import mode as kernels_mode
+from ...kernels.backend import load_triton, triton_installed
 from ...kernels.paged_attention import check_lengths, paged_attention
 from ...paged import PagedLayout, SlotLayout
 from .config import ENV, PREFIX, ServingSpecError, configured_text, serving_layout, serving_slot_bytes
@@ -55,6 +59,34 @@ def _announce(layout: PagedLayout, full_bytes: int) -> None:
         logger.warning("kvcompress: the per-layer spec gives every layer the widest layer's %d-byte slot (vLLM sizes "
                        "one page for all layers); its narrowest layers need only %d", layout.slot_bytes,
                        layout.narrowest_bytes)
+
+
+@functools.lru_cache(maxsize=1)
+def use_triton_kernels() -> bool:
+    """Whether this engine's layers store and attend through the Triton paged kernels (`triton_paged`): on
+    CUDA when Triton imports (KVCOMPRESS_KERNELS=torch or cpu says no; =triton also asks for them on the CPU
+    platform under TRITON_INTERPRET=1, Triton's interpreter: checks only). Decided once per process and logged."""
+    chosen = kernels_mode()
+    on_cuda = current_platform.is_cuda()
+    if chosen in ("torch", "cpu") or (chosen == "auto" and not on_cuda):
+        return False
+    if chosen == "auto" and not triton_installed():
+        logger.warning("kvcompress: attention runs the slower torch paged path: Triton is not importable "
+                       "(pip install 'kvcompress[gpu]')")
+        return False
+    load_triton()  # KVCOMPRESS_KERNELS=triton without Triton: the error names the extra
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ServingSpecError(f"{PREFIX}: KVCOMPRESS_KERNELS=triton off CUDA needs TRITON_INTERPRET=1 (Triton's "
+                               "interpreter, for checks); unset KVCOMPRESS_KERNELS")
+    logger.info("kvcompress: store and attention run the Triton paged kernels for every step")
+    return True
+
+
+@functools.lru_cache(maxsize=4)
+def _triton_declines(head_size: int) -> None:
+    """Log once that the Triton kernels do not serve this head size (the torch path serves every layer)."""
+    logger.warning("kvcompress: attention runs the torch paged path: the Triton kernels need a power-of-two "
+                   "head_dim of at most %d (this model's is %d)", triton_paged.MAX_DIM, head_size)
 
 
 @functools.lru_cache(maxsize=1)
@@ -182,7 +214,12 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
         self._writer = None  # the compiled encoder of this layer's slots (cpu_paged.slot_writer), when use_kernel
         self._attend = None  # the compiled kernel bound to this layer's slots (cpu_paged.layer_attention)
         # one path for every layer and step (see use_cpu_kernel): the kernel needs every layer's slots readable
-        self.use_kernel = use_cpu_kernel() and all(cpu_paged.supports_layout(x) for x in self.model_layout.layers)
+        layers = self.model_layout.layers
+        self.use_triton = use_triton_kernels() and all(triton_paged.supports_layout(x) for x in layers)
+        if use_triton_kernels() and not self.use_triton:
+            _triton_declines(head_size)
+        self.use_kernel = (not use_triton_kernels() and use_cpu_kernel()
+                           and all(cpu_paged.supports_layout(x) for x in layers))
 
     def slot_layout(self, layer: torch.nn.Module) -> SlotLayout:
         """This layer's slot layout (its index read from vLLM's layer name on the first call)."""
@@ -203,7 +240,9 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
         if pages.shape[-1] != layout.slot_bytes:
             raise RuntimeError(f"{PREFIX}: vLLM's page slot holds {pages.shape[-1]} bytes, the layout {layout.slot_bytes}")
         n = slot_mapping.shape[0]
-        if self._writer is None or not self._writer(pages, key[:n], value[:n], slot_mapping):
+        if self.use_triton:
+            triton_paged.write(pages, key[:n], value[:n], slot_mapping, layout)
+        elif self._writer is None or not self._writer(pages, key[:n], value[:n], slot_mapping):
             layout.write(pages, key[:n], value[:n], slot_mapping)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -221,7 +260,10 @@ class KvcompressAttentionImpl(AttentionImpl[KvcompressMetadata]):
         # self.use_kernel is the same for every layer and step: a token decoded on one path and recomputed
         # in a prefill chunk on the other would not compute the same bits
         result = None
-        if self._attend is not None:  # lengths were checked once for the step (the metadata builder)
+        if self.use_triton:
+            result = triton_paged.attend(query[:n], pages, md.block_table, md.seq_lens, md.query_start_loc, layout,
+                                         self.scale)
+        elif self._attend is not None:  # lengths were checked once for the step (the metadata builder)
             result = self._attend(query[:n], pages, md.block_table, md.seq_lens, md.query_start_loc, self.scale)
         if result is None:
             result = paged_attention(query[:n], pages, md.block_table, md.seq_lens, md.query_start_loc, layout,

@@ -35,12 +35,13 @@ def _one_line(text: str) -> str:
 
 
 def _closest_servable(spec: CacheSpec) -> str | None:
-    """The paged-* preset with the same kind of codec and the key's bit width, if there is one."""
+    """The paged-* preset with the same kind of codec and the key's bit width (whole bits of a codebook's
+    average: bitsN's keys have N + 1/8), if there is one."""
     key = spec.key
     if key.method in ("quant", "hadamard+quant"):
         name = f"paged-{'hadamard-' if key.method == 'hadamard+quant' else ''}int{key.bits}"
     elif key.method in ("rotated+codebook", "pca+codebook"):
-        name = f"paged-bits{key.bits}"
+        name = f"paged-bits{int(key.bits)}"
     else:
         return None
     return name if name in PRESETS.names() else None
