@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_paged import PARTS, paged_spec
+from paged_pools import fill_pool
 
 from kvcompress.kernels import cpu_paged
 from kvcompress.kernels.paged_attention import paged_attention, paged_attention_torch
@@ -32,22 +33,8 @@ def filled_pool(key: str, value: str, lengths: list[int], chunks: list[int], hq:
     last chunks[r] tokens (seq_lens = lengths: the chunk's own tokens are stored first, as vLLM does)."""
     gen = torch.Generator().manual_seed(seed)
     layout = PagedLayout.for_spec(paged_spec(PARTS[key][0], PARTS[value][0]), 2, D, dtype).layers[1]
-    per_request = [-(-n // BLOCK) for n in lengths]
-    order = torch.randperm(sum(per_request) + 3, generator=gen)  # 3 blocks no request owns
-    pages = torch.randint(0, 256, (len(order), hkv, BLOCK, layout.slot_bytes), dtype=torch.uint8, generator=gen)
-    table = torch.zeros(len(lengths), max(per_request), dtype=torch.int32)
-    used = 0
-    for r, n in enumerate(lengths):
-        table[r, :per_request[r]] = order[used:used + per_request[r]]
-        used += per_request[r]
-        t = torch.arange(n)
-        keys = torch.randn(n, hkv, D, generator=gen) * 2
-        keys[..., 3] *= 6  # an outlier channel, as keys have
-        values = torch.randn(n, hkv, D, generator=gen)
-        layout.write(pages, keys.to(dtype), values.to(dtype), table[r, t // BLOCK].long() * BLOCK + t % BLOCK)
-    query = (torch.randn(sum(chunks), hq, D, generator=gen) * 2).to(dtype)
-    starts = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32)
-    return query, pages, table, torch.tensor(lengths, dtype=torch.int32), starts, layout
+    pool = fill_pool(layout, lengths, chunks, hq, hkv, BLOCK, dtype, gen, spare_blocks=3, spare_column=False)
+    return (*pool, layout)
 
 
 def assert_close(got, want, what):

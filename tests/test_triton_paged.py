@@ -23,6 +23,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # conftest se
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton cannot run here", allow_module_level=True)
 
 from test_paged import PARTS, paged_spec  # noqa: E402
+from paged_pools import fill_pool  # noqa: E402
 
 from kvcompress.kernels import triton_paged  # noqa: E402
 from kvcompress.kernels.paged_attention import paged_attention_torch  # noqa: E402
@@ -161,23 +162,7 @@ def filled_pool(layout: SlotLayout, lengths: list[int], chunks: list[int], hq: i
     written by `layout.write` to a pool whose blocks are handed out in a scrambled order, and queries for
     its last chunks[r] tokens (seq_lens = lengths: a chunk's own tokens are stored first, as vLLM does)."""
     gen = torch.Generator().manual_seed(seed)
-    D, dtype = layout.key.head_dim, torch.bfloat16
-    per_request = [-(-n // BLOCK) for n in lengths]
-    order = torch.randperm(sum(per_request) + 2, generator=gen)  # 2 blocks no request owns
-    pages = torch.randint(0, 256, (len(order), hkv, BLOCK, layout.slot_bytes), dtype=torch.uint8, generator=gen)
-    table = torch.zeros(len(lengths), max(per_request) + 1, dtype=torch.int32)  # one unused column
-    used = 0
-    for r, n in enumerate(lengths):
-        table[r, :per_request[r]] = order[used:used + per_request[r]]
-        used += per_request[r]
-        t = torch.arange(n)
-        keys = torch.randn(n, hkv, D, generator=gen) * 2
-        keys[..., 3] *= 6  # an outlier channel, as keys have
-        values = torch.randn(n, hkv, D, generator=gen)
-        layout.write(pages, keys.to(dtype), values.to(dtype), table[r, t // BLOCK].long() * BLOCK + t % BLOCK)
-    query = (torch.randn(sum(chunks), hq, D, generator=gen) * 2).to(dtype)
-    starts = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32)
-    return query, pages, table, torch.tensor(lengths, dtype=torch.int32), starts
+    return fill_pool(layout, lengths, chunks, hq, hkv, BLOCK, torch.bfloat16, gen, spare_blocks=2, spare_column=True)
 
 
 def kernel(query, pages, table, lens, starts, layout, scale, split=SPLIT):
