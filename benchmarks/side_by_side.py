@@ -43,7 +43,7 @@ class UsageError(ValueError):
 
 
 def export_ids(path: str, *, context: int, tokens: int, offset: int, model_name: str | None, dtype: str,
-               kind: str | None = None, corpus: str | None = None) -> dict:
+               kind: str | None = None, corpus: str | None = None, part: str = "report") -> dict:
     """Write the ids of the protocol's text, the protocol, the model's local folder and the
     uncompressed perplexity kvcompress measures (a check for the other environment)."""
     import torch
@@ -56,7 +56,7 @@ def export_ids(path: str, *, context: int, tokens: int, offset: int, model_name:
     from kvcompress.models import DTYPES, load_model, model_id
 
     model, tok = load_model(model_name, dtype=DTYPES[dtype])
-    text = corpus_slice(tok, "report", n_tokens=context + tokens + 1, offset=offset, kind=kind, path=corpus)
+    text = corpus_slice(tok, part, n_tokens=context + tokens + 1, offset=offset, kind=kind, path=corpus)
     ids = text.ids
     cache, nll = DynamicCache(config=model.config), []
     with torch.no_grad():
@@ -195,7 +195,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ids", metavar="FILE", help="an --export-ids file: measure on it")
     parser.add_argument("--context", type=int, default=1536, help="context tokens prefilled at once")
     parser.add_argument("--tokens", type=int, default=512, help="continuation tokens teacher-forced after it")
-    parser.add_argument("--offset", type=int, default=0, help="first token read within the report part")
+    parser.add_argument("--offset", type=int, default=0, help="first token read within the part")
+    parser.add_argument("--part", default="report", choices=["report", "selection"],
+                        help="with --export-ids: the part of the text read (selection: for references a choice is "
+                             "made against, e.g. select_prompt_presets.py --references; default report)")
     from kvcompress.corpus import KINDS
 
     text = parser.add_mutually_exclusive_group()
@@ -231,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             data = export_ids(args.export_ids, context=args.context, tokens=args.tokens, offset=args.offset,
-                              model_name=args.model, dtype=args.dtype, kind=args.text, corpus=args.corpus)
+                              model_name=args.model, dtype=args.dtype, kind=args.text, corpus=args.corpus,
+                              part=args.part)
         except CorpusError as err:
             raise UsageError(f"--context {args.context} --tokens {args.tokens}: {err}") from None
         print(f"wrote {args.export_ids}: {len(data['ids'])} ids, model folder {data['model']['folder']}, "
