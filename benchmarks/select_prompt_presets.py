@@ -104,6 +104,49 @@ def kinds_candidates() -> list[CacheSpec]:
     return [spec for codec, window, policies, keep in grid for spec in _grid([codec], [window], [keep], policies)]
 
 
+def worst_kind_candidates() -> list[CacheSpec]:
+    """The grid of the worst-kind choice (`--grid worst-kind`, module doc): the bitsN codecs with keys
+    and values at 3/3, 4/4 and 4 / 3 bits (one byte per token less than 4/4 for values, the less
+    sensitive half), each at a block-aligned budget sized by a bfloat16 prefill to just meet a
+    floor (sinks + window + whole 32-token blocks), SnapKV eviction observing the prompt's last 32
+    or 128 queries (128 scored better than 32, than 512 and than TOVA / StreamingLLM on docs' and
+    code's selection parts at keep 20%; docs/prompt.md)."""
+    def spec(key_bits: int, value_bits: int, window: int, tokens: int, observation: int) -> CacheSpec:
+        return CacheSpec.from_dict({
+            "name": f"cbk{key_bits}v{value_bits}-w{window}-snapkv{tokens}t-obs{observation}",
+            "key": {"method": "pca+codebook", "bits": key_bits, "weight": "query", "key_space": "pre_rope"},
+            "value": {"method": "rotated+codebook", "bits": value_bits, "seed": 0},
+            "window": window, "sinks": 4, "block_size": 32, "layers": {},
+            "eviction": {"policy": "snapkv", "keep": tokens / CONTEXT, "applies": "prompt",
+                         "observation": observation, "pooling": 7}})
+
+    budgets = [(3, 3, 64, 900), (4, 4, 32, 804), (4, 3, 32, 868),   # 6.12x, 6.08x, ~6.3x
+               (4, 4, 32, 580), (3, 3, 32, 708), (4, 3, 32, 644)]   # 8.10x, 8.37x, 8.15x
+    return [spec(k, v, w, n, o) for k, v, w, n in budgets for o in (32, 128)]
+
+
+def references_from_kvpress(paths: dict[str, str], keep: float = 0.2) -> dict[str, dict]:
+    """kind -> {"kl", "method", "keep", "ids_sha256"}: the lowest-KL kvpress record at `keep` in each kind's
+    run_kvpress.py JSON lines (measured on `side_by_side.py --export-ids --part selection` ids)."""
+    import json
+    from pathlib import Path
+
+    out = {}
+    for kind, path in paths.items():
+        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        records = [r for r in records if abs(r["keep"] - keep) < 1e-9]
+        if not records:
+            raise ValueError(f"{path}: no kvpress record at keep {keep:g}")
+        best = min(records, key=lambda r: r["kl"])
+        if best["text"].get("part") != "selection":
+            raise ValueError(f"{path}: measured on the {best['text'].get('part')!r} part; the choice reads the "
+                             "selection part")
+        out[kind] = {"kl": best["kl"], "method": best["method"], "keep": keep, "file": str(path),
+                     "ids_sha256": best["environment"].get("ids_sha256"),
+                     "all": {r["method"]: r["kl"] for r in records}}
+    return out
+
+
 def eviction_only_candidates() -> list[CacheSpec]:
     """Eviction alone (no codec), every policy, window 32 and 128, keep fractions around 1/6 and 1/8."""
     return uniform_candidates(["none"], windows=[32, 128], evictions=eviction_grid(POLICIES, [0.16, 0.12]))
@@ -148,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=None,
                         help="comma list of kinds of text (docs,code,plays): choose on their selection parts "
                              "together among kinds_candidates() (module doc); not with --compare")
+    parser.add_argument("--references", default=None, metavar="KIND=FILE,...",
+                        help="with --kinds: run_kvpress.py records on each kind's selection ids "
+                             "(side_by_side.py --export-ids --part selection); the choice then minimises the worst "
+                             "kind's KL / kvpress's best KL at 5x (keep 20%%) instead of the geometric mean of the KLs")
+    parser.add_argument("--grid", default="kinds", choices=["kinds", "worst-kind"],
+                        help="with --kinds: the candidates, kinds_candidates() or worst_kind_candidates() (module doc)")
+    parser.add_argument("--skip-report", action="store_true",
+                        help="do not measure the chosen presets on the report parts (side_by_side.py does)")
     args = parser.parse_args(argv)
     kinds = None
     if args.kinds is not None:
@@ -167,14 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/select_prompt_presets.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--state"))
     if kinds is not None:
-        data = select_prompt_presets(model, tokenizer, FLOORS, candidates=kinds_candidates(), context=CONTEXT,
-                                     tokens=TOKENS, kinds=kinds, ratio_model=ratio_model, state=state, command=command)
+        references = None
+        if args.references:
+            paths = dict(item.split("=", 1) for item in args.references.split(","))
+            references = references_from_kvpress(paths)
+            logger.info("references (kvpress's best at 5x on the selection parts): " + ", ".join(
+                f"{k} {r['method']} {r['kl']:.4f}" for k, r in references.items()))
+        grid = kinds_candidates() if args.grid == "kinds" else worst_kind_candidates()
+        data = select_prompt_presets(model, tokenizer, FLOORS, candidates=grid, context=CONTEXT,
+                                     tokens=TOKENS, kinds=kinds, ratio_model=ratio_model, state=state, command=command,
+                                     references=references, report=not args.skip_report)
         print(f"wrote {write_json_atomic(args.out, data)}")
         for entry in data["presets"]:
-            by_kind = entry["report"]["by_kind"]
-            print(f"{entry['name']}: {entry['candidate']} ({entry['describe']}), whole cache "
-                  f"{entry['cache']['ratio']:.2f}x bf16, selection KL {entry['verified']['kl']:.4f} (geometric mean), "
-                  "report KL " + ", ".join(f"{k} {f['kl']:.4f}" for k, f in by_kind.items()))
+            line = (f"{entry['name']}: {entry['candidate']} ({entry['describe']}), whole cache "
+                    f"{entry['cache']['ratio']:.2f}x bf16, selection KL {entry['verified']['kl']:.4f} (geometric mean)")
+            if references is not None:
+                line += f", worst kind {entry['verified']['worst_kind']} at {entry['verified']['worst_reference_ratio']:.3f}x"
+            if "report" in entry:
+                line += ", report KL " + ", ".join(f"{k} {f['kl']:.4f}" for k, f in entry["report"]["by_kind"].items())
+            print(line)
         return 0
     data = select_prompt_presets(model, tokenizer, FLOORS, candidates=candidates(), context=CONTEXT, tokens=TOKENS,
                                  ratio_model=ratio_model, state=state, command=command)

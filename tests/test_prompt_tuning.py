@@ -21,7 +21,8 @@ from kvcompress.presets.measured import PROMPT_DATA_FILE, load_measured, markdow
 from kvcompress.spec import CacheSpec, EvictionSpec
 from kvcompress.tuning.candidates import eviction_grid, uniform_candidates
 from kvcompress.tuning.evaluators import make_evaluator, make_ratio_evaluator
-from kvcompress.tuning.preset_selection import choose_by_floor, geometric_mean_kl, parse_floors, select_prompt_presets
+from kvcompress.tuning.preset_selection import (choose_by_floor, geometric_mean_kl, parse_floors, select_prompt_presets,
+                                                worst_reference_ratio)
 from kvcompress.tuning.state import TuneState
 from kvcompress.tuning.tune import TuneError, TuneResult, TuneSettings, tune, tune_grid
 
@@ -122,6 +123,24 @@ def test_choose_by_floor_takes_the_lowest_kl_that_meets_each_floor():
         choose_by_floor({"ten": 10}, ratios, measure)
 
 
+def test_choose_by_floor_by_another_objective_breaks_ties_by_kl():
+    ratios = {"a": {"ratio": 6.5}, "b": {"ratio": 6.2}, "c": {"ratio": 7.0}}
+    figures = {"a": {"kl": 0.01, "worst": 0.9}, "b": {"kl": 0.02, "worst": 0.6}, "c": {"kl": 0.005, "worst": 0.6}}
+    chosen = choose_by_floor({"six": 6}, ratios, figures.get, "worst")
+    assert chosen["six"]["candidate"] == "c"  # b and c tie on the objective; c has the lower KL
+    assert chosen["six"]["ranked"] == [["c", 0.6], ["b", 0.6], ["a", 0.9]]
+
+
+def test_worst_reference_ratio_is_the_kind_furthest_from_its_reference():
+    by_kind = {"docs": {"kl": 0.006}, "code": {"kl": 0.02}, "plays": {"kl": 0.01}}
+    references = {"docs": {"kl": 0.01}, "code": {"kl": 0.05}, "plays": {"kl": 0.04}}
+    assert worst_reference_ratio(by_kind, references) == (pytest.approx(0.6), "docs")
+    # a lower geometric mean does not win when one kind moves away from its reference
+    other = {"docs": {"kl": 0.008}, "code": {"kl": 0.01}, "plays": {"kl": 0.005}}
+    assert geometric_mean_kl(other) < geometric_mean_kl(by_kind)
+    assert worst_reference_ratio(other, references)[0] > worst_reference_ratio(by_kind, references)[0]
+
+
 def test_parse_floors():
     assert parse_floors("prompt-6x=6, prompt-8x=8") == {"prompt-6x": 6.0, "prompt-8x": 8.0}
     for bad in ("prompt-6x", "x=1", "=6", ""):
@@ -209,6 +228,33 @@ def test_select_prompt_presets_with_kinds_chooses_on_every_kinds_selection_part(
 
     shown = f"geometric-mean KL of docs, code) text, prompt protocol: KL {entry['report']['kl']:.4f}"
     assert shown in preset_help(entry)
+
+
+def test_select_prompt_presets_against_references_minimises_the_worst_kinds_ratio(tiny_llama, tmp_path):
+    """With references (e.g. kvpress's best KL on each kind's selection part) the choice is the
+    candidate whose worst kind is closest to its reference; the report parts are measured only
+    when asked; references must cover exactly the kinds."""
+    candidates = uniform_candidates(["quant"], only=["k4v4", "k2v2"], windows=[16], sinks=2,
+                                    evictions=eviction_grid(["tova", "snapkv"], [0.5, 1]))
+    kinds, state = ["docs", "code"], str(tmp_path / "state.json")
+    plain = select_prompt_presets(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates, context=CONTEXT,
+                                  tokens=TOKENS, kinds=kinds, state=state)
+    meeting = {c["name"]: c["verified"] for c in plain["candidates"] if c["cache"]["ratio"] >= 1.5}
+    assert len(meeting) >= 2
+    # references that make the geometric-mean choice the worst on one kind
+    best = plain["presets"][0]["candidate"]
+    references = {k: {"kl": meeting[best]["by_kind"][k]["kl"] * (0.1 if k == "code" else 1.0)} for k in kinds}
+    data = select_prompt_presets(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates, context=CONTEXT,
+                                 tokens=TOKENS, kinds=kinds, state=state, references=references, report=False)
+    (entry,) = data["presets"]
+    worst = {n: worst_reference_ratio(f["by_kind"], references)[0] for n, f in meeting.items()}
+    assert entry["candidate"] == min(worst, key=lambda n: (worst[n], meeting[n]["kl"]))
+    assert entry["verified"]["worst_reference_ratio"] == pytest.approx(worst[entry["candidate"]])
+    assert data["objective"] == "worst_reference_ratio" and data["references"] == references
+    assert "report" not in entry and entry["ranked"][0] == [entry["candidate"], pytest.approx(worst[entry["candidate"]])]
+    with pytest.raises(ValueError, match="one reference per kind"):
+        select_prompt_presets(tiny_llama, WordIds(), {"p": 1.5}, candidates=candidates, context=CONTEXT,
+                              tokens=TOKENS, kinds=kinds, state=state, references={"docs": {"kl": 0.1}})
 
 
 def test_select_presets_with_a_context_runs_the_prompt_protocol(tiny_llama, monkeypatch):
@@ -303,9 +349,11 @@ def test_shipped_prompt_presets_are_the_choice_their_own_figures_imply():
     assert data["model_fingerprint"]["dtype"] == "torch.float32"
     assert data["ratio_model_fingerprint"]["dtype"] == "torch.bfloat16"
     assert data["command"].startswith("python benchmarks/select_prompt_presets.py")
+    objective = data.get("objective", "kl")  # "worst_reference_ratio": held against kvpress on each kind
     for entry in data["presets"]:
         meeting = {c["name"]: c for c in data["candidates"] if c["cache"]["ratio"] >= entry["min_ratio"]}
-        assert entry["candidate"] == min(meeting, key=lambda n: meeting[n]["verified"]["kl"]), entry["name"]
+        best = min(meeting, key=lambda n: (meeting[n]["verified"][objective], meeting[n]["verified"]["kl"]))
+        assert entry["candidate"] == best, entry["name"]
         assert entry["cache"]["dtype"] == "bfloat16" and entry["cache"]["context_tokens"] == 1536
         assert PRESETS.get(entry["name"]) == CacheSpec.from_dict(entry["spec"])
         assert f">= {entry['min_ratio']:g}x" in PRESETS.help(entry["name"])

@@ -244,15 +244,15 @@ def parse_floors(text: str) -> dict[str, float]:
     return _parse_named_values(text, minimum=1, what="compression floors", example="prompt-6x=6,prompt-8x=8")
 
 
-def choose_by_floor(floors: dict[str, float], ratios: dict[str, dict], measure: Callable[[str], dict]
-                    ) -> dict[str, dict]:
-    """For each floor, the candidate with the lowest KL (`measure(name)` -> figures with "kl")
-    among those whose `ratios[name]["ratio"]` is at least the floor; each candidate that meets a
-    floor is measured once (in order of ratio, highest first). ValueError naming the floor when
-    no candidate meets it.
+def choose_by_floor(floors: dict[str, float], ratios: dict[str, dict], measure: Callable[[str], dict],
+                    objective: str = "kl") -> dict[str, dict]:
+    """For each floor, the candidate with the lowest `objective` (`measure(name)` -> figures with
+    "kl" and that key; ties broken by "kl") among those whose `ratios[name]["ratio"]` is at least
+    the floor; each candidate that meets a floor is measured once (in order of ratio, highest
+    first). ValueError naming the floor when no candidate meets it.
 
     Returns preset name -> {"candidate", "min_ratio", "cache": ratios[candidate], "verified": figures,
-    "ranked": [(candidate, KL), ...] of those that met the floor, best first}.
+    "ranked": [(candidate, objective), ...] of those that met the floor, best first}.
     """
     chosen, measured = {}, {}
     for name, floor in floors.items():
@@ -264,12 +264,14 @@ def choose_by_floor(floors: dict[str, float], ratios: dict[str, dict], measure: 
                              "fewer tokens kept")
         figures = {c: measured[c] if c in measured else measure(c) for c in meeting}
         measured.update(figures)
-        ranked = sorted(meeting, key=lambda c: figures[c]["kl"])
+        ranked = sorted(meeting, key=lambda c: (figures[c][objective], figures[c]["kl"]))
         candidate = ranked[0]
         chosen[name] = {"candidate": candidate, "min_ratio": floor, "cache": ratios[candidate],
-                        "verified": figures[candidate], "ranked": [[c, figures[c]["kl"]] for c in ranked]}
+                        "verified": figures[candidate], "ranked": [[c, figures[c][objective]] for c in ranked]}
         logger.info(f"{name} (whole cache >= {floor:g}x): {candidate}, {ratios[candidate]['ratio']:.2f}x, selection KL "
-                    f"{figures[candidate]['kl']:.4f} (best of {len(ranked)})")
+                    f"{figures[candidate]['kl']:.4f}" + ("" if objective == "kl" else
+                                                         f", {objective} {figures[candidate][objective]:.4f}")
+                    + f" (best of {len(ranked)})")
     return chosen
 
 
@@ -277,7 +279,8 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
                           context: int, tokens: int, kinds: Sequence[str] | None = None, ratio_model=None,
                           verify_part: str = "selection", report_tokens: int | None = None, state=None, artifact=None,
                           ratio_artifact=None, command: str | None = None, kind: str | None = None,
-                          path: str | None = None) -> dict:
+                          path: str | None = None, references: dict[str, dict] | None = None,
+                          report: bool = True) -> dict:
     """Presets defined by a compression floor, under the prompt protocol (see module doc); returns
     the data file's content (as `select_presets`, entries with "min_ratio" instead of "target_kl").
 
@@ -299,6 +302,13 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
         report_tokens: continuation tokens of the report measurement (default: `tokens`).
         kind, path: the kind of text (`corpus.KINDS`; default "docs") or text file whose parts are
             read, without `kinds`.
+        references: with `kinds`, kind -> {"kl": ..., "method": ...}: what the choice is held
+            against on each kind's choosing part (e.g. kvpress's best press at 5x on the same
+            ids); the candidate with the lowest worst ratio over the kinds (its KL / the
+            reference's KL on each kind, `worst_reference_ratio`) wins a floor, instead of the
+            lowest geometric mean of the KLs.
+        report: measure the chosen presets on the report part(s) too (False: the caller measures
+            them elsewhere, e.g. benchmarks/side_by_side.py; the entries have no "report").
     """
     from ..corpus import ALL_KINDS, corpus_fingerprint, corpus_slice, require_selection_text
     from ..models import model_id
@@ -312,6 +322,9 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
         raise ValueError("candidate specs need distinct names (and at least one)")
     if kinds is not None and (len(set(kinds)) != len(kinds) or not kinds or kind is not None or path is not None):
         raise ValueError(f"kinds must be distinct (and at least one, without kind or path), got {list(kinds)}")
+    if references is not None and (kinds is None or set(references) != set(kinds)):
+        raise ValueError(f"references need kinds and one reference per kind ({list(kinds or [])}), got "
+                         f"{sorted(references)}")
     texts = list(kinds) if kinds is not None else [kind]
     artifact = artifact_for(model, candidates, artifact)
     ratio_artifact = artifact_for(ratio_model, candidates, ratio_artifact if ratio_artifact is not None else artifact)
@@ -320,9 +333,10 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
     for text in texts:
         verify = corpus_slice(tokenizer, verify_part, n_tokens=text_tokens(tokens, context), path=path, kind=text)
         require_selection_text(verify.record, "the preset choice")
-        report = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or tokens, context), path=path,
-                              kind=text)
-        verify_fp, report_fp = text_fingerprint(verify.ids, verify.record), text_fingerprint(report.ids, report.record)
+        report_text = corpus_slice(tokenizer, "report", n_tokens=text_tokens(report_tokens or tokens, context),
+                                   path=path, kind=text)
+        verify_fp = text_fingerprint(verify.ids, verify.record)
+        report_fp = text_fingerprint(report_text.ids, report_text.record)
         fingerprints["verify"][text], fingerprints["report"][text] = verify_fp, report_fp
         # several kinds: one state kind per text kind and part (the state keeps one text per (state kind, spec))
         ratio_kinds = ({} if kinds is None else
@@ -331,11 +345,11 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
         evaluators[text] = {
             "ratio": make_ratio_evaluator(ratio_model, verify.ids, verify_fp, state, context, artifact=ratio_artifact,
                                           **ratio_kinds.get("verify", {})),
-            "report_ratio": make_ratio_evaluator(ratio_model, report.ids, report_fp, state, context,
+            "report_ratio": make_ratio_evaluator(ratio_model, report_text.ids, report_fp, state, context,
                                                  artifact=ratio_artifact, **ratio_kinds.get("report", {})),
             "verify": make_evaluator(model, verify.ids, f"verify-eval{suffix}", verify_fp, state, artifact=artifact,
                                      context=context),
-            "report": make_evaluator(model, report.ids, f"report-eval{suffix}", report_fp, state, artifact=artifact,
+            "report": make_evaluator(model, report_text.ids, f"report-eval{suffix}", report_fp, state, artifact=artifact,
                                      context=context)}
 
     def lowest_ratio(by_kind: dict[str, dict]) -> dict:
@@ -346,7 +360,7 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
         return {**by_kind[lowest], "lowest_kind": lowest, "by_kind": {k: r["ratio"] for k, r in by_kind.items()}}
 
     def quality(by_kind: dict[str, dict]) -> dict:
-        return by_kind[kind] if kinds is None else _across_kinds(by_kind)
+        return by_kind[kind] if kinds is None else _across_kinds(by_kind, references)
 
     started = time.perf_counter()
     ratios = {}
@@ -371,11 +385,19 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
                     + ("" if kinds is None else f" (KL: geometric mean over {', '.join(kinds)})"))
         return figures
 
-    chosen = choose_by_floor(floors, ratios, measure)
+    chosen = choose_by_floor(floors, ratios, measure, "kl" if references is None else "worst_reference_ratio")
     presets = []
     for name, pick in chosen.items():
         spec = dataclasses.replace(by_name[pick["candidate"]], name=name)
-        reported = quality({text: e["report"](spec) for text, e in evaluators.items()})
+        if not report:
+            presets.append({"name": name, "min_ratio": pick["min_ratio"], "candidate": pick["candidate"],
+                            "describe": spec.describe(), "spec": spec.to_dict(),
+                            "cache": {"dtype": str(next(ratio_model.parameters()).dtype).removeprefix("torch."),
+                                      "context_tokens": context, **pick["cache"]},
+                            "verified": pick["verified"], "ranked": pick["ranked"]})
+            continue
+        by_kind = {text: e["report"](spec) for text, e in evaluators.items()}
+        reported = by_kind[kind] if kinds is None else _across_kinds(by_kind)
         cache_report = lowest_ratio({text: e["report_ratio"](spec) for text, e in evaluators.items()})
         kls = (f"{reported['kl']:.4f}" if kinds is None else
                ", ".join(f"{k} {f['kl']:.4f}" for k, f in reported["by_kind"].items()))
@@ -404,6 +426,7 @@ def select_prompt_presets(model, tokenizer, floors: dict[str, float], *, candida
         "corpus": corpus,
         "protocol": protocol_record(context, tokens),
         "texts": text_records,
+        **({} if references is None else {"objective": "worst_reference_ratio", "references": references}),
         "presets": presets,
         "candidates": [{"name": n, "describe": by_name[n].describe(), "spec": by_name[n].to_dict(), "cache": r,
                         **({"verified": measured[n]} if n in measured else {})}
@@ -419,12 +442,24 @@ def geometric_mean_kl(by_kind: dict[str, dict]) -> float:
     return math.exp(sum(math.log(k) for k in kls) / len(kls))
 
 
-def _across_kinds(by_kind: dict[str, dict]) -> dict:
+def worst_reference_ratio(by_kind: dict[str, dict], references: dict[str, dict]) -> tuple[float, str]:
+    """(the largest KL / reference KL over the kinds, the kind it is on): how far the worst kind is
+    from what the choice is held against (e.g. 0.5 = half kvpress's best KL on that kind)."""
+    ratios = {k: float(f["kl"]) / float(references[k]["kl"]) for k, f in by_kind.items()}
+    worst = max(ratios, key=ratios.get)
+    return ratios[worst], worst
+
+
+def _across_kinds(by_kind: dict[str, dict], references: dict[str, dict] | None = None) -> dict:
     """Figures of several kinds as one: KL the geometric mean, PPL change and top-1 the plain mean,
-    each kind's figures under "by_kind"."""
+    each kind's figures under "by_kind"; with `references`, also "worst_reference_ratio" and
+    "worst_kind" (`worst_reference_ratio`)."""
     mean = lambda key: sum(float(f[key]) for f in by_kind.values()) / len(by_kind)  # noqa: E731
-    return {"kl": geometric_mean_kl(by_kind), "ppl_change": mean("ppl_change"), "top1": mean("top1"),
-            "aggregate": "KL: geometric mean over kinds; PPL change, top-1: mean", "by_kind": by_kind}
+    out = {"kl": geometric_mean_kl(by_kind), "ppl_change": mean("ppl_change"), "top1": mean("top1"),
+           "aggregate": "KL: geometric mean over kinds; PPL change, top-1: mean", "by_kind": by_kind}
+    if references is not None:
+        out["worst_reference_ratio"], out["worst_kind"] = worst_reference_ratio(by_kind, references)
+    return out
 
 
 def verify_presets(data: dict, measure: Callable[[CacheSpec], dict]
