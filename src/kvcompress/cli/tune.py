@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     check_positive(args.max_tries, "--max-tries")
     if args.refine < 0:
         raise UserError(f"--refine must be 0 or more (verifications spent refining), got {args.refine}; e.g. "
-                        f"--refine {DEFAULT_REFINE}")
+                        "--refine 3")
     if args.tune_offset is not None and args.tune_offset < 0:
         raise UserError(f"--tune-offset must be 0 or more (a token of the calibration part), got {args.tune_offset}; "
                         f"pass e.g. --tune-offset {DEFAULT_TUNE_OFFSET}")
