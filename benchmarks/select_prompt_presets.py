@@ -105,8 +105,9 @@ def kinds_candidates() -> list[CacheSpec]:
 
 
 def worst_kind_candidates() -> list[CacheSpec]:
-    """The grid of the worst-kind choice (`--grid worst-kind`, module doc): the bitsN codecs with keys
-    and values at 3/3, 4/4 and 4 / 3 bits (one byte per token less than 4/4 for values, the less
+    """The grid of the worst-kind choice (`--grid worst-kind`, module doc): the bitsN codecs (fp16 scales, as the
+    presets of before; not the bitsN presets' one-byte scales) with keys
+    and values at 3/3, 4/4 and 4 / 3 bits (one bit per value less than 4/4 on values, the less
     sensitive half), each at a block-aligned budget sized by a bfloat16 prefill to just meet a
     floor (sinks + window + whole 32-token blocks), SnapKV eviction observing the prompt's last 128
     queries (with int4 on the kept tokens at keep 20%, better than 32, than 512 and than TOVA /
