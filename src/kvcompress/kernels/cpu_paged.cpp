@@ -4,10 +4,12 @@
 // pages (num_blocks, Hkv, block_size, slot_bytes) uint8; token t of request r is row
 // t % block_size of block block_table[r, t / block_size]; request r's q_r queries (rows
 // query_start_loc[r] .. query_start_loc[r + 1]) are its last q_r of seq_lens[r] tokens: query i
-// sits at p = seq_lens[r] - q_r + i and attends to tokens 0 .. p. Tasks (request, KV head, split)
-// cut the tokens at fixed multiples of `split_tokens` from token 0; a task decodes its tokens
-// kTile at a time into a small buffer (no dense copy of a sequence) and applies each tile to every
-// query row that reaches it, with an online softmax per row; the splits are merged in order.
+// sits at p = seq_lens[r] - q_r + i and attends to tokens 0 .. p. Splits cut the tokens at fixed
+// multiples of `split_tokens` from token 0; a task (request, KV head, split, up to kTaskRows query
+// tokens) decodes the split's tokens its rows reach, kTile at a time, into a buffer of at most one
+// split (no dense copy of a sequence), then passes the tiles in order over kBlockRows query tokens at a
+// time (their partial states stay in cache), with an online softmax per row; threads take tasks as they
+// come free, costliest first; the splits are merged in order.
 // The tile holds keys transposed (D, kTile) and values (kTile, D) in float32. With AVX-512, the keys
 // of uniform and codebook parts are gathered 16 tokens at a time from their slots straight into the
 // transposed tile (`gather_keys`); other parts, and values, are decoded token by token with SIMD
@@ -284,6 +286,15 @@ inline void row_times_matrix(const float* x, const float* m, int64_t D, float* y
   }
 }
 
+// v, kept in a register: a vector that several rows use is loaded once (the compiler would otherwise fold
+// the load into each row's fma, loading it once per row: the loads, not the fmas, then bound the loop).
+inline vec in_register(vec v) {
+#if defined(__AVX512F__) || defined(KVC_AVX2)
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
+
 // s[r * kTile + j] = q_r . kt[:, j] for ROWS query rows (q_r = q + r * D) and the kTile columns of the
 // transposed tile kt (D, kTile), each summed over d in order (the rows share the tile's loads; a row's
 // bits do not depend on the others).
@@ -296,7 +307,7 @@ inline void tile_scores(const float* q, const float* kt, int64_t D, float* s) {
   for (int64_t d = 0; d < D; ++d) {
     const float* row = kt + d * kTile;
     vec k[kVecs];
-    for (int v = 0; v < kVecs; ++v) k[v] = vload(row + v * kLanes);
+    for (int v = 0; v < kVecs; ++v) k[v] = in_register(vload(row + v * kLanes));
     for (int r = 0; r < ROWS; ++r) {
       const vec qd = vset1(q[r * D + d]);
       for (int v = 0; v < kVecs; ++v) a[r][v] = vfma(qd, k[v], a[r][v]);
@@ -315,7 +326,7 @@ inline void tile_mix(const float* w, const float* vt, int64_t n, int64_t D, floa
     for (int r = 0; r < ROWS; ++r) a[r][0] = vload(acc[r] + d0), a[r][1] = vload(acc[r] + d0 + kLanes);
     for (int64_t j = 0; j < n; ++j) {
       const float* row = vt + j * D + d0;
-      const vec v0 = vload(row), v1 = vload(row + kLanes);
+      const vec v0 = in_register(vload(row)), v1 = in_register(vload(row + kLanes));
       for (int r = 0; r < ROWS; ++r) {
         const vec wj = vset1(w[r * kTile + j]);
         a[r][0] = vfma(wj, v0, a[r][0]);
