@@ -30,6 +30,7 @@ from kvcompress.codecs.packing import unpack_reference
 from kvcompress.codecs.rotation import RandomizedHadamard
 from kvcompress.kernels import cpu, cpu_codebook, reference
 from kvcompress.kernels.reference import attend_compressed
+from kvcompress.presets import load_spec
 from kvcompress.rope import RopeInverter
 from kvcompress.spec import EvictionSpec
 from tiny_models import prompt, tiny_llama
@@ -331,13 +332,16 @@ def test_post_rope_keys_are_read_whatever_their_positions():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, "bits2"])
 def test_decode_step_of_a_model_never_decodes_or_reconstructs(bits, monkeypatch, fast_attention, tiny_artifact):
     """The bitsN form (pre-RoPE pca+codebook keys, rotated codebook values) on a tiny Llama: the
-    decode step reads the codes through the kernel, and its logits equal the torch path's."""
+    decode step reads the codes through the kernel, and its logits equal the torch path's; "bits2":
+    the preset itself (one-byte scales, other widths in its first two layers), window 16."""
     model = fast_attention(tiny_llama(seed=2, head_dim=64))
     spec = {"key": {"method": "pca+codebook", "bits": bits, "key_space": "pre_rope"},
             "value": {"method": "rotated+codebook", "bits": bits}, "window": 16, "sinks": 4, "block_size": 32}
+    if bits == "bits2":
+        spec = {**load_spec("bits2").to_dict(), "window": 16}
     ids = prompt(150)
     cache = CompressedCache(model, spec, artifact=tiny_artifact)
     model(ids, cache=cache)

@@ -103,26 +103,36 @@ PRESETS.register("hadamard-int4", "Hadamard-rotated K and V, 4-bit per-token gro
 
 
 
-def _bits(name: str, key_bits: float, value_bits: float) -> Callable[[], CacheSpec]:
+def _bits(name: str, key_bits: float, value_bits: float,
+          layers: dict[str, tuple[float, float]] | None = None) -> Callable[[], CacheSpec]:
     """K pre-RoPE on calibrated principal directions (bits allocated by variance x query energy),
-    V rotated codebook relative to each head's calibrated rms; a one-byte scale per vector each."""
+    V rotated codebook relative to each head's calibrated rms; a one-byte scale per vector each.
+    `layers`: {layer range: (key bits, value bits)} overrides of the widths."""
+    overrides = {r: {"key": {"bits": kb}, "value": {"bits": vb}} for r, (kb, vb) in (layers or {}).items()}
     return lambda: CacheSpec(key=TensorSpec(method="pca+codebook", bits=key_bits, key_space="pre_rope",
                                             weight="query", scale_bits=8),
-                             value=TensorSpec(method="rotated+codebook", bits=value_bits, scale_bits=8), name=name)
+                             value=TensorSpec(method="rotated+codebook", bits=value_bits, scale_bits=8),
+                             layers=overrides, name=name)
 
 
 # The bitsN presets: N + 1/8 + 8/head_dim bits per compressed value (N + 1/8 code bits per value
 # on average over K and V plus a one-byte logarithmic scale per vector; N + 0.25 on a head_dim-64
 # model), chosen by benchmarks/select_kinds_codecs.py on the selection parts (see docs/texts.md):
 # bits4 and bits3 give the byte each vector saves on its scale to its own codes (K and V N + 1/8),
-# bits2 gives both bytes to the values (K 2, V 2.25), where 2-bit values lose most.
+# bits2 gives both bytes to the values (K 2, V 2.25), where 2-bit values lose most, and in its first
+# two layers moves code bits from keys to values (each layer keeps K + V = 4.25 bits per value, so the
+# preset costs the same on a model of any depth): the first layers' values move the KL most and their
+# keys least (benchmarks/layer_bits_sensitivity.py, docs/texts.md).
 # They need a calibration artifact (built automatically for the embedded model, on every kind of text).
 _BITS_WIDTHS = {4: (4.125, 4.125), 3: (3.125, 3.125), 2: (2, 2.25)}
+_BITS_LAYERS = {2: {"0": (1, 3.25), "1": (1.5, 2.75)}}
 for _n, (_kb, _vb) in _BITS_WIDTHS.items():
+    _layers = _BITS_LAYERS.get(_n, {})
+    _first = "".join(f"; layer {r}: K {kb:g}, V {vb:g} bits" for r, (kb, vb) in _layers.items())
     PRESETS.register(f"bits{_n}", f"K pre-RoPE, centred, on calibrated principal directions with {_kb:g} bits per "
                      f"value allocated by variance times query energy; V randomized-Hadamard-rotated Lloyd-Max "
-                     f"codebooks, {_vb:g} bits per value; one logarithmic byte of scale per vector (needs a "
-                     "calibration artifact)", _bits(f"bits{_n}", _kb, _vb))
+                     f"codebooks, {_vb:g} bits per value{_first}; one logarithmic byte of scale per vector (needs a "
+                     "calibration artifact)", _bits(f"bits{_n}", _kb, _vb, _layers))
 
 
 def _bits_fast(name: str, bits: int) -> Callable[[], CacheSpec]:

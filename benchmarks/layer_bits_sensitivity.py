@@ -1,0 +1,130 @@
+"""KL sensitivity of each layer's K and V to their code width, on the selection parts (issue 24 item 2).
+
+One float32 forward pass over the first `--tokens` tokens of the **selection** part of every kind
+(one sequence per kind, in one batch), keeping each decoder layer's input; then, for each layer i,
+tensor (K or V) and width b, only that tensor of layer i is coded by bitsN's codec at width b (keys
+pre-RoPE at k_proj's output, values at v_proj's output; every token after the first 8) and the model
+is run again from layer i: the mean KL of the next-token distribution against the exact pass, over
+all kinds' positions after the first 8. No window: every earlier token is coded, so the figures rank
+layers and widths, they are not `eval`'s KL. Resumable (one entry "LAYER/key|value/BITS" per
+measurement in --out, written after each layer; `--layers 9-29` measures some).
+
+    nice -n 10 python benchmarks/layer_bits_sensitivity.py --tokens 256 --out runs/layer_sensitivity.json
+
+Reads only selection parts; chooses nothing by itself (KL on the selection parts chooses:
+`select_kinds_codecs.py --extra LABEL=SPEC`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _kl(ref_logp: torch.Tensor, logits: torch.Tensor, start: int) -> float:
+    logp = torch.log_softmax(logits.float(), -1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)[:, start:].mean().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="bits2", help="the spec whose codecs are measured, at the widths of its "
+                        "base (its per-layer overrides ignored; bits2: K 2, V 2.25)")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens of each kind's selection part")
+    parser.add_argument("--kinds", default="docs,code,plays")
+    parser.add_argument("--deltas", default="-0.5,0,0.5,1", help="widths tried: base width + each delta")
+    parser.add_argument("--out", default="runs/layer_sensitivity.json")
+    parser.add_argument("--layers", default="", help="layers to measure, e.g. 0-8 (default: all)")
+    args = parser.parse_args(argv)
+
+    from kvcompress import load_model
+    from kvcompress.cache.build import build_codec
+    from kvcompress.calibration import embedded_artifact
+    from kvcompress.corpus import corpus_tokens
+    from kvcompress.presets import load_spec
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(dtype=torch.float32)
+    artifact = embedded_artifact(model)
+    base = load_spec(args.spec).to_dict()
+    spec = load_spec({**base, "layers": {}})
+    cfg = model.config
+    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D = cfg.hidden_size // cfg.num_attention_heads
+    ids = torch.cat([corpus_tokens(tokenizer, "selection", args.tokens, kind=k).reshape(1, -1)
+                     for k in args.kinds.split(",")])  # (kinds, T)
+    layers = model.model.layers
+    inputs: dict[int, tuple] = {}
+
+    def keep(idx):
+        def hook(_module, a, kw):
+            inputs[idx] = (a, kw)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    for h in handles:
+        h.remove()
+    ref_logp = torch.log_softmax(ref.float(), -1)
+    start = 8
+
+    def run_from(i: int) -> torch.Tensor:
+        a, kw = inputs[i]
+        h = a[0]
+        for j in range(i, L):
+            _, kwj = inputs[j]
+            h = layers[j](h, *a[1:], **kwj)
+            h = h[0] if isinstance(h, tuple) else h
+        return model.lm_head(model.model.norm(h))
+
+    def coder(codec):
+        def hook(_module, _args, out):  # (B, T, H*D) -> coded after token `start`
+            B, T, _ = out.shape
+            x = out.reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            tail = x[:, :, start:]
+            dec = codec.decode(codec.encode(tail), torch.float32)
+            x = torch.cat([x[:, :, :start], dec], dim=2)
+            return x.transpose(1, 2).reshape(B, T, H * D)
+        return hook
+
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    deltas = [float(d) for d in args.deltas.split(",")]
+    t0 = time.perf_counter()
+    chosen = range(L)
+    if args.layers:
+        lo, _, hi = args.layers.partition("-")
+        chosen = range(int(lo), int(hi or lo) + 1)
+    for i in chosen:
+        k_spec, v_spec = spec.for_layer(i)
+        for name, tspec, proj, kind in (("key", k_spec, "k_proj", "key_pre"), ("value", v_spec, "v_proj", "value")):
+            for d in deltas:
+                bits = tspec.bits + d
+                key = f"{i}/{name}/{bits:g}"
+                if key in results:
+                    continue
+                codec = build_codec(dataclasses.replace(tspec, bits=bits), layer_idx=i, kind=kind,
+                                    artifact=artifact, head_dim=D)
+                handle = getattr(layers[i].self_attn, proj).register_forward_hook(coder(codec))
+                try:
+                    with torch.no_grad():
+                        results[key] = _kl(ref_logp, run_from(i), start)
+                finally:
+                    handle.remove()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=0))
+        print(f"layer {i}: " + " ".join(f"{k.split('/', 1)[1]}={v:.5f}" for k, v in results.items()
+                                         if k.startswith(f"{i}/")) + f" ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
