@@ -333,3 +333,67 @@ def test_codebook_family_offers_the_bits_presets_settings_and_needs_an_artifact(
     assert [s.name for s in specs] == ["cb4", "cb3", "cb2"]
     assert [(s.key, s.value) for s in specs] == [(load_spec(f"bits{n}").key, load_spec(f"bits{n}").value)
                                                  for n in (4, 3, 2)]
+
+
+def _harder(measure, factor, calls=None):
+    """A verification text `factor` times harder (KL) than the tuning text; appends each KL to `calls`."""
+    def verify(spec):
+        figures = dict(measure(spec))
+        figures["kl"] *= factor
+        if calls is not None:
+            calls.append(figures["kl"])
+        return figures
+    return verify
+
+
+def test_refinement_bisects_on_the_verification_text_towards_more_compression():
+    sens = synthetic_sensitivity([10.0, 1.0, 0.1, 3.0, 0.5, 2.0])
+    measure = fake_quality(sens)
+    path = lagrangian_path(sens)
+    verify = _harder(measure, 1.3)  # the first try misses and the tightened second one overshoots
+    plain = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=verify, max_tries=5, refine=0)
+    assert plain.index == plain.attempts[-1]["index"]  # refine 0: the point the tries found
+    assert not plain.attempts[0]["met"] and plain.verified["kl"] < 0.5 * 0.02
+    calls = []
+    refined = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=_harder(measure, 1.3, calls), max_tries=5,
+                              refine=3)
+    assert refined.attempts == plain.attempts
+    assert refined.verified["kl"] <= 0.02 and refined.index < plain.index
+    assert refined.verified["ratio"] > plain.verified["ratio"]
+    assert len(calls) <= len(plain.attempts) + 3  # the budget bounds the extra verifications
+    held = {p["index"]: p for p in refined.verified_points}
+    assert held[refined.index]["met"] and len(held) == len(calls)
+    # what it returns is the most compressed point measured to meet
+    assert refined.index == min(i for i, p in held.items() if p["met"])
+    # with budget enough, it ends next to a point that misses (or within the byte tolerance)
+    full = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=_harder(measure, 3.0), max_tries=5, refine=20)
+    misses = [i for i, p in ((p["index"], p) for p in full.verified_points) if not p["met"] and i < full.index]
+    assert misses and (full.index - max(misses) <= 1
+                       or path[full.index].nbytes <= path[max(misses)].nbytes * 1.01)
+
+
+def test_refinement_after_a_first_try_with_room_searches_a_looser_target():
+    sens = synthetic_sensitivity([10.0, 1.0, 0.1, 3.0, 0.5, 2.0])
+    measure = fake_quality(sens)
+    easier = _harder(measure, 0.4)  # the verification text is easier than the tuning text
+    plain = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=easier, refine=0)
+    refined = tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=easier, refine=3)
+    assert plain.attempts[0]["met"] and refined.attempts == plain.attempts
+    assert refined.index < plain.index and refined.verified["kl"] <= 0.02
+    assert refined.verified["ratio"] > plain.verified["ratio"]
+    with pytest.raises(ValueError, match="refine"):
+        tune_allocation(sens, BASE, 0.02, evaluate=measure, verify=easier, refine=-1)
+    with pytest.raises(ValueError, match="refine"):
+        TuneSettings(0.01, refine=-1)
+
+
+def test_codebook_fine_family_fills_the_widths_between_the_bits_presets():
+    from kvcompress.tuning.candidates import uniform_candidates
+
+    coarse = candidate_settings(("codebook",))
+    both = candidate_settings(("codebook", "codebook-fine"))
+    for tensor in ("key", "value"):
+        fine = [s for s in both[tensor] if s not in coarse[tensor]]
+        assert sorted(s.bits for s in fine) == [2.625, 3.375, 3.625]
+        assert all(s.scale_bits == 8 and s.method == coarse[tensor][1].method for s in fine)
+    assert [s.name for s in uniform_candidates(("codebook-fine",))] == ["cb3.75", "cb3.5", "cb2.75"]

@@ -30,7 +30,8 @@ HELP = "find per-layer K/V settings with the highest compression ratio that meet
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..tuning.candidates import FAMILIES
-    from ..tuning.tune import DEFAULT_MAX_TRIES, DEFAULT_TUNE_OFFSET, DEFAULT_TUNE_TOKENS, DEFAULT_VERIFY_TOKENS
+    from ..tuning.tune import (DEFAULT_MAX_TRIES, DEFAULT_REFINE, DEFAULT_TUNE_OFFSET, DEFAULT_TUNE_TOKENS,
+                               DEFAULT_VERIFY_TOKENS)
 
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--max-kl", type=float,
@@ -55,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=32, help="tokens compressed together")
     parser.add_argument("--max-tries", type=int, default=DEFAULT_MAX_TRIES,
                         help="verifications before giving up (each miss tightens the internal target)")
+    parser.add_argument("--refine", type=int, default=DEFAULT_REFINE,
+                        help="verifications spent after the first spec that meets the target, bisecting the "
+                             "allocations between it and a more compressed one that missed, on the selection "
+                             "text (0: keep the first that meets)")
     parser.add_argument("--no-tensor-weights", action="store_true",
                         help="do not rescale the K and V proxy costs by their measured KL (for comparison)")
     parser.add_argument("--compare-uniform", action="store_true",
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from ..spec import CacheSpec
     from ..tuning.state import TuneState
     from ..tuning.evaluators import make_evaluator
-    from ..tuning.tune import DEFAULT_TUNE_OFFSET, TuneError, TuneSettings, best_uniform, parse_candidates, tune, tune_grid
+    from ..tuning.tune import (DEFAULT_REFINE, DEFAULT_TUNE_OFFSET, TuneError, TuneSettings, best_uniform,
+                               parse_candidates, tune, tune_grid)
 
     metric, target = ("kl", args.max_kl) if args.max_kl is not None else ("ppl_change", args.max_ppl_change)
     check_positive(target, "--max-kl" if metric == "kl" else "--max-ppl-change", "0.01")
@@ -117,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
         check_context_tokens(spec, args.context, label=f"window {spec.window}, sinks {spec.sinks}, "
                                                       f"block {spec.block_size}")
     check_positive(args.max_tries, "--max-tries")
+    if args.refine < 0:
+        raise UserError(f"--refine must be 0 or more (verifications spent refining), got {args.refine}; e.g. "
+                        "--refine 3")
     if args.tune_offset is not None and args.tune_offset < 0:
         raise UserError(f"--tune-offset must be 0 or more (a token of the calibration part), got {args.tune_offset}; "
                         f"pass e.g. --tune-offset {DEFAULT_TUNE_OFFSET}")
@@ -154,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     verify = make_evaluator(model, verify_text.ids, "verify-eval", verify_fp, state, artifact=artifact,
                             context=args.context)
     tuning = TuneSettings(target, metric, candidates=settings, max_tries=args.max_tries,
-                          weight_tensors=not args.no_tensor_weights, context=args.context)
+                          weight_tensors=not args.no_tensor_weights, context=args.context, refine=args.refine)
     options = {"state": state, "artifact": artifact, "verify": verify, "executor": ray_executor(ray, args, model)}
     grid = None
     try:

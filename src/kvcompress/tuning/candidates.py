@@ -1,7 +1,7 @@
 """The candidate families, one list: what `tune` may give each layer's K and V, and the uniform
 specs `measure-presets` chooses among.
 
-A family ("quant", "hadamard", "lowrank", "wide", "codebook", "none", ...) lists, for K and for V,
+A family ("quant", "hadamard", "lowrank", "wide", "codebook", "codebook-fine", "none", ...) lists, for K and for V,
 its settings (most faithful first) and the uniform specs it contributes; "none" keeps K and V in
 full precision (with an eviction grid: eviction alone). `uniform_candidates` crosses the uniform
 specs with windows and eviction settings (`eviction_grid`).
@@ -49,6 +49,12 @@ _BITS_WIDTHS = ((4, 4.125, 4.125), (3, 3.125, 3.125), (2, 2, 2.25))  # (N, key b
 _PCA_KEYS = tuple(TensorSpec(method="pca+codebook", bits=kb, key_space="pre_rope", weight="query", scale_bits=8)
                   for _, kb, _ in _BITS_WIDTHS)
 _ROTATED = tuple(TensorSpec(method="rotated+codebook", bits=vb, scale_bits=8) for _, _, vb in _BITS_WIDTHS)
+# widths between the bitsN ones (3.75, 3.5 and 2.75 bits per value with the one-byte scale), so that
+# a per-layer allocation can land between bits4 and bits3 without mixing whole bits only
+_FINE_WIDTHS = (3.625, 3.375, 2.625)
+_PCA_FINE = tuple(TensorSpec(method="pca+codebook", bits=b, key_space="pre_rope", weight="query", scale_bits=8)
+                  for b in _FINE_WIDTHS)
+_ROTATED_FINE = tuple(TensorSpec(method="rotated+codebook", bits=b, scale_bits=8) for b in _FINE_WIDTHS)
 _HADAMARD = tuple(_per_token(b, method="hadamard+quant") for b in (4, 3, 2))
 _HADAMARD_WIDE = tuple(_per_token(b, 64, method="hadamard+quant") for b in (4, 3, 2))
 
@@ -69,6 +75,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                        "4, 3, 2 bits per value (4.125 / 3.125 / 2 and 2.25 code bits) plus one logarithmic byte of scale "
                        "per vector (the bitsN presets; needs a calibration artifact)",
            key=_PCA_KEYS, value=_ROTATED, uniform=tuple((f"cb{n}", k, v) for (n, _, _), k, v in zip(_BITS_WIDTHS, _PCA_KEYS, _ROTATED))),
+    Family("codebook-fine", "the codebook family's K and V at the widths between its own: 3.625, 3.375 and 2.625 "
+                            "code bits plus the one-byte scale (3.75 / 3.5 / 2.75 bits per value; needs a "
+                            "calibration artifact)",
+           key=_PCA_FINE, value=_ROTATED_FINE,
+           uniform=tuple((f"cb{b + 0.125:g}", k, v) for b, k, v in zip(_FINE_WIDTHS, _PCA_FINE, _ROTATED_FINE))),
     Family("lowrank", "pre-RoPE low-rank K (rank 48, 32) and low-rank V (rank 48), int4 coefficients per token "
                       "(needs a calibration artifact)",
            key=_LOWRANK_KEYS,

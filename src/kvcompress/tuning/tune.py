@@ -5,8 +5,9 @@
 Steps (the method and its measured behaviour: docs/tuning.md): a sensitivity proxy per layer and
 candidate (`sensitivity`), K/V weights from two decode-faithful evaluations, the Lagrangian path of
 allocations (`allocation`), a bisection on that path by decode-faithful quality on the tuning text
-(here), and verification on selection text with retries at a tighter internal target (here); a
-spec that misses its target is never returned (`TuneError`). Every measurement is saved in a
+(here), verification on selection text with retries at a tighter internal target, then a short
+bisection of the path on the selection text itself between the point that met and one that missed
+(here); a spec that misses its target is never returned (`TuneError`). Every measurement is saved in a
 `TuneState` as it is made, so a tune resumes; the independent ones (probes, K/V weights) run on
 the caller's executor (`kvcompress.executor`). `context=N` measures under the prompt protocol
 (`measure.prompt`); `tune_grid` tunes several windows / eviction settings and keeps the best.
@@ -40,6 +41,9 @@ DEFAULT_TUNE_OFFSET = 8192  # tokens into the calibration part: past what calibr
 DEFAULT_TUNE_TOKENS = 1024
 DEFAULT_VERIFY_TOKENS = 2048
 DEFAULT_MAX_TRIES = 3
+# held-out measurements spent refining the point the tries found (`tune_allocation`); 0 keeps the first point
+# that meets, so the figures published with earlier tunes reproduce; `--refine 3` spends three more.
+DEFAULT_REFINE = 0
 
 
 class TuneError(RuntimeError):
@@ -91,6 +95,8 @@ class TuneResult:
         verified: eval figures of `spec` on the verification text.
         tuned: eval figures of `spec` on the tuning text.
         attempts: per try, the internal target, the chosen path index and both measurements.
+        index: the path index of `spec` (after the refinement, see `tune_allocation`).
+        verified_points: every path index measured on the verification text, with its figures.
         path_size: number of distinct allocations on the Lagrangian path.
         searched: every (path index, tuning-text figures) the searches measured.
         sens: the sensitivities the allocation used.
@@ -107,65 +113,130 @@ class TuneResult:
     searched: list[dict] = field(default_factory=list)
     sens: Sensitivity | None = None
     tensor_weights: dict | None = None
+    index: int | None = None
+    verified_points: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"spec": self.spec.to_dict(), "target": self.target, "metric": self.metric, "verified": self.verified,
-                "tuned": self.tuned, "attempts": self.attempts, "path_size": self.path_size,
-                "searched": self.searched, "sensitivity": self.sens.to_dict() if self.sens else None,
-                "tensor_weights": self.tensor_weights}
+                "tuned": self.tuned, "attempts": self.attempts, "path_size": self.path_size, "index": self.index,
+                "searched": self.searched, "verified_points": self.verified_points,
+                "sensitivity": self.sens.to_dict() if self.sens else None, "tensor_weights": self.tensor_weights}
 
 
 def tune_allocation(sens: Sensitivity, base: CacheSpec, target: float, *, metric: str = "kl",
                     evaluate: Evaluator, verify: Evaluator, max_tries: int = DEFAULT_MAX_TRIES,
-                    tighten: float = 0.8) -> TuneResult:
-    """Steps 2-4 of the module doc on given sensitivities; `evaluate` measures on the tuning text,
-    `verify` on held-out text (both: spec -> figures dict with `metric` and "ratio")."""
+                    tighten: float = 0.8, refine: int = 0, refine_tolerance: float = 0.01) -> TuneResult:
+    """Steps 2-5 of the module doc on given sensitivities; `evaluate` measures on the tuning text,
+    `verify` on held-out text (both: spec -> figures dict with `metric` and "ratio").
+
+    `refine`: at most this many more verifications after the first point that meets, spent on a
+    bisection of the path on the verification text itself, between that point and the nearest
+    more compressed one measured there to miss (one is found first by a looser search on the tuning
+    text if none is known); it stops once the two differ by at most `refine_tolerance` of their bytes.
+    The spec returned is the most compressed point measured to meet the target on the verification
+    text. 0: none (the point the tries found)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if not target > 0:
         raise ValueError(f"the target must be positive, got {target!r}")
     if max_tries < 1:
         raise ValueError(f"max_tries must be at least 1, got {max_tries}")
+    if refine < 0:
+        raise ValueError(f"refine must be 0 or more, got {refine}")
     path = lagrangian_path(sens)
     logger.info(f"Lagrangian path: {len(path)} distinct allocations, {path[0].nbytes:.0f} to {path[-1].nbytes:.0f} "
         f"bytes per token over all layers")
     measured: dict[int, dict] = {}
+    checked: dict[int, dict] = {}
+
+    def spec_at(i: int) -> CacheSpec:
+        return spec_from_choice(path[i].key, path[i].value, sens.settings, base)
 
     def figures(i: int) -> dict:
         if i not in measured:
-            spec = spec_from_choice(path[i].key, path[i].value, sens.settings, base)
+            spec = spec_at(i)
             measured[i] = evaluate(spec)
             logger.info(f"  path {i}/{len(path) - 1} (λ {path[i].lam:.3g}): ratio {measured[i]['ratio']:.2f}x, "
                 f"{metric} {measured[i][metric]:.4f}, {len(spec.layers)} override range(s)")
         return measured[i]
 
+    def held_out(i: int, why: str) -> dict:
+        if i not in checked:
+            checked[i] = verify(spec_at(i))
+            ok = checked[i][metric] <= target
+            logger.info(f"verified path {i} ({why}) on held-out text: {metric} {checked[i][metric]:.4f} (target "
+                f"{target:g}), ratio {checked[i]['ratio']:.2f}x: {'met' if ok else 'MISSED'}")
+        return checked[i]
+
     internal = target
     attempts = []
+    index = None
     for attempt in range(1, max_tries + 1):
         logger.info(f"try {attempt}/{max_tries}: internal target {metric} <= {internal:.4g} on the tuning text")
         try:
-            index = search_path(path, lambda i: figures(i)[metric] <= internal)
+            found = search_path(path, lambda i: figures(i)[metric] <= internal)
         except TuneError as err:
             raise TuneError(f"{err} ({metric} {figures(len(path) - 1)[metric]:.4g} > {internal:.4g}); "
                             "the target cannot be met this way: loosen it or add more faithful "
                             "candidates") from None
-        spec = spec_from_choice(path[index].key, path[index].value, sens.settings, base)
-        checked = verify(spec)
-        ok = checked[metric] <= target
-        attempts.append({"internal_target": internal, "index": index, "lam": path[index].lam,
-                         "tuned": figures(index), "verified": checked, "met": ok, "spec": spec.to_dict()})
-        logger.info(f"verified on held-out text: {metric} {checked[metric]:.4f} (target {target:g}), ratio "
-            f"{checked['ratio']:.2f}x: {'met' if ok else 'MISSED'}")
+        result = held_out(found, f"try {attempt}")
+        ok = result[metric] <= target
+        attempts.append({"internal_target": internal, "index": found, "lam": path[found].lam,
+                         "tuned": figures(found), "verified": result, "met": ok, "spec": spec_at(found).to_dict()})
         if ok:
-            searched = [{"index": i, "lam": path[i].lam, **measured[i]} for i in sorted(measured)]
-            return TuneResult(spec, target, metric, checked, figures(index), attempts, len(path), searched, sens)
+            index = found
+            break
         # Lower the internal target below what this point reached on the tuning text, in
         # proportion to how far the held-out figure overshot.
-        reached = max(figures(index)[metric], 1e-12)
-        internal = min(internal, reached) * min(tighten, target / checked[metric])
-    raise TuneError(f"after {max_tries} tries no tuned spec met {metric} <= {target:g} on the held-out text "
-                    f"(last: {attempts[-1]['verified'][metric]:.4g}); loosen the target, allow more tries "
-                    "(--max-tries) or tune on more text (--tokens)")
+        reached = max(figures(found)[metric], 1e-12)
+        internal = min(internal, reached) * min(tighten, target / result[metric])
+    if index is None:
+        raise TuneError(f"after {max_tries} tries no tuned spec met {metric} <= {target:g} on the held-out text "
+                        f"(last: {attempts[-1]['verified'][metric]:.4g}); loosen the target, allow more tries "
+                        "(--max-tries) or tune on more text (--tokens)")
+    refined = _refine(path, index, target, metric, figures, held_out, checked, refine, refine_tolerance)
+    searched = [{"index": i, "lam": path[i].lam, **measured[i]} for i in sorted(measured)]
+    held = [{"index": i, "lam": path[i].lam, "met": checked[i][metric] <= target, **checked[i]}
+            for i in sorted(checked)]
+    return TuneResult(spec_at(refined), target, metric, checked[refined], figures(refined), attempts, len(path),
+                      searched, sens, index=refined, verified_points=held)
+
+
+def _refine(path: list[PathPoint], met: int, target: float, metric: str, figures: Callable[[int], dict],
+            held_out: Callable[[int, str], dict], checked: dict[int, dict], budget: int, tolerance: float) -> int:
+    """The most compressed path index measured to meet `target` on held-out text, after at most
+    `budget` more held-out measurements (see `tune_allocation`'s `refine`)."""
+    def misses(i: int) -> bool:
+        return checked[i][metric] > target
+
+    used = 0
+    while used < budget:
+        below = [i for i in checked if i < met and misses(i)]
+        if below:
+            lo = max(below)
+        else:
+            # No more compressed point measured to miss: search the tuning text with the target
+            # scaled by how far the held-out figure of `met` stayed under it.
+            loose = figures(met)[metric] * target / max(checked[met][metric], 1e-12)
+            try:
+                candidate = search_path(path[:met + 1], lambda i: figures(i)[metric] <= loose)
+            except TuneError:
+                return met
+            if candidate >= met:
+                return met
+            held_out(candidate, "looser search on the tuning text")
+            used += 1
+            if not misses(candidate):
+                met = candidate
+            continue
+        if met - lo <= 1 or path[met].nbytes <= path[lo].nbytes * (1 + tolerance):
+            return met
+        mid = (lo + met) // 2
+        held_out(mid, f"bisection between {lo} and {met}")
+        used += 1
+        if not misses(mid):
+            met = mid
+    return met
 
 
 @dataclass(frozen=True)
@@ -181,6 +252,8 @@ class TuneSettings:
         weight_tensors: scale the K and V proxy costs by their measured KL (`calibrate_tensor_weights`).
         context: measure under the prompt protocol with this many context tokens; the base spec
             may then evict.
+        refine: held-out measurements spent after the first point that meets, bisecting the path
+            on the verification text (see `tune_allocation`); 0: none.
     """
 
     target: float
@@ -189,6 +262,7 @@ class TuneSettings:
     max_tries: int = DEFAULT_MAX_TRIES
     weight_tensors: bool = True
     context: int | None = None
+    refine: int = DEFAULT_REFINE
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -197,6 +271,8 @@ class TuneSettings:
             raise ValueError(f"the target must be positive, got {self.target!r}")
         if self.max_tries < 1:
             raise ValueError(f"max_tries must be at least 1, got {self.max_tries}")
+        if self.refine < 0:
+            raise ValueError(f"refine must be 0 or more, got {self.refine}")
 
 
 def tune(model, tune_text: CorpusSlice, verify_text: CorpusSlice, settings: TuneSettings, *,
@@ -240,7 +316,7 @@ def tune(model, tune_text: CorpusSlice, verify_text: CorpusSlice, settings: Tune
     if settings.weight_tensors:
         sens, weights = calibrate_tensor_weights(sens, probe_base, evaluate.map)
     result = tune_allocation(sens, base, settings.target, metric=settings.metric, evaluate=evaluate, verify=verify,
-                             max_tries=settings.max_tries)
+                             max_tries=settings.max_tries, refine=settings.refine)
     result.tensor_weights = weights
     return result
 
