@@ -26,7 +26,9 @@ throughput: --requests prompts of --prompt tokens, --new generated tokens each, 
 spec in a fresh process, specs interleaved over --repeats rounds; output tokens per second, and how many
 whole requests (prompt + new) each pool holds. --pool-mib sizes the pool in MiB (VLLM_CPU_KVCACHE_SPACE
 takes whole GiB): the decode-heavy batch above runs where `auto` holds about 4 requests at once and
-paged-int4 about 15. A timing: run it on a quiet machine.
+paged-int4 about 15. --auto-space N adds `auto` in a pool of N GiB to the same interleaved rounds
+(auto@NGiB): on a batch that a larger pool does not speed up, no cache gains from being smaller. A timing:
+run it on a quiet machine.
 decode: --batch requests decoding together (all in every pool), each setting
 timed for --short and --new generated tokens; the difference per extra step is the decode step alone
 (ms per step and per output token, against auto). Every result file is rewritten after each engine,
@@ -162,9 +164,10 @@ CHILDREN = {"capacity": child_capacity, "quality": child_quality, "throughput": 
 # ---- the parent: one fresh process per engine ----------------------------------------------------------
 
 
-def run_child(args, setting: str, extra: list[str]) -> tuple[dict | None, str]:
-    """Run `setting` (a baseline cache dtype or a kvcompress spec) in a fresh process; (result, its log)."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.space), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+def run_child(args, setting: str, extra: list[str], space: int | None = None) -> tuple[dict | None, str]:
+    """Run `setting` (a baseline cache dtype or a kvcompress spec) in a fresh process, with a pool of `space`
+    GiB (default --space); (result, its log)."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(space or args.space), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("KVCOMPRESS_VLLM_SPEC", None)
     if args.pool_mib:  # vLLM's CPU platform would override kv_cache_memory_bytes with VLLM_CPU_KVCACHE_SPACE
         env.pop("VLLM_CPU_KVCACHE_SPACE")
@@ -367,19 +370,25 @@ def cmd_compare(args) -> None:
 def cmd_throughput(args) -> None:
     path = Path(args.out)
     data = load(path, {"requests": args.requests, "prompt": args.prompt, "new": args.new, **pool_settings(args),
-                       "repeats": args.repeats, "dtype": args.dtype, "max_model_len": args.max_model_len})
+                       "repeats": args.repeats, "dtype": args.dtype, "max_model_len": args.max_model_len,
+                       **({"auto_space_gib": args.auto_space} if args.auto_space else {})})
+    big_auto = f"auto@{args.auto_space}GiB" if args.auto_space else None  # auto again, in a pool of --auto-space GiB
+    settings = ["auto", "fp8", *([big_auto] if big_auto else []), *args.specs]
     for round_ in range(args.repeats):
-        for setting in ["auto", "fp8", *args.specs]:  # interleaved: every setting once per round
+        for setting in settings:  # interleaved: every setting once per round
             key = f"{setting}#{round_}"
             if key in data["results"]:
                 continue
             extra = ["--requests", str(args.requests), "--prompt", str(args.prompt), "--new", str(args.new)]
-            result, log = run_child(args, setting, extra)
+            if setting == big_auto:
+                result, log = run_child(args, "auto", extra, space=args.auto_space)
+            else:
+                result, log = run_child(args, setting, extra)
             data["results"][key] = result or {"error": _last_error(log)}
             save(path, data)
     print("| cache | output tokens/s per round | x auto (means) | whole requests the pool holds |\n|---|---|---:|---:|")
     auto = None
-    for setting in ["auto", "fp8", *args.specs]:
+    for setting in settings:
         runs = [data["results"][f"{setting}#{r}"] for r in range(args.repeats)]
         rates = [run.get("output_tokens_per_s") for run in runs]
         measured = [r for r in rates if r is not None]
@@ -471,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
     throughput.add_argument("--prompt", type=int, default=2048 - 128, help="prompt tokens each (default 1920)")
     throughput.add_argument("--new", type=int, default=128, help="generated tokens each (default 128)")
     throughput.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    throughput.add_argument("--auto-space", type=int, default=0,
+                            help="also run vLLM's auto cache in a pool of this many GiB (reported as auto@NGiB), "
+                            "interleaved: whether a larger pool alone changes this batch's throughput (default: no)")
     decode = sub.add_parser("decode", parents=[common], help="decode time per step and per token at equal batch")
     decode.add_argument("--batch", type=int, default=16, help="requests decoding together (default 16)")
     decode.add_argument("--prompt", type=int, default=128, help="prompt tokens each (default 128)")
@@ -494,6 +506,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--space must be a positive number of GiB, got {args.space}")
     if args.pool_mib < 0:
         fail(f"--pool-mib must be a positive number of MiB, got {args.pool_mib}")
+    if getattr(args, "auto_space", 0) < 0:
+        fail(f"--auto-space {args.auto_space}: give a positive number of GiB")
+    if getattr(args, "auto_space", 0) and args.pool_mib:
+        fail("--auto-space sizes a pool in GiB like --space; it cannot be combined with --pool-mib")
     if args.pool_mib and args.command not in ("throughput", "decode"):
         fail(f"--pool-mib sizes the pool of throughput and decode only; use --space for {args.command}")
     {"capacity": cmd_capacity, "quality": cmd_quality, "compare": cmd_compare,

@@ -27,6 +27,10 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     (["benchmarks/per_head_budgets.py", "--kinds", "docs,novels"], "--kinds"),
     (["benchmarks/per_head_budgets.py", "--policies", "streaming"], "--policies"),
     (["benchmarks/per_head_budgets.py", "--keep", "0.2,1.5"], "--keep 0.2,1.5"),
+    (["benchmarks/prefill_attention.py", "--tokens", "0"], "--tokens"),
+    (["benchmarks/vllm_serving.py", "throughput", "--auto-space", "-1", "--out", "runs/unused.json"], "--auto-space -1"),
+    (["benchmarks/vllm_serving.py", "throughput", "--auto-space", "4", "--pool-mib", "40", "--out", "runs/unused.json"],
+     "--auto-space"),
 ])
 def test_wrong_option_is_one_line_and_exit_2(args, option):
     proc = run_script(*args)

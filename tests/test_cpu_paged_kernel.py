@@ -107,6 +107,40 @@ def test_a_token_gets_the_same_bits_in_any_chunk_or_batch(key, value):
                                                                                   (got[0] - whole[0]).abs().max())
 
 
+@pytest.mark.parametrize("key,value", [("int4", "int4"), ("hadamard-int4", "rot-cb3")])
+def test_a_long_prompt_gets_the_same_bits_in_any_chunking_and_thread_count(key, value):
+    """A prompt of 2 * SPLIT + 300 tokens (its rows cut into several tasks per split, taken by whichever thread
+    is free) next to a shorter one: one chunk on 1 and 2 threads, and chunks of 300 and 777 tokens, give every
+    token the same bits, and equal the torch paged path to float tolerance."""
+    n = 2 * SPLIT + 300
+    query, pages, table, lens, starts, layout = filled_pool(key, value, [n, 400], [n, 400], hq=9,
+                                                            dtype=torch.float32, seed=11)
+    threads = torch.get_num_threads()
+
+    def chunked(cut: int) -> tuple[torch.Tensor, torch.Tensor]:
+        outs, lses = [], []
+        for a in range(0, n, cut):
+            b = min(a + cut, n)
+            out, lse = cpu_paged.attend(query[a:b], pages, table[:1], torch.tensor([b], dtype=torch.int32),
+                                        torch.tensor([0, b - a], dtype=torch.int32), layout, 0.125)
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses)
+
+    try:
+        torch.set_num_threads(2)
+        both = cpu_paged.attend(query, pages, table, lens, starts, layout, 0.125)
+        torch.set_num_threads(1)
+        alone = cpu_paged.attend(query, pages, table, lens, starts, layout, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close(both, paged_attention_torch(query, pages, table, lens, starts, layout, 0.125), f"{key}/{value}")
+    assert torch.equal(both[0], alone[0]) and torch.equal(both[1], alone[1])
+    for cut in (300, 777):
+        got = chunked(cut)
+        assert torch.equal(got[0], both[0][:n]) and torch.equal(got[1], both[1][:n]), (cut, (got[0] - both[0][:n]).abs().max())
+
+
 def test_a_rotated_row_is_the_same_alone_and_among_many():
     """Query rotation and output un-rotation are per row: a decode query's result computed alone equals
     the same query's in a step of 40 decode queries of other requests (torch's matmul would round it

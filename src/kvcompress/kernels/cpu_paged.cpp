@@ -4,10 +4,12 @@
 // pages (num_blocks, Hkv, block_size, slot_bytes) uint8; token t of request r is row
 // t % block_size of block block_table[r, t / block_size]; request r's q_r queries (rows
 // query_start_loc[r] .. query_start_loc[r + 1]) are its last q_r of seq_lens[r] tokens: query i
-// sits at p = seq_lens[r] - q_r + i and attends to tokens 0 .. p. Tasks (request, KV head, split)
-// cut the tokens at fixed multiples of `split_tokens` from token 0; a task decodes its tokens
-// kTile at a time into a small buffer (no dense copy of a sequence) and applies each tile to every
-// query row that reaches it, with an online softmax per row; the splits are merged in order.
+// sits at p = seq_lens[r] - q_r + i and attends to tokens 0 .. p. Splits cut the tokens at fixed
+// multiples of `split_tokens` from token 0; a task (request, KV head, split, up to kTaskRows query
+// tokens) decodes the split's tokens its rows reach, kTile at a time, into a buffer of at most one
+// split (no dense copy of a sequence), then passes the tiles in order over kBlockRows query tokens at a
+// time (their partial states stay in cache), with an online softmax per row; threads take tasks as they
+// come free, costliest first; the splits are merged in order.
 // The tile holds keys transposed (D, kTile) and values (kTile, D) in float32. With AVX-512, the keys
 // of uniform and codebook parts are gathered 16 tokens at a time from their slots straight into the
 // transposed tile (`gather_keys`); other parts, and values, are decoded token by token with SIMD
@@ -19,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -262,8 +265,13 @@ inline void gather_keys(const Part& c, const uint8_t* base, const int32_t* offse
 }
 #endif
 
+constexpr int64_t kTaskRows = 256;   // query tokens per task at most: a long chunk's rows spread over the threads
+constexpr int64_t kBlockRows = 16;   // query tokens whose partial states stay in cache while a task's tiles pass
+
+// Query tokens i_begin .. i_end of a request, against the tokens of one split, for one KV head.
 struct Task {
-  int64_t request, head, split;
+  int64_t request, head, split, i_begin, i_end;
+  int64_t cost;  // query-token x token pairs, for the order in which the threads take tasks
 };
 
 // y (D) = x (D) @ m (D, D), summed over x's index in order (m row-major); the same bits for a row
@@ -278,6 +286,15 @@ inline void row_times_matrix(const float* x, const float* m, int64_t D, float* y
   }
 }
 
+// v, kept in a register: a vector that several rows use is loaded once (the compiler would otherwise fold
+// the load into each row's fma, loading it once per row: the loads, not the fmas, then bound the loop).
+inline vec in_register(vec v) {
+#if defined(__AVX512F__) || defined(KVC_AVX2)
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
+
 // s[r * kTile + j] = q_r . kt[:, j] for ROWS query rows (q_r = q + r * D) and the kTile columns of the
 // transposed tile kt (D, kTile), each summed over d in order (the rows share the tile's loads; a row's
 // bits do not depend on the others).
@@ -290,7 +307,7 @@ inline void tile_scores(const float* q, const float* kt, int64_t D, float* s) {
   for (int64_t d = 0; d < D; ++d) {
     const float* row = kt + d * kTile;
     vec k[kVecs];
-    for (int v = 0; v < kVecs; ++v) k[v] = vload(row + v * kLanes);
+    for (int v = 0; v < kVecs; ++v) k[v] = in_register(vload(row + v * kLanes));
     for (int r = 0; r < ROWS; ++r) {
       const vec qd = vset1(q[r * D + d]);
       for (int v = 0; v < kVecs; ++v) a[r][v] = vfma(qd, k[v], a[r][v]);
@@ -309,7 +326,7 @@ inline void tile_mix(const float* w, const float* vt, int64_t n, int64_t D, floa
     for (int r = 0; r < ROWS; ++r) a[r][0] = vload(acc[r] + d0), a[r][1] = vload(acc[r] + d0 + kLanes);
     for (int64_t j = 0; j < n; ++j) {
       const float* row = vt + j * D + d0;
-      const vec v0 = vload(row), v1 = vload(row + kLanes);
+      const vec v0 = in_register(vload(row)), v1 = in_register(vload(row + kLanes));
       for (int r = 0; r < ROWS; ++r) {
         const vec wj = vset1(w[r * kTile + j]);
         a[r][0] = vfma(wj, v0, a[r][0]);
@@ -378,6 +395,83 @@ inline void tile_rows(const float* q, const float* kt, const float* vt, int64_t 
   tile_mix<ROWS>(sc, vt, len, D, acc);
 }
 
+#if defined(__AVX512F__)
+// exp(x) per lane, x <= 0 or -inf: exp_shifted_sum's AVX2 steps on 16 lanes (the same bits in every lane).
+inline __m512 exp_lanes(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);  // exp is 0 below -87 (and for -inf)
+  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e));
+}
+
+// The sum exp_shifted_sum returns for the 32 values of e0, e1: 8 lanes summed over the four groups of 8 in
+// order, then the lanes in pairs.
+inline float sum_as_exp_shifted(__m512 e0, __m512 e1) {
+  __m256 acc = _mm256_add_ps(_mm512_castps512_ps256(e0), _mm512_extractf32x8_ps(e0, 1));
+  acc = _mm256_add_ps(_mm256_add_ps(acc, _mm512_castps512_ps256(e1)), _mm512_extractf32x8_ps(e1, 1));
+  alignas(32) float l[8];
+  _mm256_store_ps(l, acc);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+// tile_rows for a whole tile (len == kTile == 32) with AVX-512: the same bits, the rows' softmax steps
+// side by side in registers instead of one row after the other through memory.
+template <int ROWS>
+inline void tile_rows_full(const float* q, const float* kt, const float* vt, int64_t D, float scale,
+                           float* const* parts, float* sc) {
+  static_assert(kTile == 32 && kLanes == 16, "a tile is two vectors");
+  tile_scores<ROWS>(q, kt, D, sc);
+  const __m512 vscale = _mm512_set1_ps(scale), neg_inf = _mm512_set1_ps(kNegInf);
+  __m512 x[ROWS][2];
+  float m[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    x[r][0] = _mm512_mul_ps(_mm512_loadu_ps(sc + r * kTile), vscale);
+    x[r][1] = _mm512_mul_ps(_mm512_loadu_ps(sc + r * kTile + kLanes), vscale);
+    m[r] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(neg_inf, x[r][0]), x[r][1]));
+  }
+  float* acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    float* part = parts[r];
+    acc[r] = part + 2;
+    if (m[r] == kNegInf) continue;  // every score -inf (NaN-free inputs never give it): nothing from here
+    if (m[r] > part[0]) {
+      if (part[0] != kNegInf) {
+        const float correction = exp_nonpositive(part[0] - m[r]);
+        part[1] *= correction;
+        for (int64_t d = 0; d < D; ++d) part[2 + d] *= correction;
+      }
+      part[0] = m[r];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    float* s = sc + r * kTile;
+    if (m[r] == kNegInf) {
+      _mm512_storeu_ps(s, _mm512_setzero_ps());
+      _mm512_storeu_ps(s + kLanes, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 mv = _mm512_set1_ps(parts[r][0]);
+    const __m512 e0 = exp_lanes(_mm512_sub_ps(x[r][0], mv)), e1 = exp_lanes(_mm512_sub_ps(x[r][1], mv));
+    _mm512_storeu_ps(s, e0);
+    _mm512_storeu_ps(s + kLanes, e1);
+    parts[r][1] += sum_as_exp_shifted(e0, e1);
+  }
+  tile_mix<ROWS>(sc, vt, kTile, D, acc);
+}
+#endif
+
 }  // namespace
 
 // (out (T, Hq, D) float32, lse (T, Hq) float32) of query (T, Hq, D) float32; key_rotation (D, D)
@@ -434,9 +528,19 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
                   "block table entry outside the pages");
     const int64_t splits = (n + split_tokens - 1) / split_tokens;
     max_splits = std::max(max_splits, splits);
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t s = 0; s < splits; ++s) tasks.push_back({r, h, s});
+    const int64_t q_r = last - first, first_pos = n - q_r;
+    for (int64_t s = 0; s < splits; ++s) {
+      const int64_t t0 = s * split_tokens, t1 = std::min(t0 + split_tokens, n);
+      for (int64_t i0 = std::max<int64_t>(0, t0 - first_pos); i0 < q_r; i0 += kTaskRows) {
+        const int64_t i1 = std::min(i0 + kTaskRows, q_r);
+        int64_t cost = 0;  // sum over the rows of the split's tokens each reaches
+        for (int64_t i = i0; i < i1; ++i) cost += std::min(t1, first_pos + i + 1) - t0;
+        for (int64_t h = 0; h < H; ++h) tasks.push_back({r, h, s, i0, i1, cost});
+      }
+    }
   }
+  // the costliest first, taken one at a time by whichever thread is free (no row's arithmetic depends on it)
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
 
   // The queries in K's stored space, row by row.
   const float* q_in = query.data_ptr<float>();
@@ -460,33 +564,42 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
 #else
   const bool gather_k = false;
 #endif
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  // Each thread takes the next task until none is left. A task decodes the tiles its rows reach (keys
+  // transposed (D, kTile), values (kTile, D), padding tokens zeros) once, then passes them, in order,
+  // kBlockRows query tokens at a time (their partial states stay in cache).
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next_task{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     alignas(64) float sc[3 * kTile];
-    std::vector<float> kt(static_cast<size_t>(D * kTile)), vt(static_cast<size_t>(kTile * D)),
-        kr(static_cast<size_t>(kTile * D));
+    const int64_t max_tiles = split_tokens / kTile;
+    std::vector<float> kt_all(static_cast<size_t>(max_tiles * D * kTile)),
+        vt_all(static_cast<size_t>(max_tiles * kTile * D)), kr(static_cast<size_t>(kTile * D));
     int32_t offsets[kTile];
 #if defined(__AVX512F__)
     std::vector<__m512i> codes(static_cast<size_t>(D));
 #endif
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
       const Task& tk = tasks[task];
       const int64_t first = starts[tk.request], q_r = starts[tk.request + 1] - first, n = lens[tk.request];
       const int64_t first_pos = n - q_r;  // position of the request's first query
       const int64_t t0 = tk.split * split_tokens, t1 = std::min(t0 + split_tokens, n);
-      const int64_t i_lo = std::max<int64_t>(0, t0 - first_pos);  // first query that reaches this split
+      const int64_t t_end = std::min(t1, first_pos + tk.i_end);  // tokens the task's rows reach end here
+      const int64_t n_tiles = (t_end - t0 + kTile - 1) / kTile;
       const int32_t* blocks = table + tk.request * max_blocks;
       auto part_of = [&](int64_t i, int k) {
         return partial + (((first + i) * Hq + tk.head * rep + k) * max_splits + tk.split) * stride_partial;
       };
-      for (int64_t i = i_lo; i < q_r; ++i)
+      for (int64_t i = tk.i_begin; i < tk.i_end; ++i)
         for (int k = 0; k < rep; ++k) {
           float* part = part_of(i, k);
           part[0] = kNegInf;
           std::fill(part + 1, part + stride_partial, 0.0f);
         }
-      for (int64_t a = t0; a < t1; a += kTile) {
-        const int64_t b = std::min(a + kTile, t1);
-        // the tile: keys transposed (D, kTile), values (kTile, D); padding tokens are zeros
+      for (int64_t tile = 0; tile < n_tiles; ++tile) {
+        const int64_t a = t0 + tile * kTile, b = std::min(a + kTile, t1);
+        float* kt = kt_all.data() + tile * D * kTile;
+        float* vt = vt_all.data() + tile * kTile * D;
         int64_t block = a / block_size, row = a % block_size;  // the tile's first token, then token by token
         for (int64_t j = 0; j < kTile; ++j) {
           if (a + j < b) {
@@ -497,36 +610,57 @@ std::vector<at::Tensor> paged_attend(const at::Tensor& query, const at::Tensor& 
             } else {
               decode_part(kp, slot, D, kr.data() + j * D);
             }
-            decode_part(vp, slot, D, vt.data() + j * D);
+            decode_part(vp, slot, D, vt + j * D);
           } else {
             if (!gather_k) std::fill(kr.begin() + j * D, kr.begin() + (j + 1) * D, 0.0f);
-            std::fill(vt.begin() + j * D, vt.begin() + (j + 1) * D, 0.0f);
+            std::fill(vt + j * D, vt + (j + 1) * D, 0.0f);
           }
         }
 #if defined(__AVX512F__)
         if (gather_k) {
-          gather_keys(kp, base, offsets, b - a, D, kt.data(), codes.data());
+          gather_keys(kp, base, offsets, b - a, D, kt, codes.data());
         } else {
-          transpose_tile(kr.data(), D, kt.data());
+          transpose_tile(kr.data(), D, kt);
         }
 #else
-        transpose_tile(kr.data(), D, kt.data());
+        transpose_tile(kr.data(), D, kt);
 #endif
-        for (int64_t i = std::max(i_lo, a - first_pos); i < q_r; ++i) {
-          const int64_t len = std::min(b, first_pos + i + 1) - a;  // tokens of the tile at or before the query
-          const float* q = qp + ((first + i) * Hq + tk.head * rep) * D;
-          for (int k = 0; k < rep;) {  // the token's query heads, 3 (or the rest) at a time
-            const int rows = std::min(3, rep - k);
-            float* parts[3] = {part_of(i, k), rows > 1 ? part_of(i, k + 1) : nullptr,
-                               rows > 2 ? part_of(i, k + 2) : nullptr};
-            if (rows == 3) {
-              tile_rows<3>(q + k * D, kt.data(), vt.data(), len, D, fscale, parts, sc);
-            } else if (rows == 2) {
-              tile_rows<2>(q + k * D, kt.data(), vt.data(), len, D, fscale, parts, sc);
-            } else {
-              tile_rows<1>(q + k * D, kt.data(), vt.data(), len, D, fscale, parts, sc);
+      }
+      for (int64_t ib = tk.i_begin; ib < tk.i_end; ib += kBlockRows) {
+        const int64_t ie = std::min(ib + kBlockRows, tk.i_end);
+        for (int64_t tile = 0; tile < n_tiles; ++tile) {
+          const int64_t a = t0 + tile * kTile, b = std::min(a + kTile, t1);
+          const float* kt = kt_all.data() + tile * D * kTile;
+          const float* vt = vt_all.data() + tile * kTile * D;
+          for (int64_t i = std::max(ib, a - first_pos); i < ie; ++i) {
+            const int64_t len = std::min(b, first_pos + i + 1) - a;  // tokens of the tile at or before the query
+            const float* q = qp + ((first + i) * Hq + tk.head * rep) * D;
+            for (int k = 0; k < rep;) {  // the token's query heads, 3 (or the rest) at a time
+              const int rows = std::min(3, rep - k);
+              float* parts[3] = {part_of(i, k), rows > 1 ? part_of(i, k + 1) : nullptr,
+                                 rows > 2 ? part_of(i, k + 2) : nullptr};
+#if defined(__AVX512F__)
+              if (len == kTile) {
+                if (rows == 3) {
+                  tile_rows_full<3>(q + k * D, kt, vt, D, fscale, parts, sc);
+                } else if (rows == 2) {
+                  tile_rows_full<2>(q + k * D, kt, vt, D, fscale, parts, sc);
+                } else {
+                  tile_rows_full<1>(q + k * D, kt, vt, D, fscale, parts, sc);
+                }
+                k += rows;
+                continue;
+              }
+#endif
+              if (rows == 3) {
+                tile_rows<3>(q + k * D, kt, vt, len, D, fscale, parts, sc);
+              } else if (rows == 2) {
+                tile_rows<2>(q + k * D, kt, vt, len, D, fscale, parts, sc);
+              } else {
+                tile_rows<1>(q + k * D, kt, vt, len, D, fscale, parts, sc);
+              }
+              k += rows;
             }
-            k += rows;
           }
         }
       }
