@@ -194,10 +194,17 @@ def save(path: Path, data: dict) -> None:
 
 
 def load(path: Path, settings: dict) -> dict:
-    """Results measured earlier with the same settings (resume), else an empty record."""
+    """Results measured earlier with the same settings (resume), else an empty record.
+
+    The number of rounds ("repeats") is not one of them: rounds are kept by index, so a rerun with more
+    rounds measures only the new ones, and one with fewer reads the first rounds."""
+    def same(a: dict, b: dict) -> bool:
+        return {k: v for k, v in a.items() if k != "repeats"} == {k: v for k, v in b.items() if k != "repeats"}
+
     if path.exists():
         data = json.loads(path.read_text())
-        if data.get("settings") == settings:
+        if same(data.get("settings", {}), settings):
+            data["settings"] = settings
             return data
     return {"settings": settings, "results": {}}
 

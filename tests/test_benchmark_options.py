@@ -104,3 +104,21 @@ def test_side_by_side_measures_a_calibrated_spec_again_after_the_artifact_change
     (again,) = side_by_side.kvcompress_rows(IDS_FILE, ["bits3"], "float32", done)
     assert side_by_side.measured == ["bits3", "bits3"] and again["kl"] != first["kl"]
     assert again["calibrated_on"] == "second"
+
+
+def test_vllm_serving_keeps_its_rounds_when_asked_for_more(tmp_path):
+    """A throughput or decode file measured with 2 rounds resumes under 3 (only round 3 is new); a file
+    measured with other settings (here another prompt length) starts over."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("vllm_serving", ROOT / "benchmarks" / "vllm_serving.py")
+    serving = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serving)
+    path = tmp_path / "throughput.json"
+    measured = {"auto#0": {"output_tokens_per_s": 26.0}, "auto#1": {"output_tokens_per_s": 26.9}}
+    path.write_text(json.dumps({"settings": {"prompt": 1920, "repeats": 2}, "results": measured}))
+
+    resumed = serving.load(path, {"prompt": 1920, "repeats": 3})
+    assert resumed["results"] == measured and resumed["settings"]["repeats"] == 3
+    assert serving.load(path, {"prompt": 128, "repeats": 2})["results"] == {}
