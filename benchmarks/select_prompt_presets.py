@@ -44,6 +44,7 @@ This script does not write into the package.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -133,7 +134,6 @@ def worst_kind_candidates() -> list[CacheSpec]:
 def references_from_kvpress(paths: dict[str, str], keep: float = 0.2) -> dict[str, dict]:
     """kind -> {"kl", "method", "keep", "ids_sha256"}: the lowest-KL kvpress record at `keep` in each kind's
     run_kvpress.py JSON lines (measured on `side_by_side.py --export-ids --part selection` ids)."""
-    import json
     from pathlib import Path
 
     out = {}
@@ -214,6 +214,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"select_prompt_presets: --kinds {args.kinds}: give distinct kinds among {', '.join(KINDS)} "
                   "(and no --compare)", file=sys.stderr)
             return 2
+    references = None
+    if args.references:  # read before any model loads: a wrong file is one line, exit 2
+        try:
+            items = [item.split("=", 1) for item in args.references.split(",")]
+            paths = {item[0]: item[1] for item in items if len(item) == 2}
+            if kinds is None or len(paths) != len(items) or sorted(paths) != sorted(kinds):
+                raise ValueError(f"give one KIND=FILE for each kind of --kinds ({args.kinds or 'not given'})")
+            references = references_from_kvpress(paths)
+        except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
+            print(f"select_prompt_presets: --references {args.references}: {err} (files from run_kvpress.py "
+                  "--keep 0.2 on side_by_side.py --export-ids --part selection ids)", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/select_prompt_presets.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--state"))
     if kinds is not None:
-        references = None
-        if args.references:
-            paths = dict(item.split("=", 1) for item in args.references.split(","))
-            references = references_from_kvpress(paths)
+        if references is not None:
             logger.info("references (kvpress's best at 5x on the selection parts): " + ", ".join(
                 f"{k} {r['method']} {r['kl']:.4f}" for k, r in references.items()))
         grid = kinds_candidates() if args.grid == "kinds" else worst_kind_candidates()
