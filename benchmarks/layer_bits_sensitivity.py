@@ -42,12 +42,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/layer_sensitivity.json")
     parser.add_argument("--layers", default="", help="layers to measure, e.g. 0-8 (default: all)")
     args = parser.parse_args(argv)
+    try:  # every option checked before the model loads: a wrong value is one line, exit 2
+        from kvcompress.corpus import KINDS
+        from kvcompress.presets import load_spec
+
+        load_spec(args.spec)
+        try:
+            deltas = [float(d) for d in args.deltas.split(",")]
+        except ValueError:
+            raise ValueError(f"--deltas {args.deltas}: give a comma list of numbers") from None
+        lo, _, hi = args.layers.partition("-")
+        try:
+            first, last = (int(lo), int(hi or lo)) if args.layers else (0, None)
+        except ValueError:
+            raise ValueError(f"--layers {args.layers}: give a layer or a range FIRST-LAST") from None
+        if args.tokens < 1 or first < 0 or (last is not None and last < first):
+            raise ValueError("--tokens must be at least 1 and --layers a range FIRST-LAST of layer indices")
+        if not set(args.kinds.split(",")) <= set(KINDS):
+            raise ValueError(f"--kinds {args.kinds}: give kinds among {', '.join(KINDS)}")
+    except Exception as err:  # noqa: BLE001 (load_spec's own errors name the spec)
+        print(f"layer_bits_sensitivity: {err} (e.g. --spec bits2 --layers 0-8 --deltas -0.5,0,0.5,1)",
+              file=sys.stderr)
+        return 2
 
     from kvcompress import load_model
     from kvcompress.cache.build import build_codec
     from kvcompress.calibration import embedded_artifact
     from kvcompress.corpus import corpus_tokens
-    from kvcompress.presets import load_spec
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(dtype=torch.float32)
@@ -96,12 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
-    deltas = [float(d) for d in args.deltas.split(",")]
     t0 = time.perf_counter()
-    chosen = range(L)
-    if args.layers:
-        lo, _, hi = args.layers.partition("-")
-        chosen = range(int(lo), int(hi or lo) + 1)
+    chosen = range(first, L if last is None else last + 1)
     for i in chosen:
         k_spec, v_spec = spec.for_layer(i)
         for name, tspec, proj, kind in (("key", k_spec, "k_proj", "key_pre"), ("value", v_spec, "v_proj", "value")):

@@ -32,6 +32,8 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     (["benchmarks/per_head_budgets.py", "--policies", "streaming"], "--policies"),
     (["benchmarks/per_head_budgets.py", "--keep", "0.2,1.5"], "--keep 0.2,1.5"),
     (["benchmarks/prefill_attention.py", "--tokens", "0"], "--tokens"),
+    (["benchmarks/layer_bits_sensitivity.py", "--layers", "abc"], "--layers abc"),
+    (["benchmarks/layer_bits_sensitivity.py", "--kinds", "novels"], "--kinds novels"),
     (["benchmarks/vllm_serving.py", "throughput", "--auto-space", "-1", "--out", "runs/unused.json"], "--auto-space -1"),
     (["benchmarks/vllm_serving.py", "throughput", "--auto-space", "4", "--pool-mib", "40", "--out", "runs/unused.json"],
      "--auto-space"),
