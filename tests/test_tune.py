@@ -194,6 +194,31 @@ def test_tune_cli_is_registered():
         build_parser().parse_args(["tune", "--max-kl", "0.01", "--max-ppl-change", "0.01", "--out", "x.json"])
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--window", "-1"], ["--window -1", "full precision", "--window 0 or more"]),
+    (["--sinks", "-2"], ["--sinks -2", "--sinks 0 or more"]),
+    (["--block-size", "0"], ["--block-size 0", "--block-size 1 or more"]),
+    (["--block-size", "20"], ["--block-size 20", "must divide block_size 20"]),
+    (["--window", "5000", "--tokens", "1024"], ["--tokens 1024", "window 5000", "--tokens 5037 or more"]),
+    (["--window", "64", "--verify-tokens", "90"], ["--verify-tokens 90", "window 64"]),
+], ids=["window-negative", "sinks-negative", "block-zero", "block-not-divisible", "window-over-tokens",
+        "window-over-verify-tokens"])
+def test_tune_window_and_block_options_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, argv,
+                                                                           words):
+    """A bad --window (or --sinks, --block-size) is one line naming it, exit 2, before any model loads."""
+    import kvcompress.cli.tune as tune_cli
+    from test_reliability import assert_one_line_error, run_main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(tune_cli, "load_model_from_args", no_model)
+    status, err = run_main(capsys, "tune", "--max-kl", "0.01", "--out", str(tmp_path / "t.json"), *argv)
+    assert status == 2, err
+    assert_one_line_error(err, "tune", *words)
+    assert not list(tmp_path.iterdir())
+
+
 def test_state_file_that_is_not_json_is_an_error(tmp_path):
     path = tmp_path / "state.json"
     path.write_text("{not json")

@@ -95,10 +95,14 @@ def run(args: argparse.Namespace) -> int:
     state_path = Path(args.state) if args.state else out.with_name(out.name + ".tune-state.json")
     check_output_file(str(state_path), "--state")
     check_output_file(args.json, "--json")
+    check_tokens(args.window, "--window", 0, " (tokens kept in full precision; e.g. 64)")
+    check_tokens(args.sinks, "--sinks", 0, " (first tokens kept in full precision; e.g. 4)")
+    check_tokens(args.block_size, "--block-size", 1, " (tokens compressed together; e.g. 32)")
     try:
         base = CacheSpec(window=args.window, sinks=args.sinks, block_size=args.block_size)
     except ValueError as err:
-        raise UserError(f"--window/--sinks/--block-size: {err}") from None
+        raise UserError(f"--window {args.window} / --sinks {args.sinks} / --block-size {args.block_size}: "
+                        f"{err}") from None
     try:
         settings = parse_candidates(args.candidates)
     except ValueError as err:
