@@ -135,7 +135,8 @@ BUDGETS = {  # (floor, bits per value, window) -> kept tokens
     (8, 3.25, 32): 740, (8, 3.25, 48): 660, (8, 3.25, 64): 612,
     (8, 4.25, 32): 580}
 # the best of stage 2 for each floor, tried with other observation windows in stage 3: (layout, window, tokens)
-OBSERVATION_FINALISTS: list[tuple[str, int, int]] = []
+# (worst kind on the selection parts 0.275x at 6x, 0.486x at 8x; runs/prompt_presets.json "candidates")
+OBSERVATION_FINALISTS = [("bits3", 48, 980), ("bits3", 48, 660)]
 
 
 def worst_kind_candidates() -> list[CacheSpec]:
