@@ -32,6 +32,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     (["benchmarks/kinds_table.py", "--kinds", "docs,docs"], "--kinds docs,docs"),
     (["benchmarks/key_space_errors.py", "--kinds", "novels"], "--kinds novels"),
     (["benchmarks/plane_key_errors.py", "--kinds", ""], "--kinds"),
+    (["benchmarks/kinds_codec_errors.py", "--kinds", "docs,novels"], "--kinds docs,novels"),
     (["benchmarks/per_head_budgets.py", "--policies", "streaming"], "--policies"),
     (["benchmarks/per_head_budgets.py", "--keep", "0.2,1.5"], "--keep 0.2,1.5"),
     (["benchmarks/prefill_attention.py", "--tokens", "0"], "--tokens"),
