@@ -50,7 +50,7 @@ import sys
 
 import torch
 
-from kvcompress.corpus import corpus_slice
+from kvcompress.corpus import corpus_slice, parse_kinds
 from kvcompress.io import write_json_atomic
 from kvcompress.models import load_model
 from kvcompress.presets import load_spec
@@ -255,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     kinds = None
     if args.kinds is not None:
-        from kvcompress.corpus import KINDS
-
-        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-        if not kinds or set(kinds) - set(KINDS) or len(set(kinds)) != len(kinds) or args.compare:
-            print(f"select_prompt_presets: --kinds {args.kinds}: give distinct kinds among {', '.join(KINDS)} "
-                  "(and no --compare)", file=sys.stderr)
+        try:
+            kinds = list(parse_kinds(args.kinds))
+        except ValueError as err:
+            print(f"select_prompt_presets: {err}", file=sys.stderr)
+            return 2
+        if args.compare:
+            print("select_prompt_presets: --kinds and --compare: give one of them", file=sys.stderr)
             return 2
     references = None
     if args.references:  # read before any model loads: a wrong file is one line, exit 2

@@ -23,6 +23,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     (["benchmarks/passkey_eviction.py", "--policies", "", "--specs", "no-such-preset"], "no-such-preset"),
     (["benchmarks/select_prompt_presets.py", "--kinds", "docs,novels"], "--kinds docs,novels"),
     (["benchmarks/select_prompt_presets.py", "--kinds", "docs,docs"], "--kinds docs,docs"),
+    (["benchmarks/select_prompt_presets.py", "--kinds", "docs", "--compare"], "--compare"),
     (["benchmarks/select_prompt_presets.py", "--kinds", "docs", "--references", "docs=no-such-file.jsonl"],
      "--references docs=no-such-file.jsonl"),
     (["benchmarks/select_prompt_presets.py", "--kinds", "docs,code", "--references", "docs=a.jsonl"],
