@@ -428,6 +428,10 @@ def test_bits_presets_fit_their_budget(n):
 
     for head_dim in (64, 128, 256):
         assert spec_bits_per_value(PRESETS.get(f"bits{n}"), 2, head_dim) == pytest.approx(n + 1 / 8 + 8 / head_dim)
+    # per-layer widths (bits2's first two layers) trade bits between layers 0 and 1 only: the same
+    # budget at any depth (the embedded model has 30 layers)
+    for layers in (3, 30):
+        assert spec_bits_per_value(PRESETS.get(f"bits{n}"), layers, 64) == pytest.approx(n + 1 / 8 + 8 / 64)
 
 
 # ---- query-weighted allocation of key bits ------------------------------------------------------
