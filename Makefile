@@ -4,6 +4,8 @@
 #               GPU users: install your own torch into .venv and set KVCOMPRESS_SKIP_TORCH=1
 #               so the CPU build of torch is not installed (see scripts/setup.sh).
 # make test   - run the whole test suite (fails if no tests are collected).
+# make test-isa - the CPU kernels' tests again on the narrower paths a laptop may take: built with
+#               -mno-avx512f (AVX2) and with -mno-avx (plain C++ loops); two extra builds.
 # make demo   - the point in a few minutes on the embedded model: int4, int2 and bits3 evaluated on
 #               1024 held-out tokens, and int4 with SnapKV eviction on a 1536-token prompt (runs/demo).
 # make analysis - the full breaking-point analysis (28 specs: sweep + report with plots in runs/analysis).
@@ -18,7 +20,7 @@ STAMP  := $(VENV)/.setup-done
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.setup-done
 
-.PHONY: setup test demo analysis vllm-setup vllm-test
+.PHONY: setup test test-isa demo analysis vllm-setup vllm-test
 
 setup: $(STAMP)
 
@@ -27,6 +29,13 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/constraints.txt
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+KERNEL_TESTS := tests/test_kernel_build.py::test_the_build_compiles_the_widest_path_its_flags_allow \
+	tests/test_cpu_kernel.py tests/test_cpu_codebook_kernel.py tests/test_cpu_paged_kernel.py tests/test_cpu_paged_write.py
+
+test-isa: setup
+	for flags in -mno-avx512f -mno-avx; do \
+		KVCOMPRESS_CPU_CFLAGS=$$flags $(VENV)/bin/python -m pytest -q $(KERNEL_TESTS) || exit 1; done
 
 demo: setup
 	mkdir -p runs/demo

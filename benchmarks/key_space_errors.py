@@ -39,7 +39,7 @@ def candidates(bits: int) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvcompress.corpus import KINDS
+    from kvcompress.corpus import KINDS, parse_kinds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma list of kinds of text")
@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of each selection part")
     parser.add_argument("--out", default="runs/key_space_errors.json", help="JSON results (resumed per kind and width)")
     args = parser.parse_args(argv)
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     try:
         widths = [int(b) for b in args.bits.split(",")]
     except ValueError:
@@ -55,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if not widths or any(b not in (2, 3, 4) for b in widths):
         print(f"key_space_errors: --bits {args.bits}: give a comma list of 2, 3 and 4", file=sys.stderr)
         return 2
-    if not kinds or any(k not in KINDS for k in kinds):
-        print(f"key_space_errors: --kinds {args.kinds}: give a comma list of {', '.join(KINDS)}", file=sys.stderr)
+    try:
+        kinds = parse_kinds(args.kinds)
+    except ValueError as err:
+        print(f"key_space_errors: {err}", file=sys.stderr)
         return 2
 
     from kvcompress import load_model

@@ -91,13 +91,18 @@ def attention_errors(capture, pairs) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvcompress.corpus import KINDS
+    from kvcompress.corpus import KINDS, parse_kinds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma list of kinds of text")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of each selection part")
     parser.add_argument("--out", default="runs/kinds_codec_errors.json", help="JSON results (resumed per kind)")
     args = parser.parse_args(argv)
+    try:
+        kinds = parse_kinds(args.kinds)
+    except ValueError as err:
+        print(f"kinds_codec_errors: {err}", file=sys.stderr)
+        return 2
 
     import kvcompress.cache.build as build
     from kvcompress import load_model
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     layer_codec = build.pca_codebook
-    for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
+    for kind in kinds:
         if kind in results:
             continue
         capture = capture_states(model, corpus_tokens(tokenizer, "selection", args.tokens, kind=kind))

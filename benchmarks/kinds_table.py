@@ -98,7 +98,7 @@ def markdown(results: dict[str, dict[str, dict]], specs: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvcompress.corpus import KINDS
+    from kvcompress.corpus import KINDS, parse_kinds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--specs", default=DEFAULT_SPECS, help="comma list of presets")
@@ -109,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/kinds_table", help="folder of the per-kind, per-spec JSON records")
     args = parser.parse_args(argv)
     specs = [s.strip() for s in args.specs.split(",") if s.strip()]
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown or not kinds:
-        parser.exit(2, f"kinds_table.py: --kinds {args.kinds}: unknown kind(s) {unknown}; use some of "
-                       f"{', '.join(KINDS)}\n")
+    try:
+        kinds = parse_kinds(args.kinds)
+    except ValueError as err:
+        parser.exit(2, f"kinds_table.py: {err}\n")
     if args.tokens < 256:
         parser.exit(2, f"kinds_table.py: --tokens {args.tokens} is too few; pass --tokens 256 or more\n")
 

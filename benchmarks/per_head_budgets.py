@@ -30,7 +30,7 @@ import torch
 
 from kvcompress.cache.eviction import PER_HEAD_POLICIES, SCORERS, choose_kept, kept_count, per_head_kept
 from kvcompress.compat import register_attention_function, sdpa_attention
-from kvcompress.corpus import KINDS, corpus_slice
+from kvcompress.corpus import corpus_slice, parse_kinds
 from kvcompress.io import parse_list, write_json_atomic
 from kvcompress.measure.evaluate import TokenScores
 from kvcompress.measure.prompt import continuation_bounds, prompt_eval
@@ -124,16 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", default="runs/per_head.json", help="JSON record")
     args = parser.parse_args(argv)
-    kinds, policies = parse_list(args.kinds), parse_list(args.policies)
+    policies = parse_list(args.policies)
     try:
         keeps = [float(k) for k in parse_list(args.keep)]
     except ValueError:
         keeps = []
-    for option, bad in (("--kinds", set(kinds) - set(KINDS)), ("--policies", set(policies) - set(PER_HEAD_POLICIES))):
-        if bad or not (kinds and policies):
-            print(f"per_head_budgets: {option}: unknown {sorted(bad)}; allowed: "
-                  f"{', '.join(KINDS if option == '--kinds' else PER_HEAD_POLICIES)}", file=sys.stderr)
-            return 2
+    try:
+        kinds = parse_kinds(args.kinds)
+    except ValueError as err:
+        print(f"per_head_budgets: {err}", file=sys.stderr)
+        return 2
+    bad = sorted(set(policies) - set(PER_HEAD_POLICIES))
+    if bad or not policies:
+        print(f"per_head_budgets: --policies {args.policies}: unknown {bad}; allowed: "
+              f"{', '.join(PER_HEAD_POLICIES)}", file=sys.stderr)
+        return 2
     if not keeps or not all(0 < k < 1 for k in keeps):
         print(f"per_head_budgets: --keep {args.keep}: give fractions in (0, 1), e.g. 0.2,0.4", file=sys.stderr)
         return 2

@@ -58,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", default="4,3", help="comma list of code widths")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of each selection part")
     args = parser.parse_args(argv)
-    from kvcompress.corpus import KINDS
+    from kvcompress.corpus import parse_kinds
 
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     try:
         widths = [int(b) for b in args.bits.split(",")]
     except ValueError:
@@ -68,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     if not widths or any(b not in (2, 3, 4) for b in widths):
         print(f"plane_key_errors: --bits {args.bits}: give a comma list of 2, 3 and 4", file=sys.stderr)
         return 2
-    if not kinds or any(k not in KINDS for k in kinds):
-        print(f"plane_key_errors: --kinds {args.kinds}: give a comma list of {', '.join(KINDS)}", file=sys.stderr)
+    try:
+        kinds = parse_kinds(args.kinds)
+    except ValueError as err:
+        print(f"plane_key_errors: {err}", file=sys.stderr)
         return 2
 
     import kvcompress.cache.build as build

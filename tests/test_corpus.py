@@ -200,3 +200,12 @@ def test_offset_gives_disjoint_stretches_of_one_part():
     assert first[0, -1].item() == 99 and later[0, 0].item() == 100
     with pytest.raises(CorpusError, match="offset must be a non-negative integer"):
         corpus.corpus_tokens(Words(), "report", n_tokens=10, offset=-1)
+
+
+def test_parse_kinds_keeps_order_and_refuses_bad_lists():
+    assert corpus.parse_kinds(" plays, docs ,,") == ("plays", "docs")
+    for text, shown in (("docs,novels", "unknown novels"), ("docs,docs", "docs twice"), (" , ", "empty")):
+        with pytest.raises(ValueError) as err:
+            corpus.parse_kinds(text, option="--text")
+        message = str(err.value)
+        assert message.startswith(f"--text {text}: {shown}") and message.endswith(", ".join(corpus.KINDS))

@@ -8,6 +8,7 @@ The tests damage a copy of the machine's build in a temporary build folder
 (`KVCOMPRESS_CACHE`); where a test needs a rebuild, the compiler is replaced by a copy of
 the intact library (a real compile takes about a minute)."""
 
+import os
 import shutil
 import warnings
 
@@ -143,3 +144,36 @@ def test_an_interrupted_build_leaves_no_finished_folder(build_copy, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cpu.load()
     assert not build_copy.exists() and no_temporaries(build_copy)
+
+
+def expected_isa(flags: tuple[str, ...], cpu_flags: set[str]) -> str:
+    """The vector path a build with `flags` on a CPU with `cpu_flags` (/proc/cpuinfo) must compile."""
+    # the last of GCC's -m/-mno- switches for a feature wins; -mno-avx takes AVX2 and AVX-512 with it
+    on = {"avx512f": "avx512f" in cpu_flags, "avx2": {"avx2", "fma", "f16c"} <= cpu_flags}
+    for flag in flags:
+        if flag in ("-mno-avx", "-mno-avx2"):
+            on = {"avx512f": False, "avx2": False}
+        elif flag == "-mno-avx512f":
+            on["avx512f"] = False
+    return "avx512" if on["avx512f"] else "avx2" if on["avx2"] else "scalar"
+
+
+def test_the_build_compiles_the_widest_path_its_flags_allow(intact_build, monkeypatch):
+    """`isa()` of the loaded build against this CPU's flags and $KVCOMPRESS_CPU_CFLAGS: `make test-isa`
+    runs the kernel tests again with -mno-avx512f and -mno-avx, and this test proves those runs
+    exercised the AVX2 and plain C++ paths, not the AVX-512 one."""
+    text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    lines = [line for line in text.splitlines() if line.startswith("flags")]
+    if not lines:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    cpu_flags = set(lines[0].split(":", 1)[1].split())
+    assert cpu.load().isa() == expected_isa(cpu.cflags(), cpu_flags)
+
+
+def test_extra_flags_come_from_the_environment_and_change_the_build_key(monkeypatch):
+    monkeypatch.delenv(cpu.CFLAGS_ENV, raising=False)
+    plain = cpu.build_key()
+    assert cpu.cflags() == cpu.CFLAGS
+    monkeypatch.setenv(cpu.CFLAGS_ENV, "-mno-avx512f  -DX='a b'")
+    assert cpu.cflags() == cpu.CFLAGS + ("-mno-avx512f", "-DX=a b")
+    assert cpu.build_key() != plain

@@ -141,6 +141,21 @@ def check_kind(kind: str | None, allow_all: bool = False) -> str:
     return kind
 
 
+def parse_kinds(text: str, option: str = "--kinds") -> tuple[str, ...]:
+    """'docs, code' -> ('docs', 'code'): a comma list of kinds of text, each once, in its order.
+
+    ValueError naming `option`, the bad entries and the valid kinds if the list is empty, names a
+    kind that does not exist or names one twice (a command-line option's one-line error)."""
+    kinds = tuple(k.strip() for k in str(text).split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    repeated = sorted({k for k in kinds if kinds.count(k) > 1})
+    if not kinds or unknown or repeated:
+        why = (f"unknown {', '.join(unknown)}" if unknown else f"{', '.join(repeated)} twice" if repeated
+               else "empty")
+        raise ValueError(f"{option} {text}: {why}; give a comma list of {', '.join(KINDS)}")
+    return kinds
+
+
 @functools.lru_cache(maxsize=None)
 def kind_text(kind: str = DEFAULT_KIND) -> KindText:
     """The whole text of `kind` with its ranges and hash (read once per process); warns once if it

@@ -9,6 +9,9 @@ other codecs, a mask not (B or 1, 1, 1, seq).
 The extension is built on first use into `ext/<key>` of the cache folder (`io.cache_root`,
 `$KVCOMPRESS_CACHE`; the key hashes sources, versions, flags and CPU), atomically and with the
 library's size and sha256 checked before each load; `python -m kvcompress.kernels.cpu` builds it.
+It is compiled for this CPU (`-march=native`: AVX-512, AVX2 or plain C++ loops, `module.isa()`
+says which); `KVCOMPRESS_CPU_CFLAGS` adds compiler flags, e.g. `-mno-avx512f` builds the AVX2 path
+on an AVX-512 machine (`make test-isa` tests the two narrower paths that way).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import logging
+import os
 import platform
+import shlex
 import shutil
 import sys
 import warnings
@@ -35,6 +40,7 @@ EXTRA_SOURCES = (Path(__file__).with_name("cpu_codebook.cpp"), Path(__file__).wi
                  Path(__file__).with_name("cpu_paged_write.cpp"))
 HEADERS = (Path(__file__).with_name("cpu_common.h"), Path(__file__).with_name("cpu_split_k.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
+CFLAGS_ENV = "KVCOMPRESS_CPU_CFLAGS"  # flags added to CFLAGS (split as a shell would)
 LDFLAGS = ("-fopenmp",)
 # Compressed tokens per task of the kernel (a multiple of both codecs' rows): small enough to
 # share the work of one KV head between threads, large enough to amortise a task's set-up.
@@ -42,6 +48,11 @@ BLOCK_TOKENS = 512
 
 log = logging.getLogger(__name__)
 _state: dict = {"tried": False, "module": None, "reason": None, "damage": None}
+
+
+def cflags() -> tuple[str, ...]:
+    """The compiler flags of the build: CFLAGS, then those of $KVCOMPRESS_CPU_CFLAGS."""
+    return CFLAGS + tuple(shlex.split(os.environ.get(CFLAGS_ENV, "")))
 
 
 def _cpu_signature() -> str:
@@ -59,7 +70,7 @@ def build_key() -> str:
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), *(path.read_bytes() for path in EXTRA_SOURCES + HEADERS),
                  torch.__version__.encode(), sys.version.encode(),
-                 platform.machine().encode(), " ".join(CFLAGS + LDFLAGS).encode(), _cpu_signature().encode()):
+                 platform.machine().encode(), " ".join(cflags() + LDFLAGS).encode(), _cpu_signature().encode()):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -108,7 +119,7 @@ def _compile(name: str, directory: Path):
 
     return cpp_extension.load(name=name, sources=[str(SOURCE), *(str(path) for path in EXTRA_SOURCES)],
                               extra_include_paths=[str(path.parent) for path in HEADERS],
-                              extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(directory),
+                              extra_cflags=list(cflags()), extra_ldflags=list(LDFLAGS), build_directory=str(directory),
                               verbose=False)
 
 
@@ -266,5 +277,6 @@ def attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scal
 if __name__ == "__main__":  # `python -m kvcompress.kernels.cpu`: build now (used by `make setup`)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     built = load()
-    print(f"kvcompress CPU decode kernel: {'built in ' + str(build_directory()) if built else unavailable_reason()}")
+    print(f"kvcompress CPU decode kernel: "
+          f"{f'built in {build_directory()} ({built.isa()})' if built else unavailable_reason()}")
     sys.exit(0)

@@ -455,9 +455,21 @@ int64_t paged_write(const at::Tensor& pages, const at::Tensor& key, const at::Te
                     const at::Tensor& value_book, const at::Tensor& value_cuts, int64_t sum_lanes,
                     int64_t extreme_lanes);
 
+// The vector path the build compiled (cpu_common.h): "avx512", "avx2" or "scalar".
+static std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(KVC_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "Decode-step attention over packed KV codes (see cpu_decode.cpp)");
   m.def("attend_codebook", &attend_codebook, "Decode-step attention over codebook codes (see cpu_codebook.cpp)");
   m.def("paged_attend", &paged_attend, "Causal attention over a paged pool of packed slots (see cpu_paged.cpp)");
   m.def("paged_write", &paged_write, "Encode keys and values into their slots of a paged pool (see cpu_paged_write.cpp)");
+  m.def("isa", &isa, "The vector path the build compiled: avx512, avx2 or scalar");
 }
