@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="folder with one side_by_side --out folder per kind (docs, code, plays)")
     args = parser.parse_args(argv)
-    files = sorted(Path(args.folder).glob("*/side_by_side.json"))
+    from kvcompress.corpus import KINDS
+
+    # one folder per kind of text; others beside them (docs_extra/, records of earlier choices) are not read
+    files = [path for kind in KINDS if (path := Path(args.folder) / kind / "side_by_side.json").is_file()]
     if not files:
         print(f"prompt_kinds_table: {args.folder}: no KIND/side_by_side.json; write them with "
               "benchmarks/side_by_side.py --out FOLDER/KIND", file=sys.stderr)

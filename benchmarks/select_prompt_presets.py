@@ -105,30 +105,78 @@ def kinds_candidates() -> list[CacheSpec]:
     return [spec for codec, window, policies, keep in grid for spec in _grid([codec], [window], [keep], policies)]
 
 
+# Codec layouts of the worst-kind grid: name -> (key bits, value bits, scale bits). cbkKvV: the bitsN codecs
+# with fp16 scales (K bits / V bits code bits per value, the presets of before); bits3 / bits4: the bits3 /
+# bits4 presets' layout (N + 1/8 code bits with a one-byte scale per vector: the same bytes per value).
+LAYOUTS = {"cbk3v3": (3, 3, 16), "cbk4v4": (4, 4, 16), "cbk4v3": (4, 3, 16),
+           "bits3": (3.125, 3.125, 8), "bits4": (4.125, 4.125, 8)}
+
+
+def worst_kind_spec(layout: str, window: int, tokens: int, observation: int) -> CacheSpec:
+    """One candidate of the worst-kind grid: `layout` (LAYOUTS) on the prompt tokens SnapKV keeps (`tokens` of
+    the CONTEXT, observing the prompt's last `observation` queries), a `window`-token fp window, 4 sinks."""
+    key_bits, value_bits, scale_bits = LAYOUTS[layout]
+    scale = {} if scale_bits == 16 else {"scale_bits": scale_bits}
+    return CacheSpec.from_dict({
+        "name": f"{layout}-w{window}-snapkv{tokens}t-obs{observation}",
+        "key": {"method": "pca+codebook", "bits": key_bits, "weight": "query", "key_space": "pre_rope", **scale},
+        "value": {"method": "rotated+codebook", "bits": value_bits, "seed": 0, **scale},
+        "window": window, "sinks": 4, "block_size": 32, "layers": {},
+        "eviction": {"policy": "snapkv", "keep": tokens / CONTEXT, "applies": "prompt",
+                     "observation": observation, "pooling": 7}})
+
+
+# The block-aligned budgets (sinks + window + whole 32-token blocks: kept prompt tokens) with the most tokens that
+# meet each floor in a bfloat16 prefill (one more block misses it), for each bits per value (3.25: cbk3v3 and
+# bits3; 4.25: cbk4v4 and bits4) and window; each one's whole cache is in the choice's data file ("candidates").
+BUDGETS = {  # (floor, bits per value, window) -> kept tokens
+    (6, 3.25, 32): 1028, (6, 3.25, 48): 980, (6, 3.25, 64): 900, (6, 3.25, 96): 804, (6, 3.25, 128): 676,
+    (6, 4.25, 32): 804,
+    (8, 3.25, 32): 740, (8, 3.25, 48): 660, (8, 3.25, 64): 612,
+    (8, 4.25, 32): 580}
+# the best of stage 2 for each floor, tried with other observation windows in stage 3: (layout, window, tokens)
+# (worst kind on the selection parts 0.275x at 6x, 0.486x at 8x; runs/prompt_presets.json "candidates")
+OBSERVATION_FINALISTS = [("bits3", 48, 980), ("bits3", 48, 660)]
+
+
 def worst_kind_candidates() -> list[CacheSpec]:
-    """The grid of the worst-kind choice (`--grid worst-kind`, module doc): the bitsN codecs (fp16 scales, as the
-    presets of before; not the bitsN presets' one-byte scales) with keys
-    and values at 3/3, 4/4 and 4 / 3 bits (one bit per value less than 4/4 on values, the less
-    sensitive half), each at a block-aligned budget sized by a bfloat16 prefill to just meet a
-    floor (sinks + window + whole 32-token blocks), SnapKV eviction observing the prompt's last 128
-    queries (with int4 on the kept tokens at keep 20%, better than 32, than 512 and than TOVA /
-    StreamingLLM on docs' and code's selection parts; docs/prompt.md), and 32 for the two presets
-    of before."""
+    """The grid of the worst-kind choice (`--grid worst-kind`, module doc), SnapKV eviction at a block-aligned
+    budget sized by a bfloat16 prefill to just meet a floor (sinks + window + whole 32-token blocks):
+
+    1. the first grid (issue 24): the bitsN codecs with fp16 scales, keys and values at 3/3, 4/4 and
+       4/3 bits, observing the prompt's last 128 queries (with int4 on the kept tokens at keep 20%, better
+       than 32, than 512 and than TOVA / StreamingLLM on docs' and code's selection parts; docs/prompt.md),
+       and 32 for the two presets of before;
+    2. the bits3 preset's layout (3.125-bit codes, one-byte scales; LAYOUTS) x windows 32, 48, 64, each at
+       the most kept tokens meeting each floor (BUDGETS: a smaller window buys more kept tokens), and the
+       bits4 preset's layout at window 32 (804 and 580 tokens, the budgets of the first grid), observing
+       128. Left out for time (each candidate costs about 9 minutes of one thread on three kinds on the
+       loaded machine): bits4 at windows 48 / 64 (fewer tokens still, where 4-bit codes on fewer tokens
+       already lost at window 32) and the fp16-scale codecs at the new windows;
+    3. the best of stage 2 for each floor (OBSERVATION_FINALISTS) observing 64 and 256 queries;
+    4. wider windows at 6x, the bits3 layout at windows 96 and 128 (804 and 676 tokens), observing 128:
+       added after the new presets' report figures showed that on docs' report part the codec's cost
+       is mostly the window (docs/prompt.md); chosen, like every other candidate, on the selection parts.
+    """
     def spec(key_bits: int, value_bits: int, window: int, tokens: int, observation: int) -> CacheSpec:
-        return CacheSpec.from_dict({
-            "name": f"cbk{key_bits}v{value_bits}-w{window}-snapkv{tokens}t-obs{observation}",
-            "key": {"method": "pca+codebook", "bits": key_bits, "weight": "query", "key_space": "pre_rope"},
-            "value": {"method": "rotated+codebook", "bits": value_bits, "seed": 0},
-            "window": window, "sinks": 4, "block_size": 32, "layers": {},
-            "eviction": {"policy": "snapkv", "keep": tokens / CONTEXT, "applies": "prompt",
-                         "observation": observation, "pooling": 7}})
+        return worst_kind_spec(f"cbk{key_bits}v{value_bits}", window, tokens, observation)
 
     budgets = [(3, 3, 64, 900), (4, 4, 32, 804), (4, 3, 32, 868),   # 6.12x, 6.08x, 6.28x
                (4, 4, 32, 580), (3, 3, 32, 708), (4, 3, 32, 644)]   # 8.10x, 8.37x, 8.15x
     # observing 128 queries for each; 32 (SnapKV's default) only for the two presets of before (900 and
     # 580 tokens): 128 beat it there on docs and code by far, and time was short (docs/prompt.md)
-    return ([spec(k, v, w, n, 128) for k, v, w, n in budgets]
-            + [spec(k, v, w, n, 32) for k, v, w, n in budgets if n in (900, 580)])
+    first = ([spec(k, v, w, n, 128) for k, v, w, n in budgets]
+             + [spec(k, v, w, n, 32) for k, v, w, n in budgets if n in (900, 580)])
+    layouts = [worst_kind_spec(layout, window, BUDGETS[(floor, bits, window)], 128)
+               for floor in (6, 8) for layout, bits, windows in (("bits3", 3.25, (32, 48, 64)), ("bits4", 4.25, (32,)))
+               for window in windows]
+    observations = [worst_kind_spec(layout, window, tokens, observation)
+                    for layout, window, tokens in OBSERVATION_FINALISTS for observation in (64, 256)]
+    windows = [worst_kind_spec("bits3", window, BUDGETS[(6, 3.25, window)], 128) for window in (96, 128)]
+    out: dict[str, CacheSpec] = {}
+    for candidate in first + layouts + observations + windows:
+        out.setdefault(candidate.name, candidate)
+    return list(out.values())
 
 
 def references_from_kvpress(paths: dict[str, str], keep: float = 0.2) -> dict[str, dict]:

@@ -225,7 +225,13 @@ def test_bad_eviction_specs_name_the_allowed_values(eviction, message):
 def test_spec_round_trip_and_describe():
     spec = CacheSpec.from_dict({**CacheSpec().to_dict(), "eviction": {"policy": "snapkv", "keep_tokens": 300}})
     assert CacheSpec.from_dict(spec.to_dict()) == spec
-    assert "evict snapkv keep 300 tokens" in spec.describe()
+    assert "evict snapkv keep 300 tokens observing 32" in spec.describe()
+    # the observation window is part of the description for the policies that read it (`kvcompress presets`)
+    wide = CacheSpec.from_dict({**CacheSpec().to_dict(),
+                                "eviction": {"policy": "expected", "keep": 0.5, "observation": 128}})
+    assert wide.describe().endswith("evict expected keep 50% observing 128")
+    recency = CacheSpec.from_dict({**CacheSpec().to_dict(), "eviction": {"policy": "streaming", "keep": 0.5}})
+    assert recency.describe().endswith("evict streaming keep 50%")
     assert "eviction" not in CacheSpec().to_dict()  # specs without eviction serialise as before
 
 

@@ -320,9 +320,11 @@ class EvictionSpec:
         return out
 
     def describe(self) -> str:
-        """'evict snapkv keep 50%' or 'evict tova keep 256 tokens'."""
+        """'evict snapkv keep 50% observing 32' or 'evict tova keep 256 tokens' (the observation window only
+        for the policies that read it, snapkv and expected)."""
         kept = f"{self.keep_tokens} tokens" if self.keep_tokens is not None else f"{100 * self.keep:g}%"
-        return f"evict {self.policy} keep {kept}"
+        observing = f" observing {self.observation}" if self.policy in ("snapkv", "expected") else ""
+        return f"evict {self.policy} keep {kept}{observing}"
 
 
 def _parse_layer_range(text: str) -> range:
