@@ -133,3 +133,29 @@ def test_vllm_serving_keeps_its_rounds_when_asked_for_more(tmp_path):
     resumed = serving.load(path, {"prompt": 1920, "repeats": 3})
     assert resumed["results"] == measured and resumed["settings"]["repeats"] == 3
     assert serving.load(path, {"prompt": 128, "repeats": 2})["results"] == {}
+
+
+def test_window_sensitivity_attention_reads_coded_states_only_past_the_window():
+    """layer_bits_sensitivity.py --window: query t reads token s coded when t - s >= window: a window
+    past the sequence is exact causal attention, window 0 attention over the coded states, and in
+    between each query mixes the two as a by-hand loop does."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("sens", ROOT / "benchmarks" / "layer_bits_sensitivity.py")
+    sens = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sens)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, ck, cv = (torch.randn(1, h, 12, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2, 2, 2))
+    causal = torch.nn.functional.scaled_dot_product_attention
+    exact = causal(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=0.3)
+    coded = causal(q, ck.repeat_interleave(2, 1), cv.repeat_interleave(2, 1), is_causal=True, scale=0.3)
+    torch.testing.assert_close(sens.windowed_attention(q, k, v, ck, cv, 12, 0.3), exact.transpose(1, 2))
+    torch.testing.assert_close(sens.windowed_attention(q, k, v, ck, cv, 0, 0.3), coded.transpose(1, 2))
+    got = sens.windowed_attention(q, k, v, ck, cv, 5, 0.3)  # (B, T, Hq, D)
+    for t in (0, 4, 5, 11):
+        keys = torch.stack([ck[0, :, s] if t - s >= 5 else k[0, :, s] for s in range(t + 1)], 1)  # (H, t+1, D)
+        vals = torch.stack([cv[0, :, s] if t - s >= 5 else v[0, :, s] for s in range(t + 1)], 1)
+        p = torch.softmax(q[0, :, t, None] @ keys.repeat_interleave(2, 0).transpose(-1, -2) * 0.3, -1)
+        torch.testing.assert_close(got[0, t], (p @ vals.repeat_interleave(2, 0))[:, 0])

@@ -389,10 +389,29 @@ def test_fractional_pca_bits_spend_their_bits_and_lower_the_error():
     assert errors[3] < errors[2.5] < errors[2]
 
 
-@pytest.mark.parametrize("bits", [0.5, 3.3, 6.5, True, "4"])
+@pytest.mark.parametrize("bits", [0, 0.1, 3.3, 6.5, True, "4"])
 def test_pca_bits_outside_the_allowed_values_are_refused(bits):
-    with pytest.raises(ValueError, match="multiple of 1/8 in 1..6"):
+    with pytest.raises(ValueError, match="multiple of 1/8 in 0.125..6"):
         TensorSpec(method="pca+codebook", bits=bits)
+
+
+def test_pca_codebook_below_one_bit_codes_only_its_leading_directions():
+    """pca+codebook at 0.5 bit per value: 32 code bits per vector on the leading directions, the
+    others decode to the (centred) mean; rotated+codebook stays at 1 bit or more."""
+    from kvcompress.cache.build import pca_codebook
+
+    assert TensorSpec(method="pca+codebook", bits=0.5).bits == 0.5
+    with pytest.raises(ValueError, match=r"rotated\+codebook bits must be a multiple of 1/8 in 1..6"):
+        TensorSpec(method="rotated+codebook", bits=0.5)
+    gen = torch.Generator().manual_seed(3)
+    variances = torch.logspace(0.5, -1.5, 64)
+    y = torch.randn(1, 2, 64, 64, generator=gen) * variances.sqrt()
+    basis, spectrum, mean = torch.eye(64).repeat(2, 1, 1), variances.repeat(2, 1), torch.zeros(2, 64)
+    codec = pca_codebook(0.5, basis, spectrum, mean)
+    stored = codec.encode(y)
+    assert sum(t[0, 0].numel() for n, t in stored.items() if n.startswith("codes")) * 8 == 0.5 * 64 * 64
+    error = (codec.decode(stored, torch.float32) - y).square().mean().item()
+    assert error < y.square().mean().item() * 0.8, "half a bit per value should still code the leading directions"
 
 
 def test_pca_codebook_without_an_artifact_says_how_to_make_one():
@@ -409,6 +428,10 @@ def test_bits_presets_fit_their_budget(n):
 
     for head_dim in (64, 128, 256):
         assert spec_bits_per_value(PRESETS.get(f"bits{n}"), 2, head_dim) == pytest.approx(n + 1 / 8 + 8 / head_dim)
+    # per-layer widths (bits2's first two layers) trade bits between layers 0 and 1 only: the same
+    # budget at any depth (the embedded model has 30 layers)
+    for layers in (3, 30):
+        assert spec_bits_per_value(PRESETS.get(f"bits{n}"), layers, 64) == pytest.approx(n + 1 / 8 + 8 / 64)
 
 
 # ---- query-weighted allocation of key bits ------------------------------------------------------

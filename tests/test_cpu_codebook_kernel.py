@@ -358,6 +358,10 @@ def test_decode_step_of_a_model_never_decodes_or_reconstructs(bits, monkeypatch,
         monkeypatch.setattr(target, name, refuse)
     got = model(torch.tensor([[7]]), cache=cache).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    if bits == "bits2":  # layer 0's keys below 1 bit, layer 1's values wider: 2.25 bits per value from stored bytes
+        from kvcompress.cache.bits import report_bits_per_value
+
+        assert report_bits_per_value(cache.memory_report()) == pytest.approx(2.25)
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ METHODS = ("none", "quant", "lowrank", "lowrank+quant", "hadamard+quant", "rotat
 _CODEBOOK_METHODS = ("rotated+codebook", "pca+codebook")
 CODEBOOK_BITS = (1, 2, 3, 4)
 PCA_MAX_BITS = 6  # codebook methods: any multiple of 1/8 in 1..6 bits per value on average
+PCA_MIN_BITS = 0.125  # "pca+codebook" may go below 1 bit per value (its least important directions store nothing)
 KEY_SPACES = ("post_rope", "pre_rope")
 _QUANT_METHODS = ("quant", "lowrank+quant", "hadamard+quant")
 _LOWRANK_METHODS = ("lowrank", "lowrank+quant")
@@ -64,7 +65,8 @@ class TensorSpec:
         bits: code width for quantization, one of ALLOWED_BITS; for the codebook methods the
             average code bits per value, a multiple of 1/8 in 1..6 (e.g. 3.5: 3.5 x head_dim code
             bits per vector; "rotated+codebook" then gives its rotated coordinates 3 or 4 bits,
-            "pca+codebook" allocates them by variance).
+            "pca+codebook" allocates them by variance, and may go down to 1/8: 0.5 codes only
+            the directions that 0.5 x head_dim bits reach, the others decode to the mean).
         axis: "channel" or "token": which values share quantization statistics.
         group_size: values per scale (tokens for axis="channel", channels for axis="token";
             for lowrank+quant the "channels" are the `rank` coefficients).
@@ -114,10 +116,11 @@ class TensorSpec:
                 and 1 <= self.bits <= PCA_MAX_BITS):
             object.__setattr__(self, "bits", int(self.bits))  # 3.0 is 3: whole widths keep their codec
         if self.method in _CODEBOOK_METHODS and (isinstance(self.bits, bool) or self.bits not in CODEBOOK_BITS):
+            low = PCA_MIN_BITS if self.method == "pca+codebook" else 1
             if (isinstance(self.bits, bool) or not isinstance(self.bits, (int, float))
-                    or not 1 <= self.bits <= PCA_MAX_BITS or (self.bits * 8) != int(self.bits * 8)):
-                raise ValueError(f"{self.method} bits must be a multiple of 1/8 in 1..{PCA_MAX_BITS} (e.g. 4 or "
-                                 f"3.5), got {self.bits!r}")
+                    or not low <= self.bits <= PCA_MAX_BITS or (self.bits * 8) != int(self.bits * 8)):
+                raise ValueError(f"{self.method} bits must be a multiple of 1/8 in {low:g}..{PCA_MAX_BITS} (e.g. 4 "
+                                 f"or 3.5), got {self.bits!r}")
             if self.bits == int(self.bits):
                 object.__setattr__(self, "bits", int(self.bits))
         if self.method in _CODEBOOK_METHODS:

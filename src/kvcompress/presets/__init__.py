@@ -120,12 +120,13 @@ def _bits(name: str, key_bits: float, value_bits: float,
 # model), chosen by benchmarks/select_kinds_codecs.py on the selection parts (see docs/texts.md):
 # bits4 and bits3 give the byte each vector saves on its scale to its own codes (K and V N + 1/8),
 # bits2 gives both bytes to the values (K 2, V 2.25), where 2-bit values lose most, and in its first
-# two layers moves code bits from keys to values (each layer keeps K + V = 4.25 bits per value, so the
-# preset costs the same on a model of any depth): the first layers' values move the KL most and their
-# keys least (benchmarks/layer_bits_sensitivity.py, docs/texts.md).
+# two layers moves code bits from keys to values and from layer 0's keys to layer 1's values (layers 0
+# and 1 keep K + V = 8.5 bits per value pair between them, every other layer 4.25, so the preset costs
+# 2.25 bits per value on a model of any depth): the first layers' values move the KL most and layer 0's
+# keys least (benchmarks/layer_bits_sensitivity.py, benchmarks/select_kinds_codecs.py, docs/texts.md).
 # They need a calibration artifact (built automatically for the embedded model, on every kind of text).
 _BITS_WIDTHS = {4: (4.125, 4.125), 3: (3.125, 3.125), 2: (2, 2.25)}
-_BITS_LAYERS = {2: {"0": (1, 3.25), "1": (1.5, 2.75)}}
+_BITS_LAYERS = {2: {"0": (0.5, 3.25), "1": (1.5, 3.25)}}
 for _n, (_kb, _vb) in _BITS_WIDTHS.items():
     _layers = _BITS_LAYERS.get(_n, {})
     _first = "".join(f"; layer {r}: K {kb:g}, V {vb:g} bits" for r, (kb, vb) in _layers.items())
