@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                         "0: every token after the first 8 coded (the measure of before)")
     args = parser.parse_args(argv)
     try:  # every option checked before the model loads: a wrong value is one line, exit 2
-        from kvcompress.corpus import KINDS
+        from kvcompress.corpus import parse_kinds
         from kvcompress.presets import load_spec
 
         load_spec(args.spec)
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokens < 1 or first < 0 or (last is not None and last < first) or args.window < 0:
             raise ValueError("--tokens must be at least 1, --window at least 0 and --layers a range FIRST-LAST "
                              "of layer indices")
-        if not set(args.kinds.split(",")) <= set(KINDS):
-            raise ValueError(f"--kinds {args.kinds}: give kinds among {', '.join(KINDS)}")
+        kinds = parse_kinds(args.kinds)
         out_path = Path(args.out)
         results = json.loads(out_path.read_text()) if out_path.exists() else {}
         if results and results.get("window", 0) != args.window:  # one file, one measure: no mixed windows
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
     D = cfg.hidden_size // cfg.num_attention_heads
     ids = torch.cat([corpus_tokens(tokenizer, "selection", args.tokens, kind=k).reshape(1, -1)
-                     for k in args.kinds.split(",")])  # (kinds, T)
+                     for k in kinds])  # (kinds, T)
     layers = model.model.layers
     inputs: dict[int, tuple] = {}
 
