@@ -177,3 +177,6 @@ def test_extra_flags_come_from_the_environment_and_change_the_build_key(monkeypa
     monkeypatch.setenv(cpu.CFLAGS_ENV, "-mno-avx512f  -DX='a b'")
     assert cpu.cflags() == cpu.CFLAGS + ("-mno-avx512f", "-DX=a b")
     assert cpu.build_key() != plain
+    monkeypatch.setenv(cpu.CFLAGS_ENV, "-DX='unclosed")
+    with pytest.raises(ValueError, match="KVCOMPRESS_CPU_CFLAGS=.*fix or unset it"):
+        cpu.cflags()

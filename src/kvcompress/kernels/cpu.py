@@ -51,8 +51,14 @@ _state: dict = {"tried": False, "module": None, "reason": None, "damage": None}
 
 
 def cflags() -> tuple[str, ...]:
-    """The compiler flags of the build: CFLAGS, then those of $KVCOMPRESS_CPU_CFLAGS."""
-    return CFLAGS + tuple(shlex.split(os.environ.get(CFLAGS_ENV, "")))
+    """The compiler flags of the build: CFLAGS, then those of $KVCOMPRESS_CPU_CFLAGS (a ValueError
+    naming the variable if it does not split as a shell would, e.g. an unclosed quote)."""
+    text = os.environ.get(CFLAGS_ENV, "")
+    try:
+        return CFLAGS + tuple(shlex.split(text))
+    except ValueError as err:
+        raise ValueError(f"{CFLAGS_ENV}={text!r} is not a list of compiler flags ({err}); "
+                         f"fix or unset it") from None
 
 
 def _cpu_signature() -> str:
