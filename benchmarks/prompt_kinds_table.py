@@ -7,6 +7,14 @@ on the same ids, their ratio and whether it meets the target (prompt-6x <= 0.5x,
 
     python benchmarks/prompt_kinds_table.py docs/prompt_kinds
 
+With `--segments`, the folder holds `KIND/OFFSET/side_by_side.json`, one run per disjoint segment of a
+kind's report part (`side_by_side.py --export-ids ... --offset OFFSET`), and the table is per kind:
+each segment's KLs and ratios to kvpress's best press on that segment, then the means over the
+segments and the ratio of means, against the best press chosen per segment (the mean of the
+per-segment minima) and against the one press with the lowest mean KL.
+
+    python benchmarks/prompt_kinds_table.py --segments docs/prompt_kinds/segments
+
 This script measures nothing; a kvcompress row is matched to a target by its spec's file or preset
 name (`prompt-6x`, `runs/x/prompt-6x-kinds.json` -> prompt-6x).
 """
@@ -30,13 +38,18 @@ def target_of(spec: str) -> tuple[str, float] | None:
     return None
 
 
-def rows_of(data: dict) -> list[dict]:
-    """Markdown-ready figures of one side_by_side.json: one entry per kvcompress row with a target."""
+def kvpress_at_5x(data: dict) -> list[dict]:
+    """kvpress's rows at 5x context compression of one side_by_side.json; ValueError if there are none."""
     kvpress = [r for r in data["rows"]
                if r["library"] == "kvpress" and abs(r["context_compression"] - KVPRESS_5X) < 0.05]
     if not kvpress:
         raise ValueError("no kvpress row at 5x context compression (run_kvpress.py --keep 0.2)")
-    best = min(kvpress, key=lambda r: r["kl"])
+    return kvpress
+
+
+def rows_of(data: dict) -> list[dict]:
+    """Markdown-ready figures of one side_by_side.json: one entry per kvcompress row with a target."""
+    best = min(kvpress_at_5x(data), key=lambda r: r["kl"])
     out = []
     for r in data["rows"]:
         target = target_of(r.get("spec", "")) if r["library"] == "kvcompress" else None
@@ -50,10 +63,126 @@ def rows_of(data: dict) -> list[dict]:
     return out
 
 
+def segment_kls(data: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """KL per kvcompress spec with a target, and KL per kvpress press at 5x, of one segment's run."""
+    ours = {r["spec"]: r["kl"] for r in data["rows"]
+            if r["library"] == "kvcompress" and target_of(r.get("spec", "")) is not None}
+    return ours, {r["method"]: r["kl"] for r in kvpress_at_5x(data)}
+
+
+def check_disjoint(texts: dict[int, dict]) -> None:
+    """ValueError unless the segments (offset -> the runs' `text` records) are the same part of the same
+    text and their token ranges do not overlap."""
+    sources = {(t.get("kind"), t.get("source"), t.get("part")) for t in texts.values()}
+    if len(sources) > 1:
+        raise ValueError(f"segments of different texts or parts: {sorted(map(str, sources))}")
+    spans = sorted(tuple(t["tokens"]) for t in texts.values())
+    for (start, stop), (next_start, _) in zip(spans, spans[1:]):
+        if next_start < stop:
+            raise ValueError(f"segments overlap: tokens {start}-{stop} and {next_start}-")
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def segments_summary(runs: dict[int, dict]) -> dict:
+    """One kind's figures over its segments (offset -> side_by_side.json): per segment, each spec's KL,
+    the best press and its KL, and each spec's ratio to it; over the segments, each spec's mean KL,
+    the mean of the per-segment best KLs, the press with the lowest mean KL and that mean, and each
+    spec's ratio of means to both. ValueError if a spec or press is missing from a segment."""
+    check_disjoint({offset: data["text"] for offset, data in runs.items()})
+    figures = {offset: segment_kls(data) for offset, data in sorted(runs.items())}
+    specs = sorted(set.union(*(set(ours) for ours, _ in figures.values())))
+    presses = sorted(set.union(*(set(theirs) for _, theirs in figures.values())))
+    for offset, (ours, theirs) in figures.items():
+        missing = [name for name in specs if name not in ours] + [name for name in presses if name not in theirs]
+        if missing:
+            raise ValueError(f"segment at offset {offset} lacks {', '.join(missing)}")
+    segments = []
+    for offset, (ours, theirs) in figures.items():
+        best = min(theirs, key=theirs.get)
+        segments.append({"offset": offset, "kl": ours, "best": best, "best_kl": theirs[best],
+                         "ratio": {spec: kl / theirs[best] for spec, kl in ours.items()}})
+    mean_kl = {spec: mean(s["kl"][spec] for s in segments) for spec in specs}
+    press_mean = {press: mean(theirs[press] for _, theirs in figures.values()) for press in presses}
+    best_press = min(press_mean, key=press_mean.get)
+    best_mean = mean(s["best_kl"] for s in segments)
+    return {"segments": segments, "mean_kl": mean_kl, "best_mean": best_mean, "best_press": best_press,
+            "best_press_mean": press_mean[best_press],
+            "ratio_of_means": {spec: mean_kl[spec] / best_mean for spec in specs},
+            "ratio_of_means_press": {spec: mean_kl[spec] / press_mean[best_press] for spec in specs}}
+
+
+def read_segments(folder: Path) -> dict[str, dict[int, dict]]:
+    """kind -> offset -> side_by_side.json, from FOLDER/KIND/OFFSET/side_by_side.json."""
+    from kvcompress.corpus import KINDS
+
+    out = {}
+    for kind in KINDS:
+        runs = {int(path.parent.name): json.loads(path.read_text())
+                for path in (folder / kind).glob("*/side_by_side.json") if path.parent.name.isdigit()}
+        if runs:
+            out[kind] = runs
+    return out
+
+
+def verdict(spec: str, ratio: float) -> str:
+    """'0.412x, yes': a ratio to kvpress and whether it meets the spec's target."""
+    return f"{ratio:.3f}x, {'yes' if ratio <= target_of(spec)[1] else 'no'}"
+
+
+def press_name(method: str) -> str:
+    """'kvpress SnapKV, keep 20%' -> 'SnapKV'."""
+    return method.removeprefix("kvpress ").split(",")[0]
+
+
+def segments_markdown(kind: str, summary: dict) -> str:
+    """One kind's table: a row per segment, then the means against the per-segment best and the best press."""
+    specs = list(summary["mean_kl"])
+    n = len(summary["segments"])
+    lines = ["| kind | segment (offset) | " + " | ".join(f"`{s}` KL" for s in specs) + " | kvpress best at 5x (KL) | "
+             + " | ".join(f"`{s}` / best (<= {target_of(s)[1]:g}x?)" for s in specs) + " |",
+             "|---" * (3 + 2 * len(specs)) + "|"]
+    for s in summary["segments"]:
+        lines.append(f"| {kind} | {s['offset']} | " + " | ".join(f"{s['kl'][spec]:.4f}" for spec in specs)
+                     + f" | {press_name(s['best'])} {s['best_kl']:.4f} | "
+                     + " | ".join(verdict(spec, s["ratio"][spec]) for spec in specs) + " |")
+    lines.append(f"| {kind} | mean of {n} | " + " | ".join(f"{summary['mean_kl'][spec]:.4f}" for spec in specs)
+                 + f" | per-segment best {summary['best_mean']:.4f} | "
+                 + " | ".join(f"**{verdict(spec, summary['ratio_of_means'][spec])}**" for spec in specs) + " |")
+    lines.append(f"| {kind} | mean of {n} | " + " | ".join("" for _ in specs)
+                 + f" | {press_name(summary['best_press'])} (best mean) {summary['best_press_mean']:.4f} | "
+                 + " | ".join(verdict(spec, summary["ratio_of_means_press"][spec]) for spec in specs) + " |")
+    return "\n".join(lines)
+
+
+def print_segments(folder: str) -> int:
+    kinds = read_segments(Path(folder))
+    if not kinds:
+        print(f"prompt_kinds_table: {folder}: no KIND/OFFSET/side_by_side.json; write them with "
+              "benchmarks/side_by_side.py --out FOLDER/KIND/OFFSET", file=sys.stderr)
+        return 2
+    for kind, runs in kinds.items():
+        try:
+            summary = segments_summary(runs)
+        except (ValueError, KeyError) as err:
+            print(f"prompt_kinds_table: {folder}/{kind}: {err}", file=sys.stderr)
+            return 2
+        print(segments_markdown(kind, summary) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="folder with one side_by_side --out folder per kind (docs, code, plays)")
+    parser.add_argument("--segments", action="store_true",
+                        help="the folder holds KIND/OFFSET/ runs, one per disjoint segment: per-kind table with "
+                             "per-segment ratios and the ratio of means")
     args = parser.parse_args(argv)
+    if args.segments:
+        return print_segments(args.folder)
     from kvcompress.corpus import KINDS
 
     # one folder per kind of text; others beside them (docs_extra/, records of earlier choices) are not read

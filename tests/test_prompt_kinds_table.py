@@ -1,0 +1,86 @@
+"""benchmarks/prompt_kinds_table.py --segments: per-segment ratios and the ratio of means, on small
+synthetic side_by_side.json records whose figures are worked out by hand below."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def table():
+    spec = importlib.util.spec_from_file_location("prompt_kinds_table", ROOT / "benchmarks" / "prompt_kinds_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(offset: int, ours: dict[str, float], presses: dict[str, float], kind: str = "docs") -> dict:
+    """A side_by_side.json of one 2049-token segment: kvcompress rows, kvpress rows at 5x and one at 2x."""
+    rows = [{"library": "kvcompress", "spec": spec, "method": f"kvcompress {spec}", "kl": kl}
+            for spec, kl in ours.items()]
+    rows += [{"library": "kvpress", "method": f"kvpress {press}, keep 20%", "context_compression": 5.0033, "kl": kl}
+             for press, kl in presses.items()]
+    # another compression: never the reference, however low its KL
+    rows.append({"library": "kvpress", "method": "kvpress SnapKV, keep 50%", "context_compression": 2.0, "kl": 0.0001})
+    text = {"kind": kind, "source": f"embedded:{kind}", "part": "report", "tokens": [offset, offset + 2049]}
+    return {"text": text, "rows": rows}
+
+
+# segment 0: best press SnapKV 0.010; segment 2049: best press StreamingLLM 0.030.
+# per-segment ratios: 6x 0.004/0.010 = 0.4 and 0.012/0.030 = 0.4; 8x 0.009/0.010 = 0.9 and 0.018/0.030 = 0.6.
+# means: 6x 0.008, 8x 0.0135, per-segment best (0.010 + 0.030) / 2 = 0.020 -> ratios of means 0.4 and 0.675.
+# press means: SnapKV (0.010 + 0.040) / 2 = 0.025, StreamingLLM (0.024 + 0.030) / 2 = 0.027 -> SnapKV;
+# ratios of means to it: 0.008 / 0.025 = 0.32, 0.0135 / 0.025 = 0.54.
+RUNS = {0: run(0, {"prompt-6x": 0.004, "prompt-8x": 0.009}, {"SnapKV": 0.010, "StreamingLLM": 0.024}),
+        2049: run(2049, {"prompt-6x": 0.012, "prompt-8x": 0.018}, {"SnapKV": 0.040, "StreamingLLM": 0.030})}
+
+
+def test_segments_summary_per_segment_and_ratio_of_means(table):
+    got = table.segments_summary(RUNS)
+    first, second = got["segments"]
+    assert (first["offset"], first["best"], first["best_kl"]) == (0, "kvpress SnapKV, keep 20%", 0.010)
+    assert (second["offset"], second["best"], second["best_kl"]) == (2049, "kvpress StreamingLLM, keep 20%", 0.030)
+    assert first["ratio"] == pytest.approx({"prompt-6x": 0.4, "prompt-8x": 0.9})
+    assert second["ratio"] == pytest.approx({"prompt-6x": 0.4, "prompt-8x": 0.6})
+    assert got["mean_kl"] == pytest.approx({"prompt-6x": 0.008, "prompt-8x": 0.0135})
+    assert got["best_mean"] == pytest.approx(0.020)
+    assert got["ratio_of_means"] == pytest.approx({"prompt-6x": 0.4, "prompt-8x": 0.675})
+    assert got["best_press"] == "kvpress SnapKV, keep 20%"
+    assert got["best_press_mean"] == pytest.approx(0.025)
+    assert got["ratio_of_means_press"] == pytest.approx({"prompt-6x": 0.32, "prompt-8x": 0.54})
+
+
+def test_overlapping_or_mixed_segments_are_refused(table):
+    overlapping = {0: RUNS[0], 1000: run(1000, {"prompt-6x": 0.01}, {"SnapKV": 0.02})}
+    with pytest.raises(ValueError, match="overlap"):
+        table.segments_summary(overlapping)
+    mixed = {0: RUNS[0], 2049: run(2049, {"prompt-6x": 0.012, "prompt-8x": 0.018}, {"SnapKV": 0.04}, kind="code")}
+    with pytest.raises(ValueError, match="different texts"):
+        table.segments_summary(mixed)
+
+
+def test_a_segment_without_a_press_or_spec_is_refused(table):
+    lacking = {0: RUNS[0], 2049: run(2049, {"prompt-6x": 0.012, "prompt-8x": 0.018}, {"SnapKV": 0.040})}
+    with pytest.raises(ValueError, match="offset 2049 lacks kvpress StreamingLLM"):
+        table.segments_summary(lacking)
+
+
+def test_segments_table_from_folders(table, tmp_path, capsys):
+    for offset, data in RUNS.items():
+        folder = tmp_path / "docs" / str(offset)
+        folder.mkdir(parents=True)
+        (folder / "side_by_side.json").write_text(json.dumps(data))
+    (tmp_path / "docs" / "notes").mkdir()  # not an offset: not read
+    assert table.main(["--segments", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| docs | 0 | 0.0040 | 0.0090 | SnapKV 0.0100 | 0.400x, yes | 0.900x, no |" in out
+    assert "| docs | 2049 | 0.0120 | 0.0180 | StreamingLLM 0.0300 | 0.400x, yes | 0.600x, yes |" in out
+    assert "per-segment best 0.0200 | **0.400x, yes** | **0.675x, yes** |" in out
+    assert "SnapKV (best mean) 0.0250 | 0.320x, yes | 0.540x, yes |" in out
+    assert table.main(["--segments", str(tmp_path / "docs")]) == 2  # no KIND/OFFSET/ below it
