@@ -13,7 +13,7 @@ each segment's KLs and ratios to kvpress's best press on that segment, then the 
 segments and the ratio of means, against the best press chosen per segment (the mean of the
 per-segment minima) and against the one press with the lowest mean KL.
 
-    python benchmarks/prompt_kinds_table.py --segments docs/prompt_kinds/segments
+    python benchmarks/prompt_kinds_table.py --segments docs/prompt_kinds/segments [--offsets 0,2049]
 
 This script measures nothing; a kvcompress row is matched to a target by its spec's file or preset
 name (`prompt-6x`, `runs/x/prompt-6x-kinds.json` -> prompt-6x).
@@ -115,14 +115,15 @@ def segments_summary(runs: dict[int, dict]) -> dict:
             "ratio_of_means_press": {spec: mean_kl[spec] / press_mean[best_press] for spec in specs}}
 
 
-def read_segments(folder: Path) -> dict[str, dict[int, dict]]:
-    """kind -> offset -> side_by_side.json, from FOLDER/KIND/OFFSET/side_by_side.json."""
+def read_segments(folder: Path, offsets: set[int] | None = None) -> dict[str, dict[int, dict]]:
+    """kind -> offset -> side_by_side.json, from FOLDER/KIND/OFFSET/side_by_side.json (only `offsets` if given)."""
     from kvcompress.corpus import KINDS
 
     out = {}
     for kind in KINDS:
         runs = {int(path.parent.name): json.loads(path.read_text())
-                for path in (folder / kind).glob("*/side_by_side.json") if path.parent.name.isdigit()}
+                for path in (folder / kind).glob("*/side_by_side.json") if path.parent.name.isdigit()
+                and (offsets is None or int(path.parent.name) in offsets)}
         if runs:
             out[kind] = runs
     return out
@@ -158,8 +159,8 @@ def segments_markdown(kind: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def print_segments(folder: str) -> int:
-    kinds = read_segments(Path(folder))
+def print_segments(folder: str, offsets: set[int] | None) -> int:
+    kinds = read_segments(Path(folder), offsets)
     if not kinds:
         print(f"prompt_kinds_table: {folder}: no KIND/OFFSET/side_by_side.json; write them with "
               "benchmarks/side_by_side.py --out FOLDER/KIND/OFFSET", file=sys.stderr)
@@ -180,9 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segments", action="store_true",
                         help="the folder holds KIND/OFFSET/ runs, one per disjoint segment: per-kind table with "
                              "per-segment ratios and the ratio of means")
+    parser.add_argument("--offsets", default=None,
+                        help="with --segments: comma list of the offsets read (default: every OFFSET folder)")
     args = parser.parse_args(argv)
+    if args.offsets is not None and not args.segments:
+        parser.error("--offsets reads segment folders: pass --segments too")
     if args.segments:
-        return print_segments(args.folder)
+        try:
+            offsets = None if args.offsets is None else {int(o) for o in args.offsets.split(",")}
+        except ValueError:
+            parser.error(f"--offsets {args.offsets}: a comma list of token offsets, e.g. 0,2049")
+        return print_segments(args.folder, offsets)
     from kvcompress.corpus import KINDS
 
     # one folder per kind of text; others beside them (docs_extra/, records of earlier choices) are not read

@@ -84,3 +84,6 @@ def test_segments_table_from_folders(table, tmp_path, capsys):
     assert "per-segment best 0.0200 | **0.400x, yes** | **0.675x, yes** |" in out
     assert "SnapKV (best mean) 0.0250 | 0.320x, yes | 0.540x, yes |" in out
     assert table.main(["--segments", str(tmp_path / "docs")]) == 2  # no KIND/OFFSET/ below it
+    assert table.main(["--segments", str(tmp_path), "--offsets", "2049"]) == 0
+    out = capsys.readouterr().out
+    assert "| docs | 0 |" not in out and "per-segment best 0.0300 | **0.400x, yes** | **0.600x, yes** |" in out
