@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(dtype=torch.float32)
     artifact = embedded_artifact(model)
     base = load_spec(args.spec).to_dict()
-    spec = load_spec({**base, "layers": {}})
+    spec = load_spec({**base, "layers": {}, "layers_at_depth": {}})
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
     D = cfg.hidden_size // cfg.num_attention_heads

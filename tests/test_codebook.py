@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvcompress import CompressedCache, enable_fast_attention
+from kvcompress import CompressedCache, enable_fast_attention, load_spec
 from kvcompress.kernels.reference import attend_compressed
 from kvcompress.codecs import ComposedCodec
 from kvcompress.codecs.centering import Centered
@@ -428,10 +428,40 @@ def test_bits_presets_fit_their_budget(n):
 
     for head_dim in (64, 128, 256):
         assert spec_bits_per_value(PRESETS.get(f"bits{n}"), 2, head_dim) == pytest.approx(n + 1 / 8 + 8 / head_dim)
-    # per-layer widths (bits2's first two layers) trade bits between layers 0 and 1 only: the same
-    # budget at any depth (the embedded model has 30 layers)
-    for layers in (3, 30):
+    # per-layer widths (bits2's first two layers) trade bits between layers 0 and 1 only, and its
+    # table for 30-layer models (the embedded model's depth) between its own layers: the same budget at
+    # any depth, with the depth table used at 30 layers only
+    for layers in (3, 12, 29, 30, 31):
         assert spec_bits_per_value(PRESETS.get(f"bits{n}"), layers, 64) == pytest.approx(n + 1 / 8 + 8 / 64)
+    if n == 2:
+        spec = PRESETS.get("bits2")
+        assert spec.at_depth(30).for_layer(3)[0].bits == 3 and spec.at_depth(30).for_layer(11)[1].bits == 1.75
+        assert spec.at_depth(29).for_layer(3)[0].bits == 2 and spec.at_depth(31).for_layer(11)[1].bits == 2.25
+
+
+@torch.no_grad()
+def test_bits2_on_a_30_layer_model_stores_its_depth_table_at_2_25_bits():
+    """bits2 on a 30-layer Llama: the cache's stored bytes give layer 3's keys 3 bits and layer 11's
+    values 1.75 (plus the one-byte scale per vector, 1/8 bit at head_dim 64), and 2.25 bits per
+    value over every layer, scales included."""
+    from kvcompress.cache.bits import report_bits_per_value
+    from kvcompress.calibration import calibrate
+
+    model = tiny_llama(seed=2, head_dim=64, num_hidden_layers=30)
+    artifact = calibrate(model, prompt(128, seed=9), seq_len=128, progress=False)
+    cache = CompressedCache(model, {**load_spec("bits2").to_dict(), "window": 16}, artifact=artifact)
+    model(prompt(150), cache=cache)
+    report = cache.memory_report()
+
+    def bits(layer: int, prefix: str) -> float:
+        m = report.layers[layer]
+        values = m.fp16_bytes // 2 * m.compressed_tokens // m.fp16_tokens // 2  # K's (or V's) compressed values
+        return 8 * sum(v for k, v in m.parts.items() if k.startswith(prefix)) / values
+
+    assert bits(3, "key_") == pytest.approx(3 + 1 / 8) and bits(3, "value_") == pytest.approx(2.25 + 1 / 8)
+    assert bits(11, "key_") == pytest.approx(1.5 + 1 / 8) and bits(11, "value_") == pytest.approx(1.75 + 1 / 8)
+    assert bits(12, "key_") == pytest.approx(2 + 1 / 8)
+    assert report_bits_per_value(report) == pytest.approx(2.25)
 
 
 # ---- query-weighted allocation of key bits ------------------------------------------------------

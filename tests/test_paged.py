@@ -113,6 +113,12 @@ def test_per_layer_specs_give_every_layer_the_widest_slot():
     layout = PagedLayout.for_spec(spec, 3, D, torch.bfloat16)
     assert layout.slot_bytes == 144 and layout.narrowest_bytes == 80
     assert [s.key.bits for s in layout.layers] == [8, 4, 4]
+    # a layer table for one depth: used at that depth; the slot is sized before the depth is known
+    deep = paged_spec(PARTS["int4"][0], PARTS["int4"][0],
+                      layers_at_depth={"3": {"1": {"key": {"bits": 8}, "value": {"bits": 8}}}})
+    assert [s.key.bits for s in PagedLayout.for_spec(deep, 3, D, torch.bfloat16).layers] == [4, 8, 4]
+    shallow = PagedLayout.for_spec(deep, 2, D, torch.bfloat16)
+    assert [s.key.bits for s in shallow.layers] == [4, 4] and shallow.slot_bytes == 144
     none = PagedLayout.for_spec(paged_spec(TensorSpec(method="none"), TensorSpec(method="none")), 1, D, torch.float32)
     assert none.slot_bytes == 2 * D * 4  # full precision in the model's dtype
 

@@ -35,6 +35,13 @@ def test_int4_preset_is_kivi_style():
     ({"layers": {"x": {"key": {"bits": 8}}}}, "layer override keys"),
     ({"layers": {"0": {"query": {}}}}, "must be a mapping with 'key' and/or 'value'"),
     ({"layers": {"0": {"key": {"bits": 7}}}}, r"bits must be one of"),
+    ({"layers_at_depth": {"x": {}}}, "layers_at_depth keys are model depths"),
+    ({"layers_at_depth": {"0": {}}}, "layers_at_depth keys are model depths"),
+    ({"layers_at_depth": [1]}, "layers_at_depth must map a model depth"),
+    ({"layers_at_depth": {"4": {"2-4": {"key": {"bits": 8}}}}}, "names layers beyond its 4 layers"),
+    ({"layers": {"1": {"key": {"bits": 8}}}, "layers_at_depth": {"4": {"1": {"value": {"bits": 8}}}}},
+     "is also in layers; write it once"),
+    ({"layers_at_depth": {"4": {"1": {"key": {"bits": 7}}}}}, r"bits must be one of"),
     ("int5", "valid presets: none, int8, int4"),
 ])
 def test_invalid_specs_name_the_allowed_values(bad, message):
@@ -59,9 +66,24 @@ def test_layer_overrides_merge_in_order():
     assert spec.for_layer(3) == (spec.key, spec.value)
 
 
+def test_depth_tables_apply_only_at_their_depth(tiny_llama):
+    """`layers_at_depth` {"2": ...} changes a 2-layer model's cache (tiny_llama has 2 layers), and
+    nothing on a model of another depth; it merges after `layers`."""
+    spec = load_spec({**KIVI4, "layers": {"0": {"value": {"bits": 8}}},
+                      "layers_at_depth": {"2": {"0-1": {"value": {"bits": 2}}}, "3": {"2": {"key": {"bits": 8}}}}})
+    assert spec.at_depth(2).layers == {"0": {"value": {"bits": 8}}, "0-1": {"value": {"bits": 2}}}
+    assert spec.at_depth(2).for_layer(0)[1].bits == 2 and spec.at_depth(2).layers_at_depth == {}
+    assert spec.at_depth(5).for_layer(0)[1].bits == 8 and spec.at_depth(5).for_layer(2)[0].bits == 4
+    assert spec.at_depth(3).for_layer(2)[0].bits == 8
+    cache = CompressedCache(tiny_llama, spec)
+    assert [layer.value_codec.bits for layer in cache.layers] == [2, 2]
+    assert "on a model of 2 layers" in spec.describe()
+
+
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_spec_files_round_trip(tmp_path, suffix):
-    spec = load_spec({**KIVI4, "key": {"bits": 2}, "layers": {"1": {"key": {"bits": 8}}}, "name": "mine"})
+    spec = load_spec({**KIVI4, "key": {"bits": 2}, "layers": {"1": {"key": {"bits": 8}}}, "name": "mine",
+                      "layers_at_depth": {"30": {"3-4": {"value": {"bits": 8}}}}})
     path = tmp_path / f"spec{suffix}"
     spec.save(path)
     assert load_spec(str(path)) == spec

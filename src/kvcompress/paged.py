@@ -12,7 +12,7 @@ vLLM nor transformers; attention over pages is `kernels.paged_attention`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -286,14 +286,23 @@ def unservable(spec: CacheSpec) -> list[str]:
     if spec.eviction is not None:
         reasons.append("token eviction")
     seen = set(reasons)
-    for layer in [None, *spec.override_layers()]:
-        key, value = (spec.key, spec.value) if layer is None else spec.for_layer(layer)
+    for key, value, layer in _layer_pairs(spec):
         where = "" if layer is None else f" (layer {layer})"
         for reason in unservable_tensor(key, "keys" + where) + unservable_tensor(value, "values" + where):
             if reason not in seen:
                 seen.add(reason)
                 reasons.append(reason)
     return reasons
+
+
+def _layer_pairs(spec: CacheSpec):
+    """(key spec, value spec, layer) of the default (layer None) and of every overridden layer, at
+    every depth the spec has a layer table for (`layers_at_depth`)."""
+    yield spec.key, spec.value, None
+    any_depth = replace(spec, layers_at_depth={})
+    for bound in [any_depth, *(spec.at_depth(int(depth)) for depth in spec.layers_at_depth)]:
+        for layer in bound.override_layers():
+            yield (*bound.for_layer(layer), layer)
 
 
 def slot_bytes(spec: CacheSpec, head_dim: int, dtype: torch.dtype) -> int:
@@ -303,8 +312,7 @@ def slot_bytes(spec: CacheSpec, head_dim: int, dtype: torch.dtype) -> int:
     every layer overrides still counts.
     """
     widest = 0
-    for layer in [None, *spec.override_layers()]:
-        key, value = (spec.key, spec.value) if layer is None else spec.for_layer(layer)
+    for key, value, layer in _layer_pairs(spec):
         parts = [PartLayout.from_spec(t, head_dim, layer or 0, dtype) for t in (key, value)]
         widest = max(widest, _round_up(parts[0].nbytes + parts[1].nbytes, SLOT_ALIGN))
     return widest
@@ -339,9 +347,10 @@ class PagedLayout:
         if reasons:
             raise UnservableSpecError("; ".join(reasons))
         spec.validate_for(num_layers, head_dim)
+        bound = spec.at_depth(num_layers)
         parts = []
         for layer in range(num_layers):
-            key, value = spec.for_layer(layer)
+            key, value = bound.for_layer(layer)
             parts.append((PartLayout.from_spec(key, head_dim, layer, dtype),
                           PartLayout.from_spec(value, head_dim, layer, dtype)))
         size = slot_bytes(spec, head_dim, dtype)

@@ -2,7 +2,7 @@
 
 For keys and values separately: the codec and its settings; the recent (`window`) and first
 (`sinks`) tokens kept in full precision; the tokens compressed at a time (`block_size`); per-layer
-overrides; optional token eviction. It round-trips through JSON or YAML:
+overrides, and more for a model of one depth (`layers_at_depth`); optional token eviction. It round-trips through JSON or YAML:
 
     {"key": {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32},
      "value": {"method": "quant", "bits": 4, "axis": "token", "group_size": 32},
@@ -37,7 +37,7 @@ _TENSOR_FIELDS = ("method", "bits", "axis", "group_size", "rank", "key_space", "
                   "scale_bits")
 SCALE_BITS = (16, 8)
 WEIGHTS = ("none", "query")
-_SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers", "eviction")
+_SPEC_FIELDS = ("name", "key", "value", "window", "sinks", "block_size", "layers", "layers_at_depth", "eviction")
 # Token eviction (see `kvcompress.cache.eviction`, which scores tokens for each policy).
 EVICTION_POLICIES = ("snapkv", "tova", "expected", "streaming", "knorm")
 EVICTION_APPLIES = ("prompt", "generation")
@@ -327,6 +327,18 @@ class EvictionSpec:
         return f"evict {self.policy} keep {kept}{observing}"
 
 
+def _check_layer_table(table: Any, where: str) -> None:
+    """A layer table maps layer ranges ('3', '2-5') to {'key': {...}, 'value': {...}} overrides."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a mapping of layer ranges to overrides, got {table!r}")
+    for key_text, override in table.items():
+        _parse_layer_range(str(key_text))
+        if not isinstance(override, dict) or set(override) - {"key", "value"}:
+            raise ValueError(
+                f"layer override {key_text!r} must be a mapping with 'key' and/or 'value', got {override!r}"
+            )
+
+
 def _parse_layer_range(text: str) -> range:
     """'3' -> range(3, 4); '2-5' -> range(2, 6)."""
     try:
@@ -353,6 +365,9 @@ class CacheSpec:
         block_size: tokens compressed together; per-channel group sizes must divide it.
         layers: overrides, {"3": {"key": {...}}, "0-1": {"value": {...}}}; fields not given
             fall back to `key`/`value`.
+        layers_at_depth: {"30": {"3": {"key": {...}}, ...}}: more overrides, used only on a model of
+            exactly that many layers (a split measured at one depth), after `layers`; `at_depth(n)`
+            gives the spec a model of n layers runs, with them merged into `layers`.
         name: a label (the preset name, or None).
         eviction: an `EvictionSpec` (prompt tokens dropped before compression), or None (keep every token).
     """
@@ -363,6 +378,7 @@ class CacheSpec:
     sinks: int = 4
     block_size: int = 32
     layers: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    layers_at_depth: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
     name: str | None = None
     eviction: EvictionSpec | None = None
 
@@ -375,14 +391,8 @@ class CacheSpec:
             value = getattr(self, attr)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{attr} must be an integer >= {minimum}, got {value!r}")
-        if not isinstance(self.layers, dict):
-            raise ValueError(f"layers must be a mapping of layer ranges to overrides, got {self.layers!r}")
-        for key_text, override in self.layers.items():
-            _parse_layer_range(str(key_text))
-            if not isinstance(override, dict) or set(override) - {"key", "value"}:
-                raise ValueError(
-                    f"layer override {key_text!r} must be a mapping with 'key' and/or 'value', got {override!r}"
-                )
+        _check_layer_table(self.layers, "layers")
+        self._check_depth_tables()
         for layer in self._override_layers():
             self.for_layer(layer)  # validates the merged specs
         for which, tensor_spec in self._all_tensor_specs():
@@ -390,6 +400,34 @@ class CacheSpec:
             if which.startswith("value") and tensor_spec.key_space != "post_rope":
                 raise ValueError(f"{which}: key_space {tensor_spec.key_space!r} only applies to keys; "
                                  "values carry no rotary embedding (use 'post_rope' or leave it out)")
+
+    def _check_depth_tables(self) -> None:
+        """Each `layers_at_depth` entry: a whole depth, a layer table naming layers below it and
+        no range that `layers` names too (an entry is written once); its merged specs valid."""
+        if not isinstance(self.layers_at_depth, dict):
+            raise ValueError(f"layers_at_depth must map a model depth to a layer table, e.g. "
+                             f"{{\"30\": {{\"3\": {{\"key\": {{\"bits\": 3}}}}}}}}, got {self.layers_at_depth!r}")
+        for depth_text, table in self.layers_at_depth.items():
+            if not str(depth_text).isdigit() or int(depth_text) < 1:
+                raise ValueError(f"layers_at_depth keys are model depths (whole numbers of layers >= 1), "
+                                 f"got {depth_text!r}")
+            where = f"layers_at_depth {depth_text!r}"
+            _check_layer_table(table, where)
+            for key_text in table:
+                if _parse_layer_range(str(key_text)).stop > int(depth_text):
+                    raise ValueError(f"{where}: layer override {key_text!r} names layers beyond its {depth_text} "
+                                     "layers")
+                if key_text in self.layers:
+                    raise ValueError(f"{where}: layer override {key_text!r} is also in layers; write it once")
+            self.at_depth(int(depth_text))  # validates the merged specs
+
+    def at_depth(self, num_layers: int) -> CacheSpec:
+        """The spec a model of `num_layers` layers runs: its `layers_at_depth` table for that depth,
+        if any, merged after `layers`, and no depth tables left."""
+        if not self.layers_at_depth:
+            return self
+        extra = self.layers_at_depth.get(str(num_layers), {})
+        return dataclasses.replace(self, layers={**self.layers, **extra}, layers_at_depth={})
 
     def _override_layers(self) -> list[int]:
         return sorted({i for k in self.layers for i in _parse_layer_range(str(k))})
@@ -438,10 +476,14 @@ class CacheSpec:
 
     def needs_artifact(self, num_layers: int) -> bool:
         """True if some layer uses a low-rank method or centring (which need a calibration artifact)."""
-        return any(spec.needs_artifact for idx in range(num_layers) for spec in self.for_layer(idx))
+        spec = self.at_depth(num_layers)
+        return any(tensor.needs_artifact for idx in range(num_layers) for tensor in spec.for_layer(idx))
 
     def validate_for(self, num_layers: int, head_dim: int) -> None:
         """Check the spec against a model's shape; raise ValueError naming what to change."""
+        if self.layers_at_depth:
+            self.at_depth(num_layers).validate_for(num_layers, head_dim)
+            return
         for key_text in self.layers:
             r = _parse_layer_range(str(key_text))
             if r.stop > num_layers:
@@ -472,6 +514,8 @@ class CacheSpec:
             "sinks": self.sinks,
             "block_size": self.block_size,
             "layers": {str(k): v for k, v in self.layers.items()},
+            **({"layers_at_depth": {str(d): {str(k): v for k, v in table.items()}
+                                    for d, table in self.layers_at_depth.items()}} if self.layers_at_depth else {}),
             **({"eviction": self.eviction.to_dict()} if self.eviction is not None else {}),
         }
 
@@ -496,6 +540,11 @@ class CacheSpec:
             raise ValueError(f"layers must be a mapping of layer ranges to overrides, e.g. "
                              f"{{\"0-1\": {{\"value\": {{\"bits\": 8}}}}}}, got {layers!r}")
         kwargs["layers"] = {str(k): v for k, v in layers.items()}
+        depth_tables = data.get("layers_at_depth") or {}
+        if isinstance(depth_tables, dict):
+            depth_tables = {str(d): ({str(k): v for k, v in table.items()} if isinstance(table, dict) else table)
+                            for d, table in depth_tables.items()}
+        kwargs["layers_at_depth"] = depth_tables
         if data.get("eviction") is not None:
             try:
                 kwargs["eviction"] = EvictionSpec.from_dict(data["eviction"])
@@ -525,6 +574,8 @@ class CacheSpec:
     def describe(self) -> str:
         """One line: 'K int4/channel32, V int4/token32, window 128, sinks 4'."""
         extra = f", {len(self.layers)} layer override(s)" if self.layers else ""
+        for depth, table in self.layers_at_depth.items():
+            extra += f", {len(table)} more on a model of {depth} layers"
         if self.eviction is not None:
             extra += f", {self.eviction.describe()}"
         return (

@@ -85,11 +85,11 @@ def predicted_stored_bytes(spec_name: str, config, tokens: int, dtype: torch.dty
     """
     from ..presets import load_spec
 
-    spec = load_spec(spec_name)
+    layers, kv_heads, head_dim = _kv_shape(config)
+    spec = load_spec(spec_name).at_depth(layers)
     tokens = held_tokens(spec, tokens, prompt_tokens)
     if tokens is None:
         return None
-    layers, kv_heads, head_dim = _kv_shape(config)
     elem = torch.empty(0, dtype=dtype).element_size()
     sinks = min(spec.sinks, tokens)
     rest = tokens - sinks

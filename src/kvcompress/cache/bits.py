@@ -52,7 +52,7 @@ def spec_bits_per_value(spec: str | dict | CacheSpec, num_layers: int, head_dim:
     and a pca+codebook spec is sized with a stand-in basis (its total code bits do not depend on it),
     a rotated codebook with one-byte scales with unit standard deviations (same).
     """
-    spec = load_spec(spec)
+    spec = load_spec(spec).at_depth(num_layers)
     if any(s.is_lowrank for layer in range(num_layers) for s in spec.for_layer(layer)):
         return None
     spec.validate_for(num_layers, head_dim)

@@ -174,8 +174,8 @@ class CompressedCache(Cache):
                  artifact=None, monitor=False):
         config = _text_config(model)
         sliding_windows = check_supported(config)
-        self.spec = load_spec(spec)
         num_layers = config.num_hidden_layers
+        self.spec = load_spec(spec).at_depth(num_layers)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.spec.validate_for(num_layers, head_dim)
         self.model_fields = config_fields(config)

@@ -114,22 +114,28 @@ inline float dot_t(const float* a, const T* b, int64_t n) {
   return acc;
 }
 
-// exp(x) for x <= 0 (scores minus their max), vectorisable; exact 0 below -87.
+// The one exp every kernel uses on scores minus their max (x <= 0), in every vector width:
+// n = floor(x log2(e) + 1/2), r = x - n kExpLn2Hi + n kExpLn2Lo (ln 2 in two parts),
+// exp(x) = 2^n (1 + r + r^2 q(r)), q by Horner over kExpPoly; exactly 0 below kExpFloor.
+constexpr float kExpFloor = -87.0f;
+constexpr float kExpLog2e = 1.44269504088896341f;
+constexpr float kExpLn2Hi = 0.693359375f;
+constexpr float kExpLn2Lo = 2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+// exp(x) for x <= 0 (scores minus their max), vectorisable; exact 0 below kExpFloor.
 inline float exp_nonpositive(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  const float xc = x < kExpFloor ? kExpFloor : x;
+  const float n = std::floor(xc * kExpLog2e + 0.5f);
+  const float r = xc - n * kExpLn2Hi + n * kExpLn2Lo;
+  float p = kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  return x < kExpFloor ? 0.0f : p * scale;
 }
 
 // s[j] = exp(s[j] - m) in place (s[j] <= m, s[j] may be -inf); returns the sum.
@@ -137,21 +143,17 @@ inline float exp_shifted_sum(float* s, int64_t n, float m) {
   int64_t j = 0;
   float total = 0.0f;
 #ifdef KVC_AVX2
-  const __m256 mv = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.0f);
+  const __m256 mv = _mm256_set1_ps(m), lo = _mm256_set1_ps(kExpFloor);
   __m256 sum = _mm256_setzero_ps();
   for (; j + 8 <= n; j += 8) {
     const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + j), mv);
-    const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // exp is 0 below -87 (and for -inf)
+    const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // exp is 0 below kExpFloor (and for -inf)
     const __m256 xc = _mm256_max_ps(x, lo);
-    const __m256 n8 = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fnmadd_ps(n8, _mm256_set1_ps(0.693359375f), xc);
-    r = _mm256_fmadd_ps(n8, _mm256_set1_ps(2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 n8 = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(kExpLog2e), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n8, _mm256_set1_ps(kExpLn2Hi), xc);
+    r = _mm256_fmadd_ps(n8, _mm256_set1_ps(kExpLn2Lo), r);
+    __m256 p = _mm256_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
     p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n8), _mm256_set1_epi32(127)), 23);
     const __m256 y = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);

@@ -88,8 +88,10 @@ class NothingCompressedError(ValueError):
 
 def is_lossy(spec: CacheSpec) -> bool:
     """Whether some layer of `spec` stores keys or values in a compressed form."""
+    tables = [spec.layers, *spec.layers_at_depth.values()]
     return spec.key.method != "none" or spec.value.method != "none" or any(
-        tensor.get("method", "none") != "none" for override in spec.layers.values() for tensor in override.values())
+        tensor.get("method", "none") != "none"
+        for table in tables for override in table.values() for tensor in override.values())
 
 
 def evicts_prompt_only(spec: CacheSpec) -> bool:

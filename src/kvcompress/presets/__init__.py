@@ -103,16 +103,22 @@ PRESETS.register("hadamard-int4", "Hadamard-rotated K and V, 4-bit per-token gro
 
 
 
-def _bits(name: str, key_bits: float, value_bits: float,
-          layers: dict[str, tuple[float, float]] | None = None) -> Callable[[], CacheSpec]:
+def _widths(layers: dict[str, tuple[float, float]]) -> dict[str, dict]:
+    """{layer range: (key bits, value bits)} -> a spec's layer table of those widths."""
+    return {r: {"key": {"bits": kb}, "value": {"bits": vb}} for r, (kb, vb) in layers.items()}
+
+
+def _bits(name: str, key_bits: float, value_bits: float, layers: dict[str, tuple[float, float]],
+          at_depth: dict[int, dict[str, tuple[float, float]]]) -> Callable[[], CacheSpec]:
     """K pre-RoPE on calibrated principal directions (bits allocated by variance x query energy),
     V rotated codebook relative to each head's calibrated rms; a one-byte scale per vector each.
-    `layers`: {layer range: (key bits, value bits)} overrides of the widths."""
-    overrides = {r: {"key": {"bits": kb}, "value": {"bits": vb}} for r, (kb, vb) in (layers or {}).items()}
+    `layers`: {layer range: (key bits, value bits)} overrides of the widths; `at_depth`: {model depth:
+    more such overrides}, used only on a model of that many layers."""
     return lambda: CacheSpec(key=TensorSpec(method="pca+codebook", bits=key_bits, key_space="pre_rope",
                                             weight="query", scale_bits=8),
                              value=TensorSpec(method="rotated+codebook", bits=value_bits, scale_bits=8),
-                             layers=overrides, name=name)
+                             layers=_widths(layers),
+                             layers_at_depth={str(d): _widths(table) for d, table in at_depth.items()}, name=name)
 
 
 # The bitsN presets: N + 1/8 + 8/head_dim bits per compressed value (N + 1/8 code bits per value
@@ -124,16 +130,24 @@ def _bits(name: str, key_bits: float, value_bits: float,
 # and 1 keep K + V = 8.5 bits per value pair between them, every other layer 4.25, so the preset costs
 # 2.25 bits per value on a model of any depth): the first layers' values move the KL most and layer 0's
 # keys least (benchmarks/layer_bits_sensitivity.py, benchmarks/select_kinds_codecs.py, docs/texts.md).
+# On a model of 30 layers (the embedded model's depth, where it was measured) bits2 also moves code
+# bits between middle layers by their sensitivity with the window kept exact (`--window 128`): keys
+# of layers 3, 5, 7, 8 and layer 20 take 4 bits per value pair in all from layers 11, 13, 16 and 25
+# (1 each), so it still costs 2.25 bits per value; on any other depth that table is not used.
 # They need a calibration artifact (built automatically for the embedded model, on every kind of text).
 _BITS_WIDTHS = {4: (4.125, 4.125), 3: (3.125, 3.125), 2: (2, 2.25)}
 _BITS_LAYERS = {2: {"0": (0.5, 3.25), "1": (1.5, 3.25)}}
+_BITS_AT_DEPTH = {2: {30: {"3": (3, 2.25), "8": (3, 2.25), "5": (2.5, 2.25), "7": (2.5, 2.25), "20": (2.5, 2.75),
+                           "11": (1.5, 1.75), "13": (1.5, 1.75), "16": (1.5, 1.75), "25": (1.5, 1.75)}}}
 for _n, (_kb, _vb) in _BITS_WIDTHS.items():
-    _layers = _BITS_LAYERS.get(_n, {})
+    _layers, _at_depth = _BITS_LAYERS.get(_n, {}), _BITS_AT_DEPTH.get(_n, {})
     _first = "".join(f"; layer {r}: K {kb:g}, V {vb:g} bits" for r, (kb, vb) in _layers.items())
+    _first += "".join(f"; on a {d}-layer model {len(t)} more layers' widths moved at the same total"
+                      for d, t in _at_depth.items())
     PRESETS.register(f"bits{_n}", f"K pre-RoPE, centred, on calibrated principal directions with {_kb:g} bits per "
                      f"value allocated by variance times query energy; V randomized-Hadamard-rotated Lloyd-Max "
                      f"codebooks, {_vb:g} bits per value{_first}; one logarithmic byte of scale per vector (needs a "
-                     "calibration artifact)", _bits(f"bits{_n}", _kb, _vb, _layers))
+                     "calibration artifact)", _bits(f"bits{_n}", _kb, _vb, _layers, _at_depth))
 
 
 def _bits_fast(name: str, bits: int) -> Callable[[], CacheSpec]:

@@ -112,7 +112,8 @@ def spec_from_choice(key: Sequence[int], value: Sequence[int], settings: dict[st
                 label = str(start) if layer - 1 == start else f"{start}-{layer - 1}"
                 layers[label] = per_layer[start]
             start = layer
-    spec = dataclasses.replace(base, key=default["key"], value=default["value"], layers=layers, name=name)
+    spec = dataclasses.replace(base, key=default["key"], value=default["value"], layers=layers,
+                               layers_at_depth={}, name=name)
     for layer in range(len(key)):
         got = spec.for_layer(layer)
         if got != (wanted["key"][layer], wanted["value"][layer]):

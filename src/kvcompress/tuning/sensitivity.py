@@ -36,7 +36,8 @@ def probe_specs(settings: dict[str, list[TensorSpec]], base: CacheSpec) -> list[
     for i in range(n):
         key = settings["key"][i] if i < len(settings["key"]) else none
         value = settings["value"][i] if i < len(settings["value"]) else none
-        out.append(dataclasses.replace(base, key=key, value=value, layers={}, name=f"probe{i}"))
+        out.append(dataclasses.replace(base, key=key, value=value, layers={}, layers_at_depth={},
+                                       name=f"probe{i}"))
     return out
 
 

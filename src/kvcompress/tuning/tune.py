@@ -374,6 +374,7 @@ def best_uniform(settings: dict[str, list[TensorSpec]], base: CacheSpec, target:
     tried, best = [], None
     for k, v in pairs:
         spec = dataclasses.replace(base, key=settings["key"][k], value=settings["value"][v], layers={},
+                                   layers_at_depth={},
                                    name=f"K {settings['key'][k].describe()} / V {settings['value'][v].describe()}")
         figures = evaluate(spec)
         tried.append({"spec": spec.to_dict(), "describe": spec.describe(), **figures})
