@@ -15,6 +15,11 @@ per-segment minima) and against the one press with the lowest mean KL.
 
     python benchmarks/prompt_kinds_table.py --segments docs/prompt_kinds/segments [--offsets 0,2049]
 
+With several kinds, a last table applies the worst-kind rule of the preset choice to the specs measured
+on every kind and segment: per spec, its ratio of means on each kind, the worst kind, and per target
+(prompt-6x, prompt-8x: a spec counts for the target its name starts with) the spec whose worst kind is
+lowest; then the same rule on each segment alone (the offsets shared by every kind).
+
 This script measures nothing; a kvcompress row is matched to a target by its spec's file or preset
 name (`prompt-6x`, `runs/x/prompt-6x-kinds.json` -> prompt-6x).
 """
@@ -129,6 +134,61 @@ def read_segments(folder: Path, offsets: set[int] | None = None) -> dict[str, di
     return out
 
 
+def worst_kind_rule(ratios: dict[str, dict[str, float]]) -> dict:
+    """The preset choice's worst-kind rule on ratios to kvpress (kind -> spec -> ratio): per spec present in every
+    kind, its worst kind and ratio there; per target, the spec with the lowest worst ratio (ties: the lower
+    geometric mean over the kinds)."""
+    specs = sorted(set.intersection(*(set(by_spec) for by_spec in ratios.values())))
+    worst = {}
+    for spec in specs:
+        kind = max(ratios, key=lambda k: ratios[k][spec])
+        geomean = 1.0
+        for k in ratios:
+            geomean *= ratios[k][spec] ** (1 / len(ratios))
+        worst[spec] = {"kind": kind, "ratio": ratios[kind][spec], "geomean": geomean}
+    picks = {}
+    for preset in TARGETS:
+        entrants = [spec for spec in specs if target_of(spec)[0] == preset]
+        if entrants:
+            picks[preset] = min(entrants, key=lambda spec: (worst[spec]["ratio"], worst[spec]["geomean"]))
+    return {"worst": worst, "picks": picks}
+
+
+def short(spec: str) -> str:
+    """'docs/x/specs/prompt-6x-expected.json' -> 'prompt-6x-expected': a spec's name in a table."""
+    return Path(spec).name.removesuffix(".json")
+
+
+def worst_kind_markdown(summaries: dict[str, dict]) -> str:
+    """The worst-kind rule over the kinds' segment summaries: on the ratios of means, then on each shared offset."""
+    kinds = list(summaries)
+    overall = worst_kind_rule({kind: s["ratio_of_means"] for kind, s in summaries.items()})
+    lines = ["| spec | " + " | ".join(f"{kind}: ratio of means" for kind in kinds) + " | worst kind | picked for |",
+             "|---" * (len(kinds) + 3) + "|"]
+    for spec, w in overall["worst"].items():
+        picked = [preset for preset, pick in overall["picks"].items() if pick == spec]
+        lines.append(f"| `{short(spec)}` | " + " | ".join(f"{summaries[k]['ratio_of_means'][spec]:.3f}x" for k in kinds)
+                     + f" | {w['kind']} {w['ratio']:.3f}x | {', '.join(picked) or '-'} |")
+    offsets = sorted(set.intersection(*({s["offset"] for s in summary["segments"]} for summary in summaries.values())))
+    presets = list(overall["picks"])
+    lines += ["", "| the rule on | " + " | ".join(f"{preset}: pick (worst kind)" for preset in presets) + " |",
+              "|---" * (len(presets) + 1) + "|"]
+    n = len(offsets)
+    rows = [(f"ratio of means over {n} segments", overall)]
+    for offset in offsets:
+        ratios = {kind: next(s["ratio"] for s in summary["segments"] if s["offset"] == offset)
+                  for kind, summary in summaries.items()}
+        rows.append((f"segment {offset} alone", worst_kind_rule(ratios)))
+    for label, rule in rows:
+        cells = []
+        for preset in presets:
+            pick = rule["picks"].get(preset)
+            cells.append("-" if pick is None else
+                         f"`{short(pick)}` ({rule['worst'][pick]['kind']} {rule['worst'][pick]['ratio']:.3f}x)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def verdict(spec: str, ratio: float) -> str:
     """'0.412x, yes': a ratio to kvpress and whether it meets the spec's target."""
     return f"{ratio:.3f}x, {'yes' if ratio <= target_of(spec)[1] else 'no'}"
@@ -143,8 +203,8 @@ def segments_markdown(kind: str, summary: dict) -> str:
     """One kind's table: a row per segment, then the means against the per-segment best and the best press."""
     specs = list(summary["mean_kl"])
     n = len(summary["segments"])
-    lines = ["| kind | segment (offset) | " + " | ".join(f"`{s}` KL" for s in specs) + " | kvpress best at 5x (KL) | "
-             + " | ".join(f"`{s}` / best (<= {target_of(s)[1]:g}x?)" for s in specs) + " |",
+    lines = ["| kind | segment (offset) | " + " | ".join(f"`{short(s)}` KL" for s in specs) + " | kvpress best at 5x (KL) | "
+             + " | ".join(f"`{short(s)}` / best (<= {target_of(s)[1]:g}x?)" for s in specs) + " |",
              "|---" * (3 + 2 * len(specs)) + "|"]
     for s in summary["segments"]:
         lines.append(f"| {kind} | {s['offset']} | " + " | ".join(f"{s['kl'][spec]:.4f}" for spec in specs)
@@ -165,13 +225,16 @@ def print_segments(folder: str, offsets: set[int] | None) -> int:
         print(f"prompt_kinds_table: {folder}: no KIND/OFFSET/side_by_side.json; write them with "
               "benchmarks/side_by_side.py --out FOLDER/KIND/OFFSET", file=sys.stderr)
         return 2
+    summaries = {}
     for kind, runs in kinds.items():
         try:
-            summary = segments_summary(runs)
+            summary = summaries[kind] = segments_summary(runs)
         except (ValueError, KeyError) as err:
             print(f"prompt_kinds_table: {folder}/{kind}: {err}", file=sys.stderr)
             return 2
         print(segments_markdown(kind, summary) + "\n")
+    if len(summaries) > 1:
+        print(worst_kind_markdown(summaries) + "\n")
     return 0
 
 

@@ -87,3 +87,46 @@ def test_segments_table_from_folders(table, tmp_path, capsys):
     assert table.main(["--segments", str(tmp_path), "--offsets", "2049"]) == 0
     out = capsys.readouterr().out
     assert "| docs | 0 |" not in out and "per-segment best 0.0300 | **0.400x, yes** | **0.600x, yes** |" in out
+
+
+# the worst-kind rule over two kinds, each with segments 0 and 2049; kvpress's best is 0.010 then 0.020 on docs,
+# 0.020 then 0.040 on code (per-segment best means 0.015 and 0.030):
+#   prompt-6x:          docs 0.004, 0.008 -> 0.006 / 0.015 = 0.4;  code 0.006, 0.006 -> 0.006 / 0.030 = 0.2
+#   prompt-6x-expected: docs 0.002, 0.010 -> 0.006 / 0.015 = 0.4;  code 0.004, 0.012 -> 0.008 / 0.030 = 0.2667
+#   prompt-8x:          docs 0.006, 0.012 -> 0.009 / 0.015 = 0.6;  code 0.024, 0.028 -> 0.026 / 0.030 = 0.8667
+# on the ratios of means both 6x specs have docs 0.4 as worst kind: the tie goes to the lower geometric mean
+# (prompt-6x). Segment 0 alone: prompt-6x 0.4 (docs) / 0.3 (code), prompt-6x-expected 0.2 / 0.2 -> expected
+# (worst 0.2); segment 2049 alone: prompt-6x 0.4 / 0.15, expected 0.5 / 0.3 -> prompt-6x (worst 0.4).
+# prompt-8x, the only 8x spec: worst kind code, 1.2 on segment 0 and 0.7 on 2049.
+def kinds_runs(kind: str, kls: dict[str, tuple[float, float]], best: tuple[float, float]) -> dict:
+    return {offset: run(offset, {spec: pair[i] for spec, pair in kls.items()}, {"SnapKV": best[i]}, kind=kind)
+            for i, offset in enumerate((0, 2049))}
+
+
+KINDS_RUNS = {
+    "docs": kinds_runs("docs", {"prompt-6x": (0.004, 0.008), "runs/s/prompt-6x-expected.json": (0.002, 0.010),
+                                "prompt-8x": (0.006, 0.012)}, (0.010, 0.020)),
+    "code": kinds_runs("code", {"prompt-6x": (0.006, 0.006), "runs/s/prompt-6x-expected.json": (0.004, 0.012),
+                                "prompt-8x": (0.024, 0.028)}, (0.020, 0.040))}
+
+
+def test_worst_kind_rule_on_ratios_of_means_and_on_each_segment(table, tmp_path, capsys):
+    summaries = {kind: table.segments_summary(runs) for kind, runs in KINDS_RUNS.items()}
+    rule = table.worst_kind_rule({kind: s["ratio_of_means"] for kind, s in summaries.items()})
+    assert rule["picks"] == {"prompt-6x": "prompt-6x", "prompt-8x": "prompt-8x"}
+    assert rule["worst"]["runs/s/prompt-6x-expected.json"]["kind"] == "docs"
+    assert rule["worst"]["runs/s/prompt-6x-expected.json"]["ratio"] == pytest.approx(0.4)
+    assert rule["worst"]["prompt-8x"]["kind"] == "code"
+    assert rule["worst"]["prompt-8x"]["ratio"] == pytest.approx(0.026 / 0.030)
+    for kind, runs in KINDS_RUNS.items():
+        for offset, data in runs.items():
+            folder = tmp_path / kind / str(offset)
+            folder.mkdir(parents=True)
+            (folder / "side_by_side.json").write_text(json.dumps(data))
+    assert table.main(["--segments", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| `prompt-6x-expected` | 0.400x | 0.267x | docs 0.400x | - |" in out
+    assert "| `prompt-6x` | 0.400x | 0.200x | docs 0.400x | prompt-6x |" in out
+    assert "| `prompt-8x` | 0.600x | 0.867x | code 0.867x | prompt-8x |" in out
+    assert "| segment 0 alone | `prompt-6x-expected` (docs 0.200x) | `prompt-8x` (code 1.200x) |" in out
+    assert "| segment 2049 alone | `prompt-6x` (docs 0.400x) | `prompt-8x` (code 0.700x) |" in out
