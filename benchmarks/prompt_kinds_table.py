@@ -18,7 +18,8 @@ per-segment minima) and against the one press with the lowest mean KL.
 With several kinds, a last table applies the worst-kind rule of the preset choice to the specs measured
 on every kind and segment: per spec, its ratio of means on each kind, the worst kind, and per target
 (prompt-6x, prompt-8x: a spec counts for the target its name starts with) the spec whose worst kind is
-lowest; then the same rule on each segment alone (the offsets shared by every kind).
+lowest; then the same rule on each segment alone (the offsets shared by every kind). `--presses` restricts
+the kvpress presses the ratios are taken to (e.g. SnapKV,TOVA,StreamingLLM: the references a choice used).
 
 This script measures nothing; a kvcompress row is matched to a target by its spec's file or preset
 name (`prompt-6x`, `runs/x/prompt-6x-kinds.json` -> prompt-6x).
@@ -43,12 +44,15 @@ def target_of(spec: str) -> tuple[str, float] | None:
     return None
 
 
-def kvpress_at_5x(data: dict) -> list[dict]:
-    """kvpress's rows at 5x context compression of one side_by_side.json; ValueError if there are none."""
+def kvpress_at_5x(data: dict, presses: set[str] | None = None) -> list[dict]:
+    """kvpress's rows at 5x context compression of one side_by_side.json (only `presses`, by `press_name`, if
+    given); ValueError if there are none."""
     kvpress = [r for r in data["rows"]
-               if r["library"] == "kvpress" and abs(r["context_compression"] - KVPRESS_5X) < 0.05]
+               if r["library"] == "kvpress" and abs(r["context_compression"] - KVPRESS_5X) < 0.05
+               and (presses is None or press_name(r["method"]) in presses)]
     if not kvpress:
-        raise ValueError("no kvpress row at 5x context compression (run_kvpress.py --keep 0.2)")
+        raise ValueError("no kvpress row at 5x context compression (run_kvpress.py --keep 0.2)"
+                         + ("" if presses is None else f" among {', '.join(sorted(presses))}"))
     return kvpress
 
 
@@ -68,11 +72,12 @@ def rows_of(data: dict) -> list[dict]:
     return out
 
 
-def segment_kls(data: dict) -> tuple[dict[str, float], dict[str, float]]:
-    """KL per kvcompress spec with a target, and KL per kvpress press at 5x, of one segment's run."""
+def segment_kls(data: dict, presses: set[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """KL per kvcompress spec with a target, and KL per kvpress press at 5x (only `presses` if given), of one
+    segment's run."""
     ours = {r["spec"]: r["kl"] for r in data["rows"]
             if r["library"] == "kvcompress" and target_of(r.get("spec", "")) is not None}
-    return ours, {r["method"]: r["kl"] for r in kvpress_at_5x(data)}
+    return ours, {r["method"]: r["kl"] for r in kvpress_at_5x(data, presses)}
 
 
 def check_disjoint(texts: dict[int, dict]) -> None:
@@ -92,13 +97,14 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def segments_summary(runs: dict[int, dict]) -> dict:
+def segments_summary(runs: dict[int, dict], presses: set[str] | None = None) -> dict:
     """One kind's figures over its segments (offset -> side_by_side.json): per segment, each spec's KL,
     the best press and its KL, and each spec's ratio to it; over the segments, each spec's mean KL,
     the mean of the per-segment best KLs, the press with the lowest mean KL and that mean, and each
-    spec's ratio of means to both. ValueError if a spec or press is missing from a segment."""
+    spec's ratio of means to both (kvpress: only `presses` if given). ValueError if a spec or press is missing
+    from a segment."""
     check_disjoint({offset: data["text"] for offset, data in runs.items()})
-    figures = {offset: segment_kls(data) for offset, data in sorted(runs.items())}
+    figures = {offset: segment_kls(data, presses) for offset, data in sorted(runs.items())}
     specs = sorted(set.union(*(set(ours) for ours, _ in figures.values())))
     presses = sorted(set.union(*(set(theirs) for _, theirs in figures.values())))
     for offset, (ours, theirs) in figures.items():
@@ -219,7 +225,7 @@ def segments_markdown(kind: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def print_segments(folder: str, offsets: set[int] | None) -> int:
+def print_segments(folder: str, offsets: set[int] | None, presses: set[str] | None = None) -> int:
     kinds = read_segments(Path(folder), offsets)
     if not kinds:
         print(f"prompt_kinds_table: {folder}: no KIND/OFFSET/side_by_side.json; write them with "
@@ -228,7 +234,7 @@ def print_segments(folder: str, offsets: set[int] | None) -> int:
     summaries = {}
     for kind, runs in kinds.items():
         try:
-            summary = summaries[kind] = segments_summary(runs)
+            summary = summaries[kind] = segments_summary(runs, presses)
         except (ValueError, KeyError) as err:
             print(f"prompt_kinds_table: {folder}/{kind}: {err}", file=sys.stderr)
             return 2
@@ -246,15 +252,19 @@ def main(argv: list[str] | None = None) -> int:
                              "per-segment ratios and the ratio of means")
     parser.add_argument("--offsets", default=None,
                         help="with --segments: comma list of the offsets read (default: every OFFSET folder)")
+    parser.add_argument("--presses", default=None,
+                        help="with --segments: comma list of the kvpress presses the ratios are taken to, by name "
+                             "(e.g. SnapKV,TOVA,StreamingLLM; default: every press at 5x)")
     args = parser.parse_args(argv)
-    if args.offsets is not None and not args.segments:
-        parser.error("--offsets reads segment folders: pass --segments too")
+    if (args.offsets is not None or args.presses is not None) and not args.segments:
+        parser.error("--offsets and --presses read segment folders: pass --segments too")
     if args.segments:
         try:
             offsets = None if args.offsets is None else {int(o) for o in args.offsets.split(",")}
         except ValueError:
             parser.error(f"--offsets {args.offsets}: a comma list of token offsets, e.g. 0,2049")
-        return print_segments(args.folder, offsets)
+        presses = None if args.presses is None else {p.strip() for p in args.presses.split(",") if p.strip()}
+        return print_segments(args.folder, offsets, presses)
     from kvcompress.corpus import KINDS
 
     # one folder per kind of text; others beside them (docs_extra/, records of earlier choices) are not read

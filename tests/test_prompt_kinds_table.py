@@ -130,3 +130,18 @@ def test_worst_kind_rule_on_ratios_of_means_and_on_each_segment(table, tmp_path,
     assert "| `prompt-8x` | 0.600x | 0.867x | code 0.867x | prompt-8x |" in out
     assert "| segment 0 alone | `prompt-6x-expected` (docs 0.200x) | `prompt-8x` (code 1.200x) |" in out
     assert "| segment 2049 alone | `prompt-6x` (docs 0.400x) | `prompt-8x` (code 0.700x) |" in out
+
+
+def test_presses_restrict_the_references(table, tmp_path, capsys):
+    # StreamingLLM alone: best 0.024 then 0.030 (mean 0.027); 6x 0.008 / 0.027, 8x 0.0135 / 0.027 = 0.5
+    got = table.segments_summary(RUNS, presses={"StreamingLLM"})
+    assert [s["best_kl"] for s in got["segments"]] == [0.024, 0.030]
+    assert got["ratio_of_means"] == pytest.approx({"prompt-6x": 0.008 / 0.027, "prompt-8x": 0.5})
+    with pytest.raises(ValueError, match="among Knorm"):
+        table.segments_summary(RUNS, presses={"Knorm"})
+    for offset, data in RUNS.items():
+        folder = tmp_path / "docs" / str(offset)
+        folder.mkdir(parents=True)
+        (folder / "side_by_side.json").write_text(json.dumps(data))
+    assert table.main(["--segments", str(tmp_path), "--presses", "StreamingLLM"]) == 0
+    assert "per-segment best 0.0270 | **0.296x, yes** | **0.500x, yes** |" in capsys.readouterr().out
