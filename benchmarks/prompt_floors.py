@@ -24,17 +24,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="docs,code,plays", help="comma list of kinds whose selection part is read")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     args = parser.parse_args(argv)
-    try:
+    from kvcompress.corpus import corpus_slice, parse_kinds
+    from kvcompress.presets import load_spec
+
+    try:  # before any model loads: a wrong value is one line, exit 2
         floors = {name: float(floor) for name, floor in (item.rsplit("=", 1) for item in args.specs.split(","))}
     except ValueError:
-        parser.error(f"--specs {args.specs}: a comma list of SPEC=FLOOR, e.g. prompt-6x=6")
+        print(f"prompt_floors: --specs {args.specs}: a comma list of SPEC=FLOOR, e.g. prompt-6x=6", file=sys.stderr)
+        return 2
+    try:
+        kinds = parse_kinds(args.kinds)
+        specs = {name: load_spec(name) for name in floors}
+    except (ValueError, OSError) as err:
+        print(f"prompt_floors: {err}", file=sys.stderr)
+        return 2
 
     import torch
 
-    from kvcompress.corpus import corpus_slice, parse_kinds
     from kvcompress.fingerprint import text_fingerprint
     from kvcompress.models import load_model
-    from kvcompress.presets import load_spec
     from kvcompress.tuning.evaluators import make_ratio_evaluator
     from kvcompress.tuning.preset_selection import text_tokens
     from kvcompress.tuning.state import TuneState
@@ -45,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(dtype=torch.bfloat16)
     state = TuneState(None)
     sizes = {}
-    for kind in parse_kinds(args.kinds):
+    for kind in kinds:
         text = corpus_slice(tokenizer, "selection", n_tokens=text_tokens(tokens, context), kind=kind)
         sizes[kind] = make_ratio_evaluator(model, text.ids, text_fingerprint(text.ids, text.record), state, context,
                                            kind=f"prompt-ratio-{kind}")
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (len(sizes) + 4) + "|")
     missed = 0
     for name, floor in floors.items():
-        spec = load_spec(name)
+        spec = specs[name]
         ratios = {kind: size(spec)["ratio"] for kind, size in sizes.items()}
         lowest = min(ratios.values())
         missed += lowest < floor
