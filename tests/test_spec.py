@@ -78,6 +78,8 @@ def test_depth_tables_apply_only_at_their_depth(tiny_llama):
     cache = CompressedCache(tiny_llama, spec)
     assert [layer.value_codec.bits for layer in cache.layers] == [2, 2]
     assert "on a model of 2 layers" in spec.describe()
+    built = CacheSpec(key=spec.key, value=spec.value, layers_at_depth={2: {"1": {"key": {"bits": 8}}}})
+    assert built.at_depth(2).for_layer(1)[0].bits == 8  # a depth given as a number in Python
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

@@ -2,7 +2,8 @@
 
 For keys and values separately: the codec and its settings; the recent (`window`) and first
 (`sinks`) tokens kept in full precision; the tokens compressed at a time (`block_size`); per-layer
-overrides, and more for a model of one depth (`layers_at_depth`); optional token eviction. It round-trips through JSON or YAML:
+overrides, and more for a model of one depth (`layers_at_depth`); optional token eviction. It
+round-trips through JSON or YAML:
 
     {"key": {"method": "quant", "bits": 4, "axis": "channel", "group_size": 32},
      "value": {"method": "quant", "bits": 4, "axis": "token", "group_size": 32},
@@ -426,7 +427,7 @@ class CacheSpec:
         if any, merged after `layers`, and no depth tables left."""
         if not self.layers_at_depth:
             return self
-        extra = self.layers_at_depth.get(str(num_layers), {})
+        extra = next((table for depth, table in self.layers_at_depth.items() if int(depth) == num_layers), {})
         return dataclasses.replace(self, layers={**self.layers, **extra}, layers_at_depth={})
 
     def _override_layers(self) -> list[int]:
