@@ -71,11 +71,17 @@ def test_a_segment_without_a_press_or_spec_is_refused(table):
         table.segments_summary(lacking)
 
 
+def write_segments(root, kinds: dict[str, dict]) -> None:
+    """ROOT/KIND/OFFSET/side_by_side.json for every kind's {offset: side-by-side record}."""
+    for kind, runs in kinds.items():
+        for offset, data in runs.items():
+            folder = root / kind / str(offset)
+            folder.mkdir(parents=True)
+            (folder / "side_by_side.json").write_text(json.dumps(data))
+
+
 def test_segments_table_from_folders(table, tmp_path, capsys):
-    for offset, data in RUNS.items():
-        folder = tmp_path / "docs" / str(offset)
-        folder.mkdir(parents=True)
-        (folder / "side_by_side.json").write_text(json.dumps(data))
+    write_segments(tmp_path, {"docs": RUNS})
     (tmp_path / "docs" / "notes").mkdir()  # not an offset: not read
     assert table.main(["--segments", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -118,11 +124,7 @@ def test_worst_kind_rule_on_ratios_of_means_and_on_each_segment(table, tmp_path,
     assert rule["worst"]["runs/s/prompt-6x-expected.json"]["ratio"] == pytest.approx(0.4)
     assert rule["worst"]["prompt-8x"]["kind"] == "code"
     assert rule["worst"]["prompt-8x"]["ratio"] == pytest.approx(0.026 / 0.030)
-    for kind, runs in KINDS_RUNS.items():
-        for offset, data in runs.items():
-            folder = tmp_path / kind / str(offset)
-            folder.mkdir(parents=True)
-            (folder / "side_by_side.json").write_text(json.dumps(data))
+    write_segments(tmp_path, KINDS_RUNS)
     assert table.main(["--segments", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| `prompt-6x-expected` | 0.400x | 0.267x | docs 0.400x | - |" in out
@@ -139,9 +141,6 @@ def test_presses_restrict_the_references(table, tmp_path, capsys):
     assert got["ratio_of_means"] == pytest.approx({"prompt-6x": 0.008 / 0.027, "prompt-8x": 0.5})
     with pytest.raises(ValueError, match="among Knorm"):
         table.segments_summary(RUNS, presses={"Knorm"})
-    for offset, data in RUNS.items():
-        folder = tmp_path / "docs" / str(offset)
-        folder.mkdir(parents=True)
-        (folder / "side_by_side.json").write_text(json.dumps(data))
+    write_segments(tmp_path, {"docs": RUNS})
     assert table.main(["--segments", str(tmp_path), "--presses", "StreamingLLM"]) == 0
     assert "per-segment best 0.0270 | **0.296x, yes** | **0.500x, yes** |" in capsys.readouterr().out
